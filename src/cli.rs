@@ -1,0 +1,330 @@
+//! Command-line interface: flag definitions and the `migrate` / `lease` commands.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::config::Schema;
+use crate::lease::{Lease, LeaseStore};
+use crate::telemetry::LogFormat;
+use crate::{Error, Result};
+
+/// Timeout for each database call made by a one-shot command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(name = "reaper-operator", version, about = "Runs exactly one reaper, arbitrated by a PostgreSQL lease")]
+pub struct Cli {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Log format.
+    #[arg(long, env = "REAPER_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/db (PgBouncer in transaction
+    /// mode works for lease operations; `migrate` needs a direct connection).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+
+    /// Schema holding the lease tables (a plain identifier).
+    #[arg(long, env = "REAPER_DB_SCHEMA", default_value = "public", global = true)]
+    pub schema: String,
+}
+
+impl DatabaseArgs {
+    pub fn schema(&self) -> Result<Schema> {
+        Schema::new(&self.schema)
+    }
+
+    pub fn url(&self) -> Result<&str> {
+        self.database_url.as_deref().ok_or_else(|| {
+            Error::Config("no database URL: pass --database-url or set DATABASE_URL".into())
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the lease tables in the schema (idempotent).
+    Migrate,
+    /// Inspect or operate a lease by hand (scripting, emergencies).
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Take the lease if it is free or expired (epoch + 1).
+    Acquire {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long, default_value_t = 15, allow_negative_numbers = true)]
+        ttl_seconds: i64,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Extend the lease held by HOLDER at EPOCH (fails once it expired).
+    Renew {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long, allow_negative_numbers = true)]
+        epoch: i64,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Free the lease held by HOLDER at EPOCH.
+    Release {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long, allow_negative_numbers = true)]
+        epoch: i64,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show one lease, or all of them.
+    Status {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// How a command ended, apart from errors (exit code 2).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Done,
+    /// Exit 1: someone else holds the lease, or you no longer do.
+    NotDone,
+}
+
+pub async fn migrate(db: &DatabaseArgs) -> Result<Outcome> {
+    let schema = db.schema()?;
+    let store = LeaseStore::connect(db.url()?, &schema, COMMAND_TIMEOUT, 1).await?;
+    store.migrate().await?;
+    eprintln!("schema {schema} is up to date");
+    Ok(Outcome::Done)
+}
+
+pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> {
+    // Validate everything before touching the database.
+    let schema = db.schema()?;
+    let url = db.url()?;
+    match &command {
+        LeaseCommand::Acquire {
+            name, holder, ttl_seconds, ..
+        } => {
+            check_label("lease name", name)?;
+            check_label("holder", holder)?;
+            if *ttl_seconds <= 0 || *ttl_seconds > 86_400 {
+                return Err(Error::Config(format!(
+                    "--ttl-seconds must be between 1 and 86400, got {ttl_seconds}"
+                )));
+            }
+        }
+        LeaseCommand::Renew { name, holder, epoch, .. }
+        | LeaseCommand::Release { name, holder, epoch, .. } => {
+            check_label("lease name", name)?;
+            check_label("holder", holder)?;
+            if *epoch < 1 {
+                return Err(Error::Config(format!("--epoch must be at least 1, got {epoch}")));
+            }
+        }
+        LeaseCommand::Status { name, .. } => {
+            if let Some(name) = name {
+                check_label("lease name", name)?;
+            }
+        }
+    }
+
+    let store = LeaseStore::connect(url, &schema, COMMAND_TIMEOUT, 1).await?;
+    match command {
+        LeaseCommand::Acquire {
+            name,
+            holder,
+            ttl_seconds,
+            output,
+        } => {
+            let ttl = Duration::from_secs(ttl_seconds as u64);
+            match store.acquire(&name, &holder, ttl).await? {
+                Some(lease) => {
+                    print_lease(&lease, output);
+                    Ok(Outcome::Done)
+                }
+                None => {
+                    let current = store.get(&name).await?;
+                    if let Some(lease) = &current {
+                        eprintln!(
+                            "lease {name:?} is held by {:?} (epoch {}) until {}",
+                            lease.holder,
+                            lease.epoch,
+                            lease.expires_at.to_rfc3339()
+                        );
+                        print_lease(lease, output);
+                    } else {
+                        eprintln!("lease {name:?} is held by someone else");
+                    }
+                    Ok(Outcome::NotDone)
+                }
+            }
+        }
+        LeaseCommand::Renew {
+            name,
+            holder,
+            epoch,
+            output,
+        } => match store.renew(&name, &holder, epoch).await? {
+            Some(lease) => {
+                print_lease(&lease, output);
+                Ok(Outcome::Done)
+            }
+            None => {
+                eprintln!(
+                    "not renewed: {holder:?} does not hold lease {name:?} at epoch {epoch} \
+                     (taken over, released or expired)"
+                );
+                Ok(Outcome::NotDone)
+            }
+        },
+        LeaseCommand::Release {
+            name,
+            holder,
+            epoch,
+            output,
+        } => match store.release(&name, &holder, epoch).await? {
+            Some(lease) => {
+                print_lease(&lease, output);
+                Ok(Outcome::Done)
+            }
+            None => {
+                eprintln!("not released: {holder:?} does not hold lease {name:?} at epoch {epoch}");
+                Ok(Outcome::NotDone)
+            }
+        },
+        LeaseCommand::Status {
+            name: Some(name),
+            output,
+        } => match store.get(&name).await? {
+            Some(lease) => {
+                print_lease(&lease, output);
+                Ok(Outcome::Done)
+            }
+            None => {
+                eprintln!("lease {name:?} does not exist (it is created by the first acquire)");
+                Ok(Outcome::NotDone)
+            }
+        },
+        LeaseCommand::Status { name: None, output } => {
+            let leases = store.list().await?;
+            match output {
+                Output::Json => println!("{}", Value::Array(leases.iter().map(lease_json).collect())),
+                Output::Text => print_table(&leases),
+            }
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+/// Adds the hint a person needs when the tables are missing.
+pub fn describe_error(err: &Error) -> String {
+    if err.is_missing_schema() {
+        format!("{err} (the lease tables do not exist: run `reaper-operator migrate` first)")
+    } else {
+        err.to_string()
+    }
+}
+
+fn check_label(what: &str, value: &str) -> Result<()> {
+    crate::config::validate_label(what, value)
+}
+
+/// The JSON shape of a lease, shared by every `-o json` output.
+pub fn lease_json(lease: &Lease) -> Value {
+    json!({
+        "name": lease.name,
+        "holder": lease.holder,
+        "epoch": lease.epoch,
+        "ttlSeconds": lease.ttl.as_secs_f64(),
+        "acquiredAt": lease.acquired_at.to_rfc3339(),
+        "renewedAt": lease.renewed_at.to_rfc3339(),
+        "expiresAt": lease.expires_at.to_rfc3339(),
+        "previousHolder": lease.previous_holder,
+        "state": state(lease),
+        "observedAt": lease.observed_at.to_rfc3339(),
+    })
+}
+
+fn state(lease: &Lease) -> &'static str {
+    if lease.is_free() {
+        "free"
+    } else if lease.is_expired() {
+        "expired"
+    } else {
+        "held"
+    }
+}
+
+fn print_lease(lease: &Lease, output: Output) {
+    match output {
+        Output::Json => println!("{}", lease_json(lease)),
+        Output::Text => print_table(std::slice::from_ref(lease)),
+    }
+}
+
+fn print_table(leases: &[Lease]) {
+    let rows: Vec<[String; 6]> = leases
+        .iter()
+        .map(|l| {
+            [
+                l.name.clone(),
+                if l.holder.is_empty() { "-".into() } else { l.holder.clone() },
+                l.epoch.to_string(),
+                state(l).to_owned(),
+                format!("{}s", l.ttl.as_secs_f64()),
+                l.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "HOLDER", "EPOCH", "STATE", "TTL", "EXPIRES"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("   ").trim_end());
+    };
+    line(header);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+}

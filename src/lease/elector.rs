@@ -1,0 +1,349 @@
+//! The per-lease leadership state machine.
+//!
+//! ```text
+//! Follower --acquire ok--> Leader{epoch, last_renew_sent}
+//! Leader   --renew ok--> Leader (last_renew_sent = send time of that renew)
+//! Leader   --renew matched nothing--> Follower          (lost: step down now)
+//! Leader   --no successful renew within renew_deadline--> Follower
+//! Leader   --shutdown--> Follower (still holding the row) --release()--> free
+//! ```
+//!
+//! The published [`Leadership`] carries a monotonic `valid_until`, so "am I leader?" is
+//! answered from the clock at the moment of asking: a process that was paused past its
+//! deadline sees itself as a follower when it wakes, before any tick runs.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tokio::time::MissedTickBehavior;
+
+use super::store::{Lease, LeaseStore};
+use crate::Error;
+use crate::config::LeaseTimings;
+
+/// Source of monotonic time, injectable so tests can simulate pauses.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Instant;
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MonotonicClock;
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that only moves when told to.
+#[derive(Clone, Debug)]
+pub struct ManualClock(Arc<Mutex<Instant>>);
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().expect("clock mutex poisoned") += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *self.0.lock().expect("clock mutex poisoned")
+    }
+}
+
+/// What the elector last decided, with the monotonic instant until which it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    Follower,
+    Leader { epoch: i64, valid_until: Instant },
+}
+
+impl Leadership {
+    /// The epoch if this is a leadership still valid at `now`.
+    pub fn epoch_at(&self, now: Instant) -> Option<i64> {
+        match *self {
+            Leadership::Leader { epoch, valid_until } if now < valid_until => Some(epoch),
+            _ => None,
+        }
+    }
+}
+
+/// A read handle on an elector's leadership, judged against the elector's clock.
+#[derive(Clone)]
+pub struct LeaderWatch {
+    rx: watch::Receiver<Leadership>,
+    clock: Arc<dyn Clock>,
+}
+
+impl LeaderWatch {
+    /// The epoch if this process leads right now. Call it at the moment of acting.
+    pub fn leader_epoch(&self) -> Option<i64> {
+        self.rx.borrow().epoch_at(self.clock.now())
+    }
+
+    /// The last published state (its validity still has to be judged with the clock).
+    pub fn published(&self) -> Leadership {
+        *self.rx.borrow()
+    }
+
+    /// Resolves when the elector publishes a new state; `Err` once it is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.rx.changed().await
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ElectorConfig {
+    pub lease_name: String,
+    /// `<cluster>/<identity>`.
+    pub holder: String,
+    pub timings: LeaseTimings,
+}
+
+/// What one tick did; for logs, metrics and tests.
+#[derive(Debug)]
+pub enum Tick {
+    /// Took the lease (a new epoch). `previous_holder` is empty if it was free.
+    Acquired(Lease),
+    /// Someone else holds it.
+    Standby,
+    Renewed(Lease),
+    /// The renew matched nothing: another candidate took the lease, or it expired.
+    Lost { epoch: i64 },
+    /// No renew succeeded within the renew deadline (a pause or an outage).
+    DeadlineMissed { epoch: i64 },
+    /// The database call failed; a leader keeps leading until its deadline.
+    DatabaseError { error: Error, still_leader: bool },
+}
+
+impl Tick {
+    pub fn database_reachable(&self) -> bool {
+        !matches!(self, Tick::DatabaseError { .. })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    epoch: i64,
+    last_renew_sent: Instant,
+}
+
+pub struct Elector {
+    config: ElectorConfig,
+    store: LeaseStore,
+    clock: Arc<dyn Clock>,
+    held: Option<Held>,
+    tx: watch::Sender<Leadership>,
+    wake: Arc<Notify>,
+}
+
+impl Elector {
+    pub fn new(config: ElectorConfig, store: LeaseStore, clock: Arc<dyn Clock>) -> Self {
+        let (tx, _) = watch::channel(Leadership::Follower);
+        Self {
+            config,
+            store,
+            clock,
+            held: None,
+            tx,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn config(&self) -> &ElectorConfig {
+        &self.config
+    }
+
+    pub fn watch(&self) -> LeaderWatch {
+        LeaderWatch {
+            rx: self.tx.subscribe(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Notifying this makes [`Elector::run`] tick at once (e.g. on a release
+    /// notification) instead of waiting for the retry period.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The epoch if this elector leads at this instant of its clock.
+    pub fn leader_epoch(&self) -> Option<i64> {
+        self.tx.borrow().epoch_at(self.clock.now())
+    }
+
+    /// One step of the state machine: acquire as a follower, renew as a leader.
+    pub async fn tick(&mut self) -> Tick {
+        let sent = self.clock.now();
+        let deadline = self.config.timings.renew_deadline;
+        let Some(held) = self.held else {
+            return match self
+                .store
+                .acquire(&self.config.lease_name, &self.config.holder, self.config.timings.ttl)
+                .await
+            {
+                Ok(Some(lease)) => {
+                    self.lead(lease.epoch, sent);
+                    Tick::Acquired(lease)
+                }
+                Ok(None) => Tick::Standby,
+                Err(error) => Tick::DatabaseError {
+                    error,
+                    still_leader: false,
+                },
+            };
+        };
+
+        if sent.saturating_duration_since(held.last_renew_sent) >= deadline {
+            // Stop before talking to the database: the row may still say we hold it,
+            // but we can no longer prove it. The lease then expires on its own and is
+            // re-acquired with a new epoch; no release, which would hand it over while
+            // our workload might still be running.
+            self.step_down();
+            return Tick::DeadlineMissed { epoch: held.epoch };
+        }
+
+        match self
+            .store
+            .renew(&self.config.lease_name, &self.config.holder, held.epoch)
+            .await
+        {
+            Ok(Some(lease)) => {
+                self.lead(held.epoch, sent);
+                Tick::Renewed(lease)
+            }
+            Ok(None) => {
+                self.step_down();
+                Tick::Lost { epoch: held.epoch }
+            }
+            Err(error) => {
+                let still_leader =
+                    self.clock.now().saturating_duration_since(held.last_renew_sent) < deadline;
+                if !still_leader {
+                    self.step_down();
+                }
+                Tick::DatabaseError {
+                    error,
+                    still_leader,
+                }
+            }
+        }
+    }
+
+    /// Ticks every retry period (or at once when woken) until `shutdown` resolves.
+    /// On shutdown it publishes `Follower` but keeps the row: the caller stops its
+    /// workload and then calls [`Elector::release`].
+    pub async fn run<F: Future<Output = ()>>(&mut self, shutdown: F) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut interval = tokio::time::interval(self.config.timings.retry_period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let wake = self.wake.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                _ = interval.tick() => {}
+                _ = wake.notified() => {}
+            }
+            let tick = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                tick = self.tick() => tick,
+            };
+            log_tick(&self.config, &tick);
+        }
+        self.publish(Leadership::Follower);
+    }
+
+    /// Frees the lease if this elector still holds it (holder + epoch). Returns whether
+    /// a row was released. Publishes `Follower` first.
+    pub async fn release(&mut self) -> crate::Result<bool> {
+        self.publish(Leadership::Follower);
+        let Some(held) = self.held.take() else {
+            return Ok(false);
+        };
+        let released = self
+            .store
+            .release(&self.config.lease_name, &self.config.holder, held.epoch)
+            .await?;
+        if released.is_some() {
+            tracing::info!(lease = %self.config.lease_name, epoch = held.epoch, "released lease");
+        }
+        Ok(released.is_some())
+    }
+
+    fn lead(&mut self, epoch: i64, renew_sent: Instant) {
+        self.held = Some(Held {
+            epoch,
+            last_renew_sent: renew_sent,
+        });
+        self.publish(Leadership::Leader {
+            epoch,
+            valid_until: renew_sent + self.config.timings.renew_deadline,
+        });
+    }
+
+    fn step_down(&mut self) {
+        self.held = None;
+        self.publish(Leadership::Follower);
+    }
+
+    fn publish(&self, state: Leadership) {
+        self.tx.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+    }
+}
+
+fn log_tick(config: &ElectorConfig, tick: &Tick) {
+    let lease = config.lease_name.as_str();
+    match tick {
+        Tick::Acquired(l) if l.previous_holder.is_empty() => {
+            tracing::info!(lease, epoch = l.epoch, "acquired lease")
+        }
+        Tick::Acquired(l) => tracing::warn!(
+            lease, epoch = l.epoch, previous_holder = %l.previous_holder,
+            "took over expired lease"
+        ),
+        Tick::Standby | Tick::Renewed(_) => {}
+        Tick::Lost { epoch } => tracing::warn!(lease, epoch, "lost lease: stepped down"),
+        Tick::DeadlineMissed { epoch } => tracing::warn!(
+            lease, epoch, "no successful renew within the renew deadline: stepped down"
+        ),
+        Tick::DatabaseError {
+            error,
+            still_leader,
+        } => tracing::warn!(lease, %error, still_leader, "lease database call failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leadership_is_judged_at_the_moment_of_asking() {
+        let clock = ManualClock::default();
+        let start = clock.now();
+        let state = Leadership::Leader {
+            epoch: 7,
+            valid_until: start + Duration::from_secs(10),
+        };
+        assert_eq!(state.epoch_at(clock.now()), Some(7));
+        clock.advance(Duration::from_millis(9_999));
+        assert_eq!(state.epoch_at(clock.now()), Some(7));
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(state.epoch_at(clock.now()), None, "valid_until is exclusive");
+        assert_eq!(Leadership::Follower.epoch_at(start), None);
+    }
+}

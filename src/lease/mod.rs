@@ -1,0 +1,8 @@
+//! The PostgreSQL lease: storage ([`store`]) and the per-lease leadership state machine
+//! ([`elector`]).
+
+pub mod elector;
+pub mod store;
+
+pub use elector::{Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick};
+pub use store::{Lease, LeaseEvent, LeaseStore};

@@ -1,0 +1,396 @@
+//! SQL for the lease table.
+//!
+//! Every operation is ONE autocommit statement sent with the simple query protocol, with
+//! values inlined as escaped literals. That is deliberate: PgBouncer in transaction mode
+//! (before 1.21) cannot keep a prepared statement between transactions, and sqlx's
+//! extended protocol parses and executes in two round trips that PgBouncer may route to
+//! different server connections. A simple query is one message, one transaction, no
+//! session state. Times come only from `clock_timestamp()` on the database server.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::config::{Schema, validate_label};
+use crate::{Error, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// One lease row as seen by the database at `observed_at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    /// `""` when free.
+    pub holder: String,
+    pub epoch: i64,
+    pub ttl: Duration,
+    pub acquired_at: DateTime<Utc>,
+    pub renewed_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Holder displaced by the latest acquisition (`""` if the lease was free then).
+    pub previous_holder: String,
+    /// The database's clock when the row was read or written.
+    pub observed_at: DateTime<Utc>,
+}
+
+impl Lease {
+    pub fn is_free(&self) -> bool {
+        self.holder.is_empty()
+    }
+
+    pub fn is_expired(&self) -> bool {
+        self.expires_at <= self.observed_at
+    }
+
+    /// Held by someone and not expired, as of `observed_at`.
+    pub fn is_held(&self) -> bool {
+        !self.is_free() && !self.is_expired()
+    }
+
+    fn from_row(row: &PgRow) -> Result<Self> {
+        let ttl_ms: i64 = row.try_get("ttl_ms")?;
+        Ok(Self {
+            name: row.try_get("name")?,
+            holder: row.try_get("holder")?,
+            epoch: row.try_get("epoch")?,
+            ttl: Duration::from_millis(ttl_ms.max(0) as u64),
+            acquired_at: row.try_get("acquired_at")?,
+            renewed_at: row.try_get("renewed_at")?,
+            expires_at: row.try_get("expires_at")?,
+            previous_holder: row.try_get("previous_holder")?,
+            observed_at: row.try_get("observed_at")?,
+        })
+    }
+}
+
+/// One row of the append-only `lease_event` audit table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseEvent {
+    pub id: i64,
+    pub name: String,
+    pub epoch: i64,
+    pub holder: String,
+    pub previous_holder: String,
+    /// `acquire`, `takeover` or `release`.
+    pub kind: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Columns every statement returns, given the lease row alias `l`.
+const LEASE_COLUMNS: &str = "l.name, l.holder, l.epoch, l.ttl_ms, l.acquired_at, l.renewed_at, \
+     l.renewed_at + l.ttl_ms * interval '1 millisecond' AS expires_at, l.previous_holder, \
+     clock_timestamp() AS observed_at";
+
+/// Access to the lease table of one schema. Cheap to clone (the pool is shared).
+#[derive(Clone, Debug)]
+pub struct LeaseStore {
+    pool: PgPool,
+    schema: Schema,
+    lease_table: String,
+    event_table: String,
+    call_timeout: Duration,
+}
+
+impl LeaseStore {
+    pub fn new(pool: PgPool, schema: &Schema, call_timeout: Duration) -> Self {
+        Self {
+            pool,
+            lease_table: schema.qualify("lease"),
+            event_table: schema.qualify("lease_event"),
+            schema: schema.clone(),
+            call_timeout,
+        }
+    }
+
+    /// Connects at once, so an unreachable database is reported now.
+    pub async fn connect(
+        url: &str,
+        schema: &Schema,
+        call_timeout: Duration,
+        max_connections: u32,
+    ) -> Result<Self> {
+        let pool = pool_options(call_timeout, max_connections)
+            .connect_with(connect_options(url)?)
+            .await?;
+        Ok(Self::new(pool, schema, call_timeout))
+    }
+
+    /// Does not connect until the first statement, so a database outage at start-up
+    /// degrades to "not leader" instead of failing the process.
+    pub fn connect_lazy(
+        url: &str,
+        schema: &Schema,
+        call_timeout: Duration,
+        max_connections: u32,
+    ) -> Result<Self> {
+        let pool =
+            pool_options(call_timeout, max_connections).connect_lazy_with(connect_options(url)?);
+        Ok(Self::new(pool, schema, call_timeout))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Applies the embedded migrations to the schema; a no-op when they are applied.
+    ///
+    /// Needs a direct (or session-pooled) connection: sqlx serialises migrators with a
+    /// session advisory lock, which PgBouncer in transaction mode cannot hold.
+    pub async fn migrate(&self) -> Result<()> {
+        migrate(&self.pool, &self.schema).await
+    }
+
+    /// Takes the lease if it is free or expired, creating the row if it is missing.
+    /// Returns the new row (epoch + 1) or `None` when someone else holds it.
+    pub async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
+        validate_label("lease name", name)?;
+        validate_label("holder", holder)?;
+        let ttl_ms = ttl_millis(ttl)?;
+        let (l, e) = (&self.lease_table, &self.event_table);
+        let (name, holder) = (literal(name), literal(holder));
+        // ON CONFLICT DO UPDATE re-checks its WHERE against the latest committed row
+        // under a row lock, so among concurrent candidates exactly one can win. A row
+        // that went missing is recreated with an epoch above any in the audit history,
+        // so the fencing token never repeats.
+        let sql = format!(
+            "WITH clk AS MATERIALIZED (SELECT clock_timestamp() AS now), \
+             taken AS ( \
+               INSERT INTO {l} AS l (name, holder, epoch, ttl_ms, acquired_at, renewed_at, previous_holder) \
+               SELECT {name}, {holder}, \
+                      COALESCE((SELECT max(ev.epoch) FROM {e} AS ev WHERE ev.name = {name}), 0) + 1, \
+                      {ttl_ms}, clk.now, clk.now, '' \
+               FROM clk \
+               ON CONFLICT (name) DO UPDATE SET \
+                 holder = EXCLUDED.holder, epoch = l.epoch + 1, ttl_ms = EXCLUDED.ttl_ms, \
+                 acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at, \
+                 previous_holder = l.holder \
+               WHERE l.holder = '' \
+                  OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= EXCLUDED.renewed_at \
+               RETURNING l.* \
+             ), \
+             audit AS ( \
+               INSERT INTO {e} (name, epoch, holder, previous_holder, kind, at) \
+               SELECT name, epoch, holder, previous_holder, \
+                      CASE WHEN previous_holder = '' THEN 'acquire' ELSE 'takeover' END, acquired_at \
+               FROM taken \
+             ) \
+             SELECT {LEASE_COLUMNS} FROM taken AS l"
+        );
+        self.fetch_one_lease(sql).await
+    }
+
+    /// Extends the lease for the holder at `epoch`, only while it has not expired:
+    /// an expired lease is never revived. `None` means "you are not the leader".
+    pub async fn renew(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
+        validate_label("lease name", name)?;
+        validate_label("holder", holder)?;
+        let l = &self.lease_table;
+        let (name, holder) = (literal(name), literal(holder));
+        let sql = format!(
+            "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
+             WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
+               AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
+             RETURNING {LEASE_COLUMNS}"
+        );
+        self.fetch_one_lease(sql).await
+    }
+
+    /// Renews every `(name, epoch)` that `holder` still holds, in one statement.
+    /// Returns the leases that were renewed; any lease missing from the result is lost.
+    pub async fn renew_many(&self, holder: &str, held: &[(String, i64)]) -> Result<Vec<Lease>> {
+        validate_label("holder", holder)?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut names = String::with_capacity(held.len() * 24);
+        let mut epochs = String::with_capacity(held.len() * 8);
+        for (i, (name, epoch)) in held.iter().enumerate() {
+            validate_label("lease name", name)?;
+            if i > 0 {
+                names.push(',');
+                epochs.push(',');
+            }
+            names.push_str(&literal(name));
+            epochs.push_str(&epoch.to_string());
+        }
+        let l = &self.lease_table;
+        let holder = literal(holder);
+        let sql = format!(
+            "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
+             FROM unnest(ARRAY[{names}]::text[], ARRAY[{epochs}]::bigint[]) AS h(name, epoch) \
+             WHERE l.name = h.name AND l.epoch = h.epoch AND l.holder = {holder} \
+               AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
+             RETURNING {LEASE_COLUMNS}"
+        );
+        self.fetch_leases(sql).await
+    }
+
+    /// Frees the lease if `holder` holds it at `epoch`; a late release after a takeover
+    /// matches nothing and returns `None`.
+    pub async fn release(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
+        validate_label("lease name", name)?;
+        validate_label("holder", holder)?;
+        let (l, e) = (&self.lease_table, &self.event_table);
+        let (name, holder) = (literal(name), literal(holder));
+        let sql = format!(
+            "WITH released AS ( \
+               UPDATE {l} AS l SET holder = '' \
+               WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
+               RETURNING l.* \
+             ), \
+             audit AS ( \
+               INSERT INTO {e} (name, epoch, holder, previous_holder, kind, at) \
+               SELECT name, epoch, {holder}, '', 'release', clock_timestamp() FROM released \
+             ) \
+             SELECT {LEASE_COLUMNS} FROM released AS l"
+        );
+        self.fetch_one_lease(sql).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Lease>> {
+        validate_label("lease name", name)?;
+        let l = &self.lease_table;
+        let name = literal(name);
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM {l} AS l WHERE l.name = {name}");
+        self.fetch_one_lease(sql).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<Lease>> {
+        let l = &self.lease_table;
+        self.fetch_leases(format!("SELECT {LEASE_COLUMNS} FROM {l} AS l ORDER BY l.name"))
+            .await
+    }
+
+    /// The audit history of one lease, oldest first.
+    pub async fn events(&self, name: &str) -> Result<Vec<LeaseEvent>> {
+        validate_label("lease name", name)?;
+        let e = &self.event_table;
+        let name = literal(name);
+        let sql = format!(
+            "SELECT id, name, epoch, holder, previous_holder, kind, at FROM {e} \
+             WHERE name = {name} ORDER BY id"
+        );
+        let rows = self.fetch(sql).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LeaseEvent {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    epoch: row.try_get("epoch")?,
+                    holder: row.try_get("holder")?,
+                    previous_holder: row.try_get("previous_holder")?,
+                    kind: row.try_get("kind")?,
+                    at: row.try_get("at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn fetch(&self, sql: String) -> Result<Vec<PgRow>> {
+        let query = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(&self.pool);
+        match tokio::time::timeout(self.call_timeout, query).await {
+            Ok(rows) => Ok(rows?),
+            Err(_) => Err(Error::Timeout(self.call_timeout)),
+        }
+    }
+
+    async fn fetch_leases(&self, sql: String) -> Result<Vec<Lease>> {
+        self.fetch(sql).await?.iter().map(Lease::from_row).collect()
+    }
+
+    async fn fetch_one_lease(&self, sql: String) -> Result<Option<Lease>> {
+        Ok(self.fetch_leases(sql).await?.into_iter().next())
+    }
+}
+
+/// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]).
+pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
+    let quoted = format!("\"{schema}\"");
+    let migrations = MIGRATOR
+        .iter()
+        .map(|m| {
+            let sql = format!("SET LOCAL search_path TO {quoted};\n{}", m.sql.as_str());
+            sqlx::migrate::Migration::new(
+                m.version,
+                m.description.clone(),
+                m.migration_type,
+                sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(sql)),
+                m.no_tx,
+            )
+        })
+        .collect();
+    let mut migrator = sqlx::migrate::Migrator::with_migrations(migrations);
+    migrator.create_schema(quoted.clone());
+    migrator.dangerous_set_table_name(format!("{quoted}._sqlx_migrations"));
+    let mut conn = pool.acquire().await?;
+    migrator.run(&mut *conn).await?;
+    Ok(())
+}
+
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let opts = PgConnectOptions::from_str(url)
+        .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
+    Ok(opts.application_name("reaper-operator"))
+}
+
+fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(call_timeout)
+        // A ping before every statement would double the latency of a renew; a broken
+        // connection fails its statement instead and is replaced on the next tick.
+        .test_before_acquire(false)
+}
+
+fn ttl_millis(ttl: Duration) -> Result<i64> {
+    let ms = ttl.as_millis();
+    if ms == 0 || ms > i64::MAX as u128 {
+        return Err(Error::Config(format!(
+            "ttl must be at least 1 ms, got {ttl:?}"
+        )));
+    }
+    Ok(ms as i64)
+}
+
+/// A SQL string literal in the `E'...'` form, which means the same whatever
+/// `standard_conforming_strings` is. Control characters (NUL included) are refused
+/// earlier by [`validate_label`].
+fn literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 3);
+    out.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_escapes_quotes_and_backslashes() {
+        assert_eq!(literal("plain"), "E'plain'");
+        assert_eq!(literal("o'brien"), "E'o''brien'");
+        assert_eq!(literal(r"a\'b"), r"E'a\\''b'");
+        assert_eq!(literal("ünï"), "E'ünï'");
+    }
+
+    #[test]
+    fn ttl_must_be_positive() {
+        assert!(ttl_millis(Duration::ZERO).is_err());
+        assert_eq!(ttl_millis(Duration::from_secs(15)).unwrap(), 15_000);
+    }
+}

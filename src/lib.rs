@@ -1,0 +1,39 @@
+//! reaper-operator: runs exactly one instance of a singleton workload, arbitrated by a
+//! lease row in PostgreSQL.
+
+pub mod cli;
+pub mod config;
+pub mod telemetry;
+pub mod lease;
+
+use std::time::Duration;
+
+/// Errors of the library. The binary maps them to exit codes and messages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    #[error("database call timed out after {0:?}")]
+    Timeout(Duration),
+
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    /// True when the lease tables do not exist yet (SQLSTATE 42P01 / 3F000).
+    pub fn is_missing_schema(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("42P01") | Some("3F000"))
+            }
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,281 @@
+//! The lease store against a real PostgreSQL, each scenario both directly and through
+//! PgBouncer in transaction mode.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reaper_operator::lease::LeaseStore;
+use support::db::{self, Via};
+use tokio::sync::Barrier;
+
+const LONG: Duration = Duration::from_secs(60);
+
+both_paths!(
+    fifty_candidates_race_and_exactly_one_wins,
+    expired_lease_is_taken_over_with_a_new_epoch,
+    renew_after_expiry_fails_even_when_nobody_took_over,
+    release_then_immediate_acquire_by_another,
+    non_holder_renew_and_release_change_nothing,
+    late_release_after_takeover_leaves_the_new_holder,
+    deleted_row_heals_on_next_acquire_without_reusing_an_epoch,
+    renew_many_returns_exactly_the_leases_still_held,
+    audit_table_matches_a_scripted_history,
+    advisory_lock_does_not_protect_but_the_lease_does,
+);
+
+/// 50 candidates on separate connections race 20 times for one lease: the first round
+/// for a missing row, each later one for a row that has just expired.
+async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
+    let (_, schema) = db::fresh_schema(via).await;
+    let mut candidates = Vec::new();
+    for _ in 0..50 {
+        candidates.push(db::store(via, &schema, 1).await);
+    }
+    // Open every connection before the race so the race is between statements.
+    for c in &candidates {
+        c.list().await.unwrap();
+    }
+    let ttl = Duration::from_millis(150);
+    let mut last_epoch = 0;
+    for round in 0..20 {
+        let barrier = Arc::new(Barrier::new(candidates.len()));
+        let mut tasks = Vec::new();
+        for (i, store) in candidates.iter().cloned().enumerate() {
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                store.acquire("race", &format!("candidate-{i}"), ttl).await.unwrap()
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some(lease) = t.await.unwrap() {
+                winners.push(lease);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        assert!(
+            winners[0].epoch > last_epoch,
+            "round {round}: epoch {} after {last_epoch}",
+            winners[0].epoch
+        );
+        last_epoch = winners[0].epoch;
+        tokio::time::sleep(ttl + Duration::from_millis(30)).await;
+    }
+    assert_eq!(last_epoch, 20);
+}
+
+async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let a = store.acquire("l", "a", Duration::from_millis(300)).await.unwrap().unwrap();
+    assert_eq!((a.holder.as_str(), a.epoch, a.previous_holder.as_str()), ("a", 1, ""));
+    assert!(a.is_held());
+    assert_eq!(a.expires_at - a.renewed_at, chrono::Duration::milliseconds(300));
+    assert!(store.acquire("l", "b", LONG).await.unwrap().is_none(), "held lease taken");
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = store.acquire("l", "b", LONG).await.unwrap().expect("expired lease not taken");
+    assert_eq!((b.holder.as_str(), b.epoch, b.previous_holder.as_str()), ("b", 2, "a"));
+    assert_eq!(b.ttl, LONG, "ttl is the new holder's");
+    assert!(store.renew("l", "a", 1).await.unwrap().is_none(), "old holder renewed");
+    assert!(store.renew("l", "b", 2).await.unwrap().is_some());
+}
+
+async fn renew_after_expiry_fails_even_when_nobody_took_over(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    store.acquire("l", "a", Duration::from_millis(200)).await.unwrap().unwrap();
+    assert!(store.renew("l", "a", 1).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.renew("l", "a", 1).await.unwrap().is_none(), "expired lease revived");
+    let row = store.get("l").await.unwrap().unwrap();
+    assert_eq!((row.holder.as_str(), row.epoch), ("a", 1));
+    assert!(row.is_expired() && !row.is_held());
+    // Coming back takes a new epoch, even for the same holder.
+    let again = store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    assert_eq!(again.epoch, 2);
+}
+
+async fn release_then_immediate_acquire_by_another(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    let released = store.release("l", "a", 1).await.unwrap().expect("release");
+    assert!(released.is_free());
+    let b = store.acquire("l", "b", LONG).await.unwrap().expect("free lease not taken");
+    assert_eq!((b.epoch, b.previous_holder.as_str()), (2, ""));
+}
+
+async fn non_holder_renew_and_release_change_nothing(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let a = store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    assert!(store.renew("l", "b", 1).await.unwrap().is_none());
+    assert!(store.release("l", "b", 1).await.unwrap().is_none());
+    assert!(store.renew("l", "a", 2).await.unwrap().is_none(), "wrong epoch renewed");
+    assert!(store.release("l", "a", 7).await.unwrap().is_none(), "wrong epoch released");
+    assert!(store.renew("other", "a", 1).await.unwrap().is_none());
+    let row = store.get("l").await.unwrap().unwrap();
+    assert_eq!(
+        (row.holder.as_str(), row.epoch, row.renewed_at),
+        ("a", 1, a.renewed_at)
+    );
+    assert_eq!(store.events("l").await.unwrap().len(), 1, "no-ops were audited");
+}
+
+async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    store.acquire("l", "a", Duration::from_millis(200)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.acquire("l", "b", LONG).await.unwrap().unwrap();
+    assert!(store.release("l", "a", 1).await.unwrap().is_none());
+    let row = store.get("l").await.unwrap().unwrap();
+    assert_eq!((row.holder.as_str(), row.epoch), ("b", 2));
+    assert!(row.is_held());
+}
+
+async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
+    let (store, schema) = db::fresh_schema(via).await;
+    for _ in 0..3 {
+        let l = store.acquire("l", "a", LONG).await.unwrap().unwrap();
+        store.release("l", "a", l.epoch).await.unwrap().unwrap();
+    }
+    db::exec(&format!("DELETE FROM {} WHERE name = 'l'", schema.qualify("lease"))).await;
+    assert!(store.get("l").await.unwrap().is_none());
+    let healed = store.acquire("l", "b", LONG).await.unwrap().expect("missing row not healed");
+    assert_eq!(healed.epoch, 4, "epoch must continue after the audit history");
+    // A lease that never existed starts at 1.
+    assert_eq!(store.acquire("fresh", "b", LONG).await.unwrap().unwrap().epoch, 1);
+}
+
+async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let short = Duration::from_millis(200);
+    let mut held = Vec::new();
+    for name in ["keep-1", "keep-2", "keep-3"] {
+        let l = store.acquire(name, "me", LONG).await.unwrap().unwrap();
+        held.push((name.to_owned(), l.epoch));
+    }
+    let expired = store.acquire("taken", "me", short).await.unwrap().unwrap();
+    let released = store.acquire("released", "me", LONG).await.unwrap().unwrap();
+    let stale = store.acquire("stale-epoch", "me", LONG).await.unwrap().unwrap();
+    store.acquire("not-mine", "other", LONG).await.unwrap().unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    store.acquire("taken", "thief", LONG).await.unwrap().unwrap();
+    store.release("released", "me", released.epoch).await.unwrap().unwrap();
+
+    let mut request = held.clone();
+    request.push(("taken".into(), expired.epoch));
+    request.push(("released".into(), released.epoch));
+    request.push(("stale-epoch".into(), stale.epoch + 1));
+    request.push(("not-mine".into(), 1));
+    request.push(("never-existed".into(), 1));
+    let before = store.get("keep-1").await.unwrap().unwrap().renewed_at;
+    let mut renewed: Vec<(String, i64)> = store
+        .renew_many("me", &request)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.name, l.epoch))
+        .collect();
+    renewed.sort();
+    assert_eq!(renewed, held);
+    assert!(store.get("keep-1").await.unwrap().unwrap().renewed_at > before);
+    assert!(store.renew_many("me", &[]).await.unwrap().is_empty());
+}
+
+async fn audit_table_matches_a_scripted_history(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let short = Duration::from_millis(200);
+    store.acquire("l", "a", LONG).await.unwrap().unwrap(); // 1 acquire a
+    store.release("l", "a", 1).await.unwrap().unwrap(); // 1 release a
+    store.acquire("l", "b", short).await.unwrap().unwrap(); // 2 acquire b
+    assert!(store.acquire("l", "c", LONG).await.unwrap().is_none()); // no event
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    store.acquire("l", "c", LONG).await.unwrap().unwrap(); // 3 takeover c from b
+    assert!(store.release("l", "b", 2).await.unwrap().is_none()); // late: no event
+    store.renew("l", "c", 3).await.unwrap().unwrap(); // renews are not audited
+    store.release("l", "c", 3).await.unwrap().unwrap(); // 3 release c
+
+    let events = store.events("l").await.unwrap();
+    let history: Vec<(i64, &str, &str, &str)> = events
+        .iter()
+        .map(|e| (e.epoch, e.holder.as_str(), e.previous_holder.as_str(), e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (1, "a", "", "acquire"),
+            (1, "a", "", "release"),
+            (2, "b", "", "acquire"),
+            (3, "c", "b", "takeover"),
+            (3, "c", "", "release"),
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at), "event times go back");
+
+    // Append-only: the history cannot be rewritten by accident.
+    let err = sqlx::raw_sql("DELETE FROM lease_event")
+        .execute(store.pool())
+        .await;
+    assert!(err.is_err());
+}
+
+/// Why the lease is a row and not `pg_advisory_lock`: through PgBouncer in transaction
+/// mode a session lock belongs to whichever server connection ran the statement, which
+/// then serves other clients, so a second client "gets" a lock the first one thinks it
+/// holds. The lease, one autocommit statement at a time, stays exclusive on the same path.
+async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
+    // Distinct per path, because both variants run at once against one server.
+    let key = 7_000_000 + i64::from(std::process::id() % 100_000) * 2 + (via == Via::PgBouncer) as i64;
+    let first = sqlx::PgPool::connect(&db::url(via)).await.unwrap();
+    let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_try_advisory_lock({key})"
+    )))
+    .persistent(false)
+    .fetch_one(&first)
+    .await
+    .unwrap();
+    assert!(got, "first client could not take a free advisory lock");
+
+    let mut second_client_also_got_it = false;
+    for _ in 0..20 {
+        let other = sqlx::PgPool::connect(&db::url(via)).await.unwrap();
+        let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT pg_try_advisory_lock({key})"
+        )))
+        .persistent(false)
+        .fetch_one(&other)
+        .await
+        .unwrap();
+        other.close().await;
+        if got {
+            second_client_also_got_it = true;
+            break;
+        }
+    }
+    match via {
+        Via::Direct => assert!(
+            !second_client_also_got_it,
+            "on direct connections the advisory lock is exclusive"
+        ),
+        Via::PgBouncer => assert!(
+            second_client_also_got_it,
+            "expected PgBouncer to hand the locked server session to another client"
+        ),
+    }
+    first.close().await;
+    // Clear any session locks left on pooled server connections by this scenario.
+    db::exec(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND objid = {key} AND pid <> pg_backend_pid()"
+    ))
+    .await;
+
+    // The lease on the same path: two clients, one winner.
+    let (_, schema) = db::fresh_schema(via).await;
+    let one: LeaseStore = db::store(via, &schema, 1).await;
+    let two: LeaseStore = db::store(via, &schema, 1).await;
+    assert!(one.acquire("l", "one", LONG).await.unwrap().is_some());
+    assert!(two.acquire("l", "two", LONG).await.unwrap().is_none());
+    assert!(one.renew("l", "one", 1).await.unwrap().is_some());
+}

@@ -1,0 +1,96 @@
+//! Real PostgreSQL for integration tests, started by `tests/db/up.sh` (the `make test`
+//! target does that and exports the variables read here).
+//!
+//! Each call to [`fresh_schema`] creates and migrates a schema of its own, so tests run
+//! in parallel and never see each other's rows.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use reaper_operator::config::Schema;
+use reaper_operator::lease::LeaseStore;
+
+/// Which path to the database a test takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    /// PgBouncer with `pool_mode = transaction`.
+    PgBouncer,
+}
+
+fn env_url(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set. These tests need a real PostgreSQL and PgBouncer: run `make test`, \
+             or `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` before `cargo test`"
+        )
+    })
+}
+
+pub fn direct_url() -> String {
+    env_url("REAPER_TEST_DATABASE_URL")
+}
+
+pub fn url(via: Via) -> String {
+    match via {
+        Via::Direct => direct_url(),
+        Via::PgBouncer => env_url("REAPER_TEST_PGBOUNCER_URL"),
+    }
+}
+
+/// A schema name unique to this process and call.
+pub fn unique_schema(prefix: &str) -> Schema {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    Schema::new(&format!("{prefix}_{}_{n}_{nanos}", std::process::id())).unwrap()
+}
+
+/// Creates a migrated schema (through a direct connection, as migrations need) and
+/// returns a store on it that goes `via` the chosen path.
+pub async fn fresh_schema(via: Via) -> (LeaseStore, Schema) {
+    let schema = unique_schema("t");
+    let admin = LeaseStore::connect(&direct_url(), &schema, Duration::from_secs(10), 1)
+        .await
+        .expect("connect to the test database");
+    admin.migrate().await.expect("migrate test schema");
+    admin.pool().close().await;
+    (store(via, &schema, 4).await, schema)
+}
+
+/// A store on an existing schema with its own pool of `max_connections`.
+pub async fn store(via: Via, schema: &Schema, max_connections: u32) -> LeaseStore {
+    LeaseStore::connect(&url(via), schema, Duration::from_secs(10), max_connections)
+        .await
+        .expect("connect to the test database")
+}
+
+/// Runs one SQL statement on a direct connection, for test set-up and inspection.
+pub async fn exec(sql: &str) {
+    let pool = sqlx::PgPool::connect(&direct_url()).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    pool.close().await;
+}
+
+/// Declares `direct` and `pgbouncer` variants of an async scenario `fn(Via)`.
+#[macro_export]
+macro_rules! both_paths {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn direct() {
+                super::$scenario($crate::support::db::Via::Direct).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn pgbouncer() {
+                super::$scenario($crate::support::db::Via::PgBouncer).await
+            }
+        }
+    )*};
+}
