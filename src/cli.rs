@@ -14,13 +14,23 @@ use crate::{Error, Result};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
-#[command(name = "reaper-operator", version, about = "Runs exactly one reaper, arbitrated by a PostgreSQL lease")]
+#[command(
+    name = "reaper-operator",
+    version,
+    about = "Runs exactly one reaper, arbitrated by a PostgreSQL lease"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
     /// Log format.
-    #[arg(long, env = "REAPER_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "REAPER_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -35,7 +45,12 @@ pub struct DatabaseArgs {
     pub database_url: Option<String>,
 
     /// Schema holding the lease tables (a plain identifier).
-    #[arg(long, env = "REAPER_DB_SCHEMA", default_value = "public", global = true)]
+    #[arg(
+        long,
+        env = "REAPER_DB_SCHEMA",
+        default_value = "public",
+        global = true
+    )]
     pub schema: String,
 }
 
@@ -135,7 +150,10 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
     let url = db.url()?;
     match &command {
         LeaseCommand::Acquire {
-            name, holder, ttl_seconds, ..
+            name,
+            holder,
+            ttl_seconds,
+            ..
         } => {
             check_label("lease name", name)?;
             check_label("holder", holder)?;
@@ -145,12 +163,24 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
                 )));
             }
         }
-        LeaseCommand::Renew { name, holder, epoch, .. }
-        | LeaseCommand::Release { name, holder, epoch, .. } => {
+        LeaseCommand::Renew {
+            name,
+            holder,
+            epoch,
+            ..
+        }
+        | LeaseCommand::Release {
+            name,
+            holder,
+            epoch,
+            ..
+        } => {
             check_label("lease name", name)?;
             check_label("holder", holder)?;
             if *epoch < 1 {
-                return Err(Error::Config(format!("--epoch must be at least 1, got {epoch}")));
+                return Err(Error::Config(format!(
+                    "--epoch must be at least 1, got {epoch}"
+                )));
             }
         }
         LeaseCommand::Status { name, .. } => {
@@ -240,7 +270,9 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
         LeaseCommand::Status { name: None, output } => {
             let leases = store.list().await?;
             match output {
-                Output::Json => println!("{}", Value::Array(leases.iter().map(lease_json).collect())),
+                Output::Json => {
+                    println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
+                }
                 Output::Text => print_table(&leases),
             }
             Ok(Outcome::Done)
@@ -300,11 +332,20 @@ fn print_table(leases: &[Lease]) {
         .map(|l| {
             [
                 l.name.clone(),
-                if l.holder.is_empty() { "-".into() } else { l.holder.clone() },
+                if l.holder.is_empty() {
+                    "-".into()
+                } else {
+                    l.holder.clone()
+                },
                 l.epoch.to_string(),
                 state(l).to_owned(),
                 format!("{}s", l.ttl.as_secs_f64()),
-                l.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                if l.is_free() {
+                    "-".into()
+                } else {
+                    l.expires_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                },
             ]
         })
         .collect();

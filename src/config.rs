@@ -127,7 +127,15 @@ mod tests {
         for ok in ["public", "reaper", "_x", "a1_b2"] {
             assert_eq!(Schema::new(ok).unwrap().as_str(), ok);
         }
-        for bad in ["", "1abc", "Public", "a-b", "a b", "x\"; drop", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1abc",
+            "Public",
+            "a-b",
+            "a b",
+            "x\"; drop",
+            &"a".repeat(64),
+        ] {
             let err = Schema::new(bad).unwrap_err().to_string();
             assert!(err.contains("not a plain identifier"), "{bad:?}: {err}");
         }
@@ -137,13 +145,22 @@ mod tests {
     fn timings_enforce_ordering() {
         let s = Duration::from_secs;
         assert!(LeaseTimings::new(s(15), s(10), s(2)).is_ok());
-        assert_eq!(LeaseTimings::default(), LeaseTimings::new(s(15), s(10), s(2)).unwrap());
-        let e = LeaseTimings::new(s(10), s(10), s(2)).unwrap_err().to_string();
+        assert_eq!(
+            LeaseTimings::default(),
+            LeaseTimings::new(s(15), s(10), s(2)).unwrap()
+        );
+        let e = LeaseTimings::new(s(10), s(10), s(2))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ttl"), "{e}");
-        let e = LeaseTimings::new(s(5), s(10), s(2)).unwrap_err().to_string();
+        let e = LeaseTimings::new(s(5), s(10), s(2))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("greater than the renew deadline"), "{e}");
         // 12 * 10 = 120 is not > 10 * 12 = 120
-        let e = LeaseTimings::new(s(15), s(12), s(10)).unwrap_err().to_string();
+        let e = LeaseTimings::new(s(15), s(12), s(10))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1.2"), "{e}");
         assert!(LeaseTimings::new(s(15), s(13), s(10)).is_ok());
         assert!(LeaseTimings::new(s(15), s(10), s(0)).is_err());

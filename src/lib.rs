@@ -3,8 +3,8 @@
 
 pub mod cli;
 pub mod config;
-pub mod telemetry;
 pub mod lease;
+pub mod telemetry;
 
 use std::time::Duration;
 

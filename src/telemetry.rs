@@ -8,9 +8,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// `RUST_LOG` overrides the default level (`info`).
+/// `RUST_LOG` overrides the default (`info`, with sqlx's per-statement notices muted).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

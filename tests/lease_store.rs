@@ -46,7 +46,10 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
             let barrier = barrier.clone();
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
-                store.acquire("race", &format!("candidate-{i}"), ttl).await.unwrap()
+                store
+                    .acquire("race", &format!("candidate-{i}"), ttl)
+                    .await
+                    .unwrap()
             }));
         }
         let mut winners = Vec::new();
@@ -69,26 +72,56 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
 
 async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    let a = store.acquire("l", "a", Duration::from_millis(300)).await.unwrap().unwrap();
-    assert_eq!((a.holder.as_str(), a.epoch, a.previous_holder.as_str()), ("a", 1, ""));
+    let a = store
+        .acquire("l", "a", Duration::from_millis(300))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (a.holder.as_str(), a.epoch, a.previous_holder.as_str()),
+        ("a", 1, "")
+    );
     assert!(a.is_held());
-    assert_eq!(a.expires_at - a.renewed_at, chrono::Duration::milliseconds(300));
-    assert!(store.acquire("l", "b", LONG).await.unwrap().is_none(), "held lease taken");
+    assert_eq!(
+        a.expires_at - a.renewed_at,
+        chrono::Duration::milliseconds(300)
+    );
+    assert!(
+        store.acquire("l", "b", LONG).await.unwrap().is_none(),
+        "held lease taken"
+    );
 
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let b = store.acquire("l", "b", LONG).await.unwrap().expect("expired lease not taken");
-    assert_eq!((b.holder.as_str(), b.epoch, b.previous_holder.as_str()), ("b", 2, "a"));
+    let b = store
+        .acquire("l", "b", LONG)
+        .await
+        .unwrap()
+        .expect("expired lease not taken");
+    assert_eq!(
+        (b.holder.as_str(), b.epoch, b.previous_holder.as_str()),
+        ("b", 2, "a")
+    );
     assert_eq!(b.ttl, LONG, "ttl is the new holder's");
-    assert!(store.renew("l", "a", 1).await.unwrap().is_none(), "old holder renewed");
+    assert!(
+        store.renew("l", "a", 1).await.unwrap().is_none(),
+        "old holder renewed"
+    );
     assert!(store.renew("l", "b", 2).await.unwrap().is_some());
 }
 
 async fn renew_after_expiry_fails_even_when_nobody_took_over(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    store.acquire("l", "a", Duration::from_millis(200)).await.unwrap().unwrap();
+    store
+        .acquire("l", "a", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(store.renew("l", "a", 1).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(store.renew("l", "a", 1).await.unwrap().is_none(), "expired lease revived");
+    assert!(
+        store.renew("l", "a", 1).await.unwrap().is_none(),
+        "expired lease revived"
+    );
     let row = store.get("l").await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("a", 1));
     assert!(row.is_expired() && !row.is_held());
@@ -102,7 +135,11 @@ async fn release_then_immediate_acquire_by_another(via: Via) {
     store.acquire("l", "a", LONG).await.unwrap().unwrap();
     let released = store.release("l", "a", 1).await.unwrap().expect("release");
     assert!(released.is_free());
-    let b = store.acquire("l", "b", LONG).await.unwrap().expect("free lease not taken");
+    let b = store
+        .acquire("l", "b", LONG)
+        .await
+        .unwrap()
+        .expect("free lease not taken");
     assert_eq!((b.epoch, b.previous_holder.as_str()), (2, ""));
 }
 
@@ -111,20 +148,34 @@ async fn non_holder_renew_and_release_change_nothing(via: Via) {
     let a = store.acquire("l", "a", LONG).await.unwrap().unwrap();
     assert!(store.renew("l", "b", 1).await.unwrap().is_none());
     assert!(store.release("l", "b", 1).await.unwrap().is_none());
-    assert!(store.renew("l", "a", 2).await.unwrap().is_none(), "wrong epoch renewed");
-    assert!(store.release("l", "a", 7).await.unwrap().is_none(), "wrong epoch released");
+    assert!(
+        store.renew("l", "a", 2).await.unwrap().is_none(),
+        "wrong epoch renewed"
+    );
+    assert!(
+        store.release("l", "a", 7).await.unwrap().is_none(),
+        "wrong epoch released"
+    );
     assert!(store.renew("other", "a", 1).await.unwrap().is_none());
     let row = store.get("l").await.unwrap().unwrap();
     assert_eq!(
         (row.holder.as_str(), row.epoch, row.renewed_at),
         ("a", 1, a.renewed_at)
     );
-    assert_eq!(store.events("l").await.unwrap().len(), 1, "no-ops were audited");
+    assert_eq!(
+        store.events("l").await.unwrap().len(),
+        1,
+        "no-ops were audited"
+    );
 }
 
 async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    store.acquire("l", "a", Duration::from_millis(200)).await.unwrap().unwrap();
+    store
+        .acquire("l", "a", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     store.acquire("l", "b", LONG).await.unwrap().unwrap();
     assert!(store.release("l", "a", 1).await.unwrap().is_none());
@@ -139,12 +190,31 @@ async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
         let l = store.acquire("l", "a", LONG).await.unwrap().unwrap();
         store.release("l", "a", l.epoch).await.unwrap().unwrap();
     }
-    db::exec(&format!("DELETE FROM {} WHERE name = 'l'", schema.qualify("lease"))).await;
+    db::exec(&format!(
+        "DELETE FROM {} WHERE name = 'l'",
+        schema.qualify("lease")
+    ))
+    .await;
     assert!(store.get("l").await.unwrap().is_none());
-    let healed = store.acquire("l", "b", LONG).await.unwrap().expect("missing row not healed");
-    assert_eq!(healed.epoch, 4, "epoch must continue after the audit history");
+    let healed = store
+        .acquire("l", "b", LONG)
+        .await
+        .unwrap()
+        .expect("missing row not healed");
+    assert_eq!(
+        healed.epoch, 4,
+        "epoch must continue after the audit history"
+    );
     // A lease that never existed starts at 1.
-    assert_eq!(store.acquire("fresh", "b", LONG).await.unwrap().unwrap().epoch, 1);
+    assert_eq!(
+        store
+            .acquire("fresh", "b", LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch,
+        1
+    );
 }
 
 async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
@@ -156,12 +226,32 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
         held.push((name.to_owned(), l.epoch));
     }
     let expired = store.acquire("taken", "me", short).await.unwrap().unwrap();
-    let released = store.acquire("released", "me", LONG).await.unwrap().unwrap();
-    let stale = store.acquire("stale-epoch", "me", LONG).await.unwrap().unwrap();
-    store.acquire("not-mine", "other", LONG).await.unwrap().unwrap();
+    let released = store
+        .acquire("released", "me", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    let stale = store
+        .acquire("stale-epoch", "me", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire("not-mine", "other", LONG)
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
-    store.acquire("taken", "thief", LONG).await.unwrap().unwrap();
-    store.release("released", "me", released.epoch).await.unwrap().unwrap();
+    store
+        .acquire("taken", "thief", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .release("released", "me", released.epoch)
+        .await
+        .unwrap()
+        .unwrap();
 
     let mut request = held.clone();
     request.push(("taken".into(), expired.epoch));
@@ -199,7 +289,14 @@ async fn audit_table_matches_a_scripted_history(via: Via) {
     let events = store.events("l").await.unwrap();
     let history: Vec<(i64, &str, &str, &str)> = events
         .iter()
-        .map(|e| (e.epoch, e.holder.as_str(), e.previous_holder.as_str(), e.kind.as_str()))
+        .map(|e| {
+            (
+                e.epoch,
+                e.holder.as_str(),
+                e.previous_holder.as_str(),
+                e.kind.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         history,
@@ -211,7 +308,10 @@ async fn audit_table_matches_a_scripted_history(via: Via) {
             (3, "c", "", "release"),
         ]
     );
-    assert!(events.windows(2).all(|w| w[0].at <= w[1].at), "event times go back");
+    assert!(
+        events.windows(2).all(|w| w[0].at <= w[1].at),
+        "event times go back"
+    );
 
     // Append-only: the history cannot be rewritten by accident.
     let err = sqlx::raw_sql("DELETE FROM lease_event")
@@ -226,7 +326,8 @@ async fn audit_table_matches_a_scripted_history(via: Via) {
 /// holds. The lease, one autocommit statement at a time, stays exclusive on the same path.
 async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     // Distinct per path, because both variants run at once against one server.
-    let key = 7_000_000 + i64::from(std::process::id() % 100_000) * 2 + (via == Via::PgBouncer) as i64;
+    let key =
+        7_000_000 + i64::from(std::process::id() % 100_000) * 2 + (via == Via::PgBouncer) as i64;
     let first = sqlx::PgPool::connect(&db::url(via)).await.unwrap();
     let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT pg_try_advisory_lock({key})"

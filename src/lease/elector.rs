@@ -117,11 +117,18 @@ pub enum Tick {
     Standby,
     Renewed(Lease),
     /// The renew matched nothing: another candidate took the lease, or it expired.
-    Lost { epoch: i64 },
+    Lost {
+        epoch: i64,
+    },
     /// No renew succeeded within the renew deadline (a pause or an outage).
-    DeadlineMissed { epoch: i64 },
+    DeadlineMissed {
+        epoch: i64,
+    },
     /// The database call failed; a leader keeps leading until its deadline.
-    DatabaseError { error: Error, still_leader: bool },
+    DatabaseError {
+        error: Error,
+        still_leader: bool,
+    },
 }
 
 impl Tick {
@@ -187,7 +194,11 @@ impl Elector {
         let Some(held) = self.held else {
             return match self
                 .store
-                .acquire(&self.config.lease_name, &self.config.holder, self.config.timings.ttl)
+                .acquire(
+                    &self.config.lease_name,
+                    &self.config.holder,
+                    self.config.timings.ttl,
+                )
                 .await
             {
                 Ok(Some(lease)) => {
@@ -225,8 +236,11 @@ impl Elector {
                 Tick::Lost { epoch: held.epoch }
             }
             Err(error) => {
-                let still_leader =
-                    self.clock.now().saturating_duration_since(held.last_renew_sent) < deadline;
+                let still_leader = self
+                    .clock
+                    .now()
+                    .saturating_duration_since(held.last_renew_sent)
+                    < deadline;
                 if !still_leader {
                     self.step_down();
                 }
@@ -318,7 +332,9 @@ fn log_tick(config: &ElectorConfig, tick: &Tick) {
         Tick::Standby | Tick::Renewed(_) => {}
         Tick::Lost { epoch } => tracing::warn!(lease, epoch, "lost lease: stepped down"),
         Tick::DeadlineMissed { epoch } => tracing::warn!(
-            lease, epoch, "no successful renew within the renew deadline: stepped down"
+            lease,
+            epoch,
+            "no successful renew within the renew deadline: stepped down"
         ),
         Tick::DatabaseError {
             error,
@@ -343,7 +359,11 @@ mod tests {
         clock.advance(Duration::from_millis(9_999));
         assert_eq!(state.epoch_at(clock.now()), Some(7));
         clock.advance(Duration::from_millis(1));
-        assert_eq!(state.epoch_at(clock.now()), None, "valid_until is exclusive");
+        assert_eq!(
+            state.epoch_at(clock.now()),
+            None,
+            "valid_until is exclusive"
+        );
         assert_eq!(Leadership::Follower.epoch_at(start), None);
     }
 }

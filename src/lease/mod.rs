@@ -4,5 +4,7 @@
 pub mod elector;
 pub mod store;
 
-pub use elector::{Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick};
+pub use elector::{
+    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
+};
 pub use store::{Lease, LeaseEvent, LeaseStore};

@@ -264,8 +264,10 @@ impl LeaseStore {
 
     pub async fn list(&self) -> Result<Vec<Lease>> {
         let l = &self.lease_table;
-        self.fetch_leases(format!("SELECT {LEASE_COLUMNS} FROM {l} AS l ORDER BY l.name"))
-            .await
+        self.fetch_leases(format!(
+            "SELECT {LEASE_COLUMNS} FROM {l} AS l ORDER BY l.name"
+        ))
+        .await
     }
 
     /// The audit history of one lease, oldest first.

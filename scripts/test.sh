@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: starts a private PostgreSQL + PgBouncer (transaction mode),
+# makes sure the local control-plane binaries are built (cached outside the clone), runs
+# every Rust test, and stops what it started. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/reaper-operator/target}
+db_name="test-$$"
+
+cleanup() { tests/db/down.sh "$db_name" || true; }
+trap cleanup EXIT INT TERM
+
+env_file=$(tests/db/up.sh "$db_name" | tail -n 1)
+set -a
+# shellcheck source=/dev/null
+. "$env_file"
+set +a
+
+if [ -x tests/cluster/build.sh ]; then
+  tests/cluster/build.sh >/dev/null
+fi
+
+cargo test --locked "$@"
