@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod lease;
+pub mod reaper;
 pub mod telemetry;
 
 use std::time::Duration;

@@ -23,10 +23,12 @@ both_paths!(
     renew_many_returns_exactly_the_leases_still_held,
     audit_table_matches_a_scripted_history,
     advisory_lock_does_not_protect_but_the_lease_does,
+    acquire_and_release_notify_listeners,
+    workload_reports_are_per_cluster_and_exclude_the_caller,
 );
 
 /// 50 candidates on separate connections race 20 times for one lease: the first round
-/// for a missing row, each later one for a row that has just expired.
+/// for a missing row, then alternately for a released row and for an expired one.
 async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
     let (_, schema) = db::fresh_schema(via).await;
     let mut candidates = Vec::new();
@@ -37,7 +39,6 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
     for c in &candidates {
         c.list().await.unwrap();
     }
-    let ttl = Duration::from_millis(150);
     let mut last_epoch = 0;
     for round in 0..20 {
         let barrier = Arc::new(Barrier::new(candidates.len()));
@@ -47,7 +48,7 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .acquire("race", &format!("candidate-{i}"), ttl)
+                    .acquire("race", &format!("candidate-{i}"), LONG)
                     .await
                     .unwrap()
             }));
@@ -59,13 +60,24 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
             }
         }
         assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
-        assert!(
-            winners[0].epoch > last_epoch,
-            "round {round}: epoch {} after {last_epoch}",
-            winners[0].epoch
-        );
-        last_epoch = winners[0].epoch;
-        tokio::time::sleep(ttl + Duration::from_millis(30)).await;
+        let winner = &winners[0];
+        assert_eq!(winner.epoch, last_epoch + 1, "round {round}");
+        last_epoch = winner.epoch;
+        if round % 2 == 0 {
+            candidates[0]
+                .release("race", &winner.holder, winner.epoch)
+                .await
+                .unwrap()
+                .unwrap();
+        } else {
+            // Expire it now (instead of sleeping through a ttl, which a slow round could
+            // outlast and so legitimately see a second, later takeover).
+            db::exec(&format!(
+                "UPDATE {} SET renewed_at = renewed_at - interval '1 hour' WHERE name = 'race'",
+                schema.qualify("lease")
+            ))
+            .await;
+        }
     }
     assert_eq!(last_epoch, 20);
 }
@@ -379,4 +391,104 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     assert!(one.acquire("l", "one", LONG).await.unwrap().is_some());
     assert!(two.acquire("l", "two", LONG).await.unwrap().is_none());
     assert!(one.renew("l", "one", 1).await.unwrap().is_some());
+}
+
+/// Acquire and release notify on a channel that a direct connection can LISTEN to
+/// (the statements themselves may go through PgBouncer).
+async fn acquire_and_release_notify_listeners(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db::direct_url())
+        .await
+        .unwrap();
+    listener
+        .listen(reaper_operator::lease::NOTIFY_CHANNEL)
+        .await
+        .unwrap();
+    let name = format!("notify-{}-{via:?}", std::process::id());
+    let lease = store.acquire(&name, "a", LONG).await.unwrap().unwrap();
+    let got = recv(&mut listener, &name).await;
+    assert_eq!(got.payload(), name);
+    store
+        .release(&name, "a", lease.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    let got = recv(&mut listener, &name).await;
+    assert_eq!(got.payload(), name);
+    // Failed operations notify nobody.
+    store.acquire(&name, "b", LONG).await.unwrap().unwrap();
+    recv(&mut listener, &name).await;
+    assert!(store.acquire(&name, "c", LONG).await.unwrap().is_none());
+    let quiet = tokio::time::timeout(Duration::from_millis(300), recv(&mut listener, &name));
+    assert!(quiet.await.is_err(), "a failed acquire notified");
+}
+
+async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
+    use reaper_operator::lease::WorkloadCounts;
+    let (store, _) = db::fresh_schema(via).await;
+    let running = WorkloadCounts {
+        replicas: 1,
+        running_pods: 1,
+        ready_pods: 1,
+    };
+    let idle = WorkloadCounts::default();
+    assert!(
+        store
+            .sync_workload("l", "east", "east/a", running)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let seen_by_west = store
+        .sync_workload("l", "west", "west/b", idle)
+        .await
+        .unwrap();
+    assert_eq!(seen_by_west.len(), 1);
+    assert_eq!(
+        (
+            seen_by_west[0].cluster.as_str(),
+            seen_by_west[0].running_pods
+        ),
+        ("east", 1)
+    );
+    assert!(seen_by_west[0].age < Duration::from_secs(5));
+    store
+        .sync_workload("l", "east", "east/c", idle)
+        .await
+        .unwrap();
+    let seen_by_west = store
+        .sync_workload("l", "west", "west/b", idle)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            seen_by_west[0].reported_by.as_str(),
+            seen_by_west[0].running_pods
+        ),
+        ("east/c", 0)
+    );
+    assert!(
+        store
+            .sync_workload("other", "west", "west/b", idle)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The next notification about `name` (other tests notify on the same channel).
+async fn recv(
+    listener: &mut sqlx::postgres::PgListener,
+    name: &str,
+) -> sqlx::postgres::PgNotification {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = listener.recv().await.unwrap();
+            if n.payload() == name {
+                return n;
+            }
+        }
+    })
+    .await
+    .expect("no notification within 5 s")
 }

@@ -7,4 +7,4 @@ pub mod store;
 pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };
-pub use store::{Lease, LeaseEvent, LeaseStore};
+pub use store::{Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, WorkloadCounts, WorkloadReport};

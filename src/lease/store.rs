@@ -66,6 +66,14 @@ impl Lease {
     }
 }
 
+/// What one cluster sees of a lease's workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadCounts {
+    pub replicas: i32,
+    pub running_pods: i32,
+    pub ready_pods: i32,
+}
+
 /// One row of the append-only `lease_event` audit table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseEvent {
@@ -77,6 +85,24 @@ pub struct LeaseEvent {
     /// `acquire`, `takeover` or `release`.
     pub kind: String,
     pub at: DateTime<Utc>,
+}
+
+/// Channel on which acquire and release notify (payload: the lease name), so standbys
+/// and the previous holder's cluster can react at once instead of on their next tick.
+pub const NOTIFY_CHANNEL: &str = "reaper_lease";
+const NOTIFY_CHANNEL_LITERAL: &str = "'reaper_lease'";
+
+/// One cluster's last report of the workload behind a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadReport {
+    pub cluster: String,
+    pub reported_by: String,
+    pub replicas: i32,
+    pub running_pods: i32,
+    pub ready_pods: i32,
+    pub reported_at: DateTime<Utc>,
+    /// Age of the report on the database's clock.
+    pub age: Duration,
 }
 
 /// Columns every statement returns, given the lease row alias `l`.
@@ -181,7 +207,8 @@ impl LeaseStore {
                       CASE WHEN previous_holder = '' THEN 'acquire' ELSE 'takeover' END, acquired_at \
                FROM taken \
              ) \
-             SELECT {LEASE_COLUMNS} FROM taken AS l"
+             SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
+             FROM taken AS l"
         );
         self.fetch_one_lease(sql).await
     }
@@ -249,7 +276,8 @@ impl LeaseStore {
                INSERT INTO {e} (name, epoch, holder, previous_holder, kind, at) \
                SELECT name, epoch, {holder}, '', 'release', clock_timestamp() FROM released \
              ) \
-             SELECT {LEASE_COLUMNS} FROM released AS l"
+             SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
+             FROM released AS l"
         );
         self.fetch_one_lease(sql).await
     }
@@ -268,6 +296,54 @@ impl LeaseStore {
             "SELECT {LEASE_COLUMNS} FROM {l} AS l ORDER BY l.name"
         ))
         .await
+    }
+
+    /// Records this cluster's view of the workload behind `name` and returns the latest
+    /// reports of the OTHER clusters, in one statement.
+    pub async fn sync_workload(
+        &self,
+        name: &str,
+        cluster: &str,
+        reported_by: &str,
+        counts: WorkloadCounts,
+    ) -> Result<Vec<WorkloadReport>> {
+        validate_label("lease name", name)?;
+        validate_label("cluster", cluster)?;
+        validate_label("reporter", reported_by)?;
+        let w = self.schema.qualify("lease_workload");
+        let (name, cluster, reported_by) = (literal(name), literal(cluster), literal(reported_by));
+        let WorkloadCounts {
+            replicas,
+            running_pods,
+            ready_pods,
+        } = counts;
+        let sql = format!(
+            "WITH report AS ( \
+               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at) \
+               VALUES ({name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp()) \
+               ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
+                 replicas = EXCLUDED.replicas, running_pods = EXCLUDED.running_pods, \
+                 ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at \
+             ) \
+             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, \
+                    (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
+             FROM {w} WHERE name = {name} AND cluster <> {cluster} ORDER BY cluster"
+        );
+        let rows = self.fetch(sql).await?;
+        rows.iter()
+            .map(|row| {
+                let age_ms: i64 = row.try_get("age_ms")?;
+                Ok(WorkloadReport {
+                    cluster: row.try_get("cluster")?,
+                    reported_by: row.try_get("reported_by")?,
+                    replicas: row.try_get("replicas")?,
+                    running_pods: row.try_get("running_pods")?,
+                    ready_pods: row.try_get("ready_pods")?,
+                    reported_at: row.try_get("reported_at")?,
+                    age: Duration::from_millis(age_ms.max(0) as u64),
+                })
+            })
+            .collect()
     }
 
     /// The audit history of one lease, oldest first.

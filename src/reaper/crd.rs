@@ -1,0 +1,167 @@
+//! The `Reaper` custom resource (`pglease.dev/v1alpha1`).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Runs the named Deployment as a singleton: one replica while this cluster holds the
+/// PostgreSQL lease, zero otherwise.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pglease.dev",
+    version = "v1alpha1",
+    kind = "Reaper",
+    plural = "reapers",
+    shortname = "rpr",
+    namespaced,
+    status = "ReaperStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Holder","type":"string","jsonPath":".status.holder"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready"}"#,
+    printcolumn = r#"{"name":"Renewed","type":"date","jsonPath":".status.renewedAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReaperSpec {
+    /// Name of the Deployment, in the Reaper's namespace, that runs the singleton. The
+    /// operator owns its replica count: 1 in the cluster that holds the lease, 0 elsewhere.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("deploymentName must name a Deployment in this namespace"))]
+    #[schemars(length(max = 253))]
+    pub deployment_name: String,
+
+    /// The PostgreSQL lease that arbitrates this singleton.
+    #[serde(default)]
+    pub lease: LeaseSpec,
+
+    /// Keep competing for the lease and reporting status, but do not touch the Deployment.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Lease settings. Must satisfy ttl > renewDeadline > 1.2 × retryPeriod.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.ttlSeconds > self.renewDeadlineSeconds").message("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds: a holder must stop acting before others may take the lease"),
+    validation = Rule::new("self.renewDeadlineSeconds * 10 > self.retryPeriodSeconds * 12").message("lease.renewDeadlineSeconds must be greater than 1.2 × lease.retryPeriodSeconds: a holder needs more than one renew attempt per deadline")
+)]
+pub struct LeaseSpec {
+    /// Lease row name. Defaults to `<namespace>.<name>`. Reapers in different clusters
+    /// with the same lease name share one singleton.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+
+    /// How long a lease stays valid after its last renew, judged by the database clock.
+    #[serde(default = "default_ttl")]
+    #[schemars(range(min = 2, max = 3600))]
+    pub ttl_seconds: i32,
+
+    /// A holder that could not renew for this long stops acting (monotonic clock).
+    #[serde(default = "default_renew_deadline")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub renew_deadline_seconds: i32,
+
+    /// How often candidates try to acquire and the holder renews.
+    #[serde(default = "default_retry_period")]
+    #[schemars(range(min = 1, max = 600))]
+    pub retry_period_seconds: i32,
+
+    /// After taking the lease over from a holder in another cluster, wait this long
+    /// before scaling up, on top of waiting for that cluster to report no running pods.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub handover_delay_seconds: i32,
+}
+
+fn default_ttl() -> i32 {
+    15
+}
+fn default_renew_deadline() -> i32 {
+    10
+}
+fn default_retry_period() -> i32 {
+    2
+}
+
+impl Default for LeaseSpec {
+    fn default() -> Self {
+        Self {
+            name: None,
+            ttl_seconds: default_ttl(),
+            renew_deadline_seconds: default_renew_deadline(),
+            retry_period_seconds: default_retry_period(),
+            handover_delay_seconds: 0,
+        }
+    }
+}
+
+/// Observed state, written by the replica that acts for this cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReaperStatus {
+    /// Leading, Standby, Invalid or Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The lease row this Reaper competes for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_name: Option<String>,
+    /// Current lease holder, `<cluster>/<identity>`; empty when free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Fencing token of the current holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquired_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Desired replicas of the Deployment in this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Leader, WorkloadReady, DatabaseReachable, SingletonSafe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    /// This cluster holds the lease and runs the workload.
+    Leading,
+    /// Another cluster (or nobody) holds the lease; the workload is at 0 here.
+    Standby,
+    /// The spec cannot be used (see the conditions).
+    Invalid,
+    /// The database or the Deployment cannot be reached; the workload was not scaled up.
+    Degraded,
+}
+
+impl Reaper {
+    /// The lease row name: `spec.lease.name` or `<namespace>.<name>`.
+    pub fn lease_name(&self) -> String {
+        match &self.spec.lease.name {
+            Some(name) => name.clone(),
+            None => format!(
+                "{}.{}",
+                self.metadata.namespace.as_deref().unwrap_or("default"),
+                self.metadata.name.as_deref().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// The CRD as YAML, as `reaper-operator crdgen` prints it and `crds/` commits it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_norway::to_string(&Reaper::crd()).expect("the CRD serialises to YAML")
+}

@@ -1,0 +1,5 @@
+//! The `Reaper` resource and its controller.
+
+pub mod crd;
+
+pub use crd::{LeaseSpec, Phase, Reaper, ReaperSpec, ReaperStatus};
