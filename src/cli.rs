@@ -68,6 +68,10 @@ impl DatabaseArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the controller: hold leases, scale the singleton Deployments, serve probes.
+    Run(RunArgs),
+    /// Print the Reaper CustomResourceDefinition as YAML.
+    Crdgen,
     /// Create or upgrade the lease tables in the schema (idempotent).
     Migrate,
     /// Inspect or operate a lease by hand (scripting, emergencies).
@@ -75,6 +79,129 @@ pub enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of this Kubernetes cluster; the lease holder is `<cluster-name>/<identity>`.
+    #[arg(long, env = "REAPER_CLUSTER_NAME", default_value = "default")]
+    pub cluster_name: String,
+
+    /// This replica's identity (the pod name in a cluster). Default: `<hostname>-<pid>`.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Address of the HTTP server (`/healthz`, `/readyz`).
+    #[arg(long, env = "REAPER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
+
+    /// Do not apply migrations at start (e.g. when --database-url is a transaction
+    /// pooler; run `reaper-operator migrate` against a direct connection instead).
+    #[arg(long, env = "REAPER_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// Direct PostgreSQL URL used only to LISTEN for lease notifications, for when
+    /// --database-url points at PgBouncer in transaction mode. Default: --database-url.
+    #[arg(long, env = "REAPER_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// How long a shutdown waits for the workload's pods to stop before releasing.
+    #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl RunArgs {
+    /// Checks every flag before anything starts.
+    pub fn settings(&self, db: &DatabaseArgs) -> Result<crate::operator::Settings> {
+        let dns_label = |what: &str, v: &str| -> Result<()> {
+            let ok = !v.is_empty()
+                && v.len() <= 63
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !v.starts_with('-')
+                && !v.ends_with('-');
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "{what} {v:?} must be a DNS label: 1-63 characters of a-z, 0-9 and -, \
+                     starting and ending with a letter or digit"
+                )))
+            }
+        };
+        dns_label("--cluster-name", &self.cluster_name)?;
+        let identity = match &self.identity {
+            Some(id) => id.clone(),
+            None => format!(
+                "{}-{}",
+                std::env::var("HOSTNAME")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_owned()))
+                    .unwrap_or_else(|| "reaper".into()),
+                std::process::id()
+            ),
+        };
+        crate::config::validate_label("--identity", &identity)?;
+        if identity.contains('/') {
+            return Err(Error::Config(format!(
+                "--identity {identity:?} must not contain '/'"
+            )));
+        }
+        let http_addr = self.http_addr.parse().map_err(|e| {
+            Error::Config(format!(
+                "--http-addr {:?} is not a socket address: {e}",
+                self.http_addr
+            ))
+        })?;
+        if self.shutdown_timeout_seconds == 0 || self.shutdown_timeout_seconds > 3600 {
+            return Err(Error::Config(
+                "--shutdown-timeout-seconds must be between 1 and 3600".into(),
+            ));
+        }
+        let database_url = db.url()?.to_owned();
+        // Parse the URLs now so a typo stops the process at start.
+        for url in std::iter::once(&database_url).chain(self.listen_database_url.as_ref()) {
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
+        }
+        Ok(crate::operator::Settings {
+            database_url,
+            listen_database_url: self.listen_database_url.clone(),
+            schema: db.schema()?,
+            cluster: self.cluster_name.clone(),
+            identity,
+            http_addr,
+            migrate: !self.no_migrate,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
+        })
+    }
+}
+
+/// `run`: the first SIGTERM/SIGINT starts a graceful handover, a second one exits at once.
+pub async fn run(db: &DatabaseArgs, args: &RunArgs) -> anyhow::Result<Outcome> {
+    let settings = args.settings(db)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: handing over (a second signal exits at once)");
+        let _ = stop_tx.send(true);
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without handover");
+        std::process::exit(130);
+    });
+    crate::operator::run(settings, stop_rx).await?;
+    Ok(Outcome::Done)
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod lease;
+pub mod operator;
 pub mod reaper;
 pub mod telemetry;
 

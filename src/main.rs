@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use reaper_operator::cli::{self, Cli, Command, Outcome};
-use reaper_operator::telemetry;
+use reaper_operator::{reaper, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,18 +14,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<Outcome> = runtime.block_on(async {
         match cli.command {
-            Command::Migrate => cli::migrate(&cli.database).await,
-            Command::Lease { command } => cli::lease(&cli.database, command).await,
+            Command::Run(args) => cli::run(&cli.database, &args).await,
+            Command::Crdgen => {
+                print!("{}", reaper::crd::crd_yaml());
+                Ok(Outcome::Done)
+            }
+            Command::Migrate => cli::migrate(&cli.database).await.map_err(describe),
+            Command::Lease { command } => {
+                cli::lease(&cli.database, command).await.map_err(describe)
+            }
         }
     });
     match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::NotDone) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {}", cli::describe_error(&e));
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn describe(e: reaper_operator::Error) -> anyhow::Error {
+    anyhow::anyhow!(cli::describe_error(&e))
 }

@@ -182,6 +182,12 @@ impl Elector {
         self.wake.clone()
     }
 
+    /// The epoch of the row this elector holds in the database, valid or not (what
+    /// [`Elector::release`] would release).
+    pub fn held_epoch(&self) -> Option<i64> {
+        self.held.map(|h| h.epoch)
+    }
+
     /// The epoch if this elector leads at this instant of its clock.
     pub fn leader_epoch(&self) -> Option<i64> {
         self.tx.borrow().epoch_at(self.clock.now())
@@ -253,9 +259,13 @@ impl Elector {
     }
 
     /// Ticks every retry period (or at once when woken) until `shutdown` resolves.
-    /// On shutdown it publishes `Follower` but keeps the row: the caller stops its
-    /// workload and then calls [`Elector::release`].
-    pub async fn run<F: Future<Output = ()>>(&mut self, shutdown: F) {
+    /// `on_tick` sees every outcome. On shutdown it publishes `Follower` but keeps the
+    /// row: the caller stops its workload and then calls [`Elector::release`].
+    pub async fn run<F, T>(&mut self, shutdown: F, mut on_tick: T)
+    where
+        F: Future<Output = ()>,
+        T: FnMut(&Tick),
+    {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut interval = tokio::time::interval(self.config.timings.retry_period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -273,6 +283,7 @@ impl Elector {
                 tick = self.tick() => tick,
             };
             log_tick(&self.config, &tick);
+            on_tick(&tick);
         }
         self.publish(Leadership::Follower);
     }

@@ -346,6 +346,11 @@ impl LeaseStore {
             .collect()
     }
 
+    /// One round trip, for readiness probes.
+    pub async fn ping(&self) -> Result<()> {
+        self.fetch("SELECT 1".to_owned()).await.map(|_| ())
+    }
+
     /// The audit history of one lease, oldest first.
     pub async fn events(&self, name: &str) -> Result<Vec<LeaseEvent>> {
         validate_label("lease name", name)?;

@@ -3,3 +3,6 @@
 pub mod crd;
 
 pub use crd::{LeaseSpec, Phase, Reaper, ReaperSpec, ReaperStatus};
+pub mod candidates;
+pub mod reconcile;
+pub mod status;

@@ -1,0 +1,89 @@
+//! Probes on `--http-addr`: `/healthz` (the process and its loops are alive) and
+//! `/readyz` (the database answers and the Kubernetes caches are synced).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+/// Shared health flags, set by the loops they describe.
+#[derive(Default)]
+pub struct Health {
+    pub database_ok: AtomicBool,
+    pub caches_synced: AtomicBool,
+    /// Unix milliseconds of the last heartbeat of the async runtime.
+    pub heartbeat_ms: AtomicU64,
+}
+
+/// A runtime that has not beaten for this long is reported unhealthy.
+const STALL: Duration = Duration::from_secs(15);
+
+impl Health {
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    fn alive(&self) -> bool {
+        unix_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed))
+            < STALL.as_millis() as u64
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router(health))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if health.alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control loop is stalled\n",
+        )
+    }
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+    let mut problems = Vec::new();
+    if !health.database_ok.load(Ordering::Relaxed) {
+        problems.push("database unreachable");
+    }
+    if !health.caches_synced.load(Ordering::Relaxed) {
+        problems.push("Kubernetes caches not synced");
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", problems.join(", ")),
+        )
+    }
+}

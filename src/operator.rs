@@ -1,0 +1,177 @@
+//! `reaper-operator run`: wires the lease store, the controller, the NOTIFY listener
+//! and the probes together, and hands every lease over on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client};
+use sqlx::postgres::PgListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Schema;
+use crate::http::{self, Health};
+use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
+use crate::reaper::Reaper;
+use crate::reaper::candidates::Candidates;
+use crate::reaper::reconcile::{self, Context};
+
+/// Validated settings of `run`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database_url: String,
+    pub listen_database_url: Option<String>,
+    pub schema: Schema,
+    pub cluster: String,
+    pub identity: String,
+    pub http_addr: SocketAddr,
+    pub migrate: bool,
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    pub fn holder(&self) -> String {
+        format!("{}/{}", self.cluster, self.identity)
+    }
+}
+
+/// Runs until `stop` flips to true, then hands over every held lease.
+pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let call_timeout = Duration::from_secs(2);
+    let store =
+        LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
+    if settings.migrate {
+        // A database that is down at start-up must not crash-loop the operator: keep
+        // trying in the background-free way (blocking start) but with a clear log.
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
+    })?;
+    // Fail at start with a clear message when the CRD is not installed.
+    Api::<Reaper>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?): {e}"
+            )
+        })?;
+
+    let holder = settings.holder();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "reaper-operator".into(),
+            instance: Some(holder.clone()),
+        },
+    );
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
+    let candidates = Candidates::new(store.clone(), holder.clone(), trigger_tx, recorder.clone());
+    let ctx = Arc::new(Context {
+        client,
+        store: store.clone(),
+        cluster: settings.cluster.clone(),
+        holder: holder.clone(),
+        candidates: candidates.clone(),
+        recorder,
+        shutdown_timeout: settings.shutdown_timeout,
+    });
+    tracing::info!(%holder, schema = %settings.schema, "starting");
+
+    let health = Arc::new(Health::default());
+    health.beat();
+    let stopped = {
+        let stop = stop.clone();
+        move || {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }
+    };
+    let http = tokio::spawn(http::serve(settings.http_addr, health.clone(), stopped()));
+    let background = [
+        tokio::spawn(heartbeat(health.clone(), store.clone())),
+        tokio::spawn(listen(
+            settings
+                .listen_database_url
+                .clone()
+                .unwrap_or_else(|| settings.database_url.clone()),
+            candidates.clone(),
+        )),
+    ];
+    let ready_health = health.clone();
+    reconcile::run(ctx.clone(), trigger_rx, stopped(), move || {
+        ready_health.caches_synced.store(true, Ordering::Relaxed)
+    })
+    .await;
+
+    tracing::info!("shutting down: handing over held leases");
+    let _ = tokio::time::timeout(
+        settings.shutdown_timeout + Duration::from_secs(5),
+        reconcile::hand_over_all(&ctx),
+    )
+    .await;
+    for task in background {
+        task.abort();
+    }
+    if let Ok(Err(error)) = http.await {
+        tracing::warn!(%error, "HTTP server failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn heartbeat(health: Arc<Health>, store: LeaseStore) {
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        interval.tick().await;
+        health.beat();
+        let ok = store.ping().await.is_ok();
+        health.database_ok.store(ok, Ordering::Relaxed);
+    }
+}
+
+/// Wakes electors when a lease is acquired or released anywhere. Needs a direct
+/// connection (LISTEN does not work through PgBouncer in transaction mode); without
+/// it, standbys still notice on their next tick.
+async fn listen(url: String, candidates: Candidates) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let result = async {
+            let mut listener = PgListener::connect(&url).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            tracing::info!("listening for lease notifications");
+            loop {
+                let notification = listener.recv().await?;
+                candidates.wake_lease(notification.payload());
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, "lease notification listener failed; retrying");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}

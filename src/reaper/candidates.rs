@@ -1,0 +1,255 @@
+//! One lease elector per Reaper in this process, each in its own task.
+//!
+//! Electors publish on watch channels; every leadership change pushes the Reaper into
+//! the controller's trigger queue, so the reconcile that scales the Deployment runs at
+//! once instead of on the next resync.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::crd::Reaper;
+use crate::config::LeaseTimings;
+use crate::lease::{Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, MonotonicClock, Tick};
+
+/// A running elector for one Reaper.
+pub struct Candidate {
+    pub lease_name: String,
+    pub timings: LeaseTimings,
+    pub watch: LeaderWatch,
+    /// False while the elector's last database call failed.
+    pub database_ok: Arc<AtomicBool>,
+    /// The epoch at which this replica last scaled the Deployment up; cleared when it
+    /// scales down. Lets a replica that can no longer read the database know that the
+    /// running pod may be its own.
+    pub scaled_up_epoch: Option<i64>,
+    /// How often the Deployment was found scaled up while this replica did not lead.
+    pub external_scale_ups: u32,
+    /// Clusters already warned about (stale reports), per epoch.
+    pub warned_stale_epoch: Option<i64>,
+    waker: Arc<Notify>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Elector>,
+}
+
+impl Candidate {
+    /// Stops the elector. It publishes `Follower` but still holds the row: stop the
+    /// workload, then `release()` the returned elector.
+    pub async fn stop(mut self) -> Option<Elector> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.ok()
+    }
+}
+
+#[derive(Clone)]
+pub struct Candidates {
+    inner: Arc<Mutex<HashMap<ObjectRef<Reaper>, Candidate>>>,
+    store: LeaseStore,
+    holder: String,
+    trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
+    recorder: Recorder,
+    clock: Arc<dyn Clock>,
+}
+
+impl Candidates {
+    pub fn new(
+        store: LeaseStore,
+        holder: String,
+        trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            inner: Arc::default(),
+            store,
+            holder,
+            trigger,
+            recorder,
+            clock: Arc::new(MonotonicClock),
+        }
+    }
+
+    /// Runs `f` on the candidate of `key`, starting an elector if there is none.
+    /// Returns `Err(old)` without starting anything when the running elector has a
+    /// different lease name or timings: the caller hands it over first.
+    pub fn with<R>(
+        &self,
+        key: &ObjectRef<Reaper>,
+        lease_name: &str,
+        timings: LeaseTimings,
+        reference: ObjectReference,
+        f: impl FnOnce(&mut Candidate) -> R,
+    ) -> Result<R, Box<Candidate>> {
+        let mut map = self.inner.lock().expect("candidates mutex poisoned");
+        if let Some(existing) = map.get(key)
+            && (existing.lease_name != lease_name || existing.timings != timings)
+        {
+            return Err(Box::new(map.remove(key).expect("present")));
+        }
+        let candidate = map
+            .entry(key.clone())
+            .or_insert_with(|| self.spawn(key.clone(), lease_name, timings, reference));
+        Ok(f(candidate))
+    }
+
+    pub fn update<R>(
+        &self,
+        key: &ObjectRef<Reaper>,
+        f: impl FnOnce(&mut Candidate) -> R,
+    ) -> Option<R> {
+        self.inner
+            .lock()
+            .expect("candidates mutex poisoned")
+            .get_mut(key)
+            .map(f)
+    }
+
+    pub fn take(&self, key: &ObjectRef<Reaper>) -> Option<Candidate> {
+        self.inner
+            .lock()
+            .expect("candidates mutex poisoned")
+            .remove(key)
+    }
+
+    pub fn take_all(&self) -> Vec<(ObjectRef<Reaper>, Candidate)> {
+        self.inner
+            .lock()
+            .expect("candidates mutex poisoned")
+            .drain()
+            .collect()
+    }
+
+    pub fn keys(&self) -> Vec<ObjectRef<Reaper>> {
+        self.inner
+            .lock()
+            .expect("candidates mutex poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A NOTIFY about `lease_name`: tick its electors now and reconcile their Reapers.
+    pub fn wake_lease(&self, lease_name: &str) {
+        let map = self.inner.lock().expect("candidates mutex poisoned");
+        for (key, candidate) in map.iter().filter(|(_, c)| c.lease_name == lease_name) {
+            candidate.waker.notify_one();
+            let _ = self.trigger.send(key.clone());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("candidates mutex poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn spawn(
+        &self,
+        key: ObjectRef<Reaper>,
+        lease_name: &str,
+        timings: LeaseTimings,
+        reference: ObjectReference,
+    ) -> Candidate {
+        let config = ElectorConfig {
+            lease_name: lease_name.to_owned(),
+            holder: self.holder.clone(),
+            timings,
+        };
+        let mut elector = Elector::new(config, self.store.clone(), self.clock.clone());
+        let watch = elector.watch();
+        let waker = elector.waker();
+        let database_ok = Arc::new(AtomicBool::new(true));
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let trigger = self.trigger.clone();
+        let recorder = self.recorder.clone();
+        let db_ok = database_ok.clone();
+        let task = tokio::spawn(async move {
+            elector
+                .run(
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                    |tick| {
+                        db_ok.store(tick.database_reachable(), Ordering::Relaxed);
+                        if let Some(event) = transition_event(tick) {
+                            let _ = trigger.send(key.clone());
+                            publish(&recorder, event, &reference);
+                        }
+                    },
+                )
+                .await;
+            elector
+        });
+        Candidate {
+            lease_name: lease_name.to_owned(),
+            timings,
+            watch,
+            database_ok,
+            scaled_up_epoch: None,
+            external_scale_ups: 0,
+            warned_stale_epoch: None,
+            waker,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+}
+
+/// Publishes an Event without blocking the caller; a failed Event is only logged.
+pub fn publish(recorder: &Recorder, event: Event, reference: &ObjectReference) {
+    let recorder = recorder.clone();
+    let reference = reference.clone();
+    tokio::spawn(async move {
+        if let Err(error) = recorder.publish(&event, &reference).await {
+            tracing::debug!(%error, reason = %event.reason, "could not publish event");
+        }
+    });
+}
+
+fn transition_event(tick: &Tick) -> Option<Event> {
+    let (type_, reason, note) = match tick {
+        Tick::Acquired(lease) if lease.previous_holder.is_empty() => (
+            EventType::Normal,
+            "LeaseAcquired",
+            format!(
+                "acquired lease {} at epoch {} as {}",
+                lease.name, lease.epoch, lease.holder
+            ),
+        ),
+        Tick::Acquired(lease) => (
+            EventType::Warning,
+            "LeaseTakenOver",
+            format!(
+                "took over expired lease {} from {} at epoch {} as {}",
+                lease.name, lease.previous_holder, lease.epoch, lease.holder
+            ),
+        ),
+        Tick::Lost { epoch } => (
+            EventType::Warning,
+            "LeaseLost",
+            format!("lost the lease held at epoch {epoch}: another holder took it or it expired"),
+        ),
+        Tick::DeadlineMissed { epoch } => (
+            EventType::Warning,
+            "LeaseLost",
+            format!("no successful renew within the renew deadline at epoch {epoch}: stepped down"),
+        ),
+        _ => return None,
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Elect".into(),
+        secondary: None,
+    })
+}
