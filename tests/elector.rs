@@ -210,9 +210,12 @@ async fn run_publishes_changes_and_release_frees_the_lease_for_a_standby() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         leader
-            .run(async {
-                stop_rx.await.ok();
-            })
+            .run(
+                async {
+                    stop_rx.await.ok();
+                },
+                |_| {},
+            )
             .await;
         let released = leader.release().await.unwrap();
         (leader, released)
