@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Stops the local control plane started by `tests/cluster/up.sh NAME`: sends SIGTERM to
+# exactly the pids that up.sh recorded (only if such a pid still runs a process of this
+# cluster), waits for them to exit (SIGKILL after 10 s), then removes the state directory
+# ${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}/NAME/.
+set -euo pipefail
+
+name="${1:-}"
+if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; then
+  echo "usage: $0 NAME" >&2
+  exit 2
+fi
+root="${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}"
+state="$root/$name"
+
+if [[ ! -d "$state" ]]; then
+  echo "down.sh[$name]: no state at $state; nothing to do" >&2
+  exit 0
+fi
+
+# ours PID: true if PID is alive and was started for this cluster (its command line
+# names the state directory), so a recycled pid is never killed.
+ours() {
+  [[ -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"
+}
+
+# stop COMPONENT...: SIGTERM those components' recorded pids, wait for them to exit
+# (SIGKILL after 10 s).
+stopped=0
+stop() {
+  local component pidfile pid pids=()
+  for component in "$@"; do
+    pidfile="$state/pids/$component.pid"
+    [[ -f "$pidfile" ]] || continue
+    pid="$(<"$pidfile")"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 100); do
+      ours "$pid" || break
+      sleep 0.1
+    done
+    if ours "$pid"; then
+      echo "down.sh[$name]: pid $pid did not stop after SIGTERM; sending SIGKILL" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do
+        ours "$pid" || break
+        sleep 0.1
+      done
+    fi
+    stopped=$((stopped + 1))
+  done
+}
+
+# Clients first, etcd last: kube-apiserver's graceful shutdown still talks to etcd.
+stop kwok kube-scheduler kube-controller-manager kube-apiserver
+stop etcd
+
+rm -rf "$state"
+echo "down.sh[$name]: stopped $stopped process(es), removed $state" >&2

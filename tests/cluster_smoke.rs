@@ -1,0 +1,729 @@
+//! Smoke tests against a real kube-apiserver (tests/cluster/up.sh; docs/local-cluster.md).
+//!
+//! One `#[test]` starts one cluster, runs every sub-case in turn (a failing sub-case does
+//! not stop the others) and stops the cluster when the `TestCluster` guard is dropped, also
+//! on failure. Set `REAPER_TEST_KUBECONFIG` to run against an already running cluster.
+
+mod support;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use kube::config::Kubeconfig;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use support::cluster::{TestCluster, wait_until};
+
+const FIELD_MANAGER: &str = "reaper-smoke";
+const WAIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_against_real_apiserver() {
+    let started = Instant::now();
+    let cluster = TestCluster::start("smoke")
+        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
+    eprintln!(
+        "cluster ready in {:.1?} (kubeconfig {})",
+        started.elapsed(),
+        cluster.kubeconfig().display()
+    );
+    let client = cluster.client().await.expect("admin client");
+    let suffix = format!("{:x}", std::process::id());
+    let ctx = Ctx {
+        cluster: &cluster,
+        client,
+        suffix,
+    };
+
+    let mut failures = Vec::new();
+    check(
+        &mut failures,
+        "crd_openapi_bounds_and_cel",
+        crd_validation(&ctx),
+    )
+    .await;
+    check(
+        &mut failures,
+        "kubectl_printer_columns",
+        printer_columns(&ctx),
+    )
+    .await;
+    check(
+        &mut failures,
+        "deployment_scale_subresource",
+        deployment_scale(&ctx),
+    )
+    .await;
+    check(&mut failures, "rbac_service_account_token", rbac(&ctx)).await;
+    check(&mut failures, "helm_lint_and_install", helm(&ctx)).await;
+    check(
+        &mut failures,
+        "second_cluster_side_by_side",
+        second_cluster(&ctx),
+    )
+    .await;
+
+    ctx.cleanup().await;
+    drop(ctx);
+    cluster.stop().expect("tests/cluster/down.sh");
+    assert!(
+        failures.is_empty(),
+        "{} smoke case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Runs one sub-case, catching errors and panics so that the others still run.
+async fn check(failures: &mut Vec<String>, name: &str, case: impl Future<Output = Result<()>>) {
+    let started = Instant::now();
+    let outcome = AssertUnwindSafe(case).catch_unwind().await;
+    let elapsed = started.elapsed();
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into()),
+        ),
+    };
+    match failure {
+        None => eprintln!("smoke case {name} ... ok ({elapsed:.1?})"),
+        Some(f) => {
+            eprintln!("smoke case {name} ... FAILED ({elapsed:.1?}): {f}");
+            failures.push(format!("{name}: {f}"));
+        }
+    }
+}
+
+struct Ctx<'a> {
+    cluster: &'a TestCluster,
+    client: Client,
+    suffix: String,
+}
+
+impl Ctx<'_> {
+    /// Creates (or reuses) a namespace for one sub-case.
+    async fn namespace(&self, case: &str) -> Result<String> {
+        let name = format!("smoke-{case}-{}", self.suffix);
+        let ns: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"reaper-smoke": "true"}},
+        }))?;
+        Api::<Namespace>::all(self.client.clone())
+            .patch(&name, &apply(), &Patch::Apply(&ns))
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(name)
+    }
+
+    /// Best effort: removes this run's namespaces (matters only when attached to a cluster
+    /// that outlives the test).
+    async fn cleanup(&self) {
+        let api = Api::<Namespace>::all(self.client.clone());
+        if let Ok(list) = api
+            .list(&ListParams::default().labels("reaper-smoke=true"))
+            .await
+        {
+            for ns in list {
+                if ns.name_any().ends_with(&format!("-{}", self.suffix)) {
+                    let _ = api
+                        .delete(&ns.name_any(), &DeleteParams::background())
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+fn apply() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// The HTTP status and message of an API error, or a description of what else happened.
+fn api_status<T: std::fmt::Debug>(result: kube::Result<T>) -> Result<(u16, String)> {
+    match result {
+        Err(kube::Error::Api(status)) => Ok((status.code, status.message.clone())),
+        Err(other) => Err(anyhow!("expected an API error status, got: {other:#}")),
+        Ok(v) => Err(anyhow!(
+            "expected the request to be refused, it succeeded: {v:?}"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) CRD with OpenAPI bounds and a CEL rule.
+
+const CEL_MESSAGE: &str = "a singleton widget must have exactly one replica";
+
+fn widget_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("smoke.reaper.test", "v1", "Widget"),
+        "widgets",
+    )
+}
+
+async fn ensure_widget_crd(client: &Client) -> Result<()> {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.smoke.reaper.test"},
+        "spec": {
+            "group": "smoke.reaper.test",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+                    {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "spec": {
+                            "type": "object",
+                            "required": ["replicas", "mode"],
+                            "properties": {
+                                "replicas": {"type": "integer", "minimum": 1, "maximum": 5},
+                                "mode": {"type": "string", "enum": ["active", "standby", "singleton"]},
+                            },
+                            "x-kubernetes-validations": [{
+                                "rule": "self.mode != 'singleton' || self.replicas == 1",
+                                "message": CEL_MESSAGE,
+                            }],
+                        },
+                        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    },
+                }},
+            }],
+        },
+    }))?;
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.patch("widgets.smoke.reaper.test", &apply(), &Patch::Apply(&crd))
+        .await
+        .context("applying the Widget CRD")?;
+    wait_until("the Widget CRD to be Established", WAIT, || {
+        let crds = crds.clone();
+        async move {
+            let crd = crds.get("widgets.smoke.reaper.test").await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        }
+    })
+    .await
+}
+
+fn widget(name: &str, replicas: i64, mode: &str) -> DynamicObject {
+    DynamicObject::new(name, &widget_resource()).data(json!({
+        "spec": {"replicas": replicas, "mode": mode},
+    }))
+}
+
+async fn crd_validation(ctx: &Ctx<'_>) -> Result<()> {
+    ensure_widget_crd(&ctx.client).await?;
+    let ns = ctx.namespace("crd").await?;
+    let widgets =
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &widget_resource());
+    let pp = PostParams::default();
+
+    // The new resource may take a moment to be served after Established.
+    let valid = widget("valid", 3, "active");
+    wait_until("a valid Widget to be accepted", WAIT, || {
+        let (widgets, valid, pp) = (widgets.clone(), valid.clone(), pp.clone());
+        async move {
+            match widgets.create(&pp, &valid).await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+                Err(e) => Err(e).context("creating a valid Widget"),
+            }
+        }
+    })
+    .await?;
+    widgets
+        .create(&pp, &widget("one-singleton", 1, "singleton"))
+        .await
+        .context("a singleton with one replica is valid")?;
+
+    let (code, message) = api_status(
+        widgets
+            .create(&pp, &widget("bad-cel", 2, "singleton"))
+            .await,
+    )?;
+    ensure!(
+        code == 422,
+        "CEL violation: expected 422, got {code}: {message}"
+    );
+    ensure!(
+        message.contains(CEL_MESSAGE),
+        "CEL violation: message does not contain {CEL_MESSAGE:?}: {message}"
+    );
+
+    let (code, message) = api_status(widgets.create(&pp, &widget("bad-max", 9, "active")).await)?;
+    ensure!(
+        code == 422,
+        "maximum violation: expected 422, got {code}: {message}"
+    );
+    ensure!(
+        message.contains("spec.replicas") && message.contains("less than or equal to 5"),
+        "maximum violation: unexpected message: {message}"
+    );
+
+    let (code, message) = api_status(widgets.create(&pp, &widget("bad-min", 0, "active")).await)?;
+    ensure!(
+        code == 422,
+        "minimum violation: expected 422, got {code}: {message}"
+    );
+    ensure!(
+        message.contains("greater than or equal to 1"),
+        "minimum violation: unexpected message: {message}"
+    );
+
+    let (code, message) = api_status(widgets.create(&pp, &widget("bad-enum", 1, "primary")).await)?;
+    ensure!(
+        code == 422,
+        "enum violation: expected 422, got {code}: {message}"
+    );
+    ensure!(
+        message.contains("spec.mode") && message.contains("supported values"),
+        "enum violation: unexpected message: {message}"
+    );
+
+    let names: Vec<String> = widgets
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .map(|w| w.name_any())
+        .collect();
+    ensure!(
+        names.len() == 2
+            && names.contains(&"valid".into())
+            && names.contains(&"one-singleton".into()),
+        "only the two valid Widgets may be stored, found {names:?}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) kubectl renders the CRD's additional printer columns.
+
+async fn printer_columns(ctx: &Ctx<'_>) -> Result<()> {
+    ensure_widget_crd(&ctx.client).await?;
+    let ns = ctx.namespace("columns").await?;
+    let widgets =
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &widget_resource());
+    widgets
+        .patch(
+            "printed",
+            &apply(),
+            &Patch::Apply(&widget("printed", 4, "standby")),
+        )
+        .await
+        .context("applying a Widget")?;
+
+    let out = ctx
+        .cluster
+        .kubectl()?
+        .args(["get", "widgets.smoke.reaper.test", "--namespace", &ns])
+        .output()
+        .context("running kubectl")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "kubectl get failed ({}): {}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header == ["NAME", "REPLICAS", "MODE", "AGE"],
+        "kubectl header does not show the printer columns: {stdout}"
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        row.len() == 4 && row[..3] == ["printed", "4", "standby"],
+        "kubectl row does not show the column values: {stdout}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) Deployment scaled through its scale subresource; kwok makes the Pods Ready.
+
+async fn deployment_scale(ctx: &Ctx<'_>) -> Result<()> {
+    let ns = ctx.namespace("scale").await?;
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+            },
+        },
+    }))?;
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .context("creating the Deployment")?;
+    wait_ready(ctx, &ns, 1).await?;
+
+    let scale = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .context("patching the scale subresource")?;
+    ensure!(
+        scale.spec.as_ref().and_then(|s| s.replicas) == Some(3),
+        "scale subresource did not take 3 replicas: {scale:?}"
+    );
+    wait_ready(ctx, &ns, 3).await?;
+
+    // And down again through replace_scale: kwok completes the Pod deletions.
+    let mut scale = deployments.get_scale("web").await?;
+    ensure!(
+        scale.status.as_ref().map(|s| s.replicas) == Some(3),
+        "scale status: {scale:?}"
+    );
+    scale.spec.get_or_insert_with(Default::default).replicas = Some(2);
+    deployments
+        .replace_scale("web", &PostParams::default(), &scale)
+        .await
+        .context("replacing the scale subresource")?;
+    wait_ready(ctx, &ns, 2).await
+}
+
+/// Waits until the Deployment `web`, its ReplicaSet and its Pods all show `n` ready replicas.
+async fn wait_ready(ctx: &Ctx<'_>, ns: &str, n: i32) -> Result<()> {
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), ns);
+    let replicasets = Api::<ReplicaSet>::namespaced(ctx.client.clone(), ns);
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let what = format!("Deployment {ns}/web, its ReplicaSet and Pods to have {n} ready replicas");
+    wait_until(&what, WAIT, || {
+        let (deployments, replicasets, pods) =
+            (deployments.clone(), replicasets.clone(), pods.clone());
+        async move {
+            let d = deployments.get("web").await?;
+            let status = d.status.unwrap_or_default();
+            if status.ready_replicas.unwrap_or(0) != n
+                || status.replicas.unwrap_or(0) != n
+                || status.updated_replicas.unwrap_or(0) != n
+            {
+                return Ok(None);
+            }
+            let rs = replicasets
+                .list(&ListParams::default().labels("app=web"))
+                .await?;
+            let rs: Vec<_> = rs
+                .into_iter()
+                .filter(|r| r.spec.replicas.unwrap_or(0) > 0)
+                .collect();
+            if rs.len() != 1
+                || rs[0].spec.replicas != Some(n)
+                || rs[0].status.as_ref().and_then(|s| s.ready_replicas) != Some(n)
+            {
+                return Ok(None);
+            }
+            let pods = pods.list(&ListParams::default().labels("app=web")).await?;
+            let running: Vec<_> = pods
+                .iter()
+                .filter(|p| {
+                    let s = p.status.as_ref();
+                    p.metadata.deletion_timestamp.is_none()
+                        && s.and_then(|s| s.phase.as_deref()) == Some("Running")
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some("kwok-node-0")
+                })
+                .collect();
+            Ok((running.len() == n as usize && pods.items.len() == n as usize).then_some(()))
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) RBAC: a ServiceAccount token bound to a narrow Role.
+
+async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
+    let ns = ctx.namespace("rbac").await?;
+    let client = &ctx.client;
+    let sa: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"},
+    }))?;
+    let role: Role = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "configmap-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
+    }))?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "reader-reads-configmaps"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+    }))?;
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "visible"}, "data": {"k": "v"},
+    }))?;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+    sas.patch("reader", &apply(), &Patch::Apply(&sa)).await?;
+    Api::<Role>::namespaced(client.clone(), &ns)
+        .patch("configmap-reader", &apply(), &Patch::Apply(&role))
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), &ns)
+        .patch("reader-reads-configmaps", &apply(), &Patch::Apply(&binding))
+        .await?;
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch("visible", &apply(), &Patch::Apply(&cm))
+        .await?;
+
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 600},
+    }))?;
+    let token = sas
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .context("TokenRequest for the ServiceAccount")?
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    let reader = ctx.cluster.client_with_token(&token).await?;
+
+    // Allowed by the Role (the RBAC authorizer's cache may need a moment for the binding).
+    let reader_cms = Api::<ConfigMap>::namespaced(reader.clone(), &ns);
+    let names = wait_until("the ServiceAccount to list ConfigMaps", WAIT, || {
+        let reader_cms = reader_cms.clone();
+        async move {
+            match reader_cms.list(&ListParams::default()).await {
+                Ok(list) => Ok(Some(
+                    list.into_iter().map(|c| c.name_any()).collect::<Vec<_>>(),
+                )),
+                Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
+    ensure!(names.contains(&"visible".to_string()), "listed {names:?}");
+    let got = reader_cms
+        .get("visible")
+        .await
+        .context("get allowed by the Role")?;
+    ensure!(got.data.unwrap_or_default().get("k").map(String::as_str) == Some("v"));
+
+    // Everything else is refused with 403.
+    let mut refused = Vec::new();
+    let (code, msg) = api_status(
+        reader_cms
+            .create(&PostParams::default(), &cm_named("forbidden"))
+            .await,
+    )?;
+    refused.push(("create configmap", code, msg));
+    let (code, msg) = api_status(reader_cms.delete("visible", &DeleteParams::default()).await)?;
+    refused.push(("delete configmap", code, msg));
+    let (code, msg) = api_status(
+        Api::<Secret>::namespaced(reader.clone(), &ns)
+            .list(&ListParams::default())
+            .await,
+    )?;
+    refused.push(("list secrets", code, msg));
+    let (code, msg) = api_status(
+        Api::<ConfigMap>::namespaced(reader.clone(), "default")
+            .list(&ListParams::default())
+            .await,
+    )?;
+    refused.push(("list configmaps in another namespace", code, msg));
+    let (code, msg) = api_status(
+        Api::<Namespace>::all(reader)
+            .list(&ListParams::default())
+            .await,
+    )?;
+    refused.push(("list namespaces", code, msg));
+    for (what, code, msg) in refused {
+        ensure!(code == 403, "{what}: expected 403, got {code}: {msg}");
+        ensure!(
+            msg.contains(&format!("system:serviceaccount:{ns}:reader")),
+            "{what}: 403 does not name the ServiceAccount: {msg}"
+        );
+    }
+    Ok(())
+}
+
+fn cm_named(name: &str) -> ConfigMap {
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some(name.to_string());
+    cm
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) helm lint and helm install of tests/cluster/testdata/smoke-chart.
+
+async fn helm(ctx: &Ctx<'_>) -> Result<()> {
+    let chart = support::cluster::repo_root().join("tests/cluster/testdata/smoke-chart");
+    let home = std::env::temp_dir().join(format!("reaper-smoke-helm-{}", ctx.suffix));
+    std::fs::create_dir_all(&home)?;
+    let result = helm_inner(ctx, &chart, &home).await;
+    let _ = std::fs::remove_dir_all(&home);
+    result
+}
+
+fn run(cmd: &mut std::process::Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+async fn helm_inner(ctx: &Ctx<'_>, chart: &std::path::Path, home: &std::path::Path) -> Result<()> {
+    let lint = run(ctx.cluster.helm(home)?.arg("lint").arg(chart))?;
+    ensure!(
+        lint.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "helm lint: {lint}"
+    );
+
+    let ns = format!("smoke-helm-{}", ctx.suffix);
+    run(ctx
+        .cluster
+        .helm(home)?
+        .args(["install", "smoke", "--namespace", &ns, "--create-namespace"])
+        .args(["--wait", "--timeout", "120s", "--set", "replicaCount=2"])
+        .arg(chart))?;
+    // Label the namespace so that cleanup() finds it when attached to a long-lived cluster.
+    Api::<Namespace>::all(ctx.client.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"reaper-smoke": "true"}}})),
+        )
+        .await?;
+
+    let cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .get("smoke-smoke-chart")
+        .await
+        .context("the chart's ConfigMap")?;
+    ensure!(
+        cm.labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str)
+            == Some("Helm"),
+        "ConfigMap labels: {:?}",
+        cm.labels()
+    );
+    ensure!(
+        cm.data
+            .unwrap_or_default()
+            .get("message")
+            .map(String::as_str)
+            == Some("hello from helm"),
+        "ConfigMap data not rendered from values"
+    );
+    let d = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .get("smoke-smoke-chart")
+        .await?;
+    ensure!(
+        d.status.and_then(|s| s.ready_replicas) == Some(2),
+        "helm --wait returned before the Deployment had 2 ready replicas"
+    );
+
+    let status = run(ctx
+        .cluster
+        .helm(home)?
+        .args(["status", "smoke", "--namespace", &ns]))?;
+    ensure!(status.contains("STATUS: deployed"), "helm status: {status}");
+    run(ctx
+        .cluster
+        .helm(home)?
+        .args(["uninstall", "smoke", "--namespace", &ns, "--wait"]))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A second cluster runs beside the first (the failover tests need two): own ports,
+// own etcd, own certificates; stopped again by its guard.
+
+async fn second_cluster(ctx: &Ctx<'_>) -> Result<()> {
+    let second = TestCluster::start_new("smoke-b")?;
+    let ready = run(second.kubectl()?.args(["get", "--raw", "/readyz"]))?;
+    ensure!(ready.trim() == "ok", "second cluster /readyz: {ready}");
+    let other = second.client().await?;
+    ensure!(
+        other.default_namespace() == "default",
+        "unexpected default namespace"
+    );
+
+    let first_server = Kubeconfig::read_from(ctx.cluster.kubeconfig())?.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone());
+    let second_server = Kubeconfig::read_from(second.kubeconfig())?.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone());
+    ensure!(
+        first_server.is_some() && first_server != second_server,
+        "both clusters use {first_server:?}"
+    );
+
+    // Separate storage: a namespace made in the first cluster does not exist in the second.
+    let ns = ctx.namespace("first-only").await?;
+    match Api::<Namespace>::all(other.clone()).get(&ns).await {
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        other => bail!("namespace {ns} of the first cluster seen in the second: {other:?}"),
+    }
+    // Each cluster has its own CA: the first cluster's kubeconfig pointed at the second
+    // server is rejected (its CA does not verify the second's serving certificate).
+    let mut kubeconfig = Kubeconfig::read_from(ctx.cluster.kubeconfig())?;
+    kubeconfig.clusters[0].cluster.as_mut().unwrap().server = second_server;
+    let crossed = support::cluster::client_from(kubeconfig).await?;
+    ensure!(
+        crossed.apiserver_version().await.is_err(),
+        "the second cluster accepted the first cluster's credentials"
+    );
+    second.stop()
+}
