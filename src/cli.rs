@@ -105,6 +105,10 @@ pub struct RunArgs {
     #[arg(long, env = "REAPER_LISTEN_DATABASE_URL", hide_env_values = true)]
     pub listen_database_url: Option<String>,
 
+    /// Watch Reapers and Deployments in this namespace only (default: all namespaces).
+    #[arg(long, env = "REAPER_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
     /// How long a shutdown waits for the workload's pods to stop before releasing.
     #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 30)]
     pub shutdown_timeout_seconds: u64,
@@ -176,6 +180,7 @@ impl RunArgs {
             http_addr,
             migrate: !self.no_migrate,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
+            namespace: self.watch_namespace.clone().filter(|ns| !ns.is_empty()),
         })
     }
 }

@@ -30,6 +30,7 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub migrate: bool,
     pub shutdown_timeout: Duration,
+    pub namespace: Option<String>,
 }
 
 impl Settings {
@@ -40,7 +41,8 @@ impl Settings {
 
 /// Runs until `stop` flips to true, then hands over every held lease.
 pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let call_timeout = Duration::from_secs(2);
+    // At most the smallest retry period a Reaper may have, so no call outlives a tick.
+    let call_timeout = Duration::from_secs(1);
     let store =
         LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
     if settings.migrate {
@@ -66,7 +68,11 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
     })?;
     // Fail at start with a clear message when the CRD is not installed.
-    Api::<Reaper>::all(client.clone())
+    let reapers: Api<Reaper> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    reapers
         .list(&kube::api::ListParams::default().limit(1))
         .await
         .map_err(|e| {
@@ -84,7 +90,13 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         },
     );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
-    let candidates = Candidates::new(store.clone(), holder.clone(), trigger_tx, recorder.clone());
+    let candidates = Candidates::new(
+        store.clone(),
+        holder.clone(),
+        trigger_tx,
+        recorder.clone(),
+        client.clone(),
+    );
     let ctx = Arc::new(Context {
         client,
         store: store.clone(),
@@ -93,6 +105,7 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         candidates: candidates.clone(),
         recorder,
         shutdown_timeout: settings.shutdown_timeout,
+        namespace: settings.namespace.clone(),
     });
     tracing::info!(%holder, schema = %settings.schema, "starting");
 

@@ -115,7 +115,9 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
     );
     // The first tick after waking steps down without renewing: the row is not revived.
     let before = store.get("singleton").await.unwrap().unwrap();
-    assert!(matches!(elector.tick().await, Tick::DeadlineMissed { epoch } if epoch == lease.epoch));
+    assert!(
+        matches!(elector.tick().await, Tick::DeadlineMissed { epoch, error: None } if epoch == lease.epoch)
+    );
     assert_eq!(watch.published(), Leadership::Follower);
     let after = store.get("singleton").await.unwrap().unwrap();
     assert_eq!(after.renewed_at, before.renewed_at);

@@ -120,9 +120,11 @@ pub enum Tick {
     Lost {
         epoch: i64,
     },
-    /// No renew succeeded within the renew deadline (a pause or an outage).
+    /// No renew succeeded within the renew deadline (a pause or an outage); `error` is
+    /// the database error of this tick's renew, if it made one.
     DeadlineMissed {
         epoch: i64,
+        error: Option<Error>,
     },
     /// The database call failed; a leader keeps leading until its deadline.
     DatabaseError {
@@ -133,7 +135,10 @@ pub enum Tick {
 
 impl Tick {
     pub fn database_reachable(&self) -> bool {
-        !matches!(self, Tick::DatabaseError { .. })
+        !matches!(
+            self,
+            Tick::DatabaseError { .. } | Tick::DeadlineMissed { error: Some(_), .. }
+        )
     }
 }
 
@@ -225,14 +230,25 @@ impl Elector {
             // re-acquired with a new epoch; no release, which would hand it over while
             // our workload might still be running.
             self.step_down();
-            return Tick::DeadlineMissed { epoch: held.epoch };
+            return Tick::DeadlineMissed {
+                epoch: held.epoch,
+                error: None,
+            };
         }
 
-        match self
+        // A renew that has not answered by the deadline is abandoned there, so stepping
+        // down never waits for a hung call (the store's own timeout may be longer than
+        // what is left).
+        let remaining =
+            deadline.saturating_sub(sent.saturating_duration_since(held.last_renew_sent));
+        let renew = self
             .store
-            .renew(&self.config.lease_name, &self.config.holder, held.epoch)
-            .await
-        {
+            .renew(&self.config.lease_name, &self.config.holder, held.epoch);
+        let renewed = match tokio::time::timeout(remaining, renew).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(remaining)),
+        };
+        match renewed {
             Ok(Some(lease)) => {
                 self.lead(held.epoch, sent);
                 Tick::Renewed(lease)
@@ -242,17 +258,22 @@ impl Elector {
                 Tick::Lost { epoch: held.epoch }
             }
             Err(error) => {
-                let still_leader = self
+                let deadline_passed = self
                     .clock
                     .now()
                     .saturating_duration_since(held.last_renew_sent)
-                    < deadline;
-                if !still_leader {
+                    >= deadline;
+                if deadline_passed {
                     self.step_down();
-                }
-                Tick::DatabaseError {
-                    error,
-                    still_leader,
+                    Tick::DeadlineMissed {
+                        epoch: held.epoch,
+                        error: Some(error),
+                    }
+                } else {
+                    Tick::DatabaseError {
+                        error,
+                        still_leader: true,
+                    }
                 }
             }
         }
@@ -342,9 +363,10 @@ fn log_tick(config: &ElectorConfig, tick: &Tick) {
         ),
         Tick::Standby | Tick::Renewed(_) => {}
         Tick::Lost { epoch } => tracing::warn!(lease, epoch, "lost lease: stepped down"),
-        Tick::DeadlineMissed { epoch } => tracing::warn!(
+        Tick::DeadlineMissed { epoch, error } => tracing::warn!(
             lease,
             epoch,
+            error = error.as_ref().map(tracing::field::display),
             "no successful renew within the renew deadline: stepped down"
         ),
         Tick::DatabaseError {

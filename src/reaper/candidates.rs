@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -22,6 +25,11 @@ use crate::lease::{Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, Monot
 pub struct Candidate {
     pub lease_name: String,
     pub timings: LeaseTimings,
+    /// The Deployment this elector's leadership scales, in the Reaper's namespace.
+    pub namespace: String,
+    pub deployment: String,
+    /// The Reaper, for Events.
+    pub reference: ObjectReference,
     pub watch: LeaderWatch,
     /// False while the elector's last database call failed.
     pub database_ok: Arc<AtomicBool>,
@@ -57,6 +65,7 @@ pub struct Candidates {
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
     recorder: Recorder,
     clock: Arc<dyn Clock>,
+    client: Client,
 }
 
 impl Candidates {
@@ -65,6 +74,7 @@ impl Candidates {
         holder: String,
         trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
         recorder: Recorder,
+        client: Client,
     ) -> Self {
         Self {
             inner: Arc::default(),
@@ -73,29 +83,33 @@ impl Candidates {
             trigger,
             recorder,
             clock: Arc::new(MonotonicClock),
+            client,
         }
     }
 
     /// Runs `f` on the candidate of `key`, starting an elector if there is none.
     /// Returns `Err(old)` without starting anything when the running elector has a
-    /// different lease name or timings: the caller hands it over first.
+    /// different lease name, timings or Deployment: the caller hands it over first.
     pub fn with<R>(
         &self,
         key: &ObjectRef<Reaper>,
         lease_name: &str,
         timings: LeaseTimings,
+        deployment: &str,
         reference: ObjectReference,
         f: impl FnOnce(&mut Candidate) -> R,
     ) -> Result<R, Box<Candidate>> {
         let mut map = self.inner.lock().expect("candidates mutex poisoned");
         if let Some(existing) = map.get(key)
-            && (existing.lease_name != lease_name || existing.timings != timings)
+            && (existing.lease_name != lease_name
+                || existing.timings != timings
+                || existing.deployment != deployment)
         {
             return Err(Box::new(map.remove(key).expect("present")));
         }
         let candidate = map
             .entry(key.clone())
-            .or_insert_with(|| self.spawn(key.clone(), lease_name, timings, reference));
+            .or_insert_with(|| self.spawn(key.clone(), lease_name, timings, deployment, reference));
         Ok(f(candidate))
     }
 
@@ -157,6 +171,7 @@ impl Candidates {
         key: ObjectRef<Reaper>,
         lease_name: &str,
         timings: LeaseTimings,
+        deployment: &str,
         reference: ObjectReference,
     ) -> Candidate {
         let config = ElectorConfig {
@@ -172,6 +187,13 @@ impl Candidates {
         let trigger = self.trigger.clone();
         let recorder = self.recorder.clone();
         let db_ok = database_ok.clone();
+        let event_reference = reference.clone();
+        let fence = Fence {
+            client: self.client.clone(),
+            namespace: key.namespace.clone().unwrap_or_default(),
+            deployment: deployment.to_owned(),
+        };
+        let task_fence = fence.clone();
         let task = tokio::spawn(async move {
             elector
                 .run(
@@ -180,9 +202,12 @@ impl Candidates {
                     },
                     |tick| {
                         db_ok.store(tick.database_reachable(), Ordering::Relaxed);
+                        if let Tick::DeadlineMissed { .. } = tick {
+                            task_fence.stop_workload();
+                        }
                         if let Some(event) = transition_event(tick) {
                             let _ = trigger.send(key.clone());
-                            publish(&recorder, event, &reference);
+                            publish(&recorder, event, &event_reference);
                         }
                     },
                 )
@@ -192,6 +217,9 @@ impl Candidates {
         Candidate {
             lease_name: lease_name.to_owned(),
             timings,
+            namespace: fence.namespace.clone(),
+            deployment: deployment.to_owned(),
+            reference: reference.clone(),
             watch,
             database_ok,
             scaled_up_epoch: None,
@@ -201,6 +229,39 @@ impl Candidates {
             stop: Some(stop_tx),
             task,
         }
+    }
+}
+
+/// Scales a Deployment to 0 straight from the elector task, without waiting for the
+/// reconcile queue, whose next reconcile of this Reaper may be stuck behind database
+/// calls that hang until the lease expires. Scaling down is always safe, so it needs no
+/// coordination with the reconcile loop.
+#[derive(Clone)]
+struct Fence {
+    client: Client,
+    namespace: String,
+    deployment: String,
+}
+
+impl Fence {
+    fn stop_workload(&self) {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = self.deployment.clone();
+        tokio::spawn(async move {
+            let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
+            match api
+                .patch_scale(&name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(error) => {
+                    tracing::warn!(deployment = %name, %error, "renew deadline missed: cannot scale to 0")
+                }
+            }
+        });
     }
 }
 
@@ -238,7 +299,7 @@ fn transition_event(tick: &Tick) -> Option<Event> {
             "LeaseLost",
             format!("lost the lease held at epoch {epoch}: another holder took it or it expired"),
         ),
-        Tick::DeadlineMissed { epoch } => (
+        Tick::DeadlineMissed { epoch, .. } => (
             EventType::Warning,
             "LeaseLost",
             format!("no successful renew within the renew deadline at epoch {epoch}: stepped down"),

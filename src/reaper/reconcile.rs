@@ -37,6 +37,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// Another replica changed the finalizers at the same moment; retried shortly.
+    #[error("finalizer update conflicted with another replica: {0}")]
+    FinalizerConflict(kube::Error),
     #[error("still waiting for {0} pod(s) of the Deployment to stop")]
     PodsStillRunning(i32),
 }
@@ -52,6 +55,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Bound for scaling down and waiting for pods at handover.
     pub shutdown_timeout: Duration,
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
@@ -61,28 +66,44 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     on_ready: impl FnOnce() + Send + 'static,
 ) {
-    let reapers = Api::<Reaper>::all(ctx.client.clone());
-    let deployments = Api::<Deployment>::all(ctx.client.clone());
+    let (reapers, deployments) = match &ctx.namespace {
+        Some(ns) => (
+            Api::<Reaper>::namespaced(ctx.client.clone(), ns),
+            Api::<Deployment>::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
     let controller = Controller::new(reapers, watcher::Config::default().any_semantic());
     let store = controller.store();
     let ready_store = store.clone();
+    let gc_ctx = ctx.clone();
     tokio::spawn(async move {
         // The store's readiness future wakes only its most recent poller, and the
         // controller polls it too: poll again each second instead of waiting once.
         loop {
             match tokio::time::timeout(Duration::from_secs(1), ready_store.wait_until_ready()).await
             {
-                Ok(Ok(())) => {
-                    tracing::info!("Reaper cache synced");
-                    on_ready();
-                    return;
-                }
+                Ok(Ok(())) => break,
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "Reaper cache never synced");
                     return;
                 }
                 Err(_) => {}
             }
+        }
+        tracing::info!("Reaper cache synced");
+        on_ready();
+        // Electors of Reapers that disappeared without this replica running their
+        // finalizer (a peer did) are handed over here.
+        let mut interval = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            interval.tick().await;
+            let existing: Vec<ObjectRef<Reaper>> = ready_store
+                .state()
+                .iter()
+                .map(|r| ObjectRef::from_obj(&**r))
+                .collect();
+            forget_deleted(&gc_ctx, &existing).await;
         }
     });
     let trigger_stream = futures::stream::unfold(triggers, |mut rx| async move {
@@ -126,6 +147,8 @@ async fn reconcile(reaper: Arc<Reaper>, ctx: Arc<Context>) -> Result<Action, Err
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e)
+        | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::FinalizerConflict(e),
         other => Error::Finalizer(other.to_string()),
     })
 }
@@ -133,6 +156,13 @@ async fn reconcile(reaper: Arc<Reaper>, ctx: Arc<Context>) -> Result<Action, Err
 fn error_policy(reaper: Arc<Reaper>, error: &Error, _ctx: Arc<Context>) -> Action {
     match error {
         Error::PodsStillRunning(_) => Action::requeue(Duration::from_secs(1)),
+        // Replicas race to add the finalizer (a JSON-patch `test` guards it): expected.
+        Error::FinalizerConflict(kube::Error::Api(status))
+            if status.code == 422 || status.code == 409 =>
+        {
+            tracing::debug!(reaper = %reaper.name_any(), %error, "finalizer race; retrying");
+            Action::requeue(Duration::from_millis(500))
+        }
         _ => {
             tracing::warn!(reaper = %reaper.name_any(), %error, "reconcile failed");
             Action::requeue(Duration::from_secs(5))
@@ -300,14 +330,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         Ok(t) => t,
         Err(message) => {
             if let Some(old) = ctx.candidates.take(&key) {
-                hand_over(
-                    ctx,
-                    &ns,
-                    &reaper.spec.deployment_name,
-                    old,
-                    &reaper.object_ref(&()),
-                )
-                .await;
+                hand_over(ctx, old).await;
             }
             let status = status::invalid_status(
                 &message,
@@ -322,25 +345,40 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
 
     let reference = reaper.object_ref(&());
     let (watch, database_ok) = loop {
-        match ctx
-            .candidates
-            .with(&key, &lease_name, timings, reference.clone(), |c| {
-                (c.watch.clone(), c.database_ok.clone())
-            }) {
+        match ctx.candidates.with(
+            &key,
+            &lease_name,
+            timings,
+            &reaper.spec.deployment_name,
+            reference.clone(),
+            |c| (c.watch.clone(), c.database_ok.clone()),
+        ) {
             Ok(handles) => break handles,
             Err(old) => {
-                // The lease name or timings changed: hand the old lease over cleanly.
-                hand_over(ctx, &ns, &reaper.spec.deployment_name, *old, &reference).await;
+                // The lease name, timings or Deployment changed: hand the old lease over
+                // cleanly (its Deployment to 0, then release).
+                hand_over(ctx, *old).await;
             }
         }
     };
 
-    let workload = observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name).await?;
-    let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
     let scaled_up = ctx
         .candidates
         .update(&key, |c| c.scaled_up_epoch.is_some())
         .unwrap_or(false);
+    if scaled_up
+        && watch.leader_epoch().is_none()
+        && !database_ok.load(Ordering::Relaxed)
+        && !reaper.spec.paused
+    {
+        // This replica scaled the workload up, can no longer prove it leads, and the
+        // database is failing: stop the workload first, before any call that could hang
+        // until the lease expires.
+        scale(&ctx.client, &ns, &reaper.spec.deployment_name, 0).await?;
+        ctx.candidates.update(&key, |c| c.scaled_up_epoch = None);
+    }
+    let workload = observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name).await?;
+    let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
     let mut role = status::role(
         watch.leader_epoch(),
         Some(&lease),
@@ -349,16 +387,13 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         scaled_up,
     );
 
-    // The replica that acts for this cluster reports the workload and learns what the
-    // other clusters report.
-    let reports = if matches!(role, Role::PeerLeads { .. }) {
-        Ok(Vec::new())
-    } else {
-        ctx.store
-            .sync_workload(&lease_name, &ctx.cluster, &ctx.holder, workload.counts)
-            .await
-            .map_err(|e| e.to_string())
-    };
+    // Every replica reports what it sees of this cluster's workload (they agree; the
+    // row is per cluster) and learns what the other clusters report.
+    let reports = ctx
+        .store
+        .sync_workload(&lease_name, &ctx.cluster, &ctx.holder, workload.counts)
+        .await
+        .map_err(|e| e.to_string());
     let database_error = match (&lease, &reports) {
         (Err(e), _) | (_, Err(e)) => Some(e.clone()),
         _ if !database_ok.load(Ordering::Relaxed) => {
@@ -523,7 +558,7 @@ async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(reaper);
     let deployment = &reaper.spec.deployment_name;
     if let Some(candidate) = ctx.candidates.take(&key) {
-        hand_over(ctx, &ns, deployment, candidate, &reaper.object_ref(&())).await;
+        hand_over(ctx, candidate).await;
     }
     let workload = observe_workload(&ctx.client, &ns, deployment).await?;
     if workload.deployment.is_some() && workload.counts.replicas > 0 {
@@ -538,13 +573,13 @@ async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
 /// Stops an elector and, if it held the lease, scales the workload to 0, waits (bounded)
 /// for its pods to stop, and only then releases the lease, so a standby anywhere can
 /// take over without overlap.
-pub async fn hand_over(
-    ctx: &Context,
-    ns: &str,
-    deployment: &str,
-    candidate: Candidate,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-) {
+pub async fn hand_over(ctx: &Context, candidate: Candidate) {
+    let (ns, deployment, reference) = (
+        candidate.namespace.clone(),
+        candidate.deployment.clone(),
+        candidate.reference.clone(),
+    );
+    let (ns, deployment, reference) = (ns.as_str(), deployment.as_str(), &reference);
     let lease_name = candidate.lease_name.clone();
     let Some(mut elector) = candidate.stop().await else {
         return;
@@ -576,6 +611,19 @@ pub async fn hand_over(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Tell the other clusters this one runs nothing before they can take the lease.
+    if let Err(error) = ctx
+        .store
+        .sync_workload(
+            &lease_name,
+            &ctx.cluster,
+            &ctx.holder,
+            WorkloadCounts::default(),
+        )
+        .await
+    {
+        tracing::warn!(%error, "handover: cannot report the stopped workload");
+    }
     match elector.release().await {
         // Awaited, not spawned: at shutdown the process exits right after this.
         Ok(true) => {
@@ -601,29 +649,11 @@ pub async fn hand_over(
 
 /// Hands over every lease this process holds (graceful shutdown).
 pub async fn hand_over_all(ctx: &Context) {
-    let api: Api<Reaper> = Api::all(ctx.client.clone());
     let handovers = ctx
         .candidates
         .take_all()
         .into_iter()
-        .map(|(key, candidate)| {
-            let api = api.clone();
-            async move {
-                let ns = key.namespace.clone().unwrap_or_default();
-                let reaper = Api::<Reaper>::namespaced(api.into_client(), &ns)
-                    .get_opt(&key.name)
-                    .await;
-                let (deployment, reference) = match reaper {
-                    Ok(Some(r)) => (r.spec.deployment_name.clone(), r.object_ref(&())),
-                    _ => {
-                        // Without the Reaper we do not know the Deployment: release only if
-                        // nothing was scaled up by us.
-                        (String::new(), Default::default())
-                    }
-                };
-                hand_over(ctx, &ns, &deployment, candidate, &reference).await;
-            }
-        });
+        .map(|(_, candidate)| hand_over(ctx, candidate));
     futures::future::join_all(handovers).await;
 }
 
@@ -634,14 +664,7 @@ pub async fn forget_deleted(ctx: &Context, existing: &[ObjectRef<Reaper>]) {
         if !existing.contains(&key)
             && let Some(candidate) = ctx.candidates.take(&key)
         {
-            hand_over(
-                ctx,
-                key.namespace.as_deref().unwrap_or_default(),
-                "",
-                candidate,
-                &Default::default(),
-            )
-            .await;
+            hand_over(ctx, candidate).await;
         }
     }
 }

@@ -42,17 +42,23 @@ pub fn role(
         return Role::Leader { epoch };
     }
     match row {
-        Some(Ok(Some(lease))) if lease.is_held() => {
-            if lease.holder != me && holder_cluster(&lease.holder) == cluster {
+        Some(Ok(Some(lease))) if !lease.is_free() => {
+            let peer = lease.holder != me && holder_cluster(&lease.holder) == cluster;
+            if peer && (lease.is_held() || recently_expired(lease)) {
+                // A peer holds it, or held it until moments ago: the Deployment is the
+                // same object and a replica of this cluster (maybe this one) takes the
+                // lease on its next tick, so scaling down now would only restart the pod.
                 Role::PeerLeads {
                     holder: lease.holder.clone(),
                 }
-            } else {
+            } else if lease.is_held() {
                 // Includes a row that still names this replica although its elector
                 // no longer leads (deadline passed): it must not keep the workload up.
                 Role::Standby {
                     holder: Some(lease.holder.clone()),
                 }
+            } else {
+                Role::Standby { holder: None }
             }
         }
         Some(Ok(_)) => Role::Standby { holder: None },
@@ -60,6 +66,12 @@ pub fn role(
             was_leader: scaled_up,
         },
     }
+}
+
+/// Expired for less than one more ttl: its cluster is expected to take it back.
+fn recently_expired(lease: &Lease) -> bool {
+    let ttl = chrono::Duration::from_std(lease.ttl).unwrap_or_default();
+    lease.is_expired() && lease.observed_at < lease.expires_at + ttl
 }
 
 /// Why a leader may not scale up yet.
@@ -498,7 +510,8 @@ mod tests {
                 holder: Some("east/a".into())
             }
         );
-        // Expired or free rows are nobody's.
+        // A peer's lease that expired moments ago: this cluster takes it back, leave the
+        // Deployment alone; another cluster's expired lease is nobody's.
         assert_eq!(
             role(
                 None,
@@ -507,6 +520,29 @@ mod tests {
                 "east",
                 false
             ),
+            Role::PeerLeads {
+                holder: "east/b".into()
+            }
+        );
+        assert_eq!(
+            role(
+                None,
+                row(lease("west/b", "", true)).as_ref(),
+                me,
+                "east",
+                false
+            ),
+            Role::Standby { holder: None }
+        );
+        let mut long_expired = lease("east/b", "", true);
+        long_expired.expires_at -= chrono::Duration::seconds(60);
+        assert_eq!(
+            role(None, Some(&Ok(Some(long_expired))), me, "east", false),
+            Role::Standby { holder: None }
+        );
+        let free = lease("", "", false);
+        assert_eq!(
+            role(None, Some(&Ok(Some(free))), me, "east", false),
             Role::Standby { holder: None }
         );
         assert_eq!(

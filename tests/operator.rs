@@ -1,0 +1,870 @@
+//! The controller end to end: real local control planes (two of them, as two
+//! clusters), a real PostgreSQL (directly and through PgBouncer), and `reaper-operator run`
+//! processes that the scenarios kill, stop, cut off and restart.
+//!
+//! One #[test] runs every scenario in turn on the same two clusters (starting clusters
+//! is the slow part), each scenario in its own namespaces, lease names and schema. A
+//! failing scenario does not stop the others; the test fails at the end with all of them.
+
+mod support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use chrono::Utc;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use reaper_operator::config::Schema;
+use reaper_operator::lease::{Lease, LeaseStore};
+use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec, ReaperStatus};
+use serde_json::json;
+use support::cluster::{TestCluster, wait_until};
+use support::db;
+use support::operator::{OperatorProcess, OperatorSpec};
+use support::proxy::{FaultProxy, Mode};
+
+const TTL: u64 = 3;
+const DEADLINE: u64 = 2;
+const RETRY: u64 = 1;
+
+struct Cluster {
+    name: &'static str,
+    test: TestCluster,
+    client: Client,
+}
+
+type Scenario = for<'a> fn(&'a [Cluster; 2]) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+
+#[test]
+fn reaper_controller_scenarios() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = TestCluster::start("op-a").expect("start cluster a");
+    let b = TestCluster::start_new("op-b").expect("start cluster b");
+    let scenarios: [(&str, Scenario); 6] = [
+        ("one operator leads and records the lease", |c| {
+            Box::pin(one_operator_leads(c))
+        }),
+        ("kill -9 of the holder: the peer takes over", |c| {
+            Box::pin(kill_nine_peer_takes_over(c))
+        }),
+        ("two clusters: SIGTERM hands over without overlap", |c| {
+            Box::pin(two_clusters_graceful_handover(c))
+        }),
+        ("paused holder does not act when it wakes", |c| {
+            Box::pin(paused_holder_stands_down(c))
+        }),
+        (
+            "database outage: the leader stops before its lease expires",
+            |c| Box::pin(database_outage(c)),
+        ),
+        ("bad input is refused or reported, never a crash", |c| {
+            Box::pin(bad_input(c))
+        }),
+    ];
+    let failures: Vec<String> = runtime.block_on(async {
+        let clusters = [connect("a", a).await, connect("b", b).await];
+        for c in &clusters {
+            install_crd(&c.client).await.expect("install the CRD");
+        }
+        let mut failures = Vec::new();
+        for (name, scenario) in scenarios {
+            let started = Instant::now();
+            eprintln!("=== scenario: {name}");
+            match scenario(&clusters).await {
+                Ok(()) => eprintln!("=== ok ({:.1?}): {name}", started.elapsed()),
+                Err(e) => {
+                    eprintln!("=== FAILED ({:.1?}): {name}: {e:#}", started.elapsed());
+                    failures.push(format!("{name}: {e:#}"));
+                }
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}",
+        failures.join("\n")
+    );
+}
+
+async fn connect(name: &'static str, test: TestCluster) -> Cluster {
+    let client = test.client().await.expect("cluster client");
+    Cluster { name, test, client }
+}
+
+async fn install_crd(client: &Client) -> Result<()> {
+    let yaml = std::fs::read_to_string(support::cluster::repo_root().join("crds/reaper.yaml"))?;
+    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml)?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(
+        &crd.name_any(),
+        &PatchParams::apply("reaper-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("the apiserver refused crds/reaper.yaml")?;
+    wait_until(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = api.get("reapers.pglease.dev").await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        },
+    )
+    .await
+}
+
+fn suffix() -> String {
+    format!("{:x}", Utc::now().timestamp_subsec_nanos())
+}
+
+async fn namespace(client: &Client, prefix: &str) -> Result<String> {
+    let name = format!("{prefix}-{}", suffix());
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+    )
+    .await?;
+    Ok(name)
+}
+
+/// A migrated schema of its own, and a store on it through a direct connection.
+async fn schema() -> Result<(Schema, LeaseStore)> {
+    let schema = db::unique_schema("op");
+    let store = LeaseStore::connect(&db::direct_url(), &schema, Duration::from_secs(5), 2).await?;
+    store.migrate().await?;
+    Ok((schema, store))
+}
+
+fn operator(
+    cluster: &Cluster,
+    ns: &str,
+    identity: &str,
+    schema: &Schema,
+    url: &str,
+    listen: Option<&str>,
+    migrate: bool,
+) -> OperatorProcess {
+    OperatorProcess::start(OperatorSpec {
+        kubeconfig: cluster.test.kubeconfig(),
+        database_url: url,
+        listen_database_url: listen,
+        schema: schema.as_str(),
+        cluster: cluster.name,
+        identity,
+        migrate,
+        namespace: ns,
+    })
+}
+
+async fn create_deployment(client: &Client, ns: &str, name: &str, strategy: &str) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": strategy},
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
+                }
+            }
+        }
+    }))?;
+    api.create(&PostParams::default(), &deployment).await?;
+    Ok(())
+}
+
+fn lease_spec(name: &str) -> LeaseSpec {
+    LeaseSpec {
+        name: Some(name.to_owned()),
+        ttl_seconds: TTL as i32,
+        renew_deadline_seconds: DEADLINE as i32,
+        retry_period_seconds: RETRY as i32,
+        handover_delay_seconds: 0,
+    }
+}
+
+async fn create_reaper(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    deployment: &str,
+    lease: LeaseSpec,
+) -> Result<()> {
+    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
+    let reaper = Reaper::new(
+        name,
+        ReaperSpec {
+            deployment_name: deployment.to_owned(),
+            lease,
+            paused: false,
+        },
+    );
+    api.create(&PostParams::default(), &reaper).await?;
+    Ok(())
+}
+
+/// (spec.replicas, status.readyReplicas)
+async fn replicas(client: &Client, ns: &str, name: &str) -> Result<(i32, i32)> {
+    let d = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    Ok((d.spec.replicas.unwrap_or(1), ready))
+}
+
+async fn status(client: &Client, ns: &str, name: &str) -> Result<ReaperStatus> {
+    Ok(Api::<Reaper>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?
+        .status
+        .unwrap_or_default())
+}
+
+fn condition<'a>(
+    status: &'a ReaperStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+async fn wait_replicas(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: (i32, i32),
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(
+        &format!("deployment {ns}/{name} at {want:?}"),
+        timeout,
+        || async { Ok((replicas(client, ns, name).await? == want).then_some(())) },
+    )
+    .await
+}
+
+async fn wait_leading(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<ReaperStatus> {
+    wait_until(
+        &format!("reaper {ns}/{name} to be Leading"),
+        timeout,
+        || async {
+            let s = status(client, ns, name).await?;
+            Ok((s.phase == Some(reaper_operator::reaper::Phase::Leading)
+                && s.ready.as_deref() == Some("1/1"))
+            .then_some(s))
+        },
+    )
+    .await
+}
+
+async fn lease(store: &LeaseStore, name: &str) -> Result<Lease> {
+    store
+        .get(name)
+        .await?
+        .ok_or_else(|| anyhow!("lease {name} does not exist"))
+}
+
+fn with_logs(result: Result<()>, ops: &[&OperatorProcess]) -> Result<()> {
+    result.map_err(|e| {
+        let logs: Vec<String> = ops
+            .iter()
+            .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
+            .collect();
+        anyhow!("{e:#}\n{}", logs.join("\n"))
+    })
+}
+
+async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, store) = schema().await?;
+    let ns = namespace(&c.client, "one").await?;
+    let lease_name = format!("one-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        let s = wait_leading(&c.client, &ns, "reaper", Duration::from_secs(10)).await?;
+        ensure!(
+            s.holder.as_deref() == Some("a/op-1"),
+            "holder {:?}",
+            s.holder
+        );
+        let row = lease(&store, &lease_name).await?;
+        ensure!(
+            s.epoch == Some(row.epoch) && row.epoch >= 1,
+            "status epoch {:?}, row {row:?}",
+            s.epoch
+        );
+        for t in [
+            "Leader",
+            "WorkloadReady",
+            "DatabaseReachable",
+            "SingletonSafe",
+        ] {
+            let cond = condition(&s, t).ok_or_else(|| anyhow!("no {t} condition"))?;
+            ensure!(cond.status == "True", "{t}: {cond:?}");
+        }
+
+        let out = c
+            .test
+            .kubectl()?
+            .args(["get", "reapers", "-n", &ns])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let header: Vec<&str> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            header
+                == [
+                    "NAME", "PHASE", "HOLDER", "EPOCH", "READY", "RENEWED", "AGE"
+                ],
+            "kubectl get reapers:\n{text}"
+        );
+        ensure!(
+            text.contains("Leading") && text.contains("a/op-1") && text.contains("1/1"),
+            "kubectl get reapers:\n{text}"
+        );
+        let out = c
+            .test
+            .kubectl()?
+            .args(["get", "rpr", "-n", &ns, "-o", "name"])
+            .output()?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).trim() == "reaper.pglease.dev/reaper",
+            "short name rpr"
+        );
+
+        // Deleting the Reaper scales the Deployment to 0 and releases the lease.
+        Api::<Reaper>::namespaced(c.client.clone(), &ns)
+            .delete("reaper", &DeleteParams::default())
+            .await?;
+        wait_until("the Reaper to be gone", Duration::from_secs(30), || async {
+            Ok(Api::<Reaper>::namespaced(c.client.clone(), &ns)
+                .get_opt("reaper")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        ensure!(
+            replicas(&c.client, &ns, "reaper").await?.0 == 0,
+            "deployment not scaled down on delete"
+        );
+        let row = lease(&store, &lease_name).await?;
+        ensure!(row.is_free(), "lease not released on delete: {row:?}");
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op])
+}
+
+async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, store) = schema().await?;
+    let ns = namespace(&c.client, "kill").await?;
+    let lease_name = format!("kill-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    // Statements through PgBouncer (transaction mode); LISTEN on a direct connection.
+    let bouncer = db::url(db::Via::PgBouncer);
+    let mut ops = vec![
+        operator(
+            c,
+            &ns,
+            "op-1",
+            &schema,
+            &bouncer,
+            Some(&db::direct_url()),
+            false,
+        ),
+        operator(
+            c,
+            &ns,
+            "op-2",
+            &schema,
+            &bouncer,
+            Some(&db::direct_url()),
+            false,
+        ),
+    ];
+    let result =
+        async {
+            wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+            let before = lease(&store, &lease_name).await?;
+            let holders: Vec<String> = ops.iter().map(|o| o.holder()).collect();
+            ensure!(
+                holders.contains(&before.holder),
+                "holder {} is not one of {holders:?}",
+                before.holder
+            );
+            let victim = ops
+                .iter()
+                .position(|o| o.holder() == before.holder)
+                .unwrap();
+            let survivor = ops[1 - victim].holder();
+
+            let killed_at = Utc::now();
+            ops[victim].signal("KILL");
+            let mut samples = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(TTL + RETRY + 10);
+            let after = loop {
+                samples.push(replicas(&c.client, &ns, "reaper").await?.0);
+                let row = lease(&store, &lease_name).await?;
+                if row.holder == survivor && row.is_held() {
+                    break row;
+                }
+                ensure!(Instant::now() < deadline, "no takeover; lease {row:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let takeover = (after.acquired_at - killed_at).to_std().unwrap_or_default();
+            eprintln!("kill -9 -> takeover by {survivor} in {takeover:.2?}");
+            ensure!(
+                takeover <= Duration::from_secs(TTL + RETRY + 2),
+                "takeover took {takeover:?}"
+            );
+            ensure!(
+                after.epoch > before.epoch,
+                "epoch {} -> {}",
+                before.epoch,
+                after.epoch
+            );
+            ensure!(after.previous_holder == before.holder, "audit {after:?}");
+            // The Deployment stayed at 1 throughout (same cluster: same Deployment).
+            for _ in 0..20 {
+                samples.push(replicas(&c.client, &ns, "reaper").await?.0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ensure!(
+                samples.iter().all(|&r| r == 1),
+                "replicas during takeover: {samples:?}"
+            );
+            wait_until(
+                "status to show the new holder",
+                Duration::from_secs(10),
+                || async {
+                    let s = status(&c.client, &ns, "reaper").await?;
+                    Ok((s.holder.as_deref() == Some(survivor.as_str())
+                        && s.epoch == Some(after.epoch))
+                    .then_some(()))
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
+    let (schema, store) = schema().await?;
+    let lease_name = format!("shared-{}", suffix());
+    let mut namespaces = Vec::new();
+    for c in clusters {
+        let ns = namespace(&c.client, "handover").await?;
+        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+        namespaces.push(ns);
+    }
+    let mut ops: Vec<OperatorProcess> = clusters
+        .iter()
+        .zip(&namespaces)
+        .map(|(c, ns)| operator(c, ns, "op-1", &schema, &db::direct_url(), None, true))
+        .collect();
+    let result = async {
+        // Exactly one cluster runs the reaper.
+        let leader = wait_until(
+            "one cluster at 1, the other at 0",
+            Duration::from_secs(30),
+            || async {
+                let a = replicas(&clusters[0].client, &namespaces[0], "reaper").await?;
+                let b = replicas(&clusters[1].client, &namespaces[1], "reaper").await?;
+                Ok(match (a, b) {
+                    ((1, 1), (0, _)) => Some(0),
+                    ((0, _), (1, 1)) => Some(1),
+                    _ => None,
+                })
+            },
+        )
+        .await?;
+        let other = 1 - leader;
+        let row = lease(&store, &lease_name).await?;
+        ensure!(row.holder == ops[leader].holder(), "lease {row:?}");
+
+        ops[leader].signal("TERM");
+        let mut both_up = Vec::new();
+        let mut other_up_at = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while other_up_at.is_none() {
+            let l = replicas(&clusters[leader].client, &namespaces[leader], "reaper")
+                .await?
+                .0;
+            let o = replicas(&clusters[other].client, &namespaces[other], "reaper")
+                .await?
+                .0;
+            if l >= 1 && o >= 1 {
+                both_up.push(Utc::now());
+            }
+            if o >= 1 {
+                other_up_at = Some(Utc::now());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the other cluster never scaled up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = ops[leader].wait_exit(Duration::from_secs(30));
+        ensure!(status.success(), "graceful exit: {status:?}");
+        ensure!(
+            both_up.is_empty(),
+            "both clusters had replicas at {both_up:?}"
+        );
+        ensure!(
+            replicas(&clusters[leader].client, &namespaces[leader], "reaper")
+                .await?
+                .0
+                == 0,
+            "old cluster not at 0"
+        );
+        let events = store.events(&lease_name).await?;
+        let release = events
+            .iter()
+            .rev()
+            .find(|e| e.kind == "release")
+            .ok_or_else(|| anyhow!("no release in {events:?}"))?;
+        let gap = (other_up_at.unwrap() - release.at)
+            .to_std()
+            .unwrap_or_default();
+        eprintln!("release -> other cluster scaled up in {gap:.2?}");
+        ensure!(
+            gap <= Duration::from_secs(2),
+            "other cluster scaled up {gap:?} after the release"
+        );
+        wait_replicas(
+            &clusters[other].client,
+            &namespaces[other],
+            "reaper",
+            (1, 1),
+            Duration::from_secs(20),
+        )
+        .await?;
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
+    let (schema, store) = schema().await?;
+    let lease_name = format!("pause-{}", suffix());
+    let mut namespaces = Vec::new();
+    for c in clusters {
+        let ns = namespace(&c.client, "pause").await?;
+        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+        namespaces.push(ns);
+    }
+    let (a, b) = (&clusters[0], &clusters[1]);
+    let op_a = operator(
+        a,
+        &namespaces[0],
+        "op-1",
+        &schema,
+        &db::direct_url(),
+        None,
+        true,
+    );
+    let result = async {
+        wait_replicas(
+            &a.client,
+            &namespaces[0],
+            "reaper",
+            (1, 1),
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    with_logs(result, &[&op_a])?;
+    let op_b = operator(
+        b,
+        &namespaces[1],
+        "op-1",
+        &schema,
+        &db::direct_url(),
+        None,
+        true,
+    );
+    let result = async {
+        let before = lease(&store, &lease_name).await?;
+        ensure!(before.holder == op_a.holder(), "a should lead: {before:?}");
+        op_a.signal("STOP");
+        // Longer than the ttl, and long enough for a's last report to go stale.
+        let paused_for = Duration::from_secs(2 * TTL + 2);
+        tokio::time::sleep(paused_for).await;
+        let during = lease(&store, &lease_name).await?;
+        ensure!(
+            during.holder == op_b.holder() && during.epoch > before.epoch,
+            "b did not take over: {during:?}"
+        );
+        op_a.signal("CONT");
+        let woke = Instant::now();
+        let mut samples = Vec::new();
+        let mut stood_down = false;
+        while woke.elapsed() < Duration::from_secs(8) {
+            let r = replicas(&a.client, &namespaces[0], "reaper").await?.0;
+            samples.push(r);
+            let s = status(&a.client, &namespaces[0], "reaper").await?;
+            if r == 0
+                && s.phase == Some(reaper_operator::reaper::Phase::Standby)
+                && s.holder.as_deref() == Some(op_b.holder().as_str())
+            {
+                stood_down = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            stood_down,
+            "a did not stand down after waking; replicas {samples:?}, status {:?}",
+            status(&a.client, &namespaces[0], "reaper").await?
+        );
+        ensure!(
+            samples.windows(2).all(|w| w[1] <= w[0]),
+            "a scaled up after waking: {samples:?}"
+        );
+        // And it stays down while b leads.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            replicas(&a.client, &namespaces[0], "reaper").await?.0 == 0,
+            "a scaled back up"
+        );
+        wait_replicas(
+            &b.client,
+            &namespaces[1],
+            "reaper",
+            (1, 1),
+            Duration::from_secs(10),
+        )
+        .await?;
+        let events = store.events(&lease_name).await?;
+        ensure!(
+            events.windows(2).all(|w| w[0].epoch <= w[1].epoch),
+            "epochs went back: {events:?}"
+        );
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op_a, &op_b])
+}
+
+async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, store) = schema().await?;
+    let ns = namespace(&c.client, "outage").await?;
+    let lease_name = format!("outage-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let direct = db::direct_url();
+    let upstream = direct
+        .rsplit_once('@')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await;
+    let via_proxy = proxy.url_for(&direct);
+    let op = operator(c, &ns, "op-1", &schema, &via_proxy, None, false);
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        let before = lease(&store, &lease_name).await?;
+        proxy.set(Mode::Blackhole);
+        let cut = lease(&store, &lease_name).await?;
+        wait_until(
+            "the leader to scale down",
+            Duration::from_secs(TTL + 5),
+            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
+        )
+        .await?;
+        let down_at = Utc::now();
+        eprintln!(
+            "database cut: scaled to 0 {:.2?} before the lease could expire",
+            (cut.expires_at - down_at).to_std().unwrap_or_default()
+        );
+        ensure!(
+            down_at < cut.expires_at,
+            "scaled down at {down_at}, lease expired at {}",
+            cut.expires_at
+        );
+        wait_until(
+            "DatabaseReachable=False",
+            Duration::from_secs(10),
+            || async {
+                let s = status(&c.client, &ns, "reaper").await?;
+                let unreachable =
+                    condition(&s, "DatabaseReachable").is_some_and(|c| c.status == "False");
+                Ok(
+                    (unreachable && s.phase == Some(reaper_operator::reaper::Phase::Degraded))
+                        .then_some(()),
+                )
+            },
+        )
+        .await?;
+        wait_until(
+            "/readyz to fail without the database",
+            Duration::from_secs(10),
+            || async { Ok((op.http_get("/readyz") == Some(503)).then_some(())) },
+        )
+        .await?;
+        ensure!(
+            op.http_get("/healthz") == Some(200),
+            "healthz should stay ok"
+        );
+
+        proxy.set(Mode::Pass);
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(20)).await?;
+        let after = wait_leading(&c.client, &ns, "reaper", Duration::from_secs(10)).await?;
+        ensure!(
+            after.epoch > Some(before.epoch),
+            "epoch {:?} after {}",
+            after.epoch,
+            before.epoch
+        );
+        let reachable = condition(&after, "DatabaseReachable").map(|c| c.status.clone());
+        ensure!(
+            reachable.as_deref() == Some("True"),
+            "DatabaseReachable {reachable:?}"
+        );
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op])
+}
+
+async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let ns = namespace(&c.client, "bad").await?;
+    let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
+    let result = async {
+        // Refused by the API server's CEL rules, with a message a person understands.
+        let mut bad = lease_spec("bad");
+        bad.ttl_seconds = 5;
+        bad.renew_deadline_seconds = 10;
+        let err = create_reaper(&c.client, &ns, "bad-ttl", "whatever", bad)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("ttl 5 < deadline 10 accepted"))?;
+        ensure!(
+            format!("{err:#}")
+                .contains("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds"),
+            "{err:#}"
+        );
+        let mut bad = lease_spec("bad");
+        bad.retry_period_seconds = 2;
+        bad.renew_deadline_seconds = 2;
+        let err = create_reaper(&c.client, &ns, "bad-retry", "whatever", bad)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("deadline 2 = retry 2 accepted"))?;
+        ensure!(format!("{err:#}").contains("1.2"), "{err:#}");
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            c.client.clone(),
+            &ns,
+            &kube::api::ApiResource::erase::<Reaper>(&()),
+        );
+        let no_deployment: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
+            "metadata": {"name": "no-deployment-name"}, "spec": {}
+        }))?;
+        let err = api
+            .create(&PostParams::default(), &no_deployment)
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("a Reaper without deploymentName was accepted"))?;
+        ensure!(err.to_string().contains("deploymentName"), "{err}");
+
+        // A missing Deployment is a condition, not an error loop.
+        create_reaper(
+            &c.client,
+            &ns,
+            "missing",
+            "does-not-exist",
+            lease_spec(&format!("missing-{}", suffix())),
+        )
+        .await?;
+        let s = wait_until("DeploymentNotFound", Duration::from_secs(20), || async {
+            let s = status(&c.client, &ns, "missing").await?;
+            let found =
+                condition(&s, "WorkloadReady").is_some_and(|c| c.reason == "DeploymentNotFound");
+            Ok(found.then_some(s))
+        })
+        .await?;
+        ensure!(
+            s.phase == Some(reaper_operator::reaper::Phase::Degraded),
+            "{s:?}"
+        );
+
+        // A Deployment that could run two pods during a rollout is flagged.
+        create_deployment(&c.client, &ns, "surge", "RollingUpdate").await?;
+        create_reaper(
+            &c.client,
+            &ns,
+            "surge",
+            "surge",
+            lease_spec(&format!("surge-{}", suffix())),
+        )
+        .await?;
+        wait_until("SingletonSafe=False", Duration::from_secs(20), || async {
+            let s = status(&c.client, &ns, "surge").await?;
+            Ok(condition(&s, "SingletonSafe")
+                .is_some_and(|c| c.status == "False" && c.reason == "SurgeAllowed")
+                .then_some(()))
+        })
+        .await?;
+
+        ensure!(op.exit_code().is_none(), "the operator exited");
+        ensure!(op.http_get("/healthz") == Some(200), "healthz");
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op])
+}

@@ -1,0 +1,145 @@
+//! `reaper-operator run` as a child process of a test, with the signals the failover
+//! scenarios need (kill -9, SIGTERM, SIGSTOP/SIGCONT).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct OperatorProcess {
+    pub cluster: String,
+    pub identity: String,
+    pub http_port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+pub struct OperatorSpec<'a> {
+    pub kubeconfig: &'a Path,
+    pub database_url: &'a str,
+    pub listen_database_url: Option<&'a str>,
+    pub schema: &'a str,
+    pub cluster: &'a str,
+    pub identity: &'a str,
+    /// Apply migrations at start (needs a direct connection).
+    pub migrate: bool,
+    /// `--watch-namespace`, so scenarios sharing a cluster do not see each other.
+    pub namespace: &'a str,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OperatorProcess {
+    pub fn start(spec: OperatorSpec<'_>) -> Self {
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "reaper-operator-{}-{}-{}.log",
+            std::process::id(),
+            spec.cluster,
+            spec.identity
+        ));
+        let out = File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reaper-operator"));
+        cmd.arg("run")
+            .args(["--cluster-name", spec.cluster, "--identity", spec.identity])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(["--shutdown-timeout-seconds", "20"])
+            .args(["--watch-namespace", spec.namespace])
+            .env("KUBECONFIG", spec.kubeconfig)
+            .env("DATABASE_URL", spec.database_url)
+            .env("REAPER_DB_SCHEMA", spec.schema)
+            .env("RUST_LOG", "info,reaper_operator=debug,sqlx=warn")
+            .env_remove("REAPER_LISTEN_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if !spec.migrate {
+            cmd.arg("--no-migrate");
+        }
+        if let Some(url) = spec.listen_database_url {
+            cmd.env("REAPER_LISTEN_DATABASE_URL", url);
+        }
+        let child = cmd.spawn().expect("start reaper-operator run");
+        Self {
+            cluster: spec.cluster.to_owned(),
+            identity: spec.identity.to_owned(),
+            http_port,
+            log,
+            child,
+        }
+    }
+
+    pub fn holder(&self) -> String {
+        format!("{}/{}", self.cluster, self.identity)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// `None` while running.
+    pub fn exit_code(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.holder(),
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<u16> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        // SIGCONT first, in case a scenario left it stopped.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
