@@ -1,9 +1,12 @@
-# `make test` is the whole test suite (what CI runs). `make lint` is what CI checks first.
+# `make demo` runs the operator locally; `make test` is the whole test suite (what CI runs).
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/reaper-operator/target
 
-.PHONY: test lint build bench db-up
+.PHONY: test demo lint build bench
 test:
 	scripts/test.sh
+
+demo:
+	scripts/demo.sh
 
 lint:
 	cargo fmt --all -- --check

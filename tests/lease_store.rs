@@ -233,7 +233,17 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     let short = Duration::from_millis(200);
     let mut held = Vec::new();
-    for name in ["keep-1", "keep-2", "keep-3"] {
+    // Names that need escaping inside an array literal, too.
+    for name in [
+        "keep-1",
+        "keep-2",
+        "keep-3",
+        "q\"uote",
+        "back\\slash",
+        "c,o{m}ma",
+        " NULL ",
+        "o'brien",
+    ] {
         let l = store.acquire(name, "me", LONG).await.unwrap().unwrap();
         held.push((name.to_owned(), l.epoch));
     }
@@ -280,6 +290,7 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
         .map(|l| (l.name, l.epoch))
         .collect();
     renewed.sort();
+    held.sort();
     assert_eq!(renewed, held);
     assert!(store.get("keep-1").await.unwrap().unwrap().renewed_at > before);
     assert!(store.renew_many("me", &[]).await.unwrap().is_empty());

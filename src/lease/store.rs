@@ -236,22 +236,35 @@ impl LeaseStore {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let mut names = String::with_capacity(held.len() * 24);
-        let mut epochs = String::with_capacity(held.len() * 8);
+        // Two array literals ('{...}'::text[]) rather than ARRAY[...] of 2 × N literals:
+        // the server parses one string per array instead of planning N expressions.
+        let mut names = String::with_capacity(held.len() * 24 + 2);
+        let mut epochs = String::with_capacity(held.len() * 8 + 2);
+        names.push('{');
+        epochs.push('{');
         for (i, (name, epoch)) in held.iter().enumerate() {
             validate_label("lease name", name)?;
             if i > 0 {
                 names.push(',');
                 epochs.push(',');
             }
-            names.push_str(&literal(name));
+            names.push('"');
+            for c in name.chars() {
+                if c == '"' || c == '\\' {
+                    names.push('\\');
+                }
+                names.push(c);
+            }
+            names.push('"');
             epochs.push_str(&epoch.to_string());
         }
+        names.push('}');
+        epochs.push('}');
         let l = &self.lease_table;
-        let holder = literal(holder);
+        let (holder, names, epochs) = (literal(holder), literal(&names), literal(&epochs));
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
-             FROM unnest(ARRAY[{names}]::text[], ARRAY[{epochs}]::bigint[]) AS h(name, epoch) \
+             FROM unnest({names}::text[], {epochs}::bigint[]) AS h(name, epoch) \
              WHERE l.name = h.name AND l.epoch = h.epoch AND l.holder = {holder} \
                AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
              RETURNING {LEASE_COLUMNS}"

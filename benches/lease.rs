@@ -1,0 +1,1068 @@
+//! Latency benchmark of the lease store: a plain binary (`harness = false`), not a test.
+//!
+//! For each path to the database (direct, and through PgBouncer in transaction mode) it
+//! measures p50/p99 latency and sequential throughput of `acquire` (free lease), `renew`,
+//! a failed `acquire` (lease held by another holder) and `release`, next to two
+//! references sent exactly the way the store sends its statements (`sqlx::raw_sql`,
+//! simple protocol, through a pool of one connection): a bare `SELECT 1` round trip
+//! and a minimal one-row `UPDATE` (the price of any durable commit). Then it renews
+//! N = 1, 100, 1 000 and 10 000 held leases with N `renew` statements versus one
+//! `renew_many` statement.
+//!
+//! ```text
+//! set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a
+//! cargo bench --bench lease              # full run (2-3 min), writes docs/benchmarks-lease.md
+//! cargo bench --bench lease -- --quick   # smoke run (~15 s), prints only; add --write to write
+//! ```
+//!
+//! `REAPER_BENCH_QUICK=1` is the same as `--quick`; `--no-write` keeps a full run from
+//! touching the document. Needs `REAPER_TEST_DATABASE_URL` (direct: the migrations run
+//! there) and `REAPER_TEST_PGBOUNCER_URL`. Everything happens in a fresh schema
+//! `bench_<pid>` that is dropped at the end.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use reaper_operator::config::Schema;
+use reaper_operator::lease::LeaseStore;
+use sqlx::{AssertSqlSafe, Row};
+
+const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
+const PGBOUNCER_ENV: &str = "REAPER_TEST_PGBOUNCER_URL";
+const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/benchmarks-lease.md");
+const DOC_NAME: &str = "docs/benchmarks-lease.md";
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(3600);
+const HOLDER: &str = "bench-holder";
+const OTHER: &str = "bench-other";
+const BULK_HOLDER: &str = "bench-bulk";
+const BATCH_SIZES: [usize; 4] = [1, 100, 1_000, 10_000];
+const MAX_BATCH: usize = 10_000;
+
+const GOAL_RENEW_MANY_N: usize = 10_000;
+const GOAL_RENEW_MANY: Duration = Duration::from_millis(50);
+const GOAL_RATIO: f64 = 2.0;
+
+fn main() -> ExitCode {
+    let plan = match Plan::from_args() {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("lease bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let urls = match Urls::from_env() {
+        Ok(urls) => urls,
+        Err(e) => {
+            eprintln!("lease bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // The operator's own runtime (src/main.rs): multi-threaded, default worker count.
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lease bench: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&plan, &urls)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lease bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+struct Plan {
+    quick: bool,
+    write_doc: bool,
+    /// Measured acquire / renew / failed acquire / release cycles per path.
+    op_cycles: usize,
+    /// Leases the cycles rotate over (created during the warm-up).
+    name_pool: usize,
+}
+
+impl Plan {
+    fn from_args() -> anyhow::Result<Self> {
+        let mut quick =
+            std::env::var("REAPER_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let mut write: Option<bool> = None;
+        for arg in std::env::args().skip(1) {
+            match arg.as_str() {
+                "--quick" => quick = true,
+                "--write" => write = Some(true),
+                "--no-write" => write = Some(false),
+                // `cargo bench` passes `--bench`; ignore it and libtest-style filters.
+                "--bench" => {}
+                "-h" | "--help" => {
+                    println!(
+                        "usage: cargo bench --bench lease [-- [--quick] [--write|--no-write]]\n\
+                         needs {DIRECT_ENV} and {PGBOUNCER_ENV}; a full run writes {DOC_NAME}"
+                    );
+                    std::process::exit(0);
+                }
+                other if other.starts_with('-') => bail!("unknown option {other:?} (try --help)"),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            quick,
+            write_doc: write.unwrap_or(!quick),
+            op_cycles: if quick { 100 } else { 2_000 },
+            name_pool: if quick { 10 } else { 50 },
+        })
+    }
+
+    /// Runs of N sequential `renew`s; `None` means "extrapolate from N = 1 000".
+    fn single_runs(&self, n: usize) -> Option<usize> {
+        match (self.quick, n) {
+            (true, 1) => Some(20),
+            (true, 100) => Some(3),
+            (true, 1_000) => Some(1),
+            (true, _) => None,
+            (false, 1) => Some(500),
+            (false, 100) => Some(20),
+            (false, 1_000) => Some(5),
+            (false, _) => Some(3),
+        }
+    }
+
+    /// Runs of one `renew_many` over N leases.
+    fn many_runs(&self, n: usize) -> usize {
+        match (self.quick, n) {
+            (true, 1) => 20,
+            (true, 100) => 10,
+            (true, _) => 5,
+            (false, 1) => 500,
+            (false, 100) => 200,
+            (false, 1_000) => 100,
+            (false, _) => 50,
+        }
+    }
+
+    fn command(&self) -> String {
+        let mut cmd = String::from("cargo bench --bench lease");
+        if self.quick {
+            cmd.push_str(" -- --quick --write");
+        }
+        cmd
+    }
+}
+
+struct Urls {
+    direct: String,
+    pgbouncer: String,
+}
+
+impl Urls {
+    fn from_env() -> anyhow::Result<Self> {
+        let get = |var: &str| {
+            std::env::var(var).ok().filter(|v| !v.is_empty()).with_context(|| {
+                format!(
+                    "{var} is not set. This benchmark needs a real PostgreSQL ({DIRECT_ENV}) and \
+                     a PgBouncer in transaction mode in front of it ({PGBOUNCER_ENV}): run \
+                     `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` first"
+                )
+            })
+        };
+        Ok(Self {
+            direct: get(DIRECT_ENV)?,
+            pgbouncer: get(PGBOUNCER_ENV)?,
+        })
+    }
+
+    fn get(&self, path: DbPath) -> &str {
+        match path {
+            DbPath::Direct => &self.direct,
+            DbPath::PgBouncer => &self.pgbouncer,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DbPath {
+    Direct,
+    PgBouncer,
+}
+
+const PATHS: [DbPath; 2] = [DbPath::Direct, DbPath::PgBouncer];
+
+impl DbPath {
+    fn label(self) -> &'static str {
+        match self {
+            DbPath::Direct => "direct",
+            DbPath::PgBouncer => "PgBouncer",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            DbPath::Direct => "direct",
+            DbPath::PgBouncer => "pgbouncer",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    runs: usize,
+    p50: Duration,
+    p99: Duration,
+    total: Duration,
+}
+
+impl Stats {
+    /// Nearest-rank percentiles of the sorted samples.
+    fn of(mut samples: Vec<Duration>) -> Self {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let r = (q * samples.len() as f64).ceil() as usize;
+            samples[r.clamp(1, samples.len()) - 1]
+        };
+        Self {
+            runs: samples.len(),
+            p50: rank(0.50),
+            p99: rank(0.99),
+            total: samples.iter().sum(),
+        }
+    }
+
+    /// Items per second over all runs, one after the other on one connection.
+    fn per_sec(&self, items_per_run: usize) -> f64 {
+        (self.runs * items_per_run) as f64 / self.total.as_secs_f64()
+    }
+
+    fn scaled(&self, factor: u32) -> Self {
+        Self {
+            runs: self.runs,
+            p50: self.p50 * factor,
+            p99: self.p99 * factor,
+            total: self.total * factor,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let ms = ms(d);
+    if ms < 10.0 {
+        format!("{ms:.3} ms")
+    } else if ms < 100.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1_000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1e3)
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 100.0 {
+        fmt_n(r.round() as usize)
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+/// An integer with its thousands separated by a space, as in the docs ("10 000").
+fn fmt_n(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+async fn timed<T>(f: impl Future<Output = T>) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+
+async fn run(plan: &Plan, urls: &Urls) -> anyhow::Result<()> {
+    let schema = Schema::new(&format!("bench_{}", std::process::id()))?;
+    let admin = LeaseStore::connect(&urls.direct, &schema, CALL_TIMEOUT, 1)
+        .await
+        .with_context(|| format!("connect to {DIRECT_ENV}"))?;
+    admin.migrate().await.context("migrate the bench schema")?;
+    let outcome = bench(plan, urls, &admin, &schema).await;
+    let dropped = sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+        .execute(admin.pool())
+        .await;
+    admin.pool().close().await;
+    let report = outcome?;
+    dropped.with_context(|| format!("drop schema {schema}"))?;
+
+    println!("{report}");
+    if plan.write_doc {
+        std::fs::write(DOC_PATH, &report).with_context(|| format!("write {DOC_PATH}"))?;
+        eprintln!("wrote {DOC_NAME}");
+    } else {
+        eprintln!("(not written to {DOC_NAME}: quick run; pass --write to write it)");
+    }
+    Ok(())
+}
+
+/// Measurements of one path.
+struct PathResult {
+    path: DbPath,
+    select1: Stats,
+    update: Stats,
+    acquire: Stats,
+    renew: Stats,
+    failed_acquire: Stats,
+    release: Stats,
+    batches: Vec<BatchResult>,
+}
+
+struct BatchResult {
+    n: usize,
+    single: Stats,
+    /// The single-renew figure was scaled up from N = 1 000.
+    single_extrapolated: bool,
+    many: Stats,
+    /// Per `renew_many` run: time between the first and the last returned row's
+    /// `observed_at` (`clock_timestamp()` on the server), i.e. the server's row loop.
+    many_server_span: Stats,
+}
+
+async fn bench(
+    plan: &Plan,
+    urls: &Urls,
+    admin: &LeaseStore,
+    schema: &Schema,
+) -> anyhow::Result<String> {
+    let started = chrono::Utc::now();
+    let load_start = load_average();
+    let mut machine = Machine::probe(admin).await?;
+    eprintln!(
+        "lease bench ({} run) in schema {schema}; load average {load_start}",
+        if plan.quick { "quick" } else { "full" }
+    );
+
+    // Set-up (not measured): the held leases for the batch renewals, and a one-row
+    // table whose UPDATE is the cheapest durable write there is.
+    let lease = schema.qualify("lease");
+    let probe = schema.qualify("bench_probe");
+    let setup = format!(
+        "INSERT INTO {lease} (name, holder, epoch, ttl_ms, acquired_at, renewed_at) \
+         SELECT 'bulk-' || lpad(g::text, 5, '0'), '{BULK_HOLDER}', 1, {ttl}, \
+                clock_timestamp(), clock_timestamp() \
+         FROM generate_series(0, {last}) AS g; \
+         CREATE TABLE {probe} (id int PRIMARY KEY, n bigint NOT NULL); \
+         INSERT INTO {probe} VALUES (1, 0); \
+         ANALYZE {lease}; ANALYZE {probe};",
+        ttl = TTL.as_millis(),
+        last = MAX_BATCH - 1,
+    );
+    sqlx::raw_sql(AssertSqlSafe(setup))
+        .execute(admin.pool())
+        .await
+        .context("create the bench leases")?;
+    let held: Vec<(String, i64)> = (0..MAX_BATCH)
+        .map(|i| (format!("bulk-{i:05}"), 1))
+        .collect();
+
+    let mut stores = Vec::new();
+    for path in PATHS {
+        let store = LeaseStore::connect(urls.get(path), schema, CALL_TIMEOUT, 1)
+            .await
+            .with_context(|| format!("connect {}", path.label()))?;
+        stores.push((path, store));
+    }
+    let results = bench_paths(plan, &stores, &probe, &held).await;
+    for (_, store) in &stores {
+        store.pool().close().await;
+    }
+    let results = results?;
+
+    machine.load_start = load_start;
+    machine.load_end = load_average();
+    let elapsed = (chrono::Utc::now() - started).num_seconds();
+    Ok(render(plan, &machine, started, elapsed, &results))
+}
+
+async fn select_one(store: &LeaseStore) -> anyhow::Result<()> {
+    // Same as the store: raw_sql (simple protocol) on the pool, under a timeout.
+    let query = sqlx::raw_sql("SELECT 1").fetch_all(store.pool());
+    let rows = tokio::time::timeout(CALL_TIMEOUT, query)
+        .await
+        .context("SELECT 1 timed out")??;
+    ensure!(rows.len() == 1, "SELECT 1 returned {} rows", rows.len());
+    Ok(())
+}
+
+async fn update_probe(store: &LeaseStore, sql: &str) -> anyhow::Result<()> {
+    let query = sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(store.pool());
+    let done = tokio::time::timeout(CALL_TIMEOUT, query)
+        .await
+        .context("probe UPDATE timed out")??;
+    ensure!(done.rows_affected() == 1, "probe UPDATE hit no row");
+    Ok(())
+}
+
+#[derive(Default)]
+struct CycleSamples {
+    select1: Vec<Duration>,
+    update: Vec<Duration>,
+    acquire: Vec<Duration>,
+    renew: Vec<Duration>,
+    failed_acquire: Vec<Duration>,
+    release: Vec<Duration>,
+}
+
+/// One interleaved cycle, so every statement (and the references) sees the same
+/// background load: SELECT 1, probe UPDATE, acquire, renew, failed acquire, release.
+async fn cycle(
+    store: &LeaseStore,
+    name: &str,
+    probe_sql: &str,
+    samples: Option<&mut CycleSamples>,
+) -> anyhow::Result<()> {
+    let (r, t_select1) = timed(select_one(store)).await;
+    r?;
+    let (r, t_update) = timed(update_probe(store, probe_sql)).await;
+    r?;
+    let (r, t_acquire) = timed(store.acquire(name, HOLDER, TTL)).await;
+    let lease = r?.with_context(|| format!("acquire of free lease {name} failed"))?;
+    ensure!(
+        lease.holder == HOLDER,
+        "acquired {name} but holder is {:?}",
+        lease.holder
+    );
+    let (r, t_renew) = timed(store.renew(name, HOLDER, lease.epoch)).await;
+    ensure!(r?.is_some(), "renew of {name} failed");
+    let (r, t_failed) = timed(store.acquire(name, OTHER, TTL)).await;
+    ensure!(r?.is_none(), "{OTHER} acquired {name}, held by {HOLDER}");
+    let (r, t_release) = timed(store.release(name, HOLDER, lease.epoch)).await;
+    ensure!(r?.is_some(), "release of {name} failed");
+    if let Some(s) = samples {
+        s.select1.push(t_select1);
+        s.update.push(t_update);
+        s.acquire.push(t_acquire);
+        s.renew.push(t_renew);
+        s.failed_acquire.push(t_failed);
+        s.release.push(t_release);
+    }
+    Ok(())
+}
+
+async fn renew_singly(store: &LeaseStore, held: &[(String, i64)]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for (name, epoch) in held {
+        let renewed = store.renew(name, BULK_HOLDER, *epoch).await?;
+        ensure!(renewed.is_some(), "renew of {name} failed");
+    }
+    Ok(start.elapsed())
+}
+
+/// Returns the latency and the server-side span of the returned rows' `observed_at`.
+async fn renew_batch(
+    store: &LeaseStore,
+    held: &[(String, i64)],
+) -> anyhow::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let renewed = store.renew_many(BULK_HOLDER, held).await?;
+    let elapsed = start.elapsed();
+    ensure!(
+        renewed.len() == held.len(),
+        "renew_many renewed {} of {} leases",
+        renewed.len(),
+        held.len()
+    );
+    let first = renewed.iter().map(|l| l.observed_at).min();
+    let last = renewed.iter().map(|l| l.observed_at).max();
+    let span = match (first, last) {
+        (Some(first), Some(last)) => (last - first).to_std().unwrap_or_default(),
+        _ => Duration::ZERO,
+    };
+    Ok((elapsed, span))
+}
+
+/// Measures every path. The paths take turns statement by statement (and run by run
+/// for the batches), so both see the same background load and the same table state
+/// (bloat, autovacuum, planner statistics) rather than one path running first.
+async fn bench_paths(
+    plan: &Plan,
+    stores: &[(DbPath, LeaseStore)],
+    probe: &str,
+    held: &[(String, i64)],
+) -> anyhow::Result<Vec<PathResult>> {
+    let probe_sql = format!("UPDATE {probe} SET n = n + 1 WHERE id = 1");
+    let names: Vec<Vec<String>> = stores
+        .iter()
+        .map(|(path, _)| {
+            (0..plan.name_pool)
+                .map(|i| format!("op-{}-{i:03}", path.tag()))
+                .collect()
+        })
+        .collect();
+
+    // Warm-up: creates the rotating leases (the first acquire of a name INSERTs; every
+    // measured one takes an existing free row, as a candidate usually does).
+    eprintln!("single statements: {} cycles per path", plan.op_cycles);
+    for ((path, store), names) in stores.iter().zip(&names) {
+        for _ in 0..2 {
+            for name in names {
+                cycle(store, name, &probe_sql, None)
+                    .await
+                    .with_context(|| path.label())?;
+            }
+        }
+    }
+    let mut cycles: Vec<CycleSamples> = stores.iter().map(|_| CycleSamples::default()).collect();
+    for i in 0..plan.op_cycles {
+        for (((path, store), names), samples) in stores.iter().zip(&names).zip(&mut cycles) {
+            cycle(store, &names[i % names.len()], &probe_sql, Some(samples))
+                .await
+                .with_context(|| path.label())?;
+        }
+    }
+
+    let mut batches: Vec<Vec<BatchResult>> = stores.iter().map(|_| Vec::new()).collect();
+    for n in BATCH_SIZES {
+        let held = &held[..n];
+        let single_runs = plan.single_runs(n);
+        let many_runs = plan.many_runs(n);
+        eprintln!(
+            "N = {n}: N renews × {}, renew_many × {many_runs} per path",
+            single_runs.map_or_else(|| "extrapolated".to_owned(), |r| r.to_string()),
+        );
+        // Warm-up (plans, buffers) of both methods.
+        for (path, store) in stores {
+            renew_batch(store, held)
+                .await
+                .with_context(|| path.label())?;
+            renew_singly(store, &held[..n.min(100)])
+                .await
+                .with_context(|| path.label())?;
+        }
+        // Interleave methods and paths so all see the same background load.
+        let runs = single_runs.unwrap_or(0).max(many_runs);
+        let mut single = vec![Vec::new(); stores.len()];
+        let mut many = vec![Vec::new(); stores.len()];
+        let mut spans = vec![Vec::new(); stores.len()];
+        for i in 0..runs {
+            for (k, (path, store)) in stores.iter().enumerate() {
+                if i < many_runs {
+                    let (elapsed, span) = renew_batch(store, held)
+                        .await
+                        .with_context(|| path.label())?;
+                    many[k].push(elapsed);
+                    spans[k].push(span);
+                }
+                if single_runs.is_some_and(|r| i < r) {
+                    single[k].push(
+                        renew_singly(store, held)
+                            .await
+                            .with_context(|| path.label())?,
+                    );
+                }
+            }
+        }
+        for (k, done) in batches.iter_mut().enumerate() {
+            let singles = std::mem::take(&mut single[k]);
+            let (single, single_extrapolated) = if singles.is_empty() {
+                let base = done
+                    .iter()
+                    .rfind(|b| !b.single_extrapolated)
+                    .context("nothing to extrapolate from")?;
+                (base.single.scaled((n / base.n) as u32), true)
+            } else {
+                (Stats::of(singles), false)
+            };
+            done.push(BatchResult {
+                n,
+                single,
+                single_extrapolated,
+                many: Stats::of(std::mem::take(&mut many[k])),
+                many_server_span: Stats::of(std::mem::take(&mut spans[k])),
+            });
+        }
+    }
+
+    Ok(stores
+        .iter()
+        .zip(cycles)
+        .zip(batches)
+        .map(|(((path, _), s), batches)| PathResult {
+            path: *path,
+            select1: Stats::of(s.select1),
+            update: Stats::of(s.update),
+            acquire: Stats::of(s.acquire),
+            renew: Stats::of(s.renew),
+            failed_acquire: Stats::of(s.failed_acquire),
+            release: Stats::of(s.release),
+            batches,
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine description
+
+#[derive(Default)]
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    memory: String,
+    kernel: String,
+    postgres: String,
+    fsync: String,
+    synchronous_commit: String,
+    wal_sync_method: String,
+    pgbouncer: String,
+    load_start: String,
+    load_end: String,
+}
+
+impl Machine {
+    async fn probe(admin: &LeaseStore) -> anyhow::Result<Self> {
+        let row = sqlx::raw_sql(
+            "SELECT current_setting('server_version') AS v, current_setting('fsync') AS f, \
+             current_setting('synchronous_commit') AS s, current_setting('wal_sync_method') AS w",
+        )
+        .fetch_one(admin.pool())
+        .await
+        .context("read the server settings")?;
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0))
+            })
+            .unwrap_or_else(|| "unknown RAM".to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
+        let pgbouncer = std::process::Command::new("pgbouncer")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_owned())
+            })
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "unknown (no `pgbouncer` on PATH)".to_owned());
+        Ok(Self {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            memory,
+            kernel,
+            postgres: row.try_get("v")?,
+            fsync: row.try_get("f")?,
+            synchronous_commit: row.try_get("s")?,
+            wal_sync_method: row.try_get("w")?,
+            pgbouncer,
+            ..Self::default()
+        })
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+
+fn render(
+    plan: &Plan,
+    m: &Machine,
+    started: chrono::DateTime<chrono::Utc>,
+    elapsed_s: i64,
+    results: &[PathResult],
+) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(w, "# Lease store benchmark\n");
+    let _ = writeln!(
+        w,
+        "Generated by `benches/lease.rs`; re-run the command below instead of editing the \
+         numbers by hand.\n"
+    );
+    let _ = writeln!(
+        w,
+        "- **Command:** `{}` with `{DIRECT_ENV}` and `{PGBOUNCER_ENV}` set \
+         (`set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a`).",
+        plan.command()
+    );
+    let _ = writeln!(
+        w,
+        "- **Date:** {} ({} run, {elapsed_s} s).",
+        started.format("%Y-%m-%d %H:%M UTC"),
+        if plan.quick { "quick" } else { "full" }
+    );
+    let _ = writeln!(
+        w,
+        "- **Machine:** `nproc` = {}, CPU {}, {}, Linux {}. Load average (1/5/15 min) at \
+         start {}, at end {}.",
+        m.nproc, m.cpu, m.memory, m.kernel, m.load_start, m.load_end
+    );
+    let busy = [&m.load_start, &m.load_end]
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0_f64, f64::max);
+    if busy >= 1.0 {
+        let _ = writeln!(
+            w,
+            "  The machine was not idle: a 1-minute load average of {busy:.2} on {} CPUs means \
+             other processes competed with the client, PostgreSQL and PgBouncer, which \
+             mostly shows in the p99 column; an idle machine gives lower, steadier figures.",
+            m.nproc
+        );
+    }
+    let _ = writeln!(
+        w,
+        "- **PostgreSQL** {} on the same machine over TCP loopback; fsync = {}, \
+         synchronous_commit = {}, wal_sync_method = {}.",
+        m.postgres, m.fsync, m.synchronous_commit, m.wal_sync_method
+    );
+    let _ = writeln!(
+        w,
+        "- **{}**, `pool_mode = transaction`, same machine, in front of the same server.",
+        m.pgbouncer
+    );
+    let _ = writeln!(
+        w,
+        "- **Client:** release build, the operator's tokio multi-thread runtime, one \
+         `LeaseStore` per path with a pool of one connection; statements run one after \
+         another (latency, not concurrency).\n"
+    );
+
+    render_goals(w, m, results);
+
+    let _ = writeln!(w, "## Single statements\n");
+    let _ = writeln!(
+        w,
+        "{} cycles per path, the paths taking turns, of: `SELECT 1`, a one-row `UPDATE`, `acquire` of a \
+         free lease, `renew` of it, `acquire` by another holder (fails: held), `release`. \
+         ops/s = 1 / mean latency on one connection.\n",
+        fmt_n(plan.op_cycles)
+    );
+    let _ = writeln!(
+        w,
+        "| Statement | Path | Samples | p50 | p99 | ops/s | p50 ÷ `SELECT 1` p50 |"
+    );
+    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|");
+    type Pick = fn(&PathResult) -> Stats;
+    let rows: [(&str, Pick); 6] = [
+        ("`SELECT 1` (baseline)", |r| r.select1),
+        ("one-row `UPDATE` (commit cost)", |r| r.update),
+        ("`acquire` (free lease)", |r| r.acquire),
+        ("`renew`", |r| r.renew),
+        ("`acquire` (held by another, fails)", |r| r.failed_acquire),
+        ("`release`", |r| r.release),
+    ];
+    for (label, pick) in rows {
+        for r in results {
+            let s = pick(r);
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {} | {} | {} | {} | {:.2}× |",
+                r.path.label(),
+                fmt_n(s.runs),
+                fmt_dur(s.p50),
+                fmt_dur(s.p99),
+                fmt_rate(s.per_sec(1)),
+                ms(s.p50) / ms(r.select1.p50),
+            );
+        }
+    }
+
+    let _ = writeln!(w, "\n## Renewing N held leases\n");
+    let _ = writeln!(
+        w,
+        "N leases held by one holder: N sequential `renew` statements on one connection \
+         versus one `renew_many` statement. Latency is for the whole batch; the runs of \
+         both methods and both paths are interleaved. With fewer than 100 runs the p99 is the maximum.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| N | Path | Method | Runs | p50 | p99 | leases/s | `renew_many` speed-up (p50) |"
+    );
+    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|");
+    let mut extrapolated = false;
+    for n in BATCH_SIZES {
+        for r in results {
+            let Some(b) = r.batches.iter().find(|b| b.n == n) else {
+                continue;
+            };
+            let (runs, mark) = if b.single_extrapolated {
+                extrapolated = true;
+                ("—".to_owned(), "≈ ")
+            } else {
+                (fmt_n(b.single.runs), "")
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} × `renew`{} | {runs} | {mark}{} | {mark}{} | {mark}{} | |",
+                fmt_n(n),
+                r.path.label(),
+                fmt_n(n),
+                if b.single_extrapolated {
+                    " (extrapolated)"
+                } else {
+                    ""
+                },
+                fmt_dur(b.single.p50),
+                fmt_dur(b.single.p99),
+                fmt_rate(b.single.per_sec(n)),
+            );
+            let _ = writeln!(
+                w,
+                "| {} | {} | 1 × `renew_many` | {} | {} | {} | {} | {:.1}× |",
+                fmt_n(n),
+                r.path.label(),
+                fmt_n(b.many.runs),
+                fmt_dur(b.many.p50),
+                fmt_dur(b.many.p99),
+                fmt_rate(b.many.per_sec(n)),
+                ms(b.single.p50) / ms(b.many.p50),
+            );
+        }
+    }
+    if extrapolated {
+        let _ = writeln!(
+            w,
+            "\n≈ extrapolated: N × `renew` for N = 10 000 was not run in this quick run; it is \
+             the N = 1 000 figure × 10 (each `renew` is an independent round trip)."
+        );
+    }
+
+    let _ = writeln!(w, "\n## Method\n");
+    let _ = writeln!(
+        w,
+        "- Fresh schema `bench_<pid>`, migrated over the direct URL and dropped at the end. \
+         The {} leases for the batch renewals are inserted up front (not measured), held by \
+         one holder with a one-hour ttl, so every renewal must succeed; the bench checks \
+         each result (a `renew_many` must return all N rows).",
+        fmt_n(MAX_BATCH)
+    );
+    let _ = writeln!(
+        w,
+        "- The references are sent exactly like the store's statements: \
+         `sqlx::raw_sql(...)` (one simple-protocol message) on the same pool, under the same \
+         timeout. The one-row `UPDATE` of a one-row table is the cheapest statement that \
+         commits a write, so it separates the commit's WAL flush from the cost of the lease \
+         SQL itself."
+    );
+    let _ = writeln!(
+        w,
+        "- Single-statement cycles rotate over {} leases per path that the warm-up created, \
+         so a measured `acquire` takes an existing free row (the common case); the very first \
+         `acquire` of a name, which inserts the row, is not measured.",
+        plan.name_pool
+    );
+    let _ = writeln!(
+        w,
+        "- Percentiles are nearest-rank over sorted samples measured with `Instant` around each \
+         call, so they include sqlx's pool checkout, building the SQL text and decoding the \
+         returned rows into `Lease` values — what a caller sees."
+    );
+    o
+}
+
+fn render_goals(w: &mut String, m: &Machine, results: &[PathResult]) {
+    let _ = writeln!(w, "## Goals\n");
+
+    // Goal 1: renew_many of 10 000 leases under 50 ms.
+    let many: Vec<(DbPath, &BatchResult, &BatchResult)> = results
+        .iter()
+        .filter_map(|r| {
+            let big = r.batches.iter().find(|b| b.n == GOAL_RENEW_MANY_N)?;
+            let one = r.batches.iter().find(|b| b.n == 1)?;
+            Some((r.path, big, one))
+        })
+        .collect();
+    let met = many.iter().all(|(_, b, _)| b.many.p50 < GOAL_RENEW_MANY);
+    let p99_met = many.iter().all(|(_, b, _)| b.many.p99 < GOAL_RENEW_MANY);
+    let detail = many
+        .iter()
+        .map(|(p, b, _)| {
+            format!(
+                "{} p50 {} (p99 {})",
+                p.label(),
+                fmt_dur(b.many.p50),
+                fmt_dur(b.many.p99)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = write!(
+        w,
+        "- **`renew_many` of {} leases in under {} ms — {}.** {detail}.",
+        fmt_n(GOAL_RENEW_MANY_N),
+        GOAL_RENEW_MANY.as_millis(),
+        match (met, p99_met) {
+            (true, true) => "met",
+            (true, false) => "met at the median, not at p99",
+            (false, _) => "not met",
+        }
+    );
+    if let Some((path, big, one)) = many.first() {
+        let per_lease_us = (big.many.p50.saturating_sub(one.many.p50)).as_secs_f64() * 1e6
+            / (GOAL_RENEW_MANY_N - 1) as f64;
+        // The statement carries one `E'name'` literal and one epoch per lease.
+        let sql_kib = (0..GOAL_RENEW_MANY_N)
+            .map(|i| format!("bulk-{i:05}").len() + 5 + 2)
+            .sum::<usize>() as f64
+            / 1024.0;
+        let span = big.many_server_span.p50;
+        let _ = write!(
+            w,
+            " Each extra lease adds about {per_lease_us:.1} µs ({} path, N = 1 vs N = {} \
+             medians). Of the {} median, the server's row loop — from the first to the last \
+             returned row's `clock_timestamp()` — takes {} ({:.0} %); the rest is sending \
+             and parsing about {sql_kib:.0} KiB of SQL text, planning, the commit's WAL \
+             flush of {} new row versions, and returning and decoding {} rows.",
+            path.label(),
+            fmt_n(GOAL_RENEW_MANY_N),
+            fmt_dur(big.many.p50),
+            fmt_dur(span),
+            100.0 * span.as_secs_f64() / big.many.p50.as_secs_f64(),
+            fmt_n(GOAL_RENEW_MANY_N),
+            fmt_n(GOAL_RENEW_MANY_N),
+        );
+        if !met {
+            let _ = write!(
+                w,
+                " The goal is missed because that per-lease work, not the round trip, \
+                 dominates at this size; it is still {:.0}× faster than {} single renewals.",
+                ms(big.single.p50) / ms(big.many.p50),
+                fmt_n(GOAL_RENEW_MANY_N),
+            );
+        }
+    }
+    let _ = writeln!(w);
+
+    // Goal 2: a single renew within 2× of a bare SELECT 1.
+    let all_met = results
+        .iter()
+        .all(|r| ms(r.renew.p50) <= GOAL_RATIO * ms(r.select1.p50));
+    let detail = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: `renew` p50 {} vs `SELECT 1` p50 {} = {:.2}×",
+                r.path.label(),
+                fmt_dur(r.renew.p50),
+                fmt_dur(r.select1.p50),
+                ms(r.renew.p50) / ms(r.select1.p50)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let _ = write!(
+        w,
+        "- **A single `renew` within {GOAL_RATIO}× of a bare `SELECT 1` round trip — {}.** \
+         {detail}.",
+        if all_met { "met" } else { "not met" }
+    );
+    let commit = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} = {:.2}× `SELECT 1`",
+                r.path.label(),
+                fmt_dur(r.update.p50),
+                ms(r.update.p50) / ms(r.select1.p50)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lease_sql = results
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {:+.3} ms",
+                r.path.label(),
+                ms(r.renew.p50) - ms(r.update.p50)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = write!(
+        w,
+        " The cheapest possible write, a one-row `UPDATE`, takes p50 {commit}; the `renew` \
+         differs from it by {lease_sql}."
+    );
+    let sync = m.fsync == "on" && m.synchronous_commit != "off";
+    if all_met {
+        let _ = write!(w, " A renewal costs about one round trip plus one commit.");
+    } else if sync {
+        let _ = write!(
+            w,
+            " So the gap to `SELECT 1` is the commit, not the lease SQL: with fsync = on and \
+             synchronous_commit = on every write statement waits for its WAL record to reach \
+             disk (`{}`) before it returns, which a read-only `SELECT 1` never does.",
+            m.wal_sync_method
+        );
+        let floor: Vec<&str> = results
+            .iter()
+            .filter(|r| ms(r.update.p50) > GOAL_RATIO * ms(r.select1.p50))
+            .map(|r| r.path.label())
+            .collect();
+        if !floor.is_empty() {
+            let _ = write!(
+                w,
+                " {} even that minimal write is over {GOAL_RATIO}×, so no durable write \
+                 statement can meet the goal there on this disk.",
+                if floor.len() == results.len() && floor.len() > 1 {
+                    "On every path".to_owned()
+                } else {
+                    format!("On the {} path", floor.join(" and "))
+                }
+            );
+        }
+        let _ = write!(
+            w,
+            " synchronous_commit = off would remove the wait, but a renewal acknowledged and \
+             then lost in a server crash would let another candidate take the lease earlier \
+             than its holder believes, so it is not an option for a lease."
+        );
+    } else {
+        let _ = write!(
+            w,
+            " Commits are not flushed synchronously on this server, so the gap is the \
+             statement itself."
+        );
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(w);
+}
