@@ -1,5 +1,5 @@
-//! Probes on `--http-addr`: `/healthz` (the process and its loops are alive) and
-//! `/readyz` (the database answers and the Kubernetes caches are synced).
+//! One port (`--http-addr`): `/metrics` (OpenMetrics), `/healthz` (the process and its
+//! loops are alive) and `/readyz` (the database answers and the caches are synced).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,8 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+
+use crate::metrics::Metrics;
 
 /// Shared health flags, set by the loops they describe.
 #[derive(Default)]
@@ -41,26 +44,44 @@ fn unix_ms() -> u64 {
         .unwrap_or_default()
 }
 
-pub fn router(health: Arc<Health>) -> Router {
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { health, metrics })
 }
 
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, router(health))
+    axum::serve(listener, router(health, metrics))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.alive() {
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.health.alive() {
         (StatusCode::OK, "ok\n")
     } else {
         (
@@ -70,12 +91,12 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str
     }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let mut problems = Vec::new();
-    if !health.database_ok.load(Ordering::Relaxed) {
+    if !state.health.database_ok.load(Ordering::Relaxed) {
         problems.push("database unreachable");
     }
-    if !health.caches_synced.load(Ordering::Relaxed) {
+    if !state.health.caches_synced.load(Ordering::Relaxed) {
         problems.push("Kubernetes caches not synced");
     }
     if problems.is_empty() {

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod lease;
+pub mod metrics;
 pub mod operator;
 pub mod reaper;
 pub mod telemetry;

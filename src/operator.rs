@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Schema;
 use crate::http::{self, Health};
 use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
+use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::reaper::candidates::Candidates;
 use crate::reaper::reconcile::{self, Context};
@@ -90,12 +91,14 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         },
     );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
+    let metrics = Arc::new(Metrics::default());
     let candidates = Candidates::new(
         store.clone(),
         holder.clone(),
         trigger_tx,
         recorder.clone(),
         client.clone(),
+        metrics.clone(),
     );
     let ctx = Arc::new(Context {
         client,
@@ -106,6 +109,7 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         recorder,
         shutdown_timeout: settings.shutdown_timeout,
         namespace: settings.namespace.clone(),
+        metrics: metrics.clone(),
     });
     tracing::info!(%holder, schema = %settings.schema, "starting");
 
@@ -120,7 +124,12 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
             }
         }
     };
-    let http = tokio::spawn(http::serve(settings.http_addr, health.clone(), stopped()));
+    let http = tokio::spawn(http::serve(
+        settings.http_addr,
+        health.clone(),
+        metrics.clone(),
+        stopped(),
+    ));
     let background = [
         tokio::spawn(heartbeat(health.clone(), store.clone())),
         tokio::spawn(listen(

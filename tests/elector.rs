@@ -216,7 +216,7 @@ async fn run_publishes_changes_and_release_frees_the_lease_for_a_standby() {
                 async {
                     stop_rx.await.ok();
                 },
-                |_| {},
+                |_, _| {},
             )
             .await;
         let released = leader.release().await.unwrap();

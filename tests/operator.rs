@@ -363,6 +363,20 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
             "short name rpr"
         );
 
+        let (code, metrics) = op.http("/metrics").ok_or_else(|| anyhow!("no /metrics"))?;
+        ensure!(code == 200, "/metrics answered {code}");
+        for series in [
+            format!("reaper_leader{{lease=\"{lease_name}\"}} 1"),
+            format!("reaper_lease_acquisitions_total{{lease=\"{lease_name}\"}} 1"),
+            "reaper_reconciliations_total".to_owned(),
+            "reaper_lease_renew_duration_seconds_bucket".to_owned(),
+        ] {
+            ensure!(
+                metrics.contains(&series),
+                "/metrics lacks {series}:\n{metrics}"
+            );
+        }
+
         // Deleting the Reaper scales the Deployment to 0 and releases the lease.
         Api::<Reaper>::namespaced(c.client.clone(), &ns)
             .delete("reaper", &DeleteParams::default())

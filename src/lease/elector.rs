@@ -280,12 +280,12 @@ impl Elector {
     }
 
     /// Ticks every retry period (or at once when woken) until `shutdown` resolves.
-    /// `on_tick` sees every outcome. On shutdown it publishes `Follower` but keeps the
+    /// `on_tick` sees every outcome and how long its tick took. On shutdown it publishes `Follower` but keeps the
     /// row: the caller stops its workload and then calls [`Elector::release`].
     pub async fn run<F, T>(&mut self, shutdown: F, mut on_tick: T)
     where
         F: Future<Output = ()>,
-        T: FnMut(&Tick),
+        T: FnMut(&Tick, Duration),
     {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut interval = tokio::time::interval(self.config.timings.retry_period);
@@ -298,13 +298,14 @@ impl Elector {
                 _ = interval.tick() => {}
                 _ = wake.notified() => {}
             }
+            let started = Instant::now();
             let tick = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
                 tick = self.tick() => tick,
             };
             log_tick(&self.config, &tick);
-            on_tick(&tick);
+            on_tick(&tick, started.elapsed());
         }
         self.publish(Leadership::Follower);
     }

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::crd::Reaper;
 use crate::config::LeaseTimings;
 use crate::lease::{Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, MonotonicClock, Tick};
+use crate::metrics::Metrics;
 
 /// A running elector for one Reaper.
 pub struct Candidate {
@@ -66,6 +67,7 @@ pub struct Candidates {
     recorder: Recorder,
     clock: Arc<dyn Clock>,
     client: Client,
+    metrics: Arc<Metrics>,
 }
 
 impl Candidates {
@@ -75,6 +77,7 @@ impl Candidates {
         trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
         recorder: Recorder,
         client: Client,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::default(),
@@ -84,6 +87,7 @@ impl Candidates {
             recorder,
             clock: Arc::new(MonotonicClock),
             client,
+            metrics,
         }
     }
 
@@ -194,14 +198,19 @@ impl Candidates {
             deployment: deployment.to_owned(),
         };
         let task_fence = fence.clone();
+        let metrics = self.metrics.clone();
+        let lease = lease_name.to_owned();
+        let leadership = watch.clone();
         let task = tokio::spawn(async move {
             elector
                 .run(
                     async {
                         let _ = stop_rx.await;
                     },
-                    |tick| {
+                    |tick, took| {
                         db_ok.store(tick.database_reachable(), Ordering::Relaxed);
+                        let leading = leadership.leader_epoch().is_some();
+                        metrics.observe_tick(&lease, tick, took, leading);
                         if let Tick::DeadlineMissed { .. } = tick {
                             task_fence.stop_workload();
                         }
@@ -212,6 +221,7 @@ impl Candidates {
                     },
                 )
                 .await;
+            metrics.forget_lease(&lease);
             elector
         });
         Candidate {

@@ -57,6 +57,7 @@ pub struct Context {
     pub shutdown_timeout: Duration,
     /// Watch only this namespace (all when `None`).
     pub namespace: Option<String>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
@@ -135,12 +136,25 @@ pub async fn run(
 }
 
 async fn reconcile(reaper: Arc<Reaper>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(reaper, &ctx).await;
+    ctx.metrics.reconciliations.inc();
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        ctx.metrics.reconcile_errors.inc();
+    }
+    result
+}
+
+async fn reconcile_inner(reaper: Arc<Reaper>, ctx: &Context) -> Result<Action, Error> {
     let ns = reaper.namespace().unwrap_or_default();
     let api: Api<Reaper> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, reaper, |event| async {
         match event {
-            Finalizer::Apply(reaper) => apply(&reaper, &ctx).await,
-            Finalizer::Cleanup(reaper) => cleanup(&reaper, &ctx).await,
+            Finalizer::Apply(reaper) => apply(&reaper, ctx).await,
+            Finalizer::Cleanup(reaper) => cleanup(&reaper, ctx).await,
         }
     })
     .await
