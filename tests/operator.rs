@@ -65,9 +65,10 @@ fn reaper_controller_scenarios() {
             "database outage: the leader stops before its lease expires",
             |c| Box::pin(database_outage(c)),
         ),
-        ("bad input is refused or reported, never a crash", |c| {
-            Box::pin(bad_input(c))
-        }),
+        (
+            "bad input and unsafe Deployments: refused or reported, never a crash",
+            |c| Box::pin(bad_input(c)),
+        ),
     ];
     let failures: Vec<String> = runtime.block_on(async {
         let clusters = [connect("a", a).await, connect("b", b).await];
@@ -795,7 +796,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
 
 async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
-    let (schema, _) = schema().await?;
+    let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "bad").await?;
     let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
@@ -872,6 +873,53 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             Ok(condition(&s, "SingletonSafe")
                 .is_some_and(|c| c.status == "False" && c.reason == "SurgeAllowed")
                 .then_some(()))
+        })
+        .await?;
+
+        // An autoscaler on it is named too.
+        let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+            Api::namespaced(c.client.clone(), &ns);
+        hpas.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "surge-hpa"},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "surge"},
+                    "minReplicas": 1, "maxReplicas": 3
+                }
+            }))?,
+        )
+        .await?;
+        wait_until("the HPA in SingletonSafe", Duration::from_secs(20), || async {
+            let s = status(&c.client, &ns, "surge").await?;
+            Ok(condition(&s, "SingletonSafe")
+                .is_some_and(|c| c.status == "False" && c.message.contains("HorizontalPodAutoscaler surge-hpa"))
+                .then_some(()))
+        })
+        .await?;
+
+        // Something that keeps scaling a standby's Deployment up is scaled back and named.
+        let held_elsewhere = format!("elsewhere-{}", suffix());
+        store
+            .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
+            .await?
+            .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
+        create_deployment(&c.client, &ns, "pushed", "Recreate").await?;
+        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&held_elsewhere)).await?;
+        let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
+        for round in 0..3 {
+            deployments
+                .patch_scale("pushed", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 1}})))
+                .await?;
+            wait_until(&format!("scale-back {round}"), Duration::from_secs(10), || async {
+                Ok((replicas(&c.client, &ns, "pushed").await?.0 == 0).then_some(()))
+            })
+            .await?;
+        }
+        wait_until("ScaledExternally", Duration::from_secs(20), || async {
+            let s = status(&c.client, &ns, "pushed").await?;
+            let flagged = condition(&s, "SingletonSafe").is_some_and(|c| c.status == "False" && c.reason == "ScaledExternally");
+            Ok((flagged && s.phase == Some(reaper_operator::reaper::Phase::Standby) && s.holder.as_deref() == Some("ops/manual")).then_some(()))
         })
         .await?;
 
