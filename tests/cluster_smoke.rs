@@ -220,20 +220,7 @@ async fn ensure_widget_crd(client: &Client) -> Result<()> {
     crds.patch("widgets.smoke.reaper.test", &apply(), &Patch::Apply(&crd))
         .await
         .context("applying the Widget CRD")?;
-    wait_until("the Widget CRD to be Established", WAIT, || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("widgets.smoke.reaper.test").await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
-        }
-    })
-    .await
+    support::cluster::wait_crd_established(client, "widgets.smoke.reaper.test").await
 }
 
 fn widget(name: &str, replicas: i64, mode: &str) -> DynamicObject {

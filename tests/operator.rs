@@ -112,21 +112,7 @@ async fn install_crd(client: &Client) -> Result<()> {
     )
     .await
     .context("the apiserver refused crds/reaper.yaml")?;
-    wait_until(
-        "the CRD to be established",
-        Duration::from_secs(30),
-        || async {
-            let crd = api.get("reapers.pglease.dev").await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
-        },
-    )
-    .await
+    support::cluster::wait_crd_established(client, &crd.name_any()).await
 }
 
 fn suffix() -> String {
@@ -192,6 +178,23 @@ async fn create_deployment(client: &Client, ns: &str, name: &str, strategy: &str
     }))?;
     api.create(&PostParams::default(), &deployment).await?;
     Ok(())
+}
+
+/// The same Reaper (same lease name) with its Deployment in a new namespace of each
+/// cluster; returns the namespaces in cluster order.
+async fn reaper_in_each_cluster(
+    clusters: &[Cluster; 2],
+    prefix: &str,
+    lease_name: &str,
+) -> Result<Vec<String>> {
+    let mut namespaces = Vec::new();
+    for c in clusters {
+        let ns = namespace(&c.client, prefix).await?;
+        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(lease_name)).await?;
+        namespaces.push(ns);
+    }
+    Ok(namespaces)
 }
 
 fn lease_spec(name: &str) -> LeaseSpec {
@@ -505,13 +508,7 @@ async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
 async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
     let lease_name = format!("shared-{}", suffix());
-    let mut namespaces = Vec::new();
-    for c in clusters {
-        let ns = namespace(&c.client, "handover").await?;
-        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
-        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
-        namespaces.push(ns);
-    }
+    let namespaces = reaper_in_each_cluster(clusters, "handover", &lease_name).await?;
     let mut ops: Vec<OperatorProcess> = clusters
         .iter()
         .zip(&namespaces)
@@ -607,13 +604,7 @@ async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
 async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
     let lease_name = format!("pause-{}", suffix());
-    let mut namespaces = Vec::new();
-    for c in clusters {
-        let ns = namespace(&c.client, "pause").await?;
-        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
-        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
-        namespaces.push(ns);
-    }
+    let namespaces = reaper_in_each_cluster(clusters, "pause", &lease_name).await?;
     let (a, b) = (&clusters[0], &clusters[1]);
     let op_a = operator(
         a,

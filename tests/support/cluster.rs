@@ -226,6 +226,27 @@ pub async fn client_from(kubeconfig: Kubeconfig) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Waits (30 s at most) until the CRD `name` reports `Established=True`.
+pub async fn wait_crd_established(client: &Client, name: &str) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    wait_until(
+        &format!("CRD {name} to be Established"),
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get(name).await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        },
+    )
+    .await
+}
+
 /// Polls `check` every 250 ms until it returns `Ok(Some(v))`; fails after `timeout` with
 /// the last error or `what`.
 pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
