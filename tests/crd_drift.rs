@@ -7,6 +7,7 @@ fn committed_crd_matches_the_code() {
     let generated = reaper_operator::reaper::crd::crd_yaml();
     assert!(
         committed == generated,
-        "crds/reaper.yaml is out of date: run `cargo run -- crdgen > crds/reaper.yaml`"
+        "crds/reaper.yaml is out of date: run `cargo run -- crdgen > crds/reaper.yaml && \
+         cp crds/reaper.yaml charts/reaper-operator/files/reaper-crd.yaml`"
     );
 }

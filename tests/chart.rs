@@ -1,0 +1,1149 @@
+//! The Helm chart (charts/reaper-operator) with the real `helm` against a real local
+//! control plane (tests/cluster/up.sh) and a real PostgreSQL.
+//!
+//! One #[test] owns one cluster and runs the sub-cases in order, each after the previous
+//! one (the install is used by the RBAC and upgrade cases); a failing sub-case does not
+//! stop the others, and the test fails at the end with all failures:
+//!
+//! 1. `helm lint --strict` is clean; bad values are refused by the values schema.
+//! 2. `helm install` succeeds and its objects exist.
+//! 3. The operator, run as a local process with a token of the chart's ServiceAccount
+//!    (not admin), reconciles a Reaper (the RBAC is sufficient); the same token is refused
+//!    what the operator does not need (the RBAC is minimal).
+//! 4. `helm upgrade` with a changed CRD updates the CRD in the cluster.
+//! 5. `helm uninstall` keeps the CRD (`helm.sh/resource-policy: keep`).
+//!
+//! A second, cluster-free #[test] checks that the chart's CRD file is crds/reaper.yaml.
+//!
+//! Run it alone with `cargo test --test chart` after
+//! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 20 seconds
+//! with the control-plane binaries built. `REAPER_KEEP_CLUSTER=1` keeps the cluster.
+
+mod support;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::Kubeconfig;
+use kube::{Client, ResourceExt};
+use reaper_operator::config::Schema;
+use reaper_operator::lease::LeaseStore;
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use support::cluster::{TestCluster, repo_root, wait_until};
+use support::db;
+use support::operator::{OperatorProcess, OperatorSpec};
+
+const CHART: &str = "charts/reaper-operator";
+const CRD_FILE: &str = "files/reaper-crd.yaml";
+const RELEASE: &str = "reaper-operator";
+const SECRET: &str = "reaper-db";
+const CRD_NAME: &str = "reapers.pglease.dev";
+const CLUSTER_NAME: &str = "chart";
+const WAIT: Duration = Duration::from_secs(90);
+const SCHEMA_ERROR: &str = "values don't meet the specifications of the schema";
+
+#[test]
+fn chart_crd_file_is_crds_reaper_yaml() {
+    let committed = std::fs::read(repo_root().join("crds/reaper.yaml")).expect("crds/reaper.yaml");
+    let path = repo_root().join(CHART).join(CRD_FILE);
+    let chart = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        chart == committed,
+        "{CHART}/{CRD_FILE} differs from crds/reaper.yaml: run \
+         `cp crds/reaper.yaml {CHART}/{CRD_FILE}`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_chart_against_real_apiserver() {
+    let started = Instant::now();
+    // Always a private cluster (REAPER_TEST_KUBECONFIG is ignored): the release owns
+    // cluster-scoped objects (the CRD, which case 4 changes, and a ClusterRole) that a
+    // shared cluster already has or that other tests rely on.
+    let cluster = TestCluster::start_new("chart")
+        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
+    eprintln!(
+        "cluster ready in {:.1?} (kubeconfig {})",
+        started.elapsed(),
+        cluster.kubeconfig().display()
+    );
+    let suffix = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            >> 12
+    );
+    let home = std::env::temp_dir().join(format!("reaper-chart-test-{suffix}"));
+    std::fs::create_dir_all(&home).expect("helm state directory");
+    let ctx = Ctx {
+        cluster: &cluster,
+        client: cluster.client().await.expect("admin client"),
+        namespace: format!("chart-{suffix}"),
+        schema: db::unique_schema("chart"),
+        home,
+        suffix,
+    };
+
+    let mut failures = Vec::new();
+    check(&mut failures, "1 lint and values schema", lint(&ctx)).await;
+    check(&mut failures, "2 helm install", install(&ctx)).await;
+    check(
+        &mut failures,
+        "3 operator with the chart's RBAC",
+        rbac(&ctx),
+    )
+    .await;
+    check(
+        &mut failures,
+        "4 helm upgrade updates the CRD",
+        upgrade(&ctx),
+    )
+    .await;
+    check(
+        &mut failures,
+        "5 helm uninstall keeps the CRD",
+        uninstall(&ctx),
+    )
+    .await;
+
+    ctx.cleanup().await;
+    drop(ctx);
+    cluster.stop().expect("tests/cluster/down.sh");
+    eprintln!("chart test took {:.1?}", started.elapsed());
+    assert!(
+        failures.is_empty(),
+        "{} chart case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Runs one sub-case, catching errors and panics so that the others still run.
+async fn check(failures: &mut Vec<String>, name: &str, case: impl Future<Output = Result<()>>) {
+    let started = Instant::now();
+    let outcome = AssertUnwindSafe(case).catch_unwind().await;
+    let elapsed = started.elapsed();
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e:#}")),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into()),
+        ),
+    };
+    match failure {
+        None => eprintln!("chart case {name} ... ok ({elapsed:.1?})"),
+        Some(f) => {
+            eprintln!("chart case {name} ... FAILED ({elapsed:.1?}): {f}");
+            failures.push(format!("{name}: {f}"));
+        }
+    }
+}
+
+struct Ctx<'a> {
+    cluster: &'a TestCluster,
+    client: Client,
+    /// The release's namespace.
+    namespace: String,
+    /// The lease schema the release (and the operator of case 3) uses.
+    schema: Schema,
+    /// HELM_CACHE_HOME & co.
+    home: PathBuf,
+    suffix: String,
+}
+
+impl Ctx<'_> {
+    fn chart(&self) -> PathBuf {
+        repo_root().join(CHART)
+    }
+
+    fn helm(&self, args: &[&str]) -> Result<HelmOutput> {
+        let mut cmd = self.cluster.helm(&self.home)?;
+        cmd.args(args);
+        helm_output(&mut cmd)
+    }
+
+    /// `--set` arguments of the release (cases 2 and 4).
+    fn release_values(&self) -> Vec<String> {
+        [
+            format!("database.existingSecret={SECRET}"),
+            format!("database.schema={}", self.schema),
+            "image.repository=example.invalid/reaper-operator".into(),
+            format!("clusterName={CLUSTER_NAME}"),
+        ]
+        .into_iter()
+        .flat_map(|v| ["--set".to_owned(), v])
+        .collect()
+    }
+
+    /// Creates a labelled namespace (so that cleanup finds it).
+    async fn create_namespace(&self, name: &str) -> Result<()> {
+        let ns: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"reaper-chart-test": self.suffix}},
+        }))?;
+        Api::<Namespace>::all(self.client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("reaper-chart-test").force(),
+                &Patch::Apply(&ns),
+            )
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(())
+    }
+
+    /// Best effort: uninstalls the release, removes this run's namespaces and schema
+    /// (matters when attached to a cluster that outlives the test).
+    async fn cleanup(&self) {
+        let _ = self.helm(&["uninstall", RELEASE, "-n", &self.namespace, "--wait"]);
+        let api = Api::<Namespace>::all(self.client.clone());
+        let selector = format!("reaper-chart-test={}", self.suffix);
+        if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
+            for ns in list {
+                let _ = api
+                    .delete(&ns.name_any(), &DeleteParams::background())
+                    .await;
+            }
+        }
+        if let Ok(pool) = sqlx::PgPool::connect(&db::direct_url()).await {
+            let sql = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema);
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+            pool.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+struct HelmOutput {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn helm_output(cmd: &mut Command) -> Result<HelmOutput> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(HelmOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+impl HelmOutput {
+    fn ok(self, what: &str) -> Result<String> {
+        ensure!(
+            self.success,
+            "{what} failed:\n{}{}",
+            self.stdout,
+            self.stderr
+        );
+        Ok(self.stdout)
+    }
+}
+
+/// The documents of a multi-document YAML stream (`helm template` output).
+fn yaml_documents(text: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    let mut kinds: Vec<String> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. lint, the values schema and what the templates render.
+
+async fn lint(ctx: &Ctx<'_>) -> Result<()> {
+    let chart = ctx.chart();
+    let chart = chart.to_str().unwrap();
+    let secret = format!("database.existingSecret={SECRET}");
+
+    // Clean with the defaults (plus the one required value) and with the optional parts on.
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "watchNamespace=jobs",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "database.listenUrlKey=listen-url",
+            "--set",
+            "database.migrate=false",
+        ][..],
+    ] {
+        let mut args = vec!["lint", "--strict", chart, "--set", &secret];
+        args.extend_from_slice(extra);
+        let out = ctx.helm(&args)?.ok(&format!("helm {}", args.join(" ")))?;
+        ensure!(
+            out.contains("1 chart(s) linted, 0 chart(s) failed")
+                && !out.contains("[WARNING]")
+                && !out.contains("[ERROR]"),
+            "helm {}:\n{out}",
+            args.join(" ")
+        );
+    }
+
+    // Bad values: refused by both `helm template` and `helm lint`, naming the value.
+    let float_values = ctx.home.join("float-replicas.yaml");
+    std::fs::write(&float_values, "replicaCount: 1.5\n")?;
+    let float_values = float_values.to_str().unwrap().to_owned();
+    let bad: Vec<(&str, Vec<&str>, &str, &str)> = vec![
+        (
+            "no database Secret",
+            vec![],
+            "/database/existingSecret",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "empty database Secret",
+            vec!["--set", "database.existingSecret="],
+            "/database/existingSecret",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "replicaCount 0",
+            vec!["--set", &secret, "--set", "replicaCount=0"],
+            "/replicaCount",
+            "minimum: got 0, want 1",
+        ),
+        (
+            "replicaCount 1.5",
+            vec!["--set", &secret, "-f", &float_values],
+            "/replicaCount",
+            "got number, want integer",
+        ),
+        (
+            "replicaCount a string",
+            vec!["--set", &secret, "--set-string", "replicaCount=2"],
+            "/replicaCount",
+            "got string, want integer",
+        ),
+        (
+            "clusterName not a DNS label",
+            vec!["--set", &secret, "--set", "clusterName=East_1"],
+            "/clusterName",
+            "does not match pattern",
+        ),
+        (
+            "logFormat xml",
+            vec!["--set", &secret, "--set", "logFormat=xml"],
+            "/logFormat",
+            "value must be one of 'text', 'json'",
+        ),
+        (
+            "shutdownTimeoutSeconds 0",
+            vec!["--set", &secret, "--set", "shutdownTimeoutSeconds=0"],
+            "/shutdownTimeoutSeconds",
+            "minimum: got 0, want 1",
+        ),
+        (
+            "shutdownTimeoutSeconds 3601",
+            vec!["--set", &secret, "--set", "shutdownTimeoutSeconds=3601"],
+            "/shutdownTimeoutSeconds",
+            "maximum",
+        ),
+        (
+            "a misspelt value",
+            vec!["--set", &secret, "--set", "replicas=3"],
+            "",
+            "additional properties 'replicas' not allowed",
+        ),
+    ];
+    for (what, args, path, message) in &bad {
+        for command in ["template", "lint"] {
+            let mut full = vec![command];
+            if command == "template" {
+                full.push("test");
+            }
+            full.push(chart);
+            full.extend(args.iter().copied());
+            let out = ctx.helm(&full)?;
+            let text = format!("{}{}", out.stdout, out.stderr);
+            ensure!(!out.success, "{what}: helm {command} accepted it:\n{text}");
+            ensure!(
+                text.contains(SCHEMA_ERROR)
+                    && text.contains(&format!("at '{path}"))
+                    && text.contains(message),
+                "{what}: helm {command} did not refuse it with the schema message \
+                 (at '{path}': {message}):\n{text}"
+            );
+        }
+    }
+
+    // Without schema validation the template still refuses a missing Secret, clearly.
+    let out = ctx.helm(&["template", "test", chart, "--skip-schema-validation"])?;
+    ensure!(
+        !out.success && out.stderr.contains("database.existingSecret is required"),
+        "template without a Secret and without the schema:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+
+    // What the defaults render.
+    let text = ctx
+        .helm(&["template", RELEASE, chart, "-n", "ops", "--set", &secret])?
+        .ok("helm template")?;
+    let docs = yaml_documents(&text)?;
+    ensure!(
+        kinds(&docs)
+            == [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "CustomResourceDefinition",
+                "Deployment",
+                "PodDisruptionBudget",
+                "Service",
+                "ServiceAccount",
+            ],
+        "rendered kinds: {:?}",
+        kinds(&docs)
+    );
+    check_rendered_crd(find(&docs, "CustomResourceDefinition")[0])?;
+    check_rendered_deployment(find(&docs, "Deployment")[0])?;
+    ensure!(
+        !text.contains("postgres://"),
+        "a database URL is rendered in plain text"
+    );
+
+    // watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC.
+    let text = ctx
+        .helm(&[
+            "template",
+            RELEASE,
+            chart,
+            "-n",
+            "ops",
+            "--set",
+            &secret,
+            "--set",
+            "watchNamespace=jobs",
+            "--set",
+            "crds.install=false",
+        ])?
+        .ok("helm template with watchNamespace")?;
+    let docs = yaml_documents(&text)?;
+    ensure!(
+        kinds(&docs)
+            == [
+                "Deployment",
+                "PodDisruptionBudget",
+                "Role",
+                "RoleBinding",
+                "Service",
+                "ServiceAccount"
+            ],
+        "rendered kinds with watchNamespace and without the CRD: {:?}",
+        kinds(&docs)
+    );
+    for kind in ["Role", "RoleBinding"] {
+        ensure!(
+            find(&docs, kind)[0]["metadata"]["namespace"] == "jobs",
+            "{kind} not in the watched namespace"
+        );
+    }
+    ensure!(
+        find(&docs, "RoleBinding")[0]["subjects"][0]["namespace"] == "ops",
+        "the RoleBinding does not name the ServiceAccount in the release namespace"
+    );
+    let env = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    ensure!(
+        env.as_array().is_some_and(
+            |e| e.contains(&json!({"name": "REAPER_WATCH_NAMESPACE", "value": "jobs"}))
+        ),
+        "REAPER_WATCH_NAMESPACE not set: {env}"
+    );
+    Ok(())
+}
+
+/// The rendered CRD is crds/reaper.yaml plus the keep annotation and the chart's labels.
+fn check_rendered_crd(rendered: &Value) -> Result<()> {
+    let committed: Value = serde_norway::from_str(&std::fs::read_to_string(
+        repo_root().join("crds/reaper.yaml"),
+    )?)?;
+    ensure!(
+        rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep",
+        "the CRD lacks helm.sh/resource-policy: keep: {}",
+        rendered["metadata"]
+    );
+    let mut stripped = rendered.clone();
+    let meta = stripped["metadata"].as_object_mut().unwrap();
+    meta.remove("annotations");
+    meta.remove("labels");
+    if let Some(difference) = first_difference(&stripped, &committed, "") {
+        bail!(
+            "the rendered CRD is not crds/reaper.yaml (fromYaml/toYaml changed something): \
+             {difference}"
+        );
+    }
+    Ok(())
+}
+
+/// Where two JSON values first differ, as `path: left != right`.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|k| {
+                let (l, r) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                first_difference(l, r, &format!("{path}.{k}"))
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (l, r))| first_difference(l, r, &format!("{path}[{i}]"))),
+        // crds/reaper.yaml writes `maximum: 3600.0`, toYaml writes 3600: the same JSON number.
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a} != {b}")),
+    }
+}
+
+fn check_rendered_deployment(d: &Value) -> Result<()> {
+    let pod = &d["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let env: Vec<&Value> = container["env"].as_array().into_iter().flatten().collect();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).copied();
+    ensure!(
+        d["spec"]["replicas"] == 2,
+        "replicas: {}",
+        d["spec"]["replicas"]
+    );
+    ensure!(
+        var("POD_NAME").map(|v| &v["valueFrom"]["fieldRef"]["fieldPath"])
+            == Some(&json!("metadata.name")),
+        "POD_NAME is not from the downward API"
+    );
+    ensure!(
+        var("DATABASE_URL").map(|v| &v["valueFrom"]["secretKeyRef"])
+            == Some(&json!({"name": SECRET, "key": "url"})),
+        "DATABASE_URL is not from the Secret: {:?}",
+        var("DATABASE_URL")
+    );
+    ensure!(
+        var("REAPER_CLUSTER_NAME").map(|v| &v["value"]) == Some(&json!("default")),
+        "REAPER_CLUSTER_NAME"
+    );
+    ensure!(
+        var("REAPER_NO_MIGRATE").is_none() && var("REAPER_WATCH_NAMESPACE").is_none(),
+        "defaults must migrate and watch all namespaces"
+    );
+    ensure!(
+        container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            && container["readinessProbe"]["httpGet"]["path"] == "/readyz",
+        "probes: {container}"
+    );
+    let sc = &container["securityContext"];
+    ensure!(
+        sc["runAsNonRoot"] == true
+            && sc["runAsUser"] == 65532
+            && sc["readOnlyRootFilesystem"] == true
+            && sc["allowPrivilegeEscalation"] == false
+            && sc["capabilities"]["drop"] == json!(["ALL"])
+            && sc["seccompProfile"]["type"] == "RuntimeDefault",
+        "securityContext: {sc}"
+    );
+    ensure!(
+        pod["terminationGracePeriodSeconds"].as_i64() > Some(30),
+        "terminationGracePeriodSeconds must exceed shutdownTimeoutSeconds: {}",
+        pod["terminationGracePeriodSeconds"]
+    );
+    ensure!(
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"]
+            == "kubernetes.io/hostname",
+        "no pod anti-affinity: {}",
+        pod["affinity"]
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. helm install into a namespace that holds the database Secret.
+
+async fn install(ctx: &Ctx<'_>) -> Result<()> {
+    let ns = &ctx.namespace;
+    ctx.create_namespace(ns).await?;
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": SECRET},
+        "stringData": {"url": db::direct_url()},
+    }))?;
+    Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .context("creating the database Secret")?;
+    // The lease tables, migrated over the direct URL (kwok's pods never run the image).
+    let store = LeaseStore::connect(&db::direct_url(), &ctx.schema, Duration::from_secs(10), 1)
+        .await
+        .context("connecting to the test database")?;
+    store.migrate().await.context("migrating the schema")?;
+    store.pool().close().await;
+
+    let chart = ctx.chart();
+    // Without a Secret: refused before anything is created, with the schema's message.
+    let out = ctx.helm(&["install", RELEASE, chart.to_str().unwrap(), "-n", ns])?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    ensure!(
+        !out.success
+            && text.contains("INSTALLATION FAILED")
+            && text.contains(SCHEMA_ERROR)
+            && text.contains("at '/database/existingSecret': minLength: got 0, want 1"),
+        "helm install without database.existingSecret:\n{text}"
+    );
+    let releases = ctx.helm(&["list", "-n", ns, "-a", "-q"])?.ok("helm list")?;
+    ensure!(
+        releases.trim().is_empty(),
+        "a refused install left a release: {releases}"
+    );
+
+    let mut args = vec!["install", RELEASE, chart.to_str().unwrap(), "-n", ns];
+    args.extend(["--wait", "--timeout", "120s"]);
+    let values = ctx.release_values();
+    args.extend(values.iter().map(String::as_str));
+    let notes = ctx.helm(&args)?.ok("helm install")?;
+    for needle in [
+        "kubectl get reapers -A",
+        "involvedObject.kind=Reaper",
+        "reaper-operator lease status",
+    ] {
+        ensure!(
+            notes.contains(needle),
+            "NOTES do not mention {needle:?}:\n{notes}"
+        );
+    }
+
+    let d = Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+        .get(RELEASE)
+        .await
+        .context("the Deployment")?;
+    ensure!(d.spec.replicas == Some(2), "replicas: {:?}", d.spec);
+    ensure!(
+        d.status.as_ref().and_then(|s| s.ready_replicas) == Some(2),
+        "helm --wait returned before 2 ready replicas: {:?}",
+        d.status
+    );
+    Api::<ServiceAccount>::namespaced(ctx.client.clone(), ns)
+        .get(RELEASE)
+        .await
+        .context("the ServiceAccount")?;
+    let role = Api::<ClusterRole>::all(ctx.client.clone())
+        .get(RELEASE)
+        .await
+        .context("the ClusterRole")?;
+    ensure!(
+        role.rules.as_ref().is_some_and(|r| !r.is_empty()),
+        "ClusterRole without rules"
+    );
+    let binding = Api::<ClusterRoleBinding>::all(ctx.client.clone())
+        .get(RELEASE)
+        .await
+        .context("the ClusterRoleBinding")?;
+    let subject = binding.subjects.unwrap_or_default();
+    ensure!(
+        subject.len() == 1
+            && subject[0].kind == "ServiceAccount"
+            && subject[0].name == RELEASE
+            && subject[0].namespace.as_deref() == Some(ns.as_str()),
+        "ClusterRoleBinding subjects: {subject:?}"
+    );
+    let svc = Api::<Service>::namespaced(ctx.client.clone(), ns)
+        .get(RELEASE)
+        .await
+        .context("the Service")?;
+    let ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    ensure!(
+        ports.len() == 1 && ports[0].name.as_deref() == Some("http") && ports[0].port == 8080,
+        "Service ports: {ports:?}"
+    );
+    let pdb = Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns)
+        .get(RELEASE)
+        .await
+        .context("the PodDisruptionBudget")?;
+    ensure!(
+        pdb.spec.and_then(|s| s.min_available)
+            == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)),
+        "PDB minAvailable"
+    );
+    let crd = Api::<CustomResourceDefinition>::all(ctx.client.clone())
+        .get(CRD_NAME)
+        .await
+        .context("the CRD")?;
+    ensure!(
+        crd.annotations()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str)
+            == Some("keep"),
+        "CRD annotations: {:?}",
+        crd.annotations()
+    );
+    let established = crd
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True");
+    ensure!(established, "the CRD is not Established after helm --wait");
+    let status = ctx
+        .helm(&["status", RELEASE, "-n", ns])?
+        .ok("helm status")?;
+    ensure!(status.contains("STATUS: deployed"), "helm status: {status}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. The operator with the chart's ServiceAccount token: sufficient and minimal.
+
+async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
+    let sa_ns = &ctx.namespace;
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 3600},
+    }))?;
+    let token = Api::<ServiceAccount>::namespaced(ctx.client.clone(), sa_ns)
+        .create_token_request(RELEASE, &PostParams::default(), &request)
+        .await
+        .context("TokenRequest for the chart's ServiceAccount")?
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    let kubeconfig = ctx.home.join("operator.kubeconfig");
+    write_token_kubeconfig(ctx.cluster.kubeconfig(), &token, &kubeconfig)?;
+    let sa = support::cluster::client_from(Kubeconfig::read_from(&kubeconfig)?).await?;
+
+    // The workload: a Recreate Deployment at 0 replicas and its Reaper, made by an admin.
+    let ns = format!("chart-app-{}", ctx.suffix);
+    ctx.create_namespace(&ns).await?;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "sweeper"},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "sweeper"}},
+            "template": {
+                "metadata": {"labels": {"app": "sweeper"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "sweeper", "image": "example.invalid/sweeper:1"}]
+                }
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .context("creating the workload Deployment")?;
+    let lease_name = format!("chart.sweeper.{}", ctx.suffix);
+    let reaper = Reaper::new(
+        "sweeper",
+        ReaperSpec {
+            deployment_name: "sweeper".into(),
+            paused: false,
+            lease: LeaseSpec {
+                name: Some(lease_name.clone()),
+                ttl_seconds: 3,
+                renew_deadline_seconds: 2,
+                retry_period_seconds: 1,
+                handover_delay_seconds: 0,
+            },
+        },
+    );
+    let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), &ns);
+    reapers
+        .create(&PostParams::default(), &reaper)
+        .await
+        .context("creating the Reaper")?;
+
+    // The RBAC authorizer's cache may need a moment for the binding.
+    let sa_reapers = Api::<Reaper>::namespaced(sa.clone(), &ns);
+    wait_until("the ServiceAccount to list Reapers", WAIT, || {
+        let sa_reapers = sa_reapers.clone();
+        async move {
+            match sa_reapers.list(&ListParams::default()).await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
+
+    let op = OperatorProcess::start(OperatorSpec {
+        kubeconfig: &kubeconfig,
+        database_url: &db::direct_url(),
+        listen_database_url: None,
+        schema: ctx.schema.as_str(),
+        cluster: CLUSTER_NAME,
+        identity: "op-1",
+        migrate: false,
+        namespace: &ns,
+    });
+    // Sufficient: the whole job done with the chart's RBAC, and not one refusal logged.
+    let mut problems = Vec::new();
+    if let Err(e) = sufficient(ctx, &ns, &op).await {
+        problems.push(format!("{e:#}\n--- operator log:\n{}", op.log_tail()));
+    }
+    let log_path = op.log.clone();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    drop(op); // kills the process
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("forbidden"))
+        .collect();
+    if !refusals.is_empty() {
+        problems.push(format!(
+            "the operator was refused something with the chart's RBAC:\n{}",
+            refusals.join("\n")
+        ));
+    }
+    // Minimal: the same token is refused what the operator does not need.
+    if let Err(e) = minimal(ctx, &sa, &ns).await {
+        problems.push(format!("{e:#}"));
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    let _ = std::fs::remove_file(&log_path); // kept for inspection when the case fails
+    Ok(())
+}
+
+/// Writes a kubeconfig with the admin kubeconfig's server and CA and `token` as the user.
+fn write_token_kubeconfig(admin: &Path, token: &str, path: &Path) -> Result<()> {
+    let admin = Kubeconfig::read_from(admin)?;
+    let cluster = admin
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .ok_or_else(|| anyhow!("no cluster in the admin kubeconfig"))?;
+    let mut entry = json!({"server": cluster.server.clone().unwrap_or_default()});
+    if let Some(ca) = &cluster.certificate_authority_data {
+        entry["certificate-authority-data"] = json!(ca);
+    } else if let Some(ca) = &cluster.certificate_authority {
+        entry["certificate-authority"] = json!(ca);
+    } else {
+        bail!("the admin kubeconfig has no CA");
+    }
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": entry}],
+        "users": [{"name": "reaper-operator", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "reaper-operator"}}],
+        "current-context": "c",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&config)?)?; // JSON is YAML
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// The operator, with only the chart's RBAC, does its whole job.
+async fn sufficient(ctx: &Ctx<'_>, ns: &str, op: &OperatorProcess) -> Result<()> {
+    let client = &ctx.client;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let reapers = Api::<Reaper>::namespaced(client.clone(), ns);
+    // Scaled through deployments/scale; kwok makes the pod Ready.
+    wait_until("the workload to run 1 ready pod", WAIT, || async {
+        let d = deployments.get("sweeper").await?;
+        let want = d.spec.replicas == Some(1)
+            && d.status.as_ref().and_then(|s| s.ready_replicas) == Some(1);
+        Ok(want.then_some(()))
+    })
+    .await?;
+    // Status through reapers/status; the finalizer through a patch of reapers.
+    let reaper = wait_until("the Reaper to be Leading", WAIT, || async {
+        let r = reapers.get("sweeper").await?;
+        let s = r.status.clone().unwrap_or_default();
+        Ok((s.phase == Some(Phase::Leading) && s.ready.as_deref() == Some("1/1")).then_some(r))
+    })
+    .await?;
+    let status = reaper.status.clone().unwrap_or_default();
+    ensure!(
+        status.holder.as_deref() == Some(op.holder().as_str()),
+        "holder {:?}, expected {}",
+        status.holder,
+        op.holder()
+    );
+    ensure!(
+        reaper
+            .finalizers()
+            .iter()
+            .any(|f| f == "pglease.dev/cleanup"),
+        "finalizer not added: {:?}",
+        reaper.finalizers()
+    );
+    // Events through events.k8s.io, as NOTES.txt tells users to look at them.
+    let events = Api::<Event>::namespaced(client.clone(), ns);
+    wait_until("a LeaseAcquired Event", Duration::from_secs(20), || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("LeaseAcquired")
+                    && e.reporting_controller.as_deref() == Some("reaper-operator")
+            })
+            .then_some(()))
+    })
+    .await?;
+    let out = ctx
+        .cluster
+        .kubectl()?
+        .args(["get", "events", "-n", ns, "--field-selector"])
+        .arg("involvedObject.kind=Reaper")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("LeaseAcquired"),
+        "the NOTES' events command does not show LeaseAcquired:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Deleting the Reaper: the operator scales the workload to 0 and removes its finalizer.
+    reapers
+        .delete("sweeper", &DeleteParams::default())
+        .await
+        .context("deleting the Reaper")?;
+    wait_until("the Reaper's finalizer to finish", WAIT, || async {
+        Ok(reapers.get_opt("sweeper").await?.is_none().then_some(()))
+    })
+    .await?;
+    let d = deployments.get("sweeper").await?;
+    ensure!(
+        d.spec.replicas == Some(0),
+        "the workload was not scaled to 0 when its Reaper was deleted"
+    );
+    Ok(())
+}
+
+/// The same token is refused what the operator does not need.
+async fn minimal(ctx: &Ctx<'_>, sa: &Client, ns: &str) -> Result<()> {
+    let deployments = Api::<Deployment>::namespaced(sa.clone(), ns);
+    let mut refused: Vec<(&str, kube::Result<()>)> = vec![
+        (
+            "delete a Deployment",
+            deployments
+                .delete("sweeper", &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "patch a Deployment (not its scale)",
+            deployments
+                .patch(
+                    "sweeper",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+                )
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "get a Deployment's scale",
+            deployments.get_scale("sweeper").await.map(|_| ()),
+        ),
+        (
+            "delete a Reaper",
+            Api::<Reaper>::namespaced(sa.clone(), ns)
+                .delete("sweeper", &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "list Secrets in the release namespace",
+            Api::<Secret>::namespaced(sa.clone(), &ctx.namespace)
+                .list(&ListParams::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "get the database Secret",
+            Api::<Secret>::namespaced(sa.clone(), &ctx.namespace)
+                .get(SECRET)
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "list Secrets in all namespaces",
+            Api::<Secret>::all(sa.clone())
+                .list(&ListParams::default())
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    refused.push((
+        "create a coordination.k8s.io Lease",
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(sa.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "x"}}))?,
+            )
+            .await
+            .map(|_| ()),
+    ));
+    let who = format!("system:serviceaccount:{}:{RELEASE}", ctx.namespace);
+    let mut problems = Vec::new();
+    for (what, result) in refused {
+        match result {
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains(&who) => {}
+            Err(kube::Error::Api(s)) => problems.push(format!(
+                "{what}: expected 403 for {who}, got {}: {}",
+                s.code, s.message
+            )),
+            Err(e) => problems.push(format!("{what}: expected 403, got {e:#}")),
+            Ok(()) => problems.push(format!("{what}: allowed, expected 403")),
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. helm upgrade with a changed CRD updates it in the cluster.
+
+const NEW_COLUMN: &str =
+    "    - jsonPath: .spec.deploymentName\n      name: Deployment\n      type: string\n";
+
+async fn upgrade(ctx: &Ctx<'_>) -> Result<()> {
+    let copy = ctx.home.join("chart-v2");
+    copy_dir(&ctx.chart(), &copy)?;
+    let crd_file = copy.join(CRD_FILE);
+    let crd = std::fs::read_to_string(&crd_file)?;
+    let anchor = "  - additionalPrinterColumns:\n";
+    ensure!(crd.contains(anchor), "no printer columns in {CRD_FILE}");
+    std::fs::write(
+        &crd_file,
+        crd.replacen(anchor, &format!("{anchor}{NEW_COLUMN}"), 1),
+    )?;
+
+    let mut args = vec!["upgrade", RELEASE, copy.to_str().unwrap()];
+    args.extend(["-n", &ctx.namespace, "--wait", "--timeout", "120s"]);
+    let values = ctx.release_values();
+    args.extend(values.iter().map(String::as_str));
+    ctx.helm(&args)?.ok("helm upgrade")?;
+
+    let crd = Api::<CustomResourceDefinition>::all(ctx.client.clone())
+        .get(CRD_NAME)
+        .await?;
+    let columns: Vec<String> = crd
+        .spec
+        .versions
+        .iter()
+        .flat_map(|v| v.additional_printer_columns.iter().flatten())
+        .map(|c| format!("{}={}", c.name, c.json_path))
+        .collect();
+    ensure!(
+        columns.first().map(String::as_str) == Some("Deployment=.spec.deploymentName"),
+        "helm upgrade did not update the CRD: printer columns {columns:?}"
+    );
+    ensure!(
+        crd.annotations()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str)
+            == Some("keep"),
+        "the upgraded CRD lost the keep annotation"
+    );
+    let history = ctx
+        .helm(&["history", RELEASE, "-n", &ctx.namespace])?
+        .ok("helm history")?;
+    ensure!(
+        history
+            .lines()
+            .any(|l| l.starts_with('2') && l.contains("deployed")),
+        "helm history:\n{history}"
+    );
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. helm uninstall removes the release but keeps the CRD.
+
+async fn uninstall(ctx: &Ctx<'_>) -> Result<()> {
+    let out = ctx
+        .helm(&["uninstall", RELEASE, "-n", &ctx.namespace, "--wait"])?
+        .ok("helm uninstall")?;
+    ensure!(
+        out.contains("kept due to the resource policy") && out.contains(CRD_NAME),
+        "helm uninstall did not report keeping the CRD:\n{out}"
+    );
+    Api::<CustomResourceDefinition>::all(ctx.client.clone())
+        .get(CRD_NAME)
+        .await
+        .context("the CRD is gone after helm uninstall")?;
+    ensure!(
+        Api::<Deployment>::namespaced(ctx.client.clone(), &ctx.namespace)
+            .get_opt(RELEASE)
+            .await?
+            .is_none(),
+        "the operator Deployment outlived the release"
+    );
+    ensure!(
+        Api::<ClusterRole>::all(ctx.client.clone())
+            .get_opt(RELEASE)
+            .await?
+            .is_none(),
+        "the ClusterRole outlived the release"
+    );
+    Ok(())
+}
