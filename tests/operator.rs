@@ -721,6 +721,28 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     let op = operator(c, &ns, "op-1", &schema, &via_proxy, None, false);
     let result = async {
         wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        // A blip shorter than the renew deadline changes nothing: the running singleton
+        // is neither restarted nor handed over.
+        let steady = lease(&store, &lease_name).await?;
+        proxy.set(Mode::Reset);
+        let mut samples = Vec::new();
+        let blip = Instant::now();
+        while blip.elapsed() < Duration::from_secs(3) {
+            if blip.elapsed() > Duration::from_millis(400) {
+                proxy.set(Mode::Pass);
+            }
+            samples.push(replicas(&c.client, &ns, "reaper").await?.0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ensure!(
+            samples.iter().all(|&r| r == 1),
+            "replicas during a short blip: {samples:?}"
+        );
+        let after_blip = lease(&store, &lease_name).await?;
+        ensure!(
+            after_blip.epoch == steady.epoch && after_blip.holder == steady.holder,
+            "a short blip moved the lease: {steady:?} -> {after_blip:?}"
+        );
         let before = lease(&store, &lease_name).await?;
         proxy.set(Mode::Blackhole);
         let cut = lease(&store, &lease_name).await?;

@@ -393,7 +393,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     }
     let workload = observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name).await?;
     let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
-    let mut role = status::role(
+    let role = status::role(
         watch.leader_epoch(),
         Some(&lease),
         &ctx.holder,
@@ -415,13 +415,10 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         }
         _ => None,
     };
-    if matches!(role, Role::Leader { .. }) && reports.is_err() {
-        // Without the other clusters' reports this replica cannot tell whether scaling
-        // up is safe; treat it like an unreadable database.
-        role = Role::Unknown {
-            was_leader: scaled_up,
-        };
-    }
+    // A leader without the other clusters' reports cannot tell whether scaling up is
+    // safe: it gets no gate below, so it holds the Deployment where it is (a brief
+    // database error must not restart the running singleton; the renew deadline, not
+    // one failed call, decides when it stops).
 
     let lease_row = lease.as_ref().ok().and_then(|l| l.as_ref());
     let ttl = timings.ttl;
