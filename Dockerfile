@@ -1,13 +1,13 @@
-# syntax=docker/dockerfile:1
 # reaper-operator container image.
 #
 #   docker build -t reaper-operator:dev .
 #   docker run --rm reaper-operator:dev --help
 #
-# Builder: the same command CI proves (`cargo build --locked --release`, see the
-# Makefile's `build` target), on the same Rust release CI uses. Final stage: distroless
-# cc (glibc, libgcc, CA certificates; no shell, no package manager), running as the
-# distroless "nonroot" user, uid/gid 65532, which the Helm chart also sets.
+# Builder: `cargo build --locked --release` (the Makefile's `build` target, with the
+# committed Cargo.lock) on Rust 1.95, the toolchain CI runs today (override with
+# --build-arg RUST_VERSION=...). Final stage: distroless cc (glibc, libgcc, CA
+# certificates; no shell, no package manager), as uid/gid 65532 ("nonroot"), which the
+# Helm chart's securityContext also sets. The TLS stack is rustls: no OpenSSL needed.
 ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS builder
@@ -30,14 +30,16 @@ RUN mkdir -p src benches \
       target/release/.fingerprint/reaper-operator-*
 
 # 2. The crate itself (src/, migrations/ embedded by sqlx::migrate!, benches/ for the
-#    manifest). `touch` makes cargo rebuild even if COPY kept older timestamps.
+#    manifest). `touch` makes cargo rebuild even if COPY kept older timestamps; the
+#    --version check fails the build if the stub binary were ever shipped (it prints
+#    nothing).
 COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
 RUN touch src/main.rs src/lib.rs \
  && cargo build --locked --release \
  && install -D -m 0755 target/release/reaper-operator /out/reaper-operator \
- && /out/reaper-operator --help >/dev/null
+ && /out/reaper-operator --version | grep -q '^reaper-operator '
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 ARG VERSION=0.1.0
