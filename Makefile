@@ -12,6 +12,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) .ci/run
+	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh
 
 build:
 	cargo build --locked --release

@@ -22,3 +22,10 @@ if [ -x tests/cluster/build.sh ]; then
 fi
 
 cargo test --locked "$@"
+
+# The failover scenarios of the kind kit, run with the same checker against two local
+# control planes (uses the operator binary cargo test just built).
+if [ $# -eq 0 ]; then
+  echo "--- failover scenarios on local control planes (tests/e2e/local/check.sh)"
+  tests/e2e/local/check.sh
+fi
