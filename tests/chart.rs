@@ -21,14 +21,11 @@
 
 mod support;
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
@@ -103,22 +100,31 @@ async fn helm_chart_against_real_apiserver() {
     };
 
     let mut failures = Vec::new();
-    check(&mut failures, "1 lint and values schema", lint(&ctx)).await;
-    check(&mut failures, "2 helm install", install(&ctx)).await;
-    check(
+    support::cases::check(
         &mut failures,
+        "chart",
+        "1 lint and values schema",
+        lint(&ctx),
+    )
+    .await;
+    support::cases::check(&mut failures, "chart", "2 helm install", install(&ctx)).await;
+    support::cases::check(
+        &mut failures,
+        "chart",
         "3 operator with the chart's RBAC",
         rbac(&ctx),
     )
     .await;
-    check(
+    support::cases::check(
         &mut failures,
+        "chart",
         "4 helm upgrade updates the CRD",
         upgrade(&ctx),
     )
     .await;
-    check(
+    support::cases::check(
         &mut failures,
+        "chart",
         "5 helm uninstall keeps the CRD",
         uninstall(&ctx),
     )
@@ -134,31 +140,6 @@ async fn helm_chart_against_real_apiserver() {
         failures.len(),
         failures.join("\n\n")
     );
-}
-
-/// Runs one sub-case, catching errors and panics so that the others still run.
-async fn check(failures: &mut Vec<String>, name: &str, case: impl Future<Output = Result<()>>) {
-    let started = Instant::now();
-    let outcome = AssertUnwindSafe(case).catch_unwind().await;
-    let elapsed = started.elapsed();
-    let failure = match outcome {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("{e:#}")),
-        Err(panic) => Some(
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into()),
-        ),
-    };
-    match failure {
-        None => eprintln!("chart case {name} ... ok ({elapsed:.1?})"),
-        Some(f) => {
-            eprintln!("chart case {name} ... FAILED ({elapsed:.1?}): {f}");
-            failures.push(format!("{name}: {f}"));
-        }
-    }
 }
 
 struct Ctx<'a> {

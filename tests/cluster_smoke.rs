@@ -6,12 +6,9 @@
 
 mod support;
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
@@ -48,28 +45,38 @@ async fn smoke_against_real_apiserver() {
     };
 
     let mut failures = Vec::new();
-    check(
+    support::cases::check(
         &mut failures,
+        "smoke",
         "crd_openapi_bounds_and_cel",
         crd_validation(&ctx),
     )
     .await;
-    check(
+    support::cases::check(
         &mut failures,
+        "smoke",
         "kubectl_printer_columns",
         printer_columns(&ctx),
     )
     .await;
-    check(
+    support::cases::check(
         &mut failures,
+        "smoke",
         "deployment_scale_subresource",
         deployment_scale(&ctx),
     )
     .await;
-    check(&mut failures, "rbac_service_account_token", rbac(&ctx)).await;
-    check(&mut failures, "helm_lint_and_install", helm(&ctx)).await;
-    check(
+    support::cases::check(
         &mut failures,
+        "smoke",
+        "rbac_service_account_token",
+        rbac(&ctx),
+    )
+    .await;
+    support::cases::check(&mut failures, "smoke", "helm_lint_and_install", helm(&ctx)).await;
+    support::cases::check(
+        &mut failures,
+        "smoke",
         "second_cluster_side_by_side",
         second_cluster(&ctx),
     )
@@ -84,31 +91,6 @@ async fn smoke_against_real_apiserver() {
         failures.len(),
         failures.join("\n\n")
     );
-}
-
-/// Runs one sub-case, catching errors and panics so that the others still run.
-async fn check(failures: &mut Vec<String>, name: &str, case: impl Future<Output = Result<()>>) {
-    let started = Instant::now();
-    let outcome = AssertUnwindSafe(case).catch_unwind().await;
-    let elapsed = started.elapsed();
-    let failure = match outcome {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("{e:#}")),
-        Err(panic) => Some(
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into()),
-        ),
-    };
-    match failure {
-        None => eprintln!("smoke case {name} ... ok ({elapsed:.1?})"),
-        Some(f) => {
-            eprintln!("smoke case {name} ... FAILED ({elapsed:.1?}): {f}");
-            failures.push(format!("{name}: {f}"));
-        }
-    }
 }
 
 struct Ctx<'a> {

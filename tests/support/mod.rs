@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests. Use from a test file with `mod support;`.
 #![allow(dead_code)]
 
+pub mod cases;
 pub mod cluster;
 pub mod db;
 pub mod operator;
