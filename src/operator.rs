@@ -176,11 +176,14 @@ async fn heartbeat(health: Arc<Health>, store: LeaseStore) {
 /// connection (LISTEN does not work through PgBouncer in transaction mode); without
 /// it, standbys still notice on their next tick.
 async fn listen(url: String, candidates: Candidates) {
-    let mut delay = Duration::from_secs(1);
+    const FIRST_RETRY: Duration = Duration::from_secs(1);
+    let mut delay = FIRST_RETRY;
     loop {
+        let mut connected = false;
         let result = async {
             let mut listener = PgListener::connect(&url).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
+            connected = true;
             tracing::info!("listening for lease notifications");
             loop {
                 let notification = listener.recv().await?;
@@ -192,6 +195,11 @@ async fn listen(url: String, candidates: Candidates) {
         .await;
         if let Err(error) = result {
             tracing::debug!(%error, "lease notification listener failed; retrying");
+        }
+        // Back off only while connecting keeps failing; a listener that was up starts
+        // over, so each outage costs at most a second of wake-ups after it heals.
+        if connected {
+            delay = FIRST_RETRY;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
