@@ -1,12 +1,17 @@
 # `make demo` runs the operator locally; `make test` is the whole test suite (what CI runs).
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/reaper-operator/target
 
-.PHONY: test demo lint build bench
+.PHONY: test demo chaos lint build bench
 test:
 	scripts/test.sh
 
 demo:
 	scripts/demo.sh
+
+# The chaos suite (short profile ~3 min; REAPER_CHAOS_SECONDS=1800 for the long one).
+# Needs the database variables, like `bench`.
+chaos:
+	cargo test --locked --test chaos -- --ignored --nocapture
 
 lint:
 	cargo fmt --all -- --check

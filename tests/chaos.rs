@@ -1,0 +1,712 @@
+//! Chaos suite: "at most one reaper", under random faults. See docs/chaos.md.
+//!
+//! Two local control planes (clusters `a` and `b`), two `reaper-operator run` replicas
+//! in each, every replica's lease statements going through its own fault proxy to
+//! PgBouncer (transaction mode) and its LISTEN connection through a second proxy to
+//! PostgreSQL. Three Reapers per cluster share three lease names across the clusters.
+//! A seeded injector kills, stops, cuts off and restarts things one at a time; an
+//! observer records every Deployment change in both clusters and the workload reports;
+//! at the end the checker reads the `lease_event` history and checks
+//! (a) no two clusters run a lease's Deployment at once (except the documented
+//! fencing case), (b) the audit history is a sequence of non-overlapping tenures with
+//! strictly increasing epochs, (c) everything converges after the last fault.
+//!
+//! `REAPER_CHAOS_SECONDS` (default 150) sets how long faults are injected,
+//! `REAPER_CHAOS_SEED` replays a run, `REAPER_CHAOS_KEEP=1` keeps the run directory
+//! (fault log, timeline, operator logs) even when the run passes.
+
+mod support;
+
+#[path = "chaos/checker.rs"]
+mod checker;
+#[path = "chaos/faults.rs"]
+mod faults;
+#[path = "chaos/infra.rs"]
+mod infra;
+#[path = "chaos/observer.rs"]
+mod observer;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use chrono::Utc;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use reaper_operator::lease::{LeaseEvent, LeaseStore};
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
+use serde_json::json;
+use support::cluster::TestCluster;
+use support::db;
+
+use checker::{Input, cluster_of};
+use faults::{FaultLog, Injector, Plan};
+use infra::{ApiServer, Database, DatabaseGuard, Replica, ReplicaConfig};
+use observer::Observer;
+
+const TTL: u64 = 3;
+const DEADLINE: u64 = 2;
+const RETRY: u64 = 1;
+const HANDOVER: u64 = 0;
+const LEASES: usize = 3;
+const CLUSTERS: [&str; 2] = ["a", "b"];
+/// Check (c): after the last heal, one leader and one ready replica per lease within
+/// ttl + retry + handover + 5 s.
+const CONVERGE_BOUND: u64 = TTL + RETRY + HANDOVER + 5;
+
+struct Settings {
+    seed: u64,
+    seconds: u64,
+    keep: bool,
+    dir: PathBuf,
+}
+
+struct Outcome {
+    summary: String,
+    violations: usize,
+}
+
+#[test]
+#[ignore = "chaos suite: run with `make chaos` (not yet part of `make test`)"]
+fn chaos_short_profile() {
+    let seconds = std::env::var("REAPER_CHAOS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    let seed = std::env::var("REAPER_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.as_secs() ^ u64::from(now.subsec_nanos())
+        });
+    let dir = std::env::temp_dir().join(format!("reaper-chaos-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the run directory");
+    let settings = Settings {
+        seed,
+        seconds,
+        keep: std::env::var_os("REAPER_CHAOS_KEEP").is_some_and(|v| v == "1"),
+        dir,
+    };
+    eprintln!(
+        "[chaos] seed {seed}, {seconds} s of faults; replay with REAPER_CHAOS_SEED={seed} REAPER_CHAOS_SECONDS={seconds}; \
+         run directory {}",
+        settings.dir.display()
+    );
+
+    let database = Database::from_env().expect("database settings");
+    assert!(
+        database.postgres_running() && database.pgbouncer_pid().is_some(),
+        "PostgreSQL and PgBouncer must be running before the chaos suite starts"
+    );
+    // Dropped last: leaves PostgreSQL and PgBouncer running, also on a panic.
+    let _database_guard = DatabaseGuard(database.clone());
+
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| TestCluster::start_new("chaos-a"));
+        let b = s.spawn(|| TestCluster::start_new("chaos-b"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let clusters = [a.expect("start cluster a"), b.expect("start cluster b")];
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime.block_on(run(&settings, &database, &clusters));
+    drop(runtime);
+    drop(clusters);
+    match outcome {
+        Ok(outcome) => {
+            eprintln!(
+                "\n===== chaos summary (seed {seed}, {seconds} s of faults) =====\n{}",
+                outcome.summary
+            );
+            if outcome.violations == 0 && !settings.keep {
+                let _ = std::fs::remove_dir_all(&settings.dir);
+            } else {
+                eprintln!("[chaos] run directory kept: {}", settings.dir.display());
+            }
+            assert_eq!(
+                outcome.violations,
+                0,
+                "{} violation(s); seed {seed}; see the summary above and {}",
+                outcome.violations,
+                settings.dir.display()
+            );
+        }
+        Err(e) => panic!(
+            "chaos run failed (seed {seed}): {e:#}\nrun directory: {}",
+            settings.dir.display()
+        ),
+    }
+}
+
+/// Everything the run sets up, for the convergence check.
+struct Scene<'a> {
+    clients: [Client; 2],
+    namespace: String,
+    leases: Vec<String>,
+    deployments: Vec<String>,
+    store: &'a LeaseStore,
+}
+
+async fn run(
+    settings: &Settings,
+    database: &Database,
+    clusters: &[TestCluster; 2],
+) -> Result<Outcome> {
+    let clients = [clusters[0].client().await?, clusters[1].client().await?];
+    for c in &clients {
+        install_crd(c).await?;
+    }
+    let suffix = format!("{:x}", Utc::now().timestamp_subsec_nanos());
+    let namespace = format!("chaos-{suffix}");
+    let leases: Vec<String> = (0..LEASES).map(|i| format!("chaos-{suffix}-{i}")).collect();
+    let deployments: Vec<String> = (0..LEASES).map(|i| format!("reaper-{i}")).collect();
+    for c in &clients {
+        create_namespace(c, &namespace).await?;
+        // Not managed by any Reaper: the injector runs a pod with it to know that a
+        // cluster whose apiserver restarted works again.
+        create_deployment(c, &namespace, faults::CANARY).await?;
+        for (lease, deployment) in leases.iter().zip(&deployments) {
+            create_deployment(c, &namespace, deployment).await?;
+            create_reaper(c, &namespace, deployment, lease).await?;
+        }
+    }
+    let schema = db::unique_schema("chaos");
+    let store = LeaseStore::connect(&database.direct_url, &schema, Duration::from_secs(2), 2)
+        .await
+        .context("connect to the database directly")?;
+    store.migrate().await?;
+
+    let mut observer = Observer::new();
+    for (i, c) in clients.iter().enumerate() {
+        observer.watch_cluster(i, c.clone(), &namespace, deployments.clone());
+    }
+    observer.poll_database(
+        &database.direct_url,
+        schema.as_str(),
+        leases.clone(),
+        CLUSTERS.map(str::to_owned),
+    )?;
+
+    let mut replicas = Vec::new();
+    for (i, cluster) in clusters.iter().enumerate() {
+        for identity in ["op-1", "op-2"] {
+            let config = ReplicaConfig {
+                kubeconfig: cluster.kubeconfig().to_owned(),
+                schema: schema.as_str().to_owned(),
+                namespace: namespace.clone(),
+                cluster: CLUSTERS[i].to_owned(),
+                identity: identity.to_owned(),
+            };
+            replicas.push(Replica::new(config, database, &settings.dir).await?);
+        }
+    }
+    let replica_names: Vec<String> = replicas.iter().map(Replica::name).collect();
+    let replica_cluster: Vec<usize> = replicas
+        .iter()
+        .map(|r| {
+            CLUSTERS
+                .iter()
+                .position(|c| *c == r.config.cluster)
+                .unwrap()
+        })
+        .collect();
+    let mut apiservers = [
+        ApiServer::of(
+            clusters[0]
+                .name()
+                .ok_or_else(|| anyhow!("cluster a has no name"))?,
+        )?,
+        ApiServer::of(
+            clusters[1]
+                .name()
+                .ok_or_else(|| anyhow!("cluster b has no name"))?,
+        )?,
+    ];
+    let scene = Scene {
+        clients: clients.clone(),
+        namespace: namespace.clone(),
+        leases: leases.clone(),
+        deployments: deployments.clone(),
+        store: &store,
+    };
+
+    let mut log = FaultLog::new(settings.seed, &settings.dir.join("faults.log"));
+    log.line(&format!(
+        "seed {} | namespace {namespace} | schema {} | leases {} | ttl {TTL} s, deadline {DEADLINE} s, retry {RETRY} s, handover {HANDOVER} s",
+        settings.seed,
+        schema.as_str(),
+        leases.join(", ")
+    ));
+    let setup = converge(&scene, &replicas, Duration::from_secs(90)).await;
+    if let Err(e) = setup {
+        let logs: Vec<String> = replicas
+            .iter()
+            .filter_map(|r| {
+                r.process
+                    .as_ref()
+                    .map(|p| format!("--- {}:\n{}", r.name(), p.log_tail()))
+            })
+            .collect();
+        return Err(anyhow!(
+            "the initial state never converged: {e}\n{}",
+            logs.join("\n")
+        ));
+    }
+    log.line("initial state: one leader and one ready replica per lease; injecting faults");
+
+    let chaos_start = Utc::now();
+    let chaos_started = Instant::now();
+    let mut plan = Plan::new(settings.seed, Duration::from_secs(TTL));
+    let mut injector = Injector {
+        replicas: &mut replicas,
+        db: database,
+        apiservers: &mut apiservers,
+        clients: clients.clone(),
+        observer: &observer,
+        leases: &leases,
+        clusters: CLUSTERS,
+        namespace: &namespace,
+        records: Vec::new(),
+        unexpected_exits: Vec::new(),
+    };
+    let mut id = 0;
+    let mut failure = None;
+    while chaos_started.elapsed() < Duration::from_secs(settings.seconds) {
+        injector.check_exits(&mut log);
+        id += 1;
+        let planned = plan.next_fault();
+        if let Err(e) = injector.run(id, &planned, &mut log).await {
+            failure = Some(e);
+            break;
+        }
+        tokio::time::sleep(planned.gap).await;
+    }
+    injector.check_exits(&mut log);
+    let records = std::mem::take(&mut injector.records);
+    let unexpected_exits = std::mem::take(&mut injector.unexpected_exits);
+    drop(injector);
+    if let Some(e) = failure {
+        return Err(e.context("a fault could not be injected or healed"));
+    }
+    let last_heal = records
+        .iter()
+        .filter_map(|r| r.healed)
+        .max()
+        .unwrap_or(chaos_start);
+    log.line(&format!(
+        "{} faults injected; last heal at {}; checking convergence (bound {CONVERGE_BOUND} s)",
+        records.len(),
+        last_heal.format("%H:%M:%S%.3f")
+    ));
+
+    // (c) Within the bound after the last heal; keep looking a while longer to report
+    // how long it actually took if it missed.
+    let bound = Duration::from_secs(CONVERGE_BOUND);
+    let converged = match converge(&scene, &replicas, bound + Duration::from_secs(30)).await {
+        Ok(()) => {
+            let after = checker::seconds(Utc::now() - last_heal);
+            if after <= bound.as_secs_f64() {
+                Ok(after)
+            } else {
+                Err(format!(
+                    "converged only {after:.2} s after the last heal (bound {CONVERGE_BOUND} s)"
+                ))
+            }
+        }
+        Err(e) => Err(format!(
+            "not converged {:.1} s after the last heal: {e}",
+            checker::seconds(Utc::now() - last_heal)
+        )),
+    };
+    log.line(&format!("convergence: {converged:?}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = Utc::now();
+    observer.stop();
+    for r in replicas.iter_mut() {
+        r.stop_and_archive();
+    }
+
+    let mut events: Vec<Vec<LeaseEvent>> = Vec::new();
+    for lease in &leases {
+        events.push(store.events(lease).await?);
+    }
+    let recorded = std::mem::take(&mut *observer.records.lock().unwrap());
+    let input = Input {
+        ttl: Duration::from_secs(TTL),
+        clusters: CLUSTERS,
+        replica_cluster: &replica_cluster,
+        replica_names: &replica_names,
+        leases: &leases,
+        samples: &recorded.samples,
+        reports: &recorded.reports,
+        blind: &recorded.blind,
+        faults: &records,
+        events: &events,
+        chaos_start,
+        end,
+    };
+    let analysis = checker::analyse(&input);
+    let mut summary = checker::summary(&input, &analysis, &converged, CONVERGE_BOUND as f64);
+    if !unexpected_exits.is_empty() {
+        let _ = writeln!(
+            summary,
+            "replicas that exited by themselves: {unexpected_exits:?}"
+        );
+    }
+    let _ = writeln!(
+        summary,
+        "database polls that failed (outages): {}",
+        recorded.db_poll_errors
+    );
+    let logs: Vec<(String, Vec<PathBuf>)> = replicas.iter().map(|r| (r.name(), r.logs())).collect();
+    write_timeline(&settings.dir.join("timeline.txt"), &input, &analysis);
+    let violations = analysis.violations() + usize::from(converged.is_err());
+    for o in analysis.overlaps.iter().filter(|o| !o.expected) {
+        let from = o.start - checker::secs(10.0);
+        let to = o.end + checker::secs(2.0);
+        let _ = writeln!(
+            summary,
+            "\n--- context of the violation on {} at {}:\n{}",
+            leases[o.lease],
+            o.start.format("%H:%M:%S%.3f"),
+            context(&input, o.lease, from, to, &logs, &deployments[o.lease])
+        );
+    }
+    if let Err(e) = &converged {
+        let _ = writeln!(summary, "\n--- (c) failed: {e}");
+    }
+    drop(recorded);
+    if violations == 0 {
+        let drop_schema = format!("DROP SCHEMA \"{}\" CASCADE", schema.as_str());
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(drop_schema))
+            .execute(store.pool())
+            .await
+        {
+            eprintln!("[chaos] could not drop schema {}: {e}", schema.as_str());
+        }
+    }
+    Ok(Outcome {
+        summary,
+        violations,
+    })
+}
+
+/// Polls (every 200 ms, up to `timeout`) until, for every lease: the row is held by a
+/// replica of one cluster X; X's Deployment is at 1 replica, ready; the other's at 0;
+/// X's Reaper says Leading with that holder and the other's does not; and exactly one
+/// replica's `reaper_leader` gauge is 1. The error says what was still wrong.
+async fn converge(
+    scene: &Scene<'_>,
+    replicas: &[Replica],
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let problem = match converged_now(scene, replicas).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(p)) => p,
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(problem);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option<String>> {
+    let mut metrics = Vec::new();
+    for r in replicas {
+        if let Some(port) = r.http_port() {
+            metrics.push(infra::http_get(port, "/metrics").await.unwrap_or_default());
+        }
+    }
+    for (lease, deployment) in scene.leases.iter().zip(&scene.deployments) {
+        let Some(row) = scene.store.get(lease).await? else {
+            return Ok(Some(format!("lease {lease} has no row")));
+        };
+        if !row.is_held() {
+            return Ok(Some(format!("lease {lease} is not held: {row:?}")));
+        }
+        let Some(x) = cluster_of(&row.holder, &CLUSTERS) else {
+            return Ok(Some(format!("lease {lease} held by {}", row.holder)));
+        };
+        let mut state = Vec::new();
+        for (c, client) in scene.clients.iter().enumerate() {
+            let d = Api::<Deployment>::namespaced(client.clone(), &scene.namespace)
+                .get(deployment)
+                .await?;
+            let spec = d.spec.replicas.unwrap_or(1);
+            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            let reaper = Api::<Reaper>::namespaced(client.clone(), &scene.namespace)
+                .get(deployment)
+                .await?
+                .status
+                .unwrap_or_default();
+            state.push((c, spec, ready, reaper.phase, reaper.holder));
+        }
+        for (c, spec, ready, phase, holder) in &state {
+            let ok = if *c == x {
+                (*spec, *ready) == (1, 1)
+                    && *phase == Some(Phase::Leading)
+                    && holder.as_deref() == Some(row.holder.as_str())
+            } else {
+                (*spec, *ready) == (0, 0) && *phase != Some(Phase::Leading)
+            };
+            if !ok {
+                return Ok(Some(format!(
+                    "lease {lease} held by {} (epoch {}); cluster {}: replicas {spec}, ready {ready}, phase {phase:?}, status holder {holder:?}",
+                    row.holder, row.epoch, CLUSTERS[*c]
+                )));
+            }
+        }
+        let series = format!("reaper_leader{{lease=\"{lease}\"}} ");
+        let leaders: usize = metrics
+            .iter()
+            .filter(|m| {
+                m.lines()
+                    .any(|l| l.strip_prefix(&series).is_some_and(|v| v.trim() == "1"))
+            })
+            .count();
+        if leaders != 1 {
+            return Ok(Some(format!(
+                "lease {lease}: {leaders} replicas report reaper_leader 1"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+async fn install_crd(client: &Client) -> Result<()> {
+    let yaml = std::fs::read_to_string(support::cluster::repo_root().join("crds/reaper.yaml"))?;
+    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml)?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(
+        &crd.name_any(),
+        &PatchParams::apply("reaper-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("the apiserver refused crds/reaper.yaml")?;
+    support::cluster::wait_crd_established(client, &crd.name_any()).await
+}
+
+async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn create_deployment(client: &Client, ns: &str, name: &str) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
+                }
+            }
+        }
+    }))?;
+    api.create(&PostParams::default(), &deployment).await?;
+    Ok(())
+}
+
+async fn create_reaper(client: &Client, ns: &str, name: &str, lease: &str) -> Result<()> {
+    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
+    let reaper = Reaper::new(
+        name,
+        ReaperSpec {
+            deployment_name: name.to_owned(),
+            lease: LeaseSpec {
+                name: Some(lease.to_owned()),
+                ttl_seconds: TTL as i32,
+                renew_deadline_seconds: DEADLINE as i32,
+                retry_period_seconds: RETRY as i32,
+                handover_delay_seconds: HANDOVER as i32,
+            },
+            paused: false,
+        },
+    );
+    api.create(&PostParams::default(), &reaper).await?;
+    Ok(())
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Faults, Deployment changes, reports, audit events and the operators' lease and
+/// scaling log lines of one lease between `from` and `to`, in time order.
+fn context(
+    input: &Input<'_>,
+    lease: usize,
+    from: checker::Time,
+    to: checker::Time,
+    logs: &[(String, Vec<PathBuf>)],
+    deployment: &str,
+) -> String {
+    let mut lines: Vec<(checker::Time, String)> = Vec::new();
+    for f in input.faults {
+        if f.start <= to && f.healed.is_none_or(|h| h >= from) {
+            lines.push((
+                f.start,
+                format!("fault #{} {} {}", f.id, f.kind.name(), f.target),
+            ));
+            if let Some(h) = f.healed {
+                lines.push((h, format!("fault #{} healed", f.id)));
+            }
+        }
+    }
+    for s in input
+        .samples
+        .iter()
+        .filter(|s| s.lease == lease && s.at >= from && s.at <= to)
+    {
+        lines.push((
+            s.at,
+            format!(
+                "observed {}: replicas {} ready {}",
+                input.clusters[s.cluster], s.spec, s.ready
+            ),
+        ));
+    }
+    for r in input
+        .reports
+        .iter()
+        .filter(|r| r.lease == lease && r.reported_at >= from && r.reported_at <= to)
+    {
+        lines.push((
+            r.reported_at,
+            format!(
+                "report of {}: {} running pod(s)",
+                input.clusters[r.cluster], r.running_pods
+            ),
+        ));
+    }
+    for e in input.events[lease]
+        .iter()
+        .filter(|e| e.at >= from && e.at <= to)
+    {
+        lines.push((
+            e.at,
+            format!(
+                "lease_event {} epoch {} holder {} previous {:?}",
+                e.kind, e.epoch, e.holder, e.previous_holder
+            ),
+        ));
+    }
+    let lease_name = &input.leases[lease];
+    for (replica, paths) in logs {
+        for path in paths {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for raw in text.lines() {
+                let line = strip_ansi(raw);
+                let relevant = line.contains(lease_name.as_str())
+                    || line.contains(&format!("deployment=\"{deployment}\""))
+                    || line.contains(&format!("deployment={deployment} "));
+                if !relevant || line.contains("lease database call failed") {
+                    continue;
+                }
+                let Some(at) = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc))
+                else {
+                    continue;
+                };
+                if at >= from && at <= to {
+                    let message = line.split_once(": ").map_or(line.as_str(), |(_, m)| m);
+                    lines.push((at, format!("log {replica}: {message}")));
+                }
+            }
+        }
+    }
+    lines.sort_by_key(|l| l.0);
+    lines
+        .iter()
+        .map(|(t, l)| format!("  {} {l}", t.format("%H:%M:%S%.3f")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn write_timeline(path: &Path, input: &Input<'_>, analysis: &checker::Analysis) {
+    let mut s = String::new();
+    for f in input.faults {
+        let _ = writeln!(
+            s,
+            "fault #{} {} {} {} -> {:?}",
+            f.id,
+            f.kind.name(),
+            f.target,
+            f.start.format("%H:%M:%S%.3f"),
+            f.healed.map(|h| h.format("%H:%M:%S%.3f").to_string())
+        );
+    }
+    for sample in input.samples {
+        let _ = writeln!(
+            s,
+            "{} observed {} {}: replicas {} ready {}",
+            sample.at.format("%H:%M:%S%.3f"),
+            input.clusters[sample.cluster],
+            input.leases[sample.lease],
+            sample.spec,
+            sample.ready
+        );
+    }
+    for (lease, events) in input.events.iter().enumerate() {
+        for e in events {
+            let _ = writeln!(
+                s,
+                "{} lease_event {} {} epoch {} holder {} previous {:?}",
+                e.at.format("%H:%M:%S%.3f"),
+                input.leases[lease],
+                e.kind,
+                e.epoch,
+                e.holder,
+                e.previous_holder
+            );
+        }
+    }
+    for f in &analysis.failovers {
+        let _ = writeln!(s, "failover {f:?}");
+    }
+    for o in &analysis.overlaps {
+        let _ = writeln!(s, "overlap {o:?}");
+    }
+    let _ = std::fs::write(path, s);
+}
