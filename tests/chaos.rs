@@ -11,6 +11,8 @@
 //! fencing case), (b) the audit history is a sequence of non-overlapping tenures with
 //! strictly increasing epochs, (c) everything converges after the last fault.
 //!
+//! Opt-in (`#[ignore]`): `make chaos`, or `cargo test --test chaos -- --ignored
+//! --nocapture` with the database variables of `tests/db/up.sh` set.
 //! `REAPER_CHAOS_SECONDS` (default 150) sets how long faults are injected,
 //! `REAPER_CHAOS_SEED` replays a run, `REAPER_CHAOS_KEEP=1` keeps the run directory
 //! (fault log, timeline, operator logs) even when the run passes.

@@ -757,7 +757,30 @@ pub fn summary(
         s,
         "(a) overlaps of spec.replicas >= 1 in both clusters: {expected} expected (fencing), {bad} violation(s)"
     );
+    if expected > 0 {
+        let lengths: Vec<f64> = analysis
+            .overlaps
+            .iter()
+            .filter(|o| o.expected)
+            .map(|o| seconds(o.end - o.start))
+            .collect();
+        let _ = writeln!(
+            s,
+            "    expected overlaps lasted {:.2} to {:.2} s",
+            lengths.iter().copied().fold(f64::INFINITY, f64::min),
+            lengths.iter().copied().fold(0.0, f64::max)
+        );
+    }
+    // Every violation, and the first few expected overlaps (all are in timeline.txt).
+    const SHOWN: usize = 6;
+    let mut shown_expected = 0;
     for o in &analysis.overlaps {
+        if o.expected {
+            shown_expected += 1;
+            if shown_expected > SHOWN {
+                continue;
+            }
+        }
         let _ = writeln!(
             s,
             "    {} lease {} {} -> {}: {:.2} s from {}{}: {}",
@@ -773,6 +796,13 @@ pub fn summary(
                 ""
             },
             o.reason
+        );
+    }
+    if expected > SHOWN {
+        let _ = writeln!(
+            s,
+            "    ... and {} more expected overlaps (all in timeline.txt)",
+            expected - SHOWN
         );
     }
     // Pods ready in both clusters: informational, since a pod may take a moment to
