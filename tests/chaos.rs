@@ -36,9 +36,8 @@ use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, PostParams};
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
 use serde_json::json;
@@ -166,7 +165,7 @@ async fn run(
 ) -> Result<Outcome> {
     let clients = [clusters[0].client().await?, clusters[1].client().await?];
     for c in &clients {
-        install_crd(c).await?;
+        support::cluster::install_reaper_crd(c).await?;
     }
     let suffix = format!("{:x}", Utc::now().timestamp_subsec_nanos());
     let namespace = format!("chaos-{suffix}");
@@ -487,20 +486,6 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
         }
     }
     Ok(None)
-}
-
-async fn install_crd(client: &Client) -> Result<()> {
-    let yaml = std::fs::read_to_string(support::cluster::repo_root().join("crds/reaper.yaml"))?;
-    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml)?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        &crd.name_any(),
-        &PatchParams::apply("reaper-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .context("the apiserver refused crds/reaper.yaml")?;
-    support::cluster::wait_crd_established(client, &crd.name_any()).await
 }
 
 async fn create_namespace(client: &Client, name: &str) -> Result<()> {

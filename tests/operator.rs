@@ -12,13 +12,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Result, anyhow, ensure};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec, ReaperStatus};
@@ -73,7 +72,9 @@ fn reaper_controller_scenarios() {
     let failures: Vec<String> = runtime.block_on(async {
         let clusters = [connect("a", a).await, connect("b", b).await];
         for c in &clusters {
-            install_crd(&c.client).await.expect("install the CRD");
+            support::cluster::install_reaper_crd(&c.client)
+                .await
+                .expect("install the CRD");
         }
         let mut failures = Vec::new();
         for (name, scenario) in scenarios {
@@ -99,20 +100,6 @@ fn reaper_controller_scenarios() {
 async fn connect(name: &'static str, test: TestCluster) -> Cluster {
     let client = test.client().await.expect("cluster client");
     Cluster { name, test, client }
-}
-
-async fn install_crd(client: &Client) -> Result<()> {
-    let yaml = std::fs::read_to_string(support::cluster::repo_root().join("crds/reaper.yaml"))?;
-    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml)?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        &crd.name_any(),
-        &PatchParams::apply("reaper-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .context("the apiserver refused crds/reaper.yaml")?;
-    support::cluster::wait_crd_established(client, &crd.name_any()).await
 }
 
 fn suffix() -> String {

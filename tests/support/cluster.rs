@@ -226,6 +226,24 @@ pub async fn client_from(kubeconfig: Kubeconfig) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// Server-side applies the committed `crds/reaper.yaml` and waits until it is served.
+pub async fn install_reaper_crd(client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let yaml = std::fs::read_to_string(repo_root().join("crds/reaper.yaml"))?;
+    let crd: CustomResourceDefinition = serde_norway::from_str(&yaml)?;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("reaper-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("the apiserver refused crds/reaper.yaml")?;
+    wait_crd_established(client, &crd.name_any()).await
+}
+
 /// Waits (30 s at most) until the CRD `name` reports `Established=True`.
 pub async fn wait_crd_established(client: &Client, name: &str) -> Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
