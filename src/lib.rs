@@ -26,12 +26,17 @@ pub enum Error {
 
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// One failure reported to every caller that shared a call (a batched renew).
+    #[error("{0}")]
+    Shared(std::sync::Arc<Error>),
 }
 
 impl Error {
     /// True when the lease tables do not exist yet (SQLSTATE 42P01 / 3F000).
     pub fn is_missing_schema(&self) -> bool {
         match self {
+            Error::Shared(error) => error.is_missing_schema(),
             Error::Database(sqlx::Error::Database(db)) => {
                 matches!(db.code().as_deref(), Some("42P01") | Some("3F000"))
             }

@@ -13,12 +13,13 @@
 //! deadline sees itself as a follower when it wakes, before any tick runs.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 
+use super::batch::RenewBatcher;
 use super::store::{Lease, LeaseStore};
 use crate::Error;
 use crate::config::LeaseTimings;
@@ -151,6 +152,7 @@ struct Held {
 pub struct Elector {
     config: ElectorConfig,
     store: LeaseStore,
+    batcher: Option<RenewBatcher>,
     clock: Arc<dyn Clock>,
     held: Option<Held>,
     tx: watch::Sender<Leadership>,
@@ -163,11 +165,27 @@ impl Elector {
         Self {
             config,
             store,
+            batcher: None,
             clock,
             held: None,
             tx,
             wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Sends this elector's renews through `batcher` (shared with the other electors of
+    /// the process) instead of one statement each.
+    ///
+    /// # Panics
+    /// If the batcher renews for another holder: its renews would never match.
+    pub fn with_batcher(mut self, batcher: RenewBatcher) -> Self {
+        assert_eq!(
+            batcher.holder(),
+            self.config.holder,
+            "a renew batcher serves one holder"
+        );
+        self.batcher = Some(batcher);
+        self
     }
 
     pub fn config(&self) -> &ElectorConfig {
@@ -241,9 +259,16 @@ impl Elector {
         // what is left).
         let remaining =
             deadline.saturating_sub(sent.saturating_duration_since(held.last_renew_sent));
-        let renew = self
-            .store
-            .renew(&self.config.lease_name, &self.config.holder, held.epoch);
+        let renew = async {
+            match &self.batcher {
+                Some(batcher) => batcher.renew(&self.config.lease_name, held.epoch).await,
+                None => {
+                    self.store
+                        .renew(&self.config.lease_name, &self.config.holder, held.epoch)
+                        .await
+                }
+            }
+        };
         let renewed = match tokio::time::timeout(remaining, renew).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout(remaining)),
@@ -279,24 +304,33 @@ impl Elector {
         }
     }
 
-    /// Ticks every retry period (or at once when woken) until `shutdown` resolves.
-    /// `on_tick` sees every outcome and how long its tick took. On shutdown it publishes `Follower` but keeps the
-    /// row: the caller stops its workload and then calls [`Elector::release`].
+    /// Ticks at once, then every retry period (or at once when woken) until `shutdown`
+    /// resolves. `on_tick` sees every outcome and how long its tick took. On shutdown it
+    /// publishes `Follower` but keeps the row: the caller stops its workload and then
+    /// calls [`Elector::release`].
+    ///
+    /// The periodic ticks fall on a grid shared by every elector of the process with the
+    /// same retry period, so a [`RenewBatcher`] sees their renews together.
     pub async fn run<F, T>(&mut self, shutdown: F, mut on_tick: T)
     where
         F: Future<Output = ()>,
         T: FnMut(&Tick, Duration),
     {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut interval = tokio::time::interval(self.config.timings.retry_period);
-        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let period = self.config.timings.retry_period;
+        let mut interval = tokio::time::interval_at(next_on_grid(period), period);
+        // Skip (not Delay) keeps the ticks on the shared grid after a slow tick.
+        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let wake = self.wake.clone();
+        let mut first = true;
         loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                _ = interval.tick() => {}
-                _ = wake.notified() => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    _ = interval.tick() => {}
+                    _ = wake.notified() => {}
+                }
             }
             let started = Instant::now();
             let tick = tokio::select! {
@@ -350,6 +384,19 @@ impl Elector {
             changed
         });
     }
+}
+
+/// The first instant after now on the grid `anchor + k × period`, where the anchor is
+/// fixed for the process: electors with equal periods tick together.
+fn next_on_grid(period: Duration) -> tokio::time::Instant {
+    static ANCHOR: OnceLock<tokio::time::Instant> = OnceLock::new();
+    let anchor = *ANCHOR.get_or_init(tokio::time::Instant::now);
+    let now = tokio::time::Instant::now();
+    let period_nanos = period.as_nanos().max(1);
+    let elapsed = now.saturating_duration_since(anchor).as_nanos();
+    let periods = elapsed / period_nanos + 1;
+    let offset = u64::try_from(periods * period_nanos).unwrap_or(u64::MAX);
+    anchor + Duration::from_nanos(offset)
 }
 
 fn log_tick(config: &ElectorConfig, tick: &Tick) {

@@ -1,9 +1,11 @@
 //! The PostgreSQL lease: storage ([`store`]) and the per-lease leadership state machine
 //! ([`elector`]).
 
+pub mod batch;
 pub mod elector;
 pub mod store;
 
+pub use batch::RenewBatcher;
 pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };
