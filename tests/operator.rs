@@ -47,7 +47,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 6] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -60,6 +60,10 @@ fn reaper_controller_scenarios() {
         ("paused holder does not act when it wakes", |c| {
             Box::pin(paused_holder_stands_down(c))
         }),
+        (
+            "paused holder with a peer in its cluster: the running pod is left alone",
+            |c| Box::pin(paused_holder_with_peer_leaves_pod_alone(c)),
+        ),
         (
             "database outage: the leader stops before its lease expires",
             |c| Box::pin(database_outage(c)),
@@ -685,6 +689,70 @@ async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
     }
     .await;
     with_logs(result, &[&op_a, &op_b])
+}
+
+/// A holder stalled past its deadline while a peer of the same cluster takes the lease
+/// over must not fence the shared Deployment when it wakes: the running pod is the
+/// peer's now. Any write to the Deployment's spec (a scale to 0 and back) would bump
+/// its generation.
+async fn paused_holder_with_peer_leaves_pod_alone(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, store) = schema().await?;
+    let ns = namespace(&c.client, "peer-pause").await?;
+    let lease_name = format!("peer-pause-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let direct = db::direct_url();
+    let ops = [
+        operator(c, &ns, "op-1", &schema, &direct, None, false),
+        operator(c, &ns, "op-2", &schema, &direct, None, false),
+    ];
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        let before = lease(&store, &lease_name).await?;
+        let stalled = ops
+            .iter()
+            .find(|o| o.holder() == before.holder)
+            .ok_or_else(|| anyhow!("holder {} is not ours", before.holder))?;
+        let peer = ops.iter().find(|o| o.holder() != before.holder).unwrap();
+        stalled.signal("STOP");
+        wait_until(
+            "the peer to take over",
+            Duration::from_secs(TTL + RETRY + 10),
+            || async {
+                let row = lease(&store, &lease_name).await?;
+                Ok((row.holder == peer.holder() && row.is_held()).then_some(()))
+            },
+        )
+        .await?;
+        let generation = deployments.get("reaper").await?.metadata.generation;
+        stalled.signal("CONT");
+        // Its next tick finds the deadline passed (the fence's trigger), then it settles.
+        tokio::time::sleep(Duration::from_secs(RETRY * 3 + 2)).await;
+        let after = deployments.get("reaper").await?;
+        ensure!(
+            after.metadata.generation == generation,
+            "the woken replica wrote the Deployment (generation {:?} -> {:?}, replicas {:?})",
+            generation,
+            after.metadata.generation,
+            after.spec.replicas
+        );
+        ensure!(
+            stalled
+                .log_tail()
+                .contains("a peer in this cluster holds the lease"),
+            "the woken replica did not report skipping its fence"
+        );
+        let row = lease(&store, &lease_name).await?;
+        ensure!(
+            row.holder == peer.holder() && row.epoch > before.epoch,
+            "lease {row:?}"
+        );
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&ops[0], &ops[1]])
 }
 
 async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -19,7 +20,10 @@ use tokio::task::JoinHandle;
 
 use super::crd::Reaper;
 use crate::config::LeaseTimings;
-use crate::lease::{Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, MonotonicClock, Tick};
+use crate::lease::batch::DEFAULT_LINGER;
+use crate::lease::{
+    Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, MonotonicClock, RenewBatcher, Tick,
+};
 use crate::metrics::Metrics;
 
 /// A running elector for one Reaper.
@@ -62,6 +66,8 @@ impl Candidate {
 pub struct Candidates {
     inner: Arc<Mutex<HashMap<ObjectRef<Reaper>, Candidate>>>,
     store: LeaseStore,
+    /// All electors of this replica renew through it: one statement per retry period.
+    batcher: RenewBatcher,
     holder: String,
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
     recorder: Recorder,
@@ -81,6 +87,7 @@ impl Candidates {
     ) -> Self {
         Self {
             inner: Arc::default(),
+            batcher: RenewBatcher::spawn(store.clone(), holder.clone(), DEFAULT_LINGER),
             store,
             holder,
             trigger,
@@ -183,7 +190,8 @@ impl Candidates {
             holder: self.holder.clone(),
             timings,
         };
-        let mut elector = Elector::new(config, self.store.clone(), self.clock.clone());
+        let mut elector = Elector::new(config, self.store.clone(), self.clock.clone())
+            .with_batcher(self.batcher.clone());
         let watch = elector.watch();
         let waker = elector.waker();
         let database_ok = Arc::new(AtomicBool::new(true));
@@ -194,8 +202,12 @@ impl Candidates {
         let event_reference = reference.clone();
         let fence = Fence {
             client: self.client.clone(),
+            store: self.store.clone(),
             namespace: key.namespace.clone().unwrap_or_default(),
             deployment: deployment.to_owned(),
+            lease_name: lease_name.to_owned(),
+            holder: self.holder.clone(),
+            check_timeout: fence_check_timeout(timings),
         };
         let task_fence = fence.clone();
         let metrics = self.metrics.clone();
@@ -208,11 +220,12 @@ impl Candidates {
                         let _ = stop_rx.await;
                     },
                     |tick, took| {
-                        db_ok.store(tick.database_reachable(), Ordering::Relaxed);
+                        let database_was_ok =
+                            db_ok.swap(tick.database_reachable(), Ordering::Relaxed);
                         let leading = leadership.leader_epoch().is_some();
                         metrics.observe_tick(&lease, tick, took, leading);
-                        if let Tick::DeadlineMissed { .. } = tick {
-                            task_fence.stop_workload();
+                        if let Tick::DeadlineMissed { error, .. } = tick {
+                            task_fence.stop_workload(error.is_some() || !database_was_ok);
                         }
                         if let Some(event) = transition_event(tick) {
                             let _ = trigger.send(key.clone());
@@ -249,30 +262,74 @@ impl Candidates {
 #[derive(Clone)]
 struct Fence {
     client: Client,
+    store: LeaseStore,
     namespace: String,
     deployment: String,
+    lease_name: String,
+    holder: String,
+    /// How long to ask the database who holds the lease before fencing anyway.
+    check_timeout: Duration,
 }
 
 impl Fence {
-    fn stop_workload(&self) {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
-        let name = self.deployment.clone();
+    /// Called when the elector missed its renew deadline. If the database call of this
+    /// tick or of the one before failed, it is unreachable: fence at once. Otherwise the process was
+    /// stalled (SIGSTOP, starvation) and the lease may already belong to a peer in this
+    /// cluster, whose pod is the one running: the Deployment is shared, so scaling it to
+    /// 0 would only restart the singleton. That is checked first, briefly, and the fence
+    /// fires whenever the answer is anything but "a live peer of this cluster holds it".
+    fn stop_workload(&self, database_failed: bool) {
+        let fence = self.clone();
         tokio::spawn(async move {
-            let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
-            match api
-                .patch_scale(&name, &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {
-                    tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0")
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(error) => {
-                    tracing::warn!(deployment = %name, %error, "renew deadline missed: cannot scale to 0")
-                }
+            if !database_failed && fence.peer_of_this_cluster_holds_lease().await {
+                tracing::info!(
+                    deployment = %fence.deployment,
+                    lease = %fence.lease_name,
+                    "renew deadline missed, but a peer in this cluster holds the lease: left the workload running"
+                );
+                return;
             }
+            fence.scale_to_zero().await;
         });
     }
+
+    async fn peer_of_this_cluster_holds_lease(&self) -> bool {
+        let lookup = self.store.get(&self.lease_name);
+        let Ok(Ok(Some(lease))) = tokio::time::timeout(self.check_timeout, lookup).await else {
+            return false;
+        };
+        lease.is_held() && lease.holder != self.holder && same_cluster(&lease.holder, &self.holder)
+    }
+
+    async fn scale_to_zero(&self) {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = &self.deployment;
+        let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
+        match api.patch_scale(name, &PatchParams::default(), &patch).await {
+            Ok(_) => {
+                tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(error) => {
+                tracing::warn!(deployment = %name, %error, "renew deadline missed: cannot scale to 0")
+            }
+        }
+    }
+}
+
+/// Whether two `<cluster>/<identity>` holders are replicas in the same cluster.
+fn same_cluster(a: &str, b: &str) -> bool {
+    match (a.split_once('/'), b.split_once('/')) {
+        (Some((cluster_a, _)), Some((cluster_b, _))) => cluster_a == cluster_b,
+        _ => false,
+    }
+}
+
+/// The fence's database check must leave most of the margin between the renew deadline
+/// and the ttl to the scale-down itself.
+fn fence_check_timeout(timings: LeaseTimings) -> Duration {
+    ((timings.ttl - timings.renew_deadline) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
 /// Publishes an Event without blocking the caller; a failed Event is only logged.
@@ -323,4 +380,41 @@ fn transition_event(tick: &Tick) -> Option<Event> {
         action: "Elect".into(),
         secondary: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_compare_by_cluster() {
+        assert!(same_cluster("east/a", "east/b"));
+        assert!(!same_cluster("east/a", "west/a"));
+        assert!(!same_cluster("east", "east/a"));
+        assert!(!same_cluster("", ""));
+    }
+
+    #[test]
+    fn fence_check_leaves_most_of_the_margin() {
+        let t = |ttl, deadline, retry| {
+            LeaseTimings::new(
+                Duration::from_millis(ttl),
+                Duration::from_millis(deadline),
+                Duration::from_millis(retry),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            fence_check_timeout(t(15_000, 10_000, 2_000)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            fence_check_timeout(t(3_000, 2_000, 1_000)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            fence_check_timeout(t(1_000, 990, 500)),
+            Duration::from_millis(50)
+        );
+    }
 }
