@@ -21,6 +21,7 @@ both_paths!(
     late_release_after_takeover_leaves_the_new_holder,
     deleted_row_heals_on_next_acquire_without_reusing_an_epoch,
     renew_many_returns_exactly_the_leases_still_held,
+    acquirable_lists_exactly_the_leases_an_acquire_could_take,
     audit_table_matches_a_scripted_history,
     advisory_lock_does_not_protect_but_the_lease_does,
     acquire_and_release_notify_listeners,
@@ -294,6 +295,49 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     assert_eq!(renewed, held);
     assert!(store.get("keep-1").await.unwrap().unwrap().renewed_at > before);
     assert!(store.renew_many("me", &[]).await.unwrap().is_empty());
+}
+
+async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    let short = Duration::from_millis(200);
+    store.acquire("held", "other", LONG).await.unwrap().unwrap();
+    store.acquire("mine", "me", LONG).await.unwrap().unwrap();
+    store
+        .acquire("q\"uote", "other", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire("expired", "other", short)
+        .await
+        .unwrap()
+        .unwrap();
+    let freed = store
+        .acquire("released", "other", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .release("released", "other", freed.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+
+    let names: Vec<String> = [
+        "held", "mine", "q\"uote", "expired", "released", "missing", "c,o{m}ma",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut free = store.acquirable(&names).await.unwrap();
+    free.sort();
+    assert_eq!(free, ["c,o{m}ma", "expired", "missing", "released"]);
+    // What it lists, acquire takes; what it leaves out, acquire refuses.
+    for name in &names {
+        let taken = store.acquire(name, "me", LONG).await.unwrap().is_some();
+        assert_eq!(taken, free.contains(name), "{name}");
+    }
+    assert!(store.acquirable(&[]).await.unwrap().is_empty());
 }
 
 async fn audit_table_matches_a_scripted_history(via: Via) {

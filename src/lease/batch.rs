@@ -1,10 +1,13 @@
-//! Coalesces the renews of all electors of one process into `renew_many` statements.
+//! Coalesces the database calls of all electors of one process: leaders' renews into
+//! one `renew_many` statement, followers' "is it free?" checks into one
+//! `acquirable` read.
 //!
 //! A replica holding 1 000 leases would otherwise send 1 000 `UPDATE`s every retry
-//! period. Electors with the same retry period tick on a shared grid (see
-//! [`Elector::run`](super::Elector::run)), so their renew requests arrive within a few
-//! milliseconds of each other; the batcher waits a short linger after the first request
-//! and sends everything that has queued as one statement.
+//! period, and a standby 1 000 `acquire`s. Electors with the same retry period tick on a
+//! shared grid (see [`Elector::run`](super::Elector::run)), so their requests arrive
+//! within a few milliseconds of each other; the batcher waits a short linger after the
+//! first request and sends everything that has queued as one statement per kind.
+//! Followers then `acquire` only the leases the read found free or expired.
 //!
 //! Safety does not depend on the batching: each elector still takes its `sent` instant
 //! before queueing its request, so the database's `renewed_at` (taken when the batch
@@ -13,7 +16,7 @@
 //! whose elector has given up is dropped from the next batch rather than renewed: a
 //! lease nobody acts on must be left to expire.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,21 +32,40 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 /// Largest batch: 10 000 leases renew in one statement in ~45 ms (docs/benchmarks.md).
 const MAX_BATCH: usize = 10_000;
 
-struct Request {
+struct Renew {
     name: String,
     epoch: i64,
     reply: oneshot::Sender<Result<Option<Lease>>>,
 }
 
+struct Probe {
+    name: String,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+enum Request {
+    Renew(Renew),
+    Probe(Probe),
+}
+
+impl Request {
+    fn abandoned(&self) -> bool {
+        match self {
+            Request::Renew(r) => r.reply.is_closed(),
+            Request::Probe(p) => p.reply.is_closed(),
+        }
+    }
+}
+
 /// A handle on the batching task of one holder. Cloning shares the task.
 #[derive(Clone)]
-pub struct RenewBatcher {
+pub struct LeaseBatcher {
     holder: String,
     tx: mpsc::UnboundedSender<Request>,
     statements: Arc<AtomicU64>,
 }
 
-impl RenewBatcher {
+impl LeaseBatcher {
     /// Starts the batching task for `holder`; it ends when the last handle is dropped.
     pub fn spawn(store: LeaseStore, holder: String, linger: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -70,21 +92,39 @@ impl RenewBatcher {
     /// `Ok(None)` means "you are not the leader", exactly as [`LeaseStore::renew`].
     pub async fn renew(&self, name: &str, epoch: i64) -> Result<Option<Lease>> {
         let (reply, answer) = oneshot::channel();
-        let request = Request {
+        self.call(
+            Request::Renew(Renew {
+                name: name.to_owned(),
+                epoch,
+                reply,
+            }),
+            answer,
+        )
+        .await
+    }
+
+    /// Whether `name` is missing, free or expired on the database's clock, in the next
+    /// batch: if not, an `acquire` would fail.
+    pub async fn acquirable(&self, name: &str) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Probe(Probe {
             name: name.to_owned(),
-            epoch,
             reply,
-        };
+        });
+        self.call(request, answer).await
+    }
+
+    async fn call<T>(&self, request: Request, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         if self.tx.send(request).is_err() {
-            return Err(Error::Config("the renew batcher has stopped".into()));
+            return Err(Error::Config("the lease batcher has stopped".into()));
         }
         match answer.await {
             Ok(result) => result,
-            Err(_) => Err(Error::Config("the renew batcher has stopped".into())),
+            Err(_) => Err(Error::Config("the lease batcher has stopped".into())),
         }
     }
 
-    /// How many renew statements this batcher has sent.
+    /// How many statements (renews and reads) this batcher has sent.
     pub fn statements(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
     }
@@ -110,18 +150,28 @@ async fn batch_loop(
                 },
             }
         }
-        batch.retain(|request| !request.reply.is_closed());
-        if batch.is_empty() {
-            continue;
+        batch.retain(|request| !request.abandoned());
+        let (mut renews, mut probes) = (Vec::new(), Vec::new());
+        for request in batch {
+            match request {
+                Request::Renew(renew) => renews.push(renew),
+                Request::Probe(probe) => probes.push(probe),
+            }
         }
-        statements.fetch_add(1, Ordering::Relaxed);
         // Each batch runs on its own task so one hung connection does not hold back the
-        // renews queued after it; the pool bounds how many run at once.
-        tokio::spawn(send_batch(store.clone(), holder.clone(), batch));
+        // calls queued after it; the pool bounds how many run at once.
+        if !renews.is_empty() {
+            statements.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(send_renews(store.clone(), holder.clone(), renews));
+        }
+        if !probes.is_empty() {
+            statements.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(send_probes(store.clone(), probes));
+        }
     }
 }
 
-async fn send_batch(store: LeaseStore, holder: Arc<str>, batch: Vec<Request>) {
+async fn send_renews(store: LeaseStore, holder: Arc<str>, batch: Vec<Renew>) {
     let held: Vec<(String, i64)> = batch.iter().map(|r| (r.name.clone(), r.epoch)).collect();
     match store.renew_many(&holder, &held).await {
         Ok(renewed) => {
@@ -134,6 +184,26 @@ async fn send_batch(store: LeaseStore, holder: Arc<str>, batch: Vec<Request>) {
                     .get(&(request.name.as_str(), request.epoch))
                     .map(|l| (*l).clone());
                 let _ = request.reply.send(Ok(lease));
+            }
+        }
+        Err(error) => {
+            let error = Arc::new(error);
+            for request in batch {
+                let _ = request.reply.send(Err(Error::Shared(error.clone())));
+            }
+        }
+    }
+}
+
+async fn send_probes(store: LeaseStore, batch: Vec<Probe>) {
+    let mut names: Vec<String> = batch.iter().map(|p| p.name.clone()).collect();
+    names.sort_unstable();
+    names.dedup();
+    match store.acquirable(&names).await {
+        Ok(free) => {
+            let free: HashSet<&str> = free.iter().map(String::as_str).collect();
+            for request in batch {
+                let _ = request.reply.send(Ok(free.contains(request.name.as_str())));
             }
         }
         Err(error) => {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 
-use super::batch::RenewBatcher;
+use super::batch::LeaseBatcher;
 use super::store::{Lease, LeaseStore};
 use crate::Error;
 use crate::config::LeaseTimings;
@@ -152,7 +152,7 @@ struct Held {
 pub struct Elector {
     config: ElectorConfig,
     store: LeaseStore,
-    batcher: Option<RenewBatcher>,
+    batcher: Option<LeaseBatcher>,
     clock: Arc<dyn Clock>,
     held: Option<Held>,
     tx: watch::Sender<Leadership>,
@@ -173,12 +173,13 @@ impl Elector {
         }
     }
 
-    /// Sends this elector's renews through `batcher` (shared with the other electors of
-    /// the process) instead of one statement each.
+    /// Sends this elector's renews, and as a follower its check whether the lease is
+    /// free, through `batcher` (shared with the other electors of the process) instead
+    /// of one statement each; it then sends `acquire` only for a lease found free.
     ///
     /// # Panics
     /// If the batcher renews for another holder: its renews would never match.
-    pub fn with_batcher(mut self, batcher: RenewBatcher) -> Self {
+    pub fn with_batcher(mut self, batcher: LeaseBatcher) -> Self {
         assert_eq!(
             batcher.holder(),
             self.config.holder,
@@ -221,6 +222,18 @@ impl Elector {
         let sent = self.clock.now();
         let deadline = self.config.timings.renew_deadline;
         let Some(held) = self.held else {
+            if let Some(batcher) = &self.batcher {
+                match batcher.acquirable(&self.config.lease_name).await {
+                    Ok(true) => {}
+                    Ok(false) => return Tick::Standby,
+                    Err(error) => {
+                        return Tick::DatabaseError {
+                            error,
+                            still_leader: false,
+                        };
+                    }
+                }
+            }
             return match self
                 .store
                 .acquire(
@@ -310,7 +323,7 @@ impl Elector {
     /// calls [`Elector::release`].
     ///
     /// The periodic ticks fall on a grid shared by every elector of the process with the
-    /// same retry period, so a [`RenewBatcher`] sees their renews together.
+    /// same retry period, so a [`LeaseBatcher`] sees their calls together.
     pub async fn run<F, T>(&mut self, shutdown: F, mut on_tick: T)
     where
         F: Future<Output = ()>,

@@ -5,7 +5,7 @@ pub mod batch;
 pub mod elector;
 pub mod store;
 
-pub use batch::RenewBatcher;
+pub use batch::LeaseBatcher;
 pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };

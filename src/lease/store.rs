@@ -238,27 +238,15 @@ impl LeaseStore {
         }
         // Two array literals ('{...}'::text[]) rather than ARRAY[...] of 2 × N literals:
         // the server parses one string per array instead of planning N expressions.
-        let mut names = String::with_capacity(held.len() * 24 + 2);
+        let names = text_array(held.iter().map(|(name, _)| name.as_str()))?;
         let mut epochs = String::with_capacity(held.len() * 8 + 2);
-        names.push('{');
         epochs.push('{');
-        for (i, (name, epoch)) in held.iter().enumerate() {
-            validate_label("lease name", name)?;
+        for (i, (_, epoch)) in held.iter().enumerate() {
             if i > 0 {
-                names.push(',');
                 epochs.push(',');
             }
-            names.push('"');
-            for c in name.chars() {
-                if c == '"' || c == '\\' {
-                    names.push('\\');
-                }
-                names.push(c);
-            }
-            names.push('"');
             epochs.push_str(&epoch.to_string());
         }
-        names.push('}');
         epochs.push('}');
         let l = &self.lease_table;
         let (holder, names, epochs) = (literal(holder), literal(&names), literal(&epochs));
@@ -270,6 +258,28 @@ impl LeaseStore {
              RETURNING {LEASE_COLUMNS}"
         );
         self.fetch_leases(sql).await
+    }
+
+    /// Which of `names` an `acquire` could take right now: missing, free or expired on
+    /// the database's clock. One read for any number of leases, so standbys need not
+    /// send an `acquire` per lease per retry period; `acquire` still decides.
+    pub async fn acquirable(&self, names: &[String]) -> Result<Vec<String>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let array = literal(&text_array(names.iter().map(String::as_str))?);
+        let l = &self.lease_table;
+        let sql = format!(
+            "SELECT n.name FROM unnest({array}::text[]) AS n(name) \
+             LEFT JOIN {l} AS l ON l.name = n.name \
+             WHERE l.name IS NULL OR l.holder = '' \
+                OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= clock_timestamp()"
+        );
+        self.fetch(sql)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String, _>("name").map_err(Error::from))
+            .collect()
     }
 
     /// Frees the lease if `holder` holds it at `epoch`; a late release after a takeover
@@ -458,6 +468,28 @@ fn ttl_millis(ttl: Duration) -> Result<i64> {
 /// A SQL string literal in the `E'...'` form, which means the same whatever
 /// `standard_conforming_strings` is. Control characters (NUL included) are refused
 /// earlier by [`validate_label`].
+/// A PostgreSQL array literal (`{"a","b"}`) of validated lease names, to be quoted with
+/// [`literal`] and cast to `text[]`.
+fn text_array<'a>(names: impl Iterator<Item = &'a str>) -> Result<String> {
+    let mut out = String::from("{");
+    for (i, name) in names.enumerate() {
+        validate_label("lease name", name)?;
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in name.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    Ok(out)
+}
+
 fn literal(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 3);
     out.push_str("E'");

@@ -22,7 +22,7 @@ use super::crd::Reaper;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
-    Clock, Elector, ElectorConfig, LeaderWatch, LeaseStore, MonotonicClock, RenewBatcher, Tick,
+    Clock, Elector, ElectorConfig, LeaderWatch, LeaseBatcher, LeaseStore, MonotonicClock, Tick,
 };
 use crate::metrics::Metrics;
 
@@ -67,7 +67,7 @@ pub struct Candidates {
     inner: Arc<Mutex<HashMap<ObjectRef<Reaper>, Candidate>>>,
     store: LeaseStore,
     /// All electors of this replica renew through it: one statement per retry period.
-    batcher: RenewBatcher,
+    batcher: LeaseBatcher,
     holder: String,
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
     recorder: Recorder,
@@ -87,7 +87,7 @@ impl Candidates {
     ) -> Self {
         Self {
             inner: Arc::default(),
-            batcher: RenewBatcher::spawn(store.clone(), holder.clone(), DEFAULT_LINGER),
+            batcher: LeaseBatcher::spawn(store.clone(), holder.clone(), DEFAULT_LINGER),
             store,
             holder,
             trigger,
