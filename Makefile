@@ -8,16 +8,16 @@ test:
 demo:
 	scripts/demo.sh
 
-# The chaos suite (short profile ~3 min; REAPER_CHAOS_SECONDS=1800 for the long one).
-# Needs the database variables, like `bench`.
+# The chaos suite alone (short profile ~3 min, also part of `make test`;
+# REAPER_CHAOS_SECONDS=1800 for the long one). Starts a database of its own.
 chaos:
-	cargo test --locked --test chaos -- --ignored --nocapture
+	scripts/chaos.sh
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) .ci/run
-	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh
+	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh tests/bench/*/*.sh
 
 build:
 	cargo build --locked --release

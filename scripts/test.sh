@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: starts a private PostgreSQL + PgBouncer (transaction mode),
 # makes sure the local control-plane binaries are built (cached outside the clone), runs
-# every Rust test, and stops what it started. Extra arguments go to `cargo test`.
+# every Rust test, then the local failover checks and the chaos suite's short profile,
+# and stops what it started. Extra arguments go to `cargo test` (and skip the last two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +29,8 @@ cargo test --locked "$@"
 if [ $# -eq 0 ]; then
   echo "--- failover scenarios on local control planes (tests/e2e/local/check.sh)"
   tests/e2e/local/check.sh
+  # Random faults for 150 s against two clusters of two replicas each: "at most one
+  # reaper" and convergence (docs/chaos.md). Uses a database of its own.
+  echo "--- chaos suite, short profile (scripts/chaos.sh)"
+  scripts/chaos.sh
 fi

@@ -11,8 +11,10 @@
 //! fencing case), (b) the audit history is a sequence of non-overlapping tenures with
 //! strictly increasing epochs, (c) everything converges after the last fault.
 //!
-//! Opt-in (`#[ignore]`): `make chaos`, or `cargo test --test chaos -- --ignored
-//! --nocapture` with the database variables of `tests/db/up.sh` set.
+//! `#[ignore]`d because it stops and restarts the database it is given: run it with
+//! `scripts/chaos.sh` (what `make chaos` and `make test` do), which starts a private
+//! one, or `cargo test --test chaos -- --ignored --nocapture` with the variables of a
+//! `tests/db/up.sh` database nothing else uses.
 //! `REAPER_CHAOS_SECONDS` (default 150) sets how long faults are injected,
 //! `REAPER_CHAOS_SEED` replays a run, `REAPER_CHAOS_KEEP=1` keeps the run directory
 //! (fault log, timeline, operator logs) even when the run passes.
@@ -72,7 +74,7 @@ struct Outcome {
 }
 
 #[test]
-#[ignore = "chaos suite: run with `make chaos` (not yet part of `make test`)"]
+#[ignore = "restarts the database it is given: run by scripts/chaos.sh (`make chaos`, `make test`)"]
 fn chaos_short_profile() {
     let seconds = std::env::var("REAPER_CHAOS_SECONDS")
         .ok()

@@ -73,6 +73,9 @@ pool_mode = transaction
 max_client_conn = 1000
 default_pool_size = 20
 server_reset_query =
+# Recommended for a lease database (docs/operations.md): the default of 15 s refuses
+# every client for 15 s after one failed server login, e.g. during a PostgreSQL restart.
+server_login_retry = 1
 ignore_startup_parameters = extra_float_digits,options
 logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
