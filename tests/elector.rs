@@ -262,6 +262,23 @@ fn batched(
     Elector::new(config, store.clone(), clock).with_batcher(batcher.clone())
 }
 
+/// Runs the elector on its own task until `stop` turns true.
+fn run_until(
+    mut elector: Elector,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        elector
+            .run(
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+                |_, _| {},
+            )
+            .await;
+    })
+}
+
 async fn tick_all(electors: &mut [Elector]) -> Vec<Tick> {
     futures::future::join_all(electors.iter_mut().map(|e| e.tick())).await
 }
@@ -385,7 +402,7 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
         let batcher = LeaseBatcher::spawn(store.clone(), holder.into(), DEFAULT_LINGER);
         let mut watches = Vec::new();
         for i in 0..200 {
-            let mut elector = batched(
+            let elector = batched(
                 &format!("many-{i}"),
                 holder,
                 t,
@@ -394,17 +411,7 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
                 Arc::new(MonotonicClock),
             );
             watches.push(elector.watch());
-            let mut stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                elector
-                    .run(
-                        async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        },
-                        |_, _| {},
-                    )
-                    .await;
-            }));
+            tasks.push(run_until(elector, stop_rx.clone()));
         }
         if holder == "a" {
             let settle_until = Instant::now() + Duration::from_secs(20);
@@ -484,7 +491,7 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
         let mut replica = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let timings = if i % 2 == 0 { t } else { slow };
-            let mut elector = batched(
+            let elector = batched(
                 name,
                 holder,
                 timings,
@@ -493,17 +500,7 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
                 Arc::new(MonotonicClock),
             );
             replica.push(elector.watch());
-            let mut stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                elector
-                    .run(
-                        async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        },
-                        |_, _| {},
-                    )
-                    .await;
-            }));
+            tasks.push(run_until(elector, stop_rx.clone()));
         }
         proxies.push(proxy);
         watches.push(replica);

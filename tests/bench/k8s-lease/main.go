@@ -438,32 +438,34 @@ func (c *candidate) alive() bool {
 	}
 }
 
+// findEvent returns the first event named name received so far.
+func (c *candidate) findEvent(name string) (event, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range c.events {
+		if e.Event == name {
+			return e, true
+		}
+	}
+	return event{}, false
+}
+
 // waitEvent waits for the first event named name; its time is the candidate's clock.
 func (c *candidate) waitEvent(ctx context.Context, name string, timeout time.Duration) (event, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		c.mu.Lock()
-		for _, e := range c.events {
-			if e.Event == name {
-				c.mu.Unlock()
-				return e, nil
-			}
+		if e, ok := c.findEvent(name); ok {
+			return e, nil
 		}
-		c.mu.Unlock()
 		if time.Now().After(deadline) {
 			return event{}, fmt.Errorf("candidate %s: no %q event within %s", c.id, name, timeout)
 		}
 		if !c.alive() {
 			// Drain the rest of stdout once more before giving up.
 			time.Sleep(50 * time.Millisecond)
-			c.mu.Lock()
-			for _, e := range c.events {
-				if e.Event == name {
-					c.mu.Unlock()
-					return e, nil
-				}
+			if e, ok := c.findEvent(name); ok {
+				return e, nil
 			}
-			c.mu.Unlock()
 			return event{}, fmt.Errorf("candidate %s exited (%v) before %q", c.id, c.exitErr, name)
 		}
 		select {
