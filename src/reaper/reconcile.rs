@@ -539,7 +539,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     let changed = reaper
         .status
         .as_ref()
-        .is_none_or(|old| status::differs(old, &new_status));
+        .is_none_or(|old| status::differs(old, &new_status, timings.ttl / 2));
     if changed {
         write_status(ctx, reaper, new_status).await?;
     }

@@ -416,17 +416,35 @@ fn k8s_time(t: DateTime<Utc>) -> Time {
     Time(k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).unwrap_or_default())
 }
 
-/// True when two statuses differ in anything but condition timestamps, so an unchanged
-/// status is not written again.
-pub fn differs(a: &ReaperStatus, b: &ReaperStatus) -> bool {
+/// True when `new` is worth writing over `old`: it differs in anything but condition
+/// timestamps and the renewal times, or the recorded renewal is at least `refresh` older
+/// than the new one. Every renew moves `renewedAt`; writing it each retry period would
+/// cost a status write, and the reconcile its watch event triggers, per Reaper per
+/// period, so the renewal times are refreshed only every `refresh` (half the ttl).
+pub fn differs(old: &ReaperStatus, new: &ReaperStatus, refresh: Duration) -> bool {
     let strip = |s: &ReaperStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {
             c.last_transition_time = k8s_time(DateTime::<Utc>::UNIX_EPOCH);
         }
+        s.renewed_at = None;
+        s.expires_at = None;
         s
     };
-    strip(a) != strip(b)
+    if strip(old) != strip(new) {
+        return true;
+    }
+    let parse = |t: &Option<String>| {
+        t.as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    };
+    match (parse(&old.renewed_at), parse(&new.renewed_at)) {
+        (Some(recorded), Some(latest)) => (latest - recorded)
+            .to_std()
+            .is_ok_and(|behind| behind >= refresh),
+        (recorded, latest) => recorded != latest || old.expires_at != new.expires_at,
+    }
 }
 
 #[cfg(test)]
@@ -684,7 +702,7 @@ mod tests {
             second.conditions[0].last_transition_time,
             first.conditions[0].last_transition_time
         );
-        assert!(!differs(&first, &second));
+        assert!(!differs(&first, &second, REFRESH));
 
         let db_down = Observation {
             database_error: Some("timed out"),
@@ -706,7 +724,32 @@ mod tests {
             dbc.last_transition_time,
             first.conditions[2].last_transition_time
         );
-        assert!(differs(&second, &third));
+        assert!(differs(&second, &third, REFRESH));
+    }
+
+    const REFRESH: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn renewal_times_alone_are_refreshed_every_refresh_period() {
+        let at = |secs: i64| {
+            let t = Utc::now() + chrono::Duration::seconds(secs);
+            ReaperStatus {
+                renewed_at: Some(t.to_rfc3339()),
+                expires_at: Some((t + chrono::Duration::seconds(15)).to_rfc3339()),
+                ..ReaperStatus::default()
+            }
+        };
+        let recorded = at(0);
+        assert!(!differs(&recorded, &at(2), REFRESH));
+        assert!(!differs(&recorded, &at(4), REFRESH));
+        assert!(differs(&recorded, &at(5), REFRESH));
+        // A new lease row (no renewal recorded yet, or none any more) is always written.
+        assert!(differs(&ReaperStatus::default(), &at(1), REFRESH));
+        assert!(differs(&recorded, &ReaperStatus::default(), REFRESH));
+        // Anything else that changes is written at once, renewal times included.
+        let mut other = at(1);
+        other.epoch = Some(9);
+        assert!(differs(&recorded, &other, REFRESH));
     }
 
     #[test]
