@@ -8,6 +8,10 @@
 # The env file defines DATABASE_URL (direct), REAPER_TEST_DATABASE_URL (direct),
 # REAPER_TEST_PGBOUNCER_URL (through PgBouncer), REAPER_TEST_PGDATA and
 # REAPER_TEST_PG_CTL (so tests can stop and restart the server), REAPER_TEST_PGBOUNCER_PID.
+#
+# REAPER_DB_PG_STAT_STATEMENTS=1 also preloads pg_stat_statements (off by default), so a
+# benchmark can count the statements each database receives (benches/failover.rs
+# `footprint`); the benchmark creates the extension itself.
 set -euo pipefail
 
 name=${1:?usage: tests/db/up.sh NAME}
@@ -52,6 +56,13 @@ max_connections = 300
 shared_buffers = 128MB
 log_min_messages = warning
 CONF
+if [ "${REAPER_DB_PG_STAT_STATEMENTS:-0}" = 1 ]; then
+  cat >>"$dir/data/postgresql.conf" <<'CONF'
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = top
+pg_stat_statements.max = 1000
+CONF
+fi
 
 "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null \
   || { tail -n 30 "$dir/postgres.log" >&2; die "PostgreSQL did not start"; }

@@ -1,0 +1,2230 @@
+//! End-to-end benchmarks of the operator binary on real local control planes: a plain
+//! binary (`harness = false`), not a test. Two subcommands:
+//!
+//! - `failover`: two control planes (clusters `a` and `b`), one operator replica in each,
+//!   one Reaper per cluster with the same lease name and its own Deployment. Each trial
+//!   kills the leading replica (`--mode kill9`: SIGKILL, `--mode graceful`: SIGTERM) and
+//!   measures, from the signal: the other replica's acquire row in `lease_event` (its
+//!   `at`, the database's `clock_timestamp()`, same machine), the other cluster's
+//!   Deployment `spec.replicas` becoming 1 and its `status.readyReplicas` becoming 1 (both
+//!   seen by a watch). Then it restarts the killed replica as a standby, waits until the
+//!   system is stable again, and repeats with the roles swapped.
+//! - `footprint`: one control plane and one replica holding N leases (N Reapers, each
+//!   with its own Deployment and lease name), for each N of `--sizes`: resident memory,
+//!   CPU and the statements per second it sends to the database (by kind, with
+//!   `pg_stat_statements`), over a measurement window.
+//!
+//! ```text
+//! export CARGO_TARGET_DIR=...                 # optional, as for any cargo command
+//! set -a; . "$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)"; set +a
+//! cargo bench --bench failover -- failover --mode kill9 --trials 30 --write
+//! cargo bench --bench failover -- failover --mode kill9 --trials 30 --ttl 3 --deadline 2 --retry 1 --write
+//! cargo bench --bench failover -- failover --mode graceful --trials 30 --write
+//! cargo bench --bench failover -- footprint --write          # N = 0, 1, 100, 1000; 60 s windows
+//! cargo bench --bench failover -- --help
+//! ```
+//!
+//! `cargo bench --bench failover` builds the operator binary (`reaper-operator`, release
+//! profile) from the same checkout and runs exactly that file
+//! (`CARGO_BIN_EXE_reaper-operator`); `REAPER_BENCH_OPERATOR=/path/to/reaper-operator`
+//! runs another build instead. The control planes come from `tests/cluster/up.sh` (built
+//! once by `tests/cluster/build.sh`) and are stopped with `tests/cluster/down.sh`, the
+//! operators are killed, and the schema (`failover`) or database (`footprint`) is dropped,
+//! also when a run fails or is interrupted with Ctrl-C. `REAPER_KEEP_CLUSTER=1` leaves
+//! the control planes running. Operator logs go to `$TMPDIR/reaper-bench-<kind>-<pid>/`,
+//! kept only when the run fails. `REAPER_BENCH_RUST_LOG` sets the operators' `RUST_LOG`
+//! (default: unset, i.e. the binary's own `info,sqlx=warn`).
+//!
+//! `--write` writes `docs/benchmarks-failover.md` (one section per mode and timings,
+//! replaced when the same configuration is written again) or
+//! `docs/benchmarks-footprint.md` (the whole file).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use reaper_operator::config::{LeaseTimings, Schema};
+use reaper_operator::lease::LeaseStore;
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+use support::cluster::{TestCluster, install_reaper_crd, wait_until};
+
+const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
+const PGBOUNCER_ENV: &str = "REAPER_TEST_PGBOUNCER_URL";
+const FAILOVER_DOC: &str = "docs/benchmarks-failover.md";
+const FOOTPRINT_DOC: &str = "docs/benchmarks-footprint.md";
+const SHUTDOWN_TIMEOUT_S: u64 = 30;
+/// Reapers (and Deployments) per namespace in `footprint`.
+const PER_NAMESPACE: usize = 100;
+/// Pods the fake Node of `tests/cluster/up.sh` accepts.
+const DEFAULT_NODE_PODS: usize = 110;
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo bench --bench failover --",
+    about = "Failover latency and footprint of the reaper-operator binary on local control planes",
+    after_help = "Needs REAPER_TEST_DATABASE_URL and REAPER_TEST_PGBOUNCER_URL: \
+                  set -a; . \"$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)\"; set +a"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Bench>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Kill the leading replica of two clusters and time the other cluster's takeover.
+    Failover(FailoverArgs),
+    /// Memory, CPU and database statements of one replica holding N leases.
+    Footprint(FootprintArgs),
+}
+
+#[derive(Clone, Copy, Debug, Args)]
+struct TimingArgs {
+    /// spec.lease.ttlSeconds of the Reapers.
+    #[arg(long, default_value_t = 15)]
+    ttl: u64,
+    /// spec.lease.renewDeadlineSeconds.
+    #[arg(long, default_value_t = 10)]
+    deadline: u64,
+    /// spec.lease.retryPeriodSeconds.
+    #[arg(long, default_value_t = 2)]
+    retry: u64,
+}
+
+impl TimingArgs {
+    fn validate(&self) -> Result<LeaseTimings> {
+        ensure!(
+            self.ttl <= 3600 && self.deadline <= 3600 && self.retry <= 3600,
+            "timings above 3600 s are not allowed by the CRD"
+        );
+        Ok(LeaseTimings::new(
+            Duration::from_secs(self.ttl),
+            Duration::from_secs(self.deadline),
+            Duration::from_secs(self.retry),
+        )?)
+    }
+
+    fn lease_spec(&self, name: &str) -> LeaseSpec {
+        LeaseSpec {
+            name: Some(name.to_owned()),
+            ttl_seconds: self.ttl as i32,
+            renew_deadline_seconds: self.deadline as i32,
+            retry_period_seconds: self.retry as i32,
+            handover_delay_seconds: 0,
+        }
+    }
+
+    fn flags(&self) -> String {
+        format!(
+            "--ttl {} --deadline {} --retry {}",
+            self.ttl, self.deadline, self.retry
+        )
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "ttl {} s / renew deadline {} s / retry {} s",
+            self.ttl, self.deadline, self.retry
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// SIGKILL: the lease must expire before the other replica can take it.
+    Kill9,
+    /// SIGTERM: the leader scales its Deployment to 0, then releases the lease.
+    Graceful,
+}
+
+impl Mode {
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Kill9 => "kill9",
+            Mode::Graceful => "graceful",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct FailoverArgs {
+    /// How the leading replica is stopped.
+    #[arg(long, value_enum, default_value_t = Mode::Kill9)]
+    mode: Mode,
+    /// Number of failovers (the roles swap after each).
+    #[arg(long, default_value_t = 30)]
+    trials: usize,
+    #[command(flatten)]
+    timing: TimingArgs,
+    /// Add or replace this configuration's section in docs/benchmarks-failover.md.
+    #[arg(long)]
+    write: bool,
+}
+
+#[derive(Debug, Args)]
+struct FootprintArgs {
+    /// Numbers of Reapers (leases) to measure, comma-separated; run in ascending order.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,100,1000")]
+    sizes: Vec<usize>,
+    /// Measurement window per size, in seconds.
+    #[arg(long, default_value_t = 60)]
+    window: u64,
+    /// Wait after the replica holds every lease and every Deployment is ready, in seconds.
+    #[arg(long, default_value_t = 20)]
+    settle: u64,
+    /// Reapers and Deployments created concurrently.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[command(flatten)]
+    timing: TimingArgs,
+    /// Write docs/benchmarks-footprint.md.
+    #[arg(long)]
+    write: bool,
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` appends `--bench`; drop it.
+    let args = std::env::args_os().filter(|a| a != "--bench");
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let Some(command) = cli.command else {
+        // A bare `cargo bench` runs every bench: do nothing here rather than start clusters.
+        eprintln!(
+            "failover bench: no subcommand; try `cargo bench --bench failover -- --help` \
+             (nothing measured)"
+        );
+        return ExitCode::SUCCESS;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("failover bench: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        // On Ctrl-C the bench future is dropped, which runs every guard's Drop (operators
+        // killed, control planes stopped); the database clean-up of an interrupted run is
+        // done below.
+        tokio::select! {
+            r = run(&command) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!(Interrupted)),
+        }
+    });
+    if result.as_ref().is_err_and(|e| e.is::<Interrupted>()) {
+        runtime.block_on(cleanup_after_interrupt());
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("failover bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+async fn run(command: &Bench) -> Result<()> {
+    match command {
+        Bench::Failover(args) => failover(args).await,
+        Bench::Footprint(args) => footprint(args).await,
+    }
+}
+
+/// Drops what an interrupted run left in the database (its future was dropped before its
+/// own clean-up ran).
+async fn cleanup_after_interrupt() {
+    let Ok(urls) = Urls::from_env() else { return };
+    let Ok(pool) = admin_pool(&urls.direct).await else {
+        return;
+    };
+    let pid = std::process::id();
+    for sql in [
+        format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            failover_schema_name()
+        ),
+        format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            footprint_db_name()
+        ),
+    ] {
+        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+            .execute(&pool)
+            .await
+        {
+            eprintln!("clean-up after interrupt (pid {pid}): {sql}: {e}");
+        }
+    }
+    pool.close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Environment: database URLs, the operator binary, logs, the machine
+
+struct Urls {
+    direct: String,
+    pgbouncer: String,
+}
+
+impl Urls {
+    fn from_env() -> Result<Self> {
+        let get = |var: &str| {
+            std::env::var(var).ok().filter(|v| !v.is_empty()).with_context(|| {
+                format!(
+                    "{var} is not set. This benchmark needs a real PostgreSQL ({DIRECT_ENV}) and \
+                     a PgBouncer in transaction mode in front of it ({PGBOUNCER_ENV}): run \
+                     `set -a; . \"$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)\"; set +a` first"
+                )
+            })
+        };
+        Ok(Self {
+            direct: get(DIRECT_ENV)?,
+            pgbouncer: get(PGBOUNCER_ENV)?,
+        })
+    }
+}
+
+/// `url` with its database name replaced by `db` (PgBouncer's `* =` entry forwards any).
+fn with_database(url: &str, db: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map(|i| authority_start + i)
+        .ok_or_else(|| anyhow!("database URL has no database name"))?;
+    let mut out = format!("{}/{db}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
+async fn admin_pool(url: &str) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| format!("connect to {DIRECT_ENV}"))
+}
+
+async fn exec(pool: &PgPool, sql: &str) -> Result<()> {
+    sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+        .execute(pool)
+        .await
+        .with_context(|| sql.to_owned())?;
+    Ok(())
+}
+
+/// A SQL string literal (the values here are our own, but quote them anyway).
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn failover_schema_name() -> String {
+    format!("bench_failover_{}", std::process::id())
+}
+
+fn footprint_db_name() -> String {
+    format!("reaper_bench_fp_{}", std::process::id())
+}
+
+fn operator_bin() -> PathBuf {
+    std::env::var_os("REAPER_BENCH_OPERATOR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_reaper-operator")))
+}
+
+/// Directory of the operators' logs; removed on success, kept (and named) on failure.
+struct LogDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl LogDir {
+    fn new(kind: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("reaper-bench-{kind}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self { path, keep: true })
+    }
+
+    fn succeeded(&mut self) {
+        self.keep = false;
+    }
+}
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("operator logs kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    memory: String,
+    kernel: String,
+    postgres: String,
+    pgbouncer: String,
+    commit: String,
+    load_start: String,
+    load_end: String,
+}
+
+impl Machine {
+    async fn probe(pool: &PgPool) -> Result<Self> {
+        let row = sqlx::raw_sql("SELECT current_setting('server_version') AS v")
+            .fetch_one(pool)
+            .await
+            .context("read the server version")?;
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0))
+            })
+            .unwrap_or_else(|| "unknown RAM".to_owned());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
+        let first_line = |program: &str, arg: &str| {
+            Command::new(program)
+                .arg(arg)
+                .output()
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .map(|l| l.trim().to_owned())
+                })
+                .filter(|v| !v.is_empty())
+        };
+        let pgbouncer = first_line("pgbouncer", "--version")
+            .unwrap_or_else(|| "PgBouncer (version unknown)".to_owned());
+        let root = support::cluster::repo_root();
+        let commit = Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |c| {
+                    let dirty = Command::new("git")
+                        .arg("-C")
+                        .arg(&root)
+                        .args(["status", "--porcelain", "--untracked-files=no"])
+                        .output()
+                        .is_ok_and(|o| !o.stdout.is_empty());
+                    if dirty {
+                        format!("{c} with uncommitted changes")
+                    } else {
+                        c
+                    }
+                },
+            );
+        let commit = if std::env::var_os("REAPER_BENCH_OPERATOR").is_some_and(|v| !v.is_empty()) {
+            format!("{} (REAPER_BENCH_OPERATOR)", operator_bin().display())
+        } else {
+            format!("release build of commit {commit}")
+        };
+        Ok(Self {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            memory,
+            kernel,
+            postgres: row.try_get("v")?,
+            pgbouncer,
+            commit,
+            load_start: load_average(),
+            ..Self::default()
+        })
+    }
+
+    fn describe(&self, w: &mut String) {
+        let _ = writeln!(
+            w,
+            "- **Machine:** `nproc` = {}, CPU {}, {}, Linux {}. Load average (1/5/15 min) at \
+             start {}, at end {}.",
+            self.nproc, self.cpu, self.memory, self.kernel, self.load_start, self.load_end
+        );
+        let busy = [&self.load_start, &self.load_end]
+            .iter()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .fold(0.0_f64, f64::max);
+        if busy >= self.nproc.max(1) as f64 * 0.75 {
+            let _ = writeln!(
+                w,
+                "  The machine was busy (1-minute load up to {busy:.2} on {} CPUs): the control \
+                 planes, PostgreSQL, PgBouncer, the operators and any other jobs competed for \
+                 the CPUs, which mostly shows in the p99 and max columns.",
+                self.nproc
+            );
+        }
+        let _ = writeln!(
+            w,
+            "- **Software:** operator {}; PostgreSQL {} and {} (`pool_mode = transaction`) on \
+             the same machine over loopback; control planes from `tests/cluster/up.sh` \
+             (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok).",
+            self.commit, self.postgres, self.pgbouncer
+        );
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// The operator as a child process
+
+struct OperatorSpec<'a> {
+    kubeconfig: &'a Path,
+    database_url: &'a str,
+    listen_url: &'a str,
+    schema: &'a Schema,
+    cluster: &'a str,
+    identity: String,
+    namespace: Option<&'a str>,
+    log_dir: &'a Path,
+}
+
+struct Operator {
+    cluster: String,
+    identity: String,
+    http_port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Operator {
+    fn start(spec: OperatorSpec<'_>) -> Result<Self> {
+        let http_port = free_port()?;
+        let log = spec
+            .log_dir
+            .join(format!("{}-{}.log", spec.cluster, spec.identity));
+        let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let bin = operator_bin();
+        ensure!(
+            bin.is_file(),
+            "operator binary {} not found (build it with `cargo build --release --bin reaper-operator`, \
+             or let `cargo bench --bench failover` build it)",
+            bin.display()
+        );
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(["--cluster-name", spec.cluster])
+            .args(["--identity", &spec.identity])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args([
+                "--shutdown-timeout-seconds",
+                &SHUTDOWN_TIMEOUT_S.to_string(),
+            ])
+            .arg("--no-migrate")
+            .env("KUBECONFIG", spec.kubeconfig)
+            .env("DATABASE_URL", spec.database_url)
+            .env("REAPER_LISTEN_DATABASE_URL", spec.listen_url)
+            .env("REAPER_DB_SCHEMA", spec.schema.as_str())
+            .env_remove("REAPER_WATCH_NAMESPACE")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        if let Some(ns) = spec.namespace {
+            cmd.args(["--watch-namespace", ns]);
+        }
+        if let Some(filter) = std::env::var_os("REAPER_BENCH_RUST_LOG").filter(|v| !v.is_empty()) {
+            cmd.env("RUST_LOG", filter);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {} run", bin.display()))?;
+        Ok(Self {
+            cluster: spec.cluster.to_owned(),
+            identity: spec.identity,
+            http_port,
+            log,
+            child,
+        })
+    }
+
+    fn holder(&self) -> String {
+        format!("{}/{}", self.cluster, self.identity)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL; returns the wall-clock time just before the signal.
+    fn kill9(&mut self) -> Result<DateTime<Utc>> {
+        let at = Utc::now();
+        self.child.kill().context("SIGKILL the operator")?;
+        Ok(at)
+    }
+
+    /// SIGTERM (through `kill`, a millisecond or two after the returned time).
+    fn terminate(&self) -> Result<DateTime<Utc>> {
+        let at = Utc::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .context("run kill -TERM")?;
+        ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        Ok(at)
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.holder()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Status code and body of `GET path` on the operator's HTTP server.
+    fn http(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.http_port));
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// The value of an unlabelled series in `/metrics`.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (code, body) = self.http("/metrics")?;
+        if code != 200 {
+            return None;
+        }
+        body.lines().find_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            (name == series).then(|| value.trim().parse().ok())?
+        })
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn with_logs<T>(result: Result<T>, ops: &[&Operator]) -> Result<T> {
+    result.map_err(|e| {
+        let logs: Vec<String> = ops
+            .iter()
+            .map(|o| {
+                format!(
+                    "--- last lines of {} ({}):\n{}",
+                    o.holder(),
+                    o.log.display(),
+                    o.log_tail(25)
+                )
+            })
+            .collect();
+        anyhow!("{e:#}\n{}", logs.join("\n"))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes helpers
+
+async fn start_cluster(prefix: &'static str) -> Result<TestCluster> {
+    tokio::task::spawn_blocking(move || TestCluster::start_new(prefix))
+        .await
+        .context("cluster start-up task")?
+        .with_context(|| format!("start control plane {prefix}"))
+}
+
+async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+    )
+    .await
+    .with_context(|| format!("create namespace {name}"))?;
+    Ok(())
+}
+
+/// A singleton Deployment as the README asks for: strategy Recreate, 0 replicas.
+async fn create_deployment(client: &Client, ns: &str, name: &str, label: &str) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"reaper-bench": label}},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
+                }
+            }
+        }
+    }))?;
+    api.create(&PostParams::default(), &deployment)
+        .await
+        .with_context(|| format!("create deployment {ns}/{name}"))?;
+    Ok(())
+}
+
+async fn create_reaper(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    deployment: &str,
+    lease: LeaseSpec,
+) -> Result<()> {
+    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
+    let reaper = Reaper::new(
+        name,
+        ReaperSpec {
+            deployment_name: deployment.to_owned(),
+            lease,
+            paused: false,
+        },
+    );
+    api.create(&PostParams::default(), &reaper)
+        .await
+        .with_context(|| format!("create reaper {ns}/{name}"))?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Scale {
+    /// spec.replicas
+    replicas: i32,
+    /// status.readyReplicas
+    ready: i32,
+}
+
+fn scale_of(d: &Deployment) -> Scale {
+    Scale {
+        replicas: d.spec.replicas.unwrap_or(1),
+        ready: d
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
+    }
+}
+
+/// Every change of a Deployment's scale, with the time the watch event arrived.
+type History = Arc<Mutex<Vec<(DateTime<Utc>, Scale)>>>;
+
+/// A watch on one Deployment that records every change of its scale with the wall-clock
+/// time the event arrived.
+struct DeploymentWatch {
+    history: History,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeploymentWatch {
+    fn start(api: Api<Deployment>, name: &str) -> Self {
+        let history: History = Arc::default();
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let stream = watcher(api, config).default_backoff();
+        let record = history.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let now = Utc::now();
+                match event {
+                    Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+                        let scale = scale_of(&d);
+                        let mut h = record.lock().expect("history mutex");
+                        if h.last().map(|(_, s)| *s) != Some(scale) {
+                            h.push((now, scale));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => eprintln!("deployment watch: {error}"),
+                }
+            }
+        });
+        Self { history, task }
+    }
+
+    fn first_after(&self, t: DateTime<Utc>, pred: impl Fn(Scale) -> bool) -> Option<DateTime<Utc>> {
+        self.history
+            .lock()
+            .expect("history mutex")
+            .iter()
+            .find(|(at, s)| *at >= t && pred(*s))
+            .map(|(at, _)| *at)
+    }
+
+    fn latest(&self) -> Option<Scale> {
+        self.history
+            .lock()
+            .expect("history mutex")
+            .last()
+            .map(|(_, s)| *s)
+    }
+
+    async fn wait_first_after(
+        &self,
+        t: DateTime<Utc>,
+        pred: impl Fn(Scale) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<DateTime<Utc>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.first_after(t, &pred) {
+                return Ok(at);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
+                self.latest()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for DeploymentWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and formatting
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    median: Duration,
+    p99: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    /// Nearest-rank percentiles.
+    fn of(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let rank = |q: f64| {
+            let r = (q * samples.len() as f64).ceil() as usize;
+            samples[r.clamp(1, samples.len()) - 1]
+        };
+        Some(Self {
+            median: rank(0.50),
+            p99: rank(0.99),
+            min: samples[0],
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 1_000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.2} s", ms / 1e3)
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}")
+    } else if r >= 10.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.2}")
+    }
+}
+
+/// `t - t0` as a non-negative duration.
+fn since(t0: DateTime<Utc>, t: DateTime<Utc>, what: &str) -> Result<Duration> {
+    (t - t0)
+        .to_std()
+        .map_err(|_| anyhow!("{what} at {t} is before the signal at {t0}"))
+}
+
+/// Replaces the `## heading` section of a generated document, or appends it.
+fn write_section(path: &Path, preamble: &str, heading: &str, section: &str) -> Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let mut sections: Vec<String> = Vec::new();
+    for line in existing.lines() {
+        if line.starts_with("## ") {
+            sections.push(String::new());
+        }
+        if let Some(s) = sections.last_mut() {
+            s.push_str(line);
+            s.push('\n');
+        }
+    }
+    let new = format!("{heading}\n\n{}", section.trim_end());
+    match sections
+        .iter_mut()
+        .find(|s| s.lines().next() == Some(heading))
+    {
+        Some(s) => *s = new,
+        None => sections.push(new),
+    }
+    let mut out = preamble.trim_end().to_owned();
+    out.push('\n');
+    for s in sections {
+        out.push('\n');
+        out.push_str(s.trim_end());
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("write {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// failover
+
+struct Side {
+    name: &'static str,
+    test: TestCluster,
+    client: Client,
+    reapers: Api<Reaper>,
+    watch: DeploymentWatch,
+    /// Replicas started in this cluster so far (the identity of the next one).
+    generation: u32,
+}
+
+const FAILOVER_NS: &str = "bench-failover";
+const WORKLOAD: &str = "reaper";
+
+impl Side {
+    async fn new(name: &'static str, test: TestCluster, lease: LeaseSpec) -> Result<Self> {
+        let client = test.client().await?;
+        install_reaper_crd(&client).await?;
+        create_namespace(&client, FAILOVER_NS).await?;
+        create_deployment(&client, FAILOVER_NS, WORKLOAD, "failover").await?;
+        create_reaper(&client, FAILOVER_NS, WORKLOAD, WORKLOAD, lease).await?;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), FAILOVER_NS);
+        let watch = DeploymentWatch::start(deployments, WORKLOAD);
+        let reapers = Api::namespaced(client.clone(), FAILOVER_NS);
+        Ok(Self {
+            name,
+            test,
+            client,
+            reapers,
+            watch,
+            generation: 0,
+        })
+    }
+
+    async fn scale(&self) -> Result<Scale> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), FAILOVER_NS);
+        Ok(scale_of(&api.get(WORKLOAD).await?))
+    }
+
+    async fn phase(&self) -> Result<(Option<Phase>, Option<String>)> {
+        let status = self.reapers.get(WORKLOAD).await?.status.unwrap_or_default();
+        Ok((status.phase, status.holder))
+    }
+
+    fn start_operator(&mut self, urls: &Urls, schema: &Schema, log_dir: &Path) -> Result<Operator> {
+        self.generation += 1;
+        Operator::start(OperatorSpec {
+            kubeconfig: self.test.kubeconfig(),
+            // Statements through PgBouncer like production; LISTEN needs a direct one.
+            database_url: &urls.pgbouncer,
+            listen_url: &urls.direct,
+            schema,
+            cluster: self.name,
+            identity: format!("op-{}", self.generation),
+            namespace: Some(FAILOVER_NS),
+            log_dir,
+        })
+    }
+}
+
+struct Trial {
+    n: usize,
+    from: String,
+    to: String,
+    /// kill9: when the killed holder's lease expired (last renewed_at + ttl).
+    expired: Option<Duration>,
+    /// graceful: the killed holder's release row.
+    released: Option<Duration>,
+    /// graceful: the killed holder's Deployment at spec.replicas 0.
+    old_down: Option<Duration>,
+    lease: Duration,
+    scaled: Duration,
+    ready: Duration,
+}
+
+impl Trial {
+    fn line(&self) -> String {
+        let mut s = format!("trial {:>3}: {} -> {}:", self.n, self.from, self.to);
+        if let Some(e) = self.expired {
+            let _ = write!(s, " lease expired {},", fmt_dur(e));
+        }
+        if let Some(d) = self.old_down {
+            let _ = write!(s, " old Deployment at 0 {},", fmt_dur(d));
+        }
+        if let Some(r) = self.released {
+            let _ = write!(s, " released {},", fmt_dur(r));
+        }
+        let _ = write!(
+            s,
+            " lease taken {}, Deployment scaled {}, pod ready {}",
+            fmt_dur(self.lease),
+            fmt_dur(self.scaled),
+            fmt_dur(self.ready)
+        );
+        s
+    }
+}
+
+struct Stability<'a> {
+    store: &'a LeaseStore,
+    lease_name: &'a str,
+    workload: String,
+    timing: TimingArgs,
+}
+
+impl Stability<'_> {
+    /// Waits until `leader`'s cluster runs the pod, is Leading and holds the lease, and
+    /// the other cluster is at 0 and Standby, its replica (started at `since`) having
+    /// reported its workload.
+    async fn wait_stable(
+        &self,
+        sides: &[Side; 2],
+        ops: &[Operator],
+        leader: usize,
+        since: DateTime<Utc>,
+    ) -> Result<()> {
+        let follower = 1 - leader;
+        let (leader_holder, follower_holder) = (ops[leader].holder(), ops[follower].holder());
+        let timeout = Duration::from_secs(2 * self.timing.ttl + 90);
+        let report_sql = format!(
+            "SELECT max(reported_at) AS at FROM {} WHERE name = {} AND reported_by = {}",
+            self.workload,
+            lit(self.lease_name),
+            lit(&follower_holder)
+        );
+        wait_until("the system to be stable", timeout, || async {
+            let (l, f) = (sides[leader].scale().await?, sides[follower].scale().await?);
+            if l != (Scale {
+                replicas: 1,
+                ready: 1,
+            }) || f
+                != (Scale {
+                    replicas: 0,
+                    ready: 0,
+                })
+            {
+                return Ok(None);
+            }
+            let Some(row) = self.store.get(self.lease_name).await? else {
+                return Ok(None);
+            };
+            if row.holder != leader_holder || !row.is_held() {
+                return Ok(None);
+            }
+            let reported: Option<DateTime<Utc>> = sqlx::raw_sql(AssertSqlSafe(report_sql.clone()))
+                .fetch_one(self.store.pool())
+                .await?
+                .try_get("at")?;
+            if reported.is_none_or(|at| at < since) {
+                return Ok(None);
+            }
+            let (lp, lh) = sides[leader].phase().await?;
+            let (fp, fh) = sides[follower].phase().await?;
+            let ok = lp == Some(Phase::Leading)
+                && lh.as_deref() == Some(leader_holder.as_str())
+                && fp == Some(Phase::Standby)
+                && fh.as_deref() == Some(leader_holder.as_str());
+            Ok(ok.then_some(()))
+        })
+        .await
+    }
+}
+
+async fn failover(args: &FailoverArgs) -> Result<()> {
+    args.timing.validate()?;
+    ensure!(args.trials >= 1, "--trials must be at least 1");
+    let urls = Urls::from_env()?;
+    let started = Utc::now();
+    let wall = Instant::now();
+    let schema = Schema::new(&failover_schema_name())?;
+    let admin = LeaseStore::connect(&urls.direct, &schema, Duration::from_secs(10), 2)
+        .await
+        .with_context(|| format!("connect to {DIRECT_ENV}"))?;
+    let mut machine = Machine::probe(admin.pool()).await?;
+    eprintln!(
+        "failover bench: --mode {} {}, {} trials, schema {schema}; load average {}",
+        args.mode.flag(),
+        args.timing.label(),
+        args.trials,
+        machine.load_start
+    );
+    let mut logs = LogDir::new("failover")?;
+    let outcome = match admin.migrate().await {
+        Ok(()) => run_failover(args, &urls, &schema, &admin, &logs.path).await,
+        Err(e) => Err(anyhow!(e).context("migrate the bench schema")),
+    };
+    let dropped = exec(
+        admin.pool(),
+        &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+    )
+    .await;
+    admin.pool().close().await;
+    let trials = outcome?;
+    dropped?;
+    logs.succeeded();
+    machine.load_end = load_average();
+
+    let (heading, section) = render_failover(args, &machine, started, wall.elapsed(), &trials);
+    println!("\n{heading}\n\n{section}");
+    if args.write {
+        let path = support::cluster::repo_root().join(FAILOVER_DOC);
+        write_section(&path, FAILOVER_PREAMBLE, &heading, &section)?;
+        eprintln!("wrote {FAILOVER_DOC}");
+    } else {
+        eprintln!("(not written to {FAILOVER_DOC}; pass --write to add this section)");
+    }
+    Ok(())
+}
+
+async fn run_failover(
+    args: &FailoverArgs,
+    urls: &Urls,
+    schema: &Schema,
+    store: &LeaseStore,
+    log_dir: &Path,
+) -> Result<Vec<Trial>> {
+    let timing = args.timing;
+    let lease_name = format!("failover-{}", std::process::id());
+    let events = schema.qualify("lease_event");
+    let ctx = Stability {
+        store,
+        lease_name: &lease_name,
+        workload: schema.qualify("lease_workload"),
+        timing,
+    };
+
+    eprintln!("starting two control planes (tests/cluster/up.sh)...");
+    let (a, b) = tokio::join!(start_cluster("bench-fo-a"), start_cluster("bench-fo-b"));
+    let (a, b) = (a?, b?);
+    let mut sides = [
+        Side::new("a", a, timing.lease_spec(&lease_name)).await?,
+        Side::new("b", b, timing.lease_spec(&lease_name)).await?,
+    ];
+    let mut ops = Vec::new();
+    for side in &mut sides {
+        ops.push(side.start_operator(urls, schema, log_dir)?);
+    }
+
+    let begun = Utc::now();
+    let mut leader = {
+        let holders: Vec<String> = ops.iter().map(Operator::holder).collect();
+        let found = wait_until("a first leader", Duration::from_secs(120), || async {
+            Ok(store
+                .get(&lease_name)
+                .await?
+                .filter(|row| row.is_held())
+                .and_then(|row| holders.iter().position(|h| *h == row.holder)))
+        })
+        .await;
+        with_logs(found, &ops.iter().collect::<Vec<_>>())?
+    };
+    let stable = ctx.wait_stable(&sides, &ops, leader, begun).await;
+    with_logs(stable, &ops.iter().collect::<Vec<_>>())?;
+    tokio::time::sleep(Duration::from_secs(timing.retry)).await;
+    eprintln!(
+        "stable: {} leads; {} trials of --mode {}",
+        ops[leader].holder(),
+        args.trials,
+        args.mode.flag()
+    );
+
+    let mut trials = Vec::new();
+    for n in 1..=args.trials {
+        let follower = 1 - leader;
+        let result = async {
+            let last_id: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
+                "SELECT coalesce(max(id), 0) AS id FROM {events} WHERE name = {}",
+                lit(&lease_name)
+            )))
+            .fetch_one(store.pool())
+            .await?
+            .try_get("id")?;
+            let (from, to) = (ops[leader].holder(), ops[follower].holder());
+            ensure!(
+                sides[follower].watch.latest() == Some(Scale { replicas: 0, ready: 0 }),
+                "the standby's Deployment is not at 0 before the signal: {:?}",
+                sides[follower].watch.latest()
+            );
+
+            let t0 = match args.mode {
+                Mode::Kill9 => ops[leader].kill9()?,
+                Mode::Graceful => ops[leader].terminate()?,
+            };
+            // The killed holder cannot renew any more: its row's expiry is final.
+            let expired = match args.mode {
+                Mode::Kill9 => {
+                    let row = store
+                        .get(&lease_name)
+                        .await?
+                        .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
+                    ensure!(row.holder == from, "holder changed before the kill: {row:?}");
+                    Some(since(t0, row.expires_at, "expiry")?)
+                }
+                Mode::Graceful => None,
+            };
+            let timeout = Duration::from_secs(timing.ttl + timing.retry + SHUTDOWN_TIMEOUT_S + 30);
+            let (taken_at, released_at) = wait_until("the takeover row in lease_event", timeout, || async {
+                let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "SELECT kind, holder, at FROM {events} WHERE name = {} AND id > {last_id} ORDER BY id",
+                    lit(&lease_name)
+                )))
+                .fetch_all(store.pool())
+                .await?;
+                let mut released = None;
+                for row in rows {
+                    let kind: String = row.try_get("kind")?;
+                    let holder: String = row.try_get("holder")?;
+                    let at: DateTime<Utc> = row.try_get("at")?;
+                    match kind.as_str() {
+                        "release" if holder == from => released = Some(at),
+                        "acquire" | "takeover" if holder == to => return Ok(Some((at, released))),
+                        _ => bail!("unexpected lease_event {kind} by {holder} after the signal"),
+                    }
+                }
+                Ok(None)
+            })
+            .await?;
+            let other = &sides[follower].watch;
+            let scaled_at = other
+                .wait_first_after(t0, |s| s.replicas >= 1, timeout, "the other Deployment to scale up")
+                .await?;
+            let ready_at = other
+                .wait_first_after(t0, |s| s.ready >= 1, timeout, "the other Deployment's pod to be ready")
+                .await?;
+            let old_down = match args.mode {
+                Mode::Graceful => {
+                    let status = ops[leader]
+                        .wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT_S + 15))
+                        .await?;
+                    ensure!(status.success(), "graceful exit of {from}: {status}");
+                    sides[leader]
+                        .watch
+                        .first_after(t0, |s| s.replicas == 0)
+                        .map(|at| since(t0, at, "scale-down"))
+                        .transpose()?
+                }
+                Mode::Kill9 => {
+                    ops[leader].wait_exit(Duration::from_secs(10)).await?;
+                    None
+                }
+            };
+            Ok(Trial {
+                n,
+                from,
+                to,
+                expired,
+                released: released_at
+                    .map(|at| since(t0, at, "release"))
+                    .transpose()?,
+                old_down,
+                lease: since(t0, taken_at, "takeover")?,
+                scaled: since(t0, scaled_at, "scale-up")?,
+                ready: since(t0, ready_at, "readiness")?,
+            })
+        }
+        .await;
+        let trial = with_logs(result, &ops.iter().collect::<Vec<_>>())
+            .with_context(|| format!("trial {n}"))?;
+        println!("{}", trial.line());
+        trials.push(trial);
+
+        // The killed replica comes back as a standby; the roles are swapped.
+        let restarted = Utc::now();
+        ops[leader] = sides[leader].start_operator(urls, schema, log_dir)?;
+        leader = follower;
+        let stable = ctx.wait_stable(&sides, &ops, leader, restarted).await;
+        with_logs(stable, &ops.iter().collect::<Vec<_>>())
+            .with_context(|| format!("after trial {n}"))?;
+        // One more retry period, so the restarted standby's elector is ticking steadily.
+        tokio::time::sleep(Duration::from_secs(timing.retry)).await;
+    }
+    for op in &mut ops {
+        ensure!(op.running(), "{} exited during the run", op.holder());
+    }
+    Ok(trials)
+}
+
+const FAILOVER_PREAMBLE: &str = "# Failover benchmark
+
+Generated by `benches/failover.rs` (`failover` subcommand); re-run a section's command
+instead of editing its numbers by hand. Each section is one configuration (mode and lease
+timings); writing the same configuration again replaces its section.
+
+Set-up: two local control planes (clusters `a` and `b`, `tests/cluster/up.sh`), one
+operator replica per cluster (release build, statements through PgBouncer in transaction
+mode, LISTEN on a direct connection), one Reaper per cluster with the same lease name and
+its own Deployment (strategy Recreate; kwok marks its pod Ready). Each trial stops the
+replica that holds the lease and measures, from the moment just before the signal:
+
+- **lease taken**: the other replica's `acquire`/`takeover` row in `lease_event` (its
+  `at` column is the database's `clock_timestamp()` at the acquire; PostgreSQL runs on
+  the same machine, so it is comparable with the harness's clock);
+- **Deployment scaled**: the other cluster's Deployment `spec.replicas` becomes 1 (the
+  arrival of that watch event);
+- **pod ready**: its `status.readyReplicas` becomes 1 (watch event).
+
+Then the stopped replica is started again (a new identity) as a standby, the harness waits
+until the system is stable (the stopped cluster's Deployment at 0, the lease held by the
+other replica, both Reapers reporting Leading/Standby) and the next trial stops the other
+cluster's replica. Percentiles are nearest-rank; with fewer than 100 trials p99 is the
+maximum.
+";
+
+fn render_failover(
+    args: &FailoverArgs,
+    m: &Machine,
+    started: DateTime<Utc>,
+    elapsed: Duration,
+    trials: &[Trial],
+) -> (String, String) {
+    let t = args.timing;
+    let heading = format!("## `--mode {}`, {}", args.mode.flag(), t.label());
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "- **Command:** `cargo bench --bench failover -- failover --mode {} --trials {} {} --write`",
+        args.mode.flag(),
+        args.trials,
+        t.flags()
+    );
+    let _ = writeln!(
+        w,
+        "- **Date:** {} ({} trials, {:.0} s in all).",
+        started.format("%Y-%m-%d %H:%M UTC"),
+        trials.len(),
+        elapsed.as_secs_f64()
+    );
+    m.describe(w);
+    let _ = writeln!(w);
+
+    let col = |f: fn(&Trial) -> Option<Duration>| Stats::of(trials.iter().filter_map(f).collect());
+    let mut rows: Vec<(&str, Option<Stats>)> = Vec::new();
+    match args.mode {
+        Mode::Kill9 => rows.push((
+            "lease expired (killed holder's last `renewed_at` + ttl)",
+            col(|t| t.expired),
+        )),
+        Mode::Graceful => {
+            rows.push(("old Deployment at `spec.replicas` 0", col(|t| t.old_down)));
+            rows.push(("lease released (`release` row)", col(|t| t.released)));
+        }
+    }
+    rows.push((
+        "**lease taken** (other replica's acquire row)",
+        col(|t| Some(t.lease)),
+    ));
+    rows.push((
+        "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
+        col(|t| Some(t.scaled)),
+    ));
+    rows.push((
+        "**pod ready** (`status.readyReplicas` = 1)",
+        col(|t| Some(t.ready)),
+    ));
+    let _ = writeln!(w, "| from the signal to | median | p99 | min | max |");
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+    for (label, stats) in &rows {
+        if let Some(s) = stats {
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {} | {} | {} |",
+                fmt_dur(s.median),
+                fmt_dur(s.p99),
+                fmt_dur(s.min),
+                fmt_dur(s.max)
+            );
+        }
+    }
+    let _ = writeln!(w);
+    match args.mode {
+        Mode::Kill9 => {
+            let _ = writeln!(
+                w,
+                "Expected: the killed holder last renewed at most one retry period before the \
+                 signal, so its lease expires {} to {} s after it; the standby takes it on its \
+                 first tick after the expiry (at most one retry period later), so **lease \
+                 taken** lies between {} and {} s. The standby scales up once the killed \
+                 cluster's last workload report is older than the ttl (it still reports a \
+                 running pod: nobody scales a dead replica's Deployment down, see \
+                 docs/fencing.md), then the Deployment controller and kwok start the pod.",
+                t.ttl - t.retry,
+                t.ttl,
+                t.ttl - t.retry,
+                t.ttl + t.retry
+            );
+        }
+        Mode::Graceful => {
+            let _ = writeln!(
+                w,
+                "Expected: on SIGTERM the leader scales its Deployment to 0, waits until the \
+                 pod is gone, reports that, and releases the lease; the release NOTIFY wakes \
+                 the standby at once (it does not wait for its next tick), which takes the \
+                 lease and scales its Deployment up. The ttl plays no part."
+            );
+        }
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
+    let extra = match args.mode {
+        Mode::Kill9 => "lease expired",
+        Mode::Graceful => "old at 0 | released",
+    };
+    let _ = writeln!(
+        w,
+        "| # | from → to | {extra} | lease taken | scaled | ready |"
+    );
+    let _ = writeln!(
+        w,
+        "|---:|---|{}---:|---:|---:|",
+        if args.mode == Mode::Kill9 {
+            "---:|"
+        } else {
+            "---:|---:|"
+        }
+    );
+    let opt = |d: Option<Duration>| d.map_or_else(|| "—".to_owned(), fmt_dur);
+    for tr in trials {
+        let extra = match args.mode {
+            Mode::Kill9 => opt(tr.expired),
+            Mode::Graceful => format!("{} | {}", opt(tr.old_down), opt(tr.released)),
+        };
+        let _ = writeln!(
+            w,
+            "| {} | {} → {} | {extra} | {} | {} | {} |",
+            tr.n,
+            tr.from,
+            tr.to,
+            fmt_dur(tr.lease),
+            fmt_dur(tr.scaled),
+            fmt_dur(tr.ready)
+        );
+    }
+    let _ = writeln!(w, "\n</details>");
+    (heading, o)
+}
+
+// ---------------------------------------------------------------------------------------
+// footprint
+
+/// How the statements of the bench database are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counting {
+    /// pg_stat_statements (preloaded); `true` when this run created the extension.
+    Statements { created: bool },
+    /// pg_stat_database transaction counters only.
+    Transactions,
+}
+
+/// Calls and rows per statement kind, and the database's committed transactions.
+#[derive(Clone, Debug, Default)]
+struct DbCounters {
+    by_kind: BTreeMap<&'static str, (i64, i64)>,
+    xacts: i64,
+}
+
+/// The statement kinds of `src/lease/store.rs`, from pg_stat_statements' normalised text.
+fn classify(query: &str) -> &'static str {
+    let q = query.trim_start();
+    if q.contains("ON CONFLICT (name) DO UPDATE") && q.contains("lease_event") {
+        "acquire"
+    } else if q.contains("'release'") || q.contains("SET holder = ''") {
+        "release"
+    } else if q.contains("SET renewed_at") && q.contains("unnest(") {
+        "renew_many"
+    } else if q.contains("SET renewed_at") {
+        "renew"
+    } else if q.contains("lease_workload") {
+        "sync_workload"
+    } else if q.starts_with("SELECT") && q.contains("\"lease\"") {
+        "get"
+    } else if q.eq_ignore_ascii_case("select $1") {
+        "ping (SELECT 1)"
+    } else if q.to_ascii_uppercase().starts_with("LISTEN") {
+        "listen"
+    } else {
+        "other"
+    }
+}
+
+async fn db_counters(admin: &PgPool, db: &str, counting: Counting) -> Result<DbCounters> {
+    let mut c = DbCounters::default();
+    if matches!(counting, Counting::Statements { .. }) {
+        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+            "SELECT query, calls, rows FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = {})",
+            lit(db)
+        )))
+        .fetch_all(admin)
+        .await
+        .context("read pg_stat_statements")?;
+        for row in rows {
+            let query: String = row.try_get("query")?;
+            let calls: i64 = row.try_get("calls")?;
+            let n: i64 = row.try_get("rows")?;
+            let e = c.by_kind.entry(classify(&query)).or_default();
+            e.0 += calls;
+            e.1 += n;
+        }
+    }
+    c.xacts = sqlx::raw_sql(AssertSqlSafe(format!(
+        "SELECT (xact_commit + xact_rollback)::bigint AS x FROM pg_stat_database WHERE datname = {}",
+        lit(db)
+    )))
+    .fetch_one(admin)
+    .await
+    .context("read pg_stat_database")?
+    .try_get("x")?;
+    Ok(c)
+}
+
+/// VmRSS and VmHWM of `pid`, in KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, a)| a)
+        .ok_or_else(|| anyhow!("cannot parse /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .context("utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .context("stime")?;
+    Ok(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct FpRow {
+    n: usize,
+    rss_mib: f64,
+    hwm_mib: f64,
+    cpu_pct: f64,
+    window: Duration,
+    /// Statements per second by kind (pg_stat_statements), with rows per second.
+    by_kind: Option<BTreeMap<&'static str, (f64, f64)>>,
+    xacts_per_s: f64,
+    reconciles_per_s: Option<f64>,
+    /// Renew statements (and renewed rows) per retry period.
+    renews_per_period: Option<(f64, f64)>,
+    /// From the replica's start to holding all N leases with every Deployment ready.
+    ready_after: Duration,
+}
+
+impl FpRow {
+    fn statements_per_s(&self) -> Option<f64> {
+        self.by_kind
+            .as_ref()
+            .map(|m| m.values().map(|(c, _)| c).sum())
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "N = {:>5}: RSS {:.1} MiB, peak {:.1} MiB, CPU {:.2} %, statements/s {}, renews per retry period {}, transactions/s {}, reconciles/s {}",
+            self.n,
+            self.rss_mib,
+            self.hwm_mib,
+            self.cpu_pct,
+            self.statements_per_s()
+                .map_or_else(|| "n/a".to_owned(), fmt_rate),
+            self.renews_per_period.map_or_else(
+                || "n/a".to_owned(),
+                |(s, r)| format!("{} ({} rows)", fmt_rate(s), fmt_rate(r))
+            ),
+            fmt_rate(self.xacts_per_s),
+            self.reconciles_per_s
+                .map_or_else(|| "n/a".to_owned(), fmt_rate),
+        )
+    }
+}
+
+async fn footprint(args: &FootprintArgs) -> Result<()> {
+    args.timing.validate()?;
+    ensure!(args.window >= 1, "--window must be at least 1 s");
+    ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let mut sizes = args.sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    ensure!(!sizes.is_empty(), "--sizes is empty");
+    ensure!(
+        *sizes.last().unwrap() <= 10_000,
+        "sizes above 10 000 are not supported"
+    );
+
+    let urls = Urls::from_env()?;
+    let started = Utc::now();
+    let wall = Instant::now();
+    let admin = admin_pool(&urls.direct).await?;
+    let mut machine = Machine::probe(&admin).await?;
+    let db = footprint_db_name();
+    eprintln!(
+        "footprint bench: sizes {sizes:?}, window {} s, {}; database {db}; load average {}",
+        args.window,
+        args.timing.label(),
+        machine.load_start
+    );
+
+    // pg_stat_statements if the server preloads it; its view lives in the admin database.
+    let preload: String = sqlx::raw_sql("SELECT current_setting('shared_preload_libraries') AS s")
+        .fetch_one(&admin)
+        .await?
+        .try_get("s")?;
+    let counting = if preload.contains("pg_stat_statements") {
+        let exists: bool = sqlx::raw_sql(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements') AS e",
+        )
+        .fetch_one(&admin)
+        .await?
+        .try_get("e")?;
+        if !exists {
+            exec(&admin, "CREATE EXTENSION pg_stat_statements").await?;
+        }
+        Counting::Statements { created: !exists }
+    } else {
+        eprintln!(
+            "pg_stat_statements is not preloaded: counting transactions only (start the \
+             database with REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh NAME for statements by kind)"
+        );
+        Counting::Transactions
+    };
+
+    let mut logs = LogDir::new("footprint")?;
+    let outcome = match exec(&admin, &format!("CREATE DATABASE \"{db}\"")).await {
+        Ok(()) => run_footprint(args, &sizes, &urls, &admin, &db, counting, &logs.path).await,
+        Err(e) => Err(e),
+    };
+    let dropped = exec(
+        &admin,
+        &format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"),
+    )
+    .await;
+    if counting == (Counting::Statements { created: true }) {
+        let _ = exec(&admin, "DROP EXTENSION IF EXISTS pg_stat_statements").await;
+    }
+    admin.close().await;
+    let rows = outcome?;
+    dropped?;
+    logs.succeeded();
+    machine.load_end = load_average();
+
+    let report = render_footprint(
+        args,
+        &sizes,
+        &machine,
+        started,
+        wall.elapsed(),
+        counting,
+        &rows,
+    );
+    println!("\n{report}");
+    if args.write {
+        let path = support::cluster::repo_root().join(FOOTPRINT_DOC);
+        std::fs::write(&path, &report).with_context(|| format!("write {}", path.display()))?;
+        eprintln!("wrote {FOOTPRINT_DOC}");
+    } else {
+        eprintln!("(not written to {FOOTPRINT_DOC}; pass --write to write it)");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_footprint(
+    args: &FootprintArgs,
+    sizes: &[usize],
+    urls: &Urls,
+    admin: &PgPool,
+    db: &str,
+    counting: Counting,
+    log_dir: &Path,
+) -> Result<Vec<FpRow>> {
+    let timing = args.timing;
+    let direct = with_database(&urls.direct, db)?;
+    let bouncer = with_database(&urls.pgbouncer, db)?;
+    let schema = Schema::new("reaper")?;
+    let store = LeaseStore::connect(&direct, &schema, Duration::from_secs(10), 2)
+        .await
+        .context("connect to the bench database")?;
+    store
+        .migrate()
+        .await
+        .context("migrate the bench database")?;
+    let lease_table = schema.qualify("lease");
+
+    eprintln!("starting a control plane (tests/cluster/up.sh)...");
+    let cluster = start_cluster("bench-fp").await?;
+    let client = cluster.client().await?;
+    install_reaper_crd(&client).await?;
+    let max_n = *sizes.last().unwrap_or(&0);
+    if max_n + 10 > DEFAULT_NODE_PODS {
+        add_fake_node(&client, max_n + 20).await?;
+    }
+
+    let ticks_per_s = clock_ticks_per_second();
+    let mut created = 0usize;
+    let mut namespaces = 0usize;
+    let mut previous: Option<Operator> = None;
+    let mut rows = Vec::new();
+    for &n in sizes {
+        // A fresh replica per size (a new identity): the previous one is killed, and the
+        // new one takes its leases over when they expire (same cluster, Deployments stay up).
+        if let Some(mut old) = previous.take() {
+            old.kill9()?;
+            old.wait_exit(Duration::from_secs(10)).await?;
+        }
+        if n > created {
+            eprintln!("creating Reapers {}..{n}", created + 1);
+            let creating = Instant::now();
+            while namespaces * PER_NAMESPACE < n {
+                create_namespace(&client, &fp_namespace(namespaces)).await?;
+                namespaces += 1;
+            }
+            futures::stream::iter(created..n)
+                .map(|i| {
+                    let client = client.clone();
+                    async move {
+                        let ns = fp_namespace(i / PER_NAMESPACE);
+                        let name = format!("r-{i:05}");
+                        create_deployment(&client, &ns, &name, "footprint").await?;
+                        create_reaper(
+                            &client,
+                            &ns,
+                            &name,
+                            &name,
+                            timing.lease_spec(&format!("fp-{i:05}")),
+                        )
+                        .await
+                    }
+                })
+                .buffer_unordered(args.concurrency)
+                .try_collect::<Vec<()>>()
+                .await?;
+            created = n;
+            eprintln!("  created in {:.1?}", creating.elapsed());
+        }
+
+        let op = Operator::start(OperatorSpec {
+            kubeconfig: cluster.kubeconfig(),
+            database_url: &bouncer,
+            listen_url: &direct,
+            schema: &schema,
+            cluster: "fp",
+            identity: format!("op-{n}"),
+            namespace: None,
+            log_dir,
+        })?;
+        let holder = op.holder();
+        let up = Instant::now();
+        let timeout = Duration::from_secs(timing.ttl + 180) + Duration::from_millis(500) * n as u32;
+        let ready = async {
+            wait_until(
+                "the replica to be ready (/readyz)",
+                Duration::from_secs(60),
+                || async { Ok((op.http("/readyz").map(|(c, _)| c) == Some(200)).then_some(())) },
+            )
+            .await?;
+            let last_report = std::cell::Cell::new(Instant::now());
+            wait_until(&format!("{holder} to hold {n} leases"), timeout, || async {
+                let held: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "SELECT count(*) AS n FROM {lease_table} WHERE holder = {} \
+                     AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()",
+                    lit(&holder)
+                )))
+                .fetch_one(store.pool())
+                .await?
+                .try_get("n")?;
+                Ok((held as usize == n).then_some(()))
+            })
+            .await?;
+            wait_until(
+                &format!("{n} Deployments at 1 ready replica"),
+                timeout,
+                || async {
+                    let list = Api::<Deployment>::all(client.clone())
+                        .list(&ListParams::default().labels("reaper-bench=footprint"))
+                        .await?;
+                    let ready = list
+                        .items
+                        .iter()
+                        .filter(|d| {
+                            scale_of(d)
+                                == Scale {
+                                    replicas: 1,
+                                    ready: 1,
+                                }
+                        })
+                        .count();
+                    if last_report.get().elapsed() > Duration::from_secs(15) {
+                        eprintln!("  {ready} of {n} Deployments ready");
+                        last_report.set(Instant::now());
+                    }
+                    Ok((ready == n).then_some(()))
+                },
+            )
+            .await
+        }
+        .await;
+        with_logs(ready, &[&op]).with_context(|| format!("N = {n}"))?;
+        let ready_after = up.elapsed();
+        eprintln!(
+            "N = {n}: {holder} holds every lease, Deployments ready after {ready_after:.1?}; \
+             settling {} s, measuring {} s",
+            args.settle, args.window
+        );
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+
+        let row = measure(&op, n, args, admin, db, counting, ticks_per_s, ready_after).await;
+        let row = with_logs(row, &[&op]).with_context(|| format!("N = {n}"))?;
+        println!("{}", row.line());
+        rows.push(row);
+        previous = Some(op);
+    }
+    drop(previous);
+    store.pool().close().await;
+    Ok(rows)
+}
+
+fn fp_namespace(k: usize) -> String {
+    format!("bench-fp-{k:03}")
+}
+
+/// A second kwok-managed Node with room for `pods` pods (the default one takes 110).
+async fn add_fake_node(client: &Client, pods: usize) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let name = "bench-kwok-node-1";
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/arch": "amd64",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/role": "agent",
+                "node-role.kubernetes.io/agent": "",
+                "type": "kwok"
+            }
+        },
+        "status": {
+            "allocatable": {"cpu": "256", "memory": "1Ti", "pods": pods.to_string()},
+            "capacity": {"cpu": "256", "memory": "1Ti", "pods": pods.to_string()}
+        }
+    }))?;
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .context("create a second fake Node")?;
+    wait_until(
+        "the second fake Node to be Ready",
+        Duration::from_secs(60),
+        || async {
+            let node = nodes.get(name).await?;
+            let ready = node
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(ready.then_some(()))
+        },
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    op: &Operator,
+    n: usize,
+    args: &FootprintArgs,
+    admin: &PgPool,
+    db: &str,
+    counting: Counting,
+    ticks_per_s: f64,
+    ready_after: Duration,
+) -> Result<FpRow> {
+    let pid = op.pid();
+    let window = Duration::from_secs(args.window);
+    let reconciles_0 = op.metric("reaper_reconciliations_total");
+    let db_0 = db_counters(admin, db, counting).await?;
+    let ticks_0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    let mut rss = Vec::new();
+    let mut next = t0;
+    while t0.elapsed() < window {
+        rss.push(memory_kib(pid)?.0);
+        next += Duration::from_secs(1);
+        let until = next.min(t0 + window);
+        tokio::time::sleep_until(until.into()).await;
+    }
+    let ticks_1 = cpu_ticks(pid)?;
+    let elapsed = t0.elapsed();
+    let db_1 = db_counters(admin, db, counting).await?;
+    let reconciles_1 = op.metric("reaper_reconciliations_total");
+    let (rss_end, hwm) = memory_kib(pid)?;
+    rss.push(rss_end);
+    rss.sort_unstable();
+    let secs = elapsed.as_secs_f64();
+
+    let by_kind = matches!(counting, Counting::Statements { .. }).then(|| {
+        let mut m = BTreeMap::new();
+        for (kind, (calls, rows)) in &db_1.by_kind {
+            let (c0, r0) = db_0.by_kind.get(kind).copied().unwrap_or_default();
+            let (dc, dr) = (calls - c0, rows - r0);
+            if dc > 0 {
+                m.insert(*kind, (dc as f64 / secs, dr as f64 / secs));
+            }
+        }
+        m
+    });
+    let periods = secs / args.timing.retry as f64;
+    let renews_per_period = by_kind.as_ref().map(|m| {
+        let (c, r) = ["renew", "renew_many"]
+            .iter()
+            .filter_map(|k| m.get(k))
+            .fold((0.0, 0.0), |(c, r), (dc, dr)| (c + dc, r + dr));
+        (c * secs / periods, r * secs / periods)
+    });
+    Ok(FpRow {
+        n,
+        rss_mib: rss[rss.len() / 2] as f64 / 1024.0,
+        hwm_mib: hwm as f64 / 1024.0,
+        cpu_pct: (ticks_1 - ticks_0) as f64 / ticks_per_s / secs * 100.0,
+        window: elapsed,
+        by_kind,
+        xacts_per_s: (db_1.xacts - db_0.xacts) as f64 / secs,
+        reconciles_per_s: match (reconciles_0, reconciles_1) {
+            (Some(a), Some(b)) => Some((b - a) / secs),
+            _ => None,
+        },
+        renews_per_period,
+        ready_after,
+    })
+}
+
+fn render_footprint(
+    args: &FootprintArgs,
+    sizes: &[usize],
+    m: &Machine,
+    started: DateTime<Utc>,
+    elapsed: Duration,
+    counting: Counting,
+    rows: &[FpRow],
+) -> String {
+    let t = args.timing;
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(w, "# Operator footprint benchmark\n");
+    let _ = writeln!(
+        w,
+        "Generated by `benches/failover.rs` (`footprint` subcommand); re-run the command \
+         below instead of editing the numbers by hand.\n"
+    );
+    let sizes_s: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    let _ = writeln!(
+        w,
+        "- **Command:** `cargo bench --bench failover -- footprint --sizes {} --window {} \
+         --settle {} {} --write`, with the database from \
+         `REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench`.",
+        sizes_s.join(","),
+        args.window,
+        args.settle,
+        t.flags()
+    );
+    let _ = writeln!(
+        w,
+        "- **Date:** {} ({:.0} s in all).",
+        started.format("%Y-%m-%d %H:%M UTC"),
+        elapsed.as_secs_f64()
+    );
+    m.describe(w);
+    let _ = writeln!(
+        w,
+        "- **Set-up:** one local control plane, one operator replica (statements through \
+         PgBouncer, LISTEN direct, watching all namespaces), N Reapers in namespaces of {PER_NAMESPACE}, \
+         each with its own Deployment (Recreate, one kwok pod) and lease name; lease timings \
+         {}. A fresh replica per N: the previous one is killed, the new one takes the \
+         leases over once they expire; then the harness waits until it holds all N leases \
+         (lease table) and all N Deployments have a ready replica, waits {} s more, and \
+         measures over {} s.\n",
+        t.label(),
+        args.settle,
+        args.window
+    );
+
+    let _ = writeln!(
+        w,
+        "| N | RSS MiB | peak MiB | CPU % | statements/s | renews per retry period |"
+    );
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            w,
+            "| {} | {:.1} | {:.1} | {:.2} | {} | {} |",
+            r.n,
+            r.rss_mib,
+            r.hwm_mib,
+            r.cpu_pct,
+            r.statements_per_s().map_or_else(
+                || format!("≈ {} (transactions)", fmt_rate(r.xacts_per_s)),
+                fmt_rate
+            ),
+            r.renews_per_period.map_or_else(
+                || "n/a".to_owned(),
+                |(s, rows)| format!("{} ({} leases)", fmt_rate(s), fmt_rate(rows))
+            ),
+        );
+    }
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "- **RSS**: median of `VmRSS` (`/proc/<pid>/status`) sampled every second of the \
+         window; **peak**: `VmHWM` at its end (since the replica started, so it includes \
+         taking the N leases over and the first reconciles)."
+    );
+    let _ = writeln!(
+        w,
+        "- **CPU %**: `utime + stime` (`/proc/<pid>/stat`) over the window, as a percentage \
+         of one core."
+    );
+    match counting {
+        Counting::Statements { .. } => {
+            let _ = writeln!(
+                w,
+                "- **statements/s**: calls recorded by `pg_stat_statements` in the bench's own \
+                 database over the window (only the operator connects to it then; PgBouncer's \
+                 occasional `server_check_query` would count as a ping). **renews per retry \
+                 period**: `UPDATE ... SET renewed_at` statements (`renew` and `renew_many`) \
+                 per retry period ({} s), with the lease rows they renewed in brackets: N \
+                 statements means one statement per lease, 1 means one batched statement.",
+                t.retry
+            );
+        }
+        Counting::Transactions => {
+            let _ = writeln!(
+                w,
+                "- **statements/s**: `pg_stat_statements` was not available (start the \
+                 database with `REAPER_DB_PG_STAT_STATEMENTS=1`), so this is the bench \
+                 database's committed transactions per second from `pg_stat_database` (every \
+                 store statement is one autocommit transaction; the counters are flushed \
+                 about once a second, so this is approximate) and renews are not counted."
+            );
+        }
+    }
+
+    if rows.iter().any(|r| r.by_kind.is_some()) {
+        let mut kinds: Vec<&'static str> = rows
+            .iter()
+            .filter_map(|r| r.by_kind.as_ref())
+            .flat_map(|m| m.keys().copied())
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let _ = writeln!(w, "\n## Statements per second by kind\n");
+        let _ = writeln!(
+            w,
+            "From `pg_stat_statements` (calls/s; rows/s in brackets where a statement returns \
+             or changes rows). `get` and `sync_workload` come from reconciles; `acquire` from \
+             standby ticks; `ping` from the readiness heartbeat (every 2 s).\n"
+        );
+        let _ = writeln!(
+            w,
+            "| N | {} | transactions/s | reconciles/s |",
+            kinds
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(w, "|---:|{}---:|---:|", "---:|".repeat(kinds.len()));
+        for r in rows {
+            let cells: Vec<String> = kinds
+                .iter()
+                .map(|k| {
+                    r.by_kind.as_ref().and_then(|m| m.get(k)).map_or_else(
+                        || "0".to_owned(),
+                        |(c, rows)| format!("{} ({})", fmt_rate(*c), fmt_rate(*rows)),
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} |",
+                r.n,
+                cells.join(" | "),
+                fmt_rate(r.xacts_per_s),
+                r.reconciles_per_s
+                    .map_or_else(|| "n/a".to_owned(), fmt_rate)
+            );
+        }
+    }
+
+    let _ = writeln!(w, "\n## Start-up\n");
+    let _ = writeln!(
+        w,
+        "From starting the replica to holding all N leases with every Deployment ready (this \
+         includes waiting up to the ttl for the previous replica's leases to expire). Window \
+         lengths as measured.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| N | holds all leases, Deployments ready after | window |"
+    );
+    let _ = writeln!(w, "|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} |",
+            r.n,
+            fmt_dur(r.ready_after),
+            fmt_dur(r.window)
+        );
+    }
+    o
+}
