@@ -989,14 +989,16 @@ fn write_section(path: &Path, preamble: &str, heading: &str, section: &str) -> R
 // ---------------------------------------------------------------------------------------
 // failover
 
+/// One cluster of the failover bench. Fields drop in order: the watch stops before the
+/// control plane does.
 struct Side {
+    watch: DeploymentWatch,
     name: &'static str,
-    test: TestCluster,
     client: Client,
     reapers: Api<Reaper>,
-    watch: DeploymentWatch,
     /// Replicas started in this cluster so far (the identity of the next one).
     generation: u32,
+    test: TestCluster,
 }
 
 const FAILOVER_NS: &str = "bench-failover";
