@@ -1,7 +1,7 @@
 # `make demo` runs the operator locally; `make test` is the whole test suite (what CI runs).
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/reaper-operator/target
 
-.PHONY: test demo chaos lint build bench
+.PHONY: test demo chaos lint build bench bench-failover bench-footprint
 test:
 	scripts/test.sh
 
@@ -25,3 +25,13 @@ build:
 # Needs a running database: `set -a; . "$$(tests/db/up.sh bench | tail -n 1)"; set +a`
 bench:
 	cargo bench --locked --bench lease
+
+# End-to-end benchmarks of the release binary on local control planes (docs/benchmarks.md).
+# Database: `set -a; . "$$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)"; set +a`
+bench-failover:
+	cargo bench --locked --bench failover -- failover --mode kill9 --trials 30 --write
+	cargo bench --locked --bench failover -- failover --mode kill9 --trials 30 --ttl 3 --deadline 2 --retry 1 --write
+	cargo bench --locked --bench failover -- failover --mode graceful --trials 30 --write
+
+bench-footprint:
+	cargo bench --locked --bench failover -- footprint --write

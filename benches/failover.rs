@@ -47,6 +47,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -275,6 +276,9 @@ async fn run(command: &Bench) -> Result<()> {
     }
 }
 
+/// Set while this run's `footprint` has created the pg_stat_statements extension.
+static CREATED_PG_STAT_STATEMENTS: AtomicBool = AtomicBool::new(false);
+
 /// Drops what an interrupted run left in the database (its future was dropped before its
 /// own clean-up ran).
 async fn cleanup_after_interrupt() {
@@ -283,7 +287,7 @@ async fn cleanup_after_interrupt() {
         return;
     };
     let pid = std::process::id();
-    for sql in [
+    let mut statements = vec![
         format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             failover_schema_name()
@@ -292,7 +296,11 @@ async fn cleanup_after_interrupt() {
             "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
             footprint_db_name()
         ),
-    ] {
+    ];
+    if CREATED_PG_STAT_STATEMENTS.load(Ordering::Relaxed) {
+        statements.push("DROP EXTENSION IF EXISTS pg_stat_statements".to_owned());
+    }
+    for sql in statements {
         if let Err(e) = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
             .execute(&pool)
             .await
@@ -1657,6 +1665,12 @@ struct FpRow {
     renews_per_period: Option<(f64, f64)>,
     /// From the replica's start to holding all N leases with every Deployment ready.
     ready_after: Duration,
+    /// Whether the replica held all N leases with every Deployment ready in time.
+    settled: bool,
+    /// Leases the replica held before and after the window.
+    held: (usize, usize),
+    /// Deployments with one ready replica after the window.
+    deployments_ready: usize,
 }
 
 impl FpRow {
@@ -1668,7 +1682,7 @@ impl FpRow {
 
     fn line(&self) -> String {
         format!(
-            "N = {:>5}: RSS {:.1} MiB, peak {:.1} MiB, CPU {:.2} %, statements/s {}, renews per retry period {}, transactions/s {}, reconciles/s {}",
+            "N = {:>5}: RSS {:.1} MiB, peak {:.1} MiB, CPU {:.2} %, statements/s {}, renews per retry period {}, transactions/s {}, reconciles/s {}, leases held {}/{} before/after",
             self.n,
             self.rss_mib,
             self.hwm_mib,
@@ -1682,6 +1696,8 @@ impl FpRow {
             fmt_rate(self.xacts_per_s),
             self.reconciles_per_s
                 .map_or_else(|| "n/a".to_owned(), fmt_rate),
+            self.held.0,
+            self.held.1,
         )
     }
 }
@@ -1726,6 +1742,7 @@ async fn footprint(args: &FootprintArgs) -> Result<()> {
         .try_get("e")?;
         if !exists {
             exec(&admin, "CREATE EXTENSION pg_stat_statements").await?;
+            CREATED_PG_STAT_STATEMENTS.store(true, Ordering::Relaxed);
         }
         Counting::Statements { created: !exists }
     } else {
@@ -1748,6 +1765,7 @@ async fn footprint(args: &FootprintArgs) -> Result<()> {
     .await;
     if counting == (Counting::Statements { created: true }) {
         let _ = exec(&admin, "DROP EXTENSION IF EXISTS pg_stat_statements").await;
+        CREATED_PG_STAT_STATEMENTS.store(false, Ordering::Relaxed);
     }
     admin.close().await;
     let rows = outcome?;
@@ -1863,44 +1881,48 @@ async fn run_footprint(
         let holder = op.holder();
         let up = Instant::now();
         let timeout = Duration::from_secs(timing.ttl + 180) + Duration::from_millis(500) * n as u32;
-        let ready = async {
-            wait_until(
-                "the replica to be ready (/readyz)",
-                Duration::from_secs(60),
-                || async { Ok((op.http("/readyz").map(|(c, _)| c) == Some(200)).then_some(())) },
-            )
-            .await?;
-            let last_report = std::cell::Cell::new(Instant::now());
-            wait_until(&format!("{holder} to hold {n} leases"), timeout, || async {
-                let held: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
-                    "SELECT count(*) AS n FROM {lease_table} WHERE holder = {} \
-                     AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()",
-                    lit(&holder)
-                )))
+        let readyz = wait_until(
+            "the replica to be ready (/readyz)",
+            Duration::from_secs(60),
+            || async { Ok((op.http("/readyz").map(|(c, _)| c) == Some(200)).then_some(())) },
+        )
+        .await;
+        with_logs(readyz, &[&op]).with_context(|| format!("N = {n}"))?;
+        let held_sql = format!(
+            "SELECT count(*) AS n FROM {lease_table} WHERE holder = {} \
+             AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()",
+            lit(&holder)
+        );
+        let held = || async {
+            let held: i64 = sqlx::raw_sql(AssertSqlSafe(held_sql.clone()))
                 .fetch_one(store.pool())
                 .await?
                 .try_get("n")?;
-                Ok((held as usize == n).then_some(()))
+            anyhow::Ok(held as usize)
+        };
+        let deployments_ready = || async {
+            let list = Api::<Deployment>::all(client.clone())
+                .list(&ListParams::default().labels("reaper-bench=footprint"))
+                .await?;
+            let one = Scale {
+                replicas: 1,
+                ready: 1,
+            };
+            anyhow::Ok(list.items.iter().filter(|d| scale_of(d) == one).count())
+        };
+        // A replica that cannot keep all N leases (or a control plane that cannot start
+        // all pods) is measured anyway; the report shows how many it held.
+        let settled = async {
+            wait_until(&format!("{holder} to hold {n} leases"), timeout, || async {
+                Ok((held().await? == n).then_some(()))
             })
             .await?;
+            let last_report = std::cell::Cell::new(Instant::now());
             wait_until(
                 &format!("{n} Deployments at 1 ready replica"),
                 timeout,
                 || async {
-                    let list = Api::<Deployment>::all(client.clone())
-                        .list(&ListParams::default().labels("reaper-bench=footprint"))
-                        .await?;
-                    let ready = list
-                        .items
-                        .iter()
-                        .filter(|d| {
-                            scale_of(d)
-                                == Scale {
-                                    replicas: 1,
-                                    ready: 1,
-                                }
-                        })
-                        .count();
+                    let ready = deployments_ready().await?;
                     if last_report.get().elapsed() > Duration::from_secs(15) {
                         eprintln!("  {ready} of {n} Deployments ready");
                         last_report.set(Instant::now());
@@ -1911,17 +1933,29 @@ async fn run_footprint(
             .await
         }
         .await;
-        with_logs(ready, &[&op]).with_context(|| format!("N = {n}"))?;
         let ready_after = up.elapsed();
-        eprintln!(
-            "N = {n}: {holder} holds every lease, Deployments ready after {ready_after:.1?}; \
-             settling {} s, measuring {} s",
-            args.settle, args.window
-        );
+        let settled_ok = settled.is_ok();
+        match settled {
+            Ok(()) => eprintln!(
+                "N = {n}: {holder} holds every lease, Deployments ready after {ready_after:.1?}; \
+                 settling {} s, measuring {} s",
+                args.settle, args.window
+            ),
+            Err(e) => eprintln!("warning: N = {n}: {e:#}; measuring anyway"),
+        }
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
 
-        let row = measure(&op, n, args, admin, db, counting, ticks_per_s, ready_after).await;
-        let row = with_logs(row, &[&op]).with_context(|| format!("N = {n}"))?;
+        let held_before = held().await?;
+        let measured = measure(&op, n, args, admin, db, counting, ticks_per_s, ready_after).await;
+        let mut row = with_logs(measured, &[&op]).with_context(|| format!("N = {n}"))?;
+        // After the window's last snapshot, so these reads are not counted.
+        row.settled = settled_ok;
+        row.held = (held_before, held().await?);
+        row.deployments_ready = deployments_ready().await?;
+        ensure!(
+            row.n == 0 || row.held.1 > 0,
+            "the replica holds none of the {n} leases after the window"
+        );
         println!("{}", row.line());
         rows.push(row);
         previous = Some(op);
@@ -2047,6 +2081,9 @@ async fn measure(
         },
         renews_per_period,
         ready_after,
+        settled: true,
+        held: (0, 0),
+        deployments_ready: 0,
     })
 }
 
@@ -2207,25 +2244,52 @@ fn render_footprint(
         }
     }
 
-    let _ = writeln!(w, "\n## Start-up\n");
+    let mut incomplete = Vec::new();
+    let _ = writeln!(w, "\n## Start-up and steadiness\n");
     let _ = writeln!(
         w,
-        "From starting the replica to holding all N leases with every Deployment ready (this \
-         includes waiting up to the ttl for the previous replica's leases to expire). Window \
-         lengths as measured.\n"
+        "**ready after**: from starting the replica to holding all N leases with every \
+         Deployment ready (it includes waiting up to the ttl for the previous replica's leases \
+         to expire); a dash means that never happened within the timeout and the size was \
+         measured anyway. **held** is the number of leases the replica held just before and \
+         just after the window; **Deployments ready** is counted after it.\n"
     );
     let _ = writeln!(
         w,
-        "| N | holds all leases, Deployments ready after | window |"
+        "| N | ready after | held before / after | Deployments ready | window |"
     );
-    let _ = writeln!(w, "|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|");
     for r in rows {
+        let complete = r.held.0 == r.n && r.held.1 == r.n && r.deployments_ready == r.n;
         let _ = writeln!(
             w,
-            "| {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} |",
             r.n,
-            fmt_dur(r.ready_after),
+            if r.settled {
+                fmt_dur(r.ready_after)
+            } else {
+                "—".to_owned()
+            },
+            r.held.0,
+            r.held.1,
+            r.deployments_ready,
             fmt_dur(r.window)
+        );
+        if !complete {
+            incomplete.push(r.n);
+        }
+    }
+    if !incomplete.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n**Not steady** at N = {}: the replica did not hold every lease, or not every \
+             Deployment was ready, for the whole window; its figures describe an overloaded \
+             replica or control plane, not a steady state.",
+            incomplete
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     o
