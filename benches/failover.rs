@@ -17,10 +17,10 @@
 //! ```text
 //! export CARGO_TARGET_DIR=...                 # optional, as for any cargo command
 //! set -a; . "$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)"; set +a
-//! cargo bench --bench failover -- failover --mode kill9 --trials 30 --write
+//! cargo bench --bench failover -- failover --mode kill9 --trials 30 --write       # ~10 min
 //! cargo bench --bench failover -- failover --mode kill9 --trials 30 --ttl 3 --deadline 2 --retry 1 --write
-//! cargo bench --bench failover -- failover --mode graceful --trials 30 --write
-//! cargo bench --bench failover -- footprint --write          # N = 0, 1, 100, 1000; 60 s windows
+//! cargo bench --bench failover -- failover --mode graceful --trials 30 --write    # ~5 min
+//! cargo bench --bench failover -- footprint --write   # N = 0, 1, 100, 1000; 60 s windows; ~15 min
 //! cargo bench --bench failover -- --help
 //! ```
 //!
@@ -1231,10 +1231,12 @@ async fn run_failover(
         Side::new("a", a, timing.lease_spec(&lease_name)).await?,
         Side::new("b", b, timing.lease_spec(&lease_name)).await?,
     ];
-    let mut ops = Vec::new();
-    for side in &mut sides {
-        ops.push(side.start_operator(urls, schema, log_dir)?);
-    }
+    // The second replica starts a random fraction of a retry period later, so the two
+    // electors do not tick in step (a restarted replica has a random phase too).
+    let mut ops = vec![sides[0].start_operator(urls, schema, log_dir)?];
+    let stagger = rand::random_range(0..timing.retry * 1000);
+    tokio::time::sleep(Duration::from_millis(stagger)).await;
+    ops.push(sides[1].start_operator(urls, schema, log_dir)?);
 
     let begun = Utc::now();
     let mut leader = {
@@ -1363,9 +1365,15 @@ async fn run_failover(
         let restarted = Utc::now();
         ops[leader] = sides[leader].start_operator(urls, schema, log_dir)?;
         leader = follower;
+        let restarting = Instant::now();
         let stable = ctx.wait_stable(&sides, &ops, leader, restarted).await;
         with_logs(stable, &ops.iter().collect::<Vec<_>>())
             .with_context(|| format!("after trial {n}"))?;
+        eprintln!(
+            "  restarted {} as a standby; stable again after {:.1?}",
+            ops[1 - leader].holder(),
+            restarting.elapsed()
+        );
         // One more retry period, so the restarted standby's elector is ticking steadily.
         tokio::time::sleep(Duration::from_secs(timing.retry)).await;
     }
