@@ -1429,9 +1429,10 @@ fn render_failover(
     );
     let _ = writeln!(
         w,
-        "- **Date:** {} ({} trials, {:.0} s in all).",
+        "- **Date:** {} ({} trial{}, {:.0} s in all).",
         started.format("%Y-%m-%d %H:%M UTC"),
         trials.len(),
+        if trials.len() == 1 { "" } else { "s" },
         elapsed.as_secs_f64()
     );
     m.describe(w);
@@ -2218,7 +2219,9 @@ fn render_footprint(
             w,
             "From `pg_stat_statements` (calls/s; rows/s in brackets where a statement returns \
              or changes rows). `get` and `sync_workload` come from reconciles; `acquire` from \
-             standby ticks; `ping` from the readiness heartbeat (every 2 s).\n"
+             standby ticks; `ping` from the readiness heartbeat (every 2 s). transactions/s \
+             (`pg_stat_database`, commits + rollbacks) is a cross-check: idle backends flush \
+             those counters lazily, so at a few statements per second it can lag behind.\n"
         );
         let _ = writeln!(
             w,
