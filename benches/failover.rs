@@ -2190,8 +2190,12 @@ fn render_footprint(
                  occasional `server_check_query` would count as a ping). **renews per retry \
                  period**: `UPDATE ... SET renewed_at` statements (`renew` and `renew_many`) \
                  per retry period ({} s), with the lease rows they renewed in brackets: N \
-                 statements means one statement per lease, 1 means one batched statement.",
-                t.retry
+                 statements means one statement per lease, 1 means one batched statement. \
+                 Each elector ticks on its own phase, so a window holds one tick more or less \
+                 of some leases: the per-period figures are exact to within retry period ÷ \
+                 window ({:.0} %).",
+                t.retry,
+                100.0 * t.retry as f64 / args.window as f64
             );
         }
         Counting::Transactions => {
