@@ -1568,7 +1568,8 @@ fn classify(query: &str) -> &'static str {
     let q = query.trim_start();
     if q.contains("ON CONFLICT (name) DO UPDATE") && q.contains("lease_event") {
         "acquire"
-    } else if q.contains("'release'") || q.contains("SET holder = ''") {
+    } else if q.contains("released AS") || q.contains("SET holder =") {
+        // (Literals are normalised to $n, so match identifiers and keywords only.)
         "release"
     } else if q.contains("SET renewed_at") && q.contains("unnest(") {
         "renew_many"
@@ -1576,6 +1577,8 @@ fn classify(query: &str) -> &'static str {
         "renew"
     } else if q.contains("lease_workload") {
         "sync_workload"
+    } else if q.starts_with("SELECT") && q.contains("unnest(") {
+        "acquirable"
     } else if q.starts_with("SELECT") && q.contains("\"lease\"") {
         "get"
     } else if q.eq_ignore_ascii_case("select $1") {
@@ -2222,8 +2225,9 @@ fn render_footprint(
         let _ = writeln!(
             w,
             "From `pg_stat_statements` (calls/s; rows/s in brackets where a statement returns \
-             or changes rows). `get` and `sync_workload` come from reconciles; `acquire` from \
-             standby ticks; `ping` from the readiness heartbeat (every 2 s). transactions/s \
+             or changes rows). `get` and `sync_workload` come from reconciles; `acquire` (and, \
+             where the binary has it, the batched `acquirable` check before it) from standby \
+             ticks; `ping` from the readiness heartbeat (every 2 s). transactions/s \
              (`pg_stat_database`, commits + rollbacks) is a cross-check: idle backends flush \
              those counters lazily, so at a few statements per second it can lag behind.\n"
         );
