@@ -442,6 +442,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn electors_with_equal_periods_share_one_grid() {
+        let period = Duration::from_millis(40);
+        let first = next_on_grid(period);
+        let now = tokio::time::Instant::now();
+        assert!(first > now && first <= now + period, "{first:?} vs {now:?}");
+        std::thread::sleep(Duration::from_millis(25));
+        let later = next_on_grid(period);
+        let apart = later.duration_since(first).as_nanos();
+        assert_eq!(apart % period.as_nanos(), 0, "off the grid by {apart} ns");
+        // Another period has a grid of its own, from the same anchor.
+        let other = next_on_grid(Duration::from_millis(30));
+        assert!(other > tokio::time::Instant::now());
+    }
+
+    #[test]
     fn leadership_is_judged_at_the_moment_of_asking() {
         let clock = ManualClock::default();
         let start = clock.now();
