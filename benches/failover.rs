@@ -1265,6 +1265,10 @@ async fn run_failover(
     for n in 1..=args.trials {
         let follower = 1 - leader;
         let result = async {
+            // Signal at a random phase of the renew cycle: stabilising takes about the
+            // same time in every trial, which would otherwise keep the phase fixed.
+            let phase = rand::random_range(0..timing.retry * 1000);
+            tokio::time::sleep(Duration::from_millis(phase)).await;
             let last_id: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
                 "SELECT coalesce(max(id), 0) AS id FROM {events} WHERE name = {}",
                 lit(&lease_name)

@@ -40,6 +40,10 @@ impl Settings {
     }
 }
 
+/// Connections of the electors' pool: one batched renew and one batched read per retry
+/// period, plus acquires and releases.
+const LEASE_POOL_SIZE: u32 = 3;
+
 /// Runs until `stop` flips to true, then hands over every held lease.
 pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     // At most the smallest retry period a Reaper may have, so no call outlives a tick.
@@ -92,8 +96,17 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
     );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
     let metrics = Arc::new(Metrics::default());
+    // The electors get connections of their own: with many Reapers the reconciles'
+    // reads and reports could otherwise queue the batched renew behind them in the pool
+    // until a leader misses its deadline.
+    let lease_store = LeaseStore::connect_lazy(
+        &settings.database_url,
+        &settings.schema,
+        call_timeout,
+        LEASE_POOL_SIZE,
+    )?;
     let candidates = Candidates::new(
-        store.clone(),
+        lease_store,
         holder.clone(),
         trigger_tx,
         recorder.clone(),

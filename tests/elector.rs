@@ -572,3 +572,46 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
     // Not vacuous: the cuts moved leases between the replicas.
     assert!(takeovers >= 5, "seed {seed}: only {takeovers} takeovers");
 }
+
+/// After a network reset every idle connection in the pool is dead. A renew must not
+/// fail once per dead connection (that can add up to a missed deadline): it is sent
+/// again on a fresh connection within its call timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
+    let (_, schema) = db::fresh_schema(Via::Direct).await;
+    let proxy = FaultProxy::start(upstream()).await;
+    let store = LeaseStore::connect(
+        &proxy.url_for(&db::direct_url()),
+        &schema,
+        Duration::from_secs(5),
+        4,
+    )
+    .await
+    .unwrap();
+    let lease = store
+        .acquire("pooled", "a", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    // Fill the pool: four statements at once hold four connections.
+    let reads = (0..4).map(|_| store.get("pooled"));
+    for got in futures::future::join_all(reads).await {
+        got.unwrap();
+    }
+    assert_eq!(store.pool().size(), 4);
+    proxy.set(Mode::Reset);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set(Mode::Pass);
+    for round in 0..3 {
+        let renewed = store.renew("pooled", "a", lease.epoch).await;
+        assert!(
+            matches!(renewed, Ok(Some(_))),
+            "renew {round} after the reset: {renewed:?}"
+        );
+    }
+    let batched = store
+        .renew_many("a", &[("pooled".to_owned(), lease.epoch)])
+        .await
+        .unwrap();
+    assert_eq!(batched.len(), 1);
+}

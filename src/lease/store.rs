@@ -210,7 +210,7 @@ impl LeaseStore {
              SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM taken AS l"
         );
-        self.fetch_one_lease(sql).await
+        self.fetch_one_lease_once(sql).await
     }
 
     /// Extends the lease for the holder at `epoch`, only while it has not expired:
@@ -302,7 +302,7 @@ impl LeaseStore {
              SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM released AS l"
         );
-        self.fetch_one_lease(sql).await
+        self.fetch_one_lease_once(sql).await
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Lease>> {
@@ -399,11 +399,36 @@ impl LeaseStore {
             .collect()
     }
 
+    /// Runs a statement that may safely run twice (a read, a renew, an upsert of the
+    /// latest report). Connections are not tested before use (see `pool_options`), so
+    /// after a database restart or a network reset every idle connection in the pool is
+    /// dead and fails the first statement sent on it; such a statement is sent again on
+    /// another connection, within the same call timeout, instead of costing a tick per
+    /// dead connection (which can add up to a missed renew deadline).
     async fn fetch(&self, sql: String) -> Result<Vec<PgRow>> {
-        let query = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(&self.pool);
-        match tokio::time::timeout(self.call_timeout, query).await {
-            Ok(rows) => Ok(rows?),
-            Err(_) => Err(Error::Timeout(self.call_timeout)),
+        self.fetch_with(sql, self.pool.options().get_max_connections())
+            .await
+    }
+
+    /// Runs a statement that must not run twice (acquire, release): one attempt.
+    async fn fetch_once(&self, sql: String) -> Result<Vec<PgRow>> {
+        self.fetch_with(sql, 0).await
+    }
+
+    async fn fetch_with(&self, sql: String, retries: u32) -> Result<Vec<PgRow>> {
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let mut retries_left = retries;
+        loop {
+            let query = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(&self.pool);
+            match tokio::time::timeout_at(deadline, query).await {
+                Ok(Ok(rows)) => return Ok(rows),
+                Ok(Err(sqlx::Error::Io(error))) if retries_left > 0 => {
+                    retries_left -= 1;
+                    tracing::debug!(%error, "statement failed on a dead connection; sending it again");
+                }
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => return Err(Error::Timeout(self.call_timeout)),
+            }
         }
     }
 
@@ -413,6 +438,11 @@ impl LeaseStore {
 
     async fn fetch_one_lease(&self, sql: String) -> Result<Option<Lease>> {
         Ok(self.fetch_leases(sql).await?.into_iter().next())
+    }
+
+    async fn fetch_one_lease_once(&self, sql: String) -> Result<Option<Lease>> {
+        let rows = self.fetch_once(sql).await?;
+        rows.iter().map(Lease::from_row).next().transpose()
     }
 }
 
@@ -450,8 +480,8 @@ fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(call_timeout)
-        // A ping before every statement would double the latency of a renew; a broken
-        // connection fails its statement instead and is replaced on the next tick.
+        // A ping before every statement would double the latency of a renew; a statement
+        // that may run twice is sent again when its connection turns out dead (`fetch`).
         .test_before_acquire(false)
 }
 
