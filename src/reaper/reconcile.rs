@@ -13,7 +13,7 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -30,6 +30,8 @@ use crate::lease::{LeaseStore, WorkloadCounts};
 
 pub const FINALIZER: &str = "pglease.dev/cleanup";
 pub const FIELD_MANAGER: &str = "reaper-operator";
+/// Reconciles in flight at once (never two of one Reaper).
+const RECONCILE_CONCURRENCY: u16 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -74,7 +76,11 @@ pub async fn run(
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    let controller = Controller::new(reapers, watcher::Config::default().any_semantic());
+    // Bounded: with 1 000 Reapers an unbounded controller starts every periodic reconcile
+    // at once (each lists pods and HPAs), which floods the API server and holds all the
+    // responses in memory together.
+    let controller = Controller::new(reapers, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
     let ready_store = store.clone();
     let gc_ctx = ctx.clone();
