@@ -39,6 +39,8 @@
 //! replaced when the same configuration is written again) or
 //! `docs/benchmarks-footprint.md` (the whole file).
 
+#[path = "support/host.rs"]
+mod host;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -62,14 +64,14 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use reaper_operator::config::{LeaseTimings, Schema};
 use reaper_operator::lease::LeaseStore;
-use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 use support::cluster::{TestCluster, install_reaper_crd, wait_until};
+use support::fixtures::{create_deployment, create_reaper};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
-const PGBOUNCER_ENV: &str = "REAPER_TEST_PGBOUNCER_URL";
 const FAILOVER_DOC: &str = "docs/benchmarks-failover.md";
 const FOOTPRINT_DOC: &str = "docs/benchmarks-footprint.md";
 const SHUTDOWN_TIMEOUT_S: u64 = 30;
@@ -321,19 +323,10 @@ struct Urls {
 
 impl Urls {
     fn from_env() -> Result<Self> {
-        let get = |var: &str| {
-            std::env::var(var).ok().filter(|v| !v.is_empty()).with_context(|| {
-                format!(
-                    "{var} is not set. This benchmark needs a real PostgreSQL ({DIRECT_ENV}) and \
-                     a PgBouncer in transaction mode in front of it ({PGBOUNCER_ENV}): run \
-                     `set -a; . \"$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)\"; set +a` first"
-                )
-            })
-        };
-        Ok(Self {
-            direct: get(DIRECT_ENV)?,
-            pgbouncer: get(PGBOUNCER_ENV)?,
-        })
+        let (direct, pgbouncer) = host::database_urls(
+            "set -a; . \"$(REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench | tail -n 1)\"; set +a",
+        )?;
+        Ok(Self { direct, pgbouncer })
     }
 }
 
@@ -423,10 +416,7 @@ impl Drop for LogDir {
 
 #[derive(Default)]
 struct Machine {
-    nproc: usize,
-    cpu: String,
-    memory: String,
-    kernel: String,
+    host: host::Host,
     postgres: String,
     pgbouncer: String,
     commit: String,
@@ -440,36 +430,8 @@ impl Machine {
             .fetch_one(pool)
             .await
             .context("read the server version")?;
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
-        let memory = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
-                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0))
-            })
-            .unwrap_or_else(|| "unknown RAM".to_owned());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
-        let first_line = |program: &str, arg: &str| {
-            Command::new(program)
-                .arg(arg)
-                .output()
-                .ok()
-                .and_then(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .next()
-                        .map(|l| l.trim().to_owned())
-                })
-                .filter(|v| !v.is_empty())
-        };
-        let pgbouncer = first_line("pgbouncer", "--version")
+        let host = host::Host::probe();
+        let pgbouncer = host::first_line("pgbouncer", "--version")
             .unwrap_or_else(|| "PgBouncer (version unknown)".to_owned());
         let root = support::cluster::repo_root();
         let commit = Command::new("git")
@@ -502,36 +464,25 @@ impl Machine {
             format!("release build of commit {commit}")
         };
         Ok(Self {
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu,
-            memory,
-            kernel,
+            host,
             postgres: row.try_get("v")?,
             pgbouncer,
             commit,
-            load_start: load_average(),
+            load_start: host::load_average(),
             ..Self::default()
         })
     }
 
     fn describe(&self, w: &mut String) {
-        let _ = writeln!(
-            w,
-            "- **Machine:** `nproc` = {}, CPU {}, {}, Linux {}. Load average (1/5/15 min) at \
-             start {}, at end {}.",
-            self.nproc, self.cpu, self.memory, self.kernel, self.load_start, self.load_end
-        );
-        let busy = [&self.load_start, &self.load_end]
-            .iter()
-            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-            .fold(0.0_f64, f64::max);
-        if busy >= self.nproc.max(1) as f64 * 0.75 {
+        let (line, busy) = host::machine_line(&self.host, &self.load_start, &self.load_end);
+        let _ = writeln!(w, "{line}");
+        if busy >= self.host.nproc.max(1) as f64 * 0.75 {
             let _ = writeln!(
                 w,
                 "  The machine was busy (1-minute load up to {busy:.2} on {} CPUs): the control \
                  planes, PostgreSQL, PgBouncer, the operators and any other jobs competed for \
                  the CPUs, which mostly shows in the p99 and max columns.",
-                self.nproc
+                self.host.nproc
             );
         }
         let _ = writeln!(
@@ -542,13 +493,6 @@ impl Machine {
             self.commit, self.postgres, self.pgbouncer
         );
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -683,21 +627,7 @@ impl Operator {
 
     /// Status code and body of `GET path` on the operator's HTTP server.
     fn http(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.http_port));
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((code, body))
+        support::fixtures::http_get(self.http_port, path, Duration::from_secs(2))
     }
 
     /// The value of an unlabelled series in `/metrics`.
@@ -761,50 +691,6 @@ async fn create_namespace(client: &Client, name: &str) -> Result<()> {
 }
 
 /// A singleton Deployment as the README asks for: strategy Recreate, 0 replicas.
-async fn create_deployment(client: &Client, ns: &str, name: &str, label: &str) -> Result<()> {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"reaper-bench": label}},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
-                }
-            }
-        }
-    }))?;
-    api.create(&PostParams::default(), &deployment)
-        .await
-        .with_context(|| format!("create deployment {ns}/{name}"))?;
-    Ok(())
-}
-
-async fn create_reaper(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    deployment: &str,
-    lease: LeaseSpec,
-) -> Result<()> {
-    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
-    let reaper = Reaper::new(
-        name,
-        ReaperSpec {
-            deployment_name: deployment.to_owned(),
-            lease,
-            paused: false,
-        },
-    );
-    api.create(&PostParams::default(), &reaper)
-        .await
-        .with_context(|| format!("create reaper {ns}/{name}"))?;
-    Ok(())
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Scale {
@@ -1017,7 +903,14 @@ impl Side {
         let client = test.client().await?;
         install_reaper_crd(&client).await?;
         create_namespace(&client, FAILOVER_NS).await?;
-        create_deployment(&client, FAILOVER_NS, WORKLOAD, "failover").await?;
+        create_deployment(
+            &client,
+            FAILOVER_NS,
+            WORKLOAD,
+            "Recreate",
+            json!({"reaper-bench": "failover"}),
+        )
+        .await?;
         create_reaper(&client, FAILOVER_NS, WORKLOAD, WORKLOAD, lease).await?;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), FAILOVER_NS);
         let watch = DeploymentWatch::start(deployments, WORKLOAD);
@@ -1193,7 +1086,7 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
     let trials = outcome?;
     dropped?;
     logs.succeeded();
-    machine.load_end = load_average();
+    machine.load_end = host::load_average();
 
     let (heading, section) = render_failover(args, &machine, started, wall.elapsed(), &trials);
     println!("\n{heading}\n\n{section}");
@@ -1787,7 +1680,7 @@ async fn footprint(args: &FootprintArgs) -> Result<()> {
     let rows = outcome?;
     dropped?;
     logs.succeeded();
-    machine.load_end = load_average();
+    machine.load_end = host::load_average();
 
     let report = render_footprint(
         args,
@@ -1866,7 +1759,14 @@ async fn run_footprint(
                     async move {
                         let ns = fp_namespace(i / PER_NAMESPACE);
                         let name = format!("r-{i:05}");
-                        create_deployment(&client, &ns, &name, "footprint").await?;
+                        create_deployment(
+                            &client,
+                            &ns,
+                            &name,
+                            "Recreate",
+                            json!({"reaper-bench": "footprint"}),
+                        )
+                        .await?;
                         create_reaper(
                             &client,
                             &ns,

@@ -20,6 +20,9 @@
 //! there) and `REAPER_TEST_PGBOUNCER_URL`. Everything happens in a fresh schema
 //! `bench_<pid>` that is dropped at the end.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::fmt::Write as _;
 use std::future::Future;
 use std::process::ExitCode;
@@ -165,19 +168,9 @@ struct Urls {
 
 impl Urls {
     fn from_env() -> anyhow::Result<Self> {
-        let get = |var: &str| {
-            std::env::var(var).ok().filter(|v| !v.is_empty()).with_context(|| {
-                format!(
-                    "{var} is not set. This benchmark needs a real PostgreSQL ({DIRECT_ENV}) and \
-                     a PgBouncer in transaction mode in front of it ({PGBOUNCER_ENV}): run \
-                     `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` first"
-                )
-            })
-        };
-        Ok(Self {
-            direct: get(DIRECT_ENV)?,
-            pgbouncer: get(PGBOUNCER_ENV)?,
-        })
+        let (direct, pgbouncer) =
+            host::database_urls("set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a")?;
+        Ok(Self { direct, pgbouncer })
     }
 
     fn get(&self, path: DbPath) -> &str {
@@ -356,7 +349,7 @@ async fn bench(
     schema: &Schema,
 ) -> anyhow::Result<String> {
     let started = chrono::Utc::now();
-    let load_start = load_average();
+    let load_start = host::load_average();
     let mut machine = Machine::probe(admin).await?;
     eprintln!(
         "lease bench ({} run) in schema {schema}; load average {load_start}",
@@ -400,7 +393,7 @@ async fn bench(
     let results = results?;
 
     machine.load_start = load_start;
-    machine.load_end = load_average();
+    machine.load_end = host::load_average();
     let elapsed = (chrono::Utc::now() - started).num_seconds();
     Ok(render(plan, &machine, started, elapsed, &results))
 }
@@ -626,10 +619,7 @@ async fn bench_paths(
 
 #[derive(Default)]
 struct Machine {
-    nproc: usize,
-    cpu: String,
-    memory: String,
-    kernel: String,
+    host: host::Host,
     postgres: String,
     fsync: String,
     synchronous_commit: String,
@@ -648,39 +638,11 @@ impl Machine {
         .fetch_one(admin.pool())
         .await
         .context("read the server settings")?;
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
-        let memory = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
-                let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some(format!("{:.1} GiB RAM", kib / 1024.0 / 1024.0))
-            })
-            .unwrap_or_else(|| "unknown RAM".to_owned());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
-        let pgbouncer = std::process::Command::new("pgbouncer")
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(|l| l.trim().to_owned())
-            })
-            .filter(|v| !v.is_empty())
+        let host = host::Host::probe();
+        let pgbouncer = host::first_line("pgbouncer", "--version")
             .unwrap_or_else(|| "unknown (no `pgbouncer` on PATH)".to_owned());
         Ok(Self {
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu,
-            memory,
-            kernel,
+            host,
             postgres: row.try_get("v")?,
             fsync: row.try_get("f")?,
             synchronous_commit: row.try_get("s")?,
@@ -689,13 +651,6 @@ impl Machine {
             ..Self::default()
         })
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -728,23 +683,15 @@ fn render(
         started.format("%Y-%m-%d %H:%M UTC"),
         if plan.quick { "quick" } else { "full" }
     );
-    let _ = writeln!(
-        w,
-        "- **Machine:** `nproc` = {}, CPU {}, {}, Linux {}. Load average (1/5/15 min) at \
-         start {}, at end {}.",
-        m.nproc, m.cpu, m.memory, m.kernel, m.load_start, m.load_end
-    );
-    let busy = [&m.load_start, &m.load_end]
-        .iter()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .fold(0.0_f64, f64::max);
+    let (line, busy) = host::machine_line(&m.host, &m.load_start, &m.load_end);
+    let _ = writeln!(w, "{line}");
     if busy >= 1.0 {
         let _ = writeln!(
             w,
             "  The machine was not idle: a 1-minute load average of {busy:.2} on {} CPUs means \
              other processes competed with the client, PostgreSQL and PgBouncer, which \
              mostly shows in the p99 column; an idle machine gives lower, steadier figures.",
-            m.nproc
+            m.host.nproc
         );
     }
     let _ = writeln!(

@@ -41,10 +41,10 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
-use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
 use support::cluster::TestCluster;
-use support::db;
+use support::{db, fixtures};
 
 use checker::{Input, cluster_of};
 use faults::{FaultLog, Injector, Plan};
@@ -177,9 +177,9 @@ async fn run(
         create_namespace(c, &namespace).await?;
         // Not managed by any Reaper: the injector runs a pod with it to know that a
         // cluster whose apiserver restarted works again.
-        create_deployment(c, &namespace, faults::CANARY).await?;
+        fixtures::create_deployment(c, &namespace, faults::CANARY, "Recreate", json!({})).await?;
         for (lease, deployment) in leases.iter().zip(&deployments) {
-            create_deployment(c, &namespace, deployment).await?;
+            fixtures::create_deployment(c, &namespace, deployment, "Recreate", json!({})).await?;
             create_reaper(c, &namespace, deployment, lease).await?;
         }
     }
@@ -500,45 +500,15 @@ async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn create_deployment(client: &Client, ns: &str, name: &str) -> Result<()> {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
-                }
-            }
-        }
-    }))?;
-    api.create(&PostParams::default(), &deployment).await?;
-    Ok(())
-}
-
 async fn create_reaper(client: &Client, ns: &str, name: &str, lease: &str) -> Result<()> {
-    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
-    let reaper = Reaper::new(
-        name,
-        ReaperSpec {
-            deployment_name: name.to_owned(),
-            lease: LeaseSpec {
-                name: Some(lease.to_owned()),
-                ttl_seconds: TTL as i32,
-                renew_deadline_seconds: DEADLINE as i32,
-                retry_period_seconds: RETRY as i32,
-                handover_delay_seconds: HANDOVER as i32,
-            },
-            paused: false,
-        },
-    );
-    api.create(&PostParams::default(), &reaper).await?;
-    Ok(())
+    let lease = LeaseSpec {
+        name: Some(lease.to_owned()),
+        ttl_seconds: TTL as i32,
+        renew_deadline_seconds: DEADLINE as i32,
+        retry_period_seconds: RETRY as i32,
+        handover_delay_seconds: HANDOVER as i32,
+    };
+    fixtures::create_reaper(client, ns, name, name, lease).await
 }
 
 fn strip_ansi(line: &str) -> String {

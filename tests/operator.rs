@@ -20,10 +20,11 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore};
-use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec, ReaperStatus};
+use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus};
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db;
+use support::fixtures::{create_deployment, create_reaper};
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::proxy::{FaultProxy, Mode};
 
@@ -150,27 +151,6 @@ fn operator(
     })
 }
 
-async fn create_deployment(client: &Client, ns: &str, name: &str, strategy: &str) -> Result<()> {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": strategy},
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
-                }
-            }
-        }
-    }))?;
-    api.create(&PostParams::default(), &deployment).await?;
-    Ok(())
-}
-
 /// The same Reaper (same lease name) with its Deployment in a new namespace of each
 /// cluster; returns the namespaces in cluster order.
 async fn reaper_in_each_cluster(
@@ -181,7 +161,7 @@ async fn reaper_in_each_cluster(
     let mut namespaces = Vec::new();
     for c in clusters {
         let ns = namespace(&c.client, prefix).await?;
-        create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+        create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
         create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(lease_name)).await?;
         namespaces.push(ns);
     }
@@ -196,26 +176,6 @@ fn lease_spec(name: &str) -> LeaseSpec {
         retry_period_seconds: RETRY as i32,
         handover_delay_seconds: 0,
     }
-}
-
-async fn create_reaper(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    deployment: &str,
-    lease: LeaseSpec,
-) -> Result<()> {
-    let api: Api<Reaper> = Api::namespaced(client.clone(), ns);
-    let reaper = Reaper::new(
-        name,
-        ReaperSpec {
-            deployment_name: deployment.to_owned(),
-            lease,
-            paused: false,
-        },
-    );
-    api.create(&PostParams::default(), &reaper).await?;
-    Ok(())
 }
 
 /// (spec.replicas, status.readyReplicas)
@@ -298,7 +258,7 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "one").await?;
     let lease_name = format!("one-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
@@ -401,7 +361,7 @@ async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "kill").await?;
     let lease_name = format!("kill-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     // Statements through PgBouncer (transaction mode); LISTEN on a direct connection.
     let bouncer = db::url(db::Via::PgBouncer);
@@ -700,7 +660,7 @@ async fn paused_holder_with_peer_leaves_pod_alone(clusters: &[Cluster; 2]) -> Re
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "peer-pause").await?;
     let lease_name = format!("peer-pause-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let direct = db::direct_url();
     let ops = [
@@ -760,7 +720,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "outage").await?;
     let lease_name = format!("outage-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let direct = db::direct_url();
     let upstream = direct
@@ -927,7 +887,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
         );
 
         // A Deployment that could run two pods during a rollout is flagged.
-        create_deployment(&c.client, &ns, "surge", "RollingUpdate").await?;
+        create_deployment(&c.client, &ns, "surge", "RollingUpdate", json!({})).await?;
         create_reaper(
             &c.client,
             &ns,
@@ -972,7 +932,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
             .await?
             .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
-        create_deployment(&c.client, &ns, "pushed", "Recreate").await?;
+        create_deployment(&c.client, &ns, "pushed", "Recreate", json!({})).await?;
         create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&held_elsewhere)).await?;
         let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
         for round in 0..3 {

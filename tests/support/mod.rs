@@ -4,5 +4,6 @@
 pub mod cases;
 pub mod cluster;
 pub mod db;
+pub mod fixtures;
 pub mod operator;
 pub mod proxy;
