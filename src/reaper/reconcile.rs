@@ -16,8 +16,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -81,7 +81,16 @@ pub async fn run(
     // Bounded: with 1 000 Reapers an unbounded controller starts every periodic reconcile
     // at once (each lists pods and HPAs), which floods the API server and holds all the
     // responses in memory together.
-    let controller = Controller::new(reapers, watcher::Config::default().any_semantic())
+    // managedFields are dropped before caching: nothing here reads them, and with the
+    // status writes' entries they are a large part of each cached Reaper.
+    let (store, writer) = reflector::store();
+    let reaper_events = reflector(
+        writer,
+        watcher(reapers, watcher::Config::default().any_semantic())
+            .modify(|reaper| reaper.managed_fields_mut().clear()),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(reaper_events, store)
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
     let ready_store = store.clone();
