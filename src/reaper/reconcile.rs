@@ -17,7 +17,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -82,14 +82,20 @@ pub async fn run(
     // at once (each lists pods and HPAs), which floods the API server and holds all the
     // responses in memory together.
     // managedFields are dropped before caching: nothing here reads them, and with the
-    // status writes' entries they are a large part of each cached Reaper.
+    // status writes' entries they are a large part of each cached Reaper. Status-only
+    // changes (our own writes, a peer's) trigger nothing: spec changes and deletion
+    // marking move the generation, and finalizers are watched for the cleanup.
     let (store, writer) = reflector::store();
     let reaper_events = reflector(
         writer,
         watcher(reapers, watcher::Config::default().any_semantic())
             .modify(|reaper| reaper.managed_fields_mut().clear()),
     )
-    .applied_objects();
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        PredicateConfig::default(),
+    );
     let controller = Controller::for_stream(reaper_events, store)
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
