@@ -98,6 +98,19 @@ impl LeaseTimings {
     }
 }
 
+#[cfg(test)]
+impl LeaseTimings {
+    /// Valid timings from milliseconds, for unit tests.
+    pub(crate) fn from_millis(ttl: u64, renew_deadline: u64, retry_period: u64) -> Self {
+        Self::new(
+            Duration::from_millis(ttl),
+            Duration::from_millis(renew_deadline),
+            Duration::from_millis(retry_period),
+        )
+        .expect("valid test timings")
+    }
+}
+
 /// Holder identities and lease names are stored as text and shown to people; keep them
 /// printable and bounded.
 pub fn validate_label(what: &str, value: &str) -> Result<()> {

@@ -396,14 +396,7 @@ mod tests {
 
     #[test]
     fn fence_check_leaves_most_of_the_margin() {
-        let t = |ttl, deadline, retry| {
-            LeaseTimings::new(
-                Duration::from_millis(ttl),
-                Duration::from_millis(deadline),
-                Duration::from_millis(retry),
-            )
-            .unwrap()
-        };
+        let t = LeaseTimings::from_millis;
         assert_eq!(
             fence_check_timeout(t(15_000, 10_000, 2_000)),
             Duration::from_secs(1)

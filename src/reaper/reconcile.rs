@@ -718,16 +718,18 @@ mod tests {
 
     #[test]
     fn steady_requeue_refreshes_reports_well_within_the_ttl() {
-        let t = |ttl, deadline, retry| {
-            LeaseTimings::new(
-                Duration::from_secs(ttl),
-                Duration::from_secs(deadline),
-                Duration::from_secs(retry),
-            )
-            .unwrap()
-        };
-        assert_eq!(steady_requeue(t(15, 10, 2)), Duration::from_millis(3_750));
-        assert_eq!(steady_requeue(t(3, 2, 1)), Duration::from_secs(1));
-        assert_eq!(steady_requeue(t(60, 40, 30)), Duration::from_secs(30));
+        let t = LeaseTimings::from_millis;
+        assert_eq!(
+            steady_requeue(t(15_000, 10_000, 2_000)),
+            Duration::from_millis(3_750)
+        );
+        assert_eq!(
+            steady_requeue(t(3_000, 2_000, 1_000)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            steady_requeue(t(60_000, 40_000, 30_000)),
+            Duration::from_secs(30)
+        );
     }
 }

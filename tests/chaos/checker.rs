@@ -977,8 +977,9 @@ mod tests {
         assert_eq!(a.violations(), 1);
     }
 
-    #[test]
-    fn overlap_after_a_frozen_cluster_is_expected() {
+    /// Cluster `a` leads, a fault hits it at 5.2 s (healed at 13.5 s), and cluster `b`
+    /// scales up at 10 s while `a`'s last report (5 s) still shows its pod running.
+    fn overlap_during_a_fault_on_cluster_a(kind: Kind, effect: Effect) -> Analysis {
         let leases = ["l".to_owned()];
         let samples = [sample(1.0, 0, 1), sample(10.0, 1, 1), sample(14.0, 0, 0)];
         let reports = [Report {
@@ -987,15 +988,21 @@ mod tests {
             reported_at: t(5.0),
             running_pods: 1,
         }];
-        let freeze = FaultRecord {
+        let fault = FaultRecord {
             id: 1,
-            kind: Kind::FreezeCluster,
+            kind,
             target: "a".into(),
-            effect: Effect::Unable(vec![0, 1]),
+            effect,
             start: t(5.2),
             healed: Some(t(13.5)),
         };
-        let a = analyse(&input(&leases, &samples, &reports, &[freeze], &[]));
+        analyse(&input(&leases, &samples, &reports, &[fault], &[]))
+    }
+
+    #[test]
+    fn overlap_after_a_frozen_cluster_is_expected() {
+        let a =
+            overlap_during_a_fault_on_cluster_a(Kind::FreezeCluster, Effect::Unable(vec![0, 1]));
         assert_eq!(a.overlaps.len(), 1);
         assert!(a.overlaps[0].expected, "{:?}", a.overlaps[0]);
         assert_eq!(a.overlaps[0].causes, vec![1]);
@@ -1004,23 +1011,7 @@ mod tests {
 
     #[test]
     fn a_cluster_only_cut_off_must_fence_itself() {
-        let leases = ["l".to_owned()];
-        let samples = [sample(1.0, 0, 1), sample(10.0, 1, 1), sample(14.0, 0, 0)];
-        let reports = [Report {
-            lease: 0,
-            cluster: 0,
-            reported_at: t(5.0),
-            running_pods: 1,
-        }];
-        let cut = FaultRecord {
-            id: 1,
-            kind: Kind::CutCluster,
-            target: "a".into(),
-            effect: Effect::Cut(vec![0, 1]),
-            start: t(5.2),
-            healed: Some(t(13.5)),
-        };
-        let a = analyse(&input(&leases, &samples, &reports, &[cut], &[]));
+        let a = overlap_during_a_fault_on_cluster_a(Kind::CutCluster, Effect::Cut(vec![0, 1]));
         assert_eq!(a.violations(), 1, "{:?}", a.overlaps);
     }
 
