@@ -26,6 +26,9 @@ both_paths!(
     advisory_lock_does_not_protect_but_the_lease_does,
     acquire_and_release_notify_listeners,
     workload_reports_are_per_cluster_and_exclude_the_caller,
+    lease_event_refuses_truncate,
+    held_lease_row_refuses_delete_and_truncate,
+    free_or_expired_lease_row_can_be_deleted_and_epochs_continue,
 );
 
 /// 50 candidates on separate connections race 20 times for one lease: the first round
@@ -546,4 +549,123 @@ async fn recv(
     })
     .await
     .expect("no notification within 5 s")
+}
+
+/// TRUNCATE fires no row triggers, so the append-only history needs a statement trigger:
+/// without it TRUNCATE lease_event + DELETE of the lease row restarted epochs at 1.
+async fn lease_event_refuses_truncate(via: Via) {
+    let (store, schema) = db::fresh_schema(via).await;
+    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    let error = db::try_exec(via, &format!("TRUNCATE {}", schema.qualify("lease_event")))
+        .await
+        .expect_err("TRUNCATE lease_event was allowed");
+    let pg = db::pg_error(&error);
+    assert!(
+        pg.message()
+            .starts_with("lease_event is append-only (TRUNCATE refused)"),
+        "{}",
+        pg.message()
+    );
+    assert!(
+        pg.hint()
+            .is_some_and(|h| h.contains("DISABLE TRIGGER lease_event_append_only")),
+        "hint: {:?}",
+        pg.hint()
+    );
+    assert_eq!(store.events("l").await.unwrap().len(), 1, "history lost");
+}
+
+/// Deleting a held lease row would let the next acquire in at once (a second holder);
+/// TRUNCATE would do the same to every lease, bypassing the row trigger.
+async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
+    let (store, schema) = db::fresh_schema(via).await;
+    let lease = schema.qualify("lease");
+    store.acquire("l", "east/a", LONG).await.unwrap().unwrap();
+    store
+        .acquire("free", "east/a", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store.release("free", "east/a", 1).await.unwrap().unwrap();
+
+    for sql in [
+        format!("DELETE FROM {lease} WHERE name = 'l'"),
+        // One held row refuses the whole statement, free rows included.
+        format!("DELETE FROM {lease}"),
+    ] {
+        let error = db::try_exec(via, &sql)
+            .await
+            .expect_err("DELETE of a held lease was allowed");
+        let pg = db::pg_error(&error);
+        assert!(
+            pg.message()
+                .starts_with("lease l is held by east/a (epoch 1) until "),
+            "{sql}: {}",
+            pg.message()
+        );
+        assert!(
+            pg.message()
+                .ends_with(": deleting it would let a second holder in at once"),
+            "{}",
+            pg.message()
+        );
+        assert_eq!(pg.code(), "55006", "object_in_use");
+        assert!(
+            pg.hint().is_some_and(|h| h.contains("release")),
+            "{:?}",
+            pg.hint()
+        );
+    }
+
+    let error = db::try_exec(via, &format!("TRUNCATE {lease}"))
+        .await
+        .expect_err("TRUNCATE lease was allowed");
+    assert!(
+        db::pg_error(&error)
+            .message()
+            .starts_with("TRUNCATE of the lease table refused"),
+        "{error}"
+    );
+
+    let row = store.get("l").await.unwrap().expect("held row deleted");
+    assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
+    assert!(
+        store.get("free").await.unwrap().is_some(),
+        "free row deleted"
+    );
+    assert!(
+        store.acquire("l", "west/b", LONG).await.unwrap().is_none(),
+        "a second holder got in"
+    );
+}
+
+/// A free or expired row may still be deleted by hand; the next acquire recreates it with
+/// the epoch after the highest one in the audit history.
+async fn free_or_expired_lease_row_can_be_deleted_and_epochs_continue(via: Via) {
+    let (store, schema) = db::fresh_schema(via).await;
+    let lease = schema.qualify("lease");
+    let short = Duration::from_millis(200);
+
+    for _ in 0..2 {
+        let l = store.acquire("free", "a", LONG).await.unwrap().unwrap();
+        store.release("free", "a", l.epoch).await.unwrap().unwrap();
+    }
+    db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'free'"))
+        .await
+        .expect("DELETE of a free lease refused");
+    assert!(store.get("free").await.unwrap().is_none());
+    let l = store.acquire("free", "b", LONG).await.unwrap().unwrap();
+    assert_eq!((l.epoch, l.previous_holder.as_str()), (3, ""));
+
+    // Expired, never released: a, then a takeover by b, both left to expire.
+    store.acquire("expired", "a", short).await.unwrap().unwrap();
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    let b = store.acquire("expired", "b", short).await.unwrap().unwrap();
+    assert_eq!(b.epoch, 2);
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'expired'"))
+        .await
+        .expect("DELETE of an expired lease refused");
+    let c = store.acquire("expired", "c", LONG).await.unwrap().unwrap();
+    assert_eq!(c.epoch, 3, "epoch must continue after the audit history");
 }

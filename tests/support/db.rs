@@ -94,3 +94,37 @@ macro_rules! both_paths {
         }
     )*};
 }
+
+/// A single connection going `via` the chosen path, for a test that holds a transaction
+/// open. Send it simple-protocol statements only (`sqlx::raw_sql`): through PgBouncer in
+/// transaction mode a prepared statement does not outlive its transaction.
+pub async fn connection(via: Via) -> sqlx::PgConnection {
+    <sqlx::PgConnection as sqlx::Connection>::connect(&url(via))
+        .await
+        .expect("connect to the test database")
+}
+
+/// Runs one SQL string (simple protocol) on a new connection going `via` the chosen path
+/// and returns the server's answer, error included.
+pub async fn try_exec(via: Via, sql: &str) -> Result<(), sqlx::Error> {
+    let mut conn = connection(via).await;
+    let result = raw(&mut conn, sql).await;
+    let _ = sqlx::Connection::close(conn).await;
+    result
+}
+
+/// Runs one SQL string (simple protocol) on `conn`.
+pub async fn raw(conn: &mut sqlx::PgConnection, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+}
+
+/// The PostgreSQL error behind `error`, for checking its message and hint.
+pub fn pg_error(error: &sqlx::Error) -> &sqlx::postgres::PgDatabaseError {
+    error
+        .as_database_error()
+        .unwrap_or_else(|| panic!("not a database error: {error}"))
+        .downcast_ref::<sqlx::postgres::PgDatabaseError>()
+}
