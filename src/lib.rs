@@ -24,6 +24,14 @@ pub enum Error {
     #[error("database call timed out after {0:?}")]
     Timeout(Duration),
 
+    /// The server cancelled a lease statement that waited longer than its `lock_timeout`
+    /// for a lock: a transaction holds a lock on the lease row.
+    #[error(
+        "lease statement gave up after waiting {0:?} for a lock (lock_timeout): another \
+         transaction holds a lock on the lease row"
+    )]
+    LockTimeout(Duration),
+
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 

@@ -4,8 +4,9 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use reaper_operator::Error;
 use reaper_operator::lease::LeaseStore;
 use support::db::{self, Via};
 use tokio::sync::Barrier;
@@ -29,6 +30,7 @@ both_paths!(
     lease_event_refuses_truncate,
     held_lease_row_refuses_delete_and_truncate,
     free_or_expired_lease_row_can_be_deleted_and_epochs_continue,
+    blocked_lease_statement_fails_after_the_lock_timeout,
 );
 
 /// 50 candidates on separate connections race 20 times for one lease: the first round
@@ -668,4 +670,66 @@ async fn free_or_expired_lease_row_can_be_deleted_and_epochs_continue(via: Via) 
         .expect("DELETE of an expired lease refused");
     let c = store.acquire("expired", "c", LONG).await.unwrap().unwrap();
     assert_eq!(c.epoch, 3, "epoch must continue after the audit history");
+}
+
+/// A transaction that keeps a lease row locked (here `FOR UPDATE`; the fencing recipe's
+/// `FOR SHARE` does the same to renews) makes the statements that need the row
+/// fail after the lock timeout with a clear error, instead of waiting until the call
+/// timeout while holding a pooled connection; the connection is usable right after.
+async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
+    let (_, schema) = db::fresh_schema(via).await;
+    let lock_timeout = Duration::from_millis(300);
+    // One connection, and a call timeout (10 s) far above the lock timeout.
+    let store = db::store(via, &schema, 1)
+        .await
+        .with_lock_timeout(lock_timeout);
+    assert_eq!(store.lock_timeout(), lock_timeout);
+    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    store.acquire("other", "a", LONG).await.unwrap().unwrap();
+
+    let mut blocker = db::connection(Via::Direct).await;
+    db::raw(
+        &mut blocker,
+        &format!(
+            "BEGIN; SELECT * FROM {} WHERE name = 'l' FOR UPDATE",
+            schema.qualify("lease")
+        ),
+    )
+    .await
+    .unwrap();
+
+    let held = [("l".to_owned(), 1), ("other".to_owned(), 1)];
+    for what in ["renew", "renew_many", "release"] {
+        let started = Instant::now();
+        let result = match what {
+            "renew" => store.renew("l", "a", 1).await.map(|_| ()),
+            "renew_many" => store.renew_many("a", &held).await.map(|_| ()),
+            _ => store.release("l", "a", 1).await.map(|_| ()),
+        };
+        let took = started.elapsed();
+        let error = result.expect_err("a statement on a locked row succeeded");
+        assert!(
+            matches!(error, Error::LockTimeout(t) if t == lock_timeout),
+            "{what}: {error}"
+        );
+        assert!(
+            error.to_string().contains("lock_timeout"),
+            "unclear message: {error}"
+        );
+        assert!(
+            took >= lock_timeout - Duration::from_millis(50) && took < Duration::from_secs(2),
+            "{what} took {took:?} with a lock timeout of {lock_timeout:?}"
+        );
+        // The pool's only connection is free again at once, lock still held.
+        let started = Instant::now();
+        assert!(store.renew("other", "a", 1).await.unwrap().is_some());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    db::raw(&mut blocker, "ROLLBACK").await.unwrap();
+    assert!(store.renew("l", "a", 1).await.unwrap().is_some());
+    // Nothing of the SET LOCAL stays on the (server) connection.
+    let mut conn = db::connection(via).await;
+    let setting: String = db::scalar(&mut conn, "SHOW lock_timeout").await.unwrap();
+    assert_eq!(setting, "0");
 }

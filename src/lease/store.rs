@@ -6,6 +6,11 @@
 //! extended protocol parses and executes in two round trips that PgBouncer may route to
 //! different server connections. A simple query is one message, one transaction, no
 //! session state. Times come only from `clock_timestamp()` on the database server.
+//!
+//! Each statement is preceded, in the same query message, by
+//! `SET LOCAL lock_timeout = ...`: the server runs the two as one implicit transaction,
+//! so the setting bounds that statement's lock waits and is gone when it ends (see
+//! [`LeaseStore::with_lock_timeout`]).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -118,9 +123,13 @@ pub struct LeaseStore {
     lease_table: String,
     event_table: String,
     call_timeout: Duration,
+    /// `SET LOCAL lock_timeout` sent with every statement, in whole milliseconds (≥ 1).
+    lock_timeout_ms: u64,
 }
 
 impl LeaseStore {
+    /// A store whose lock timeout is a quarter of `call_timeout` (see
+    /// [`with_lock_timeout`](Self::with_lock_timeout)).
     pub fn new(pool: PgPool, schema: &Schema, call_timeout: Duration) -> Self {
         Self {
             pool,
@@ -128,7 +137,37 @@ impl LeaseStore {
             event_table: schema.qualify("lease_event"),
             schema: schema.clone(),
             call_timeout,
+            lock_timeout_ms: lock_timeout_millis(call_timeout / 4),
         }
+    }
+
+    /// How long one lease statement may wait for one lock before the server cancels it
+    /// with [`Error::LockTimeout`] (rounded down to whole milliseconds, at least 1 ms).
+    ///
+    /// Without it a statement blocked by a row lock (a transaction that locked a lease
+    /// row and stays open) waits on the server until the call timeout drops it on the
+    /// client, and its pooled connection stays busy with the blocked statement for as
+    /// long as the lock is held, so every tick blocks one more connection until the pool
+    /// is empty. With it the server gives up, the implicit transaction ends and the
+    /// connection is free again.
+    ///
+    /// The setting travels with each statement as `SET LOCAL lock_timeout = '...'` in the
+    /// same simple query message. The server runs a multi-statement query message as one
+    /// implicit transaction, so the `SET LOCAL` covers exactly that statement and leaves
+    /// no session state behind, which is what PgBouncer in transaction mode needs. A
+    /// startup parameter (`options=-c lock_timeout=...`) would not do: PgBouncer refuses
+    /// startup parameters it does not track unless told to ignore them
+    /// (`ignore_startup_parameters`, as in `tests/db/up.sh`), and then drops them.
+    ///
+    /// The default, a quarter of the call timeout, leaves room in the call for more than
+    /// one wait and for the statement's own work.
+    pub fn with_lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout_ms = lock_timeout_millis(lock_timeout);
+        self
+    }
+
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.lock_timeout_ms)
     }
 
     /// Connects at once, so an unreachable database is reported now.
@@ -418,6 +457,12 @@ impl LeaseStore {
     async fn fetch_with(&self, sql: String, retries: u32) -> Result<Vec<PgRow>> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut retries_left = retries;
+        // One query message, two statements, one implicit transaction: the SET LOCAL
+        // applies to this statement only (see `with_lock_timeout`).
+        let sql = format!(
+            "SET LOCAL lock_timeout = '{}ms'; {sql}",
+            self.lock_timeout_ms
+        );
         loop {
             let query = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(&self.pool);
             match tokio::time::timeout_at(deadline, query).await {
@@ -425,6 +470,11 @@ impl LeaseStore {
                 Ok(Err(sqlx::Error::Io(error))) if retries_left > 0 => {
                     retries_left -= 1;
                     tracing::debug!(%error, "statement failed on a dead connection; sending it again");
+                }
+                Ok(Err(sqlx::Error::Database(db)))
+                    if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) =>
+                {
+                    return Err(Error::LockTimeout(self.lock_timeout()));
                 }
                 Ok(Err(error)) => return Err(error.into()),
                 Err(_) => return Err(Error::Timeout(self.call_timeout)),
@@ -445,6 +495,9 @@ impl LeaseStore {
         rows.iter().map(Lease::from_row).next().transpose()
     }
 }
+
+/// SQLSTATE `lock_not_available`: the statement was cancelled by `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 
 /// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]).
 pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
@@ -483,6 +536,11 @@ fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {
         // A ping before every statement would double the latency of a renew; a statement
         // that may run twice is sent again when its connection turns out dead (`fetch`).
         .test_before_acquire(false)
+}
+
+fn lock_timeout_millis(lock_timeout: Duration) -> u64 {
+    // 0 would mean "no timeout" to the server.
+    (lock_timeout.as_millis().min(i32::MAX as u128) as u64).max(1)
 }
 
 fn ttl_millis(ttl: Duration) -> Result<i64> {
@@ -544,6 +602,15 @@ mod tests {
         assert_eq!(literal("o'brien"), "E'o''brien'");
         assert_eq!(literal(r"a\'b"), r"E'a\\''b'");
         assert_eq!(literal("ünï"), "E'ünï'");
+    }
+
+    #[test]
+    fn lock_timeout_is_whole_milliseconds_and_never_zero() {
+        // 0 would disable the timeout on the server.
+        assert_eq!(lock_timeout_millis(Duration::ZERO), 1);
+        assert_eq!(lock_timeout_millis(Duration::from_micros(300)), 1);
+        assert_eq!(lock_timeout_millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(lock_timeout_millis(Duration::from_secs(1) / 4), 250);
     }
 
     #[test]

@@ -121,6 +121,18 @@ pub async fn raw(conn: &mut sqlx::PgConnection, sql: &str) -> Result<(), sqlx::E
         .map(|_| ())
 }
 
+/// The first column of the first row of a simple-protocol query on `conn`.
+pub async fn scalar<T>(conn: &mut sqlx::PgConnection, sql: &str) -> Result<T, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    use sqlx::Row;
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&mut *conn)
+        .await?;
+    row.try_get(0)
+}
+
 /// The PostgreSQL error behind `error`, for checking its message and hint.
 pub fn pg_error(error: &sqlx::Error) -> &sqlx::postgres::PgDatabaseError {
     error
