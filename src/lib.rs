@@ -25,10 +25,11 @@ pub enum Error {
     Timeout(Duration),
 
     /// The server cancelled a lease statement that waited longer than its `lock_timeout`
-    /// for a lock: a transaction holds a lock on the lease row.
+    /// for a lock: a transaction holds a lock on the lease row, or (for a takeover) a
+    /// fenced write of the workload is still in flight.
     #[error(
         "lease statement gave up after waiting {0:?} for a lock (lock_timeout): another \
-         transaction holds a lock on the lease row"
+         transaction holds a lock on the lease row, or a fenced workload write is in flight"
     )]
     LockTimeout(Duration),
 

@@ -672,8 +672,8 @@ async fn free_or_expired_lease_row_can_be_deleted_and_epochs_continue(via: Via) 
     assert_eq!(c.epoch, 3, "epoch must continue after the audit history");
 }
 
-/// A transaction that keeps a lease row locked (here `FOR UPDATE`; the fencing recipe's
-/// `FOR SHARE` does the same to renews) makes the statements that need the row
+/// A transaction that keeps a lease row locked (here `FOR UPDATE`; the old fencing
+/// recipe's `FOR SHARE` did the same to renews) makes the statements that need the row
 /// fail after the lock timeout with a clear error, instead of waiting until the call
 /// timeout while holding a pooled connection; the connection is usable right after.
 async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {

@@ -159,8 +159,8 @@ impl LeaseStore {
     /// startup parameters it does not track unless told to ignore them
     /// (`ignore_startup_parameters`, as in `tests/db/up.sh`), and then drops them.
     ///
-    /// The default, a quarter of the call timeout, leaves room in the call for more than
-    /// one wait and for the statement's own work.
+    /// An acquire can wait for two locks (the fence lock of a takeover, then the row), so
+    /// the default, a quarter of the call timeout, keeps both waits inside the call.
     pub fn with_lock_timeout(mut self, lock_timeout: Duration) -> Self {
         self.lock_timeout_ms = lock_timeout_millis(lock_timeout);
         self
@@ -219,13 +219,37 @@ impl LeaseStore {
         validate_label("holder", holder)?;
         let ttl_ms = ttl_millis(ttl)?;
         let (l, e) = (&self.lease_table, &self.event_table);
+        let key = literal(&fence_key_text(&self.schema, name));
         let (name, holder) = (literal(name), literal(holder));
         // ON CONFLICT DO UPDATE re-checks its WHERE against the latest committed row
         // under a row lock, so among concurrent candidates exactly one can win. A row
         // that went missing is recreated with an epoch above any in the audit history,
         // so the fencing token never repeats.
+        //
+        // The fence (docs/fencing.md): a takeover must wait for the workload's fenced
+        // writes in flight, which hold the lease's advisory lock in shared mode until
+        // they commit. Unless the row, as of this statement's snapshot, is held and
+        // unexpired, the statement first takes that lock exclusively (`fence`), and only
+        // then reads the clock (`clk`) and decides (the upsert): a fenced write that
+        // began earlier has committed by then, and one that begins later waits for this
+        // statement and then sees the new epoch. When the snapshot shows the lease held,
+        // no lock is taken and no row is produced at all (`clk` is empty), so an acquire
+        // of a held lease never waits for the workload; if the lease was released in
+        // the meantime, this attempt fails and the next one takes the lock. The wait is
+        // bounded by the lock timeout: a longer fenced write fails this attempt with
+        // `Error::LockTimeout` and the candidate tries again on its next tick.
+        // Renews never touch the advisory lock.
         let sql = format!(
-            "WITH clk AS MATERIALIZED (SELECT clock_timestamp() AS now), \
+            "WITH snap AS MATERIALIZED ( \
+               SELECT EXISTS (SELECT 1 FROM {l} AS h WHERE h.name = {name} AND h.holder <> '' \
+                 AND h.renewed_at + h.ttl_ms * interval '1 millisecond' > clock_timestamp()) AS held \
+             ), \
+             fence AS MATERIALIZED ( \
+               SELECT NOT snap.held AS locked, \
+                      pg_advisory_xact_lock(CASE WHEN snap.held THEN NULL ELSE hashtextextended({key}, 0) END) AS fence_lock \
+               FROM snap \
+             ), \
+             clk AS MATERIALIZED (SELECT clock_timestamp() AS now FROM fence WHERE fence.locked), \
              taken AS ( \
                INSERT INTO {l} AS l (name, holder, epoch, ttl_ms, acquired_at, renewed_at, previous_holder) \
                SELECT {name}, {holder}, \
@@ -498,6 +522,13 @@ impl LeaseStore {
 
 /// SQLSTATE `lock_not_available`: the statement was cancelled by `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// The text whose `hashtextextended(text, 0)` is the advisory lock key of a lease's
+/// fence. Must match `lease_fence_key()` in `migrations/20261202000001_lease_fence.sql`:
+/// the schema is part of it, so schemas sharing a database do not share fences.
+fn fence_key_text(schema: &Schema, name: &str) -> String {
+    format!("reaper-operator:{}:{name}", schema.as_str())
+}
 
 /// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]).
 pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
