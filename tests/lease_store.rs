@@ -31,6 +31,7 @@ both_paths!(
     held_lease_row_refuses_delete_and_truncate,
     free_or_expired_lease_row_can_be_deleted_and_epochs_continue,
     blocked_lease_statement_fails_after_the_lock_timeout,
+    server_encoding_is_checked,
 );
 
 /// 50 candidates on separate connections race 20 times for one lease: the first round
@@ -732,4 +733,72 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
     let mut conn = db::connection(via).await;
     let setting: String = db::scalar(&mut conn, "SHOW lock_timeout").await.unwrap();
     assert_eq!(setting, "0");
+}
+
+/// A database in another encoding than UTF8 is refused, by `check_server` and before
+/// `migrate` creates anything; the UTF8 test database passes.
+async fn server_encoding_is_checked(via: Via) {
+    let (store, _) = db::fresh_schema(via).await;
+    store.check_server().await.expect("UTF8 database refused");
+
+    let database = format!(
+        "reaper_latin1_{}_{}",
+        std::process::id(),
+        via == Via::PgBouncer
+    )
+    .to_lowercase();
+    db::exec(&format!(
+        "CREATE DATABASE {database} WITH ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
+         TEMPLATE template0"
+    ))
+    .await;
+    let schema = db::unique_schema("latin1");
+    let outcome = async {
+        let store = LeaseStore::connect(
+            &db::url_for_database(via, &database),
+            &schema,
+            Duration::from_secs(10),
+            1,
+        )
+        .await
+        .unwrap();
+        let checked = store.check_server().await;
+        // Migrations need a direct connection.
+        let migrated = match via {
+            Via::Direct => Some(store.migrate().await),
+            Via::PgBouncer => None,
+        };
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db::url_for_database(
+            Via::Direct,
+            &database,
+        ))
+        .await
+        .unwrap();
+        let schemas: i64 = db::scalar(
+            &mut conn,
+            &format!(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = '{}'",
+                schema.as_str()
+            ),
+        )
+        .await
+        .unwrap();
+        let _ = sqlx::Connection::close(conn).await;
+        store.pool().close().await;
+        (checked, migrated, schemas)
+    }
+    .await;
+    db::exec(&format!("DROP DATABASE {database} WITH (FORCE)")).await;
+
+    let (checked, migrated, schemas) = outcome;
+    let expected = "invalid configuration: the lease database uses encoding LATIN1; \
+                    reaper-operator needs UTF8 (create the database with ENCODING 'UTF8')";
+    let error = checked.expect_err("LATIN1 database accepted");
+    assert!(matches!(error, Error::Config(_)), "{error:?}");
+    assert_eq!(error.to_string(), expected);
+    if let Some(migrated) = migrated {
+        let error = migrated.expect_err("migrate accepted a LATIN1 database");
+        assert_eq!(error.to_string(), expected);
+    }
+    assert_eq!(schemas, 0, "migrate created the schema before refusing");
 }

@@ -212,6 +212,19 @@ impl LeaseStore {
         migrate(&self.pool, &self.schema).await
     }
 
+    /// Refuses a database the lease cannot work in: one whose encoding is not UTF8.
+    /// Lease names and holders are UTF-8; in, say, a LATIN1 database a single name the
+    /// encoding cannot represent fails every statement it is part of, and the batched
+    /// statements (`acquirable`, `renew_many`) would fail for every lease of a replica.
+    pub async fn check_server(&self) -> Result<()> {
+        let rows = self.fetch("SHOW server_encoding".to_owned()).await?;
+        let encoding: String = match rows.first() {
+            Some(row) => row.try_get(0)?,
+            None => return Err(Error::Config("SHOW server_encoding returned no row".into())),
+        };
+        check_encoding(&encoding)
+    }
+
     /// Takes the lease if it is free or expired, creating the row if it is missing.
     /// Returns the new row (epoch + 1) or `None` when someone else holds it.
     pub async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
@@ -530,8 +543,24 @@ fn fence_key_text(schema: &Schema, name: &str) -> String {
     format!("reaper-operator:{}:{name}", schema.as_str())
 }
 
-/// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]).
+fn check_encoding(encoding: &str) -> Result<()> {
+    if encoding.eq_ignore_ascii_case("UTF8") {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "the lease database uses encoding {encoding}; reaper-operator needs UTF8 \
+         (create the database with ENCODING 'UTF8')"
+    )))
+}
+
+/// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]), after
+/// checking that the database is one the lease works in ([`LeaseStore::check_server`]).
 pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
+    let encoding: String = sqlx::raw_sql("SHOW server_encoding")
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?;
+    check_encoding(&encoding)?;
     let quoted = format!("\"{schema}\"");
     let migrations = MIGRATOR
         .iter()
@@ -642,6 +671,18 @@ mod tests {
         assert_eq!(lock_timeout_millis(Duration::from_micros(300)), 1);
         assert_eq!(lock_timeout_millis(Duration::from_millis(1500)), 1500);
         assert_eq!(lock_timeout_millis(Duration::from_secs(1) / 4), 250);
+    }
+
+    #[test]
+    fn only_a_utf8_database_is_accepted() {
+        assert!(check_encoding("UTF8").is_ok());
+        let error = check_encoding("LATIN1").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration: the lease database uses encoding LATIN1; reaper-operator \
+             needs UTF8 (create the database with ENCODING 'UTF8')"
+        );
+        assert!(check_encoding("SQL_ASCII").is_err());
     }
 
     #[test]

@@ -140,3 +140,11 @@ pub fn pg_error(error: &sqlx::Error) -> &sqlx::postgres::PgDatabaseError {
         .unwrap_or_else(|| panic!("not a database error: {error}"))
         .downcast_ref::<sqlx::postgres::PgDatabaseError>()
 }
+
+/// The URL of another database on the same server, `via` the chosen path (PgBouncer
+/// passes any database name through to the server).
+pub fn url_for_database(via: Via, database: &str) -> String {
+    let url = url(via);
+    let (server, _) = url.rsplit_once('/').expect("a database URL with a path");
+    format!("{server}/{database}")
+}
