@@ -69,6 +69,13 @@ async fn smoke_against_real_apiserver() {
     support::cases::check(
         &mut failures,
         "smoke",
+        "pods_stop_after_grace_period",
+        pod_stops(&ctx),
+    )
+    .await;
+    support::cases::check(
+        &mut failures,
+        "smoke",
         "rbac_service_account_token",
         rbac(&ctx),
     )
@@ -362,7 +369,11 @@ async fn deployment_scale(ctx: &Ctx<'_>) -> Result<()> {
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+                // Scaling down waits for the removed Pod to be gone: keep that short.
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
+                },
             },
         },
     }))?;
@@ -446,6 +457,212 @@ async fn wait_ready(ctx: &Ctx<'_>, ns: &str, n: i32) -> Result<()> {
         }
     })
     .await
+}
+
+// ---------------------------------------------------------------------------------------
+// (b2) A deleted Pod stays Terminating (still Running) for its grace period, or for the
+// delay its annotation asks for, before kwok finishes the deletion, as a container that
+// ignores SIGTERM does on a real kubelet; a forced delete (grace 0) is immediate.
+
+/// One Pod of `pod_stops`: how it is made and deleted, and when it must be gone.
+struct StopCase {
+    name: &'static str,
+    grace_seconds: i64,
+    annotations: serde_json::Value,
+    /// `DeleteOptions.gracePeriodSeconds`.
+    delete_grace: Option<u32>,
+    /// It must still be there (Terminating) this long after the delete was sent...
+    min_gone: Duration,
+    /// ...and be gone this long after it.
+    max_gone: Duration,
+}
+
+/// What was seen of one Pod after its delete was sent.
+#[derive(Default, Debug)]
+struct Seen {
+    /// The last time it was listed with a deletionTimestamp (since the delete).
+    last_terminating: Option<Duration>,
+    /// The first time it was no longer listed.
+    gone: Option<Duration>,
+    /// Phases it was listed with while Terminating.
+    phases: Vec<String>,
+}
+
+async fn pod_stops(ctx: &Ctx<'_>) -> Result<()> {
+    use support::cluster::{KwokStages, POD_DELETE_DELAY, POD_DELETE_JITTER_DELAY};
+    let ns = ctx.namespace("stop").await?;
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+    // Generous upper margins: kwok sees the deletion through a watch, and the machine may
+    // be busy; the lower bounds are what the test is about.
+    let margin = Duration::from_secs(8);
+    let secs = Duration::from_secs_f64;
+    let cases = [
+        // The deletionTimestamp is the delete time + grace, truncated to the second: gone
+        // after (N-1, N] s.
+        StopCase {
+            name: "grace-4s",
+            grace_seconds: 4,
+            annotations: json!({}),
+            delete_grace: None,
+            min_gone: secs(2.8),
+            max_gone: secs(4.0) + margin,
+        },
+        // DeleteOptions.gracePeriodSeconds wins over the Pod's own.
+        StopCase {
+            name: "delete-grace-3s",
+            grace_seconds: 30,
+            annotations: json!({}),
+            delete_grace: Some(3),
+            min_gone: secs(1.8),
+            max_gone: secs(3.0) + margin,
+        },
+        // The annotation wins over the grace period, shorter...
+        StopCase {
+            name: "annotated-2s",
+            grace_seconds: 30,
+            annotations: json!({ POD_DELETE_DELAY: "2s" }),
+            delete_grace: None,
+            min_gone: secs(1.8),
+            max_gone: secs(2.0) + margin,
+        },
+        // ...or longer, and with a random part: between 3 and 5 s.
+        StopCase {
+            name: "annotated-3-5s",
+            grace_seconds: 1,
+            annotations: json!({ POD_DELETE_DELAY: "3s", POD_DELETE_JITTER_DELAY: "5s" }),
+            delete_grace: None,
+            min_gone: secs(2.8),
+            max_gone: secs(5.0) + margin,
+        },
+        // No grace period at all: the apiserver removes the Pod itself.
+        StopCase {
+            name: "spec-grace-0s",
+            grace_seconds: 0,
+            annotations: json!({}),
+            delete_grace: None,
+            min_gone: Duration::ZERO,
+            max_gone: secs(1.0),
+        },
+        // A forced delete never leaves a Terminating Pod behind.
+        StopCase {
+            name: "force-0s",
+            grace_seconds: 30,
+            annotations: json!({ POD_DELETE_DELAY: "20s" }),
+            delete_grace: Some(0),
+            min_gone: Duration::ZERO,
+            max_gone: secs(1.0),
+        },
+    ];
+
+    for case in &cases {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": case.name, "labels": {"app": "stopper"}, "annotations": case.annotations},
+            "spec": {
+                "terminationGracePeriodSeconds": case.grace_seconds,
+                "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
+            },
+        }))?;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating Pod {}", case.name))?;
+    }
+    let n = cases.len();
+    wait_until("the stopper Pods to run on kwok-node-0", WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default()).await?;
+            let running = list
+                .iter()
+                .filter(|p| {
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some("kwok-node-0")
+                })
+                .count();
+            Ok((running == n).then_some(()))
+        }
+    })
+    .await?;
+
+    // Delete them all, each with its own clock, then watch them go (10 lists a second).
+    let mut sent = Vec::new();
+    for case in &cases {
+        let dp = DeleteParams {
+            grace_period_seconds: case.delete_grace,
+            ..DeleteParams::default()
+        };
+        sent.push(Instant::now());
+        pods.delete(case.name, &dp)
+            .await
+            .with_context(|| format!("deleting Pod {}", case.name))?;
+    }
+    let mut seen: Vec<Seen> = cases.iter().map(|_| Seen::default()).collect();
+    let deadline = Instant::now() + cases.iter().map(|c| c.max_gone).max().unwrap() + margin;
+    while seen.iter().any(|s| s.gone.is_none()) && Instant::now() < deadline {
+        let list = pods.list(&ListParams::default()).await?;
+        let now = Instant::now();
+        for ((case, since), seen) in cases.iter().zip(&sent).zip(&mut seen) {
+            if seen.gone.is_some() {
+                continue;
+            }
+            match list.iter().find(|p| p.name_any() == case.name) {
+                None => seen.gone = Some(now - *since),
+                Some(p) if p.metadata.deletion_timestamp.is_some() => {
+                    seen.last_terminating = Some(now - *since);
+                    let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                    let phase = phase.unwrap_or_else(|| "<none>".into());
+                    if !seen.phases.contains(&phase) {
+                        seen.phases.push(phase);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut problems = Vec::new();
+    for (case, seen) in cases.iter().zip(&seen) {
+        eprintln!("pod stop {}: {seen:?}", case.name);
+        match seen.gone {
+            None => problems.push(format!(
+                "{}: still there {:?} after its delete (expected gone by {:?})",
+                case.name, case.max_gone, case.max_gone
+            )),
+            Some(gone) if gone < case.min_gone => problems.push(format!(
+                "{}: gone {gone:.1?} after its delete, expected Terminating for at least {:?} ({seen:?})",
+                case.name, case.min_gone
+            )),
+            Some(gone) if gone > case.max_gone => problems.push(format!(
+                "{}: gone only {gone:.1?} after its delete, expected by {:?} ({seen:?})",
+                case.name, case.max_gone
+            )),
+            Some(_) => {}
+        }
+        if !case.min_gone.is_zero() && seen.last_terminating.is_none() {
+            problems.push(format!("{}: never seen Terminating ({seen:?})", case.name));
+        }
+        if seen.phases.iter().any(|p| p != "Running") {
+            problems.push(format!(
+                "{}: phase changed while Terminating: {:?}",
+                case.name, seen.phases
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        let stages = match ctx.cluster.kwok_stages() {
+            Some(stages) => format!("kwok stages: {}", stages.as_str()),
+            None => "kwok stages unknown (no KWOK_STAGES in cluster.env)".into(),
+        };
+        let hint = if ctx.cluster.kwok_stages() == Some(KwokStages::Grace) {
+            String::new()
+        } else {
+            " - this needs a cluster started with REAPER_KWOK_STAGES=grace (up.sh's default)".into()
+        };
+        bail!("{stages}{hint}:\n{}", problems.join("\n"));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

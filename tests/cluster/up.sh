@@ -11,7 +11,13 @@
 # Binaries come from tests/cluster/build.sh (built once into a cache, reused afterwards).
 # If a component does not come up, this exits non-zero, prints the tail of that
 # component's log on stderr and stops what it started (the logs are kept).
-# Environment: REAPER_CLUSTER_DIR, REAPER_CACHE, REAPER_UP_TIMEOUT (seconds per wait, 60).
+# Environment: REAPER_CLUSTER_DIR, REAPER_CACHE, REAPER_UP_TIMEOUT (seconds per wait, 60),
+# REAPER_KWOK_STAGES (how kwok finishes Pod deletions):
+#   grace (default)  a deleted Pod stays Terminating until its deletionTimestamp, i.e. for
+#                    its grace period (terminationGracePeriodSeconds, default 30), or as
+#                    long as its pod-delete.stage.kwok.x-k8s.io/delay annotation says
+#                    (tests/cluster/kwok/pod-delete-grace.yaml);
+#   fast             kwok's own fast stage: deleted Pods vanish at once.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +33,12 @@ start_time=$SECONDS
 
 log() { printf 'up.sh[%s]: %s\n' "$name" "$*" >&2; }
 
+kwok_profile="${REAPER_KWOK_STAGES:-grace}"
+case "$kwok_profile" in
+  grace | fast) ;;
+  *) log "REAPER_KWOK_STAGES must be 'grace' or 'fast', not '$kwok_profile'"; exit 2 ;;
+esac
+
 for tool in openssl curl flock; do
   command -v "$tool" >/dev/null || { log "missing required tool: $tool"; exit 1; }
 done
@@ -37,7 +49,9 @@ bin="$("$here/build.sh" | tail -n 1)" || { log "tests/cluster/build.sh failed (s
 for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubectl; do
   [[ -x "$bin/$b" ]] || { log "build.sh did not produce $bin/$b"; exit 1; }
 done
-kwok_stages="$bin/../share/kwok-stages.yaml"
+default_stages="$bin/../share/kwok-stages.yaml"
+grace_stage="$here/kwok/pod-delete-grace.yaml"
+[[ -f "$default_stages" ]] || { log "build.sh did not produce $default_stages"; exit 1; }
 
 mkdir -p "$root"
 
@@ -55,6 +69,35 @@ if [[ -d "$state" ]]; then
 fi
 mkdir -p "$state"/{pids,logs,pki,etcd,kcm,scheduler,kwok-home}
 chmod 700 "$state" "$state/etcd" "$state/pki"
+
+# --- kwok stages ------------------------------------------------------------------------
+# build.sh's share/kwok-stages.yaml holds kwok's default stages from the pinned module
+# (node initialize + heartbeat with lease, pod ready / complete / delete, "fast" set).
+# With the grace profile its pod-delete Stage (delete at once) is replaced by ours (wait
+# for the deletionTimestamp): both would match a Terminating Pod, and kwok would pick one
+# of them at random.
+kwok_stages="$state/kwok-stages.yaml"
+if [[ "$kwok_profile" == fast ]]; then
+  cp "$default_stages" "$kwok_stages"
+else
+  # The documents of the multi-document file, except the Stage named pod-delete; exits 3
+  # unless exactly one was left out.
+  awk '
+    function flush() {
+      if (doc != "") {
+        if (drop) dropped++
+        else { printf "%s%s", (kept++ ? "---\n" : ""), doc }
+      }
+      doc = ""; drop = 0
+    }
+    /^---[[:space:]]*$/ { flush(); next }
+    { doc = doc $0 "\n" }
+    /^  name:[[:space:]]*["\047]?pod-delete["\047]?[[:space:]]*$/ { drop = 1 }
+    END { flush(); if (dropped != 1) exit 3 }
+  ' "$default_stages" >"$kwok_stages" ||
+    { log "expected exactly one Stage named pod-delete in $default_stages"; exit 1; }
+  { echo "---"; cat "$grace_stage"; } >>"$kwok_stages"
+fi
 
 started=()
 ok=0
@@ -232,6 +275,7 @@ ETCD_PEER_PORT=$peer_port
 APISERVER_PORT=$api_port
 CONTROLLER_MANAGER_PORT=$kcm_port
 SCHEDULER_PORT=$sched_port
+KWOK_STAGES=$kwok_profile
 EOF
 
 # --- processes ----------------------------------------------------------------------------
@@ -354,6 +398,6 @@ wait_for kube-controller-manager "ServiceAccount default/default" curl_admin /ap
 ok=1
 pids=()
 for f in "$state"/pids/*.pid; do pids+=("$(basename "$f" .pid)=$(<"$f")"); done
-log "up in $((SECONDS - start_time)) s: $server (${pids[*]})"
+log "up in $((SECONDS - start_time)) s: $server (${pids[*]}; kwok stages: $kwok_profile)"
 log "stop with: $here/down.sh $name"
 printf '%s\n' "$admin_kubeconfig"

@@ -13,6 +13,10 @@
 //! one `#[test]` (which runs the sub-cases one after the other) so that its `Drop` runs.
 //!
 //! Set `REAPER_KEEP_CLUSTER=1` to leave a started cluster running for inspection.
+//!
+//! Deleted Pods stay Terminating for their grace period (kwok's stages of up.sh, see
+//! [`KwokStages`] and docs/local-cluster.md); [`TestCluster::start_new_with_stages`] starts a
+//! cluster whose Pods vanish at once instead.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +56,34 @@ pub fn bin_dir() -> Result<PathBuf> {
     .map_err(|e| anyhow!(e))
 }
 
+/// How kwok finishes Pod deletions in a cluster (`REAPER_KWOK_STAGES` of up.sh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KwokStages {
+    /// A deleted Pod stays Terminating (phase Running) until its `deletionTimestamp`, i.e.
+    /// for its grace period, or for its `pod-delete.stage.kwok.x-k8s.io/delay` annotation
+    /// (see [`POD_DELETE_DELAY`]). up.sh's default.
+    Grace,
+    /// kwok's fast stage: a deleted Pod vanishes at once.
+    Fast,
+}
+
+/// Pod annotation (a Go duration, e.g. `"2s"`): how long a deleted Pod stays Terminating
+/// instead of its grace period (kwok's own annotation convention).
+pub const POD_DELETE_DELAY: &str = "pod-delete.stage.kwok.x-k8s.io/delay";
+/// Pod annotation (a Go duration): with it, the Pod stays Terminating for a uniformly
+/// random time between its delay (above, or its grace period) and this upper bound.
+pub const POD_DELETE_JITTER_DELAY: &str = "pod-delete.stage.kwok.x-k8s.io/jitter-delay";
+
+impl KwokStages {
+    /// The value of `REAPER_KWOK_STAGES`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KwokStages::Grace => "grace",
+            KwokStages::Fast => "fast",
+        }
+    }
+}
+
 /// A running control plane, started by this process or attached to.
 pub struct TestCluster {
     /// Set when this process started the cluster (and so must stop it).
@@ -82,6 +114,16 @@ impl TestCluster {
     /// Always starts a new cluster with `tests/cluster/up.sh` (ignores
     /// `REAPER_TEST_KUBECONFIG`), e.g. for a second cluster beside the first one.
     pub fn start_new(prefix: &str) -> Result<Self> {
+        Self::start_new_inner(prefix, None)
+    }
+
+    /// Like [`TestCluster::start_new`], with the given kwok stages whatever
+    /// `REAPER_KWOK_STAGES` says.
+    pub fn start_new_with_stages(prefix: &str, stages: KwokStages) -> Result<Self> {
+        Self::start_new_inner(prefix, Some(stages))
+    }
+
+    fn start_new_inner(prefix: &str, stages: Option<KwokStages>) -> Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -89,7 +131,12 @@ impl TestCluster {
         let name = format!("{prefix}-{}-{nanos:x}", std::process::id());
         let script = repo_root().join("tests/cluster/up.sh");
         let started = Instant::now();
-        let out = run_streaming(Command::new("bash").arg(&script).arg(&name))?;
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(&name);
+        if let Some(stages) = stages {
+            cmd.env("REAPER_KWOK_STAGES", stages.as_str());
+        }
+        let out = run_streaming(&mut cmd)?;
         if !out.status.success() {
             bail!(
                 "{} {name} failed ({}) after {:.1?}; its stderr:\n{}",
@@ -124,6 +171,17 @@ impl TestCluster {
     /// Path of an admin (system:masters) kubeconfig, for kubectl, helm or child processes.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// The kwok stages the cluster runs with, from the `cluster.env` that up.sh writes
+    /// beside the kubeconfig (`None` when there is none, e.g. a cluster not made by up.sh).
+    pub fn kwok_stages(&self) -> Option<KwokStages> {
+        let env = std::fs::read_to_string(self.kubeconfig.parent()?.join("cluster.env")).ok()?;
+        match env.lines().find_map(|l| l.strip_prefix("KWOK_STAGES="))? {
+            "grace" => Some(KwokStages::Grace),
+            "fast" => Some(KwokStages::Fast),
+            _ => None,
+        }
     }
 
     /// An admin client.

@@ -1,5 +1,6 @@
 //! Objects the end-to-end suites and benchmarks create: a singleton Deployment for kwok's
-//! fake node, a Reaper naming it, and a plain HTTP GET for the operator's endpoints.
+//! fake node (its pods stop as [`PodStop`] says), a Reaper naming it, and a plain HTTP
+//! GET for the operator's endpoints.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -11,14 +12,99 @@ use kube::api::{Api, PostParams};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec};
 use serde_json::json;
 
+use super::cluster::{POD_DELETE_DELAY, POD_DELETE_JITTER_DELAY};
+
+/// How the pods of a fixture Deployment stop once deleted. In the local cluster kwok
+/// keeps a deleted pod Terminating (still Running) until its grace period has run out,
+/// or for `delay` (plus a random part up to `jitter_to`) when that is set; see
+/// docs/local-cluster.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodStop {
+    /// `spec.terminationGracePeriodSeconds` (what a kubelet gives a container that ignores
+    /// SIGTERM).
+    pub grace_seconds: i64,
+    /// Stay Terminating this long instead of the grace period (annotation
+    /// [`POD_DELETE_DELAY`]).
+    pub delay: Option<Duration>,
+    /// Stay Terminating a uniformly random time between the delay (or the grace period)
+    /// and this (annotation [`POD_DELETE_JITTER_DELAY`]).
+    pub jitter_to: Option<Duration>,
+}
+
+impl Default for PodStop {
+    /// What [`create_deployment`] uses: 1 s of grace, so a pod lingers up to 1 s.
+    fn default() -> Self {
+        Self::grace(1)
+    }
+}
+
+impl PodStop {
+    /// Stops when its grace period of `seconds` has run out.
+    pub fn grace(seconds: i64) -> Self {
+        Self {
+            grace_seconds: seconds,
+            delay: None,
+            jitter_to: None,
+        }
+    }
+
+    /// Stops after `delay`, whatever the grace period (1 s here; set `grace_seconds` for
+    /// more).
+    pub fn after(delay: Duration) -> Self {
+        Self {
+            delay: Some(delay),
+            ..Self::default()
+        }
+    }
+
+    /// Stops after a uniformly random time between `min` and `max`.
+    pub fn between(min: Duration, max: Duration) -> Self {
+        Self {
+            delay: Some(min),
+            jitter_to: Some(max),
+            ..Self::default()
+        }
+    }
+
+    /// The pod annotations that carry `delay` and `jitter_to` (an empty object for none).
+    pub fn annotations(&self) -> serde_json::Value {
+        let mut annotations = serde_json::Map::new();
+        if let Some(delay) = self.delay {
+            annotations.insert(POD_DELETE_DELAY.into(), go_duration(delay).into());
+        }
+        if let Some(jitter) = self.jitter_to {
+            annotations.insert(POD_DELETE_JITTER_DELAY.into(), go_duration(jitter).into());
+        }
+        serde_json::Value::Object(annotations)
+    }
+}
+
+/// A duration as Go's `time.ParseDuration` reads it, in whole milliseconds.
+pub fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
 /// Creates a Deployment at 0 replicas with one container that never runs for real
-/// (kwok fakes its pods), labelled `labels` besides its `app` selector.
+/// (kwok fakes its pods), labelled `labels` besides its `app` selector. Its pods stop
+/// as [`PodStop::default`] says (1 s of grace).
 pub async fn create_deployment(
     client: &Client,
     ns: &str,
     name: &str,
     strategy: &str,
     labels: serde_json::Value,
+) -> Result<()> {
+    create_deployment_with_stop(client, ns, name, strategy, labels, PodStop::default()).await
+}
+
+/// [`create_deployment`], with pods that stop as `stop` says.
+pub async fn create_deployment_with_stop(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    strategy: &str,
+    labels: serde_json::Value,
+    stop: PodStop,
 ) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let deployment: Deployment = serde_json::from_value(json!({
@@ -28,9 +114,9 @@ pub async fn create_deployment(
             "strategy": {"type": strategy},
             "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": name}},
+                "metadata": {"labels": {"app": name}, "annotations": stop.annotations()},
                 "spec": {
-                    "terminationGracePeriodSeconds": 1,
+                    "terminationGracePeriodSeconds": stop.grace_seconds,
                     "containers": [{"name": "reaper", "image": "example.invalid/reaper:1"}]
                 }
             }
