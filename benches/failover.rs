@@ -1108,7 +1108,7 @@ async fn run_failover(
     log_dir: &Path,
 ) -> Result<Vec<Trial>> {
     let timing = args.timing;
-    let lease_name = format!("failover-{}", std::process::id());
+    let lease_name = format!("{FAILOVER_NS}.failover-{}", std::process::id());
     let events = schema.qualify("lease_event");
     let ctx = Stability {
         store,
@@ -1772,7 +1772,7 @@ async fn run_footprint(
                             &ns,
                             &name,
                             &name,
-                            timing.lease_spec(&format!("fp-{i:05}")),
+                            timing.lease_spec(&format!("{ns}.fp-{i:05}")),
                         )
                         .await
                     }

@@ -84,8 +84,11 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Name of this Kubernetes cluster; the lease holder is `<cluster-name>/<identity>`.
-    #[arg(long, env = "REAPER_CLUSTER_NAME", default_value = "default")]
-    pub cluster_name: String,
+    /// Give every cluster that shares the database its own name: two clusters with one
+    /// name look like one, and then nothing waits for the other's pod to stop. Without
+    /// it the name is `default`, with a warning.
+    #[arg(long, env = "REAPER_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
 
     /// This replica's identity (the pod name in a cluster). Default: `<hostname>-<pid>`.
     #[arg(long, env = "POD_NAME")]
@@ -110,8 +113,17 @@ pub struct RunArgs {
     pub watch_namespace: Option<String>,
 
     /// How long a shutdown waits for the workload's pods to stop before releasing.
-    #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 30)]
+    /// Keep it above the workload's stop time (its terminationGracePeriodSeconds), and
+    /// the operator pod's terminationGracePeriodSeconds above this.
+    #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 45)]
     pub shutdown_timeout_seconds: u64,
+
+    /// Use `spec.lease.name` as the lease row name as written, so Reapers of different
+    /// namespaces can share one lease. Off by default: a Reaper's lease row is then
+    /// always `<its namespace>.<name>`, and whoever may create Reapers in one namespace
+    /// cannot hold down another namespace's singleton.
+    #[arg(long, env = "REAPER_ALLOW_CROSS_NAMESPACE_LEASES")]
+    pub allow_cross_namespace_leases: bool,
 }
 
 impl RunArgs {
@@ -133,7 +145,18 @@ impl RunArgs {
                 )))
             }
         };
-        dns_label("--cluster-name", &self.cluster_name)?;
+        let cluster = match &self.cluster_name {
+            Some(name) => name.clone(),
+            None => {
+                tracing::warn!(
+                    "no --cluster-name (REAPER_CLUSTER_NAME): using \"default\". Every cluster that \
+                     shares the lease database needs a name of its own, or the operator cannot \
+                     tell their pods apart and may start a second reaper"
+                );
+                "default".to_owned()
+            }
+        };
+        dns_label("--cluster-name", &cluster)?;
         let identity = match &self.identity {
             Some(id) => id.clone(),
             None => format!(
@@ -175,12 +198,17 @@ impl RunArgs {
             database_url,
             listen_database_url: self.listen_database_url.clone(),
             schema: db.schema()?,
-            cluster: self.cluster_name.clone(),
+            cluster,
             identity,
             http_addr,
             migrate: !self.no_migrate,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
             namespace: self.watch_namespace.clone().filter(|ns| !ns.is_empty()),
+            lease_scope: if self.allow_cross_namespace_leases {
+                crate::reaper::LeaseScope::Shared
+            } else {
+                crate::reaper::LeaseScope::Namespace
+            },
         })
     }
 }

@@ -18,6 +18,7 @@ use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::reaper::candidates::Candidates;
+use crate::reaper::handover;
 use crate::reaper::reconcile::{self, Context};
 
 /// Validated settings of `run`.
@@ -32,6 +33,7 @@ pub struct Settings {
     pub migrate: bool,
     pub shutdown_timeout: Duration,
     pub namespace: Option<String>,
+    pub lease_scope: crate::reaper::LeaseScope,
 }
 
 impl Settings {
@@ -52,11 +54,14 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
     if settings.migrate {
         // A database that is down at start-up must not crash-loop the operator: keep
-        // trying in the background-free way (blocking start) but with a clear log.
+        // trying, with a clear log. One it can never work with (not UTF8) stops it.
+        // Without migrations nothing is awaited here: `reaper-operator migrate` already
+        // refused such a database, and the first statements tell the rest.
         let mut delay = Duration::from_secs(1);
         loop {
             match store.migrate().await {
                 Ok(()) => break,
+                Err(crate::Error::Config(reason)) => anyhow::bail!(reason),
                 Err(error) => {
                     tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
                     tokio::select! {
@@ -123,6 +128,9 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         shutdown_timeout: settings.shutdown_timeout,
         namespace: settings.namespace.clone(),
         metrics: metrics.clone(),
+        lease_scope: settings.lease_scope,
+        reapers: Default::default(),
+        reapers_synced: Default::default(),
     });
     tracing::info!(%holder, schema = %settings.schema, "starting");
 
@@ -162,7 +170,7 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
     tracing::info!("shutting down: handing over held leases");
     let _ = tokio::time::timeout(
         settings.shutdown_timeout + Duration::from_secs(5),
-        reconcile::hand_over_all(&ctx),
+        handover::hand_over_all(&ctx),
     )
     .await;
     for task in background {

@@ -171,7 +171,9 @@ async fn run(
     }
     let suffix = format!("{:x}", Utc::now().timestamp_subsec_nanos());
     let namespace = format!("chaos-{suffix}");
-    let leases: Vec<String> = (0..LEASES).map(|i| format!("chaos-{suffix}-{i}")).collect();
+    let leases: Vec<String> = (0..LEASES)
+        .map(|i| format!("{namespace}.lease-{i}"))
+        .collect();
     let deployments: Vec<String> = (0..LEASES).map(|i| format!("reaper-{i}")).collect();
     for c in &clients {
         create_namespace(c, &namespace).await?;

@@ -275,7 +275,7 @@ fn kinds(docs: &[Value]) -> Vec<String> {
 async fn lint(ctx: &Ctx<'_>) -> Result<()> {
     let chart = ctx.chart();
     let chart = chart.to_str().unwrap();
-    let secret = format!("database.existingSecret={SECRET}");
+    let secret = format!("database.existingSecret={SECRET},clusterName={CLUSTER_NAME}");
 
     // Clean with the defaults (plus the one required value) and with the optional parts on.
     for extra in [
@@ -307,6 +307,7 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
     let float_values = ctx.home.join("float-replicas.yaml");
     std::fs::write(&float_values, "replicaCount: 1.5\n")?;
     let float_values = float_values.to_str().unwrap().to_owned();
+    let only_secret = format!("database.existingSecret={SECRET}");
     let bad: Vec<(&str, Vec<&str>, &str, &str)> = vec![
         (
             "no database Secret",
@@ -318,6 +319,12 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
             "empty database Secret",
             vec!["--set", "database.existingSecret="],
             "/database/existingSecret",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "no clusterName",
+            vec!["--set", &only_secret],
+            "/clusterName",
             "minLength: got 0, want 1",
         ),
         (
@@ -390,8 +397,30 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
         }
     }
 
-    // Without schema validation the template still refuses a missing Secret, clearly.
-    let out = ctx.helm(&["template", "test", chart, "--skip-schema-validation"])?;
+    // Without schema validation the template still refuses a missing cluster name, and a
+    // missing Secret, clearly.
+    let out = ctx.helm(&[
+        "template",
+        "test",
+        chart,
+        "--skip-schema-validation",
+        "--set",
+        &only_secret,
+    ])?;
+    ensure!(
+        !out.success && out.stderr.contains("clusterName is required"),
+        "template without clusterName and without the schema:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let out = ctx.helm(&[
+        "template",
+        "test",
+        chart,
+        "--skip-schema-validation",
+        "--set",
+        &format!("clusterName={CLUSTER_NAME}"),
+    ])?;
     ensure!(
         !out.success && out.stderr.contains("database.existingSecret is required"),
         "template without a Secret and without the schema:\n{}{}",
@@ -547,7 +576,7 @@ fn check_rendered_deployment(d: &Value) -> Result<()> {
         var("DATABASE_URL")
     );
     ensure!(
-        var("REAPER_CLUSTER_NAME").map(|v| &v["value"]) == Some(&json!("default")),
+        var("REAPER_CLUSTER_NAME").map(|v| &v["value"]) == Some(&json!(CLUSTER_NAME)),
         "REAPER_CLUSTER_NAME"
     );
     ensure!(
@@ -570,7 +599,7 @@ fn check_rendered_deployment(d: &Value) -> Result<()> {
         "securityContext: {sc}"
     );
     ensure!(
-        pod["terminationGracePeriodSeconds"].as_i64() > Some(30),
+        pod["terminationGracePeriodSeconds"].as_i64() > Some(45),
         "terminationGracePeriodSeconds must exceed shutdownTimeoutSeconds: {}",
         pod["terminationGracePeriodSeconds"]
     );

@@ -27,6 +27,7 @@ both_paths!(
     advisory_lock_does_not_protect_but_the_lease_does,
     acquire_and_release_notify_listeners,
     workload_reports_are_per_cluster_and_exclude_the_caller,
+    only_the_holder_may_report_that_its_cluster_runs_nothing,
     lease_event_refuses_truncate,
     held_lease_row_refuses_delete_and_truncate,
     free_or_expired_lease_row_can_be_deleted_and_epochs_continue,
@@ -495,13 +496,13 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     let idle = WorkloadCounts::default();
     assert!(
         store
-            .sync_workload("l", "east", "east/a", running)
+            .sync_workload("l", "east", "east/a", running, Duration::from_secs(40))
             .await
             .unwrap()
             .is_empty()
     );
     let seen_by_west = store
-        .sync_workload("l", "west", "west/b", idle)
+        .sync_workload("l", "west", "west/b", idle, Duration::from_secs(3))
         .await
         .unwrap();
     assert_eq!(seen_by_west.len(), 1);
@@ -513,12 +514,15 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
         ("east", 1)
     );
     assert!(seen_by_west[0].age < Duration::from_secs(5));
+    // Judged by the reporter's bound (east's 40 s), not the reader's (west's 3 s).
+    assert_eq!(seen_by_west[0].stale_after, Duration::from_secs(40));
+    assert!(!seen_by_west[0].is_stale());
     store
-        .sync_workload("l", "east", "east/c", idle)
+        .sync_workload("l", "east", "east/c", idle, Duration::from_secs(3))
         .await
         .unwrap();
     let seen_by_west = store
-        .sync_workload("l", "west", "west/b", idle)
+        .sync_workload("l", "west", "west/b", idle, Duration::from_secs(3))
         .await
         .unwrap();
     assert_eq!(
@@ -530,11 +534,78 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     );
     assert!(
         store
-            .sync_workload("other", "west", "west/b", idle)
+            .sync_workload("other", "west", "west/b", idle, Duration::from_secs(3))
             .await
             .unwrap()
             .is_empty()
     );
+}
+
+/// A replica whose observation predates its peer's scale-up must not overwrite the
+/// peer's report of the starting pod with "no pods": while a replica of the cluster
+/// holds the lease, only that holder may report zero; reports of pods always count.
+async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
+    use reaper_operator::lease::WorkloadCounts;
+    let (store, _) = db::fresh_schema(via).await;
+    let ttl = Duration::from_secs(30);
+    let one = WorkloadCounts {
+        replicas: 1,
+        running_pods: 1,
+        ready_pods: 0,
+    };
+    let none = WorkloadCounts::default();
+    let east_seen_by_west = |store: &LeaseStore| {
+        let store = store.clone();
+        async move {
+            let reports = store
+                .sync_workload("l", "west", "west/x", none, ttl)
+                .await
+                .unwrap();
+            reports
+                .into_iter()
+                .find(|r| r.cluster == "east")
+                .map(|r| (r.reported_by, r.running_pods))
+        }
+    };
+    store.acquire("l", "east/a", ttl).await.unwrap().unwrap();
+    store
+        .sync_workload("l", "east", "east/a", one, ttl)
+        .await
+        .unwrap();
+    // A peer's stale "nothing runs" is refused...
+    store
+        .sync_workload("l", "east", "east/b", none, ttl)
+        .await
+        .unwrap();
+    assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 1)));
+    // ...its report of pods is taken...
+    store
+        .sync_workload("l", "east", "east/b", one, ttl)
+        .await
+        .unwrap();
+    assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 1)));
+    // ...and the holder itself may say its pods are gone.
+    store
+        .sync_workload("l", "east", "east/a", none, ttl)
+        .await
+        .unwrap();
+    assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 0)));
+    // Once nobody of the cluster holds the lease, any replica reports what it sees.
+    store
+        .sync_workload("l", "east", "east/a", one, ttl)
+        .await
+        .unwrap();
+    let held = store.get("l").await.unwrap().unwrap();
+    store
+        .release("l", "east/a", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .sync_workload("l", "east", "east/b", none, ttl)
+        .await
+        .unwrap();
+    assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 0)));
 }
 
 /// The next notification about `name` (other tests notify on the same channel).

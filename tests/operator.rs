@@ -24,7 +24,7 @@ use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus};
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db;
-use support::fixtures::{create_deployment, create_reaper};
+use support::fixtures::{PodStop, create_deployment, create_deployment_with_stop, create_reaper};
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::proxy::{FaultProxy, Mode};
 
@@ -82,7 +82,9 @@ fn reaper_controller_scenarios() {
                 .expect("install the CRD");
         }
         let mut failures = Vec::new();
-        for (name, scenario) in scenarios {
+        // REAPER_SCENARIO=text runs only the scenarios whose name contains it.
+        let only = std::env::var("REAPER_SCENARIO").unwrap_or_default();
+        for (name, scenario) in scenarios.into_iter().filter(|(n, _)| n.contains(&only)) {
             let started = Instant::now();
             eprintln!("=== scenario: {name}");
             match scenario(&clusters).await {
@@ -113,13 +115,18 @@ fn suffix() -> String {
 
 async fn namespace(client: &Client, prefix: &str) -> Result<String> {
     let name = format!("{prefix}-{}", suffix());
+    create_namespace(client, &name).await?;
+    Ok(name)
+}
+
+async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     api.create(
         &PostParams::default(),
         &serde_json::from_value(json!({"metadata": {"name": name}}))?,
     )
     .await?;
-    Ok(name)
+    Ok(())
 }
 
 /// A migrated schema of its own, and a store on it through a direct connection.
@@ -151,21 +158,22 @@ fn operator(
     })
 }
 
-/// The same Reaper (same lease name) with its Deployment in a new namespace of each
-/// cluster; returns the namespaces in cluster order.
+/// The same Reaper (same lease name) with its Deployment in a new namespace of the same
+/// name in each cluster (a lease is shared across clusters within one namespace);
+/// returns the namespaces in cluster order and the lease row name.
 async fn reaper_in_each_cluster(
     clusters: &[Cluster; 2],
     prefix: &str,
-    lease_name: &str,
-) -> Result<Vec<String>> {
-    let mut namespaces = Vec::new();
+    stop: PodStop,
+) -> Result<(Vec<String>, String)> {
+    let ns = format!("{prefix}-{}", suffix());
+    let lease_name = format!("{ns}.shared");
     for c in clusters {
-        let ns = namespace(&c.client, prefix).await?;
-        create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(lease_name)).await?;
-        namespaces.push(ns);
+        create_namespace(&c.client, &ns).await?;
+        create_deployment_with_stop(&c.client, &ns, "reaper", "Recreate", json!({}), stop).await?;
+        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec("shared")).await?;
     }
-    Ok(namespaces)
+    Ok((vec![ns.clone(), ns], lease_name))
 }
 
 fn lease_spec(name: &str) -> LeaseSpec {
@@ -257,7 +265,7 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "one").await?;
-    let lease_name = format!("one-{}", suffix());
+    let lease_name = format!("{ns}.one-{}", suffix());
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
@@ -360,7 +368,7 @@ async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "kill").await?;
-    let lease_name = format!("kill-{}", suffix());
+    let lease_name = format!("{ns}.kill-{}", suffix());
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     // Statements through PgBouncer (transaction mode); LISTEN on a direct connection.
@@ -458,8 +466,8 @@ async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
 
 async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
-    let lease_name = format!("shared-{}", suffix());
-    let namespaces = reaper_in_each_cluster(clusters, "handover", &lease_name).await?;
+    let (namespaces, lease_name) =
+        reaper_in_each_cluster(clusters, "handover", PodStop::default()).await?;
     let mut ops: Vec<OperatorProcess> = clusters
         .iter()
         .zip(&namespaces)
@@ -554,8 +562,8 @@ async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
 
 async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
     let (schema, store) = schema().await?;
-    let lease_name = format!("pause-{}", suffix());
-    let namespaces = reaper_in_each_cluster(clusters, "pause", &lease_name).await?;
+    let (namespaces, lease_name) =
+        reaper_in_each_cluster(clusters, "pause", PodStop::default()).await?;
     let (a, b) = (&clusters[0], &clusters[1]);
     let op_a = operator(
         a,
@@ -659,7 +667,7 @@ async fn paused_holder_with_peer_leaves_pod_alone(clusters: &[Cluster; 2]) -> Re
     let c = &clusters[0];
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "peer-pause").await?;
-    let lease_name = format!("peer-pause-{}", suffix());
+    let lease_name = format!("{ns}.peer-pause-{}", suffix());
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let direct = db::direct_url();
@@ -719,7 +727,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
     let ns = namespace(&c.client, "outage").await?;
-    let lease_name = format!("outage-{}", suffix());
+    let lease_name = format!("{ns}.outage-{}", suffix());
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     let direct = db::direct_url();
@@ -849,6 +857,18 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             .err()
             .ok_or_else(|| anyhow!("deadline 2 = retry 2 accepted"))?;
         ensure!(format!("{err:#}").contains("1.2"), "{err:#}");
+        // Lease names are ASCII (a name a non-UTF8 database could not store would fail
+        // every batched statement of a replica).
+        for name in ["ünï", "a b", "-x", "o'brien"] {
+            let err = create_reaper(&c.client, &ns, "bad-name", "whatever", lease_spec(name))
+                .await
+                .err()
+                .ok_or_else(|| anyhow!("lease name {name:?} accepted"))?;
+            ensure!(
+                format!("{err:#}").contains("lease.name may use only ASCII letters"),
+                "{name:?}: {err:#}"
+            );
+        }
         let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
             c.client.clone(),
             &ns,
@@ -927,13 +947,15 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
         .await?;
 
         // Something that keeps scaling a standby's Deployment up is scaled back and named.
-        let held_elsewhere = format!("elsewhere-{}", suffix());
+        // Named without the namespace in the spec; the row is `<namespace>.<name>`.
+        let elsewhere = format!("elsewhere-{}", suffix());
+        let held_elsewhere = format!("{ns}.{elsewhere}");
         store
             .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
             .await?
             .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
         create_deployment(&c.client, &ns, "pushed", "Recreate", json!({})).await?;
-        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&held_elsewhere)).await?;
+        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&elsewhere)).await?;
         let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
         for round in 0..3 {
             deployments

@@ -108,6 +108,16 @@ pub struct WorkloadReport {
     pub reported_at: DateTime<Utc>,
     /// Age of the report on the database's clock.
     pub age: Duration,
+    /// The reporter's own bound (its ttl): older than this, the report is stale.
+    pub stale_after: Duration,
+}
+
+impl WorkloadReport {
+    /// The reporting cluster has not refreshed its report within its own bound: it is
+    /// dead or cut off from the database.
+    pub fn is_stale(&self) -> bool {
+        self.age >= self.stale_after
+    }
 }
 
 /// Columns every statement returns, given the lease row alias `l`.
@@ -398,13 +408,18 @@ impl LeaseStore {
     }
 
     /// Records this cluster's view of the workload behind `name` and returns the latest
-    /// reports of the OTHER clusters, in one statement.
+    /// reports of the OTHER clusters, in one statement. A report of no running pods by a
+    /// replica that does not hold the lease while a replica of its cluster does is not
+    /// recorded (see the statement). `stale_after` tells readers how
+    /// old this report may get before they presume this cluster dead (the reporter's
+    /// ttl: it refreshes the report several times within it).
     pub async fn sync_workload(
         &self,
         name: &str,
         cluster: &str,
         reported_by: &str,
         counts: WorkloadCounts,
+        stale_after: Duration,
     ) -> Result<Vec<WorkloadReport>> {
         validate_label("lease name", name)?;
         validate_label("cluster", cluster)?;
@@ -416,15 +431,26 @@ impl LeaseStore {
             running_pods,
             ready_pods,
         } = counts;
+        let stale_after_ms = ttl_millis(stale_after)?;
+        let l = &self.lease_table;
+        // "No pods" from a replica that does not hold the lease, while another replica of
+        // its cluster does, is refused: its observation may predate that holder's
+        // scale-up and would overwrite the holder's report of the starting pod. Only the
+        // holder may say its cluster runs nothing (reports of pods are always taken).
         let sql = format!(
             "WITH report AS ( \
-               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at) \
-               VALUES ({name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp()) \
+               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms) \
+               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms} \
+               WHERE {running_pods} > 0 OR NOT EXISTS ( \
+                 SELECT 1 FROM {l} AS l WHERE l.name = {name} AND l.holder <> {reported_by} \
+                   AND strpos(l.holder, '/') > 1 AND split_part(l.holder, '/', 1) = {cluster} \
+                   AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp()) \
                ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
                  replicas = EXCLUDED.replicas, running_pods = EXCLUDED.running_pods, \
-                 ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at \
+                 ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at, \
+                 stale_after_ms = EXCLUDED.stale_after_ms \
              ) \
-             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, \
+             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, \
                     (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
              FROM {w} WHERE name = {name} AND cluster <> {cluster} ORDER BY cluster"
         );
@@ -432,6 +458,7 @@ impl LeaseStore {
         rows.iter()
             .map(|row| {
                 let age_ms: i64 = row.try_get("age_ms")?;
+                let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
                 Ok(WorkloadReport {
                     cluster: row.try_get("cluster")?,
                     reported_by: row.try_get("reported_by")?,
@@ -440,6 +467,7 @@ impl LeaseStore {
                     ready_pods: row.try_get("ready_pods")?,
                     reported_at: row.try_get("reported_at")?,
                     age: Duration::from_millis(age_ms.max(0) as u64),
+                    stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
                 })
             })
             .collect()

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -19,6 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::crd::Reaper;
+use super::decide::same_cluster;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
@@ -38,10 +39,11 @@ pub struct Candidate {
     pub watch: LeaderWatch,
     /// False while the elector's last database call failed.
     pub database_ok: Arc<AtomicBool>,
-    /// The epoch at which this replica last scaled the Deployment up; cleared when it
-    /// scales down. Lets a replica that can no longer read the database know that the
-    /// running pod may be its own.
-    pub scaled_up_epoch: Option<i64>,
+    /// Since when the elector's database calls have been failing (`None` while they work).
+    pub database_failing_since: Arc<Mutex<Option<Instant>>>,
+    /// The workload's pod selector, as last observed (for the handover, which counts the
+    /// pods until they are gone, even if the Deployment is deleted meanwhile).
+    pub pod_selector: Option<String>,
     /// How often the Deployment was found scaled up while this replica did not lead.
     pub external_scale_ups: u32,
     /// Clusters already warned about (stale reports), per epoch.
@@ -52,6 +54,14 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// How long the elector's database calls have been failing (zero while they work).
+    pub fn database_failing_for(&self) -> Duration {
+        self.database_failing_since
+            .lock()
+            .expect("failing-since mutex poisoned")
+            .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
     /// Stops the elector. It publishes `Follower` but still holds the row: stop the
     /// workload, then `release()` the returned elector.
     pub async fn stop(mut self) -> Option<Elector> {
@@ -195,6 +205,8 @@ impl Candidates {
         let watch = elector.watch();
         let waker = elector.waker();
         let database_ok = Arc::new(AtomicBool::new(true));
+        let database_failing_since = Arc::new(Mutex::new(None));
+        let failing_since = database_failing_since.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let trigger = self.trigger.clone();
         let recorder = self.recorder.clone();
@@ -220,8 +232,17 @@ impl Candidates {
                         let _ = stop_rx.await;
                     },
                     |tick, took| {
-                        let database_was_ok =
-                            db_ok.swap(tick.database_reachable(), Ordering::Relaxed);
+                        let reachable = tick.database_reachable();
+                        let database_was_ok = db_ok.swap(reachable, Ordering::Relaxed);
+                        {
+                            let mut since =
+                                failing_since.lock().expect("failing-since mutex poisoned");
+                            match (reachable, *since) {
+                                (true, _) => *since = None,
+                                (false, None) => *since = Some(Instant::now()),
+                                (false, Some(_)) => {}
+                            }
+                        }
                         let leading = leadership.leader_epoch().is_some();
                         metrics.observe_tick(&lease, tick, took, leading);
                         if let Tick::DeadlineMissed { error, .. } = tick {
@@ -245,7 +266,8 @@ impl Candidates {
             reference: reference.clone(),
             watch,
             database_ok,
-            scaled_up_epoch: None,
+            database_failing_since,
+            pod_selector: None,
             external_scale_ups: 0,
             warned_stale_epoch: None,
             waker,
@@ -301,29 +323,34 @@ impl Fence {
         lease.is_held() && lease.holder != self.holder && same_cluster(&lease.holder, &self.holder)
     }
 
+    /// Retried until the API server accepts it: a fence that gave up after one failed
+    /// call would leave the pod running past the lease's expiry.
     async fn scale_to_zero(&self) {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = &self.deployment;
         let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
-        match api.patch_scale(name, &PatchParams::default(), &patch).await {
-            Ok(_) => {
-                tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0")
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=FENCE_ATTEMPTS {
+            match api.patch_scale(name, &PatchParams::default(), &patch).await {
+                Ok(_) => {
+                    tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0");
+                    return;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                Err(error) => {
+                    tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying")
+                }
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(error) => {
-                tracing::warn!(deployment = %name, %error, "renew deadline missed: cannot scale to 0")
-            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
+        tracing::error!(deployment = %name, "renew deadline missed: gave up scaling the workload to 0");
     }
 }
 
-/// Whether two `<cluster>/<identity>` holders are replicas in the same cluster.
-fn same_cluster(a: &str, b: &str) -> bool {
-    match (a.split_once('/'), b.split_once('/')) {
-        (Some((cluster_a, _)), Some((cluster_b, _))) => cluster_a == cluster_b,
-        _ => false,
-    }
-}
+/// About two minutes of attempts: past that the reconcile loop (and the workload's own
+/// fencing) must take over.
+const FENCE_ATTEMPTS: u32 = 64;
 
 /// The fence's database check must leave most of the margin between the renew deadline
 /// and the ttl to the scale-down itself.
@@ -385,14 +412,6 @@ fn transition_event(tick: &Tick) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn holders_compare_by_cluster() {
-        assert!(same_cluster("east/a", "east/b"));
-        assert!(!same_cluster("east/a", "west/a"));
-        assert!(!same_cluster("east", "east/a"));
-        assert!(!same_cluster("", ""));
-    }
 
     #[test]
     fn fence_check_leaves_most_of_the_margin() {

@@ -4,6 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+pub use super::decide::ScaleRecord;
+
 /// Runs the named Deployment as a singleton: one replica while this cluster holds the
 /// PostgreSQL lease, zero otherwise.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -44,13 +46,18 @@ pub struct ReaperSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.ttlSeconds > self.renewDeadlineSeconds").message("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds: a holder must stop acting before others may take the lease"),
-    validation = Rule::new("self.renewDeadlineSeconds * 10 > self.retryPeriodSeconds * 12").message("lease.renewDeadlineSeconds must be greater than 1.2 × lease.retryPeriodSeconds: a holder needs more than one renew attempt per deadline")
+    validation = Rule::new("self.renewDeadlineSeconds * 10 > self.retryPeriodSeconds * 12").message("lease.renewDeadlineSeconds must be greater than 1.2 × lease.retryPeriodSeconds: a holder needs more than one renew attempt per deadline"),
+    validation = Rule::new("!has(self.name) || self.name.matches('^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$')").message("lease.name may use only ASCII letters, digits, '.', '_' and '-', and must start and end with a letter or digit")
 )]
 pub struct LeaseSpec {
-    /// Lease row name. Defaults to `<namespace>.<name>`. Reapers in different clusters
-    /// with the same lease name share one singleton.
+    /// Lease name within the Reaper's namespace: the lease row is `<namespace>.<name>`
+    /// (a name that already starts with `<namespace>.` is used as it is). Defaults to the
+    /// Reaper's name. Reapers in different clusters, in the same namespace, with the same
+    /// lease name share one singleton. ASCII letters, digits, `.`, `_`, `-`. Only when
+    /// the operator runs with `--allow-cross-namespace-leases` is the name used verbatim
+    /// (so Reapers of several namespaces can share one lease).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 189))]
     pub name: Option<String>,
 
     /// How long a lease stays valid after its last renew, judged by the database clock.
@@ -132,6 +139,15 @@ pub struct ReaperStatus {
     /// Leader, WorkloadReady, DatabaseReachable, SingletonSafe.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Label selector of the workload's pods, remembered so that pods still stopping
+    /// after their Deployment was deleted keep counting as running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<String>,
+    /// Which holder, at which epoch, scaled this cluster's Deployment up. Written before
+    /// the scale-up; a replica that finds the Deployment running under a record nobody
+    /// can prove is still held scales it to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled_up_by: Option<ScaleRecord>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -146,16 +162,33 @@ pub enum Phase {
     Degraded,
 }
 
+/// Which lease rows a Reaper may compete for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeaseScope {
+    /// Only `<its namespace>.<…>`: a tenant who may create Reapers in one namespace
+    /// cannot contend for (and so hold down) another namespace's singleton.
+    #[default]
+    Namespace,
+    /// `spec.lease.name` is the row name as written (`--allow-cross-namespace-leases`).
+    Shared,
+}
+
 impl Reaper {
-    /// The lease row name: `spec.lease.name` or `<namespace>.<name>`.
-    pub fn lease_name(&self) -> String {
-        match &self.spec.lease.name {
-            Some(name) => name.clone(),
-            None => format!(
-                "{}.{}",
-                self.metadata.namespace.as_deref().unwrap_or("default"),
-                self.metadata.name.as_deref().unwrap_or_default()
-            ),
+    /// The lease row this Reaper competes for (see [`LeaseSpec::name`]). Namespace names
+    /// are DNS labels (no `.`), so the prefix cannot be forged by another namespace.
+    pub fn lease_name(&self, scope: LeaseScope) -> String {
+        let ns = self.metadata.namespace.as_deref().unwrap_or("default");
+        match (&self.spec.lease.name, scope) {
+            (None, _) => format!("{ns}.{}", self.metadata.name.as_deref().unwrap_or_default()),
+            (Some(name), LeaseScope::Shared) => name.clone(),
+            (Some(name), LeaseScope::Namespace)
+                if name
+                    .strip_prefix(ns)
+                    .is_some_and(|rest| rest.starts_with('.')) =>
+            {
+                name.clone()
+            }
+            (Some(name), LeaseScope::Namespace) => format!("{ns}.{name}"),
         }
     }
 }
@@ -164,4 +197,52 @@ impl Reaper {
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     serde_norway::to_string(&Reaper::crd()).expect("the CRD serialises to YAML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reaper(ns: &str, name: &str, lease: Option<&str>) -> Reaper {
+        let mut r = Reaper::new(
+            name,
+            ReaperSpec {
+                deployment_name: "d".into(),
+                lease: LeaseSpec {
+                    name: lease.map(str::to_owned),
+                    ..LeaseSpec::default()
+                },
+                paused: false,
+            },
+        );
+        r.metadata.namespace = Some(ns.into());
+        r
+    }
+
+    #[test]
+    fn lease_names_stay_inside_their_namespace() {
+        let ns = LeaseScope::Namespace;
+        assert_eq!(reaper("prod", "pay", None).lease_name(ns), "prod.pay");
+        assert_eq!(reaper("prod", "r", Some("pay")).lease_name(ns), "prod.pay");
+        assert_eq!(
+            reaper("prod", "r", Some("prod.pay")).lease_name(ns),
+            "prod.pay"
+        );
+        // A tenant naming another namespace's lease gets a row of its own.
+        assert_eq!(
+            reaper("tenant", "r", Some("prod.pay")).lease_name(ns),
+            "tenant.prod.pay"
+        );
+        assert_eq!(
+            reaper("prod", "r", Some("production.x")).lease_name(ns),
+            "prod.production.x"
+        );
+        // Sharing across namespaces is the operator's explicit choice.
+        let shared = LeaseScope::Shared;
+        assert_eq!(
+            reaper("tenant", "r", Some("prod.pay")).lease_name(shared),
+            "prod.pay"
+        );
+        assert_eq!(reaper("prod", "pay", None).lease_name(shared), "prod.pay");
+    }
 }

@@ -2,7 +2,10 @@
 
 pub mod crd;
 
-pub use crd::{LeaseSpec, Phase, Reaper, ReaperSpec, ReaperStatus};
+pub use crd::{LeaseScope, LeaseSpec, Phase, Reaper, ReaperSpec, ReaperStatus};
 pub mod candidates;
+pub mod decide;
+pub mod handover;
+pub mod observe;
 pub mod reconcile;
 pub mod status;

@@ -2,29 +2,29 @@
 //! (1 where this replica leads, 0 where another cluster or nobody does) and record the
 //! lease on the status.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::candidates::{Candidate, Candidates, publish};
-use super::crd::{LeaseSpec, Reaper, ReaperStatus};
-use super::status::{self, Gate, Observation, Role};
+use super::candidates::{Candidates, publish};
+use super::crd::{LeaseScope, LeaseSpec, Reaper, ReaperStatus};
+use super::decide::{self, Gate, Role, Scale, ScaleFacts, ScaleRecord};
+use super::handover::{cleanup, forget_deleted, hand_over};
+use super::observe::{self, Workload};
+use super::status::{self, Observation};
 use crate::config::{LeaseTimings, validate_label};
 use crate::lease::{LeaseStore, WorkloadCounts};
 
@@ -46,6 +46,10 @@ pub enum Error {
     FinalizerConflict(kube::Error),
     #[error("still waiting for {0} pod(s) of the Deployment to stop")]
     PodsStillRunning(i32),
+    #[error("cannot count the pods of Deployment {0}: {1}")]
+    Selector(String, String),
+    #[error("lease database: {0}")]
+    Database(#[from] crate::Error),
 }
 
 /// Shared by every reconcile of this process.
@@ -62,6 +66,12 @@ pub struct Context {
     /// Watch only this namespace (all when `None`).
     pub namespace: Option<String>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Which lease rows a Reaper may compete for.
+    pub lease_scope: LeaseScope,
+    /// Every Reaper of this cluster (for conflicts), once the controller runs.
+    pub reapers: OnceLock<Store<Reaper>>,
+    /// Set once that cache has listed every Reaper: before, a conflict could go unseen.
+    pub reapers_synced: AtomicBool,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
@@ -99,6 +109,7 @@ pub async fn run(
     let controller = Controller::for_stream(reaper_events, store)
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
+    let _ = ctx.reapers.set(store.clone());
     let ready_store = store.clone();
     let gc_ctx = ctx.clone();
     tokio::spawn(async move {
@@ -116,6 +127,7 @@ pub async fn run(
             }
         }
         tracing::info!("Reaper cache synced");
+        gc_ctx.reapers_synced.store(true, Ordering::Relaxed);
         on_ready();
         // Electors of Reapers that disappeared without this replica running their
         // finalizer (a peer did) are handed over here.
@@ -223,161 +235,94 @@ pub fn timings_of(spec: &LeaseSpec) -> Result<LeaseTimings, String> {
     .map_err(|e| e.to_string())
 }
 
-/// What this cluster's Deployment looks like.
-struct Workload {
-    deployment: Option<Deployment>,
-    counts: WorkloadCounts,
+/// Why a Reaper does not act (`InvalidSpec`, `LeaseNameConflict`, `DeploymentConflict`),
+/// or the timings it acts with.
+pub fn refusal(
+    reaper: &Reaper,
+    lease_name: &str,
+    ctx: &Context,
+) -> Result<LeaseTimings, decide::Conflict> {
+    let timings = timings_of(&reaper.spec.lease)
+        .and_then(|t| {
+            validate_label("lease name", lease_name)
+                .map(|_| t)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|message| decide::Conflict {
+            reason: "InvalidSpec",
+            message,
+        })?;
+    let all = ctx.reapers.get().map(|s| s.state()).unwrap_or_default();
+    let others: Vec<&Reaper> = all.iter().map(|r| &**r).collect();
+    match decide::conflict(reaper, &others, ctx.lease_scope) {
+        Some(conflict) => Err(conflict),
+        None => Ok(timings),
+    }
 }
 
-async fn observe_workload(client: &Client, ns: &str, name: &str) -> Result<Workload, Error> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let Some(deployment) = deployments.get_opt(name).await? else {
-        return Ok(Workload {
-            deployment: None,
-            counts: WorkloadCounts::default(),
-        });
-    };
-    let replicas = deployment.spec.replicas.unwrap_or(1);
-    let (running_pods, ready_pods) = count_pods(client, ns, &deployment).await?;
-    Ok(Workload {
-        deployment: Some(deployment),
-        counts: WorkloadCounts {
-            replicas,
-            running_pods,
-            ready_pods,
-        },
-    })
-}
-
-/// Pods of the Deployment that have not finished (terminating ones count: they may
-/// still be acting), and how many of them are ready.
-async fn count_pods(
-    client: &Client,
-    ns: &str,
-    deployment: &Deployment,
-) -> Result<(i32, i32), Error> {
-    let Some(labels) = deployment
-        .spec
-        .selector
-        .match_labels
-        .as_ref()
-        .filter(|l| !l.is_empty())
-    else {
-        return Ok((0, 0));
-    };
-    let selector = labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let mut running = 0;
-    let mut ready = 0;
-    for pod in list.items {
-        let phase = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .unwrap_or("Pending");
-        if phase == "Succeeded" || phase == "Failed" {
-            continue;
-        }
-        running += 1;
-        let is_ready = pod.metadata.deletion_timestamp.is_none()
-            && pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if is_ready {
-            ready += 1;
+/// The Reaper does not act: hand over whatever it held, stop its own Deployment if the
+/// lease name is the problem (nothing may run unarbitrated), record why.
+async fn refuse(
+    reaper: &Reaper,
+    ctx: &Context,
+    key: &ObjectRef<Reaper>,
+    refused: decide::Conflict,
+) -> Result<Action, Error> {
+    if let Some(old) = ctx.candidates.take(key) {
+        hand_over(ctx, old).await;
+    }
+    let ns = reaper.namespace().unwrap_or_default();
+    if refused.reason == "LeaseNameConflict" && !reaper.spec.paused {
+        let workload =
+            observe::observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name, None).await?;
+        if workload.deployment.is_some() && workload.counts.replicas > 0 {
+            scale(&ctx.client, &ns, &reaper.spec.deployment_name, 0).await?;
         }
     }
-    Ok((running, ready))
-}
-
-/// `Some(maxSurge)` when a rollout could briefly run two pods.
-fn rolling_surge(deployment: &Deployment) -> Option<String> {
-    let strategy = deployment.spec.strategy.as_ref();
-    let kind = strategy
-        .and_then(|s| s.type_.as_deref())
-        .unwrap_or("RollingUpdate");
-    if kind != "RollingUpdate" {
-        return None;
-    }
-    let surge = strategy
-        .and_then(|s| s.rolling_update.as_ref())
-        .and_then(|r| r.max_surge.clone())
-        .unwrap_or(IntOrString::String("25%".into()));
-    match surge {
-        IntOrString::Int(0) => None,
-        IntOrString::String(s) if s == "0" || s == "0%" => None,
-        IntOrString::Int(n) => Some(n.to_string()),
-        IntOrString::String(s) => Some(s),
-    }
-}
-
-async fn autoscaler_for(client: &Client, ns: &str, deployment: &str) -> Option<String> {
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
-    match hpas.list(&ListParams::default()).await {
-        Ok(list) => list
-            .items
-            .into_iter()
-            .find(|h| {
-                h.spec.scale_target_ref.kind == "Deployment"
-                    && h.spec.scale_target_ref.name == deployment
-            })
-            .map(|h| h.name_any()),
-        Err(error) => {
-            tracing::debug!(%error, "cannot list HorizontalPodAutoscalers");
-            None
-        }
-    }
-}
-
-async fn scale(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<(), Error> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    deployments
-        .patch_scale(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "replicas": replicas } })),
-        )
-        .await?;
-    tracing::info!(
-        namespace = ns,
-        deployment = name,
-        replicas,
-        "scaled deployment"
+    let previous = reaper.status.as_ref();
+    let first_time =
+        previous.is_none_or(|s| !s.conditions.iter().any(|c| c.reason == refused.reason));
+    let status = status::refused_status(
+        refused.reason,
+        &refused.message,
+        reaper.metadata.generation,
+        previous,
+        Utc::now(),
     );
-    Ok(())
+    if previous.is_none_or(|old| status::differs(old, &status, Duration::MAX)) {
+        write_status(ctx, reaper, status).await?;
+    }
+    if refused.reason == "InvalidSpec" {
+        return Ok(Action::await_change());
+    }
+    if first_time {
+        publish(
+            &ctx.recorder,
+            Event {
+                type_: EventType::Warning,
+                reason: refused.reason.into(),
+                note: Some(refused.message),
+                action: "Refuse".into(),
+                secondary: None,
+            },
+            &reaper.object_ref(&()),
+        );
+    }
+    // A conflict ends when the other Reaper goes, which does not touch this one.
+    Ok(Action::requeue(Duration::from_secs(10)))
 }
 
 async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
+    if !ctx.reapers_synced.load(Ordering::Relaxed) {
+        // An older Reaper with the same lease or Deployment may not be cached yet.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let ns = reaper.namespace().unwrap_or_default();
     let key = ObjectRef::from_obj(reaper);
-    let lease_name = reaper.lease_name();
-    let timings = timings_of(&reaper.spec.lease).and_then(|t| {
-        validate_label("lease name", &lease_name)
-            .map(|_| t)
-            .map_err(|e| e.to_string())
-    });
-    let timings = match timings {
-        Ok(t) => t,
-        Err(message) => {
-            if let Some(old) = ctx.candidates.take(&key) {
-                hand_over(ctx, old).await;
-            }
-            let status = status::invalid_status(
-                &message,
-                reaper.metadata.generation,
-                reaper.status.as_ref(),
-                Utc::now(),
-            );
-            write_status(ctx, reaper, status).await?;
-            return Ok(Action::await_change());
-        }
+    let lease_name = reaper.lease_name(ctx.lease_scope);
+    let timings = match refusal(reaper, &lease_name, ctx) {
+        Ok(timings) => timings,
+        Err(refused) => return refuse(reaper, ctx, &key, refused).await,
     };
 
     let reference = reaper.object_ref(&());
@@ -399,174 +344,282 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    let scaled_up = ctx
-        .candidates
-        .update(&key, |c| c.scaled_up_epoch.is_some())
-        .unwrap_or(false);
-    if scaled_up
+    let deployment_name = &reaper.spec.deployment_name;
+    let previous = reaper.status.as_ref();
+    let mut recorded = previous.and_then(|s| s.scaled_up_by.clone());
+    if !reaper.spec.paused
+        && recorded.as_ref().is_some_and(|r| r.holder == ctx.holder)
         && watch.leader_epoch().is_none()
         && !database_ok.load(Ordering::Relaxed)
-        && !reaper.spec.paused
     {
-        // This replica scaled the workload up, can no longer prove it leads, and the
-        // database is failing: stop the workload first, before any call that could hang
-        // until the lease expires.
-        scale(&ctx.client, &ns, &reaper.spec.deployment_name, 0).await?;
-        ctx.candidates.update(&key, |c| c.scaled_up_epoch = None);
+        // This replica started the pod, can no longer prove it leads, and the database
+        // is failing: stop the workload first, before any call that could hang until
+        // the lease expires.
+        scale(&ctx.client, &ns, deployment_name, 0).await?;
+        recorded = None;
     }
-    let workload = observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name).await?;
+    let workload = observe::observe_workload(
+        &ctx.client,
+        &ns,
+        deployment_name,
+        previous.and_then(|s| s.pod_selector.as_deref()),
+    )
+    .await?;
+    ctx.candidates
+        .update(&key, |c| c.pod_selector.clone_from(&workload.selector));
     let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
-    let role = status::role(
-        watch.leader_epoch(),
-        Some(&lease),
-        &ctx.holder,
-        &ctx.cluster,
-        scaled_up,
-    );
-
-    // Every replica reports what it sees of this cluster's workload (they agree; the
-    // row is per cluster) and learns what the other clusters report.
+    // Every replica reports what it sees of this cluster's workload (the database keeps
+    // a non-holder from overwriting its holder's report with "no pods") and learns what
+    // the other clusters report.
     let reports = ctx
         .store
-        .sync_workload(&lease_name, &ctx.cluster, &ctx.holder, workload.counts)
+        .sync_workload(
+            &lease_name,
+            &ctx.cluster,
+            &ctx.holder,
+            workload.counts,
+            timings.ttl,
+        )
         .await
         .map_err(|e| e.to_string());
-    let database_error = match (&lease, &reports) {
-        (Err(e), _) | (_, Err(e)) => Some(e.clone()),
-        _ if !database_ok.load(Ordering::Relaxed) => {
-            Some("the lease elector's last database call failed".into())
-        }
-        _ => None,
-    };
-    // A leader without the other clusters' reports cannot tell whether scaling up is
-    // safe: it gets no gate below, so it holds the Deployment where it is (a brief
-    // database error must not restart the running singleton; the renew deadline, not
-    // one failed call, decides when it stops).
-
-    let lease_row = lease.as_ref().ok().and_then(|l| l.as_ref());
-    let ttl = timings.ttl;
+    let role = decide::role(watch.leader_epoch(), &lease, &ctx.holder, &ctx.cluster);
     let handover_delay =
         Duration::from_secs(reaper.spec.lease.handover_delay_seconds.max(0) as u64);
-    let gate = match (&role, &reports) {
-        (Role::Leader { .. }, Ok(reports)) => Some(status::handover_gate(
-            lease_row,
-            reports,
-            &ctx.cluster,
-            ttl,
+    let gate = match role {
+        Role::Leader { epoch } => Some(decide::handover_gate(
+            &lease,
+            &ctx.holder,
+            epoch,
+            &reports,
             handover_delay,
         )),
         _ => None,
     };
+    let replicas = workload
+        .deployment
+        .as_ref()
+        .map(|_| workload.counts.replicas);
+    let decision = decide::decide_scale(&ScaleFacts {
+        role: &role,
+        gate: gate.as_ref(),
+        paused: reaper.spec.paused,
+        replicas,
+        recorded: recorded.as_ref(),
+        me: &ctx.holder,
+        database_failing_for: ctx
+            .candidates
+            .update(&key, |c| c.database_failing_for())
+            .unwrap_or_default(),
+        renew_deadline: timings.renew_deadline,
+    });
+    let scaled_by_someone_else = match &decision {
+        Scale::Up { .. } => replicas.is_some_and(|r| r > 1),
+        Scale::Down => recorded.is_none() && matches!(role, Role::Standby { .. }),
+        Scale::Hold => false,
+    };
+    if scaled_by_someone_else {
+        ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
+    }
+    if let (Role::Leader { epoch }, Some(Gate::Open { stale })) = (&role, &gate) {
+        warn_stale_reports(ctx, &key, *epoch, stale, &reference);
+    }
+    let recorded = match &decision {
+        Scale::Up { epoch } => Some(ScaleRecord {
+            holder: ctx.holder.clone(),
+            epoch: *epoch,
+        }),
+        Scale::Down => None,
+        Scale::Hold => recorded,
+    };
 
-    let mut requeue = steady_requeue(timings);
-    if let (Some(deployment), false) = (&workload.deployment, reaper.spec.paused) {
-        let current = workload.counts.replicas;
-        let name = deployment.name_any();
-        match (&role, &gate) {
-            (Role::Leader { epoch }, Some(Gate::Open { stale })) => {
-                if !stale.is_empty()
-                    && ctx
-                        .candidates
-                        .update(&key, |c| c.warned_stale_epoch.replace(*epoch))
-                        .flatten()
-                        != Some(*epoch)
-                {
-                    publish(
-                        &ctx.recorder,
-                        Event {
-                            type_: EventType::Warning,
-                            reason: "StaleClusterReport".into(),
-                            note: Some(format!(
-                                "cluster(s) {} last reported running pods more than the ttl ago and are presumed dead or cut off; \
-                             scaling up anyway: only the workload's own fencing (epoch check) protects against a second pod",
-                                stale.join(", ")
-                            )),
-                            action: "Scale".into(),
-                            secondary: None,
-                        },
-                        &reference,
-                    );
-                }
-                if current != 1 {
-                    // Decide at the moment of acting, not from what was true above.
-                    if watch.leader_epoch() == Some(*epoch) {
-                        if current > 1 {
-                            ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
-                        }
-                        scale(&ctx.client, &ns, &name, 1).await?;
-                        ctx.candidates
-                            .update(&key, |c| c.scaled_up_epoch = Some(*epoch));
-                    }
-                } else {
-                    ctx.candidates
-                        .update(&key, |c| c.scaled_up_epoch = Some(*epoch));
-                }
+    // The status is written by the replica that acts for this cluster; a scale-up is
+    // recorded on it before it happens, a scale-down clears the record after.
+    let new_status = match role {
+        Role::PeerLeads { .. } => None,
+        _ => Some(
+            build_status(
+                reaper,
+                ctx,
+                &key,
+                &workload,
+                Seen {
+                    role: &role,
+                    gate: gate.as_ref(),
+                    lease_name: &lease_name,
+                    lease: &lease,
+                    reports: &reports,
+                    database_ok: database_ok.load(Ordering::Relaxed),
+                    recorded: recorded.as_ref(),
+                },
+            )
+            .await,
+        ),
+    };
+    let write = |status: Option<ReaperStatus>| async move {
+        match status {
+            Some(status)
+                if previous.is_none_or(|old| status::differs(old, &status, timings.ttl / 2)) =>
+            {
+                write_status(ctx, reaper, status).await
             }
-            (Role::Leader { .. }, _) => {
-                // Waiting for another cluster or the handover delay: look again soon.
-                requeue = Duration::from_millis(500);
-            }
-            (Role::PeerLeads { .. }, _) => {}
-            (Role::Standby { .. }, _) | (Role::Unknown { was_leader: true }, _) => {
-                if current > 0 {
-                    let seen_before = ctx
-                        .candidates
-                        .update(&key, |c| c.scaled_up_epoch.is_none())
-                        .unwrap_or(true);
-                    if seen_before && matches!(role, Role::Standby { .. }) {
-                        ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
-                    }
-                    scale(&ctx.client, &ns, &name, 0).await?;
-                }
-                ctx.candidates.update(&key, |c| c.scaled_up_epoch = None);
-                if workload.counts.running_pods > 0 {
-                    requeue = Duration::from_secs(1);
-                }
-            }
-            (Role::Unknown { was_leader: false }, _) => {}
+            _ => Ok(()),
         }
+    };
+    match decision {
+        Scale::Up { epoch } => {
+            write(new_status).await?;
+            // Decide at the moment of acting, not from what was true above.
+            if replicas != Some(1) && watch.leader_epoch() == Some(epoch) {
+                scale(&ctx.client, &ns, deployment_name, 1).await?;
+                // Until the next reconcile counts it, this cluster's report must not say
+                // "no pods": the pod is starting.
+                let starting = WorkloadCounts {
+                    replicas: 1,
+                    running_pods: workload.counts.running_pods.max(1),
+                    ready_pods: workload.counts.ready_pods,
+                };
+                if let Err(error) = ctx
+                    .store
+                    .sync_workload(
+                        &lease_name,
+                        &ctx.cluster,
+                        &ctx.holder,
+                        starting,
+                        timings.ttl,
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, lease = %lease_name, "cannot report the scale-up; the next reconcile will");
+                }
+            }
+        }
+        Scale::Down => {
+            scale(&ctx.client, &ns, deployment_name, 0).await?;
+            write(new_status).await?;
+        }
+        Scale::Hold => write(new_status).await?,
     }
 
-    if matches!(role, Role::PeerLeads { .. }) {
-        // The peer that leads writes the status.
-        return Ok(Action::requeue(requeue));
-    }
+    let requeue = match (&role, &gate) {
+        // Waiting for another cluster, the handover delay or a confirming read.
+        (Role::Leader { .. }, Some(gate)) if !matches!(gate, Gate::Open { .. }) => {
+            Duration::from_millis(500)
+        }
+        (Role::Leader { .. }, _) => steady_requeue(timings),
+        _ if workload.counts.running_pods > 0 && replicas.is_none_or(|r| r == 0) => {
+            Duration::from_secs(1)
+        }
+        _ => steady_requeue(timings),
+    };
+    Ok(Action::requeue(requeue))
+}
+
+/// What a reconcile saw and decided, for its status.
+struct Seen<'a> {
+    role: &'a Role,
+    gate: Option<&'a Gate>,
+    lease_name: &'a str,
+    lease: &'a Result<Option<crate::lease::Lease>, String>,
+    reports: &'a Result<Vec<crate::lease::WorkloadReport>, String>,
+    database_ok: bool,
+    recorded: Option<&'a ScaleRecord>,
+}
+
+async fn build_status(
+    reaper: &Reaper,
+    ctx: &Context,
+    key: &ObjectRef<Reaper>,
+    workload: &Workload,
+    seen: Seen<'_>,
+) -> ReaperStatus {
+    let ns = reaper.namespace().unwrap_or_default();
+    let database_error = match (seen.lease, seen.reports) {
+        (Err(e), _) | (_, Err(e)) => Some(e.clone()),
+        _ if !seen.database_ok => Some("the lease elector's last database call failed".into()),
+        _ => None,
+    };
     let external = ctx
         .candidates
-        .update(&key, |c| c.external_scale_ups)
+        .update(key, |c| c.external_scale_ups)
         .unwrap_or(0);
     let risks = match &workload.deployment {
         Some(d) => status::singleton_risks(
-            rolling_surge(d),
-            autoscaler_for(&ctx.client, &ns, &reaper.spec.deployment_name).await,
+            observe::rolling_surge(d),
+            observe::autoscaler_for(&ctx.client, &ns, &reaper.spec.deployment_name).await,
             external,
         ),
         None => Vec::new(),
     };
     let observation = Observation {
-        role: &role,
-        lease_name: &lease_name,
-        lease: lease_row,
+        role: seen.role,
+        lease_name: seen.lease_name,
+        lease: seen.lease.as_ref().ok().and_then(|l| l.as_ref()),
         database_error: database_error.as_deref(),
         deployment_found: workload.deployment.is_some(),
         replicas: workload.counts.replicas,
         ready_replicas: workload.counts.ready_pods,
         running_pods: workload.counts.running_pods,
-        gate: gate.as_ref(),
+        gate: seen.gate,
         paused: reaper.spec.paused,
         risks: &risks,
         generation: reaper.metadata.generation,
         now: Utc::now(),
+        pod_selector: workload.selector.as_deref(),
+        scaled_up_by: seen.recorded,
     };
-    let new_status = status::build_status(&observation, reaper.status.as_ref());
-    let changed = reaper
-        .status
-        .as_ref()
-        .is_none_or(|old| status::differs(old, &new_status, timings.ttl / 2));
-    if changed {
-        write_status(ctx, reaper, new_status).await?;
+    status::build_status(&observation, reaper.status.as_ref())
+}
+
+/// Warns once per epoch that clusters presumed dead may still run a pod.
+fn warn_stale_reports(
+    ctx: &Context,
+    key: &ObjectRef<Reaper>,
+    epoch: i64,
+    stale: &[String],
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+) {
+    if stale.is_empty()
+        || ctx
+            .candidates
+            .update(key, |c| c.warned_stale_epoch.replace(epoch))
+            .flatten()
+            == Some(epoch)
+    {
+        return;
     }
-    Ok(Action::requeue(requeue))
+    publish(
+        &ctx.recorder,
+        Event {
+            type_: EventType::Warning,
+            reason: "StaleClusterReport".into(),
+            note: Some(format!(
+                "cluster(s) {} last reported running pods longer ago than their ttl and are presumed dead or cut off; \
+                 scaling up anyway: only the workload's own fencing (epoch check) protects against a second pod",
+                stale.join(", ")
+            )),
+            action: "Scale".into(),
+            secondary: None,
+        },
+        reference,
+    );
+}
+
+pub async fn scale(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<(), Error> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments
+        .patch_scale(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": replicas } })),
+        )
+        .await?;
+    tracing::info!(
+        namespace = ns,
+        deployment = name,
+        replicas,
+        "scaled deployment"
+    );
+    Ok(())
 }
 
 /// How often a Reaper is reconciled when nothing happens. Leadership changes and
@@ -593,123 +646,6 @@ async fn write_status(ctx: &Context, reaper: &Reaper, status: ReaperStatus) -> R
     )
     .await?;
     Ok(())
-}
-
-/// A Reaper is being deleted: scale its Deployment to 0 and release the lease.
-async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
-    let ns = reaper.namespace().unwrap_or_default();
-    let key = ObjectRef::from_obj(reaper);
-    let deployment = &reaper.spec.deployment_name;
-    if let Some(candidate) = ctx.candidates.take(&key) {
-        hand_over(ctx, candidate).await;
-    }
-    let workload = observe_workload(&ctx.client, &ns, deployment).await?;
-    if workload.deployment.is_some() && workload.counts.replicas > 0 {
-        scale(&ctx.client, &ns, deployment, 0).await?;
-    }
-    if workload.counts.running_pods > 0 {
-        return Err(Error::PodsStillRunning(workload.counts.running_pods));
-    }
-    Ok(Action::await_change())
-}
-
-/// Stops an elector and, if it held the lease, scales the workload to 0, waits (bounded)
-/// for its pods to stop, and only then releases the lease, so a standby anywhere can
-/// take over without overlap.
-pub async fn hand_over(ctx: &Context, candidate: Candidate) {
-    let (ns, deployment, reference) = (
-        candidate.namespace.clone(),
-        candidate.deployment.clone(),
-        candidate.reference.clone(),
-    );
-    let (ns, deployment, reference) = (ns.as_str(), deployment.as_str(), &reference);
-    let lease_name = candidate.lease_name.clone();
-    let Some(mut elector) = candidate.stop().await else {
-        return;
-    };
-    let Some(epoch) = elector.held_epoch() else {
-        return;
-    };
-    let deadline = Instant::now() + ctx.shutdown_timeout;
-    loop {
-        match observe_workload(&ctx.client, ns, deployment).await {
-            Ok(w)
-                if w.deployment.is_none()
-                    || (w.counts.replicas == 0 && w.counts.running_pods == 0) =>
-            {
-                break;
-            }
-            Ok(w) => {
-                if w.counts.replicas > 0
-                    && let Err(error) = scale(&ctx.client, ns, deployment, 0).await
-                {
-                    tracing::warn!(%error, "handover: cannot scale down");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "handover: cannot read the workload"),
-        }
-        if Instant::now() >= deadline {
-            tracing::warn!(lease = %lease_name, "handover: pods still running at the timeout; releasing anyway");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    // Tell the other clusters this one runs nothing before they can take the lease.
-    if let Err(error) = ctx
-        .store
-        .sync_workload(
-            &lease_name,
-            &ctx.cluster,
-            &ctx.holder,
-            WorkloadCounts::default(),
-        )
-        .await
-    {
-        tracing::warn!(%error, "handover: cannot report the stopped workload");
-    }
-    match elector.release().await {
-        // Awaited, not spawned: at shutdown the process exits right after this.
-        Ok(true) => {
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "LeaseReleased".into(),
-                note: Some(format!(
-                    "released lease {lease_name} (epoch {epoch}) after scaling the workload to 0"
-                )),
-                action: "Release".into(),
-                secondary: None,
-            };
-            if let Err(error) = ctx.recorder.publish(&event, reference).await {
-                tracing::debug!(%error, "could not publish the release event");
-            }
-        }
-        Ok(false) => {}
-        Err(error) => {
-            tracing::warn!(lease = %lease_name, %error, "could not release the lease; it will expire")
-        }
-    }
-}
-
-/// Hands over every lease this process holds (graceful shutdown).
-pub async fn hand_over_all(ctx: &Context) {
-    let handovers = ctx
-        .candidates
-        .take_all()
-        .into_iter()
-        .map(|(_, candidate)| hand_over(ctx, candidate));
-    futures::future::join_all(handovers).await;
-}
-
-/// Stops electors whose Reaper is gone (deleted while another replica ran the
-/// finalizer), handing their leases over.
-pub async fn forget_deleted(ctx: &Context, existing: &[ObjectRef<Reaper>]) {
-    for key in ctx.candidates.keys() {
-        if !existing.contains(&key)
-            && let Some(candidate) = ctx.candidates.take(&key)
-        {
-            hand_over(ctx, candidate).await;
-        }
-    }
 }
 
 #[cfg(test)]

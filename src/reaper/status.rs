@@ -1,6 +1,5 @@
-//! Pure decisions of the reconcile loop: what this replica's role is, whether a new
-//! holder may scale up, and the status it reports. No I/O here, so all of it is unit
-//! tested.
+//! The status a reconcile reports, built from what it observed and decided. No I/O
+//! here, so all of it is unit tested.
 
 use std::time::Duration;
 
@@ -8,122 +7,8 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::crd::{Phase, ReaperStatus};
-use crate::lease::{Lease, WorkloadReport};
-
-/// The cluster part of a holder identity `<cluster>/<identity>`.
-pub fn holder_cluster(holder: &str) -> &str {
-    holder
-        .split_once('/')
-        .map_or(holder, |(cluster, _)| cluster)
-}
-
-/// This replica's part for one lease, decided from its elector and the lease row.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// This replica holds the lease right now (checked on the monotonic clock).
-    Leader { epoch: i64 },
-    /// Another replica of this cluster holds it: that one acts, this one does nothing.
-    PeerLeads { holder: String },
-    /// Another cluster holds it, or nobody does: the workload must be at 0 here.
-    Standby { holder: Option<String> },
-    /// The database cannot be read. `was_leader`: this replica scaled the workload up
-    /// and has since lost the ability to prove it still leads.
-    Unknown { was_leader: bool },
-}
-
-pub fn role(
-    leader_epoch: Option<i64>,
-    row: Option<&Result<Option<Lease>, String>>,
-    me: &str,
-    cluster: &str,
-    scaled_up: bool,
-) -> Role {
-    if let Some(epoch) = leader_epoch {
-        return Role::Leader { epoch };
-    }
-    match row {
-        Some(Ok(Some(lease))) if !lease.is_free() => {
-            let peer = lease.holder != me && holder_cluster(&lease.holder) == cluster;
-            if peer && (lease.is_held() || recently_expired(lease)) {
-                // A peer holds it, or held it until moments ago: the Deployment is the
-                // same object and a replica of this cluster (maybe this one) takes the
-                // lease on its next tick, so scaling down now would only restart the pod.
-                Role::PeerLeads {
-                    holder: lease.holder.clone(),
-                }
-            } else if lease.is_held() {
-                // Includes a row that still names this replica although its elector
-                // no longer leads (deadline passed): it must not keep the workload up.
-                Role::Standby {
-                    holder: Some(lease.holder.clone()),
-                }
-            } else {
-                Role::Standby { holder: None }
-            }
-        }
-        Some(Ok(_)) => Role::Standby { holder: None },
-        Some(Err(_)) | None => Role::Unknown {
-            was_leader: scaled_up,
-        },
-    }
-}
-
-/// Expired for less than one more ttl: its cluster is expected to take it back.
-fn recently_expired(lease: &Lease) -> bool {
-    let ttl = chrono::Duration::from_std(lease.ttl).unwrap_or_default();
-    lease.is_expired() && lease.observed_at < lease.expires_at + ttl
-}
-
-/// Why a leader may not scale up yet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Gate {
-    Open {
-        /// Clusters whose last report still showed pods but is older than the ttl: they
-        /// are presumed dead or cut off, and only the workload's fencing protects now.
-        stale: Vec<String>,
-    },
-    /// Another cluster still runs pods of this singleton.
-    WaitForCluster { cluster: String, running_pods: i32 },
-    /// The handover delay after a takeover from another cluster has not passed.
-    HandoverDelay { remaining: Duration },
-}
-
-pub fn handover_gate(
-    lease: Option<&Lease>,
-    reports: &[WorkloadReport],
-    cluster: &str,
-    ttl: Duration,
-    handover_delay: Duration,
-) -> Gate {
-    let mut stale = Vec::new();
-    for report in reports
-        .iter()
-        .filter(|r| r.cluster != cluster && r.running_pods > 0)
-    {
-        if report.age < ttl {
-            return Gate::WaitForCluster {
-                cluster: report.cluster.clone(),
-                running_pods: report.running_pods,
-            };
-        }
-        stale.push(report.cluster.clone());
-    }
-    if let Some(lease) = lease {
-        let from_elsewhere =
-            !lease.previous_holder.is_empty() && holder_cluster(&lease.previous_holder) != cluster;
-        if from_elsewhere && !handover_delay.is_zero() {
-            let held_for = (lease.observed_at - lease.acquired_at)
-                .to_std()
-                .unwrap_or_default();
-            if held_for < handover_delay {
-                return Gate::HandoverDelay {
-                    remaining: handover_delay - held_for,
-                };
-            }
-        }
-    }
-    Gate::Open { stale }
-}
+use super::decide::{Gate, Role, ScaleRecord};
+use crate::lease::Lease;
 
 /// Reasons the Deployment could briefly run two pods, or is scaled by someone else.
 pub fn singleton_risks(
@@ -173,6 +58,11 @@ pub struct Observation<'a> {
     pub risks: &'a [(&'static str, String)],
     pub generation: Option<i64>,
     pub now: DateTime<Utc>,
+    /// The label selector this cluster's workload pods are counted by (remembered so
+    /// they are still counted after the Deployment is deleted).
+    pub pod_selector: Option<&'a str>,
+    /// Who scaled the Deployment up, after this reconcile's action.
+    pub scaled_up_by: Option<&'a ScaleRecord>,
 }
 
 pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> ReaperStatus {
@@ -209,7 +99,7 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 obs.lease_name
             ),
         ),
-        (Role::Unknown { .. }, _) => condition(
+        (Role::Unknown, _) => condition(
             "Leader",
             false,
             "DatabaseUnreachable",
@@ -265,8 +155,20 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 false,
                 "WaitingForHandover",
                 format!(
-                    "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than the ttl"
+                    "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its ttl"
                 ),
+            ),
+            (Role::Leader { .. }, Some(Gate::Unconfirmed { reason })) => condition(
+                "WorkloadReady",
+                false,
+                "LeaseUnconfirmed",
+                format!("not scaling up until the lease row confirms this holder: {reason}"),
+            ),
+            (Role::Leader { .. }, Some(Gate::ReportsUnknown { .. })) => condition(
+                "WorkloadReady",
+                false,
+                "ReportsUnknown",
+                "not scaling up until the other clusters' workload reports can be read".into(),
             ),
             (Role::Leader { .. }, Some(Gate::HandoverDelay { remaining })) => condition(
                 "WorkloadReady",
@@ -356,11 +258,15 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
         ready: Some(format!("{}/{}", obs.ready_replicas, obs.replicas)),
         observed_generation: obs.generation,
         conditions: vec![leader, workload, database, singleton],
+        pod_selector: obs.pod_selector.map(str::to_owned),
+        scaled_up_by: obs.scaled_up_by.cloned(),
     }
 }
 
-/// Status for a spec the operator cannot use.
-pub fn invalid_status(
+/// Status for a Reaper the operator refuses to act for (`reason`: `InvalidSpec`,
+/// `LeaseNameConflict`, ...). What it remembers of the workload is kept.
+pub fn refused_status(
+    reason: &str,
     message: &str,
     generation: Option<i64>,
     previous: Option<&ReaperStatus>,
@@ -376,11 +282,13 @@ pub fn invalid_status(
             prev_conditions,
             "Leader",
             false,
-            "InvalidSpec",
+            reason,
             message.to_owned(),
             generation,
             now,
         )],
+        pod_selector: previous.and_then(|s| s.pod_selector.clone()),
+        scaled_up_by: previous.and_then(|s| s.scaled_up_by.clone()),
         ..Default::default()
     }
 }
@@ -471,195 +379,6 @@ mod tests {
         }
     }
 
-    fn report(cluster: &str, running: i32, age_s: u64) -> WorkloadReport {
-        WorkloadReport {
-            cluster: cluster.into(),
-            reported_by: format!("{cluster}/x"),
-            replicas: running,
-            running_pods: running,
-            ready_pods: running,
-            reported_at: Utc::now(),
-            age: Duration::from_secs(age_s),
-        }
-    }
-
-    #[test]
-    fn role_follows_the_reconcile_table() {
-        let me = "east/a";
-        let row = |l: Lease| Some(Ok(Some(l)));
-        assert_eq!(
-            role(Some(4), None, me, "east", false),
-            Role::Leader { epoch: 4 }
-        );
-        assert_eq!(
-            role(
-                None,
-                row(lease("east/b", "", false)).as_ref(),
-                me,
-                "east",
-                false
-            ),
-            Role::PeerLeads {
-                holder: "east/b".into()
-            }
-        );
-        assert_eq!(
-            role(
-                None,
-                row(lease("west/b", "", false)).as_ref(),
-                me,
-                "east",
-                false
-            ),
-            Role::Standby {
-                holder: Some("west/b".into())
-            }
-        );
-        // A row naming me while my elector says no: I must not keep the workload up.
-        assert_eq!(
-            role(
-                None,
-                row(lease("east/a", "", false)).as_ref(),
-                me,
-                "east",
-                true
-            ),
-            Role::Standby {
-                holder: Some("east/a".into())
-            }
-        );
-        // A peer's lease that expired moments ago: this cluster takes it back, leave the
-        // Deployment alone; another cluster's expired lease is nobody's.
-        assert_eq!(
-            role(
-                None,
-                row(lease("east/b", "", true)).as_ref(),
-                me,
-                "east",
-                false
-            ),
-            Role::PeerLeads {
-                holder: "east/b".into()
-            }
-        );
-        assert_eq!(
-            role(
-                None,
-                row(lease("west/b", "", true)).as_ref(),
-                me,
-                "east",
-                false
-            ),
-            Role::Standby { holder: None }
-        );
-        let mut long_expired = lease("east/b", "", true);
-        long_expired.expires_at -= chrono::Duration::seconds(60);
-        assert_eq!(
-            role(None, Some(&Ok(Some(long_expired))), me, "east", false),
-            Role::Standby { holder: None }
-        );
-        let free = lease("", "", false);
-        assert_eq!(
-            role(None, Some(&Ok(Some(free))), me, "east", false),
-            Role::Standby { holder: None }
-        );
-        assert_eq!(
-            role(None, Some(&Ok(None)), me, "east", false),
-            Role::Standby { holder: None }
-        );
-        assert_eq!(
-            role(None, Some(&Err("down".into())), me, "east", true),
-            Role::Unknown { was_leader: true }
-        );
-        assert_eq!(
-            role(None, Some(&Err("down".into())), me, "east", false),
-            Role::Unknown { was_leader: false }
-        );
-    }
-
-    #[test]
-    fn holder_cluster_is_the_prefix() {
-        assert_eq!(holder_cluster("east/pod-1"), "east");
-        assert_eq!(holder_cluster("east/a/b"), "east");
-        assert_eq!(holder_cluster("plain"), "plain");
-    }
-
-    #[test]
-    fn gate_waits_for_other_clusters_pods_unless_their_report_is_stale() {
-        let ttl = Duration::from_secs(15);
-        let l = lease("east/a", "west/b", false);
-        assert_eq!(
-            handover_gate(Some(&l), &[], "east", ttl, Duration::ZERO),
-            Gate::Open { stale: vec![] }
-        );
-        assert_eq!(
-            handover_gate(
-                Some(&l),
-                &[report("west", 1, 3)],
-                "east",
-                ttl,
-                Duration::ZERO
-            ),
-            Gate::WaitForCluster {
-                cluster: "west".into(),
-                running_pods: 1
-            }
-        );
-        assert_eq!(
-            handover_gate(
-                Some(&l),
-                &[report("west", 1, 16)],
-                "east",
-                ttl,
-                Duration::ZERO
-            ),
-            Gate::Open {
-                stale: vec!["west".into()]
-            }
-        );
-        assert_eq!(
-            handover_gate(
-                Some(&l),
-                &[report("west", 0, 1)],
-                "east",
-                ttl,
-                Duration::ZERO
-            ),
-            Gate::Open { stale: vec![] }
-        );
-        // Own cluster's report is never a blocker.
-        assert_eq!(
-            handover_gate(
-                Some(&l),
-                &[report("east", 1, 1)],
-                "east",
-                ttl,
-                Duration::ZERO
-            ),
-            Gate::Open { stale: vec![] }
-        );
-    }
-
-    #[test]
-    fn handover_delay_applies_only_after_a_takeover_from_another_cluster() {
-        let ttl = Duration::from_secs(15);
-        let delay = Duration::from_secs(5);
-        let from_west = lease("east/a", "west/b", false);
-        assert!(
-            matches!(handover_gate(Some(&from_west), &[], "east", ttl, delay), Gate::HandoverDelay { remaining } if remaining <= Duration::from_secs(4))
-        );
-        let from_peer = lease("east/a", "east/b", false);
-        assert_eq!(
-            handover_gate(Some(&from_peer), &[], "east", ttl, delay),
-            Gate::Open { stale: vec![] }
-        );
-        let from_free = lease("east/a", "", false);
-        assert_eq!(
-            handover_gate(Some(&from_free), &[], "east", ttl, delay),
-            Gate::Open { stale: vec![] }
-        );
-    }
-
     #[test]
     fn conditions_keep_transition_time_while_unchanged() {
         let l = lease("east/a", "", false);
@@ -679,6 +398,8 @@ mod tests {
             risks: &[],
             generation: Some(2),
             now,
+            pod_selector: Some("app=r"),
+            scaled_up_by: None,
         };
         let first = build_status(&obs(t0), None);
         assert_eq!(first.phase, Some(Phase::Leading));
@@ -706,7 +427,7 @@ mod tests {
 
         let db_down = Observation {
             database_error: Some("timed out"),
-            role: &Role::Unknown { was_leader: true },
+            role: &Role::Unknown,
             ..obs(Utc::now())
         };
         let third = build_status(&db_down, Some(&second));

@@ -1,0 +1,702 @@
+//! The reconcile's safety rules as pure functions: which part this replica plays for a
+//! lease, whether a leader may scale up, and what to do to the Deployment. No I/O, so
+//! every row of the rule table (README, "Reconcile rule") is a unit test below.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde::{Deserialize, Serialize};
+
+use super::crd::{LeaseScope, Reaper};
+use crate::lease::{Lease, WorkloadReport};
+
+/// The cluster of a holder identity `<cluster>/<identity>`. A holder without `/` (written
+/// by hand, or by something else) belongs to no cluster: it is never "this cluster",
+/// never a peer, always someone else.
+pub fn holder_cluster(holder: &str) -> Option<&str> {
+    holder
+        .split_once('/')
+        .map(|(cluster, _)| cluster)
+        .filter(|c| !c.is_empty())
+}
+
+/// Whether two holders are replicas of one cluster (and so share one Deployment).
+pub fn same_cluster(a: &str, b: &str) -> bool {
+    matches!((holder_cluster(a), holder_cluster(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Who last scaled this cluster's Deployment up, recorded on the Reaper's status before
+/// the scale-up, so that a restarted replica (which has forgotten) still knows the
+/// running pod was started under a lease that somebody must still prove to hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ScaleRecord {
+    /// `<cluster>/<identity>` of the replica that scaled the Deployment to 1.
+    pub holder: String,
+    /// The lease epoch it held then.
+    pub epoch: i64,
+}
+
+/// This replica's part for one lease, decided from its elector and the lease row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// This replica holds the lease right now (checked on the monotonic clock).
+    Leader { epoch: i64 },
+    /// Another replica of this cluster holds it: that one acts, this one does nothing.
+    PeerLeads { holder: String },
+    /// Another cluster holds it, or nobody does: the workload must be at 0 here.
+    Standby { holder: Option<String> },
+    /// The database cannot be read.
+    Unknown,
+}
+
+pub fn role(
+    leader_epoch: Option<i64>,
+    row: &Result<Option<Lease>, String>,
+    me: &str,
+    cluster: &str,
+) -> Role {
+    if let Some(epoch) = leader_epoch {
+        return Role::Leader { epoch };
+    }
+    match row {
+        Ok(Some(lease)) if !lease.is_free() => {
+            let peer = lease.holder != me && holder_cluster(&lease.holder) == Some(cluster);
+            if peer && (lease.is_held() || recently_expired(lease)) {
+                // A peer holds it, or held it until moments ago: the Deployment is the
+                // same object and a replica of this cluster (maybe this one) takes the
+                // lease on its next tick, so scaling down now would only restart the pod.
+                Role::PeerLeads {
+                    holder: lease.holder.clone(),
+                }
+            } else if lease.is_held() {
+                // Includes a row that still names this replica although its elector
+                // no longer leads (deadline passed): it must not keep the workload up.
+                Role::Standby {
+                    holder: Some(lease.holder.clone()),
+                }
+            } else {
+                Role::Standby { holder: None }
+            }
+        }
+        Ok(_) => Role::Standby { holder: None },
+        Err(_) => Role::Unknown,
+    }
+}
+
+/// Expired for less than one more ttl: its cluster is expected to take it back.
+fn recently_expired(lease: &Lease) -> bool {
+    let ttl = chrono::Duration::from_std(lease.ttl).unwrap_or_default();
+    lease.is_expired() && lease.observed_at < lease.expires_at + ttl
+}
+
+/// Whether a leader may scale up, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Open {
+        /// Clusters whose last report still showed pods but is older than the reporter's
+        /// own bound: presumed dead or cut off; only the workload's fencing protects now.
+        stale: Vec<String>,
+    },
+    /// The lease row read in this reconcile does not show this replica holding an
+    /// unexpired lease at this epoch (or could not be read): no scale-up on the
+    /// elector's word alone, since the handover delay and the takeover's origin are
+    /// judged from that row.
+    Unconfirmed { reason: String },
+    /// The other clusters' reports could not be read.
+    ReportsUnknown { reason: String },
+    /// Another cluster still runs pods of this singleton.
+    WaitForCluster { cluster: String, running_pods: i32 },
+    /// The handover delay after a takeover from another cluster has not passed.
+    HandoverDelay { remaining: Duration },
+}
+
+pub fn handover_gate(
+    row: &Result<Option<Lease>, String>,
+    me: &str,
+    epoch: i64,
+    reports: &Result<Vec<WorkloadReport>, String>,
+    handover_delay: Duration,
+) -> Gate {
+    let lease = match row {
+        Ok(Some(lease)) if lease.holder == me && lease.epoch == epoch && lease.is_held() => lease,
+        Ok(Some(lease)) => {
+            return Gate::Unconfirmed {
+                reason: format!(
+                    "the lease row shows holder {:?} at epoch {} (expired: {}), not this replica at epoch {epoch}",
+                    lease.holder,
+                    lease.epoch,
+                    lease.is_expired()
+                ),
+            };
+        }
+        Ok(None) => {
+            return Gate::Unconfirmed {
+                reason: "the lease row is missing".into(),
+            };
+        }
+        Err(error) => {
+            return Gate::Unconfirmed {
+                reason: format!("the lease row cannot be read: {error}"),
+            };
+        }
+    };
+    let reports = match reports {
+        Ok(reports) => reports,
+        Err(error) => {
+            return Gate::ReportsUnknown {
+                reason: error.clone(),
+            };
+        }
+    };
+    let mut stale = Vec::new();
+    for report in reports
+        .iter()
+        .filter(|r| Some(r.cluster.as_str()) != holder_cluster(me) && r.running_pods > 0)
+    {
+        if !report.is_stale() {
+            return Gate::WaitForCluster {
+                cluster: report.cluster.clone(),
+                running_pods: report.running_pods,
+            };
+        }
+        stale.push(report.cluster.clone());
+    }
+    // A takeover from a holder that names no cluster counts as one from elsewhere.
+    let from_elsewhere = !lease.previous_holder.is_empty()
+        && !same_cluster(&lease.previous_holder, me)
+        && lease.previous_holder != me;
+    if from_elsewhere && !handover_delay.is_zero() {
+        let held_for = (lease.observed_at - lease.acquired_at)
+            .to_std()
+            .unwrap_or_default();
+        if held_for < handover_delay {
+            return Gate::HandoverDelay {
+                remaining: handover_delay - held_for,
+            };
+        }
+    }
+    Gate::Open { stale }
+}
+
+/// What a reconcile does to the Deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// Record (holder, epoch) on the status, then make sure the Deployment runs 1.
+    Up { epoch: i64 },
+    /// Scale to 0 (and forget the record).
+    Down,
+    /// Leave the Deployment as it is.
+    Hold,
+}
+
+/// Everything the scale decision needs.
+#[derive(Clone, Debug)]
+pub struct ScaleFacts<'a> {
+    pub role: &'a Role,
+    /// Only for a leader.
+    pub gate: Option<&'a Gate>,
+    pub paused: bool,
+    /// `spec.replicas` of the Deployment; `None` when there is no Deployment.
+    pub replicas: Option<i32>,
+    /// The last recorded scale-up (status), if any.
+    pub recorded: Option<&'a ScaleRecord>,
+    /// This replica, `<cluster>/<identity>`.
+    pub me: &'a str,
+    /// How long this replica's database calls have been failing (zero when they work).
+    pub database_failing_for: Duration,
+    pub renew_deadline: Duration,
+}
+
+pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
+    let Some(replicas) = f.replicas else {
+        return Scale::Hold;
+    };
+    if f.paused {
+        return Scale::Hold;
+    }
+    match (f.role, f.gate) {
+        (Role::Leader { epoch }, Some(Gate::Open { .. })) => {
+            let recorded_mine = f
+                .recorded
+                .is_some_and(|r| r.holder == f.me && r.epoch == *epoch);
+            if replicas == 1 && recorded_mine {
+                Scale::Hold
+            } else {
+                Scale::Up { epoch: *epoch }
+            }
+        }
+        // Waiting for another cluster, the handover delay or a confirming read.
+        (Role::Leader { .. }, _) => Scale::Hold,
+        (Role::PeerLeads { .. }, _) => Scale::Hold,
+        (Role::Standby { .. }, _) if replicas > 0 => Scale::Down,
+        (Role::Standby { .. }, _) => Scale::Hold,
+        (Role::Unknown, _) => {
+            // Nobody here can prove the running pod's lease is still held: this replica
+            // started it (the elector says it no longer leads), or the database has been
+            // out of reach for longer than a holder may act without renewing.
+            let started_by_me = f.recorded.is_some_and(|r| r.holder == f.me);
+            let unprovable = f.recorded.is_some() && f.database_failing_for >= f.renew_deadline;
+            if replicas > 0 && (started_by_me || unprovable) {
+                Scale::Down
+            } else {
+                Scale::Hold
+            }
+        }
+    }
+}
+
+/// Why a Reaper must not act although its spec is valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// `LeaseNameConflict` or `DeploymentConflict`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Two Reapers of one cluster with one lease name would overwrite each other's workload
+/// report (it is per lease and cluster), and two naming one Deployment would fight over
+/// its replicas. The oldest of them (creation time, then namespace and name) keeps
+/// acting; the others are refused. `others` may include `reaper` itself.
+pub fn conflict(reaper: &Reaper, others: &[&Reaper], scope: LeaseScope) -> Option<Conflict> {
+    fn key(r: &Reaper) -> (Option<&Time>, Option<&str>, Option<&str>) {
+        (
+            r.metadata.creation_timestamp.as_ref(),
+            r.metadata.namespace.as_deref(),
+            r.metadata.name.as_deref(),
+        )
+    }
+    let me = key(reaper);
+    let lease = reaper.lease_name(scope);
+    let older = |r: &&&Reaper| key(r) < me;
+    // Within a namespace's scope only its own Reapers can name the same row.
+    let may_share = |r: &&&Reaper| {
+        scope == LeaseScope::Shared || r.metadata.namespace == reaper.metadata.namespace
+    };
+    if let Some(first) = others
+        .iter()
+        .filter(older)
+        .filter(may_share)
+        .filter(|r| r.lease_name(scope) == lease)
+        .min_by_key(|r| key(r))
+    {
+        return Some(Conflict {
+            reason: "LeaseNameConflict",
+            message: format!(
+                "Reaper {}/{} already uses lease {lease} in this cluster; a lease is used by at most one Reaper per cluster, so this one does not act (rename spec.lease.name or delete one of them)",
+                first.metadata.namespace.as_deref().unwrap_or_default(),
+                first.metadata.name.as_deref().unwrap_or_default(),
+            ),
+        });
+    }
+    let first = others
+        .iter()
+        .filter(older)
+        .filter(|r| {
+            r.metadata.namespace == reaper.metadata.namespace
+                && r.spec.deployment_name == reaper.spec.deployment_name
+        })
+        .min_by_key(|r| key(r))?;
+    Some(Conflict {
+        reason: "DeploymentConflict",
+        message: format!(
+            "Reaper {} already manages Deployment {}; a Deployment is managed by at most one Reaper, so this one does not act",
+            first.metadata.name.as_deref().unwrap_or_default(),
+            reaper.spec.deployment_name,
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    const ME: &str = "east/a";
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn lease(holder: &str, epoch: i64, previous: &str, expired: bool) -> Lease {
+        let now = Utc::now();
+        let acquired = now - chrono::Duration::seconds(1);
+        Lease {
+            name: "ns.l".into(),
+            holder: holder.into(),
+            epoch,
+            ttl: Duration::from_secs(15),
+            acquired_at: acquired,
+            renewed_at: acquired,
+            expires_at: if expired {
+                now - chrono::Duration::seconds(1)
+            } else {
+                now + chrono::Duration::seconds(10)
+            },
+            previous_holder: previous.into(),
+            observed_at: now,
+        }
+    }
+
+    fn row(l: Lease) -> Result<Option<Lease>, String> {
+        Ok(Some(l))
+    }
+
+    fn report(cluster: &str, running: i32, age_s: u64, stale_after_s: u64) -> WorkloadReport {
+        WorkloadReport {
+            cluster: cluster.into(),
+            reported_by: format!("{cluster}/x"),
+            replicas: running,
+            running_pods: running,
+            ready_pods: running,
+            reported_at: Utc::now(),
+            age: Duration::from_secs(age_s),
+            stale_after: Duration::from_secs(stale_after_s),
+        }
+    }
+
+    fn record(holder: &str, epoch: i64) -> ScaleRecord {
+        ScaleRecord {
+            holder: holder.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn holders_without_a_cluster_belong_to_no_cluster() {
+        assert_eq!(holder_cluster("east/pod-1"), Some("east"));
+        assert_eq!(holder_cluster("east/a/b"), Some("east"));
+        assert_eq!(holder_cluster("plain"), None);
+        assert_eq!(holder_cluster("/x"), None);
+        assert!(same_cluster("east/a", "east/b"));
+        assert!(!same_cluster("east/a", "west/a"));
+        assert!(!same_cluster("east", "east/a"));
+        assert!(!same_cluster("plain", "plain"));
+        assert!(!same_cluster("", ""));
+    }
+
+    #[test]
+    fn role_follows_the_reconcile_table() {
+        let r = |leader: Option<i64>, row: Result<Option<Lease>, String>| {
+            role(leader, &row, ME, "east")
+        };
+        // | it holds the lease (elector, at the moment of asking) | Leader |
+        assert_eq!(r(Some(4), Err("down".into())), Role::Leader { epoch: 4 });
+        // | someone in this cluster holds it | the peer acts |
+        assert_eq!(
+            r(None, row(lease("east/b", 3, "", false))),
+            Role::PeerLeads {
+                holder: "east/b".into()
+            }
+        );
+        // | another cluster holds it | 0 here |
+        assert_eq!(
+            r(None, row(lease("west/b", 3, "", false))),
+            Role::Standby {
+                holder: Some("west/b".into())
+            }
+        );
+        // A holder without a cluster is never a peer.
+        assert_eq!(
+            r(None, row(lease("east", 3, "", false))),
+            Role::Standby {
+                holder: Some("east".into())
+            }
+        );
+        // A row naming me while my elector says no: I must not keep the workload up.
+        assert_eq!(
+            r(None, row(lease(ME, 3, "", false))),
+            Role::Standby {
+                holder: Some(ME.into())
+            }
+        );
+        // A peer's lease that expired moments ago: this cluster takes it back.
+        assert_eq!(
+            r(None, row(lease("east/b", 3, "", true))),
+            Role::PeerLeads {
+                holder: "east/b".into()
+            }
+        );
+        // | free or expired (elsewhere) | 0 here |
+        assert_eq!(
+            r(None, row(lease("west/b", 3, "", true))),
+            Role::Standby { holder: None }
+        );
+        let mut long_expired = lease("east/b", 3, "", true);
+        long_expired.expires_at -= chrono::Duration::seconds(60);
+        assert_eq!(r(None, row(long_expired)), Role::Standby { holder: None });
+        assert_eq!(
+            r(None, row(lease("", 3, "", false))),
+            Role::Standby { holder: None }
+        );
+        assert_eq!(r(None, Ok(None)), Role::Standby { holder: None });
+        // | the database cannot be read | Unknown |
+        assert_eq!(r(None, Err("down".into())), Role::Unknown);
+    }
+
+    #[test]
+    fn gate_opens_only_on_a_row_read_now_that_shows_this_holder_at_this_epoch() {
+        let gate = |row: Result<Option<Lease>, String>| {
+            handover_gate(&row, ME, 3, &Ok(vec![]), Duration::from_secs(5))
+        };
+        assert_eq!(
+            gate(row(lease(ME, 3, "", false))),
+            Gate::Open { stale: vec![] }
+        );
+        // Hole: a failed or stale read used to open the gate and skip the handover delay.
+        assert!(matches!(
+            gate(Err("timeout".into())),
+            Gate::Unconfirmed { .. }
+        ));
+        assert!(matches!(gate(Ok(None)), Gate::Unconfirmed { .. }));
+        assert!(matches!(
+            gate(row(lease(ME, 2, "", false))),
+            Gate::Unconfirmed { .. }
+        ));
+        assert!(matches!(
+            gate(row(lease("west/b", 3, "", false))),
+            Gate::Unconfirmed { .. }
+        ));
+        assert!(matches!(
+            gate(row(lease(ME, 3, "", true))),
+            Gate::Unconfirmed { .. }
+        ));
+        assert!(matches!(
+            handover_gate(
+                &row(lease(ME, 3, "", false)),
+                ME,
+                3,
+                &Err("down".into()),
+                Duration::ZERO
+            ),
+            Gate::ReportsUnknown { .. }
+        ));
+    }
+
+    #[test]
+    fn gate_waits_for_other_clusters_pods_judged_by_the_reporters_bound() {
+        let l = row(lease(ME, 3, "west/b", false));
+        let gate =
+            |reports: Vec<WorkloadReport>| handover_gate(&l, ME, 3, &Ok(reports), Duration::ZERO);
+        assert_eq!(gate(vec![]), Gate::Open { stale: vec![] });
+        assert_eq!(
+            gate(vec![report("west", 1, 3, 15)]),
+            Gate::WaitForCluster {
+                cluster: "west".into(),
+                running_pods: 1
+            }
+        );
+        assert_eq!(
+            gate(vec![report("west", 1, 16, 15)]),
+            Gate::Open {
+                stale: vec!["west".into()]
+            }
+        );
+        // A slow reporter (ttl 60) is not presumed dead after the reader's 15 s.
+        assert_eq!(
+            gate(vec![report("west", 1, 16, 60)]),
+            Gate::WaitForCluster {
+                cluster: "west".into(),
+                running_pods: 1
+            }
+        );
+        assert_eq!(
+            gate(vec![report("west", 0, 1, 15)]),
+            Gate::Open { stale: vec![] }
+        );
+        // Own cluster's report is never a blocker.
+        assert_eq!(
+            gate(vec![report("east", 1, 1, 15)]),
+            Gate::Open { stale: vec![] }
+        );
+    }
+
+    #[test]
+    fn handover_delay_applies_only_after_a_takeover_from_another_cluster() {
+        let delay = Duration::from_secs(5);
+        let gate = |previous: &str| {
+            handover_gate(
+                &row(lease(ME, 3, previous, false)),
+                ME,
+                3,
+                &Ok(vec![]),
+                delay,
+            )
+        };
+        assert!(
+            matches!(gate("west/b"), Gate::HandoverDelay { remaining } if remaining <= Duration::from_secs(4))
+        );
+        assert!(matches!(gate("nocluster"), Gate::HandoverDelay { .. }));
+        assert_eq!(gate("east/b"), Gate::Open { stale: vec![] });
+        assert_eq!(gate(""), Gate::Open { stale: vec![] });
+    }
+
+    fn facts<'a>(role: &'a Role, gate: Option<&'a Gate>, replicas: Option<i32>) -> ScaleFacts<'a> {
+        ScaleFacts {
+            role,
+            gate,
+            paused: false,
+            replicas,
+            recorded: None,
+            me: ME,
+            database_failing_for: Duration::ZERO,
+            renew_deadline: DEADLINE,
+        }
+    }
+
+    #[test]
+    fn scale_follows_the_reconcile_table() {
+        let leader = Role::Leader { epoch: 3 };
+        let open = Gate::Open { stale: vec![] };
+        let mine = record(ME, 3);
+        // | it holds the lease, gate open | replicas = 1 (recorded first) |
+        assert_eq!(
+            decide_scale(&facts(&leader, Some(&open), Some(0))),
+            Scale::Up { epoch: 3 }
+        );
+        assert_eq!(
+            decide_scale(&facts(&leader, Some(&open), Some(2))),
+            Scale::Up { epoch: 3 }
+        );
+        // Running at 1 under another record (a peer's, an older epoch): record anew.
+        assert_eq!(
+            decide_scale(&facts(&leader, Some(&open), Some(1))),
+            Scale::Up { epoch: 3 }
+        );
+        assert_eq!(
+            decide_scale(&ScaleFacts {
+                recorded: Some(&mine),
+                ..facts(&leader, Some(&open), Some(1))
+            }),
+            Scale::Hold
+        );
+        // Leader, gate closed for any reason: hold (never up, never down).
+        for gate in [
+            Gate::Unconfirmed { reason: "x".into() },
+            Gate::ReportsUnknown { reason: "x".into() },
+            Gate::WaitForCluster {
+                cluster: "west".into(),
+                running_pods: 1,
+            },
+            Gate::HandoverDelay {
+                remaining: Duration::from_secs(1),
+            },
+        ] {
+            assert_eq!(
+                decide_scale(&facts(&leader, Some(&gate), Some(0))),
+                Scale::Hold
+            );
+            assert_eq!(
+                decide_scale(&facts(&leader, Some(&gate), Some(1))),
+                Scale::Hold
+            );
+        }
+        assert_eq!(decide_scale(&facts(&leader, None, Some(0))), Scale::Hold);
+        // | someone in this cluster holds it | nothing |
+        let peer = Role::PeerLeads {
+            holder: "east/b".into(),
+        };
+        assert_eq!(decide_scale(&facts(&peer, None, Some(1))), Scale::Hold);
+        // | another cluster or nobody | replicas = 0 |
+        let standby = Role::Standby {
+            holder: Some("west/b".into()),
+        };
+        assert_eq!(decide_scale(&facts(&standby, None, Some(1))), Scale::Down);
+        assert_eq!(decide_scale(&facts(&standby, None, Some(0))), Scale::Hold);
+        // No Deployment, or paused: nothing to do.
+        assert_eq!(
+            decide_scale(&facts(&leader, Some(&open), None)),
+            Scale::Hold
+        );
+        assert_eq!(
+            decide_scale(&ScaleFacts {
+                paused: true,
+                ..facts(&standby, None, Some(1))
+            }),
+            Scale::Hold
+        );
+    }
+
+    #[test]
+    fn unreadable_database_stops_only_a_pod_nobody_can_vouch_for() {
+        let unknown = Role::Unknown;
+        let base = facts(&unknown, None, Some(1));
+        // Never scaled up by anyone on record: nothing to stop.
+        assert_eq!(decide_scale(&base), Scale::Hold);
+        // Started by this replica, which no longer leads: stop it now.
+        let mine = record(ME, 3);
+        assert_eq!(
+            decide_scale(&ScaleFacts {
+                recorded: Some(&mine),
+                ..base.clone()
+            }),
+            Scale::Down
+        );
+        // Started by another replica (a peer, or this pod before a restart): hold while
+        // that one may still be renewing, stop once no holder could still act.
+        let other = record("east/old-pod", 3);
+        let by_other = ScaleFacts {
+            recorded: Some(&other),
+            ..base.clone()
+        };
+        assert_eq!(decide_scale(&by_other), Scale::Hold);
+        assert_eq!(
+            decide_scale(&ScaleFacts {
+                database_failing_for: DEADLINE,
+                ..by_other
+            }),
+            Scale::Down
+        );
+        // Already at 0.
+        assert_eq!(
+            decide_scale(&ScaleFacts {
+                recorded: Some(&mine),
+                ..facts(&unknown, None, Some(0))
+            }),
+            Scale::Hold
+        );
+    }
+
+    fn reaper(ns: &str, name: &str, age_s: i64, deployment: &str, lease: Option<&str>) -> Reaper {
+        use super::super::crd::{LeaseSpec, ReaperSpec};
+        let mut r = Reaper::new(
+            name,
+            ReaperSpec {
+                deployment_name: deployment.into(),
+                lease: LeaseSpec {
+                    name: lease.map(str::to_owned),
+                    ..LeaseSpec::default()
+                },
+                paused: false,
+            },
+        );
+        r.metadata.namespace = Some(ns.into());
+        r.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - age_s).unwrap(),
+        ));
+        r
+    }
+
+    #[test]
+    fn the_oldest_reaper_of_a_lease_or_deployment_acts_the_others_are_refused() {
+        let scope = LeaseScope::Namespace;
+        let old = reaper("prod", "a", 100, "d1", Some("pay"));
+        let new = reaper("prod", "b", 10, "d2", Some("pay"));
+        let all = [&old, &new];
+        assert_eq!(conflict(&old, &all, scope), None);
+        let refused = conflict(&new, &all, scope).unwrap();
+        assert_eq!(refused.reason, "LeaseNameConflict");
+        assert!(refused.message.contains("prod/a"), "{}", refused.message);
+        // Same spec name in another namespace: another lease, no conflict (unless the
+        // operator shares lease names across namespaces).
+        let elsewhere = reaper("dev", "b", 10, "d1", Some("pay"));
+        assert_eq!(conflict(&elsewhere, &[&old, &elsewhere], scope), None);
+        let shared = conflict(&elsewhere, &[&old, &elsewhere], LeaseScope::Shared).unwrap();
+        assert_eq!(shared.reason, "LeaseNameConflict");
+        // Two leases, one Deployment.
+        let same_deployment = reaper("prod", "c", 5, "d1", Some("other"));
+        let refused = conflict(&same_deployment, &[&old, &same_deployment], scope).unwrap();
+        assert_eq!(refused.reason, "DeploymentConflict");
+        // A tie in age is broken by name, the same way in every replica.
+        let twin_a = reaper("prod", "x", 50, "dx", Some("tie"));
+        let twin_b = reaper("prod", "y", 50, "dy", Some("tie"));
+        assert_eq!(conflict(&twin_a, &[&twin_a, &twin_b], scope), None);
+        assert!(conflict(&twin_b, &[&twin_a, &twin_b], scope).is_some());
+    }
+}

@@ -1,0 +1,229 @@
+//! What a reconcile reads from Kubernetes: the singleton Deployment, its pods (still
+//! counted while they stop, and after the Deployment is gone), and what could run a
+//! second pod.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+use kube::core::Selector;
+use kube::{Client, ResourceExt};
+
+use super::reconcile::Error;
+use crate::lease::WorkloadCounts;
+
+/// What this cluster's workload looks like.
+pub struct Workload {
+    pub deployment: Option<Deployment>,
+    /// The label selector its pods were counted by: the Deployment's, or the one
+    /// remembered from it once it is gone.
+    pub selector: Option<String>,
+    pub counts: WorkloadCounts,
+}
+
+/// Reads the Deployment `name` and counts its pods. When the Deployment is gone its pods
+/// may still be stopping (deletion cascades to them in the background), so they are
+/// counted by `remembered_selector`. A workload whose pods cannot be counted is an
+/// error, never "0 pods".
+pub async fn observe_workload(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    remembered_selector: Option<&str>,
+) -> Result<Workload, Error> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployment = deployments.get_opt(name).await?;
+    let selector = match &deployment {
+        Some(d) => Some(pod_selector(d)?),
+        None => remembered_selector.map(str::to_owned),
+    };
+    let (running_pods, ready_pods) = match &selector {
+        Some(selector) => count_pods(client, ns, selector).await?,
+        // Never seen, so never scaled up by this operator: nothing of it to count.
+        None => (0, 0),
+    };
+    let replicas = deployment
+        .as_ref()
+        .map_or(0, |d| d.spec.replicas.unwrap_or(1));
+    let running_pods = match &deployment {
+        Some(d) => running_pods.max(unsettled_pods(d)),
+        None => running_pods,
+    };
+    Ok(Workload {
+        deployment,
+        selector,
+        counts: WorkloadCounts {
+            replicas,
+            running_pods,
+            ready_pods,
+        },
+    })
+}
+
+/// Pods the Deployment may have that a pod list can miss: those its status counts
+/// (`terminatingReplicas`, beta and on by default since Kubernetes 1.35, adds the
+/// stopping ones; it cannot replace the pod list, which still works once the Deployment
+/// is deleted and on clusters without that field), and while its controller has not yet
+/// seen the latest spec (a scale just made), at least one if it had or wants any (its
+/// ReplicaSet may be creating one right now).
+fn unsettled_pods(d: &Deployment) -> i32 {
+    let status = d.status.clone().unwrap_or_default();
+    let counted = status.replicas.unwrap_or(0) + status.terminating_replicas.unwrap_or(0);
+    let settled = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
+    let wanted = d.spec.replicas.unwrap_or(1);
+    if !settled && (wanted > 0 || counted > 0) {
+        counted.max(1)
+    } else {
+        counted
+    }
+}
+
+/// The Deployment's full label selector (`matchLabels` and `matchExpressions`) as a
+/// list selector. One that selects everything, or cannot be parsed, is refused: the
+/// pods could not be told apart from any other pod.
+pub fn pod_selector(deployment: &Deployment) -> Result<String, Error> {
+    let name = deployment.name_any();
+    let selector = Selector::try_from(deployment.spec.selector.clone())
+        .map_err(|e| Error::Selector(name.clone(), e.to_string()))?;
+    if selector.selects_all() {
+        return Err(Error::Selector(name, "it selects every pod".into()));
+    }
+    Ok(selector.to_string())
+}
+
+/// Pods matching `selector` that have not finished (terminating ones count: they may
+/// still be acting), and how many of them are ready.
+async fn count_pods(client: &Client, ns: &str, selector: &str) -> Result<(i32, i32), Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    Ok(tally(&list.items))
+}
+
+fn tally(pods: &[Pod]) -> (i32, i32) {
+    let mut running = 0;
+    let mut ready = 0;
+    for pod in pods {
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Pending");
+        if phase == "Succeeded" || phase == "Failed" {
+            continue;
+        }
+        running += 1;
+        let is_ready = pod.metadata.deletion_timestamp.is_none()
+            && pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if is_ready {
+            ready += 1;
+        }
+    }
+    (running, ready)
+}
+
+/// `Some(maxSurge)` when a rollout could briefly run two pods.
+pub fn rolling_surge(deployment: &Deployment) -> Option<String> {
+    let strategy = deployment.spec.strategy.as_ref();
+    let kind = strategy
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate");
+    if kind != "RollingUpdate" {
+        return None;
+    }
+    let surge = strategy
+        .and_then(|s| s.rolling_update.as_ref())
+        .and_then(|r| r.max_surge.clone())
+        .unwrap_or(IntOrString::String("25%".into()));
+    match surge {
+        IntOrString::Int(0) => None,
+        IntOrString::String(s) if s == "0" || s == "0%" => None,
+        IntOrString::Int(n) => Some(n.to_string()),
+        IntOrString::String(s) => Some(s),
+    }
+}
+
+pub async fn autoscaler_for(client: &Client, ns: &str, deployment: &str) -> Option<String> {
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    match hpas.list(&ListParams::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .find(|h| {
+                h.spec.scale_target_ref.kind == "Deployment"
+                    && h.spec.scale_target_ref.name == deployment
+            })
+            .map(|h| h.name_any()),
+        Err(error) => {
+            tracing::debug!(%error, "cannot list HorizontalPodAutoscalers");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+
+    fn deployment(selector: LabelSelector) -> Deployment {
+        let mut d = Deployment::default();
+        d.metadata.name = Some("d".into());
+        d.spec.selector = selector;
+        d
+    }
+
+    #[test]
+    fn selector_keeps_match_expressions() {
+        let selector = LabelSelector {
+            match_labels: Some([("app".to_string(), "r".to_string())].into()),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "In".into(),
+                values: Some(vec!["a".into(), "b".into()]),
+            }]),
+        };
+        assert_eq!(
+            pod_selector(&deployment(selector)).unwrap(),
+            "app=r,tier in (a,b)"
+        );
+        // Only expressions: counted by them, not "no labels, so 0 pods".
+        let only_expressions = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "app".into(),
+                operator: "Exists".into(),
+                values: None,
+            }]),
+        };
+        assert_eq!(pod_selector(&deployment(only_expressions)).unwrap(), "app");
+        assert!(pod_selector(&deployment(LabelSelector::default())).is_err());
+    }
+
+    #[test]
+    fn a_deployment_its_controller_has_not_caught_up_with_may_have_a_pod() {
+        use k8s_openapi::api::apps::v1::DeploymentStatus;
+        let mut d = deployment(LabelSelector::default());
+        d.metadata.generation = Some(3);
+        d.spec.replicas = Some(0);
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(3),
+            replicas: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(unsettled_pods(&d), 0);
+        // Just scaled to 1, not yet observed: a pod may be on its way.
+        d.spec.replicas = Some(1);
+        d.metadata.generation = Some(4);
+        assert_eq!(unsettled_pods(&d), 1);
+        // Scaled to 0 while its pod still counts.
+        d.spec.replicas = Some(0);
+        d.metadata.generation = Some(5);
+        d.status.as_mut().unwrap().replicas = Some(1);
+        assert_eq!(unsettled_pods(&d), 1);
+    }
+}
