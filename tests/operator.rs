@@ -7,6 +7,8 @@
 //! failing scenario does not stop the others; the test fails at the end with all of them.
 
 mod support;
+#[path = "operator/workload_safety.rs"]
+mod workload_safety;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,7 +50,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -72,6 +74,26 @@ fn reaper_controller_scenarios() {
         (
             "bad input and unsafe Deployments: refused or reported, never a crash",
             |c| Box::pin(bad_input(c)),
+        ),
+        (
+            "workload safety: SIGTERM with a slow-stopping pod: no second pod until it is gone",
+            |c| Box::pin(workload_safety::graceful_handover_waits_for_a_slow_pod(c)),
+        ),
+        (
+            "workload safety: Deployment deleted before its Reaper: its stopping pod still counts",
+            |c| Box::pin(workload_safety::deployment_deleted_before_its_reaper(c)),
+        ),
+        (
+            "workload safety: a tenant naming another namespace's lease gets its own",
+            |c| Box::pin(workload_safety::tenant_cannot_squat_another_namespace(c)),
+        ),
+        (
+            "workload safety: a second Reaper on one lease or one Deployment is refused",
+            |c| Box::pin(workload_safety::second_reaper_on_a_lease_is_refused(c)),
+        ),
+        (
+            "workload safety: a restarted replica stops a pod nobody can vouch for",
+            |c| Box::pin(workload_safety::restarted_replica_stops_a_pod_nobody_vouches_for(c)),
         ),
     ];
     let failures: Vec<String> = runtime.block_on(async {

@@ -45,7 +45,11 @@ impl OperatorProcess {
             spec.identity
         ));
         let out = File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reaper-operator"));
+        // REAPER_OPERATOR_BIN runs the scenarios against another build (e.g. the previous
+        // commit's, to show that a new scenario fails there).
+        let bin = std::env::var_os("REAPER_OPERATOR_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_reaper-operator").into());
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .args(["--cluster-name", spec.cluster, "--identity", spec.identity])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])

@@ -1,0 +1,352 @@
+//! Scenarios where a second reaper pod could start while the first still runs: pods
+//! that take their time to stop, Deployments deleted before their Reaper, tenants
+//! naming other namespaces' leases, two Reapers on one lease, and a replica that
+//! restarted without its memory. Each fails on an operator that counts a stopping pod
+//! as gone, stops renewing before its pods are gone, or trusts a lease name blindly.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams};
+use reaper_operator::reaper::{Phase, Reaper};
+use serde_json::json;
+
+use super::support::cluster::wait_until;
+use super::support::db;
+use super::support::fixtures::{PodStop, create_deployment, create_reaper};
+use super::support::operator::OperatorProcess;
+use super::support::proxy::{FaultProxy, Mode};
+use super::{
+    Cluster, condition, lease_spec, namespace, operator, reaper_in_each_cluster, replicas, schema,
+    status, wait_leading, wait_replicas, with_logs,
+};
+
+/// How long the slow workload's pods stay Terminating: longer than the test ttl (3 s),
+/// so a cluster that stopped renewing would lose the lease while its pod still runs.
+const SLOW_STOP: Duration = Duration::from_secs(6);
+
+/// Pods of `app` that have not finished: Terminating ones count, they may still act.
+async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .count())
+}
+
+/// Samples both clusters until `other` runs a ready pod, and returns the instants at
+/// which the `leader` cluster still had a live pod while `other` had one or wanted one.
+async fn watch_for_overlap(
+    clusters: &[Cluster; 2],
+    namespaces: &[String],
+    leader: usize,
+    timeout: Duration,
+) -> Result<Vec<Duration>> {
+    let other = 1 - leader;
+    let started = Instant::now();
+    let mut overlaps = Vec::new();
+    loop {
+        let old = live_pods(&clusters[leader].client, &namespaces[leader], "reaper").await?;
+        let new_pods = live_pods(&clusters[other].client, &namespaces[other], "reaper").await?;
+        let (wanted, ready) =
+            replicas(&clusters[other].client, &namespaces[other], "reaper").await?;
+        if old > 0 && (new_pods > 0 || wanted > 0) {
+            overlaps.push(started.elapsed());
+        }
+        if ready >= 1 && old == 0 {
+            return Ok(overlaps);
+        }
+        ensure!(
+            started.elapsed() < timeout,
+            "the other cluster never took over ({old} pod(s) left in the old one, other at {wanted}/{ready})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two clusters with one operator each and slow-stopping pods, one of them leading.
+struct SlowPair {
+    namespaces: Vec<String>,
+    lease_name: String,
+    ops: Vec<OperatorProcess>,
+    /// Index of the cluster that leads.
+    leader: usize,
+    store: reaper_operator::lease::LeaseStore,
+}
+
+async fn two_clusters_with_slow_pods(clusters: &[Cluster; 2], prefix: &str) -> Result<SlowPair> {
+    let (schema, store) = schema().await?;
+    let (namespaces, lease_name) =
+        reaper_in_each_cluster(clusters, prefix, PodStop::after(SLOW_STOP)).await?;
+    let ops: Vec<OperatorProcess> = clusters
+        .iter()
+        .zip(&namespaces)
+        .map(|(c, ns)| operator(c, ns, "op-1", &schema, &db::direct_url(), None, true))
+        .collect();
+    let leader = wait_until(
+        "one cluster at 1, the other at 0",
+        Duration::from_secs(30),
+        || async {
+            let a = replicas(&clusters[0].client, &namespaces[0], "reaper").await?;
+            let b = replicas(&clusters[1].client, &namespaces[1], "reaper").await?;
+            Ok(match (a, b) {
+                ((1, 1), (0, _)) => Some(0),
+                ((0, _), (1, 1)) => Some(1),
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    Ok(SlowPair {
+        namespaces,
+        lease_name,
+        ops,
+        leader,
+        store,
+    })
+}
+
+/// SIGTERM to the leading cluster's only operator while its pod takes 6 s to stop: it
+/// keeps the lease (renewing) and reports the pod until it is gone, then releases.
+pub async fn graceful_handover_waits_for_a_slow_pod(clusters: &[Cluster; 2]) -> Result<()> {
+    let SlowPair {
+        namespaces,
+        lease_name,
+        mut ops,
+        leader,
+        store,
+    } = two_clusters_with_slow_pods(clusters, "slow-term").await?;
+    let result = async {
+        ops[leader].signal("TERM");
+        let overlaps = watch_for_overlap(clusters, &namespaces, leader, Duration::from_secs(40)).await?;
+        ensure!(
+            overlaps.is_empty(),
+            "the other cluster wanted or ran a pod while the old one still stopped, at {overlaps:?} after SIGTERM"
+        );
+        let exit = ops[leader].wait_exit(Duration::from_secs(30));
+        ensure!(exit.success(), "graceful exit: {exit:?}");
+        let events = store.events(&lease_name).await?;
+        ensure!(
+            events.iter().any(|e| e.kind == "release"),
+            "the lease was not released after the pod stopped: {events:?}"
+        );
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+/// `kubectl delete -f` of a file listing the Deployment first, then its Reaper: the
+/// pods outlive their Deployment, and the Reaper's finalizer must wait for them.
+pub async fn deployment_deleted_before_its_reaper(clusters: &[Cluster; 2]) -> Result<()> {
+    let SlowPair {
+        namespaces,
+        mut ops,
+        leader,
+        ..
+    } = two_clusters_with_slow_pods(clusters, "del-order").await?;
+    let result = async {
+        let (client, ns) = (&clusters[leader].client, &namespaces[leader]);
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .delete("reaper", &DeleteParams::background())
+            .await?;
+        Api::<Reaper>::namespaced(client.clone(), ns)
+            .delete("reaper", &DeleteParams::default())
+            .await?;
+        let overlaps = watch_for_overlap(clusters, &namespaces, leader, Duration::from_secs(40)).await?;
+        ensure!(
+            overlaps.is_empty(),
+            "the other cluster wanted or ran a pod while the deleted Deployment's pod still stopped, at {overlaps:?}"
+        );
+        wait_until("the Reaper's finalizer to finish", Duration::from_secs(20), || async {
+            Ok(Api::<Reaper>::namespaced(client.clone(), ns)
+                .get_opt("reaper")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+/// A tenant names another namespace's lease: it gets a lease of its own, and the
+/// victim's singleton runs.
+pub async fn tenant_cannot_squat_another_namespace(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let victim_ns = namespace(&c.client, "victim").await?;
+    let tenant_ns = namespace(&c.client, "tenant").await?;
+    let target = format!("{victim_ns}.victim");
+    create_deployment(&c.client, &tenant_ns, "squat", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &tenant_ns, "squat", "squat", lease_spec(&target)).await?;
+    let squatter = operator(
+        c,
+        &tenant_ns,
+        "op-t",
+        &schema,
+        &db::direct_url(),
+        None,
+        true,
+    );
+    let mut ops = vec![squatter];
+    let result = async {
+        let s = wait_leading(&c.client, &tenant_ns, "squat", Duration::from_secs(30)).await?;
+        ensure!(
+            s.lease_name.as_deref() == Some(format!("{tenant_ns}.{target}").as_str()),
+            "the tenant's lease is not inside its namespace: {:?}",
+            s.lease_name
+        );
+        create_deployment(&c.client, &victim_ns, "victim", "Recreate", json!({})).await?;
+        let mut spec = lease_spec("victim");
+        spec.name = None;
+        create_reaper(&c.client, &victim_ns, "victim", "victim", spec).await?;
+        ops.push(operator(
+            c,
+            &victim_ns,
+            "op-v",
+            &schema,
+            &db::direct_url(),
+            None,
+            false,
+        ));
+        wait_replicas(
+            &c.client,
+            &victim_ns,
+            "victim",
+            (1, 1),
+            Duration::from_secs(30),
+        )
+        .await?;
+        let s = status(&c.client, &victim_ns, "victim").await?;
+        ensure!(s.lease_name.as_deref() == Some(target.as_str()), "{s:?}");
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+/// Two Reapers of one cluster on one lease, or on one Deployment: the older acts, the
+/// newer is refused with a condition and never scales anything up.
+pub async fn second_reaper_on_a_lease_is_refused(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let ns = namespace(&c.client, "dup").await?;
+    for d in ["first", "second"] {
+        create_deployment(&c.client, &ns, d, "Recreate", json!({})).await?;
+    }
+    create_reaper(&c.client, &ns, "first", "first", lease_spec("dup")).await?;
+    let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
+    let result = async {
+        wait_leading(&c.client, &ns, "first", Duration::from_secs(30)).await?;
+        create_reaper(&c.client, &ns, "second", "second", lease_spec("dup")).await?;
+        create_reaper(&c.client, &ns, "third", "first", lease_spec("other")).await?;
+        for (name, reason) in [
+            ("second", "LeaseNameConflict"),
+            ("third", "DeploymentConflict"),
+        ] {
+            let s = wait_until(reason, Duration::from_secs(20), || async {
+                let s = status(&c.client, &ns, name).await?;
+                Ok(condition(&s, "Leader")
+                    .is_some_and(|c| c.reason == reason)
+                    .then_some(s))
+            })
+            .await?;
+            ensure!(s.phase == Some(Phase::Invalid), "{name}: {s:?}");
+        }
+        // Neither stole anything: the first still runs, the second never scaled up.
+        for _ in 0..20 {
+            ensure!(
+                replicas(&c.client, &ns, "second").await?.0 == 0,
+                "second scaled up"
+            );
+            ensure!(
+                replicas(&c.client, &ns, "first").await?.0 == 1,
+                "first scaled down"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Once the first is gone, the conflict is over.
+        Api::<Reaper>::namespaced(c.client.clone(), &ns)
+            .delete("first", &DeleteParams::default())
+            .await?;
+        wait_leading(&c.client, &ns, "second", Duration::from_secs(40)).await?;
+        ensure!(op.exit_code().is_none(), "the operator exited");
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op])
+}
+
+/// The replica that scaled the workload up dies while the database is out of reach; its
+/// replacement (a new identity, no memory) cannot prove anyone still holds the lease the
+/// pod runs under, and scales it to 0 instead of leaving it running past the lease.
+pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
+    clusters: &[Cluster; 2],
+) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let ns = namespace(&c.client, "amnesia").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec("amnesia")).await?;
+    let direct = db::direct_url();
+    let upstream = direct
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .ok_or_else(|| anyhow!("no host in {direct}"))?
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await;
+    let via_proxy = proxy.url_for(&direct);
+    let first = operator(c, &ns, "op-1", &schema, &direct, None, true);
+    let mut ops = vec![first];
+    let result = async {
+        // The first replica leads through the direct URL... then both it and the
+        // database path of its successor go away at once.
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        proxy.set(Mode::Blackhole);
+        ops[0].signal("KILL");
+        ops[0].wait_exit(Duration::from_secs(10));
+        ensure!(
+            replicas(&c.client, &ns, "reaper").await?.0 == 1,
+            "precondition: still at 1"
+        );
+        ops.push(operator(c, &ns, "op-2", &schema, &via_proxy, None, false));
+        let started = Instant::now();
+        wait_until(
+            "the restarted replica to scale the unvouched pod to 0",
+            Duration::from_secs(20),
+            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
+        )
+        .await?;
+        eprintln!(
+            "restarted replica scaled down {:.1?} after it started",
+            started.elapsed()
+        );
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
