@@ -789,7 +789,7 @@ async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
         .create(&PostParams::default(), &deployment)
         .await
         .context("creating the workload Deployment")?;
-    let lease_name = format!("chart.sweeper.{}", ctx.suffix);
+    let lease_name = format!("{ns}.sweeper");
     let reaper = Reaper::new(
         "sweeper",
         ReaperSpec {

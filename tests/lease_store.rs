@@ -349,7 +349,8 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
 
 async fn audit_table_matches_a_scripted_history(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    let short = Duration::from_millis(200);
+    // Long enough that the next statement surely finds it held on a loaded machine.
+    let short = Duration::from_millis(1500);
     store.acquire("l", "a", LONG).await.unwrap().unwrap(); // 1 acquire a
     store.release("l", "a", 1).await.unwrap().unwrap(); // 1 release a
     store.acquire("l", "b", short).await.unwrap().unwrap(); // 2 acquire b

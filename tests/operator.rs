@@ -50,7 +50,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 12] = [
+    let scenarios: [(&str, Scenario); 13] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -84,12 +84,16 @@ fn reaper_controller_scenarios() {
             |c| Box::pin(workload_safety::deployment_deleted_before_its_reaper(c)),
         ),
         (
-            "workload safety: a tenant naming another namespace's lease gets its own",
+            "workload safety: a tenant naming another namespace's lease is refused",
             |c| Box::pin(workload_safety::tenant_cannot_squat_another_namespace(c)),
         ),
         (
             "workload safety: a second Reaper on one lease or one Deployment is refused",
             |c| Box::pin(workload_safety::second_reaper_on_a_lease_is_refused(c)),
+        ),
+        (
+            "workload safety: a peer waits for its own cluster's stopping pod",
+            |c| Box::pin(workload_safety::peer_waits_for_the_stopping_pod_of_its_own_cluster(c)),
         ),
         (
             "workload safety: a restarted replica stops a pod nobody can vouch for",
@@ -193,7 +197,7 @@ async fn reaper_in_each_cluster(
     for c in clusters {
         create_namespace(&c.client, &ns).await?;
         create_deployment_with_stop(&c.client, &ns, "reaper", "Recreate", json!({}), stop).await?;
-        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec("shared")).await?;
+        create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
     }
     Ok((vec![ns.clone(), ns], lease_name))
 }
@@ -859,7 +863,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
     let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
         // Refused by the API server's CEL rules, with a message a person understands.
-        let mut bad = lease_spec("bad");
+        let mut bad = lease_spec(&format!("{ns}.bad"));
         bad.ttl_seconds = 5;
         bad.renew_deadline_seconds = 10;
         let err = create_reaper(&c.client, &ns, "bad-ttl", "whatever", bad)
@@ -871,7 +875,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
                 .contains("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds"),
             "{err:#}"
         );
-        let mut bad = lease_spec("bad");
+        let mut bad = lease_spec(&format!("{ns}.bad"));
         bad.retry_period_seconds = 2;
         bad.renew_deadline_seconds = 2;
         let err = create_reaper(&c.client, &ns, "bad-retry", "whatever", bad)
@@ -913,7 +917,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             &ns,
             "missing",
             "does-not-exist",
-            lease_spec(&format!("missing-{}", suffix())),
+            lease_spec(&format!("{ns}.missing-{}", suffix())),
         )
         .await?;
         let s = wait_until("DeploymentNotFound", Duration::from_secs(20), || async {
@@ -935,7 +939,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             &ns,
             "surge",
             "surge",
-            lease_spec(&format!("surge-{}", suffix())),
+            lease_spec(&format!("{ns}.surge-{}", suffix())),
         )
         .await?;
         wait_until("SingletonSafe=False", Duration::from_secs(20), || async {
@@ -969,15 +973,13 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
         .await?;
 
         // Something that keeps scaling a standby's Deployment up is scaled back and named.
-        // Named without the namespace in the spec; the row is `<namespace>.<name>`.
-        let elsewhere = format!("elsewhere-{}", suffix());
-        let held_elsewhere = format!("{ns}.{elsewhere}");
+        let held_elsewhere = format!("{ns}.elsewhere-{}", suffix());
         store
             .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
             .await?
             .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
         create_deployment(&c.client, &ns, "pushed", "Recreate", json!({})).await?;
-        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&elsewhere)).await?;
+        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&held_elsewhere)).await?;
         let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
         for round in 0..3 {
             deployments

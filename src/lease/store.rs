@@ -522,11 +522,15 @@ impl LeaseStore {
     async fn fetch_with(&self, sql: String, retries: u32) -> Result<Vec<PgRow>> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut retries_left = retries;
-        // One query message, two statements, one implicit transaction: the SET LOCAL
-        // applies to this statement only (see `with_lock_timeout`).
+        // One query message, three statements, one implicit transaction: the SET LOCALs
+        // apply to this statement only (see `with_lock_timeout`). The statement timeout
+        // is the call timeout, so a statement this client gave up on cannot still commit
+        // long after (a late "no pods" report, say); it does not cover time spent queued
+        // in a pooler before the server starts it (PgBouncer: `query_wait_timeout`).
         let sql = format!(
-            "SET LOCAL lock_timeout = '{}ms'; {sql}",
-            self.lock_timeout_ms
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; {sql}",
+            self.lock_timeout_ms,
+            self.call_timeout.as_millis().max(1)
         );
         loop {
             let query = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(&self.pool);

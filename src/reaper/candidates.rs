@@ -41,6 +41,9 @@ pub struct Candidate {
     pub database_ok: Arc<AtomicBool>,
     /// Since when the elector's database calls have been failing (`None` while they work).
     pub database_failing_since: Arc<Mutex<Option<Instant>>>,
+    /// The Reaper's `status.renewedAt` as last seen, and when (this replica's clock) it
+    /// was first seen with that value.
+    renewal_seen: Option<(Option<String>, Instant)>,
     /// The workload's pod selector, as last observed (for the handover, which counts the
     /// pods until they are gone, even if the Deployment is deleted meanwhile).
     pub pod_selector: Option<String>,
@@ -60,6 +63,18 @@ impl Candidate {
             .lock()
             .expect("failing-since mutex poisoned")
             .map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// How long the Reaper's `status.renewedAt` has shown `renewed_at` (the acting
+    /// replica refreshes it every half ttl while it renews), on this replica's clock.
+    pub fn renewals_unseen_for(&mut self, renewed_at: Option<String>) -> Duration {
+        match &self.renewal_seen {
+            Some((seen, since)) if *seen == renewed_at => since.elapsed(),
+            _ => {
+                self.renewal_seen = Some((renewed_at, Instant::now()));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Stops the elector. It publishes `Follower` but still holds the row: stop the
@@ -268,6 +283,7 @@ impl Candidates {
             database_ok,
             database_failing_since,
             pod_selector: None,
+            renewal_seen: None,
             external_scale_ups: 0,
             warned_stale_epoch: None,
             waker,

@@ -50,12 +50,10 @@ pub struct ReaperSpec {
     validation = Rule::new("!has(self.name) || self.name.matches('^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$')").message("lease.name may use only ASCII letters, digits, '.', '_' and '-', and must start and end with a letter or digit")
 )]
 pub struct LeaseSpec {
-    /// Lease name within the Reaper's namespace: the lease row is `<namespace>.<name>`
-    /// (a name that already starts with `<namespace>.` is used as it is). Defaults to the
-    /// Reaper's name. Reapers in different clusters, in the same namespace, with the same
-    /// lease name share one singleton. ASCII letters, digits, `.`, `_`, `-`. Only when
-    /// the operator runs with `--allow-cross-namespace-leases` is the name used verbatim
-    /// (so Reapers of several namespaces can share one lease).
+    /// Lease row name. Defaults to `<namespace>.<reaper name>`. Must start with
+    /// `<namespace>.` (a Reaper competes only for leases of its own namespace) unless the
+    /// operator runs with `--allow-cross-namespace-leases`. Reapers in different clusters
+    /// with the same lease name share one singleton. ASCII letters, digits, `.`, `_`, `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 189))]
     pub name: Option<String>,
@@ -169,26 +167,37 @@ pub enum LeaseScope {
     /// cannot contend for (and so hold down) another namespace's singleton.
     #[default]
     Namespace,
-    /// `spec.lease.name` is the row name as written (`--allow-cross-namespace-leases`).
+    /// Any name (`--allow-cross-namespace-leases`).
     Shared,
 }
 
 impl Reaper {
-    /// The lease row this Reaper competes for (see [`LeaseSpec::name`]). Namespace names
-    /// are DNS labels (no `.`), so the prefix cannot be forged by another namespace.
-    pub fn lease_name(&self, scope: LeaseScope) -> String {
+    /// The lease row this Reaper competes for (see [`LeaseSpec::name`]), or why it may
+    /// not compete for the one it names. A name outside the namespace is refused, not
+    /// rewritten: a silent rewrite would move the singleton to a new row, and a cluster
+    /// still on the old row would run a second pod. Namespace names are DNS labels (no
+    /// `.`), so the prefix cannot be forged by another namespace.
+    pub fn lease_name(&self, scope: LeaseScope) -> Result<String, String> {
         let ns = self.metadata.namespace.as_deref().unwrap_or("default");
         match (&self.spec.lease.name, scope) {
-            (None, _) => format!("{ns}.{}", self.metadata.name.as_deref().unwrap_or_default()),
-            (Some(name), LeaseScope::Shared) => name.clone(),
+            (None, _) => Ok(format!(
+                "{ns}.{}",
+                self.metadata.name.as_deref().unwrap_or_default()
+            )),
+            (Some(name), LeaseScope::Shared) => Ok(name.clone()),
             (Some(name), LeaseScope::Namespace)
                 if name
                     .strip_prefix(ns)
-                    .is_some_and(|rest| rest.starts_with('.')) =>
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|rest| !rest.is_empty()) =>
             {
-                name.clone()
+                Ok(name.clone())
             }
-            (Some(name), LeaseScope::Namespace) => format!("{ns}.{name}"),
+            (Some(name), LeaseScope::Namespace) => Err(format!(
+                "spec.lease.name {name:?} must start with \"{ns}.\": a Reaper competes only for leases of its own namespace \
+                 (use the same name in every cluster; sharing a lease across namespaces needs the operator's \
+                 --allow-cross-namespace-leases)"
+            )),
         }
     }
 }
@@ -222,27 +231,32 @@ mod tests {
     #[test]
     fn lease_names_stay_inside_their_namespace() {
         let ns = LeaseScope::Namespace;
-        assert_eq!(reaper("prod", "pay", None).lease_name(ns), "prod.pay");
-        assert_eq!(reaper("prod", "r", Some("pay")).lease_name(ns), "prod.pay");
+        let name = |r: Reaper| r.lease_name(ns);
+        assert_eq!(name(reaper("prod", "pay", None)), Ok("prod.pay".into()));
         assert_eq!(
-            reaper("prod", "r", Some("prod.pay")).lease_name(ns),
-            "prod.pay"
+            name(reaper("prod", "r", Some("prod.pay"))),
+            Ok("prod.pay".into())
         );
-        // A tenant naming another namespace's lease gets a row of its own.
-        assert_eq!(
-            reaper("tenant", "r", Some("prod.pay")).lease_name(ns),
-            "tenant.prod.pay"
-        );
-        assert_eq!(
-            reaper("prod", "r", Some("production.x")).lease_name(ns),
-            "prod.production.x"
-        );
+        // Another namespace's lease, or one outside any: refused, never rewritten.
+        for other in [
+            "pay",
+            "production.x",
+            "prod.",
+            "prodx.pay",
+            "tenant.prod.pay",
+        ] {
+            let err = name(reaper("prod", "r", Some(other))).unwrap_err();
+            assert!(err.contains("must start with \"prod.\""), "{other}: {err}");
+        }
         // Sharing across namespaces is the operator's explicit choice.
         let shared = LeaseScope::Shared;
         assert_eq!(
             reaper("tenant", "r", Some("prod.pay")).lease_name(shared),
-            "prod.pay"
+            Ok("prod.pay".into())
         );
-        assert_eq!(reaper("prod", "pay", None).lease_name(shared), "prod.pay");
+        assert_eq!(
+            reaper("prod", "pay", None).lease_name(shared),
+            Ok("prod.pay".into())
+        );
     }
 }

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use super::crd::{LeaseScope, Reaper};
-use crate::lease::{Lease, WorkloadReport};
+use crate::lease::{Lease, WorkloadCounts, WorkloadReport};
 
 /// The cluster of a holder identity `<cluster>/<identity>`. A holder without `/` (written
 /// by hand, or by something else) belongs to no cluster: it is never "this cluster",
@@ -45,6 +45,11 @@ pub enum Role {
     PeerLeads { holder: String },
     /// Another cluster holds it, or nobody does: the workload must be at 0 here.
     Standby { holder: Option<String> },
+    /// The row still names this replica but its elector no longer leads (renew deadline
+    /// passed, or it restarted under the same identity). The elector's fence decides
+    /// with a fresh read (a peer of this cluster may already hold the lease and run the
+    /// pod); a reconcile acting on this row, read before a stall, would restart it.
+    Lapsed,
     /// The database cannot be read.
     Unknown,
 }
@@ -68,9 +73,9 @@ pub fn role(
                 Role::PeerLeads {
                     holder: lease.holder.clone(),
                 }
+            } else if lease.is_held() && lease.holder == me {
+                Role::Lapsed
             } else if lease.is_held() {
-                // Includes a row that still names this replica although its elector
-                // no longer leads (deadline passed): it must not keep the workload up.
                 Role::Standby {
                     holder: Some(lease.holder.clone()),
                 }
@@ -104,8 +109,12 @@ pub enum Gate {
     Unconfirmed { reason: String },
     /// The other clusters' reports could not be read.
     ReportsUnknown { reason: String },
-    /// Another cluster still runs pods of this singleton.
+    /// Another cluster still runs (or wants) pods of this singleton.
     WaitForCluster { cluster: String, running_pods: i32 },
+    /// This cluster's own pods are still stopping (a scale-down by a replica that lost
+    /// the lease moments ago): a ReplicaSet ignores Terminating pods, so scaling up now
+    /// would start a second one beside them.
+    OwnPodsStopping { running_pods: i32 },
     /// The handover delay after a takeover from another cluster has not passed.
     HandoverDelay { remaining: Duration },
 }
@@ -115,6 +124,7 @@ pub fn handover_gate(
     me: &str,
     epoch: i64,
     reports: &Result<Vec<WorkloadReport>, String>,
+    own: WorkloadCounts,
     handover_delay: Duration,
 ) -> Gate {
     let lease = match row {
@@ -148,15 +158,25 @@ pub fn handover_gate(
             };
         }
     };
+    if own.replicas == 0 && own.running_pods > 0 {
+        return Gate::OwnPodsStopping {
+            running_pods: own.running_pods,
+        };
+    }
+    // A report is judged stale only once this holder has held the lease for the
+    // reporter's whole bound too: after a database outage every report is old, live
+    // clusters' included, and they need that long to report again.
+    let held_for = (lease.observed_at - lease.acquired_at)
+        .to_std()
+        .unwrap_or_default();
     let mut stale = Vec::new();
-    for report in reports
-        .iter()
-        .filter(|r| Some(r.cluster.as_str()) != holder_cluster(me) && r.running_pods > 0)
-    {
-        if !report.is_stale() {
+    for report in reports.iter().filter(|r| {
+        Some(r.cluster.as_str()) != holder_cluster(me) && r.running_pods.max(r.replicas) > 0
+    }) {
+        if !report.is_stale() || held_for < report.stale_after {
             return Gate::WaitForCluster {
                 cluster: report.cluster.clone(),
-                running_pods: report.running_pods,
+                running_pods: report.running_pods.max(report.replicas),
             };
         }
         stale.push(report.cluster.clone());
@@ -165,15 +185,10 @@ pub fn handover_gate(
     let from_elsewhere = !lease.previous_holder.is_empty()
         && !same_cluster(&lease.previous_holder, me)
         && lease.previous_holder != me;
-    if from_elsewhere && !handover_delay.is_zero() {
-        let held_for = (lease.observed_at - lease.acquired_at)
-            .to_std()
-            .unwrap_or_default();
-        if held_for < handover_delay {
-            return Gate::HandoverDelay {
-                remaining: handover_delay - held_for,
-            };
-        }
+    if from_elsewhere && held_for < handover_delay {
+        return Gate::HandoverDelay {
+            remaining: handover_delay - held_for,
+        };
     }
     Gate::Open { stale }
 }
@@ -204,7 +219,11 @@ pub struct ScaleFacts<'a> {
     pub me: &'a str,
     /// How long this replica's database calls have been failing (zero when they work).
     pub database_failing_for: Duration,
+    /// How long, on this replica's clock, the Reaper's `status.renewedAt` has not moved
+    /// (the acting replica refreshes it every half ttl while it renews).
+    pub renewals_unseen_for: Duration,
     pub renew_deadline: Duration,
+    pub ttl: Duration,
 }
 
 pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
@@ -227,15 +246,19 @@ pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
         }
         // Waiting for another cluster, the handover delay or a confirming read.
         (Role::Leader { .. }, _) => Scale::Hold,
-        (Role::PeerLeads { .. }, _) => Scale::Hold,
+        (Role::PeerLeads { .. } | Role::Lapsed, _) => Scale::Hold,
         (Role::Standby { .. }, _) if replicas > 0 => Scale::Down,
         (Role::Standby { .. }, _) => Scale::Hold,
         (Role::Unknown, _) => {
             // Nobody here can prove the running pod's lease is still held: this replica
             // started it (the elector says it no longer leads), or the database has been
-            // out of reach for longer than a holder may act without renewing.
+            // out of reach for longer than a holder may act without renewing and no
+            // replica has shown a renewal on the status for a ttl (a healthy peer that
+            // leads does; this replica's own trouble must not stop its pod).
             let started_by_me = f.recorded.is_some_and(|r| r.holder == f.me);
-            let unprovable = f.recorded.is_some() && f.database_failing_for >= f.renew_deadline;
+            let unprovable = f.recorded.is_some()
+                && f.database_failing_for >= f.renew_deadline
+                && f.renewals_unseen_for >= f.ttl;
             if replicas > 0 && (started_by_me || unprovable) {
                 Scale::Down
             } else {
@@ -256,7 +279,9 @@ pub struct Conflict {
 /// Two Reapers of one cluster with one lease name would overwrite each other's workload
 /// report (it is per lease and cluster), and two naming one Deployment would fight over
 /// its replicas. The oldest of them (creation time, then namespace and name) keeps
-/// acting; the others are refused. `others` may include `reaper` itself.
+/// acting; the others are refused. A Deployment conflict is reported first: such a
+/// Reaper must not touch the Deployment at all (it is the older one's). `others` may
+/// include `reaper` itself.
 pub fn conflict(reaper: &Reaper, others: &[&Reaper], scope: LeaseScope) -> Option<Conflict> {
     fn key(r: &Reaper) -> (Option<&Time>, Option<&str>, Option<&str>) {
         (
@@ -266,7 +291,7 @@ pub fn conflict(reaper: &Reaper, others: &[&Reaper], scope: LeaseScope) -> Optio
         )
     }
     let me = key(reaper);
-    let lease = reaper.lease_name(scope);
+    let lease = reaper.lease_name(scope).ok();
     let older = |r: &&&Reaper| key(r) < me;
     // Within a namespace's scope only its own Reapers can name the same row.
     let may_share = |r: &&&Reaper| {
@@ -275,33 +300,34 @@ pub fn conflict(reaper: &Reaper, others: &[&Reaper], scope: LeaseScope) -> Optio
     if let Some(first) = others
         .iter()
         .filter(older)
-        .filter(may_share)
-        .filter(|r| r.lease_name(scope) == lease)
+        .filter(|r| {
+            r.metadata.namespace == reaper.metadata.namespace
+                && r.spec.deployment_name == reaper.spec.deployment_name
+        })
         .min_by_key(|r| key(r))
     {
         return Some(Conflict {
-            reason: "LeaseNameConflict",
+            reason: "DeploymentConflict",
             message: format!(
-                "Reaper {}/{} already uses lease {lease} in this cluster; a lease is used by at most one Reaper per cluster, so this one does not act (rename spec.lease.name or delete one of them)",
-                first.metadata.namespace.as_deref().unwrap_or_default(),
+                "Reaper {} already manages Deployment {}; a Deployment is managed by at most one Reaper, so this one does not act",
                 first.metadata.name.as_deref().unwrap_or_default(),
+                reaper.spec.deployment_name,
             ),
         });
     }
     let first = others
         .iter()
         .filter(older)
-        .filter(|r| {
-            r.metadata.namespace == reaper.metadata.namespace
-                && r.spec.deployment_name == reaper.spec.deployment_name
-        })
+        .filter(may_share)
+        .filter(|r| lease.is_some() && r.lease_name(scope).ok() == lease)
         .min_by_key(|r| key(r))?;
     Some(Conflict {
-        reason: "DeploymentConflict",
+        reason: "LeaseNameConflict",
         message: format!(
-            "Reaper {} already manages Deployment {}; a Deployment is managed by at most one Reaper, so this one does not act",
+            "Reaper {}/{} already uses lease {} in this cluster; a lease is used by at most one Reaper per cluster, so this one does not act (rename spec.lease.name or delete one of them)",
+            first.metadata.namespace.as_deref().unwrap_or_default(),
             first.metadata.name.as_deref().unwrap_or_default(),
-            reaper.spec.deployment_name,
+            lease.unwrap_or_default(),
         ),
     })
 }
@@ -313,6 +339,12 @@ mod tests {
 
     const ME: &str = "east/a";
     const DEADLINE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(15);
+    const IDLE: WorkloadCounts = WorkloadCounts {
+        replicas: 0,
+        running_pods: 0,
+        ready_pods: 0,
+    };
 
     fn lease(holder: &str, epoch: i64, previous: &str, expired: bool) -> Lease {
         let now = Utc::now();
@@ -399,13 +431,10 @@ mod tests {
                 holder: Some("east".into())
             }
         );
-        // A row naming me while my elector says no: I must not keep the workload up.
-        assert_eq!(
-            r(None, row(lease(ME, 3, "", false))),
-            Role::Standby {
-                holder: Some(ME.into())
-            }
-        );
+        // A row naming me while my elector says no (deadline passed, or restarted
+        // under the same name): the elector's fence decides with a fresh read; a
+        // reconcile acting on a row read before a stall would restart a peer's pod.
+        assert_eq!(r(None, row(lease(ME, 3, "", false))), Role::Lapsed);
         // A peer's lease that expired moments ago: this cluster takes it back.
         assert_eq!(
             r(None, row(lease("east/b", 3, "", true))),
@@ -430,39 +459,39 @@ mod tests {
         assert_eq!(r(None, Err("down".into())), Role::Unknown);
     }
 
+    /// The gate with no pods of this cluster and no handover delay.
+    fn gate_of(row: Result<Option<Lease>, String>, reports: Vec<WorkloadReport>) -> Gate {
+        handover_gate(&row, ME, 3, &Ok(reports), IDLE, Duration::ZERO)
+    }
+
+    /// A row showing this replica holding epoch 3 since `held_s` seconds.
+    fn held_since(held_s: i64, previous: &str) -> Result<Option<Lease>, String> {
+        let mut l = lease(ME, 3, previous, false);
+        l.acquired_at = l.observed_at - chrono::Duration::seconds(held_s);
+        row(l)
+    }
+
     #[test]
     fn gate_opens_only_on_a_row_read_now_that_shows_this_holder_at_this_epoch() {
-        let gate = |row: Result<Option<Lease>, String>| {
-            handover_gate(&row, ME, 3, &Ok(vec![]), Duration::from_secs(5))
-        };
-        assert_eq!(
-            gate(row(lease(ME, 3, "", false))),
-            Gate::Open { stale: vec![] }
-        );
+        let gate = |row: Result<Option<Lease>, String>| gate_of(row, vec![]);
+        assert_eq!(gate(held_since(1, "")), Gate::Open { stale: vec![] });
         // Hole: a failed or stale read used to open the gate and skip the handover delay.
-        assert!(matches!(
-            gate(Err("timeout".into())),
-            Gate::Unconfirmed { .. }
-        ));
-        assert!(matches!(gate(Ok(None)), Gate::Unconfirmed { .. }));
-        assert!(matches!(
-            gate(row(lease(ME, 2, "", false))),
-            Gate::Unconfirmed { .. }
-        ));
-        assert!(matches!(
-            gate(row(lease("west/b", 3, "", false))),
-            Gate::Unconfirmed { .. }
-        ));
-        assert!(matches!(
-            gate(row(lease(ME, 3, "", true))),
-            Gate::Unconfirmed { .. }
-        ));
+        for unconfirmed in [
+            Err("timeout".into()),
+            Ok(None),
+            row(lease(ME, 2, "", false)),
+            row(lease("west/b", 3, "", false)),
+            row(lease(ME, 3, "", true)),
+        ] {
+            assert!(matches!(gate(unconfirmed), Gate::Unconfirmed { .. }));
+        }
         assert!(matches!(
             handover_gate(
-                &row(lease(ME, 3, "", false)),
+                &held_since(1, ""),
                 ME,
                 3,
                 &Err("down".into()),
+                IDLE,
                 Duration::ZERO
             ),
             Gate::ReportsUnknown { .. }
@@ -471,17 +500,14 @@ mod tests {
 
     #[test]
     fn gate_waits_for_other_clusters_pods_judged_by_the_reporters_bound() {
-        let l = row(lease(ME, 3, "west/b", false));
-        let gate =
-            |reports: Vec<WorkloadReport>| handover_gate(&l, ME, 3, &Ok(reports), Duration::ZERO);
+        // Held for a minute: longer than every report's bound below.
+        let gate = |reports: Vec<WorkloadReport>| gate_of(held_since(60, "west/b"), reports);
+        let waits = |running_pods| Gate::WaitForCluster {
+            cluster: "west".into(),
+            running_pods,
+        };
         assert_eq!(gate(vec![]), Gate::Open { stale: vec![] });
-        assert_eq!(
-            gate(vec![report("west", 1, 3, 15)]),
-            Gate::WaitForCluster {
-                cluster: "west".into(),
-                running_pods: 1
-            }
-        );
+        assert_eq!(gate(vec![report("west", 1, 3, 15)]), waits(1));
         assert_eq!(
             gate(vec![report("west", 1, 16, 15)]),
             Gate::Open {
@@ -489,17 +515,15 @@ mod tests {
             }
         );
         // A slow reporter (ttl 60) is not presumed dead after the reader's 15 s.
-        assert_eq!(
-            gate(vec![report("west", 1, 16, 60)]),
-            Gate::WaitForCluster {
-                cluster: "west".into(),
-                running_pods: 1
-            }
-        );
+        assert_eq!(gate(vec![report("west", 1, 16, 60)]), waits(1));
         assert_eq!(
             gate(vec![report("west", 0, 1, 15)]),
             Gate::Open { stale: vec![] }
         );
+        // A pod it wants but has not started yet counts as one.
+        let mut wanting = report("west", 0, 1, 15);
+        wanting.replicas = 1;
+        assert_eq!(gate(vec![wanting]), waits(1));
         // Own cluster's report is never a blocker.
         assert_eq!(
             gate(vec![report("east", 1, 1, 15)]),
@@ -508,16 +532,44 @@ mod tests {
     }
 
     #[test]
+    fn an_old_report_is_stale_only_once_the_holder_held_the_lease_that_long() {
+        // Just taken over after a database outage: every report is old, live clusters'
+        // too; they get the reporter's whole bound to report again.
+        let old_report = || vec![report("west", 1, 40, 15)];
+        assert!(matches!(
+            gate_of(held_since(1, "west/b"), old_report()),
+            Gate::WaitForCluster { .. }
+        ));
+        assert_eq!(
+            gate_of(held_since(15, "west/b"), old_report()),
+            Gate::Open {
+                stale: vec!["west".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn a_leader_does_not_start_a_pod_beside_its_own_stopping_one() {
+        let stopping = WorkloadCounts {
+            replicas: 0,
+            running_pods: 1,
+            ready_pods: 0,
+        };
+        let gate = |own| handover_gate(&held_since(1, ""), ME, 3, &Ok(vec![]), own, Duration::ZERO);
+        assert_eq!(gate(stopping), Gate::OwnPodsStopping { running_pods: 1 });
+        // Running at 1 already: nothing to start.
+        let running = WorkloadCounts {
+            replicas: 1,
+            ..stopping
+        };
+        assert_eq!(gate(running), Gate::Open { stale: vec![] });
+    }
+
+    #[test]
     fn handover_delay_applies_only_after_a_takeover_from_another_cluster() {
         let delay = Duration::from_secs(5);
         let gate = |previous: &str| {
-            handover_gate(
-                &row(lease(ME, 3, previous, false)),
-                ME,
-                3,
-                &Ok(vec![]),
-                delay,
-            )
+            handover_gate(&held_since(1, previous), ME, 3, &Ok(vec![]), IDLE, delay)
         };
         assert!(
             matches!(gate("west/b"), Gate::HandoverDelay { remaining } if remaining <= Duration::from_secs(4))
@@ -536,7 +588,9 @@ mod tests {
             recorded: None,
             me: ME,
             database_failing_for: Duration::ZERO,
+            renewals_unseen_for: Duration::ZERO,
             renew_deadline: DEADLINE,
+            ttl: TTL,
         }
     }
 
@@ -629,19 +683,31 @@ mod tests {
             Scale::Down
         );
         // Started by another replica (a peer, or this pod before a restart): hold while
-        // that one may still be renewing, stop once no holder could still act.
+        // that one may still be renewing, stop once no holder could still act: this
+        // replica's database calls have failed for the renew deadline and no renewal
+        // has shown on the status for a ttl (a healthy leading peer refreshes it).
         let other = record("east/old-pod", 3);
         let by_other = ScaleFacts {
             recorded: Some(&other),
             ..base.clone()
         };
         assert_eq!(decide_scale(&by_other), Scale::Hold);
+        let sick_here_only = ScaleFacts {
+            database_failing_for: DEADLINE,
+            ..by_other.clone()
+        };
+        assert_eq!(decide_scale(&sick_here_only), Scale::Hold);
         assert_eq!(
             decide_scale(&ScaleFacts {
-                database_failing_for: DEADLINE,
-                ..by_other
+                renewals_unseen_for: TTL,
+                ..sick_here_only
             }),
             Scale::Down
+        );
+        // The row still names this replica but its elector lapsed: the fence decides.
+        assert_eq!(
+            decide_scale(&facts(&Role::Lapsed, None, Some(1))),
+            Scale::Hold
         );
         // Already at 0.
         assert_eq!(
@@ -676,26 +742,31 @@ mod tests {
     #[test]
     fn the_oldest_reaper_of_a_lease_or_deployment_acts_the_others_are_refused() {
         let scope = LeaseScope::Namespace;
-        let old = reaper("prod", "a", 100, "d1", Some("pay"));
-        let new = reaper("prod", "b", 10, "d2", Some("pay"));
+        let old = reaper("prod", "a", 100, "d1", Some("prod.pay"));
+        let new = reaper("prod", "b", 10, "d2", Some("prod.pay"));
         let all = [&old, &new];
         assert_eq!(conflict(&old, &all, scope), None);
         let refused = conflict(&new, &all, scope).unwrap();
         assert_eq!(refused.reason, "LeaseNameConflict");
         assert!(refused.message.contains("prod/a"), "{}", refused.message);
-        // Same spec name in another namespace: another lease, no conflict (unless the
-        // operator shares lease names across namespaces).
-        let elsewhere = reaper("dev", "b", 10, "d1", Some("pay"));
+        // Another namespace naming the lease: refused for its name (not a conflict)
+        // unless the operator shares lease names across namespaces.
+        let elsewhere = reaper("dev", "b", 10, "d1", Some("prod.pay"));
         assert_eq!(conflict(&elsewhere, &[&old, &elsewhere], scope), None);
         let shared = conflict(&elsewhere, &[&old, &elsewhere], LeaseScope::Shared).unwrap();
         assert_eq!(shared.reason, "LeaseNameConflict");
         // Two leases, one Deployment.
-        let same_deployment = reaper("prod", "c", 5, "d1", Some("other"));
+        let same_deployment = reaper("prod", "c", 5, "d1", Some("prod.other"));
         let refused = conflict(&same_deployment, &[&old, &same_deployment], scope).unwrap();
         assert_eq!(refused.reason, "DeploymentConflict");
+        // A copy (same lease, same Deployment) is a Deployment conflict: it must not
+        // touch the older one's Deployment at all.
+        let copy = reaper("prod", "d", 1, "d1", Some("prod.pay"));
+        let refused = conflict(&copy, &[&old, &copy], scope).unwrap();
+        assert_eq!(refused.reason, "DeploymentConflict");
         // A tie in age is broken by name, the same way in every replica.
-        let twin_a = reaper("prod", "x", 50, "dx", Some("tie"));
-        let twin_b = reaper("prod", "y", 50, "dy", Some("tie"));
+        let twin_a = reaper("prod", "x", 50, "dx", Some("prod.tie"));
+        let twin_b = reaper("prod", "y", 50, "dy", Some("prod.tie"));
         assert_eq!(conflict(&twin_a, &[&twin_a, &twin_b], scope), None);
         assert!(conflict(&twin_b, &[&twin_a, &twin_b], scope).is_some());
     }

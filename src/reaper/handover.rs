@@ -28,8 +28,7 @@ pub async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     let ns = reaper.namespace().unwrap_or_default();
     let key = ObjectRef::from_obj(reaper);
     let deployment = &reaper.spec.deployment_name;
-    let lease_name = reaper.lease_name(ctx.lease_scope);
-    let usable = refusal(reaper, &lease_name, ctx);
+    let usable = refusal(reaper, ctx);
     if usable
         .as_ref()
         .is_err_and(|r| r.reason == "DeploymentConflict")
@@ -54,9 +53,15 @@ pub async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     }
     // A Reaper refused for its lease name must not overwrite the report of the Reaper
     // that owns that lease in this cluster.
-    if let Ok(timings) = usable {
+    if let Ok((lease_name, timings)) = &usable {
         ctx.store
-            .sync_workload(&lease_name, &ctx.cluster, &ctx.holder, counts, timings.ttl)
+            .sync_workload(
+                lease_name,
+                &ctx.cluster,
+                &ctx.holder,
+                counts,
+                workload.stale_after(*timings),
+            )
             .await
             .map_err(Error::Database)?;
     }
@@ -140,7 +145,7 @@ async fn workload_stopped(ctx: &Context, candidate: &Candidate) -> bool {
             &ctx.cluster,
             &ctx.holder,
             counts,
-            candidate.timings.ttl,
+            workload.stale_after(candidate.timings),
         )
         .await
     {

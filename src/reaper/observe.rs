@@ -2,6 +2,8 @@
 //! counted while they stop, and after the Deployment is gone), and what could run a
 //! second pod.
 
+use std::time::Duration;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
@@ -20,7 +22,22 @@ pub struct Workload {
     /// remembered from it once it is gone.
     pub selector: Option<String>,
     pub counts: WorkloadCounts,
+    /// How long its pods may take to stop once told to (their grace period).
+    pub stop_grace: Duration,
 }
+
+impl Workload {
+    /// How long this cluster's workload report stays credible to other clusters: the
+    /// ttl plus the pods' grace period. A cluster cut off from the database stops its pod
+    /// from its renew deadline on (its fence), and the pod then takes up to its grace
+    /// period to stop; only after both may another cluster presume it gone.
+    pub fn stale_after(&self, timings: crate::config::LeaseTimings) -> Duration {
+        timings.ttl + self.stop_grace
+    }
+}
+
+/// What Kubernetes gives a pod that sets no terminationGracePeriodSeconds.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// Reads the Deployment `name` and counts its pods. When the Deployment is gone its pods
 /// may still be stopping (deletion cascades to them in the background), so they are
@@ -50,9 +67,15 @@ pub async fn observe_workload(
         Some(d) => running_pods.max(unsettled_pods(d)),
         None => running_pods,
     };
+    let stop_grace = deployment
+        .as_ref()
+        .and_then(|d| d.spec.template.spec.as_ref())
+        .and_then(|p| p.termination_grace_period_seconds)
+        .map_or(DEFAULT_GRACE, |s| Duration::from_secs(s.max(0) as u64));
     Ok(Workload {
         deployment,
         selector,
+        stop_grace,
         counts: WorkloadCounts {
             replicas,
             running_pods,

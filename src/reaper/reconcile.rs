@@ -235,33 +235,31 @@ pub fn timings_of(spec: &LeaseSpec) -> Result<LeaseTimings, String> {
     .map_err(|e| e.to_string())
 }
 
-/// Why a Reaper does not act (`InvalidSpec`, `LeaseNameConflict`, `DeploymentConflict`),
-/// or the timings it acts with.
-pub fn refusal(
-    reaper: &Reaper,
-    lease_name: &str,
-    ctx: &Context,
-) -> Result<LeaseTimings, decide::Conflict> {
-    let timings = timings_of(&reaper.spec.lease)
-        .and_then(|t| {
-            validate_label("lease name", lease_name)
-                .map(|_| t)
-                .map_err(|e| e.to_string())
-        })
+/// Why a Reaper does not act (`InvalidSpec`, `LeaseNameOutsideNamespace`,
+/// `LeaseNameConflict`, `DeploymentConflict`), or the lease row and timings it acts with.
+pub fn refusal(reaper: &Reaper, ctx: &Context) -> Result<(String, LeaseTimings), decide::Conflict> {
+    let invalid = |message| decide::Conflict {
+        reason: "InvalidSpec",
+        message,
+    };
+    let timings = timings_of(&reaper.spec.lease).map_err(invalid)?;
+    let lease_name = reaper
+        .lease_name(ctx.lease_scope)
         .map_err(|message| decide::Conflict {
-            reason: "InvalidSpec",
+            reason: "LeaseNameOutsideNamespace",
             message,
         })?;
+    validate_label("lease name", &lease_name).map_err(|e| invalid(e.to_string()))?;
     let all = ctx.reapers.get().map(|s| s.state()).unwrap_or_default();
     let others: Vec<&Reaper> = all.iter().map(|r| &**r).collect();
     match decide::conflict(reaper, &others, ctx.lease_scope) {
         Some(conflict) => Err(conflict),
-        None => Ok(timings),
+        None => Ok((lease_name, timings)),
     }
 }
 
-/// The Reaper does not act: hand over whatever it held, stop its own Deployment if the
-/// lease name is the problem (nothing may run unarbitrated), record why.
+/// The Reaper does not act: hand over whatever it held, stop its own Deployment (nothing
+/// may run unarbitrated; a Deployment another Reaper manages is left alone), record why.
 async fn refuse(
     reaper: &Reaper,
     ctx: &Context,
@@ -272,7 +270,7 @@ async fn refuse(
         hand_over(ctx, old).await;
     }
     let ns = reaper.namespace().unwrap_or_default();
-    if refused.reason == "LeaseNameConflict" && !reaper.spec.paused {
+    if refused.reason != "DeploymentConflict" && !reaper.spec.paused {
         let workload =
             observe::observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name, None).await?;
         if workload.deployment.is_some() && workload.counts.replicas > 0 {
@@ -292,10 +290,7 @@ async fn refuse(
     if previous.is_none_or(|old| status::differs(old, &status, Duration::MAX)) {
         write_status(ctx, reaper, status).await?;
     }
-    if refused.reason == "InvalidSpec" {
-        return Ok(Action::await_change());
-    }
-    if first_time {
+    if first_time && refused.reason != "InvalidSpec" {
         publish(
             &ctx.recorder,
             Event {
@@ -308,8 +303,11 @@ async fn refuse(
             &reaper.object_ref(&()),
         );
     }
-    // A conflict ends when the other Reaper goes, which does not touch this one.
-    Ok(Action::requeue(Duration::from_secs(10)))
+    Ok(match refused.reason {
+        "InvalidSpec" | "LeaseNameOutsideNamespace" => Action::await_change(),
+        // A conflict ends when the other Reaper goes, which does not touch this one.
+        _ => Action::requeue(Duration::from_secs(10)),
+    })
 }
 
 async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
@@ -319,9 +317,8 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     }
     let ns = reaper.namespace().unwrap_or_default();
     let key = ObjectRef::from_obj(reaper);
-    let lease_name = reaper.lease_name(ctx.lease_scope);
-    let timings = match refusal(reaper, &lease_name, ctx) {
-        Ok(timings) => timings,
+    let (lease_name, timings) = match refusal(reaper, ctx) {
+        Ok(usable) => usable,
         Err(refused) => return refuse(reaper, ctx, &key, refused).await,
     };
 
@@ -365,8 +362,17 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         previous.and_then(|s| s.pod_selector.as_deref()),
     )
     .await?;
-    ctx.candidates
-        .update(&key, |c| c.pod_selector.clone_from(&workload.selector));
+    let status_renewed_at = previous.and_then(|s| s.renewed_at.clone());
+    let (database_failing_for, renewals_unseen_for) = ctx
+        .candidates
+        .update(&key, |c| {
+            c.pod_selector.clone_from(&workload.selector);
+            (
+                c.database_failing_for(),
+                c.renewals_unseen_for(status_renewed_at),
+            )
+        })
+        .unwrap_or_default();
     let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
     // Every replica reports what it sees of this cluster's workload (the database keeps
     // a non-holder from overwriting its holder's report with "no pods") and learns what
@@ -378,7 +384,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             &ctx.cluster,
             &ctx.holder,
             workload.counts,
-            timings.ttl,
+            workload.stale_after(timings),
         )
         .await
         .map_err(|e| e.to_string());
@@ -391,6 +397,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             &ctx.holder,
             epoch,
             &reports,
+            workload.counts,
             handover_delay,
         )),
         _ => None,
@@ -406,11 +413,10 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         replicas,
         recorded: recorded.as_ref(),
         me: &ctx.holder,
-        database_failing_for: ctx
-            .candidates
-            .update(&key, |c| c.database_failing_for())
-            .unwrap_or_default(),
+        database_failing_for,
+        renewals_unseen_for,
         renew_deadline: timings.renew_deadline,
+        ttl: timings.ttl,
     });
     let scaled_by_someone_else = match &decision {
         Scale::Up { .. } => replicas.is_some_and(|r| r > 1),
@@ -470,26 +476,24 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             write(new_status).await?;
             // Decide at the moment of acting, not from what was true above.
             if replicas != Some(1) && watch.leader_epoch() == Some(epoch) {
-                scale(&ctx.client, &ns, deployment_name, 1).await?;
-                // Until the next reconcile counts it, this cluster's report must not say
-                // "no pods": the pod is starting.
+                // Report the starting pod first: if that fails, do not start it (no other
+                // cluster may read "no pods" from here while it runs).
                 let starting = WorkloadCounts {
                     replicas: 1,
                     running_pods: workload.counts.running_pods.max(1),
                     ready_pods: workload.counts.ready_pods,
                 };
-                if let Err(error) = ctx
-                    .store
+                ctx.store
                     .sync_workload(
                         &lease_name,
                         &ctx.cluster,
                         &ctx.holder,
                         starting,
-                        timings.ttl,
+                        workload.stale_after(timings),
                     )
-                    .await
-                {
-                    tracing::warn!(%error, lease = %lease_name, "cannot report the scale-up; the next reconcile will");
+                    .await?;
+                if watch.leader_epoch() == Some(epoch) {
+                    scale(&ctx.client, &ns, deployment_name, 1).await?;
                 }
             }
         }

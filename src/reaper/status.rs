@@ -99,6 +99,15 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 obs.lease_name
             ),
         ),
+        (Role::Lapsed, _) => condition(
+            "Leader",
+            false,
+            "RenewDeadlineMissed",
+            format!(
+                "the lease row still names this replica but it could not renew within the renew deadline; not acting as leader (lease {})",
+                obs.lease_name
+            ),
+        ),
         (Role::Unknown, _) => condition(
             "Leader",
             false,
@@ -156,6 +165,14 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 "WaitingForHandover",
                 format!(
                     "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its ttl"
+                ),
+            ),
+            (Role::Leader { .. }, Some(Gate::OwnPodsStopping { running_pods })) => condition(
+                "WorkloadReady",
+                false,
+                "WaitingForOwnPods",
+                format!(
+                    "{running_pods} pod(s) of this cluster are still stopping; scaling up once they are gone"
                 ),
             ),
             (Role::Leader { .. }, Some(Gate::Unconfirmed { reason })) => condition(

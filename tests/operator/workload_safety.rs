@@ -16,7 +16,9 @@ use serde_json::json;
 
 use super::support::cluster::wait_until;
 use super::support::db;
-use super::support::fixtures::{PodStop, create_deployment, create_reaper};
+use super::support::fixtures::{
+    PodStop, create_deployment, create_deployment_with_stop, create_reaper,
+};
 use super::support::operator::OperatorProcess;
 use super::support::proxy::{FaultProxy, Mode};
 use super::{
@@ -187,8 +189,8 @@ pub async fn deployment_deleted_before_its_reaper(clusters: &[Cluster; 2]) -> Re
     result
 }
 
-/// A tenant names another namespace's lease: it gets a lease of its own, and the
-/// victim's singleton runs.
+/// A tenant names another namespace's lease: it is refused (and so holds nothing), and
+/// the victim's singleton runs.
 pub async fn tenant_cannot_squat_another_namespace(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, _) = schema().await?;
@@ -208,11 +210,21 @@ pub async fn tenant_cannot_squat_another_namespace(clusters: &[Cluster; 2]) -> R
     );
     let mut ops = vec![squatter];
     let result = async {
-        let s = wait_leading(&c.client, &tenant_ns, "squat", Duration::from_secs(30)).await?;
+        let s = wait_until(
+            "LeaseNameOutsideNamespace",
+            Duration::from_secs(30),
+            || async {
+                let s = status(&c.client, &tenant_ns, "squat").await?;
+                Ok(condition(&s, "Leader")
+                    .is_some_and(|c| c.reason == "LeaseNameOutsideNamespace")
+                    .then_some(s))
+            },
+        )
+        .await?;
+        ensure!(s.phase == Some(Phase::Invalid), "{s:?}");
         ensure!(
-            s.lease_name.as_deref() == Some(format!("{tenant_ns}.{target}").as_str()),
-            "the tenant's lease is not inside its namespace: {:?}",
-            s.lease_name
+            replicas(&c.client, &tenant_ns, "squat").await?.0 == 0,
+            "the refused Reaper's Deployment runs"
         );
         create_deployment(&c.client, &victim_ns, "victim", "Recreate", json!({})).await?;
         let mut spec = lease_spec("victim");
@@ -255,12 +267,14 @@ pub async fn second_reaper_on_a_lease_is_refused(clusters: &[Cluster; 2]) -> Res
     for d in ["first", "second"] {
         create_deployment(&c.client, &ns, d, "Recreate", json!({})).await?;
     }
-    create_reaper(&c.client, &ns, "first", "first", lease_spec("dup")).await?;
+    let dup = format!("{ns}.dup");
+    create_reaper(&c.client, &ns, "first", "first", lease_spec(&dup)).await?;
     let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
         wait_leading(&c.client, &ns, "first", Duration::from_secs(30)).await?;
-        create_reaper(&c.client, &ns, "second", "second", lease_spec("dup")).await?;
-        create_reaper(&c.client, &ns, "third", "first", lease_spec("other")).await?;
+        create_reaper(&c.client, &ns, "second", "second", lease_spec(&dup)).await?;
+        let other = format!("{ns}.other");
+        create_reaper(&c.client, &ns, "third", "first", lease_spec(&other)).await?;
         for (name, reason) in [
             ("second", "LeaseNameConflict"),
             ("third", "DeploymentConflict"),
@@ -308,7 +322,8 @@ pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
     let (schema, _) = schema().await?;
     let ns = namespace(&c.client, "amnesia").await?;
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec("amnesia")).await?;
+    let lease = format!("{ns}.amnesia");
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease)).await?;
     let direct = db::direct_url();
     let upstream = direct
         .rsplit_once('@')
@@ -341,6 +356,73 @@ pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
         eprintln!(
             "restarted replica scaled down {:.1?} after it started",
             started.elapsed()
+        );
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+/// The leader is cut off from the database: its fence scales the Deployment to 0 and the
+/// pod takes 6 s to stop; a peer of the same cluster takes the lease over after the ttl
+/// (3 s) and must not start a second pod beside the one still stopping (a ReplicaSet
+/// does not count Terminating pods).
+pub async fn peer_waits_for_the_stopping_pod_of_its_own_cluster(
+    clusters: &[Cluster; 2],
+) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let ns = namespace(&c.client, "own-stop").await?;
+    create_deployment_with_stop(
+        &c.client,
+        &ns,
+        "reaper",
+        "Recreate",
+        json!({}),
+        PodStop::after(SLOW_STOP),
+    )
+    .await?;
+    let lease = format!("{ns}.own-stop");
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease)).await?;
+    let direct = db::direct_url();
+    let upstream = direct
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .ok_or_else(|| anyhow!("no host in {direct}"))?
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await;
+    let via_proxy = proxy.url_for(&direct);
+    let mut ops = vec![operator(c, &ns, "op-1", &schema, &via_proxy, None, true)];
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        ops.push(operator(c, &ns, "op-2", &schema, &direct, None, false));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        proxy.set(Mode::Blackhole);
+        let cut = Instant::now();
+        let mut doubles = Vec::new();
+        let mut scaled_down = false;
+        loop {
+            let live = live_pods(&c.client, &ns, "reaper").await?;
+            let (wanted, ready) = replicas(&c.client, &ns, "reaper").await?;
+            scaled_down |= wanted == 0;
+            if live > 1 {
+                doubles.push(cut.elapsed());
+            }
+            if scaled_down && wanted == 1 && ready == 1 && live == 1 {
+                break;
+            }
+            ensure!(
+                cut.elapsed() < Duration::from_secs(40),
+                "the peer never took over (live {live}, {wanted}/{ready})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            doubles.is_empty(),
+            "two live pods of one cluster at {doubles:?} after the cut"
         );
         Ok(())
     }

@@ -128,5 +128,5 @@ for c in "${E2E_CLUSTER_NAMES[@]}"; do
 done
 echo "===== lease history (lease_event) ====="
 docker exec "$E2E_DB_CONTAINER" psql -X -U reaper -d reaper -c \
-  "select epoch, kind, holder, previous_holder, to_char(at, 'HH24:MI:SS.MS') as at from lease_event where name = '$E2E_NAMESPACE.singleton' order by id" || true
+  "select epoch, kind, holder, previous_holder, to_char(at, 'HH24:MI:SS.MS') as at from lease_event where name = '$E2E_NAMESPACE.e2e-reaper' order by id" || true
 singleton_summary

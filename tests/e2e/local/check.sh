@@ -275,5 +275,5 @@ singleton_scenario restart-db "$bound" "$settle" restart_database || true
 echo
 echo "===== lease history (lease_event) ====="
 "$(dirname "$REAPER_TEST_PG_CTL")/psql" -X "$DATABASE_URL" -c \
-  "select epoch, kind, holder, previous_holder, to_char(at, 'HH24:MI:SS.MS') as at from lease_event where name = '$namespace.singleton' order by id" || true
+  "select epoch, kind, holder, previous_holder, to_char(at, 'HH24:MI:SS.MS') as at from lease_event where name = '$namespace.e2e-reaper' order by id" || true
 if singleton_summary; then status=0; else status=1; fi
