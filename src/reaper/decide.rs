@@ -224,6 +224,55 @@ pub struct ScaleFacts<'a> {
     pub renewals_unseen_for: Duration,
     pub renew_deadline: Duration,
     pub ttl: Duration,
+    /// This cluster's pods of the workload that have not finished.
+    pub running_pods: i32,
+    /// How often a Reaper is reconciled when nothing happens.
+    pub steady: Duration,
+}
+
+/// What one reconcile does, decided from what it observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub scale: Scale,
+    /// The scale-up record the status carries after this reconcile.
+    pub record: Option<ScaleRecord>,
+    /// The Deployment was found scaled up by something other than this operator.
+    pub scaled_externally: bool,
+    pub requeue: Duration,
+}
+
+/// The whole decision of a reconcile (see [`decide_scale`] for the Deployment).
+pub fn plan(f: &ScaleFacts<'_>) -> Plan {
+    let scale = decide_scale(f);
+    let scaled_externally = match scale {
+        Scale::Up { .. } => f.replicas.is_some_and(|r| r > 1),
+        Scale::Down => f.recorded.is_none() && matches!(f.role, Role::Standby { .. }),
+        Scale::Hold => false,
+    };
+    let record = match scale {
+        Scale::Up { epoch } => Some(ScaleRecord {
+            holder: f.me.to_owned(),
+            epoch,
+        }),
+        Scale::Down => None,
+        Scale::Hold => f.recorded.cloned(),
+    };
+    let requeue = match (f.role, f.gate) {
+        // Waiting for another cluster, own pods, the handover delay or a confirming read.
+        (Role::Leader { .. }, Some(gate)) if !matches!(gate, Gate::Open { .. }) => {
+            Duration::from_millis(500)
+        }
+        (Role::Leader { .. }, _) => f.steady,
+        // Pods still stopping here: report them going as soon as they are gone.
+        _ if f.running_pods > 0 && f.replicas.is_none_or(|r| r == 0) => Duration::from_secs(1),
+        _ => f.steady,
+    };
+    Plan {
+        scale,
+        record,
+        scaled_externally,
+        requeue,
+    }
 }
 
 pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
@@ -591,7 +640,68 @@ mod tests {
             renewals_unseen_for: Duration::ZERO,
             renew_deadline: DEADLINE,
             ttl: TTL,
+            running_pods: replicas.unwrap_or(0),
+            steady: STEADY,
         }
+    }
+
+    const STEADY: Duration = Duration::from_millis(3750);
+
+    #[test]
+    fn a_plan_records_scale_ups_before_they_happen_and_forgets_them_on_scale_down() {
+        let leader = Role::Leader { epoch: 3 };
+        let open = Gate::Open { stale: vec![] };
+        let up = plan(&facts(&leader, Some(&open), Some(0)));
+        assert_eq!(up.scale, Scale::Up { epoch: 3 });
+        assert_eq!(up.record, Some(record(ME, 3)));
+        assert!(!up.scaled_externally);
+        assert_eq!(up.requeue, STEADY);
+        // Found at 2 while leading: someone else scaled it.
+        assert!(plan(&facts(&leader, Some(&open), Some(2))).scaled_externally);
+        let standby = Role::Standby {
+            holder: Some("west/b".into()),
+        };
+        let mine = record(ME, 3);
+        let down = plan(&ScaleFacts {
+            recorded: Some(&mine),
+            ..facts(&standby, None, Some(1))
+        });
+        assert_eq!(
+            (down.scale, down.record, down.scaled_externally),
+            (Scale::Down, None, false)
+        );
+        // Scaled up with no record of this operator: someone else did it.
+        assert!(plan(&facts(&standby, None, Some(1))).scaled_externally);
+        // Holding keeps the record as it is.
+        let peer = Role::PeerLeads {
+            holder: "east/b".into(),
+        };
+        let other = record("east/b", 4);
+        let hold = plan(&ScaleFacts {
+            recorded: Some(&other),
+            ..facts(&peer, None, Some(1))
+        });
+        assert_eq!(
+            (hold.scale, hold.record),
+            (Scale::Hold, Some(other.clone()))
+        );
+    }
+
+    #[test]
+    fn a_plan_looks_again_soon_while_waiting_or_while_pods_stop() {
+        let leader = Role::Leader { epoch: 3 };
+        let waiting = Gate::OwnPodsStopping { running_pods: 1 };
+        assert_eq!(
+            plan(&facts(&leader, Some(&waiting), Some(0))).requeue,
+            Duration::from_millis(500)
+        );
+        let standby = Role::Standby { holder: None };
+        let stopping = ScaleFacts {
+            running_pods: 1,
+            ..facts(&standby, None, Some(0))
+        };
+        assert_eq!(plan(&stopping).requeue, Duration::from_secs(1));
+        assert_eq!(plan(&facts(&standby, None, Some(0))).requeue, STEADY);
     }
 
     #[test]

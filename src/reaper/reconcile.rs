@@ -406,7 +406,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         .deployment
         .as_ref()
         .map(|_| workload.counts.replicas);
-    let decision = decide::decide_scale(&ScaleFacts {
+    let plan = decide::plan(&ScaleFacts {
         role: &role,
         gate: gate.as_ref(),
         paused: reaper.spec.paused,
@@ -417,26 +417,15 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         renewals_unseen_for,
         renew_deadline: timings.renew_deadline,
         ttl: timings.ttl,
+        running_pods: workload.counts.running_pods,
+        steady: steady_requeue(timings),
     });
-    let scaled_by_someone_else = match &decision {
-        Scale::Up { .. } => replicas.is_some_and(|r| r > 1),
-        Scale::Down => recorded.is_none() && matches!(role, Role::Standby { .. }),
-        Scale::Hold => false,
-    };
-    if scaled_by_someone_else {
+    if plan.scaled_externally {
         ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
     }
     if let (Role::Leader { epoch }, Some(Gate::Open { stale })) = (&role, &gate) {
         warn_stale_reports(ctx, &key, *epoch, stale, &reference);
     }
-    let recorded = match &decision {
-        Scale::Up { epoch } => Some(ScaleRecord {
-            holder: ctx.holder.clone(),
-            epoch: *epoch,
-        }),
-        Scale::Down => None,
-        Scale::Hold => recorded,
-    };
 
     // The status is written by the replica that acts for this cluster; a scale-up is
     // recorded on it before it happens, a scale-down clears the record after.
@@ -455,7 +444,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
                     lease: &lease,
                     reports: &reports,
                     database_ok: database_ok.load(Ordering::Relaxed),
-                    recorded: recorded.as_ref(),
+                    recorded: plan.record.as_ref(),
                 },
             )
             .await,
@@ -471,7 +460,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             _ => Ok(()),
         }
     };
-    match decision {
+    match plan.scale {
         Scale::Up { epoch } => {
             write(new_status).await?;
             // Decide at the moment of acting, not from what was true above.
@@ -504,18 +493,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         Scale::Hold => write(new_status).await?,
     }
 
-    let requeue = match (&role, &gate) {
-        // Waiting for another cluster, the handover delay or a confirming read.
-        (Role::Leader { .. }, Some(gate)) if !matches!(gate, Gate::Open { .. }) => {
-            Duration::from_millis(500)
-        }
-        (Role::Leader { .. }, _) => steady_requeue(timings),
-        _ if workload.counts.running_pods > 0 && replicas.is_none_or(|r| r == 0) => {
-            Duration::from_secs(1)
-        }
-        _ => steady_requeue(timings),
-    };
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(plan.requeue))
 }
 
 /// What a reconcile saw and decided, for its status.
