@@ -131,13 +131,11 @@ async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
 
 async fn renew_after_expiry_fails_even_when_nobody_took_over(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    store
-        .acquire("l", "a", Duration::from_millis(200))
-        .await
-        .unwrap()
-        .unwrap();
+    // Long enough for the first renew to land in time on a loaded machine.
+    let ttl = Duration::from_millis(1000);
+    store.acquire("l", "a", ttl).await.unwrap().unwrap();
     assert!(store.renew("l", "a", 1).await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert!(
         store.renew("l", "a", 1).await.unwrap().is_none(),
         "expired lease revived"
@@ -239,7 +237,7 @@ async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
 
 async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    let short = Duration::from_millis(200);
+    let short = Duration::from_millis(1000);
     let mut held = Vec::new();
     // Names that need escaping inside an array literal, too.
     for name in [
@@ -517,6 +515,7 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     assert!(seen_by_west[0].age < Duration::from_secs(5));
     // Judged by the reporter's bound (east's 40 s), not the reader's (west's 3 s).
     assert_eq!(seen_by_west[0].stale_after, Duration::from_secs(40));
+    assert_eq!(seen_by_west[0].refresh, Duration::from_secs(10));
     assert!(!seen_by_west[0].is_stale());
     store
         .sync_workload("l", "east", "east/c", idle, Duration::from_secs(3))

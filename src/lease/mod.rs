@@ -9,4 +9,6 @@ pub use batch::LeaseBatcher;
 pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };
-pub use store::{Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, WorkloadCounts, WorkloadReport};
+pub use store::{
+    Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, ReportTiming, WorkloadCounts, WorkloadReport,
+};

@@ -108,8 +108,28 @@ pub struct WorkloadReport {
     pub reported_at: DateTime<Utc>,
     /// Age of the report on the database's clock.
     pub age: Duration,
-    /// The reporter's own bound (its ttl): older than this, the report is stale.
+    /// The reporter's own bound: older than this, the report is stale.
     pub stale_after: Duration,
+    /// How often the reporter refreshes it while it can reach the database.
+    pub refresh: Duration,
+}
+
+/// How a workload report is to be judged by other clusters: stale once older than
+/// `stale_after`; refreshed every `refresh` while its writer reaches the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportTiming {
+    pub stale_after: Duration,
+    pub refresh: Duration,
+}
+
+impl From<Duration> for ReportTiming {
+    /// Stale after `stale_after`, refreshed four times within it.
+    fn from(stale_after: Duration) -> Self {
+        Self {
+            stale_after,
+            refresh: stale_after / 4,
+        }
+    }
 }
 
 impl WorkloadReport {
@@ -419,8 +439,9 @@ impl LeaseStore {
         cluster: &str,
         reported_by: &str,
         counts: WorkloadCounts,
-        stale_after: Duration,
+        timing: impl Into<ReportTiming>,
     ) -> Result<Vec<WorkloadReport>> {
+        let timing = timing.into();
         validate_label("lease name", name)?;
         validate_label("cluster", cluster)?;
         validate_label("reporter", reported_by)?;
@@ -431,7 +452,8 @@ impl LeaseStore {
             running_pods,
             ready_pods,
         } = counts;
-        let stale_after_ms = ttl_millis(stale_after)?;
+        let stale_after_ms = ttl_millis(timing.stale_after)?;
+        let refresh_ms = ttl_millis(timing.refresh)?;
         let l = &self.lease_table;
         // "No pods" from a replica that does not hold the lease, while another replica of
         // its cluster does, is refused: its observation may predate that holder's
@@ -439,8 +461,8 @@ impl LeaseStore {
         // holder may say its cluster runs nothing (reports of pods are always taken).
         let sql = format!(
             "WITH report AS ( \
-               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms) \
-               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms} \
+               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms) \
+               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms}, {refresh_ms} \
                WHERE {running_pods} > 0 OR NOT EXISTS ( \
                  SELECT 1 FROM {l} AS l WHERE l.name = {name} AND l.holder <> {reported_by} \
                    AND strpos(l.holder, '/') > 1 AND split_part(l.holder, '/', 1) = {cluster} \
@@ -448,9 +470,9 @@ impl LeaseStore {
                ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
                  replicas = EXCLUDED.replicas, running_pods = EXCLUDED.running_pods, \
                  ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at, \
-                 stale_after_ms = EXCLUDED.stale_after_ms \
+                 stale_after_ms = EXCLUDED.stale_after_ms, refresh_ms = EXCLUDED.refresh_ms \
              ) \
-             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, \
+             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
                     (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
              FROM {w} WHERE name = {name} AND cluster <> {cluster} ORDER BY cluster"
         );
@@ -459,6 +481,7 @@ impl LeaseStore {
             .map(|row| {
                 let age_ms: i64 = row.try_get("age_ms")?;
                 let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
+                let refresh_ms: i64 = row.try_get("refresh_ms")?;
                 Ok(WorkloadReport {
                     cluster: row.try_get("cluster")?,
                     reported_by: row.try_get("reported_by")?,
@@ -468,6 +491,7 @@ impl LeaseStore {
                     reported_at: row.try_get("reported_at")?,
                     age: Duration::from_millis(age_ms.max(0) as u64),
                     stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
+                    refresh: Duration::from_millis(refresh_ms.max(1) as u64),
                 })
             })
             .collect()

@@ -65,16 +65,17 @@ pub fn role(
     }
     match row {
         Ok(Some(lease)) if !lease.is_free() => {
-            let peer = lease.holder != me && holder_cluster(&lease.holder) == Some(cluster);
-            if peer && (lease.is_held() || recently_expired(lease)) {
-                // A peer holds it, or held it until moments ago: the Deployment is the
-                // same object and a replica of this cluster (maybe this one) takes the
-                // lease on its next tick, so scaling down now would only restart the pod.
+            let ours = holder_cluster(&lease.holder) == Some(cluster);
+            if lease.is_held() && lease.holder == me {
+                Role::Lapsed
+            } else if ours && (lease.is_held() || recently_expired(lease)) {
+                // A peer holds it, or this cluster held it until moments ago (a peer, or
+                // this replica before a restart): the Deployment is the same object and a
+                // replica of this cluster takes the lease on its next tick, so scaling
+                // down now would only restart the pod.
                 Role::PeerLeads {
                     holder: lease.holder.clone(),
                 }
-            } else if lease.is_held() && lease.holder == me {
-                Role::Lapsed
             } else if lease.is_held() {
                 Role::Standby {
                     holder: Some(lease.holder.clone()),
@@ -163,9 +164,9 @@ pub fn handover_gate(
             running_pods: own.running_pods,
         };
     }
-    // A report is judged stale only once this holder has held the lease for the
-    // reporter's whole bound too: after a database outage every report is old, live
-    // clusters' included, and they need that long to report again.
+    // A report is judged stale only once this holder has held the lease for two of the
+    // reporter's refresh periods too: after an outage of the database itself every
+    // report is old, live clusters' included, and they need that long to report again.
     let held_for = (lease.observed_at - lease.acquired_at)
         .to_std()
         .unwrap_or_default();
@@ -173,7 +174,7 @@ pub fn handover_gate(
     for report in reports.iter().filter(|r| {
         Some(r.cluster.as_str()) != holder_cluster(me) && r.running_pods.max(r.replicas) > 0
     }) {
-        if !report.is_stale() || held_for < report.stale_after {
+        if !report.is_stale() || held_for < report.refresh * 2 {
             return Gate::WaitForCluster {
                 cluster: report.cluster.clone(),
                 running_pods: report.running_pods.max(report.replicas),
@@ -429,6 +430,8 @@ mod tests {
             reported_at: Utc::now(),
             age: Duration::from_secs(age_s),
             stale_after: Duration::from_secs(stale_after_s),
+            // Refreshed four times within its bound.
+            refresh: Duration::from_secs(stale_after_s) / 4,
         }
     }
 
@@ -495,6 +498,12 @@ mod tests {
         assert_eq!(
             r(None, row(lease("west/b", 3, "", true))),
             Role::Standby { holder: None }
+        );
+        // This replica's own row, expired moments ago (a restart under the same name):
+        // it takes the lease back on its next tick; the running pod is left alone.
+        assert_eq!(
+            r(None, row(lease(ME, 3, "", true))),
+            Role::PeerLeads { holder: ME.into() }
         );
         let mut long_expired = lease("east/b", 3, "", true);
         long_expired.expires_at -= chrono::Duration::seconds(60);
@@ -581,16 +590,20 @@ mod tests {
     }
 
     #[test]
-    fn an_old_report_is_stale_only_once_the_holder_held_the_lease_that_long() {
+    fn an_old_report_is_stale_only_once_the_holder_held_the_lease_for_two_refreshes() {
         // Just taken over after a database outage: every report is old, live clusters'
-        // too; they get the reporter's whole bound to report again.
+        // too; they get two of their refresh periods (2 × 15/4 s here) to report again.
         let old_report = || vec![report("west", 1, 40, 15)];
         assert!(matches!(
             gate_of(held_since(1, "west/b"), old_report()),
             Gate::WaitForCluster { .. }
         ));
+        assert!(matches!(
+            gate_of(held_since(7, "west/b"), old_report()),
+            Gate::WaitForCluster { .. }
+        ));
         assert_eq!(
-            gate_of(held_since(15, "west/b"), old_report()),
+            gate_of(held_since(8, "west/b"), old_report()),
             Gate::Open {
                 stale: vec!["west".into()]
             }

@@ -35,7 +35,7 @@ pub async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     {
         // The Deployment is another Reaper's: nothing of it is this one's to stop.
         if let Some(candidate) = ctx.candidates.take(&key) {
-            hand_over(ctx, candidate).await;
+            let _ = candidate.stop().await;
         }
         return Ok(Action::await_change());
     }
@@ -60,7 +60,7 @@ pub async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
                 &ctx.cluster,
                 &ctx.holder,
                 counts,
-                workload.stale_after(*timings),
+                workload.report_timing(*timings),
             )
             .await
             .map_err(Error::Database)?;
@@ -145,7 +145,7 @@ async fn workload_stopped(ctx: &Context, candidate: &Candidate) -> bool {
             &ctx.cluster,
             &ctx.holder,
             counts,
-            workload.stale_after(candidate.timings),
+            workload.report_timing(candidate.timings),
         )
         .await
     {

@@ -12,8 +12,9 @@ use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, ResourceExt};
 
-use super::reconcile::Error;
-use crate::lease::WorkloadCounts;
+use super::reconcile::{Error, steady_requeue};
+use crate::config::LeaseTimings;
+use crate::lease::{ReportTiming, WorkloadCounts};
 
 /// What this cluster's workload looks like.
 pub struct Workload {
@@ -27,12 +28,34 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// How long this cluster's workload report stays credible to other clusters: the
-    /// ttl plus the pods' grace period. A cluster cut off from the database stops its pod
-    /// from its renew deadline on (its fence), and the pod then takes up to its grace
-    /// period to stop; only after both may another cluster presume it gone.
-    pub fn stale_after(&self, timings: crate::config::LeaseTimings) -> Duration {
-        timings.ttl + self.stop_grace
+    /// What to report when the workload cannot be observed (the API server does not
+    /// answer): one pod that may be running, stopping within the default grace period.
+    /// Silence would read as "this cluster is dead" once its report goes stale.
+    pub fn unobservable() -> Self {
+        Self {
+            deployment: None,
+            selector: None,
+            counts: WorkloadCounts {
+                replicas: 1,
+                running_pods: 1,
+                ready_pods: 0,
+            },
+            stop_grace: DEFAULT_GRACE,
+        }
+    }
+
+    /// How other clusters judge this cluster's report. A cluster cut off from the
+    /// database last reported at most one refresh before its last renew; its fence fires
+    /// at the first elector tick after the renew deadline (at most a retry period
+    /// late), and its pod then takes up to its grace period to stop. So the report stays
+    /// credible for refresh + ttl + retry + grace: past that, the pod is gone with a
+    /// margin of ttl − renew deadline for the API server to act.
+    pub fn report_timing(&self, timings: LeaseTimings) -> ReportTiming {
+        let refresh = steady_requeue(timings);
+        ReportTiming {
+            stale_after: refresh + timings.ttl + timings.retry_period + self.stop_grace,
+            refresh,
+        }
     }
 }
 

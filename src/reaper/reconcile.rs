@@ -266,18 +266,34 @@ async fn refuse(
     key: &ObjectRef<Reaper>,
     refused: decide::Conflict,
 ) -> Result<Action, Error> {
+    let foreign_deployment = refused.reason == "DeploymentConflict";
     if let Some(old) = ctx.candidates.take(key) {
-        hand_over(ctx, old).await;
+        if foreign_deployment {
+            // The Deployment is the older Reaper's now: stop competing, touch nothing;
+            // a lease still held expires by itself.
+            let _ = old.stop().await;
+        } else {
+            hand_over(ctx, old).await;
+        }
     }
     let ns = reaper.namespace().unwrap_or_default();
-    if refused.reason != "DeploymentConflict" && !reaper.spec.paused {
+    let previous = reaper.status.as_ref();
+    // Stop only what this cluster's operator started under this Reaper (its record):
+    // a pod started by anything else (an older operator during an upgrade, say) is not
+    // ours to fight over, and scaling it down while that one scales up would stack
+    // stopping pods.
+    let mut record = previous.and_then(|s| s.scaled_up_by.clone());
+    let ours = record
+        .as_ref()
+        .is_some_and(|r| decide::holder_cluster(&r.holder) == Some(ctx.cluster.as_str()));
+    if !foreign_deployment && ours && !reaper.spec.paused {
         let workload =
             observe::observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name, None).await?;
         if workload.deployment.is_some() && workload.counts.replicas > 0 {
             scale(&ctx.client, &ns, &reaper.spec.deployment_name, 0).await?;
         }
+        record = None;
     }
-    let previous = reaper.status.as_ref();
     let first_time =
         previous.is_none_or(|s| !s.conditions.iter().any(|c| c.reason == refused.reason));
     let status = status::refused_status(
@@ -285,6 +301,7 @@ async fn refuse(
         &refused.message,
         reaper.metadata.generation,
         previous,
+        record,
         Utc::now(),
     );
     if previous.is_none_or(|old| status::differs(old, &status, Duration::MAX)) {
@@ -355,13 +372,35 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         scale(&ctx.client, &ns, deployment_name, 0).await?;
         recorded = None;
     }
-    let workload = observe::observe_workload(
+    let workload = match observe::observe_workload(
         &ctx.client,
         &ns,
         deployment_name,
         previous.and_then(|s| s.pod_selector.as_deref()),
     )
-    .await?;
+    .await
+    {
+        Ok(workload) => workload,
+        Err(error) => {
+            // Another cluster must not take this cluster's silence for death while a
+            // pod here may run on.
+            let unknown = Workload::unobservable();
+            if let Err(report_error) = ctx
+                .store
+                .sync_workload(
+                    &lease_name,
+                    &ctx.cluster,
+                    &ctx.holder,
+                    unknown.counts,
+                    unknown.report_timing(timings),
+                )
+                .await
+            {
+                tracing::debug!(%report_error, "cannot report the unobservable workload either");
+            }
+            return Err(error);
+        }
+    };
     let status_renewed_at = previous.and_then(|s| s.renewed_at.clone());
     let (database_failing_for, renewals_unseen_for) = ctx
         .candidates
@@ -384,7 +423,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             &ctx.cluster,
             &ctx.holder,
             workload.counts,
-            workload.stale_after(timings),
+            workload.report_timing(timings),
         )
         .await
         .map_err(|e| e.to_string());
@@ -478,7 +517,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
                         &ctx.cluster,
                         &ctx.holder,
                         starting,
-                        workload.stale_after(timings),
+                        workload.report_timing(timings),
                     )
                     .await?;
                 if watch.leader_epoch() == Some(epoch) {
@@ -575,7 +614,7 @@ fn warn_stale_reports(
             type_: EventType::Warning,
             reason: "StaleClusterReport".into(),
             note: Some(format!(
-                "cluster(s) {} last reported running pods longer ago than their ttl and are presumed dead or cut off; \
+                "cluster(s) {} last reported running pods longer ago than their bound (ttl + grace period + refresh + retry) and are presumed dead or cut off; \
                  scaling up anyway: only the workload's own fencing (epoch check) protects against a second pod",
                 stale.join(", ")
             )),
@@ -609,7 +648,7 @@ pub async fn scale(client: &Client, ns: &str, name: &str, replicas: i32) -> Resu
 /// cluster's workload report, which other clusters treat as stale after a ttl, so a
 /// quarter ttl leaves three refreshes of margin, and never slower than the retry period
 /// (at the default 15/10/2 s: every 3.75 s instead of every 2 s).
-fn steady_requeue(timings: LeaseTimings) -> Duration {
+pub fn steady_requeue(timings: LeaseTimings) -> Duration {
     timings.retry_period.max(timings.ttl / 4)
 }
 

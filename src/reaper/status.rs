@@ -164,7 +164,7 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 false,
                 "WaitingForHandover",
                 format!(
-                    "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its ttl"
+                    "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its bound (ttl + grace period + refresh + retry)"
                 ),
             ),
             (Role::Leader { .. }, Some(Gate::OwnPodsStopping { running_pods })) => condition(
@@ -281,12 +281,13 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
 }
 
 /// Status for a Reaper the operator refuses to act for (`reason`: `InvalidSpec`,
-/// `LeaseNameConflict`, ...). What it remembers of the workload is kept.
+/// `LeaseNameConflict`, ...). The pod selector it remembers is kept.
 pub fn refused_status(
     reason: &str,
     message: &str,
     generation: Option<i64>,
     previous: Option<&ReaperStatus>,
+    scaled_up_by: Option<ScaleRecord>,
     now: DateTime<Utc>,
 ) -> ReaperStatus {
     let prev_conditions = previous
@@ -305,7 +306,7 @@ pub fn refused_status(
             now,
         )],
         pod_selector: previous.and_then(|s| s.pod_selector.clone()),
-        scaled_up_by: previous.and_then(|s| s.scaled_up_by.clone()),
+        scaled_up_by,
         ..Default::default()
     }
 }
