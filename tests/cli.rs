@@ -290,3 +290,25 @@ fn unreachable_database_is_exit_2_with_a_reason() {
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("DATABASE_URL"), "{}", stderr(&out));
 }
+
+/// `run` without `--cluster-name` warns (two clusters left at "default" look like one),
+/// and logs written to a pipe, as in every pod, carry no colour escapes.
+#[test]
+fn run_without_a_cluster_name_warns_in_plain_text() {
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--no-migrate", "--http-addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", "postgres://reaper@127.0.0.1:1/reaper")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("REAPER_CLUSTER_NAME")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run reaper-operator");
+    let err = stderr(&out);
+    assert_ne!(code(&out), 0, "started without a Kubernetes client: {err}");
+    assert!(err.contains("no --cluster-name"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI escapes in piped logs: {err:?}"
+    );
+}
