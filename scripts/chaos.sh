@@ -3,7 +3,8 @@
 # of its own: the suite stops and restarts the database it is given, so it never gets
 # the one other tests use. Extra arguments go to the test binary.
 #
-#   scripts/chaos.sh                            # short profile (150 s of faults)
+#   scripts/chaos.sh                            # short profile (150 s of faults, and at
+#                                               # least one round of every kind)
 #   REAPER_CHAOS_SECONDS=1800 scripts/chaos.sh  # long profile
 #   REAPER_CHAOS_SEED=<seed> scripts/chaos.sh   # replay a run
 set -euo pipefail

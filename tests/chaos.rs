@@ -3,19 +3,24 @@
 //! Two local control planes (clusters `a` and `b`), two `reaper-operator run` replicas
 //! in each, every replica's lease statements going through its own fault proxy to
 //! PgBouncer (transaction mode) and its LISTEN connection through a second proxy to
-//! PostgreSQL. Three Reapers per cluster share three lease names across the clusters.
-//! A seeded injector kills, stops, cuts off and restarts things one at a time; an
-//! observer records every Deployment change in both clusters and the workload reports;
-//! at the end the checker reads the `lease_event` history and checks
-//! (a) no two clusters run a lease's Deployment at once (except the documented
-//! fencing case), (b) the audit history is a sequence of non-overlapping tenures with
-//! strictly increasing epochs, (c) everything converges after the last fault.
+//! PostgreSQL. Three Reapers per cluster share three lease names across the clusters;
+//! their pods take 0 to 20 s to stop once deleted (kwok keeps them Terminating). A
+//! seeded injector kills, stops, cuts off and restarts things one at a time, shuts a
+//! cluster's operators down gracefully, deletes and recreates Reapers and Deployments,
+//! and adds second Reapers naming used leases; an observer records every Deployment
+//! change and every pod's life in both clusters and the workload reports; at the end
+//! the checker reads the `lease_event` history and checks (a) no two clusters have a
+//! live pod (Terminating included) of one lease at once (except the documented fencing
+//! case), (b) the audit history is a sequence of non-overlapping tenures with strictly
+//! increasing epochs, (c) everything converges after the last fault, (d) refused
+//! Reapers never ran a pod and the object faults behaved as documented.
 //!
 //! `#[ignore]`d because it stops and restarts the database it is given: run it with
 //! `scripts/chaos.sh` (what `make chaos` and `make test` do), which starts a private
 //! one, or `cargo test --test chaos -- --ignored --nocapture` with the variables of a
 //! `tests/db/up.sh` database nothing else uses.
-//! `REAPER_CHAOS_SECONDS` (default 150) sets how long faults are injected,
+//! `REAPER_CHAOS_SECONDS` (default 150) sets how long faults are injected (and at least
+//! until every kind has been dealt once),
 //! `REAPER_CHAOS_SEED` replays a run, `REAPER_CHAOS_KEEP=1` keeps the run directory
 //! (fault log, timeline, operator logs) even when the run passes.
 
@@ -27,6 +32,8 @@ mod checker;
 mod faults;
 #[path = "chaos/infra.rs"]
 mod infra;
+#[path = "chaos/objects.rs"]
+mod objects;
 #[path = "chaos/observer.rs"]
 mod observer;
 
@@ -37,13 +44,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
 use support::cluster::TestCluster;
+use support::fixtures::PodStop;
 use support::{db, fixtures};
 
 use checker::{Input, cluster_of};
@@ -57,9 +65,16 @@ const RETRY: u64 = 1;
 const HANDOVER: u64 = 0;
 const LEASES: usize = 3;
 const CLUSTERS: [&str; 2] = ["a", "b"];
-/// Check (c): after the last heal, one leader and one ready replica per lease within
-/// ttl + retry + handover + 5 s.
-const CONVERGE_BOUND: u64 = TTL + RETRY + HANDOVER + 5;
+/// The longest a reaper pod takes to stop once deleted (see [`pod_stop`]).
+const POD_STOP_MAX_SECONDS: u64 = 20;
+/// `--shutdown-timeout-seconds` of every replica: above the longest pod stop, with margin,
+/// so that a graceful shutdown always outlasts the pods it waits for.
+const SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
+/// Check (c): after the last heal, one leader and one ready replica per lease (and no
+/// pod left anywhere else) within ttl + retry + handover + the longest pod stop + 5 s:
+/// the last fault may leave a handover that waits for a stopping pod, or a stopping pod
+/// in the cluster that lost the lease.
+const CONVERGE_BOUND: u64 = TTL + RETRY + HANDOVER + POD_STOP_MAX_SECONDS + 5;
 
 struct Settings {
     seed: u64,
@@ -166,24 +181,24 @@ async fn run(
     clusters: &[TestCluster; 2],
 ) -> Result<Outcome> {
     let clients = [clusters[0].client().await?, clusters[1].client().await?];
-    for c in &clients {
-        support::cluster::install_reaper_crd(c).await?;
-    }
     let suffix = format!("{:x}", Utc::now().timestamp_subsec_nanos());
     let namespace = format!("chaos-{suffix}");
     let leases: Vec<String> = (0..LEASES)
         .map(|i| format!("{namespace}.lease-{i}"))
         .collect();
     let deployments: Vec<String> = (0..LEASES).map(|i| format!("reaper-{i}")).collect();
+    let stops: Vec<PodStop> = (0..LEASES).map(pod_stop).collect();
+    // Where second Reapers of another namespace go.
+    let other_namespace = format!("{namespace}-other");
+    let objects = Objects {
+        namespace: &namespace,
+        other_namespace: &other_namespace,
+        leases: &leases,
+        deployments: &deployments,
+        stops: &stops,
+    };
     for c in &clients {
-        create_namespace(c, &namespace).await?;
-        // Not managed by any Reaper: the injector runs a pod with it to know that a
-        // cluster whose apiserver restarted works again.
-        fixtures::create_deployment(c, &namespace, faults::CANARY, "Recreate", json!({})).await?;
-        for (lease, deployment) in leases.iter().zip(&deployments) {
-            fixtures::create_deployment(c, &namespace, deployment, "Recreate", json!({})).await?;
-            create_reaper(c, &namespace, deployment, lease).await?;
-        }
+        objects.create(c).await?;
     }
     let schema = db::unique_schema("chaos");
     let store = LeaseStore::connect(&database.direct_url, &schema, Duration::from_secs(2), 2)
@@ -193,7 +208,10 @@ async fn run(
 
     let mut observer = Observer::new();
     for (i, c) in clients.iter().enumerate() {
-        observer.watch_cluster(i, c.clone(), &namespace, deployments.clone());
+        for ns in [&namespace, &other_namespace] {
+            observer.watch_cluster(i, c.clone(), ns, deployments.clone(), faults::CANARY);
+            observer.watch_pods(i, c.clone(), ns, faults::CANARY);
+        }
     }
     observer.poll_database(
         &database.direct_url,
@@ -202,19 +220,7 @@ async fn run(
         CLUSTERS.map(str::to_owned),
     )?;
 
-    let mut replicas = Vec::new();
-    for (i, cluster) in clusters.iter().enumerate() {
-        for identity in ["op-1", "op-2"] {
-            let config = ReplicaConfig {
-                kubeconfig: cluster.kubeconfig().to_owned(),
-                schema: schema.as_str().to_owned(),
-                namespace: namespace.clone(),
-                cluster: CLUSTERS[i].to_owned(),
-                identity: identity.to_owned(),
-            };
-            replicas.push(Replica::new(config, database, &settings.dir).await?);
-        }
-    }
+    let mut replicas = start_replicas(clusters, schema.as_str(), database, &settings.dir).await?;
     let replica_names: Vec<String> = replicas.iter().map(Replica::name).collect();
     let replica_cluster: Vec<usize> = replicas
         .iter()
@@ -271,7 +277,8 @@ async fn run(
 
     let chaos_start = Utc::now();
     let chaos_started = Instant::now();
-    let mut plan = Plan::new(settings.seed, Duration::from_secs(TTL));
+    let report_bounds: Vec<Duration> = stops.iter().map(report_bound).collect();
+    let mut plan = Plan::new(settings.seed, Duration::from_secs(TTL), report_bounds);
     let mut injector = Injector {
         replicas: &mut replicas,
         db: database,
@@ -279,14 +286,22 @@ async fn run(
         clients: clients.clone(),
         observer: &observer,
         leases: &leases,
+        deployments: &deployments,
+        stops: &stops,
         clusters: CLUSTERS,
         namespace: &namespace,
+        other_namespace: &other_namespace,
+        store: &store,
         records: Vec::new(),
+        extra_leases: Vec::new(),
         unexpected_exits: Vec::new(),
     };
     let mut id = 0;
     let mut failure = None;
-    while chaos_started.elapsed() < Duration::from_secs(settings.seconds) {
+    // At least one full round, so that even a short run sees every kind.
+    while chaos_started.elapsed() < Duration::from_secs(settings.seconds)
+        || !plan.dealt_every_kind()
+    {
         injector.check_exits(&mut log);
         id += 1;
         let planned = plan.next_fault();
@@ -298,6 +313,7 @@ async fn run(
     }
     injector.check_exits(&mut log);
     let records = std::mem::take(&mut injector.records);
+    let extra_leases = std::mem::take(&mut injector.extra_leases);
     let unexpected_exits = std::mem::take(&mut injector.unexpected_exits);
     drop(injector);
     if let Some(e) = failure {
@@ -345,6 +361,11 @@ async fn run(
     for lease in &leases {
         events.push(store.events(lease).await?);
     }
+    let mut extra_events: Vec<(String, Vec<LeaseEvent>)> = Vec::new();
+    for lease in extra_leases {
+        let e = store.events(&lease).await?;
+        extra_events.push((lease, e));
+    }
     let recorded = std::mem::take(&mut *observer.records.lock().unwrap());
     let input = Input {
         ttl: Duration::from_secs(TTL),
@@ -352,11 +373,15 @@ async fn run(
         replica_cluster: &replica_cluster,
         replica_names: &replica_names,
         leases: &leases,
+        deployments: &deployments,
         samples: &recorded.samples,
+        pods: &recorded.pods,
+        other_samples: &recorded.other_samples,
         reports: &recorded.reports,
         blind: &recorded.blind,
         faults: &records,
         events: &events,
+        extra_events: &extra_events,
         chaos_start,
         end,
     };
@@ -376,17 +401,7 @@ async fn run(
     let logs: Vec<(String, Vec<PathBuf>)> = replicas.iter().map(|r| (r.name(), r.logs())).collect();
     write_timeline(&settings.dir.join("timeline.txt"), &input, &analysis);
     let violations = analysis.violations() + usize::from(converged.is_err());
-    for o in analysis.overlaps.iter().filter(|o| !o.expected) {
-        let from = o.start - checker::secs(10.0);
-        let to = o.end + checker::secs(2.0);
-        let _ = writeln!(
-            summary,
-            "\n--- context of the violation on {} at {}:\n{}",
-            leases[o.lease],
-            o.start.format("%H:%M:%S%.3f"),
-            context(&input, o.lease, from, to, &logs, &deployments[o.lease])
-        );
-    }
+    summary.push_str(&violation_contexts(&input, &analysis, &logs));
     if let Err(e) = &converged {
         let _ = writeln!(summary, "\n--- (c) failed: {e}");
     }
@@ -406,8 +421,120 @@ async fn run(
     })
 }
 
+/// Two replicas per cluster, `a/op-1`, `a/op-2`, `b/op-1`, `b/op-2`.
+async fn start_replicas(
+    clusters: &[TestCluster; 2],
+    schema: &str,
+    database: &Database,
+    dir: &Path,
+) -> Result<Vec<Replica>> {
+    let mut replicas = Vec::new();
+    for (i, cluster) in clusters.iter().enumerate() {
+        for identity in ["op-1", "op-2"] {
+            let config = ReplicaConfig {
+                kubeconfig: cluster.kubeconfig().to_owned(),
+                schema: schema.to_owned(),
+                // Every namespace (the clusters are the run's own): second Reapers go
+                // to another namespace too.
+                namespace: String::new(),
+                cluster: CLUSTERS[i].to_owned(),
+                identity: identity.to_owned(),
+                shutdown_timeout_seconds: SHUTDOWN_TIMEOUT_SECONDS,
+            };
+            replicas.push(Replica::new(config, database, dir).await?);
+        }
+    }
+    Ok(replicas)
+}
+
+/// The Kubernetes objects of a run, the same in both clusters.
+struct Objects<'a> {
+    namespace: &'a str,
+    /// For second Reapers of another namespace.
+    other_namespace: &'a str,
+    leases: &'a [String],
+    /// Per lease: its Deployment and its Reaper (one name).
+    deployments: &'a [String],
+    stops: &'a [PodStop],
+}
+
+impl Objects<'_> {
+    /// The CRD, both namespaces, the canary, and per lease a Deployment (its pods stop
+    /// as [`pod_stop`] says) and a Reaper.
+    async fn create(&self, client: &Client) -> Result<()> {
+        support::cluster::install_reaper_crd(client).await?;
+        create_namespace(client, self.namespace).await?;
+        create_namespace(client, self.other_namespace).await?;
+        // Not managed by any Reaper: the injector runs a pod with it to know that a
+        // cluster whose apiserver restarted works again.
+        fixtures::create_deployment(
+            client,
+            self.namespace,
+            faults::CANARY,
+            "Recreate",
+            json!({}),
+        )
+        .await?;
+        for ((lease, deployment), stop) in self.leases.iter().zip(self.deployments).zip(self.stops)
+        {
+            fixtures::create_deployment_with_stop(
+                client,
+                self.namespace,
+                deployment,
+                "Recreate",
+                json!({}),
+                *stop,
+            )
+            .await?;
+            create_reaper(client, self.namespace, deployment, lease).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The timeline around every overlap that is a violation, and around every two pods of
+/// one lease in one cluster.
+fn violation_contexts(
+    input: &Input<'_>,
+    analysis: &checker::Analysis,
+    logs: &[(String, Vec<PathBuf>)],
+) -> String {
+    let mut summary = String::new();
+    let (leases, deployments) = (input.leases, input.deployments);
+    for o in analysis.overlaps.iter().filter(|o| !o.expected) {
+        let from = o.start - checker::secs(10.0);
+        let to = o.end + checker::secs(2.0);
+        let _ = writeln!(
+            summary,
+            "\n--- context of the violation on {} at {}:\n{}",
+            leases[o.lease],
+            o.start.format("%H:%M:%S%.3f"),
+            context(input, o.lease, from, to, logs, &deployments[o.lease])
+        );
+    }
+    for &(lease, cluster, start, end) in &analysis.double_pods {
+        let _ = writeln!(
+            summary,
+            "\n--- context of the two pods of {} in {} at {}:\n{}",
+            leases[lease],
+            CLUSTERS[cluster],
+            start.format("%H:%M:%S%.3f"),
+            context(
+                input,
+                lease,
+                start - checker::secs(10.0),
+                end + checker::secs(2.0),
+                logs,
+                &deployments[lease]
+            )
+        );
+    }
+    summary
+}
+
 /// Polls (every 200 ms, up to `timeout`) until, for every lease: the row is held by a
-/// replica of one cluster X; X's Deployment is at 1 replica, ready; the other's at 0;
+/// replica of one cluster X; X's Deployment is at 1 replica, ready, with one live pod;
+/// the other's at 0 with no pod left (not even a stopping one);
 /// X's Reaper says Leading with that holder and the other's does not; and exactly one
 /// replica's `reaper_leader` gauge is 1. The error says what was still wrong.
 async fn converge(
@@ -458,19 +585,20 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
                 .await?
                 .status
                 .unwrap_or_default();
-            state.push((c, spec, ready, reaper.phase, reaper.holder));
+            let pods = live_pods(client, &scene.namespace, deployment).await?;
+            state.push((c, spec, ready, pods, reaper.phase, reaper.holder));
         }
-        for (c, spec, ready, phase, holder) in &state {
+        for (c, spec, ready, pods, phase, holder) in &state {
             let ok = if *c == x {
-                (*spec, *ready) == (1, 1)
+                (*spec, *ready, *pods) == (1, 1, 1)
                     && *phase == Some(Phase::Leading)
                     && holder.as_deref() == Some(row.holder.as_str())
             } else {
-                (*spec, *ready) == (0, 0) && *phase != Some(Phase::Leading)
+                (*spec, *ready, *pods) == (0, 0, 0) && *phase != Some(Phase::Leading)
             };
             if !ok {
                 return Ok(Some(format!(
-                    "lease {lease} held by {} (epoch {}); cluster {}: replicas {spec}, ready {ready}, phase {phase:?}, status holder {holder:?}",
+                    "lease {lease} held by {} (epoch {}); cluster {}: replicas {spec}, ready {ready}, live pods {pods}, phase {phase:?}, status holder {holder:?}",
                     row.holder, row.epoch, CLUSTERS[*c]
                 )));
             }
@@ -492,6 +620,21 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
     Ok(None)
 }
 
+/// Pods of the Deployment `app` that have not finished (Terminating ones included).
+async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .count())
+}
+
 async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
     api.create(
@@ -502,15 +645,46 @@ async fn create_namespace(client: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn create_reaper(client: &Client, ns: &str, name: &str, lease: &str) -> Result<()> {
-    let lease = LeaseSpec {
-        name: Some(lease.to_owned()),
+/// The run's lease timings, for the lease `name`.
+fn lease_spec(name: &str) -> LeaseSpec {
+    LeaseSpec {
+        name: Some(name.to_owned()),
         ttl_seconds: TTL as i32,
         renew_deadline_seconds: DEADLINE as i32,
         retry_period_seconds: RETRY as i32,
         handover_delay_seconds: HANDOVER as i32,
-    };
-    fixtures::create_reaper(client, ns, name, name, lease).await
+    }
+}
+
+/// How long the operator lets other clusters trust a cluster's workload report for a
+/// Deployment whose pods stop as `stop` says (README: refresh + ttl + retry + the pods'
+/// grace period, the refresh being a quarter ttl, at least the retry period). Only used
+/// to make `cluster-sigstop` long enough; the checker reads each report's own bound.
+fn report_bound(stop: &PodStop) -> Duration {
+    let refresh = Duration::from_secs(RETRY).max(Duration::from_secs(TTL) / 4);
+    refresh + Duration::from_secs(TTL + RETRY + stop.grace_seconds as u64)
+}
+
+/// A Reaper `name` for the Deployment `name`, competing for `lease`.
+async fn create_reaper(client: &Client, ns: &str, name: &str, lease: &str) -> Result<()> {
+    fixtures::create_reaper(client, ns, name, name, lease_spec(lease)).await
+}
+
+/// How the pods of lease `i`'s Deployment stop: after a random time in a band of its
+/// own, the three bands covering 0 to [`POD_STOP_MAX_SECONDS`] (0-6.7 s, 6.7-13.3 s,
+/// 13.3-20 s), within a grace period that covers the band (7, 14, 20 s), as a workload
+/// that exits on SIGTERM in its own time. One lease always hands over quickly (so the
+/// short profile keeps many failovers), one always outlives the ttl several times over.
+fn pod_stop(i: usize) -> PodStop {
+    let band = POD_STOP_MAX_SECONDS as f64 / LEASES as f64;
+    let to = band * (i + 1) as f64;
+    PodStop {
+        grace_seconds: to.ceil() as i64,
+        ..PodStop::between(
+            Duration::from_secs_f64(band * i as f64),
+            Duration::from_secs_f64(to),
+        )
+    }
 }
 
 fn strip_ansi(line: &str) -> String {
@@ -565,6 +739,7 @@ fn context(
             ),
         ));
     }
+    lines.extend(pod_lines(input, deployment, from, to));
     for r in input
         .reports
         .iter()
@@ -625,6 +800,30 @@ fn context(
         .join("\n")
 }
 
+/// When each pod of `app` between `from` and `to` appeared, started stopping and was gone.
+fn pod_lines(
+    input: &Input<'_>,
+    app: &str,
+    from: checker::Time,
+    to: checker::Time,
+) -> Vec<(checker::Time, String)> {
+    let mut lines = Vec::new();
+    for p in input.pods.iter().filter(|p| p.app == app) {
+        let c = input.clusters[p.cluster];
+        let moments = [
+            (Some(p.appeared), "appeared"),
+            (p.deleting, "Terminating"),
+            (p.gone, "gone"),
+        ];
+        for (at, what) in moments {
+            if let Some(at) = at.filter(|t| *t >= from && *t <= to) {
+                lines.push((at, format!("pod {c} {} {what}", p.name)));
+            }
+        }
+    }
+    lines
+}
+
 fn write_timeline(path: &Path, input: &Input<'_>, analysis: &checker::Analysis) {
     let mut s = String::new();
     for f in input.faults {
@@ -648,6 +847,16 @@ fn write_timeline(path: &Path, input: &Input<'_>, analysis: &checker::Analysis) 
             sample.spec,
             sample.ready
         );
+    }
+    let (from, to) = (input.chaos_start - checker::secs(600.0), input.end);
+    let mut pods: Vec<(checker::Time, String)> = input
+        .deployments
+        .iter()
+        .flat_map(|d| pod_lines(input, d, from, to))
+        .collect();
+    pods.sort_by_key(|p| p.0);
+    for (at, line) in pods {
+        let _ = writeln!(s, "{} {line}", at.format("%H:%M:%S%.3f"));
     }
     for (lease, events) in input.events.iter().enumerate() {
         for e in events {

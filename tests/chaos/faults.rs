@@ -19,17 +19,17 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use reaper_operator::lease::LeaseStore;
+
 use crate::checker::{Effect, FaultRecord, Kind};
 use crate::infra::{ApiServer, Database, Replica};
 use crate::observer::Observer;
+use crate::support::fixtures::PodStop;
 use crate::support::proxy::Mode;
 
-/// Every kind once per round (sigstop and kill -9 twice), in a seeded order, so that a
-/// short run sees each kind at least once.
-const DECK: [Kind; 11] = [
+/// Every kind once per round, in a seeded order, so that a short run sees each kind.
+const DECK: [Kind; 14] = [
     Kind::Kill9,
-    Kind::Kill9,
-    Kind::Pause,
     Kind::Pause,
     Kind::CutReset,
     Kind::CutBlackhole,
@@ -38,7 +38,16 @@ const DECK: [Kind; 11] = [
     Kind::RestartApiserver,
     Kind::FreezeCluster,
     Kind::CutCluster,
+    Kind::StopOperators,
+    Kind::RecreateReaper,
+    Kind::DeleteDeployment,
+    Kind::SecondReaperSameNamespace,
+    Kind::SecondReaperOtherNamespace,
 ];
+
+/// Added to every round after the first: crashes and stalls, the commonest faults,
+/// come twice as often once every kind has had its turn.
+const EXTRA: [Kind; 2] = [Kind::Kill9, Kind::Pause];
 
 #[derive(Clone, Debug)]
 pub struct Planned {
@@ -48,29 +57,45 @@ pub struct Planned {
     pub hold: Duration,
     /// Pause after the heal before the next fault.
     pub gap: Duration,
-    /// Fast or immediate PostgreSQL stop; reset or blackhole for a cluster cut.
+    /// Fast or immediate PostgreSQL stop; reset or blackhole for a cluster cut; which
+    /// object comes back first after a Deployment deletion; the short or the full lease
+    /// name for a second Reaper.
     pub variant: bool,
 }
 
 pub struct Plan {
     rng: StdRng,
     deck: Vec<Kind>,
+    rounds: usize,
     ttl: f64,
+    /// Per lease: how long its workload reports stay credible.
+    report_bounds: Vec<f64>,
 }
 
 impl Plan {
-    pub fn new(seed: u64, ttl: Duration) -> Self {
+    pub fn new(seed: u64, ttl: Duration, report_bounds: Vec<Duration>) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
             deck: Vec::new(),
+            rounds: 0,
             ttl: ttl.as_secs_f64(),
+            report_bounds: report_bounds.iter().map(Duration::as_secs_f64).collect(),
         }
+    }
+
+    /// Whether every kind has been dealt at least once (the first round is over).
+    pub fn dealt_every_kind(&self) -> bool {
+        self.rounds > 1 || (self.rounds == 1 && self.deck.is_empty())
     }
 
     /// The same number of draws for every fault, so the stream never shifts.
     pub fn next_fault(&mut self) -> Planned {
         if self.deck.is_empty() {
             self.deck = DECK.to_vec();
+            if self.rounds > 0 {
+                self.deck.extend(EXTRA);
+            }
+            self.rounds += 1;
             self.deck.shuffle(&mut self.rng);
         }
         let kind = self.deck.pop().expect("refilled");
@@ -86,9 +111,21 @@ impl Plan {
             Kind::CutReset | Kind::CutBlackhole => (1.0, 8.0),
             Kind::RestartPgBouncer | Kind::RestartPostgres => (0.0, 3.0),
             Kind::RestartApiserver => (1.0, 5.0), // down, plus ~2 s to start
-            // Long enough for the frozen cluster's workload report to go stale.
-            Kind::FreezeCluster => (2.0 * ttl + 1.0, 2.0 * ttl + 4.0),
+            // Long enough for the frozen cluster's report of the targeted lease
+            // (`pick % leases`, as the injector resolves it) to go stale, so that the
+            // other cluster takes over: its report bound (which includes the ttl) + 1
+            // to 4 s.
+            Kind::FreezeCluster => {
+                let bound = self.report_bounds[pick as usize % self.report_bounds.len()];
+                (bound + 1.0, bound + 4.0)
+            }
             Kind::CutCluster => (3.0, 8.0),
+            // How long the operators stay down after they exited, or the objects stay
+            // away after the deleted Reaper is gone.
+            // (They also wait for pods to stop: up to 20 s.)
+            Kind::StopOperators | Kind::RecreateReaper | Kind::DeleteDeployment => (1.0, 4.0),
+            // How long the second Reaper stays (at least until its verdict is seen).
+            Kind::SecondReaperSameNamespace | Kind::SecondReaperOtherNamespace => (2.0, 6.0),
         };
         Planned {
             kind,
@@ -138,10 +175,19 @@ pub struct Injector<'a> {
     pub clients: [Client; 2],
     pub observer: &'a Observer,
     pub leases: &'a [String],
+    /// Per lease index: its Deployment and Reaper (one name), and how its pods stop.
+    pub deployments: &'a [String],
+    pub stops: &'a [PodStop],
     pub clusters: [&'a str; 2],
-    /// Where the canary Deployment lives.
+    /// Where the canary, the Deployments and the Reapers live.
     pub namespace: &'a str,
+    /// Where second Reapers of another namespace go.
+    pub other_namespace: &'a str,
+    /// A direct connection, to look at the rows second Reapers use.
+    pub store: &'a LeaseStore,
     pub records: Vec<FaultRecord>,
+    /// Lease rows of second Reapers in the other namespace (audited at the end).
+    pub extra_leases: Vec<String>,
     /// Replicas that exited without being killed: a finding.
     pub unexpected_exits: Vec<String>,
 }
@@ -171,8 +217,8 @@ impl Injector<'_> {
         (r, self.replicas[r].name())
     }
 
-    /// The cluster of the holder of a lease (when known), else either.
-    fn resolve_cluster(&self, pick: u32) -> (usize, String) {
+    /// The cluster of the holder of lease `pick % leases` (when known), else either.
+    pub(crate) fn resolve_cluster(&self, pick: u32) -> (usize, String) {
         let lease = pick as usize % self.leases.len();
         if let Some(r) = self.replica_of_holder(lease) {
             let c = self.replicas[r].config.cluster.clone();
@@ -183,7 +229,7 @@ impl Injector<'_> {
         (i, format!("cluster {}", self.clusters[i]))
     }
 
-    fn replicas_in(&self, cluster: usize) -> Vec<usize> {
+    pub(crate) fn replicas_in(&self, cluster: usize) -> Vec<usize> {
         (0..self.replicas.len())
             .filter(|&r| self.replicas[r].config.cluster == self.clusters[cluster])
             .collect()
@@ -239,6 +285,17 @@ impl Injector<'_> {
                     format!("apiserver of cluster {}", self.clusters[c]),
                 )
             }
+            Kind::StopOperators => {
+                let (c, target) = self.resolve_cluster(p.pick);
+                (
+                    Effect::Stopped(self.replicas_in(c)),
+                    format!("both replicas of {target} (SIGTERM)"),
+                )
+            }
+            Kind::RecreateReaper
+            | Kind::DeleteDeployment
+            | Kind::SecondReaperSameNamespace
+            | Kind::SecondReaperOtherNamespace => self.resolve_object_fault(id, p),
             Kind::RestartPgBouncer => (Effect::DatabaseDown, "PgBouncer".to_owned()),
             Kind::RestartPostgres => (
                 Effect::DatabaseDown,
@@ -249,7 +306,7 @@ impl Injector<'_> {
             ),
         };
         let targets: Vec<usize> = match &effect {
-            Effect::Unable(rs) | Effect::Cut(rs) => rs.clone(),
+            Effect::Unable(rs) | Effect::Cut(rs) | Effect::Stopped(rs) => rs.clone(),
             _ => Vec::new(),
         };
         let cut_mode = match kind {
@@ -280,10 +337,28 @@ impl Injector<'_> {
             effect: effect.clone(),
             start,
             healed: None,
+            problems: Vec::new(),
         };
-        let result = self
-            .inject_and_heal(kind, &effect, &targets, cut_mode, hold, p.variant)
-            .await;
+        let result = match kind {
+            Kind::StopOperators => self
+                .stop_operators(&targets, hold, &mut record.problems, log)
+                .await
+                .map(|()| None),
+            Kind::RecreateReaper
+            | Kind::DeleteDeployment
+            | Kind::SecondReaperSameNamespace
+            | Kind::SecondReaperOtherNamespace => self
+                .object_fault(id, p, &effect, &mut record.problems, log)
+                .await
+                .map(|()| None),
+            _ => {
+                self.inject_and_heal(kind, &effect, &targets, cut_mode, hold, p.variant)
+                    .await
+            }
+        };
+        for problem in &record.problems {
+            log.line(&format!("fault #{id} {}: PROBLEM: {problem}", kind.name()));
+        }
         record.healed = Some(Utc::now());
         let took = |t: chrono::DateTime<Utc>| (t - start).num_milliseconds() as f64 / 1000.0;
         let result = match result {
@@ -348,6 +423,13 @@ impl Injector<'_> {
                 for &r in targets {
                     self.replicas[r].signal("CONT")?;
                 }
+            }
+            Kind::StopOperators
+            | Kind::RecreateReaper
+            | Kind::DeleteDeployment
+            | Kind::SecondReaperSameNamespace
+            | Kind::SecondReaperOtherNamespace => {
+                return Err(anyhow!("{} is not injected here", kind.name()));
             }
             Kind::CutReset | Kind::CutBlackhole | Kind::CutCluster => {
                 for &r in targets {

@@ -427,6 +427,8 @@ pub struct ReplicaConfig {
     pub namespace: String,
     pub cluster: String,
     pub identity: String,
+    /// `--shutdown-timeout-seconds`: above the workload's longest stop time.
+    pub shutdown_timeout_seconds: u64,
 }
 
 /// One operator replica: `reaper-operator run` with its lease statements going through
@@ -473,16 +475,19 @@ impl Replica {
     pub fn start(&mut self) {
         assert!(self.process.is_none(), "{} is running", self.name());
         self.incarnation += 1;
-        self.process = Some(OperatorProcess::start(OperatorSpec {
-            kubeconfig: &self.config.kubeconfig,
-            database_url: &self.bouncer_url,
-            listen_database_url: Some(&self.listen_url),
-            schema: &self.config.schema,
-            cluster: &self.config.cluster,
-            identity: &self.config.identity,
-            migrate: false,
-            namespace: &self.config.namespace,
-        }));
+        self.process = Some(OperatorProcess::start_with_shutdown_timeout(
+            OperatorSpec {
+                kubeconfig: &self.config.kubeconfig,
+                database_url: &self.bouncer_url,
+                listen_database_url: Some(&self.listen_url),
+                schema: &self.config.schema,
+                cluster: &self.config.cluster,
+                identity: &self.config.identity,
+                migrate: false,
+                namespace: &self.config.namespace,
+            },
+            self.config.shutdown_timeout_seconds,
+        ));
     }
 
     pub fn signal(&self, signal: &str) -> Result<()> {

@@ -1,21 +1,24 @@
 //! The observer: a watch on the Deployments of each cluster (every change of
-//! `spec.replicas` and `status.readyReplicas`, with the time it was seen) and a poll of
-//! the lease tables every 200 ms on a direct connection (the workload reports, for the
-//! checker's staleness judgement, and the current holders, for targeting faults).
+//! `spec.replicas` and `status.readyReplicas`, with the time it was seen), a watch on
+//! the pods of each cluster (when each appeared, started stopping and was gone), and a
+//! poll of the lease tables every 200 ms on a direct connection (the workload reports,
+//! for the checker's staleness judgement, and the current holders, for targeting
+//! faults).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::checker::{Blind, Report, Sample};
+use crate::checker::{Blind, OtherSample, PodLife, Report, Sample};
 
 /// Reconnects a broken watch every 200 ms (the default backoff grows to 30 s, which
 /// would leave the observer blind long after an apiserver restart).
@@ -42,6 +45,9 @@ pub struct Holder {
 #[derive(Default)]
 pub struct Records {
     pub samples: Vec<Sample>,
+    /// Deployments that no lease owns (second Reapers'; not the canary).
+    pub other_samples: Vec<OtherSample>,
+    pub pods: Vec<PodLife>,
     pub reports: Vec<Report>,
     pub blind: Vec<Blind>,
     /// Per lease index: the row at the last successful poll.
@@ -62,28 +68,35 @@ impl Observer {
         }
     }
 
-    /// Watches the Deployments `deployments[i]` (lease index i) of one cluster.
+    /// Watches the Deployments of one cluster's namespace: `deployments[i]` is lease
+    /// index i's; a deleted one counts as 0 replicas; others (but `ignore`) are recorded
+    /// apart.
     pub fn watch_cluster(
         &mut self,
         cluster: usize,
         client: Client,
         namespace: &str,
         deployments: Vec<String>,
+        ignore: &str,
     ) {
         let records = self.records.clone();
+        let ignore = ignore.to_owned();
         let api: Api<Deployment> = Api::namespaced(client, namespace);
         self.tasks.push(tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default())
                 .backoff(Constant(Duration::from_millis(200)));
             let mut stream = std::pin::pin!(stream);
-            let mut last: HashMap<usize, (i32, i32)> = HashMap::new();
+            let mut last: HashMap<String, (i32, i32)> = HashMap::new();
             let mut blind_since: Option<DateTime<Utc>> = None;
             while let Some(event) = stream.next().await {
                 let now = Utc::now();
-                let object = match event {
-                    Ok(watcher::Event::Apply(d)) | Ok(watcher::Event::InitApply(d)) => Some(d),
-                    Ok(watcher::Event::InitDone) => None,
-                    Ok(_) => continue,
+                let (object, deleted) = match event {
+                    Ok(watcher::Event::Apply(d)) | Ok(watcher::Event::InitApply(d)) => {
+                        (Some(d), false)
+                    }
+                    Ok(watcher::Event::Delete(d)) => (Some(d), true),
+                    Ok(watcher::Event::InitDone) => (None, false),
+                    Ok(watcher::Event::Init) => continue,
                     Err(_) => {
                         blind_since.get_or_insert(now);
                         continue;
@@ -92,30 +105,100 @@ impl Observer {
                 let mut r = records.lock().unwrap();
                 if let Some(from) = blind_since.take() {
                     r.blind.push(Blind {
+                        watch: "deployments",
                         cluster,
                         from,
                         to: now,
                     });
                 }
                 let Some(d) = object else { continue };
-                let Some(lease) = deployments.iter().position(|n| *n == d.name_any()) else {
+                let name = d.name_any();
+                if name == ignore {
                     continue;
+                }
+                let (spec, ready) = if deleted {
+                    (0, 0)
+                } else {
+                    let ready = d.status.as_ref().and_then(|s| s.ready_replicas);
+                    (d.spec.replicas.unwrap_or(1), ready.unwrap_or(0))
                 };
-                let spec = d.spec.replicas.unwrap_or(1);
-                let ready = d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0);
-                if last.insert(lease, (spec, ready)) != Some((spec, ready)) {
-                    r.samples.push(Sample {
+                if last.insert(name.clone(), (spec, ready)) == Some((spec, ready)) {
+                    continue;
+                }
+                match deployments.iter().position(|n| *n == name) {
+                    Some(lease) => r.samples.push(Sample {
                         at: now,
                         cluster,
                         lease,
                         spec,
                         ready,
+                    }),
+                    None => r.other_samples.push(OtherSample {
+                        at: now,
+                        cluster,
+                        name,
+                        spec,
+                    }),
+                }
+            }
+        }));
+    }
+
+    /// Watches the pods of one cluster's namespace that have an `app` label (but
+    /// `ignore`): when each was first seen, first seen Terminating, and gone (a delete
+    /// event, a finished phase, or missing from a fresh list after the watch broke).
+    pub fn watch_pods(&mut self, cluster: usize, client: Client, namespace: &str, ignore: &str) {
+        let records = self.records.clone();
+        let api: Api<Pod> = Api::namespaced(client, namespace);
+        let config = watcher::Config::default().labels(&format!("app,app!={ignore}"));
+        self.tasks.push(tokio::spawn(async move {
+            let stream = watcher(api, config).backoff(Constant(Duration::from_millis(200)));
+            let mut stream = std::pin::pin!(stream);
+            // uid -> index in records.pods, for pods not gone yet.
+            let mut live: HashMap<String, usize> = HashMap::new();
+            let mut listed: HashSet<String> = HashSet::new();
+            let mut blind_since: Option<DateTime<Utc>> = None;
+            while let Some(event) = stream.next().await {
+                let now = Utc::now();
+                let mut r = records.lock().unwrap();
+                if event.is_ok()
+                    && let Some(from) = blind_since.take()
+                {
+                    r.blind.push(Blind {
+                        watch: "pods",
+                        cluster,
+                        from,
+                        to: now,
                     });
                 }
+                let (pod, deleted) = match event {
+                    Ok(watcher::Event::Apply(p)) => (p, false),
+                    Ok(watcher::Event::Delete(p)) => (p, true),
+                    Ok(watcher::Event::InitApply(p)) => {
+                        listed.insert(p.uid().unwrap_or_default());
+                        (p, false)
+                    }
+                    Ok(watcher::Event::Init) => {
+                        listed.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        // Deleted while the watch was broken.
+                        live.retain(|uid, &mut i| {
+                            let there = listed.contains(uid);
+                            if !there {
+                                r.pods[i].gone = Some(now);
+                            }
+                            there
+                        });
+                        continue;
+                    }
+                    Err(_) => {
+                        blind_since.get_or_insert(now);
+                        continue;
+                    }
+                };
+                record_pod(&mut r.pods, &mut live, cluster, &pod, deleted, now);
             }
         }));
     }
@@ -134,7 +217,7 @@ impl Observer {
             .connect_lazy(direct_url)?;
         let records = self.records.clone();
         let workload_sql = format!(
-            "SELECT name, cluster, running_pods, reported_at FROM \"{schema}\".lease_workload"
+            "SELECT name, cluster, running_pods, reported_at, stale_after_ms FROM \"{schema}\".lease_workload"
         );
         let lease_sql = format!(
             "SELECT name, holder, \
@@ -166,11 +249,12 @@ impl Observer {
                     };
                 let mut r = records.lock().unwrap();
                 for row in &workload {
-                    let (Ok(name), Ok(cluster), Ok(running_pods), Ok(reported_at)) = (
+                    let (Ok(name), Ok(cluster), Ok(running_pods), Ok(reported_at), Ok(bound)) = (
                         row.try_get::<String, _>("name"),
                         row.try_get::<String, _>("cluster"),
                         row.try_get::<i32, _>("running_pods"),
                         row.try_get::<DateTime<Utc>, _>("reported_at"),
+                        row.try_get::<i64, _>("stale_after_ms"),
                     ) else {
                         continue;
                     };
@@ -186,6 +270,7 @@ impl Observer {
                             cluster: c,
                             reported_at,
                             running_pods,
+                            stale_after: Duration::from_millis(bound.max(0) as u64),
                         });
                     }
                 }
@@ -231,5 +316,45 @@ impl Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// One watch event of a pod: a new life, its deletion seen, or its end.
+fn record_pod(
+    pods: &mut Vec<PodLife>,
+    live: &mut HashMap<String, usize>,
+    cluster: usize,
+    pod: &Pod,
+    deleted: bool,
+    now: DateTime<Utc>,
+) {
+    let uid = pod.uid().unwrap_or_default();
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let i = match live.get(&uid) {
+        Some(&i) => i,
+        None if deleted || finished => return,
+        None => {
+            pods.push(PodLife {
+                cluster,
+                app: pod.labels().get("app").cloned().unwrap_or_default(),
+                name: pod.name_any(),
+                appeared: now,
+                deleting: None,
+                gone: None,
+            });
+            live.insert(uid.clone(), pods.len() - 1);
+            pods.len() - 1
+        }
+    };
+    if pod.metadata.deletion_timestamp.is_some() && pods[i].deleting.is_none() {
+        pods[i].deleting = Some(now);
+    }
+    if deleted || finished {
+        pods[i].gone = Some(now);
+        live.remove(&uid);
     }
 }

@@ -23,7 +23,8 @@ pub struct OperatorSpec<'a> {
     pub identity: &'a str,
     /// Apply migrations at start (needs a direct connection).
     pub migrate: bool,
-    /// `--watch-namespace`, so scenarios sharing a cluster do not see each other.
+    /// `--watch-namespace`, so scenarios sharing a cluster do not see each other (empty:
+    /// every namespace, as the operator reads an empty value).
     pub namespace: &'a str,
 }
 
@@ -35,8 +36,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The `--shutdown-timeout-seconds` of [`OperatorProcess::start`].
+pub const SHUTDOWN_TIMEOUT_SECONDS: u64 = 20;
+
 impl OperatorProcess {
     pub fn start(spec: OperatorSpec<'_>) -> Self {
+        Self::start_with_shutdown_timeout(spec, SHUTDOWN_TIMEOUT_SECONDS)
+    }
+
+    /// [`OperatorProcess::start`] with another `--shutdown-timeout-seconds` (how long a
+    /// SIGTERM'd replica waits for its workload's pods to stop before exiting).
+    pub fn start_with_shutdown_timeout(
+        spec: OperatorSpec<'_>,
+        shutdown_timeout_seconds: u64,
+    ) -> Self {
         let http_port = free_port();
         let log = std::env::temp_dir().join(format!(
             "reaper-operator-{}-{}-{}.log",
@@ -53,7 +66,10 @@ impl OperatorProcess {
         cmd.arg("run")
             .args(["--cluster-name", spec.cluster, "--identity", spec.identity])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-            .args(["--shutdown-timeout-seconds", "20"])
+            .args([
+                "--shutdown-timeout-seconds",
+                &shutdown_timeout_seconds.to_string(),
+            ])
             .args(["--watch-namespace", spec.namespace])
             .env("KUBECONFIG", spec.kubeconfig)
             .env("DATABASE_URL", spec.database_url)
