@@ -154,6 +154,7 @@ impl Drop for OperatorProcess {
         // SIGCONT first, in case a scenario left it stopped.
         let _ = Command::new("kill")
             .args(["-CONT", &self.pid().to_string()])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
