@@ -8,7 +8,7 @@ test:
 demo:
 	scripts/demo.sh
 
-# The chaos suite alone (short profile ~3 min, also part of `make test`;
+# The chaos suite alone (short profile ~4 min, also part of `make test`;
 # REAPER_CHAOS_SECONDS=1800 for the long one). Starts a database of its own.
 chaos:
 	scripts/chaos.sh
