@@ -44,9 +44,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
@@ -585,7 +585,7 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
                 .await?
                 .status
                 .unwrap_or_default();
-            let pods = live_pods(client, &scene.namespace, deployment).await?;
+            let pods = fixtures::live_pods(client, &scene.namespace, deployment).await?;
             state.push((c, spec, ready, pods, reaper.phase, reaper.holder));
         }
         for (c, spec, ready, pods, phase, holder) in &state {
@@ -618,21 +618,6 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
         }
     }
     Ok(None)
-}
-
-/// Pods of the Deployment `app` that have not finished (Terminating ones included).
-async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!("app={app}")))
-        .await?;
-    Ok(pods
-        .items
-        .iter()
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
-        .count())
 }
 
 async fn create_namespace(client: &Client, name: &str) -> Result<()> {

@@ -270,6 +270,37 @@ async fn wait_leading(
     .await
 }
 
+/// A fault proxy in front of the test database, and the database URL through it.
+async fn database_proxy() -> Result<(FaultProxy, String)> {
+    let direct = db::direct_url();
+    let upstream = direct
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .ok_or_else(|| anyhow!("no host in {direct}"))?
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await;
+    let via_proxy = proxy.url_for(&direct);
+    Ok((proxy, via_proxy))
+}
+
+/// Waits until exactly one of the two clusters runs the reaper; returns its index.
+async fn one_leading_cluster(clusters: &[Cluster; 2], namespaces: &[String]) -> Result<usize> {
+    wait_until(
+        "one cluster at 1, the other at 0",
+        Duration::from_secs(30),
+        || async {
+            let a = replicas(&clusters[0].client, &namespaces[0], "reaper").await?;
+            let b = replicas(&clusters[1].client, &namespaces[1], "reaper").await?;
+            Ok(match (a, b) {
+                ((1, 1), (0, _)) => Some(0),
+                ((0, _), (1, 1)) => Some(1),
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
 async fn lease(store: &LeaseStore, name: &str) -> Result<Lease> {
     store
         .get(name)
@@ -501,20 +532,7 @@ async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
         .collect();
     let result = async {
         // Exactly one cluster runs the reaper.
-        let leader = wait_until(
-            "one cluster at 1, the other at 0",
-            Duration::from_secs(30),
-            || async {
-                let a = replicas(&clusters[0].client, &namespaces[0], "reaper").await?;
-                let b = replicas(&clusters[1].client, &namespaces[1], "reaper").await?;
-                Ok(match (a, b) {
-                    ((1, 1), (0, _)) => Some(0),
-                    ((0, _), (1, 1)) => Some(1),
-                    _ => None,
-                })
-            },
-        )
-        .await?;
+        let leader = one_leading_cluster(clusters, &namespaces).await?;
         let other = 1 - leader;
         let row = lease(&store, &lease_name).await?;
         ensure!(row.holder == ops[leader].holder(), "lease {row:?}");
@@ -756,17 +774,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     let lease_name = format!("{ns}.outage-{}", suffix());
     create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
-    let direct = db::direct_url();
-    let upstream = direct
-        .rsplit_once('@')
-        .unwrap()
-        .1
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let proxy = FaultProxy::start(upstream).await;
-    let via_proxy = proxy.url_for(&direct);
+    let (proxy, via_proxy) = database_proxy().await?;
     let op = operator(c, &ns, "op-1", &schema, &via_proxy, None, false);
     let result = async {
         wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;

@@ -6,44 +6,27 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, ensure};
+use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use reaper_operator::reaper::{Phase, Reaper};
 use serde_json::json;
 
 use super::support::cluster::wait_until;
 use super::support::db;
 use super::support::fixtures::{
-    PodStop, create_deployment, create_deployment_with_stop, create_reaper,
+    PodStop, create_deployment, create_deployment_with_stop, create_reaper, live_pods,
 };
 use super::support::operator::OperatorProcess;
-use super::support::proxy::{FaultProxy, Mode};
+use super::support::proxy::Mode;
 use super::{
-    Cluster, condition, lease_spec, namespace, operator, reaper_in_each_cluster, replicas, schema,
-    status, wait_leading, wait_replicas, with_logs,
+    Cluster, condition, database_proxy, lease_spec, namespace, one_leading_cluster, operator,
+    reaper_in_each_cluster, replicas, schema, status, wait_leading, wait_replicas, with_logs,
 };
 
 /// How long the slow workload's pods stay Terminating: longer than the test ttl (3 s),
 /// so a cluster that stopped renewing would lose the lease while its pod still runs.
 const SLOW_STOP: Duration = Duration::from_secs(6);
-
-/// Pods of `app` that have not finished: Terminating ones count, they may still act.
-async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!("app={app}")))
-        .await?;
-    Ok(pods
-        .items
-        .iter()
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
-        .count())
-}
 
 /// Samples both clusters until `other` runs a ready pod, and returns the instants at
 /// which the `leader` cluster still had a live pod while `other` had one or wanted one.
@@ -94,20 +77,7 @@ async fn two_clusters_with_slow_pods(clusters: &[Cluster; 2], prefix: &str) -> R
         .zip(&namespaces)
         .map(|(c, ns)| operator(c, ns, "op-1", &schema, &db::direct_url(), None, true))
         .collect();
-    let leader = wait_until(
-        "one cluster at 1, the other at 0",
-        Duration::from_secs(30),
-        || async {
-            let a = replicas(&clusters[0].client, &namespaces[0], "reaper").await?;
-            let b = replicas(&clusters[1].client, &namespaces[1], "reaper").await?;
-            Ok(match (a, b) {
-                ((1, 1), (0, _)) => Some(0),
-                ((0, _), (1, 1)) => Some(1),
-                _ => None,
-            })
-        },
-    )
-    .await?;
+    let leader = one_leading_cluster(clusters, &namespaces).await?;
     Ok(SlowPair {
         namespaces,
         lease_name,
@@ -325,13 +295,7 @@ pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
     let lease = format!("{ns}.amnesia");
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease)).await?;
     let direct = db::direct_url();
-    let upstream = direct
-        .rsplit_once('@')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .ok_or_else(|| anyhow!("no host in {direct}"))?
-        .to_owned();
-    let proxy = FaultProxy::start(upstream).await;
-    let via_proxy = proxy.url_for(&direct);
+    let (proxy, via_proxy) = database_proxy().await?;
     let first = operator(c, &ns, "op-1", &schema, &direct, None, true);
     let mut ops = vec![first];
     let result = async {
@@ -388,13 +352,7 @@ pub async fn peer_waits_for_the_stopping_pod_of_its_own_cluster(
     let lease = format!("{ns}.own-stop");
     create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease)).await?;
     let direct = db::direct_url();
-    let upstream = direct
-        .rsplit_once('@')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .ok_or_else(|| anyhow!("no host in {direct}"))?
-        .to_owned();
-    let proxy = FaultProxy::start(upstream).await;
-    let via_proxy = proxy.url_for(&direct);
+    let (proxy, via_proxy) = database_proxy().await?;
     let mut ops = vec![operator(c, &ns, "op-1", &schema, &via_proxy, None, true)];
     let result = async {
         wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec};
 use serde_json::json;
 
@@ -126,6 +127,22 @@ pub async fn create_deployment_with_stop(
         .await
         .with_context(|| format!("create deployment {ns}/{name}"))?;
     Ok(())
+}
+
+/// Pods of the Deployment `app` (label `app=<app>`) that have not finished: Terminating
+/// ones count, they may still act.
+pub async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .count())
 }
 
 /// Creates a Reaper `name` for the Deployment `deployment`.
