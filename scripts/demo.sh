@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/reaper-operator/target}
+scripts/deps.sh
 name="demo-$$"
 logs=$(mktemp -d)
 pids=()

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/reaper-operator/target}
+scripts/deps.sh
 db_name="test-$$"
 
 cleanup() { tests/db/down.sh "$db_name" || true; }

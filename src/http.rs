@@ -2,8 +2,8 @@
 //! loops are alive) and `/readyz` (the database answers and the caches are synced).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -21,6 +21,8 @@ pub struct Health {
     pub caches_synced: AtomicBool,
     /// Unix milliseconds of the last heartbeat of the async runtime.
     pub heartbeat_ms: AtomicU64,
+    /// What start-up is waiting for, until the controller runs (shown by `/readyz`).
+    starting: Mutex<Option<&'static str>>,
 }
 
 /// A runtime that has not beaten for this long is reported unhealthy.
@@ -29,6 +31,15 @@ const STALL: Duration = Duration::from_secs(15);
 impl Health {
     pub fn beat(&self) {
         self.heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Start-up is waiting for `what`; `None` once the controller runs.
+    pub fn set_starting(&self, what: Option<&'static str>) {
+        *self.starting.lock().unwrap_or_else(|e| e.into_inner()) = what;
+    }
+
+    fn starting(&self) -> Option<&'static str> {
+        *self.starting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn alive(&self) -> bool {
@@ -58,13 +69,17 @@ pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
         .with_state(AppState { health, metrics })
 }
 
+/// Binds first, so an address that cannot be used stops the process at start.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router(health, metrics))
         .with_graceful_shutdown(shutdown)
         .await
@@ -93,6 +108,9 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let mut problems = Vec::new();
+    if let Some(what) = state.health.starting() {
+        problems.push(what);
+    }
     if !state.health.database_ok.load(Ordering::Relaxed) {
         problems.push("database unreachable");
     }

@@ -17,6 +17,14 @@ pub struct LeaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// `lost` (someone else took it / it expired) and `deadline` (no renew in time).
+const LOSS_REASONS: [&str; 2] = ["lost", "deadline"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LossLabels {
     pub lease: String,
     /// `lost` (someone else took it / it expired) or `deadline` (no renew in time).
@@ -49,6 +57,17 @@ impl Default for Metrics {
         let reconciliations = Counter::default();
         let reconcile_errors = Counter::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version label names the running build",
+            build_info,
+        );
         registry.register(
             "leader",
             "1 while this replica holds the lease and may act",
@@ -128,10 +147,10 @@ impl Metrics {
             }
             Tick::Renewed(_) => self.renew_duration.observe(took.as_secs_f64()),
             Tick::Lost { .. } => {
-                self.losses.get_or_create(&loss("lost")).inc();
+                self.losses.get_or_create(&loss(LOSS_REASONS[0])).inc();
             }
             Tick::DeadlineMissed { .. } => {
-                self.losses.get_or_create(&loss("deadline")).inc();
+                self.losses.get_or_create(&loss(LOSS_REASONS[1])).inc();
             }
             Tick::Standby | Tick::DatabaseError { .. } => {}
         }
@@ -149,6 +168,14 @@ impl Metrics {
             lease: lease.to_owned(),
         };
         self.leader.remove(&labels);
+        self.acquisitions.remove(&labels);
+        self.takeovers.remove(&labels);
+        for reason in LOSS_REASONS {
+            self.losses.remove(&LossLabels {
+                lease: lease.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -178,7 +205,23 @@ mod tests {
             text.contains("# EOF"),
             "OpenMetrics text ends with # EOF: {text}"
         );
+        m.observe_tick("b", &Tick::Standby, Duration::ZERO, false);
         m.forget_lease("a");
-        assert!(!m.encode().contains("reaper_leader{lease=\"a\"}"));
+        let text = m.encode();
+        assert!(
+            !text.contains("lease=\"a\""),
+            "series of a forgotten lease: {text}"
+        );
+        assert!(text.contains("reaper_leader{lease=\"b\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn build_info_names_the_version() {
+        let text = Metrics::default().encode();
+        let line = format!(
+            "reaper_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

@@ -47,49 +47,52 @@ impl Settings {
 const LEASE_POOL_SIZE: u32 = 3;
 
 /// Runs until `stop` flips to true, then hands over every held lease.
-pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+///
+/// The probes answer from the first moment: `/healthz` while the process is alive,
+/// `/readyz` only once the database answers and the controller's caches are synced. A
+/// database or API server that is down at start leaves the replica running and unready
+/// (it retries, with a log line per attempt), never crash-looping.
+pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let stopped = {
+        let stop = stop.clone();
+        move || {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }
+    };
+    let health = Arc::new(Health::default());
+    health.beat();
+    health.set_starting(Some("starting"));
+    let metrics = Arc::new(Metrics::default());
+    let listener = http::bind(settings.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --http-addr {}: {e}", settings.http_addr))?;
+    let http = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        stopped(),
+    ));
+
     // At most the smallest retry period a Reaper may have, so no call outlives a tick.
     let call_timeout = Duration::from_secs(1);
     let store =
         LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
-    if settings.migrate {
-        // A database that is down at start-up must not crash-loop the operator: keep
-        // trying, with a clear log. One it can never work with (not UTF8) stops it.
-        // Without migrations nothing is awaited here: `reaper-operator migrate` already
-        // refused such a database, and the first statements tell the rest.
-        let mut delay = Duration::from_secs(1);
-        loop {
-            match store.migrate().await {
-                Ok(()) => break,
-                Err(crate::Error::Config(reason)) => anyhow::bail!(reason),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
+    let heartbeat = tokio::spawn(heartbeat(health.clone(), store.clone()));
+    let started = start(&settings, &store, &health, stop.clone()).await;
+    let client = match started {
+        Ok(Some(client)) => client,
+        Ok(None) | Err(_) => {
+            heartbeat.abort();
+            if let Ok(Err(error)) = http.await {
+                tracing::warn!(%error, "HTTP server failed");
             }
+            return started.map(|_| ());
         }
-    }
-
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
-    })?;
-    // Fail at start with a clear message when the CRD is not installed.
-    let reapers: Api<Reaper> = match &settings.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
     };
-    reapers
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?): {e}"
-            )
-        })?;
+    health.set_starting(None);
 
     let holder = settings.holder();
     let recorder = Recorder::new(
@@ -100,7 +103,6 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
         },
     );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
-    let metrics = Arc::new(Metrics::default());
     // The electors get connections of their own: with many Reapers the reconciles'
     // reads and reports could otherwise queue the batched renew behind them in the pool
     // until a leader misses its deadline.
@@ -134,25 +136,8 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
     });
     tracing::info!(%holder, schema = %settings.schema, "starting");
 
-    let health = Arc::new(Health::default());
-    health.beat();
-    let stopped = {
-        let stop = stop.clone();
-        move || {
-            let mut stop = stop.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        }
-    };
-    let http = tokio::spawn(http::serve(
-        settings.http_addr,
-        health.clone(),
-        metrics.clone(),
-        stopped(),
-    ));
     let background = [
-        tokio::spawn(heartbeat(health.clone(), store.clone())),
+        heartbeat,
         tokio::spawn(listen(
             settings
                 .listen_database_url
@@ -181,6 +166,84 @@ pub async fn run(settings: Settings, mut stop: watch::Receiver<bool>) -> anyhow:
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What must hold before the controller starts: the migrations applied (with
+/// `--migrate`), a Kubernetes client, and the Reaper CRD listable. Transient failures
+/// are retried until `stop`; `Ok(None)` means stopped while waiting. Only what can never
+/// work (a non-UTF8 database, no Kubernetes configuration) is an error.
+async fn start(
+    settings: &Settings,
+    store: &LeaseStore,
+    health: &Health,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<Client>> {
+    if settings.migrate {
+        health.set_starting(Some("applying database migrations"));
+        let mut retry = Backoff::default();
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(crate::Error::Config(reason)) => anyhow::bail!(reason),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
+                    if !retry.wait(&mut stop).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+    // Without migrations nothing is awaited here: `reaper-operator migrate` already
+    // refused a database it cannot work with, and the first statements tell the rest.
+
+    let client = Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
+    })?;
+    let reapers: Api<Reaper> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    health.set_starting(Some("waiting for the Kubernetes API (reapers.pglease.dev)"));
+    let mut retry = Backoff::default();
+    loop {
+        match reapers
+            .list(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => return Ok(Some(client)),
+            Err(error) => {
+                tracing::error!(
+                    %error,
+                    "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?); retrying"
+                );
+                if !retry.wait(&mut stop).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Doubling delays from 1 s to 30 s between start-up attempts.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_secs(1))
+    }
+}
+
+impl Backoff {
+    /// Sleeps the next delay; false when `stop` flipped meanwhile.
+    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
 }
 
 async fn heartbeat(health: Arc<Health>, store: LeaseStore) {

@@ -22,7 +22,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore};
-use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus};
+use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus, status};
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db;
@@ -50,7 +50,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 14] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -70,6 +70,10 @@ fn reaper_controller_scenarios() {
         (
             "database outage: the leader stops before its lease expires",
             |c| Box::pin(database_outage(c)),
+        ),
+        (
+            "database down at start: alive and unready, then leads by itself",
+            |c| Box::pin(database_down_at_start(c)),
         ),
         (
             "bad input and unsafe Deployments: refused or reported, never a crash",
@@ -341,6 +345,7 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
             s.epoch
         );
         for t in [
+            "Ready",
             "Leader",
             "WorkloadReady",
             "DatabaseReachable",
@@ -350,6 +355,18 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
             ensure!(cond.status == "True", "{t}: {cond:?}");
         }
 
+        // The Ready condition and its list-map shape work with the tools users script.
+        let waited = c
+            .test
+            .kubectl()?
+            .args(["wait", "--for=condition=Ready", "reaper/reaper", "-n", &ns])
+            .args(["--timeout=20s"])
+            .output()?;
+        ensure!(
+            waited.status.success(),
+            "kubectl wait --for=condition=Ready: {}",
+            String::from_utf8_lossy(&waited.stderr)
+        );
         let out = c
             .test
             .kubectl()?
@@ -824,8 +841,10 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
             Duration::from_secs(10),
             || async {
                 let s = status(&c.client, &ns, "reaper").await?;
-                let unreachable =
-                    condition(&s, "DatabaseReachable").is_some_and(|c| c.status == "False");
+                let unreachable = condition(&s, "DatabaseReachable").is_some_and(|c| {
+                    c.status == "False" && c.message == status::DATABASE_UNREACHABLE
+                }) && condition(&s, "Ready")
+                    .is_some_and(|c| c.status == "False" && c.reason == "Unreachable");
                 Ok(
                     (unreachable && s.phase == Some(reaper_operator::reaper::Phase::Degraded))
                         .then_some(()),
@@ -858,6 +877,63 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
             reachable.as_deref() == Some("True"),
             "DatabaseReachable {reachable:?}"
         );
+        Ok(())
+    }
+    .await;
+    with_logs(result, &[&op])
+}
+
+async fn database_down_at_start(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    // A schema nobody migrated: the replica has to apply the migrations itself once the
+    // database answers.
+    let schema = db::unique_schema("down");
+    let ns = namespace(&c.client, "down").await?;
+    let lease_name = format!("{ns}.down-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (proxy, via_proxy) = database_proxy().await?;
+    proxy.set(Mode::Reset);
+    let mut op = operator(c, &ns, "op-1", &schema, &via_proxy, None, true);
+    let result = async {
+        // The probes answer from the first moment: alive, not ready, and why.
+        let (code, body) = wait_until("/readyz to answer", Duration::from_secs(10), || async {
+            Ok(op.http("/readyz"))
+        })
+        .await?;
+        ensure!(
+            code == 503 && body.contains("applying database migrations"),
+            "/readyz with the database down at start: {code} {body:?}"
+        );
+        // Through several retries (1 s, 2 s, 4 s): never an exit, always alive.
+        let down = Instant::now();
+        while down.elapsed() < Duration::from_secs(8) {
+            ensure!(
+                op.exit_code().is_none(),
+                "the replica exited with the database down"
+            );
+            ensure!(
+                op.http_get("/healthz") == Some(200),
+                "/healthz failed with the database down"
+            );
+            ensure!(
+                op.http_get("/readyz") == Some(503),
+                "/readyz passed with the database down"
+            );
+            ensure!(
+                replicas(&c.client, &ns, "reaper").await?.0 == 0,
+                "scaled up without the database"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        proxy.set(Mode::Pass);
+        wait_until("/readyz to pass", Duration::from_secs(40), || async {
+            Ok((op.http_get("/readyz") == Some(200)).then_some(()))
+        })
+        .await?;
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        wait_leading(&c.client, &ns, "reaper", Duration::from_secs(10)).await?;
+        ensure!(op.exit_code().is_none(), "the replica exited");
         Ok(())
     }
     .await;
@@ -918,6 +994,16 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             .err()
             .ok_or_else(|| anyhow!("a Reaper without deploymentName was accepted"))?;
         ensure!(err.to_string().contains("deploymentName"), "{err}");
+        for name in ["", "Upper", "a_b", "-x", "x-"] {
+            let err = create_reaper(&c.client, &ns, "bad-deployment", name, lease_spec(&format!("{ns}.bad")))
+                .await
+                .err()
+                .ok_or_else(|| anyhow!("deploymentName {name:?} accepted"))?;
+            ensure!(
+                format!("{err:#}").contains("deploymentName must name a Deployment in this namespace: a DNS-1123 subdomain"),
+                "{name:?}: {err:#}"
+            );
+        }
 
         // A missing Deployment is a condition, not an error loop.
         create_reaper(

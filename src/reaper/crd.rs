@@ -28,7 +28,7 @@ pub use super::decide::ScaleRecord;
 pub struct ReaperSpec {
     /// Name of the Deployment, in the Reaper's namespace, that runs the singleton. The
     /// operator owns its replica count: 1 in the cluster that holds the lease, 0 elsewhere.
-    #[x_kube(validation = Rule::new("self.size() > 0").message("deploymentName must name a Deployment in this namespace"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("deploymentName must name a Deployment in this namespace: a DNS-1123 subdomain of lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"))]
     #[schemars(length(max = 253))]
     pub deployment_name: String,
 
@@ -134,8 +134,9 @@ pub struct ReaperStatus {
     pub ready: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Leader, WorkloadReady, DatabaseReachable, SingletonSafe.
+    /// Ready, Leader, WorkloadReady, DatabaseReachable, SingletonSafe.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Label selector of the workload's pods, remembered so that pods still stopping
     /// after their Deployment was deleted keep counting as running.

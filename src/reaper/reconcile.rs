@@ -559,6 +559,11 @@ async fn build_status(
         _ if !seen.database_ok => Some("the lease elector's last database call failed".into()),
         _ => None,
     };
+    if let Some(error) = &database_error {
+        // The detail (host, user, database names) stays in the log; the status that
+        // everyone who can read Reapers sees says only that the database failed.
+        tracing::warn!(reaper = %key, %error, "lease database call failed");
+    }
     let external = ctx
         .candidates
         .update(key, |c| c.external_scale_ups)

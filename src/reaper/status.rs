@@ -65,6 +65,48 @@ pub struct Observation<'a> {
     pub scaled_up_by: Option<&'a ScaleRecord>,
 }
 
+/// The `DatabaseReachable` message: connection errors name hosts, users and databases,
+/// which everyone who may read Reapers would see; the operator logs the error instead.
+pub const DATABASE_UNREACHABLE: &str =
+    "the lease database did not answer or refused a statement; the operator's log has the error";
+
+/// `Ready` (for `kubectl wait` and kstatus-based tools): True when this cluster is in
+/// the state it should be in, leading with its pod ready or standing by with none
+/// running. `SingletonSafe` is advice about the Deployment and does not count.
+fn ready_condition(
+    phase: Phase,
+    parts: &[&Condition],
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Condition {
+    let leader = parts.iter().find(|c| c.type_ == "Leader");
+    let failing = parts
+        .iter()
+        .find(|c| c.type_ != "Leader" && c.status != "True");
+    let (ok, reason, message) = match (failing, leader) {
+        (Some(c), _) => (false, c.reason.clone(), c.message.clone()),
+        (None, Some(l)) if l.status == "True" => (
+            true,
+            "Leading".to_owned(),
+            "this cluster holds the lease and its pod is ready".to_owned(),
+        ),
+        (None, Some(l))
+            if phase == Phase::Standby
+                && matches!(l.reason.as_str(), "HeldElsewhere" | "LeaseFree") =>
+        {
+            (
+                true,
+                "StandingBy".to_owned(),
+                "another cluster or nobody holds the lease, and nothing runs here".to_owned(),
+            )
+        }
+        (None, Some(l)) => (false, l.reason.clone(), l.message.clone()),
+        (None, None) => (false, "Unknown".to_owned(), String::new()),
+    };
+    make_condition(previous, "Ready", ok, &reason, message, generation, now)
+}
+
 pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> ReaperStatus {
     let prev_conditions = previous
         .map(|s| s.conditions.as_slice())
@@ -233,7 +275,12 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
             "Reachable",
             "the lease database answered".into(),
         ),
-        Some(err) => condition("DatabaseReachable", false, "Unreachable", err.to_owned()),
+        Some(_) => condition(
+            "DatabaseReachable",
+            false,
+            "Unreachable",
+            DATABASE_UNREACHABLE.into(),
+        ),
     };
 
     let singleton = match obs.risks {
@@ -255,6 +302,14 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
         ),
     };
 
+    let ready = ready_condition(
+        phase,
+        &[&leader, &workload, &database],
+        prev_conditions,
+        obs.generation,
+        obs.now,
+    );
+
     let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     ReaperStatus {
         phase: Some(phase),
@@ -274,7 +329,7 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
         ready_replicas: Some(obs.ready_replicas),
         ready: Some(format!("{}/{}", obs.ready_replicas, obs.replicas)),
         observed_generation: obs.generation,
-        conditions: vec![leader, workload, database, singleton],
+        conditions: vec![ready, leader, workload, database, singleton],
         pod_selector: obs.pod_selector.map(str::to_owned),
         scaled_up_by: obs.scaled_up_by.cloned(),
     }
@@ -296,15 +351,20 @@ pub fn refused_status(
     ReaperStatus {
         phase: Some(Phase::Invalid),
         observed_generation: generation,
-        conditions: vec![make_condition(
-            prev_conditions,
-            "Leader",
-            false,
-            reason,
-            message.to_owned(),
-            generation,
-            now,
-        )],
+        conditions: ["Ready", "Leader"]
+            .into_iter()
+            .map(|type_| {
+                make_condition(
+                    prev_conditions,
+                    type_,
+                    false,
+                    reason,
+                    message.to_owned(),
+                    generation,
+                    now,
+                )
+            })
+            .collect(),
         pod_selector: previous.and_then(|s| s.pod_selector.clone()),
         scaled_up_by,
         ..Default::default()
@@ -430,6 +490,7 @@ mod tests {
         assert_eq!(
             types,
             [
+                ("Ready", "True"),
                 ("Leader", "True"),
                 ("WorkloadReady", "True"),
                 ("DatabaseReachable", "True"),
@@ -457,16 +518,98 @@ mod tests {
             .unwrap();
         assert_eq!(
             (dbc.status.as_str(), dbc.message.as_str()),
-            ("False", "timed out")
+            ("False", DATABASE_UNREACHABLE),
+            "the error's detail stays out of the status"
         );
         assert_ne!(
             dbc.last_transition_time,
-            first.conditions[2].last_transition_time
+            first.conditions[3].last_transition_time
         );
         assert!(differs(&second, &third, REFRESH));
     }
 
     const REFRESH: Duration = Duration::from_secs(5);
+
+    fn ready_of(status: &ReaperStatus) -> (&str, &str) {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("a Ready condition");
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn ready_is_true_only_in_the_state_this_cluster_should_be_in() {
+        let held_elsewhere = lease("west/b", "", false);
+        let leader = Role::Leader { epoch: 3 };
+        let standby = Role::Standby {
+            holder: Some("west/b".into()),
+        };
+        let base = |role, replicas, ready_replicas, running_pods| Observation {
+            role,
+            lease_name: "ns.r",
+            lease: Some(&held_elsewhere),
+            database_error: None,
+            deployment_found: true,
+            replicas,
+            ready_replicas,
+            running_pods,
+            gate: None,
+            paused: false,
+            risks: &[],
+            generation: Some(1),
+            now: Utc::now(),
+            pod_selector: None,
+            scaled_up_by: None,
+        };
+        let check = |obs: Observation<'_>, want: (&str, &str)| {
+            let status = build_status(&obs, None);
+            assert_eq!(ready_of(&status), want, "{:#?}", status.conditions);
+        };
+        check(base(&leader, 1, 1, 1), ("True", "Leading"));
+        check(base(&leader, 1, 0, 1), ("False", "Starting"));
+        check(base(&standby, 0, 0, 0), ("True", "StandingBy"));
+        check(base(&standby, 0, 0, 1), ("False", "ScalingDown"));
+        check(
+            base(&Role::Lapsed, 0, 0, 0),
+            ("False", "RenewDeadlineMissed"),
+        );
+        let gate = Gate::WaitForCluster {
+            cluster: "west".into(),
+            running_pods: 1,
+        };
+        check(
+            Observation {
+                gate: Some(&gate),
+                ..base(&leader, 0, 0, 0)
+            },
+            ("False", "WaitingForHandover"),
+        );
+        check(
+            Observation {
+                database_error: Some("password authentication failed for user \"x\""),
+                ..base(&Role::Unknown, 0, 0, 0)
+            },
+            ("False", "Unreachable"),
+        );
+        check(
+            Observation {
+                deployment_found: false,
+                ..base(&standby, 0, 0, 0)
+            },
+            ("False", "DeploymentNotFound"),
+        );
+        let refused = refused_status(
+            "LeaseNameConflict",
+            "taken",
+            Some(1),
+            None,
+            None,
+            Utc::now(),
+        );
+        assert_eq!(ready_of(&refused), ("False", "LeaseNameConflict"));
+    }
 
     #[test]
     fn renewal_times_alone_are_refreshed_every_refresh_period() {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Checks that the system packages the demo and the tests need are installed: PostgreSQL
+# (server binaries), PgBouncer, openssl (test certificates) and, with --lint, shellcheck.
+# As root it installs what is missing with apt-get; otherwise it stops at once with the
+# exact command to run. Cargo, Go and python3 are expected on the machine already.
+#
+#   scripts/deps.sh [--lint]
+set -euo pipefail
+
+missing=()
+command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ "${1:-}" = --lint ]; then
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
+fi
+for tool in cargo go python3; do
+  command -v "$tool" >/dev/null || { echo "scripts/deps.sh: $tool is not installed" >&2; exit 1; }
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/deps.sh: missing packages; install them with:" >&2
+  echo "  sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+echo "--- installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${missing[@]}" >/dev/null
