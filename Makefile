@@ -16,7 +16,7 @@ chaos:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
-	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) .ci/run
+	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) tests/image/*.sh .ci/run
 	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh tests/bench/*/*.sh
 
 build:

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # Checks that the system packages the demo and the tests need are installed: PostgreSQL
-# (server binaries), PgBouncer, openssl (test certificates) and, with --lint, shellcheck.
+# (server binaries), PgBouncer, openssl (test certificates); with --lint, shellcheck; with
+# --image, podman, runc and debootstrap (tests/image/build.sh).
 # As root it installs what is missing with apt-get; otherwise it stops at once with the
 # exact command to run. Cargo, Go and python3 are expected on the machine already.
 #
-#   scripts/deps.sh [--lint]
+#   scripts/deps.sh [--lint] [--image]
 set -euo pipefail
 
 missing=()
 command -v pgbouncer >/dev/null || missing+=(pgbouncer)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
-if [ "${1:-}" = --lint ]; then
-  command -v shellcheck >/dev/null || missing+=(shellcheck)
-fi
+for flag in "$@"; do
+  case $flag in
+    --lint) command -v shellcheck >/dev/null || missing+=(shellcheck) ;;
+    --image)
+      command -v podman >/dev/null || missing+=(podman)
+      command -v runc >/dev/null || missing+=(runc)
+      command -v debootstrap >/dev/null || missing+=(debootstrap)
+      ;;
+    *) echo "scripts/deps.sh: unknown flag $flag" >&2; exit 2 ;;
+  esac
+done
 for tool in cargo go python3; do
   command -v "$tool" >/dev/null || { echo "scripts/deps.sh: $tool is not installed" >&2; exit 1; }
 done

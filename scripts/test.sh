@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/reaper-operator/target}
-scripts/deps.sh
+if [ "$(id -u)" = 0 ]; then
+  scripts/deps.sh --image
+else
+  scripts/deps.sh
+fi
 db_name="test-$$"
 
 cleanup() { tests/db/down.sh "$db_name" || true; }
@@ -28,6 +32,14 @@ cargo test --locked "$@"
 # The failover scenarios of the kind kit, run with the same checker against two local
 # control planes (uses the operator binary cargo test just built).
 if [ $# -eq 0 ]; then
+  # The shipped image, built from the Dockerfile with podman and checked (non-root,
+  # read-only root, no shell, size). Rootful podman: root only.
+  echo "--- operator image (tests/image/build.sh)"
+  if [ "$(id -u)" = 0 ]; then
+    tests/image/build.sh >/dev/null
+  else
+    echo "skipped: building the image needs root (rootful podman)"
+  fi
   echo "--- failover scenarios on local control planes (tests/e2e/local/check.sh)"
   tests/e2e/local/check.sh
   # Random faults for 150 s against two clusters of two replicas each: "at most one
