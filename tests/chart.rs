@@ -27,7 +27,7 @@
 //! A second, cluster-free #[test] checks that the chart's CRD file is crds/reaper.yaml.
 //!
 //! Run it alone with `cargo test --test chart` after
-//! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 20 seconds
+//! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 40 seconds
 //! with the control-plane binaries built. `REAPER_KEEP_CLUSTER=1` keeps the cluster.
 
 mod support;
