@@ -18,6 +18,7 @@ lint:
 	cargo clippy --locked --all-targets -- -D warnings
 	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) tests/image/*.sh .ci/run
 	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh tests/bench/*/*.sh
+	scripts/lint-chart.sh
 
 build:
 	cargo build --locked --release

@@ -5,22 +5,34 @@
 //! one (the install is used by the RBAC and upgrade cases); a failing sub-case does not
 //! stop the others, and the test fails at the end with all failures:
 //!
-//! 1. `helm lint --strict` is clean; bad values are refused by the values schema.
+//! 1. `helm lint --strict` is clean; bad values are refused by the values schema (or by
+//!    the templates, with a message naming the value); the defaults and every option
+//!    (ci/full-values.yaml) render what the values say.
 //! 2. `helm install` succeeds and its objects exist.
 //! 3. The operator, run as a local process with a token of the chart's ServiceAccount
 //!    (not admin), reconciles a Reaper (the RBAC is sufficient); the same token is refused
 //!    what the operator does not need (the RBAC is minimal).
-//! 4. `helm upgrade` with a changed CRD updates the CRD in the cluster.
-//! 5. `helm uninstall` keeps the CRD (`helm.sh/resource-policy: keep`).
+//! 4. The PrometheusRule's alerts are docs/operations.md's, and every metric they name is
+//!    served on /metrics by an operator that has taken over an expired lease (so that the
+//!    per-lease counters exist).
+//! 5. The aggregated ClusterRoles: a user bound to the built-in `view` role in a namespace
+//!    may read Reapers there and not change them; `edit` and `admin` may change them;
+//!    nobody but the operator may write their status.
+//! 6. `helm upgrade` with a changed CRD and every option on (NetworkPolicy, TLS Secret
+//!    volume, IPv6 listener, priority class, ...) updates the CRD and is accepted by the
+//!    API server.
+//! 7. `helm uninstall` keeps the CRD (`helm.sh/resource-policy: keep`) and removes the
+//!    aggregated roles (the `view` user is refused again).
 //!
 //! A second, cluster-free #[test] checks that the chart's CRD file is crds/reaper.yaml.
 //!
 //! Run it alone with `cargo test --test chart` after
-//! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 20 seconds
+//! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 40 seconds
 //! with the control-plane binaries built. `REAPER_KEEP_CLUSTER=1` keeps the cluster.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,8 +42,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
@@ -53,6 +67,19 @@ const CRD_NAME: &str = "reapers.pglease.dev";
 const CLUSTER_NAME: &str = "chart";
 const WAIT: Duration = Duration::from_secs(90);
 const SCHEMA_ERROR: &str = "values don't meet the specifications of the schema";
+/// Every option on: also what scripts/lint-chart.sh lints.
+const FULL_VALUES: &str = "ci/full-values.yaml";
+/// The PostgreSQL TLS Secret and the PriorityClass that ci/full-values.yaml names.
+const TLS_SECRET: &str = "reaper-db-tls";
+const PRIORITY_CLASS: &str = "platform-critical";
+/// The alerts the chart ships (docs/operations.md "Alerts worth having").
+const ALERTS: [&str; 5] = [
+    "ReaperNoLeader",
+    "ReaperTwoLeaders",
+    "ReaperTakeovers",
+    "ReaperDatabaseErrors",
+    "ReaperRenewSlow",
+];
 
 #[test]
 fn chart_crd_file_is_crds_reaper_yaml() {
@@ -118,14 +145,28 @@ async fn helm_chart_against_real_apiserver() {
     support::cases::check(
         &mut failures,
         "chart",
-        "4 helm upgrade updates the CRD",
+        "4 PrometheusRule alerts use served metrics",
+        prometheus_rule(&ctx),
+    )
+    .await;
+    support::cases::check(
+        &mut failures,
+        "chart",
+        "5 aggregated view/edit/admin roles",
+        aggregated_roles(&ctx),
+    )
+    .await;
+    support::cases::check(
+        &mut failures,
+        "chart",
+        "6 helm upgrade updates the CRD, every option on",
         upgrade(&ctx),
     )
     .await;
     support::cases::check(
         &mut failures,
         "chart",
-        "5 helm uninstall keeps the CRD",
+        "7 helm uninstall keeps the CRD",
         uninstall(&ctx),
     )
     .await;
@@ -165,7 +206,19 @@ impl Ctx<'_> {
         helm_output(&mut cmd)
     }
 
-    /// `--set` arguments of the release (cases 2 and 4).
+    /// `helm template` of the release in namespace "ops" with the required values and
+    /// `args`, as objects.
+    fn template(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let chart = self.chart();
+        let required = format!("database.existingSecret={SECRET},clusterName={CLUSTER_NAME}");
+        let mut full = vec!["template", RELEASE, chart.to_str().unwrap(), "-n", "ops"];
+        full.extend(["--set", &required]);
+        full.extend_from_slice(args);
+        let text = self.helm(&full)?.ok(&format!("helm {}", full.join(" ")))?;
+        yaml_documents(&text)
+    }
+
+    /// `--set` arguments of the release (cases 2 and 6).
     fn release_values(&self) -> Vec<String> {
         [
             format!("database.existingSecret={SECRET}"),
@@ -199,6 +252,9 @@ impl Ctx<'_> {
     /// (matters when attached to a cluster that outlives the test).
     async fn cleanup(&self) {
         let _ = self.helm(&["uninstall", RELEASE, "-n", &self.namespace, "--wait"]);
+        let _ = Api::<PriorityClass>::all(self.client.clone())
+            .delete(PRIORITY_CLASS, &DeleteParams::default())
+            .await;
         let api = Api::<Namespace>::all(self.client.clone());
         let selector = format!("reaper-chart-test={}", self.suffix);
         if let Ok(list) = api.list(&ListParams::default().labels(&selector)).await {
@@ -276,10 +332,13 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
     let chart = ctx.chart();
     let chart = chart.to_str().unwrap();
     let secret = format!("database.existingSecret={SECRET},clusterName={CLUSTER_NAME}");
+    let full_values = ctx.chart().join(FULL_VALUES);
+    let full_values = full_values.to_str().unwrap();
 
     // Clean with the defaults (plus the one required value) and with the optional parts on.
     for extra in [
         &[][..],
+        &["-f", full_values][..],
         &[
             "--set",
             "watchNamespace=jobs",
@@ -308,6 +367,10 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
     std::fs::write(&float_values, "replicaCount: 1.5\n")?;
     let float_values = float_values.to_str().unwrap().to_owned();
     let only_secret = format!("database.existingSecret={SECRET}");
+    let long_secret = format!(
+        "database.existingSecret={},clusterName={CLUSTER_NAME}",
+        "a".repeat(254)
+    );
     let bad: Vec<(&str, Vec<&str>, &str, &str)> = vec![
         (
             "no database Secret",
@@ -375,6 +438,143 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
             "",
             "additional properties 'replicas' not allowed",
         ),
+        (
+            "minAvailable 100% (no pod evictable: every drain blocked)",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "podDisruptionBudget.minAvailable=100%",
+            ],
+            "/podDisruptionBudget/minAvailable",
+            "'100%' does not match pattern",
+        ),
+        (
+            "minAvailable -1",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "podDisruptionBudget.minAvailable=-1",
+            ],
+            "/podDisruptionBudget/minAvailable",
+            "minimum: got -1, want 0",
+        ),
+        (
+            "database Secret not a DNS-1123 subdomain",
+            vec![
+                "--set",
+                "database.existingSecret=Reaper_DB",
+                "--set",
+                "clusterName=x",
+            ],
+            "/database/existingSecret",
+            "'Reaper_DB' does not match pattern",
+        ),
+        (
+            "database Secret of 254 characters",
+            vec!["--set", &long_secret],
+            "/database/existingSecret",
+            "maxLength: got 254, want 253",
+        ),
+        (
+            "urlKey not a Secret key",
+            vec!["--set", &secret, "--set", "database.urlKey=db/url"],
+            "/database/urlKey",
+            "'db/url' does not match pattern",
+        ),
+        (
+            "listenUrlKey not a Secret key",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "database.listenUrlKey=listen url",
+            ],
+            "/database/listenUrlKey",
+            "'listen url' does not match pattern",
+        ),
+        (
+            "TLS Secret not a DNS-1123 subdomain",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "database.tls.existingSecret=-tls",
+            ],
+            "/database/tls/existingSecret",
+            "'-tls' does not match pattern",
+        ),
+        (
+            "TLS caKey not a Secret key",
+            vec!["--set", &secret, "--set", "database.tls.caKey=ca crt"],
+            "/database/tls/caKey",
+            "'ca crt' does not match pattern",
+        ),
+        (
+            "client certificate without its key",
+            vec!["--set", &secret, "--set", "database.tls.certKey=tls.crt"],
+            "/database/tls/keyKey",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "image digest not sha256",
+            vec!["--set", &secret, "--set", "image.digest=latest"],
+            "/image/digest",
+            "'latest' does not match pattern",
+        ),
+        (
+            "http.address in brackets",
+            vec!["--set", &secret, "--set", "http.address=[::]"],
+            "/http/address",
+            "'[::]' does not match pattern",
+        ),
+        (
+            "http.address a host name",
+            vec!["--set", &secret, "--set", "http.address=localhost"],
+            "/http/address",
+            "'localhost' does not match pattern",
+        ),
+        (
+            "http.port 0",
+            vec!["--set", &secret, "--set", "http.port=0"],
+            "/http/port",
+            "minimum: got 0, want 1",
+        ),
+        (
+            "an unknown alert to disable",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "prometheusRule.disabledAlerts[0]=NoLeader",
+            ],
+            "/prometheusRule/disabledAlerts/0",
+            "value must be one of",
+        ),
+        (
+            "an API server CIDR without its prefix length",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1",
+            ],
+            "/networkPolicy/egress/apiServer/cidrs/0",
+            "'10.0.0.1' does not match pattern",
+        ),
+        (
+            "a misspelt securityContext field",
+            vec!["--set", &secret, "--set", "securityContext.runAsUid=1000"],
+            "/securityContext",
+            "additional properties 'runAsUid' not allowed",
+        ),
+        (
+            "a probe path (the chart's own)",
+            vec!["--set", &secret, "--set", "probes.liveness.path=/x"],
+            "/probes/liveness",
+            "additional properties 'path' not allowed",
+        ),
     ];
     for (what, args, path, message) in &bad {
         for command in ["template", "lint"] {
@@ -395,6 +595,61 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
                  (at '{path}': {message}):\n{text}"
             );
         }
+    }
+
+    // What the schema cannot see, the templates refuse, naming the value.
+    let refused: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "minAvailable 60% of 2 pods",
+            vec!["--set", "podDisruptionBudget.minAvailable=60%"],
+            "podDisruptionBudget.minAvailable 60% of replicaCount 2 is 2 pod(s)",
+        ),
+        (
+            "minAvailable 100% without the schema",
+            vec![
+                "--skip-schema-validation",
+                "--set",
+                "podDisruptionBudget.minAvailable=100%",
+            ],
+            "podDisruptionBudget.minAvailable 100% of replicaCount 2 is 2 pod(s)",
+        ),
+        (
+            "minAvailable 2 of 2 pods",
+            vec!["--set", "podDisruptionBudget.minAvailable=2"],
+            "podDisruptionBudget.minAvailable (2) must be less than replicaCount (2)",
+        ),
+        (
+            "extraEnv setting a variable of the chart",
+            vec![
+                "--set",
+                "extraEnv[0].name=REAPER_HTTP_ADDR",
+                "--set",
+                "extraEnv[0].value=0.0.0.0:1",
+            ],
+            "extraEnv sets REAPER_HTTP_ADDR, which the chart sets itself",
+        ),
+        (
+            "client certificate without its key, without the schema",
+            vec![
+                "--skip-schema-validation",
+                "--set",
+                "database.tls.existingSecret=tls",
+                "--set",
+                "database.tls.certKey=tls.crt",
+            ],
+            "database.tls.certKey and database.tls.keyKey name the client certificate and its key: set both or neither",
+        ),
+    ];
+    for (what, args, message) in &refused {
+        let mut full = vec!["template", "test", chart, "--set", &secret];
+        full.extend(args.iter().copied());
+        let out = ctx.helm(&full)?;
+        ensure!(
+            !out.success && out.stderr.contains(message),
+            "{what}: helm template did not refuse it with {message:?}:\n{}{}",
+            out.stdout,
+            out.stderr
+        );
     }
 
     // Without schema validation the template still refuses a missing cluster name, and a
@@ -437,6 +692,8 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
         kinds(&docs)
             == [
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
                 "ClusterRoleBinding",
                 "CustomResourceDefinition",
                 "Deployment",
@@ -449,31 +706,25 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
     );
     check_rendered_crd(find(&docs, "CustomResourceDefinition")[0])?;
     check_rendered_deployment(find(&docs, "Deployment")[0])?;
+    check_aggregated_roles(&docs)?;
     ensure!(
         !text.contains("postgres://"),
         "a database URL is rendered in plain text"
     );
 
-    // watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC.
-    let text = ctx
-        .helm(&[
-            "template",
-            RELEASE,
-            chart,
-            "-n",
-            "ops",
-            "--set",
-            &secret,
-            "--set",
-            "watchNamespace=jobs",
-            "--set",
-            "crds.install=false",
-        ])?
-        .ok("helm template with watchNamespace")?;
-    let docs = yaml_documents(&text)?;
+    // watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC for
+    // the operator (the aggregated roles are for users, and can be turned off too).
+    let docs = ctx.template(&[
+        "--set",
+        "watchNamespace=jobs",
+        "--set",
+        "crds.install=false",
+    ])?;
     ensure!(
         kinds(&docs)
             == [
+                "ClusterRole",
+                "ClusterRole",
                 "Deployment",
                 "PodDisruptionBudget",
                 "Role",
@@ -501,6 +752,196 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
         ),
         "REAPER_WATCH_NAMESPACE not set: {env}"
     );
+    let docs = ctx.template(&[
+        "--set",
+        "watchNamespace=jobs",
+        "--set",
+        "crds.install=false",
+        "--set",
+        "rbac.aggregateToDefaultRoles=false",
+    ])?;
+    ensure!(
+        find(&docs, "ClusterRole").is_empty(),
+        "aggregateToDefaultRoles=false still renders ClusterRoles: {:?}",
+        kinds(&docs)
+    );
+
+    // Every option on.
+    check_full_render(&ctx.template(&["-f", full_values])?)?;
+
+    // OpenShift: null removes a default, the rest of the context stays.
+    let docs = ctx.template(&[
+        "--set",
+        "securityContext.runAsUser=null",
+        "--set",
+        "securityContext.runAsGroup=null",
+        "--set",
+        "podSecurityContext.runAsUser=null",
+        "--set",
+        "podSecurityContext.runAsGroup=null",
+        "--set",
+        "podSecurityContext.fsGroup=null",
+    ])?;
+    let pod = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    let (psc, sc) = (
+        &pod["securityContext"],
+        &pod["containers"][0]["securityContext"],
+    );
+    for (what, context) in [("pod", psc), ("container", sc)] {
+        for key in ["runAsUser", "runAsGroup", "fsGroup"] {
+            ensure!(
+                context.get(key).is_none(),
+                "{what} securityContext.{key} set to null is still rendered: {context}"
+            );
+        }
+        ensure!(
+            context["runAsNonRoot"] == true
+                && context["seccompProfile"]["type"] == "RuntimeDefault",
+            "{what} securityContext lost its other defaults: {context}"
+        );
+    }
+    ensure!(
+        sc["readOnlyRootFilesystem"] == true && sc["capabilities"]["drop"] == json!(["ALL"]),
+        "container securityContext lost its other defaults: {sc}"
+    );
+    // ... and a value replaces one.
+    let docs = ctx.template(&["--set", "securityContext.runAsUser=1000700000"])?;
+    let sc = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    ensure!(
+        sc["runAsUser"] == 1000700000_i64,
+        "runAsUser override: {sc}"
+    );
+
+    // The listener: IPv6 in brackets, IPv4 as it is, the port everywhere.
+    for (address, port, expected) in [
+        ("::1", "8080", "[::1]:8080"),
+        ("fd00::10", "9443", "[fd00::10]:9443"),
+        ("127.0.0.1", "9000", "127.0.0.1:9000"),
+    ] {
+        let docs = ctx.template(&[
+            "--set-string",
+            &format!("http.address={address}"),
+            "--set",
+            &format!("http.port={port}"),
+        ])?;
+        let container = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+        let addr = env_var(container, "REAPER_HTTP_ADDR").map(|v| v["value"].clone());
+        ensure!(
+            addr == Some(json!(expected)),
+            "http.address={address} http.port={port}: REAPER_HTTP_ADDR {addr:?}, expected {expected}"
+        );
+        ensure!(
+            container["ports"]
+                == json!([{"name": "http", "containerPort": port.parse::<u16>()?, "protocol": "TCP"}]),
+            "containerPort for http.port={port}: {}",
+            container["ports"]
+        );
+    }
+
+    // PrometheusRule: off by default (above); on, the documented alerts, minus disabled ones.
+    let docs = ctx.template(&[
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.disabledAlerts[0]=ReaperRenewSlow",
+    ])?;
+    let names: Vec<String> = rule_alerts(&docs)?.into_iter().map(|(n, _)| n).collect();
+    ensure!(
+        names == ALERTS[..4],
+        "alerts with ReaperRenewSlow disabled: {names:?}"
+    );
+    Ok(())
+}
+
+/// The env var `name` of a rendered container.
+fn env_var<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+}
+
+/// (alert, expr) of every rule of the rendered PrometheusRule.
+fn rule_alerts(docs: &[Value]) -> Result<Vec<(String, String)>> {
+    let rules = find(docs, "PrometheusRule");
+    ensure!(
+        rules.len() == 1,
+        "PrometheusRules rendered: {}",
+        rules.len()
+    );
+    let groups = rules[0]["spec"]["groups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap_or_default().to_owned(),
+                r["expr"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The two aggregated ClusterRoles of the release "reaper-operator".
+fn check_aggregated_roles(docs: &[Value]) -> Result<()> {
+    let role = |name: &str| {
+        find(docs, "ClusterRole")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("no ClusterRole {name}"))
+    };
+    let label = "rbac.authorization.k8s.io/aggregate-to-";
+    let view = role(&format!("{RELEASE}-view"))?;
+    let edit = role(&format!("{RELEASE}-edit"))?;
+    ensure!(
+        view["metadata"]["labels"][format!("{label}view")] == "true",
+        "the view role is not aggregated to view: {}",
+        view["metadata"]
+    );
+    ensure!(
+        view["rules"]
+            == json!([{"apiGroups": ["pglease.dev"], "resources": ["reapers", "reapers/status"], "verbs": ["get", "list", "watch"]}]),
+        "view rules: {}",
+        view["rules"]
+    );
+    for to in ["edit", "admin"] {
+        ensure!(
+            edit["metadata"]["labels"][format!("{label}{to}")] == "true",
+            "the edit role is not aggregated to {to}: {}",
+            edit["metadata"]
+        );
+    }
+    ensure!(
+        edit["metadata"]["labels"]
+            .get(format!("{label}view"))
+            .is_none(),
+        "the edit role must not reach view"
+    );
+    ensure!(
+        edit["rules"].as_array().is_some_and(|rules| rules
+            .iter()
+            .all(|r| r["apiGroups"] == json!(["pglease.dev"])
+                && r["resources"] == json!(["reapers"]))),
+        "the edit role grants more than reapers (their status is the operator's): {}",
+        edit["rules"]
+    );
+    let verbs: BTreeSet<String> = edit["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["verbs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    for verb in ["create", "update", "patch", "delete"] {
+        ensure!(
+            verbs.contains(verb),
+            "the edit role lacks {verb}: {verbs:?}"
+        );
+    }
     Ok(())
 }
 
@@ -584,19 +1025,57 @@ fn check_rendered_deployment(d: &Value) -> Result<()> {
         "defaults must migrate and watch all namespaces"
     );
     ensure!(
-        container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-            && container["readinessProbe"]["httpGet"]["path"] == "/readyz",
-        "probes: {container}"
+        var("REAPER_HTTP_ADDR").map(|v| &v["value"]) == Some(&json!("0.0.0.0:8080"))
+            && container["ports"]
+                == json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}]),
+        "the listener: {:?} {}",
+        var("REAPER_HTTP_ADDR"),
+        container["ports"]
+    );
+    let app_version = serde_norway::from_str::<Value>(&std::fs::read_to_string(
+        repo_root().join(CHART).join("Chart.yaml"),
+    )?)?["appVersion"]
+        .clone();
+    ensure!(
+        container["image"] == format!("reaper-operator:{}", app_version.as_str().unwrap_or("?")),
+        "image {} is not reaper-operator:<appVersion {app_version}>",
+        container["image"]
+    );
+    let http_get = |path: &str| json!({"path": path, "port": "http"});
+    ensure!(
+        container["startupProbe"]
+            == json!({"httpGet": http_get("/healthz"), "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30})
+            && container["livenessProbe"]
+                == json!({"httpGet": http_get("/healthz"), "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3})
+            && container["readinessProbe"]
+                == json!({"httpGet": http_get("/readyz"), "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3}),
+        "probes: startup {} liveness {} readiness {}",
+        container["startupProbe"],
+        container["livenessProbe"],
+        container["readinessProbe"]
     );
     let sc = &container["securityContext"];
     ensure!(
         sc["runAsNonRoot"] == true
             && sc["runAsUser"] == 65532
+            && sc["runAsGroup"] == 65532
             && sc["readOnlyRootFilesystem"] == true
             && sc["allowPrivilegeEscalation"] == false
+            && sc["privileged"] == false
             && sc["capabilities"]["drop"] == json!(["ALL"])
             && sc["seccompProfile"]["type"] == "RuntimeDefault",
         "securityContext: {sc}"
+    );
+    let psc = &pod["securityContext"];
+    ensure!(
+        *psc == json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}),
+        "pod securityContext: {psc}"
+    );
+    ensure!(
+        pod.get("volumes").is_none() && container.get("volumeMounts").is_none(),
+        "volumes by default: {} {}",
+        pod["volumes"],
+        container["volumeMounts"]
     );
     ensure!(
         pod["terminationGracePeriodSeconds"].as_i64() > Some(45),
@@ -610,6 +1089,201 @@ fn check_rendered_deployment(d: &Value) -> Result<()> {
         "no pod anti-affinity: {}",
         pod["affinity"]
     );
+    Ok(())
+}
+
+/// ci/full-values.yaml: every option rendered as its values say.
+fn check_full_render(docs: &[Value]) -> Result<()> {
+    ensure!(
+        kinds(docs)
+            == [
+                "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "CustomResourceDefinition",
+                "Deployment",
+                "NetworkPolicy",
+                "PodDisruptionBudget",
+                "PrometheusRule",
+                "Service",
+                "ServiceAccount",
+                "ServiceMonitor",
+            ],
+        "kinds with every option: {:?}",
+        kinds(docs)
+    );
+    let d = find(docs, "Deployment")[0];
+    let pod = &d["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    ensure!(
+        container["image"] == format!("registry.example.com/reaper-operator@{digest}"),
+        "image with a digest (the tag must not be used): {}",
+        container["image"]
+    );
+    ensure!(
+        env_var(container, "REAPER_HTTP_ADDR").map(|v| &v["value"]) == Some(&json!("[::]:9090"))
+            && container["ports"]
+                == json!([{"name": "http", "containerPort": 9090, "protocol": "TCP"}]),
+        "IPv6 listener: {:?} {}",
+        env_var(container, "REAPER_HTTP_ADDR"),
+        container["ports"]
+    );
+    let svc = find(docs, "Service")[0];
+    ensure!(
+        svc["spec"]["ports"]
+            == json!([{"name": "http", "port": 9090, "targetPort": "http", "protocol": "TCP"}]),
+        "Service ports: {}",
+        svc["spec"]["ports"]
+    );
+    // Merged over the defaults: the override and the untouched default.
+    ensure!(
+        container["startupProbe"]["failureThreshold"] == 60
+            && container["startupProbe"]["periodSeconds"] == 2
+            && container["startupProbe"]["httpGet"]["path"] == "/healthz",
+        "startupProbe: {}",
+        container["startupProbe"]
+    );
+    // The TLS Secret under fixed file names, 0440, readable through fsGroup.
+    ensure!(
+        pod["volumes"][0]
+            == json!({"name": "pg-tls", "secret": {
+                "secretName": TLS_SECRET,
+                "defaultMode": 0o440,
+                "items": [
+                    {"key": "ca.crt", "path": "ca.crt"},
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                ],
+            }}),
+        "TLS volume: {}",
+        pod["volumes"][0]
+    );
+    ensure!(
+        container["volumeMounts"][0]
+            == json!({"name": "pg-tls", "mountPath": "/etc/reaper/pg-tls", "readOnly": true}),
+        "TLS mount: {}",
+        container["volumeMounts"][0]
+    );
+    ensure!(
+        pod["securityContext"]["fsGroup"] == 65532,
+        "fsGroup: {}",
+        pod["securityContext"]
+    );
+    ensure!(
+        pod["volumes"][1]["name"] == "scratch"
+            && container["volumeMounts"][1] == json!({"name": "scratch", "mountPath": "/tmp"}),
+        "extraVolumes/extraVolumeMounts: {} {}",
+        pod["volumes"],
+        container["volumeMounts"]
+    );
+    ensure!(
+        env_var(container, "OTEL_SERVICE_NAME").map(|v| &v["value"])
+            == Some(&json!("reaper-operator")),
+        "extraEnv not rendered: {}",
+        container["env"]
+    );
+    ensure!(
+        pod["priorityClassName"] == PRIORITY_CLASS,
+        "priorityClassName: {}",
+        pod["priorityClassName"]
+    );
+    let selector = &d["spec"]["selector"]["matchLabels"];
+    ensure!(
+        pod["topologySpreadConstraints"]
+            == json!([{
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector},
+            }]),
+        "topologySpreadConstraints (labelSelector filled in): {}",
+        pod["topologySpreadConstraints"]
+    );
+    ensure!(
+        find(docs, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == "50%",
+        "PDB minAvailable 50%"
+    );
+
+    // NetworkPolicy: in on the http port only, out to the API server, the database and DNS.
+    let np = find(docs, "NetworkPolicy")[0];
+    let spec = &np["spec"];
+    ensure!(
+        spec["podSelector"]["matchLabels"] == *selector
+            && spec["policyTypes"] == json!(["Ingress", "Egress"]),
+        "NetworkPolicy selector/types: {spec}"
+    );
+    let ingress = spec["ingress"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        ingress.len() == 1
+            && ingress[0]["ports"] == json!([{"port": "http", "protocol": "TCP"}])
+            && ingress[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                == "monitoring",
+        "NetworkPolicy ingress: {}",
+        spec["ingress"]
+    );
+    let tcp = |ports: &[u16]| -> Value {
+        ports
+            .iter()
+            .map(|p| json!({"port": p, "protocol": "TCP"}))
+            .collect()
+    };
+    let egress = spec["egress"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        egress.len() == 3,
+        "NetworkPolicy egress rules: {}",
+        spec["egress"]
+    );
+    ensure!(
+        egress[0]["ports"] == tcp(&[443, 6443])
+            && egress[0]["to"]
+                == json!([{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "192.168.10.0/24"}}]),
+        "egress to the API server: {}",
+        egress[0]
+    );
+    ensure!(
+        egress[1]["ports"] == tcp(&[5432, 6432])
+            && egress[1]["to"][0] == json!({"ipBlock": {"cidr": "10.20.0.0/16"}}),
+        "egress to the database: {}",
+        egress[1]
+    );
+    ensure!(
+        egress[2]["ports"]
+            == json!([{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}])
+            && egress[2]["to"][0]["podSelector"]["matchLabels"]["k8s-app"] == "kube-dns",
+        "egress to DNS: {}",
+        egress[2]
+    );
+
+    // PrometheusRule: the documented alerts, the extra one, the configured labels.
+    let rule = find(docs, "PrometheusRule")[0];
+    ensure!(
+        rule["metadata"]["labels"]["release"] == "kube-prometheus-stack",
+        "PrometheusRule labels: {}",
+        rule["metadata"]
+    );
+    let names: Vec<String> = rule_alerts(docs)?.into_iter().map(|(n, _)| n).collect();
+    let mut expected: Vec<String> = ALERTS.iter().map(|a| a.to_string()).collect();
+    expected.push("ReaperReconcileErrors".into());
+    ensure!(names == expected, "alerts: {names:?}");
+    for r in rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(ALERTS.len())
+    {
+        ensure!(
+            r["labels"]["team"] == "platform"
+                && ["critical", "warning"]
+                    .contains(&r["labels"]["severity"].as_str().unwrap_or(""))
+                && r["annotations"]["runbook_url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("https://"))
+                && r["annotations"]["summary"].is_string(),
+            "alert labels/annotations: {r}"
+        );
+    }
     Ok(())
 }
 
@@ -1055,7 +1729,339 @@ async fn minimal(ctx: &Ctx<'_>, sa: &Client, ns: &str) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. helm upgrade with a changed CRD updates it in the cluster.
+// 4. The PrometheusRule: docs/operations.md's alerts, on metrics the operator serves.
+
+async fn prometheus_rule(ctx: &Ctx<'_>) -> Result<()> {
+    let alerts = rule_alerts(&ctx.template(&["--set", "prometheusRule.enabled=true"])?)?;
+    let documented = documented_alerts()?;
+    ensure!(
+        alerts == documented,
+        "the chart's alerts are not docs/operations.md's:\nchart: {alerts:#?}\ndocs: {documented:#?}"
+    );
+    let metrics = takeover_metrics(ctx).await?;
+    let served = served_series(&metrics);
+    let mut unknown = Vec::new();
+    for (alert, expr) in &alerts {
+        let names = metric_names(expr);
+        ensure!(
+            !names.is_empty(),
+            "{alert}: `{expr}` names no reaper_ metric"
+        );
+        unknown.extend(
+            names
+                .into_iter()
+                .filter(|n| !served.contains(n))
+                .map(|n| format!("{alert}: {n}")),
+        );
+    }
+    ensure!(
+        unknown.is_empty(),
+        "alerts name series the operator does not serve:\n{}\nserved: {served:?}",
+        unknown.join("\n")
+    );
+    Ok(())
+}
+
+/// /metrics of an operator that took over an expired lease and renewed it: the families
+/// that appear only after such events (takeovers, the renew histogram) are in it.
+async fn takeover_metrics(ctx: &Ctx<'_>) -> Result<String> {
+    let ns = format!("chart-metrics-{}", ctx.suffix);
+    ctx.create_namespace(&ns).await?;
+    let lease = format!("{ns}.ghost");
+    let store = LeaseStore::connect(&db::direct_url(), &ctx.schema, Duration::from_secs(10), 1)
+        .await
+        .context("connecting to the test database")?;
+    store.migrate().await?;
+    store
+        .acquire(&lease, "elsewhere/op-0", Duration::from_secs(1))
+        .await?
+        .ok_or_else(|| anyhow!("could not plant the expiring lease {lease}"))?;
+    store.pool().close().await;
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "ghost"},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "ghost"}},
+            "template": {
+                "metadata": {"labels": {"app": "ghost"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "ghost", "image": "example.invalid/ghost:1"}]
+                }
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), &ns);
+    let reaper = Reaper::new(
+        "ghost",
+        ReaperSpec {
+            deployment_name: "ghost".into(),
+            paused: false,
+            lease: LeaseSpec {
+                name: Some(lease.clone()),
+                ttl_seconds: 3,
+                renew_deadline_seconds: 2,
+                retry_period_seconds: 1,
+                handover_delay_seconds: 0,
+            },
+        },
+    );
+    reapers.create(&PostParams::default(), &reaper).await?;
+
+    let op = OperatorProcess::start(OperatorSpec {
+        kubeconfig: ctx.cluster.kubeconfig(),
+        database_url: &db::direct_url(),
+        listen_database_url: None,
+        schema: ctx.schema.as_str(),
+        cluster: CLUSTER_NAME,
+        identity: "op-metrics",
+        migrate: false,
+        namespace: &ns,
+    });
+    let takeover = format!("reaper_lease_takeovers_total{{lease=\"{lease}\"}} 1");
+    let scraped = wait_until("a takeover and a renew on /metrics", WAIT, || async {
+        let Some((200, text)) = op.http("/metrics") else {
+            return Ok(None);
+        };
+        let renewed = text.lines().any(|l| {
+            l.starts_with("reaper_lease_renew_duration_seconds_count") && !l.ends_with(" 0")
+        });
+        Ok((text.contains(&takeover) && renewed).then_some(text))
+    })
+    .await
+    .map_err(|e| anyhow!("{e:#}\n--- operator log:\n{}", op.log_tail()))?;
+    // Hand the lease back (the finalizer) before the process goes.
+    reapers.delete("ghost", &DeleteParams::default()).await?;
+    wait_until("the ghost Reaper's finalizer to finish", WAIT, || async {
+        Ok(reapers.get_opt("ghost").await?.is_none().then_some(()))
+    })
+    .await?;
+    let _ = std::fs::remove_file(&op.log);
+    Ok(scraped)
+}
+
+/// (alert, expr) of the YAML block under "## Alerts worth having" in docs/operations.md.
+fn documented_alerts() -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(repo_root().join("docs/operations.md"))?;
+    let section = text
+        .split("## Alerts worth having")
+        .nth(1)
+        .ok_or_else(|| anyhow!("docs/operations.md has no \"Alerts worth having\""))?;
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .ok_or_else(|| anyhow!("no yaml block under \"Alerts worth having\""))?;
+    let rules: Vec<Value> = serde_norway::from_str(block)?;
+    Ok(rules
+        .iter()
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap_or_default().to_owned(),
+                r["expr"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// The series names an OpenMetrics exposition can hold, from its `# TYPE` lines (a
+/// family without samples yet, e.g. a counter per lease before the first takeover, is
+/// still listed): counters as `<name>_total`, histograms as `_bucket`, `_sum`, `_count`.
+fn served_series(metrics: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in metrics.lines() {
+        let mut words = line
+            .strip_prefix("# TYPE ")
+            .unwrap_or("")
+            .split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            "info" => {
+                names.insert(format!("{name}_info"));
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// The `reaper_*` metric names in a PromQL expression.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("reaper_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. The aggregated roles, on the real RBAC authorizer.
+
+const VIEWER: &str = "chart-viewer";
+const EDITOR: &str = "chart-editor";
+const NS_ADMIN: &str = "chart-admin";
+
+/// The namespace of case 5's users and Reaper (case 7 checks it again).
+fn users_namespace(ctx: &Ctx<'_>) -> String {
+    format!("chart-users-{}", ctx.suffix)
+}
+
+/// An admin client that impersonates `user` (RBAC judges the user, not the admin).
+async fn impersonating(ctx: &Ctx<'_>, user: &str) -> Result<Client> {
+    let mut kubeconfig = Kubeconfig::read_from(ctx.cluster.kubeconfig())?;
+    for named in &mut kubeconfig.auth_infos {
+        if let Some(info) = named.auth_info.as_mut() {
+            info.impersonate = Some(user.to_owned());
+        }
+    }
+    support::cluster::client_from(kubeconfig).await
+}
+
+fn is_forbidden<T>(result: &kube::Result<T>) -> bool {
+    matches!(result, Err(kube::Error::Api(s)) if s.code == 403)
+}
+
+async fn aggregated_roles(ctx: &Ctx<'_>) -> Result<()> {
+    let ns = users_namespace(ctx);
+    ctx.create_namespace(&ns).await?;
+    let reaper = Reaper::new(
+        "nightly",
+        ReaperSpec {
+            deployment_name: "nightly".into(),
+            paused: true,
+            lease: LeaseSpec {
+                name: None,
+                ttl_seconds: 15,
+                renew_deadline_seconds: 10,
+                retry_period_seconds: 2,
+                handover_delay_seconds: 0,
+            },
+        },
+    );
+    Api::<Reaper>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &reaper)
+        .await
+        .context("creating a Reaper as admin")?;
+    // Each user gets a built-in role in this namespace only, as a namespace owner would.
+    let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns);
+    for (user, role) in [(VIEWER, "view"), (EDITOR, "edit"), (NS_ADMIN, "admin")] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{user}-{role}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        }))?;
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .with_context(|| format!("binding {role} to {user}"))?;
+    }
+
+    let dry_post = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let dry_delete = DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let mut copy = reaper.clone();
+    copy.metadata.name = Some("nightly-copy".into());
+    let label = Patch::Merge(json!({"metadata": {"labels": {"checked-by": "chart-test"}}}));
+    let status = Patch::Merge(json!({"status": {"holder": "someone/else"}}));
+
+    // The aggregation controller (kube-controller-manager) copies the rules into view,
+    // edit and admin asynchronously.
+    let viewer = Api::<Reaper>::namespaced(impersonating(ctx, VIEWER).await?, &ns);
+    wait_until("the view role to include Reapers", WAIT, || async {
+        let r = viewer.get("nightly").await;
+        if is_forbidden(&r) {
+            return Ok(None);
+        }
+        r.map(Some).context("get as the viewer")
+    })
+    .await?;
+    let mut problems = Vec::new();
+    let mut expect = |what: &str, allowed: bool, forbidden: bool| match (allowed, forbidden) {
+        (true, true) => problems.push(format!("{what}: refused (403), expected allowed")),
+        (false, false) => problems.push(format!("{what}: allowed, expected 403")),
+        _ => {}
+    };
+    let r = viewer.list(&ListParams::default()).await;
+    expect("viewer lists Reapers", true, is_forbidden(&r));
+    let r = viewer.get_status("nightly").await;
+    expect("viewer reads a Reaper's status", true, is_forbidden(&r));
+    let r = viewer.create(&dry_post, &copy).await;
+    expect("viewer creates a Reaper", false, is_forbidden(&r));
+    let r = viewer
+        .patch("nightly", &PatchParams::default(), &label)
+        .await;
+    expect("viewer patches a Reaper", false, is_forbidden(&r));
+    let r = viewer.delete("nightly", &dry_delete).await;
+    expect("viewer deletes a Reaper", false, is_forbidden(&r));
+    let r = viewer
+        .patch_status("nightly", &PatchParams::default(), &status)
+        .await;
+    expect("viewer writes a Reaper's status", false, is_forbidden(&r));
+
+    for user in [EDITOR, NS_ADMIN] {
+        let api = Api::<Reaper>::namespaced(impersonating(ctx, user).await?, &ns);
+        let what = format!("the {user} role to include writing Reapers");
+        wait_until(&what, WAIT, || async {
+            let r = api.create(&dry_post, &copy).await;
+            if is_forbidden(&r) {
+                return Ok(None);
+            }
+            r.map(Some).with_context(|| format!("create as {user}"))
+        })
+        .await?;
+        let r = api.get("nightly").await;
+        expect(&format!("{user} reads a Reaper"), true, is_forbidden(&r));
+        let r = api.patch("nightly", &PatchParams::default(), &label).await;
+        expect(&format!("{user} patches a Reaper"), true, is_forbidden(&r));
+        let r = api
+            .replace(
+                "nightly",
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &api.get("nightly").await?,
+            )
+            .await;
+        expect(&format!("{user} updates a Reaper"), true, is_forbidden(&r));
+        let r = api.delete("nightly", &dry_delete).await;
+        expect(&format!("{user} deletes a Reaper"), true, is_forbidden(&r));
+        let r = api
+            .patch_status("nightly", &PatchParams::default(), &status)
+            .await;
+        expect(
+            &format!("{user} writes a Reaper's status"),
+            false,
+            is_forbidden(&r),
+        );
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. helm upgrade with a changed CRD and every option on.
 
 const NEW_COLUMN: &str =
     "    - jsonPath: .spec.deploymentName\n      name: Deployment\n      type: string\n";
@@ -1072,11 +2078,98 @@ async fn upgrade(ctx: &Ctx<'_>) -> Result<()> {
         crd.replacen(anchor, &format!("{anchor}{NEW_COLUMN}"), 1),
     )?;
 
+    // What ci/full-values.yaml refers to. The TLS files are never read: kwok's pods do
+    // not run the image.
+    let class: PriorityClass = serde_json::from_value(json!({
+        "metadata": {"name": PRIORITY_CLASS},
+        "value": 1_000_000,
+        "description": "reaper-operator chart test",
+    }))?;
+    Api::<PriorityClass>::all(ctx.client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .context("creating the PriorityClass")?;
+    let tls: Secret = serde_json::from_value(json!({
+        "metadata": {"name": TLS_SECRET},
+        "stringData": {"ca.crt": "not read", "tls.crt": "not read", "tls.key": "not read"},
+    }))?;
+    Api::<Secret>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .create(&PostParams::default(), &tls)
+        .await
+        .context("creating the TLS Secret")?;
+
+    let full_values = copy.join(FULL_VALUES);
     let mut args = vec!["upgrade", RELEASE, copy.to_str().unwrap()];
     args.extend(["-n", &ctx.namespace, "--wait", "--timeout", "120s"]);
+    args.extend(["-f", full_values.to_str().unwrap()]);
     let values = ctx.release_values();
     args.extend(values.iter().map(String::as_str));
+    // This cluster has neither the Prometheus Operator's CRDs nor a listen-url key.
+    args.extend([
+        "--set",
+        "serviceMonitor.enabled=false,prometheusRule.enabled=false",
+        "--set",
+        "database.listenUrlKey=",
+    ]);
     ctx.helm(&args)?.ok("helm upgrade")?;
+
+    // The API server took every option.
+    let np = Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .get(RELEASE)
+        .await
+        .context("the NetworkPolicy")?;
+    let egress_ports: Vec<String> = np
+        .spec
+        .and_then(|s| s.egress)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|rule| rule.ports.clone().unwrap_or_default())
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p.port
+                    .map(|p| match p {
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) =>
+                            i.to_string(),
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s,
+                    })
+                    .unwrap_or_default(),
+                p.protocol.unwrap_or_default()
+            )
+        })
+        .collect();
+    ensure!(
+        egress_ports
+            == [
+                "443/TCP", "6443/TCP", "5432/TCP", "6432/TCP", "53/UDP", "53/TCP"
+            ],
+        "NetworkPolicy egress ports in the cluster: {egress_ports:?}"
+    );
+    let d = Api::<Deployment>::namespaced(ctx.client.clone(), &ctx.namespace)
+        .get(RELEASE)
+        .await?;
+    ensure!(
+        d.status.as_ref().and_then(|s| s.ready_replicas) == Some(3),
+        "helm --wait returned before 3 ready replicas: {:?}",
+        d.status
+    );
+    let pod = d.spec.template.spec.ok_or_else(|| anyhow!("no pod spec"))?;
+    let volume = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "pg-tls")
+        .and_then(|v| v.secret)
+        .ok_or_else(|| anyhow!("no pg-tls Secret volume in the cluster's Deployment"))?;
+    ensure!(
+        volume.secret_name.as_deref() == Some(TLS_SECRET) && volume.default_mode == Some(0o440),
+        "pg-tls volume: {volume:?}"
+    );
+    ensure!(
+        pod.priority_class_name.as_deref() == Some(PRIORITY_CLASS),
+        "priorityClassName: {:?}",
+        pod.priority_class_name
+    );
 
     let crd = Api::<CustomResourceDefinition>::all(ctx.client.clone())
         .get(CRD_NAME)
@@ -1127,7 +2220,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. helm uninstall removes the release but keeps the CRD.
+// 7. helm uninstall removes the release but keeps the CRD.
 
 async fn uninstall(ctx: &Ctx<'_>) -> Result<()> {
     let out = ctx
@@ -1148,12 +2241,27 @@ async fn uninstall(ctx: &Ctx<'_>) -> Result<()> {
             .is_none(),
         "the operator Deployment outlived the release"
     );
-    ensure!(
-        Api::<ClusterRole>::all(ctx.client.clone())
-            .get_opt(RELEASE)
-            .await?
-            .is_none(),
-        "the ClusterRole outlived the release"
-    );
+    for role in [
+        RELEASE.to_owned(),
+        format!("{RELEASE}-view"),
+        format!("{RELEASE}-edit"),
+    ] {
+        ensure!(
+            Api::<ClusterRole>::all(ctx.client.clone())
+                .get_opt(&role)
+                .await?
+                .is_none(),
+            "the ClusterRole {role} outlived the release"
+        );
+    }
+    // The aggregation controller takes the Reaper rules out of view again.
+    let viewer =
+        Api::<Reaper>::namespaced(impersonating(ctx, VIEWER).await?, &users_namespace(ctx));
+    wait_until(
+        "the view role to lose Reapers after uninstall",
+        WAIT,
+        || async { Ok(is_forbidden(&viewer.get("nightly").await).then_some(())) },
+    )
+    .await?;
     Ok(())
 }

@@ -42,8 +42,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* "<repository>@<digest>" when a digest is set (the tag is then not used), else "<repository>:<tag>". */}}
 {{- define "reaper-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+REAPER_HTTP_ADDR, a socket address: an IPv6 address goes in brackets ("::" and 8080 give
+"[::]:8080"), as the operator parses it, an IPv4 address does not.
+*/}}
+{{- define "reaper-operator.httpAddr" -}}
+{{- $address := .Values.http.address | toString }}
+{{- $port := int .Values.http.port }}
+{{- if contains ":" $address }}
+{{- printf "[%s]:%d" $address $port }}
+{{- else }}
+{{- printf "%s:%d" $address $port }}
+{{- end }}
 {{- end }}
 
 {{/*
