@@ -79,6 +79,53 @@ pub enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Run a command only while this cluster holds a lease; stop it (SIGTERM, then
+    /// SIGKILL) as soon as that can no longer be confirmed (docs/guard.md).
+    Guard(GuardArgs),
+    /// The guard's watchdog (started by `guard`, not by hand).
+    #[command(hide = true)]
+    GuardWatchdog {
+        #[arg(long)]
+        pgid: i32,
+        #[arg(long)]
+        grace_ms: u64,
+        #[arg(long)]
+        kill_at_ns: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GuardArgs {
+    /// The lease row name (a Reaper's `status.leaseName`, e.g. `<namespace>.<reaper>`).
+    #[arg(long, env = "REAPER_LEASE_NAME")]
+    pub lease: String,
+
+    /// This cluster's name (the operator's `--cluster-name`): the command runs only while
+    /// a replica of this cluster holds the lease.
+    #[arg(long = "cluster-name", env = "REAPER_CLUSTER_NAME")]
+    pub cluster_name: String,
+
+    /// Direct PostgreSQL URL used only to LISTEN for lease changes (fast loss detection),
+    /// for when --database-url points at PgBouncer in transaction mode.
+    #[arg(long, env = "REAPER_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// How often the lease row is read.
+    #[arg(long, env = "REAPER_GUARD_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+
+    /// Time between SIGTERM and SIGKILL when the guard stops the command. The command is
+    /// sent SIGTERM this long before the lease could expire.
+    #[arg(long, env = "REAPER_GUARD_GRACE_SECONDS", default_value_t = 5.0)]
+    pub grace_seconds: f64,
+
+    /// Safety margin subtracted from every bound (clock rate differences, kill latency).
+    #[arg(long, env = "REAPER_GUARD_MARGIN_MS", default_value_t = 500)]
+    pub margin_ms: u64,
+
+    /// The command and its arguments, after `--`.
+    #[arg(required = true, last = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -294,6 +341,68 @@ pub enum Outcome {
     Done,
     /// Exit 1: someone else holds the lease, or you no longer do.
     NotDone,
+    /// This exit code (`guard`: the command's own, or 3 when the guard stopped it).
+    Exit(u8),
+}
+
+/// `guard`: checks its flags, then runs the command under the lease.
+pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome> {
+    crate::config::validate_label("--lease", &args.lease)?;
+    if args.cluster_name.is_empty() || args.cluster_name.contains('/') {
+        anyhow::bail!("--cluster-name must be the operator's cluster name (no '/')");
+    }
+    if !(0.0..=600.0).contains(&args.grace_seconds) {
+        anyhow::bail!("--grace-seconds must be between 0 and 600");
+    }
+    if args.poll_interval_ms < 50 {
+        anyhow::bail!("--poll-interval-ms must be at least 50");
+    }
+    let poll = Duration::from_millis(args.poll_interval_ms);
+    let url = db.url()?;
+    for url in std::iter::once(url).chain(args.listen_database_url.as_deref()) {
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
+    }
+    // A read may take at most one poll interval (and never more than the margin allows).
+    let store = LeaseStore::connect_lazy(url, &db.schema()?, poll.min(Duration::from_secs(2)), 2)?;
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let listen_url = args
+        .listen_database_url
+        .clone()
+        .unwrap_or_else(|| url.to_owned());
+    let lease_name = args.lease.clone();
+    let listener = tokio::spawn(async move {
+        // Wake-ups only speed up loss detection; the guard is safe without them (through
+        // PgBouncer in transaction mode LISTEN cannot work and this just keeps retrying).
+        loop {
+            let result = async {
+                let mut listener = sqlx::postgres::PgListener::connect(&listen_url).await?;
+                listener.listen(crate::lease::NOTIFY_CHANNEL).await?;
+                loop {
+                    let n = listener.recv().await?;
+                    if n.payload() == lease_name && wake_tx.send(()).is_err() {
+                        return Ok::<(), sqlx::Error>(());
+                    }
+                }
+            }
+            .await;
+            if result.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let settings = crate::guard::GuardSettings {
+        lease: args.lease,
+        cluster: args.cluster_name,
+        poll,
+        grace: Duration::from_secs_f64(args.grace_seconds),
+        margin: Duration::from_millis(args.margin_ms),
+        command: args.command,
+    };
+    let code = crate::guard::run(settings, store, wake_rx).await;
+    listener.abort();
+    Ok(Outcome::Exit(code?))
 }
 
 pub async fn migrate(db: &DatabaseArgs) -> Result<Outcome> {

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod guard;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -25,11 +25,22 @@ fn main() -> ExitCode {
             Command::Lease { command } => {
                 cli::lease(&cli.database, command).await.map_err(describe)
             }
+            Command::Guard(args) => cli::guard(&cli.database, args).await,
+            Command::GuardWatchdog {
+                pgid,
+                grace_ms,
+                kill_at_ns,
+            } => Ok(Outcome::Exit(reaper_operator::guard::watchdog(
+                pgid,
+                std::time::Duration::from_millis(grace_ms),
+                std::time::Duration::from_nanos(kill_at_ns),
+            ))),
         }
     });
     match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::NotDone) => ExitCode::from(1),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -1,0 +1,608 @@
+//! `reaper-operator guard`: runs a command only while this cluster holds a lease, and
+//! stops it as soon as that can no longer be confirmed (docs/guard.md).
+//!
+//! The guard never acquires or renews; it reads the lease row. A *confirming read* shows
+//! a holder of this cluster and an unexpired lease; it proves that nobody else can take
+//! the lease before `expires_at`, i.e. for `remaining = expires_at - observed_at` (both on
+//! the database's clock) after the read was *sent*. So the child must be dead by
+//! `sent + remaining - margin` on this machine's monotonic clock: the guard sends SIGTERM
+//! `grace` before that instant and SIGKILL at it, unless a later read confirms again.
+//!
+//! A frozen guard (SIGSTOP, a stalled runtime) cannot stop anything, so a watchdog
+//! process of its own (the hidden `guard-watchdog` command) holds the same SIGKILL
+//! instant and fires it by itself; the guard moves it forward with each confirming read.
+
+use std::io::{BufRead, Write};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::time::{ClockId, clock_gettime};
+use nix::unistd::Pid;
+
+use crate::lease::Lease;
+use crate::reaper::decide::holder_cluster;
+
+/// Exit code of the guard when it stopped the child because the lease could no longer
+/// be confirmed (lost to another cluster, or no confirming read in time).
+pub const EXIT_LEASE_LOST: u8 = 3;
+
+/// The time on `CLOCK_MONOTONIC`, the clock the guard and its watchdog share (it does
+/// not jump with the wall clock).
+pub fn monotonic_now() -> Duration {
+    let t = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// What one read of the lease row says about this cluster's right to run the child.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// A holder of this cluster, not expired: nobody else can take it for `remaining`.
+    Confirmed {
+        holder: String,
+        epoch: i64,
+        remaining: Duration,
+    },
+    /// A holder of another cluster.
+    Elsewhere { holder: String, epoch: i64 },
+    /// Free, expired, or no row: proves nothing either way.
+    NotHeld,
+}
+
+impl Reading {
+    pub fn of(lease: Option<&Lease>, cluster: &str) -> Self {
+        let Some(lease) = lease else {
+            return Reading::NotHeld;
+        };
+        if !lease.is_held() {
+            return Reading::NotHeld;
+        }
+        if holder_cluster(&lease.holder) != Some(cluster) {
+            return Reading::Elsewhere {
+                holder: lease.holder.clone(),
+                epoch: lease.epoch,
+            };
+        }
+        Reading::Confirmed {
+            holder: lease.holder.clone(),
+            epoch: lease.epoch,
+            remaining: (lease.expires_at - lease.observed_at)
+                .to_std()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Why the child must stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    HeldElsewhere {
+        holder: String,
+        epoch: i64,
+    },
+    /// The epoch moved by more than one between two reads: somebody (maybe another
+    /// cluster) held the lease in between, unseen.
+    EpochSkipped {
+        from: i64,
+        to: i64,
+    },
+    /// No read confirmed the lease in time.
+    Unconfirmed,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::HeldElsewhere { holder, epoch } => {
+                write!(
+                    f,
+                    "the lease is held by {holder} (epoch {epoch}), another cluster"
+                )
+            }
+            StopReason::EpochSkipped { from, to } => write!(
+                f,
+                "the epoch moved from {from} to {to}: the lease was held by somebody else in between"
+            ),
+            StopReason::Unconfirmed => {
+                write!(f, "no read confirmed the lease before it could expire")
+            }
+        }
+    }
+}
+
+/// The guard's knowledge: the epoch it last confirmed and the instant (monotonic) by
+/// which the child must be dead.
+#[derive(Clone, Debug, Default)]
+pub struct Confirmation {
+    pub epoch: Option<i64>,
+    pub holder: String,
+    /// SIGKILL instant; `None` before the first confirming read.
+    pub kill_at: Option<Duration>,
+}
+
+impl Confirmation {
+    /// Applies a read that was sent at `sent`. Only a confirming read moves `kill_at`
+    /// (to the latest read's bound, which is the most precise one).
+    pub fn apply(
+        &mut self,
+        sent: Duration,
+        reading: &Reading,
+        margin: Duration,
+    ) -> Result<(), StopReason> {
+        match reading {
+            Reading::Elsewhere { holder, epoch } => Err(StopReason::HeldElsewhere {
+                holder: holder.clone(),
+                epoch: *epoch,
+            }),
+            Reading::NotHeld => Ok(()),
+            Reading::Confirmed {
+                holder,
+                epoch,
+                remaining,
+            } => {
+                if let Some(last) = self.epoch
+                    && (*epoch > last + 1 || *epoch < last)
+                {
+                    return Err(StopReason::EpochSkipped {
+                        from: last,
+                        to: *epoch,
+                    });
+                }
+                self.epoch = Some(*epoch);
+                self.holder = holder.clone();
+                self.kill_at = Some((sent + *remaining).saturating_sub(margin));
+                Ok(())
+            }
+        }
+    }
+
+    /// The SIGTERM instant: `grace` before the SIGKILL instant.
+    pub fn term_at(&self, grace: Duration) -> Option<Duration> {
+        self.kill_at.map(|k| k.saturating_sub(grace))
+    }
+}
+
+/// Checks that a lease with this ttl leaves the child time to run: a healthy holder
+/// renews at least every ttl/2, so a read shows at least that much remaining; the child
+/// runs only while `remaining - margin - grace` exceeds the time to the next read.
+pub fn check_timing(
+    ttl: Duration,
+    grace: Duration,
+    margin: Duration,
+    poll: Duration,
+) -> Result<(), String> {
+    let needed = grace + margin + poll * 2;
+    if needed * 2 > ttl {
+        return Err(format!(
+            "the lease's ttl ({:.1} s) is too short for --grace-seconds {:.1} + --margin-ms {} + 2 × \
+             --poll-interval-ms {}: the guard stops the child {:.1} s before the lease could \
+             expire, so it needs 2 × {:.1} s = {:.1} s of ttl at least. Lower the grace or \
+             raise the Reaper's lease.ttlSeconds",
+            ttl.as_secs_f64(),
+            grace.as_secs_f64(),
+            margin.as_millis(),
+            poll.as_millis(),
+            (grace + margin).as_secs_f64(),
+            needed.as_secs_f64(),
+            (needed * 2).as_secs_f64(),
+        ));
+    }
+    Ok(())
+}
+
+/// The child's exit status as a process exit code (128 + signal when killed).
+pub fn exit_code(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
+        _ => 1,
+    }
+}
+
+/// Sends `signal` to the child's process group; a group that is gone is not an error.
+pub fn signal_group(pgid: i32, signal: Signal) {
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(error) => tracing::warn!(%error, pgid, %signal, "cannot signal the child"),
+    }
+}
+
+/// The guard's side of the watchdog: one line per message on the watchdog's stdin.
+pub struct WatchdogLink {
+    stdin: std::process::ChildStdin,
+    child: std::process::Child,
+}
+
+impl WatchdogLink {
+    /// Starts `reaper-operator guard-watchdog` in a process group of its own (so a stop
+    /// aimed at the guard's group does not freeze it) for the child group `pgid`.
+    pub fn start(pgid: i32, grace: Duration, kill_at: Duration) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("guard-watchdog")
+            .args(["--pgid", &pgid.to_string()])
+            .args(["--grace-ms", &grace.as_millis().to_string()])
+            .args(["--kill-at-ns", &kill_at.as_nanos().to_string()])
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        Ok(Self { stdin, child })
+    }
+
+    /// Moves the SIGKILL instant.
+    pub fn extend(&mut self, kill_at: Duration) {
+        if let Err(error) = writeln!(self.stdin, "kill-at {}", kill_at.as_nanos()) {
+            tracing::warn!(%error, "cannot reach the guard's watchdog");
+        }
+    }
+
+    /// The child is gone: the watchdog exits without signalling anything.
+    pub fn finish(mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        drop(self.stdin);
+        let _ = self.child.wait();
+    }
+}
+
+/// The watchdog: SIGKILLs the process group `pgid` at `kill_at` (monotonic) unless the
+/// guard moves it; if the guard goes away without saying `exit`, it sends SIGTERM at once
+/// and SIGKILL `grace` later (or at `kill_at`, if sooner).
+pub fn watchdog(pgid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
+    enum Msg {
+        KillAt(Duration),
+        Exit,
+        Gone,
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            let msg = match line.split_once(' ') {
+                Some(("kill-at", ns)) => match ns.trim().parse::<u64>() {
+                    Ok(ns) => Msg::KillAt(Duration::from_nanos(ns)),
+                    Err(_) => continue,
+                },
+                _ if line.trim() == "exit" => Msg::Exit,
+                _ => continue,
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Msg::Gone);
+    });
+    loop {
+        let wait = kill_at.saturating_sub(monotonic_now());
+        match rx.recv_timeout(wait) {
+            Ok(Msg::KillAt(at)) => kill_at = at,
+            Ok(Msg::Exit) => return 0,
+            Ok(Msg::Gone) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                signal_group(pgid, Signal::SIGTERM);
+                let until = kill_at.min(monotonic_now() + grace);
+                std::thread::sleep(until.saturating_sub(monotonic_now()));
+                signal_group(pgid, Signal::SIGKILL);
+                return EXIT_LEASE_LOST;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if monotonic_now() >= kill_at {
+                    signal_group(pgid, Signal::SIGKILL);
+                    eprintln!(
+                        "reaper-operator guard-watchdog: no confirming read in time: killed the child's process group {pgid}"
+                    );
+                    return EXIT_LEASE_LOST;
+                }
+            }
+        }
+    }
+}
+
+type Signals = Vec<(tokio::signal::unix::SignalKind, tokio::signal::unix::Signal)>;
+
+/// The next of the signals the guard forwards.
+async fn next_signal(signals: &mut Signals) -> tokio::signal::unix::SignalKind {
+    let waits = signals.iter_mut().map(|(kind, s)| {
+        let kind = *kind;
+        Box::pin(async move {
+            s.recv().await;
+            kind
+        })
+    });
+    futures::future::select_all(waits).await.0
+}
+
+/// Settings of `guard`.
+#[derive(Clone, Debug)]
+pub struct GuardSettings {
+    pub lease: String,
+    pub cluster: String,
+    pub poll: Duration,
+    pub grace: Duration,
+    pub margin: Duration,
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// Runs the guard to the end; returns the process exit code: the child's own, or
+/// [`EXIT_LEASE_LOST`] when the guard stopped it.
+pub async fn run(
+    settings: GuardSettings,
+    store: crate::lease::LeaseStore,
+    mut wake: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<u8> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+        SignalKind::user_defined1(),
+        SignalKind::user_defined2(),
+    ];
+    let mut signals: Signals = Vec::new();
+    for kind in kinds {
+        signals.push((kind, signal(kind)?));
+    }
+    // 1. Wait until this cluster holds the lease (a pod started during a handover).
+    let mut confirmation = Confirmation::default();
+    let ttl = loop {
+        let sent = monotonic_now();
+        match store.get(&settings.lease).await {
+            Ok(lease) => {
+                let reading = Reading::of(lease.as_ref(), &settings.cluster);
+                match (&reading, lease) {
+                    (Reading::Confirmed { .. }, Some(lease)) => {
+                        confirmation
+                            .apply(sent, &reading, settings.margin)
+                            .expect("a first confirming read always applies");
+                        break lease.ttl;
+                    }
+                    _ => tracing::info!(
+                        lease = %settings.lease, cluster = %settings.cluster, ?reading,
+                        "waiting for this cluster to hold the lease before starting the command"
+                    ),
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the lease; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.poll) => {}
+            _ = wake.recv() => {}
+            kind = next_signal(&mut signals) => {
+                tracing::info!(signal = kind.as_raw_value(), "signal before the command started; exiting");
+                return Ok((128 + kind.as_raw_value()) as u8);
+            }
+        }
+    };
+    check_timing(ttl, settings.grace, settings.margin, settings.poll)
+        .map_err(|reason| anyhow::anyhow!(reason))?;
+    let Some(term_at) = confirmation.term_at(settings.grace) else {
+        unreachable!("confirmed above")
+    };
+    if monotonic_now() >= term_at {
+        anyhow::bail!("the first confirming read came too late to start the command safely");
+    }
+
+    // 2. Start the child in a process group of its own, and the watchdog.
+    let epoch = confirmation.epoch.unwrap_or_default();
+    let mut child = tokio::process::Command::new(&settings.command[0])
+        .args(&settings.command[1..])
+        .env("REAPER_LEASE_NAME", &settings.lease)
+        .env("REAPER_LEASE_EPOCH", epoch.to_string())
+        .env("REAPER_HOLDER", &confirmation.holder)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {:?}: {e}", settings.command[0]))?;
+    let pgid = child.id().expect("a running child has a pid") as i32;
+    let mut watchdog = WatchdogLink::start(
+        pgid,
+        settings.grace,
+        confirmation.kill_at.expect("confirmed"),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot start the guard's watchdog: {e}"))?;
+    tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
+
+    // 3. Keep confirming; stop the child when that fails.
+    let mut ticker = tokio::time::interval(settings.poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = loop {
+        let term_at = confirmation.term_at(settings.grace).unwrap_or_default();
+        let until_term = term_at.saturating_sub(monotonic_now());
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                watchdog.finish();
+                if confirmation.kill_at.is_some_and(|k| monotonic_now() >= k) {
+                    // The watchdog killed it while this process could not run (frozen).
+                    eprintln!("reaper-operator guard: the watchdog stopped the command: {}", StopReason::Unconfirmed);
+                    return Ok(EXIT_LEASE_LOST);
+                }
+                tracing::info!(?status, "command exited");
+                return Ok(exit_code(status));
+            }
+            kind = next_signal(&mut signals) => {
+                // Forwarded; the lease is still enforced while the child shuts down.
+                if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
+                    signal_group(pgid, signal);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(until_term) => {
+                if monotonic_now() >= term_at {
+                    break StopReason::Unconfirmed;
+                }
+                continue;
+            }
+            _ = ticker.tick() => {}
+            _ = wake.recv() => {}
+        }
+        // A guard that was frozen must not trust a read it sends now to cover the time
+        // it lost: the bound only ever comes from the read's own send instant.
+        let sent = monotonic_now();
+        if sent >= term_at {
+            break StopReason::Unconfirmed;
+        }
+        let result = store.get(&settings.lease).await;
+        let reading = match result {
+            Ok(lease) => Reading::of(lease.as_ref(), &settings.cluster),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the lease");
+                continue;
+            }
+        };
+        let previous = confirmation.epoch;
+        if let Err(reason) = confirmation.apply(sent, &reading, settings.margin) {
+            break reason;
+        }
+        if confirmation.epoch != previous {
+            tracing::info!(epoch = ?confirmation.epoch, holder = %confirmation.holder, "a replica of this cluster took the lease over");
+        }
+        if let Some(kill_at) = confirmation.kill_at {
+            watchdog.extend(kill_at);
+        }
+    };
+
+    // 4. Stop: SIGTERM now, SIGKILL after the grace or at the kill instant, if sooner.
+    tracing::warn!(reason = %stop, pgid, "stopping the command");
+    signal_group(pgid, Signal::SIGTERM);
+    let kill_at = confirmation
+        .kill_at
+        .unwrap_or_default()
+        .min(monotonic_now() + settings.grace);
+    let waited = tokio::time::timeout(kill_at.saturating_sub(monotonic_now()), child.wait()).await;
+    if waited.is_err() {
+        signal_group(pgid, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+    // Whatever else is left in the group.
+    signal_group(pgid, Signal::SIGKILL);
+    watchdog.finish();
+    eprintln!("reaper-operator guard: stopped the command: {stop}");
+    Ok(EXIT_LEASE_LOST)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn lease(holder: &str, epoch: i64, remaining_ms: i64) -> Lease {
+        let now = Utc::now();
+        Lease {
+            name: "ns.r".into(),
+            holder: holder.into(),
+            epoch,
+            ttl: Duration::from_secs(15),
+            acquired_at: now,
+            renewed_at: now,
+            expires_at: now + chrono::Duration::milliseconds(remaining_ms),
+            previous_holder: String::new(),
+            observed_at: now,
+        }
+    }
+
+    const MARGIN: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn only_an_unexpired_holder_of_this_cluster_confirms() {
+        assert_eq!(
+            Reading::of(Some(&lease("east/op-1", 4, 9000)), "east"),
+            Reading::Confirmed {
+                holder: "east/op-1".into(),
+                epoch: 4,
+                remaining: Duration::from_secs(9)
+            }
+        );
+        assert_eq!(
+            Reading::of(Some(&lease("west/op-1", 5, 9000)), "east"),
+            Reading::Elsewhere {
+                holder: "west/op-1".into(),
+                epoch: 5
+            }
+        );
+        // A cluster whose name is a prefix of ours is another cluster.
+        assert!(matches!(
+            Reading::of(Some(&lease("eas/op-1", 5, 9000)), "east"),
+            Reading::Elsewhere { .. }
+        ));
+        assert_eq!(
+            Reading::of(Some(&lease("east/op-1", 4, -1)), "east"),
+            Reading::NotHeld
+        );
+        assert_eq!(
+            Reading::of(Some(&lease("", 4, 9000)), "east"),
+            Reading::NotHeld
+        );
+        assert_eq!(Reading::of(None, "east"), Reading::NotHeld);
+    }
+
+    #[test]
+    fn the_kill_instant_is_the_latest_confirmation_minus_the_margin() {
+        let mut c = Confirmation::default();
+        let t0 = Duration::from_secs(100);
+        let read = |epoch, remaining| Reading::Confirmed {
+            holder: "east/op-1".into(),
+            epoch,
+            remaining: Duration::from_millis(remaining),
+        };
+        c.apply(t0, &read(4, 10_000), MARGIN).unwrap();
+        assert_eq!(c.kill_at, Some(Duration::from_millis(109_500)));
+        assert_eq!(
+            c.term_at(Duration::from_secs(3)),
+            Some(Duration::from_millis(106_500))
+        );
+        // Nothing proven: the bound stays where it was.
+        c.apply(t0 + Duration::from_secs(1), &Reading::NotHeld, MARGIN)
+            .unwrap();
+        assert_eq!(c.kill_at, Some(Duration::from_millis(109_500)));
+        // A frozen holder: later reads show less remaining, and the bound follows them.
+        c.apply(t0 + Duration::from_secs(2), &read(4, 2_000), MARGIN)
+            .unwrap();
+        assert_eq!(c.kill_at, Some(Duration::from_millis(103_500)));
+        // A peer of this cluster took over: one epoch up is fine.
+        c.apply(t0 + Duration::from_secs(3), &read(5, 15_000), MARGIN)
+            .unwrap();
+        assert_eq!(c.epoch, Some(5));
+    }
+
+    #[test]
+    fn another_cluster_or_an_unseen_epoch_stops_the_child() {
+        let mut c = Confirmation::default();
+        let t0 = Duration::from_secs(100);
+        let confirmed = |epoch| Reading::Confirmed {
+            holder: "east/op-1".into(),
+            epoch,
+            remaining: Duration::from_secs(10),
+        };
+        c.apply(t0, &confirmed(4), MARGIN).unwrap();
+        assert_eq!(
+            c.apply(t0, &confirmed(6), MARGIN),
+            Err(StopReason::EpochSkipped { from: 4, to: 6 })
+        );
+        assert_eq!(
+            c.apply(t0, &confirmed(3), MARGIN),
+            Err(StopReason::EpochSkipped { from: 4, to: 3 })
+        );
+        assert!(matches!(
+            c.apply(
+                t0,
+                &Reading::Elsewhere {
+                    holder: "west/a".into(),
+                    epoch: 5
+                },
+                MARGIN
+            ),
+            Err(StopReason::HeldElsewhere { .. })
+        ));
+    }
+
+    #[test]
+    fn timing_is_checked_against_the_ttl() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert!(check_timing(s(15), s(5), ms(500), s(1)).is_ok());
+        let err = check_timing(s(15), s(10), ms(500), s(1)).unwrap_err();
+        assert!(err.contains("ttl (15.0 s) is too short"), "{err}");
+    }
+}

@@ -1,0 +1,335 @@
+//! `reaper-operator guard` with real processes and a real PostgreSQL: the guarded
+//! command is a shell that ignores SIGTERM and writes a timestamp every 50 ms, so the
+//! tests can tell exactly when it last acted. Each case checks that it stopped acting
+//! before anybody else could have taken the lease:
+//!
+//! (a) the lease moves to another cluster: stopped within a poll + the grace;
+//! (b) the database becomes unreachable (a fault proxy): stopped before the lease could
+//!     expire, although the holder keeps renewing;
+//! (c) the guard is frozen (SIGSTOP) while the holder is frozen too: its watchdog
+//!     stops the command before the lease expires; the guard, resumed, exits 3.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use reaper_operator::config::Schema;
+use reaper_operator::lease::LeaseStore;
+use support::db::{self, Via};
+use support::proxy::{FaultProxy, Mode};
+
+const TTL: Duration = Duration::from_secs(6);
+const GRACE_MS: u64 = 1000;
+const POLL_MS: u64 = 200;
+const MARGIN_MS: u64 = 300;
+
+/// A running `guard` and the file its command writes to.
+struct Guarded {
+    child: Child,
+    out: PathBuf,
+    dir: PathBuf,
+}
+
+impl Guarded {
+    fn start(url: &str, schema: &Schema, lease: &str, cluster: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "guard-test-{}-{}",
+            std::process::id(),
+            lease.replace('.', "-")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("ticks");
+        // Ignores SIGTERM (records it), acts every 50 ms.
+        let script = r#"echo "$REAPER_LEASE_NAME $REAPER_LEASE_EPOCH $REAPER_HOLDER" > "$OUT.env"
+trap 'echo TERM >> "$OUT.signals"' TERM
+while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
+        let log = std::fs::File::create(dir.join("guard.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
+            .arg("guard")
+            .args(["--lease", lease, "--cluster-name", cluster])
+            .args(["--grace-seconds", &format!("{}", GRACE_MS as f64 / 1000.0)])
+            .args(["--poll-interval-ms", &POLL_MS.to_string()])
+            .args(["--margin-ms", &MARGIN_MS.to_string()])
+            .args(["--", "sh", "-c", script])
+            .env("DATABASE_URL", url)
+            .env("REAPER_DB_SCHEMA", schema.as_str())
+            .env("OUT", &out)
+            .env("RUST_LOG", "info")
+            .env_remove("REAPER_LISTEN_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start reaper-operator guard");
+        Self { child, out, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("guard.log")).unwrap_or_default()
+    }
+
+    /// Every instant the command acted.
+    fn ticks(&self) -> Vec<DateTime<Utc>> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i64>().ok())
+            .map(|ns| Utc.timestamp_nanos(ns))
+            .collect()
+    }
+
+    fn last_tick(&self) -> DateTime<Utc> {
+        *self.ticks().last().expect("the command acted")
+    }
+
+    fn signals(&self) -> String {
+        std::fs::read_to_string(path_with(&self.out, ".signals")).unwrap_or_default()
+    }
+
+    fn env_line(&self) -> String {
+        std::fs::read_to_string(path_with(&self.out, ".env")).unwrap_or_default()
+    }
+
+    async fn wait_running(&self) {
+        let started = Instant::now();
+        while self.ticks().len() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "the command did not start; guard log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "guard did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal}");
+    }
+
+    /// The command has stopped acting: no tick for a while.
+    async fn assert_stopped(&self) {
+        let before = self.ticks().len();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            self.ticks().len(),
+            before,
+            "the command still acts; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        // kill -9 of the guard: its watchdog sees stdin close and stops the command.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn path_with(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Renews `holder`'s lease every second until the returned sender is dropped or fires.
+fn keep_renewing(
+    store: LeaseStore,
+    name: String,
+    holder: &'static str,
+    epoch: i64,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut rx => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let _ = store.renew(&name, holder, epoch).await;
+        }
+    });
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
+    let (store, schema) = db::fresh_schema(Via::Direct).await;
+    let name = "guard.moves";
+    let held = store
+        .acquire(name, "east/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    guarded.wait_running().await;
+    assert_eq!(
+        guarded.env_line().trim(),
+        format!("{name} {} east/op-1", held.epoch),
+        "the fencing token is exported to the command"
+    );
+
+    drop(renewing);
+    store.release(name, "east/op-1", held.epoch).await.unwrap();
+    let west = store
+        .acquire(name, "west/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_stopped().await;
+    let bound =
+        west.acquired_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    assert!(
+        guarded.last_tick() <= bound,
+        "the command acted until {}, more than a poll + the grace after the move ({})",
+        guarded.last_tick(),
+        west.acquired_at
+    );
+    assert!(
+        guarded.signals().contains("TERM"),
+        "SIGTERM came before SIGKILL"
+    );
+    assert!(
+        guarded.log().contains("west/op-1"),
+        "the reason names the new holder:\n{}",
+        guarded.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable() {
+    let (store, schema) = db::fresh_schema(Via::Direct).await;
+    let name = "guard.cut";
+    let held = store
+        .acquire(name, "east/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let _renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let direct = db::direct_url();
+    let upstream = direct
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await;
+    let mut guarded = Guarded::start(&proxy.url_for(&direct), &schema, name, "east");
+    guarded.wait_running().await;
+
+    // What the guard can have seen at most: the row as of the cut.
+    let at_cut = store.get(name).await.unwrap().unwrap();
+    proxy.set(Mode::Blackhole);
+    let code = guarded.wait_exit(TTL + Duration::from_secs(4));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_stopped().await;
+    assert!(
+        guarded.last_tick() < at_cut.expires_at,
+        "the command acted at {} although the lease it could confirm expired at {}",
+        guarded.last_tick(),
+        at_cut.expires_at
+    );
+    assert!(
+        guarded.signals().contains("TERM"),
+        "SIGTERM came before SIGKILL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
+    let (store, schema) = db::fresh_schema(Via::Direct).await;
+    let name = "guard.frozen";
+    let held = store
+        .acquire(name, "east/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    guarded.wait_running().await;
+
+    // The whole cluster freezes: its operator stops renewing, the guard is stopped.
+    drop(renewing);
+    guarded.signal("STOP");
+    let last = store.get(name).await.unwrap().unwrap();
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    let west = store.acquire(name, "west/op-1", TTL).await.unwrap();
+    let west = west.expect("the lease expired and another cluster took it");
+    assert!(
+        guarded.last_tick() < last.expires_at,
+        "the command acted at {} after the lease expired at {}",
+        guarded.last_tick(),
+        last.expires_at
+    );
+    assert!(guarded.last_tick() < west.acquired_at);
+    guarded.assert_stopped().await;
+
+    guarded.signal("CONT");
+    let code = guarded.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
+    let (store, schema) = db::fresh_schema(Via::Direct).await;
+    let name = "guard.short";
+    // Held by another cluster: the command does not start.
+    let west = store
+        .acquire(name, "west/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        guarded.ticks().is_empty(),
+        "the command started while another cluster holds the lease"
+    );
+    assert!(guarded.child.try_wait().unwrap().is_none());
+    // Now this cluster holds it, with a ttl that leaves no room for the grace.
+    store.release(name, "west/op-1", west.epoch).await.unwrap();
+    store
+        .acquire(name, "east/op-1", Duration::from_secs(3))
+        .await
+        .unwrap()
+        .unwrap();
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 2, "log:\n{}", guarded.log());
+    assert!(
+        guarded.log().contains("is too short"),
+        "log:\n{}",
+        guarded.log()
+    );
+    assert!(guarded.ticks().is_empty(), "the command ran");
+}
