@@ -85,10 +85,10 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     let client = match started {
         Ok(Some(client)) => client,
         Ok(None) | Err(_) => {
+            // Stopped during start-up, or a configuration that can never work: exit now
+            // (with the reason), not when a signal would stop the HTTP server.
             heartbeat.abort();
-            if let Ok(Err(error)) = http.await {
-                tracing::warn!(%error, "HTTP server failed");
-            }
+            http.abort();
             return started.map(|_| ());
         }
     };
@@ -182,15 +182,27 @@ async fn start(
         health.set_starting(Some("applying database migrations"));
         let mut retry = Backoff::default();
         loop {
-            match store.migrate().await {
-                Ok(()) => break,
-                Err(crate::Error::Config(reason)) => anyhow::bail!(reason),
-                Err(error) => {
+            // Bounded and abandoned on stop: sqlx waits for its migration lock without a
+            // timeout (another migrating process, or a lock leaked by a pooler).
+            let attempt = tokio::select! {
+                result = tokio::time::timeout(START_ATTEMPT_TIMEOUT, store.migrate()) => result,
+                _ = stop.wait_for(|s| *s) => return Ok(None),
+            };
+            match attempt {
+                Ok(Ok(())) => break,
+                Ok(Err(crate::Error::Config(reason))) => anyhow::bail!(reason),
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
-                    if !retry.wait(&mut stop).await {
-                        return Ok(None);
-                    }
                 }
+                Err(_) => tracing::warn!(
+                    "migrations did not finish within {}s: another process may hold the migration lock \
+                     (a migrating replica, or a pooled connection through PgBouncer in transaction mode: \
+                     migrations need a direct URL); retrying",
+                    START_ATTEMPT_TIMEOUT.as_secs()
+                ),
+            }
+            if !retry.wait(&mut stop).await {
+                return Ok(None);
             }
         }
     }
@@ -206,24 +218,34 @@ async fn start(
     };
     health.set_starting(Some("waiting for the Kubernetes API (reapers.pglease.dev)"));
     let mut retry = Backoff::default();
+    let first = kube::api::ListParams::default().limit(1);
     loop {
-        match reapers
-            .list(&kube::api::ListParams::default().limit(1))
-            .await
-        {
-            Ok(_) => return Ok(Some(client)),
-            Err(error) => {
-                tracing::error!(
-                    %error,
-                    "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?); retrying"
-                );
-                if !retry.wait(&mut stop).await {
-                    return Ok(None);
-                }
-            }
+        let listed = tokio::select! {
+            result = tokio::time::timeout(
+                START_ATTEMPT_TIMEOUT,
+                reapers.list(&first),
+            ) => result,
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+        };
+        match listed {
+            Ok(Ok(_)) => return Ok(Some(client)),
+            Ok(Err(error)) => tracing::error!(
+                %error,
+                "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?); retrying"
+            ),
+            Err(_) => tracing::error!(
+                "listing reapers.pglease.dev did not answer within {}s; retrying",
+                START_ATTEMPT_TIMEOUT.as_secs()
+            ),
+        }
+        if !retry.wait(&mut stop).await {
+            return Ok(None);
         }
     }
 }
+
+/// Longest a start-up attempt (migrations, the first list of Reapers) may take.
+const START_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Doubling delays from 1 s to 30 s between start-up attempts.
 struct Backoff(Duration);

@@ -450,6 +450,17 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
             "'100%' does not match pattern",
         ),
         (
+            "a probe that would cut the handover's grace period short",
+            vec![
+                "--set",
+                &secret,
+                "--set",
+                "probes.liveness.terminationGracePeriodSeconds=1",
+            ],
+            "/probes/liveness",
+            "additional properties 'terminationGracePeriodSeconds' not allowed",
+        ),
+        (
             "minAvailable -1",
             vec![
                 "--set",

@@ -295,6 +295,7 @@ fn unreachable_database_is_exit_2_with_a_reason() {
 /// and logs written to a pipe, as in every pod, carry no colour escapes.
 #[test]
 fn run_without_a_cluster_name_warns_in_plain_text() {
+    let started = std::time::Instant::now();
     let out = std::process::Command::new(BIN)
         .args(["run", "--no-migrate", "--http-addr", "127.0.0.1:0"])
         .env("DATABASE_URL", "postgres://reaper@127.0.0.1:1/reaper")
@@ -305,7 +306,18 @@ fn run_without_a_cluster_name_warns_in_plain_text() {
         .output()
         .expect("run reaper-operator");
     let err = stderr(&out);
-    assert_ne!(code(&out), 0, "started without a Kubernetes client: {err}");
+    // A configuration that can never work stops the process at once, with the reason,
+    // although the probes were already being served.
+    assert_eq!(code(&out), 2, "started without a Kubernetes client: {err}");
+    assert!(
+        err.contains("cannot configure the Kubernetes client"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?} to exit",
+        started.elapsed()
+    );
     assert!(err.contains("no --cluster-name"), "{err}");
     assert!(
         !err.contains('\u{1b}'),

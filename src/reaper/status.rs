@@ -70,11 +70,15 @@ pub struct Observation<'a> {
 pub const DATABASE_UNREACHABLE: &str =
     "the lease database did not answer or refused a statement; the operator's log has the error";
 
-/// `Ready` (for `kubectl wait` and kstatus-based tools): True when this cluster is in
-/// the state it should be in, leading with its pod ready or standing by with none
-/// running. `SingletonSafe` is advice about the Deployment and does not count.
+/// `Ready` (for `kubectl wait` and tools that read a Ready condition): True when this
+/// cluster is in the state it should be in, leading with its one pod ready, or standing
+/// by (another cluster holds the lease) with none running. Paused is never Ready: nobody
+/// manages the Deployment then. `SingletonSafe` is advice about the Deployment and does
+/// not count.
 fn ready_condition(
     phase: Phase,
+    paused: bool,
+    running_pods: i32,
     parts: &[&Condition],
     previous: &[Condition],
     generation: Option<i64>,
@@ -85,22 +89,27 @@ fn ready_condition(
         .iter()
         .find(|c| c.type_ != "Leader" && c.status != "True");
     let (ok, reason, message) = match (failing, leader) {
+        _ if paused => (
+            false,
+            "Paused".to_owned(),
+            "spec.paused is true: the operator does not manage the Deployment".to_owned(),
+        ),
         (Some(c), _) => (false, c.reason.clone(), c.message.clone()),
+        (None, Some(l)) if l.status == "True" && running_pods > 1 => (
+            false,
+            "ExtraPods".to_owned(),
+            format!("{running_pods} pods run here; waiting for the extra ones to stop"),
+        ),
         (None, Some(l)) if l.status == "True" => (
             true,
             "Leading".to_owned(),
             "this cluster holds the lease and its pod is ready".to_owned(),
         ),
-        (None, Some(l))
-            if phase == Phase::Standby
-                && matches!(l.reason.as_str(), "HeldElsewhere" | "LeaseFree") =>
-        {
-            (
-                true,
-                "StandingBy".to_owned(),
-                "another cluster or nobody holds the lease, and nothing runs here".to_owned(),
-            )
-        }
+        (None, Some(l)) if phase == Phase::Standby && l.reason == "HeldElsewhere" => (
+            true,
+            "StandingBy".to_owned(),
+            "another cluster holds the lease, and nothing runs here".to_owned(),
+        ),
         (None, Some(l)) => (false, l.reason.clone(), l.message.clone()),
         (None, None) => (false, "Unknown".to_owned(), String::new()),
     };
@@ -304,6 +313,8 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
 
     let ready = ready_condition(
         phase,
+        obs.paused,
+        obs.running_pods,
         &[&leader, &workload, &database],
         prev_conditions,
         obs.generation,
@@ -574,6 +585,29 @@ mod tests {
         check(
             base(&Role::Lapsed, 0, 0, 0),
             ("False", "RenewDeadlineMissed"),
+        );
+        check(base(&leader, 1, 1, 2), ("False", "ExtraPods"));
+        check(
+            Observation {
+                paused: true,
+                ..base(&leader, 1, 1, 1)
+            },
+            ("False", "Paused"),
+        );
+        check(
+            Observation {
+                paused: true,
+                ..base(&standby, 0, 0, 0)
+            },
+            ("False", "Paused"),
+        );
+        let free = lease("", "west/b", true);
+        check(
+            Observation {
+                lease: Some(&free),
+                ..base(&Role::Standby { holder: None }, 0, 0, 0)
+            },
+            ("False", "LeaseFree"),
         );
         let gate = Gate::WaitForCluster {
             cluster: "west".into(),
