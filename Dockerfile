@@ -11,7 +11,8 @@
 # registry needed) and checks the result.
 #
 # Only the binary is built (`--bin reaper-operator`), so the image never depends on the
-# list of tests or benches. The cargo registry and target directory are cache mounts:
+# list of tests or benches; it is static, and doubles as the workload's guard
+# (docs/guard.md). The cargo registry and target directory are cache mounts:
 # a rebuild after a source change recompiles the crate, not its dependencies. The TLS
 # stack is rustls: no OpenSSL in the image.
 ARG BUILDER_IMAGE=docker.io/library/rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1
@@ -23,12 +24,17 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
-# The --version check fails the build if the binary does not run.
+# Statically linked (glibc, crt-static; an explicit --target keeps build scripts and
+# proc macros dynamic), so that `reaper-operator install-guard` can copy it into any
+# workload image. The checks fail the build if the binary does not run or is dynamic.
 RUN --mount=type=cache,id=reaper-operator-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=reaper-operator-target,target=/src/target \
-    cargo build --locked --release --bin reaper-operator \
- && install -D -m 0755 target/release/reaper-operator /out/reaper-operator \
- && /out/reaper-operator --version | grep -q '^reaper-operator '
+    target="$(rustc -vV | sed -n 's/^host: //p')" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --locked --release --target "$target" --bin reaper-operator \
+ && install -D -m 0755 "target/$target/release/reaper-operator" /out/reaper-operator \
+ && /out/reaper-operator --version | grep -q '^reaper-operator ' \
+ && ! ldd /out/reaper-operator >/dev/null 2>&1
 
 FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0

@@ -82,6 +82,13 @@ pub enum Command {
     /// Run a command only while this cluster holds a lease; stop it (SIGTERM, then
     /// SIGKILL) as soon as that can no longer be confirmed (docs/guard.md).
     Guard(GuardArgs),
+    /// Copy this binary to PATH (mode 0755), e.g. from an init container into an
+    /// emptyDir: a file named `guard` then runs as `reaper-operator guard`, so a
+    /// workload's command can become `/reaper/guard --lease … -- original command`.
+    InstallGuard {
+        /// Destination file, e.g. /reaper/guard.
+        path: std::path::PathBuf,
+    },
     /// The guard's watchdog (started by `guard`, not by hand).
     #[command(hide = true)]
     GuardWatchdog {
@@ -343,6 +350,32 @@ pub enum Outcome {
     NotDone,
     /// This exit code (`guard`: the command's own, or 3 when the guard stopped it).
     Exit(u8),
+}
+
+/// Arguments as given, with `guard` inserted when the binary was invoked under that name
+/// (the copy `install-guard` makes).
+pub fn args_with_guard_alias() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as_guard = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|name| name == "guard");
+    if invoked_as_guard {
+        args[0] = "reaper-operator".into();
+        args.insert(1, "guard".into());
+    }
+    args
+}
+
+/// `install-guard PATH`: copies the running binary (static in the image) to PATH.
+pub fn install_guard(path: &std::path::Path) -> anyhow::Result<Outcome> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()?;
+    std::fs::copy(&exe, path)
+        .map_err(|e| anyhow::anyhow!("cannot copy {} to {}: {e}", exe.display(), path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    eprintln!("installed the guard at {}", path.display());
+    Ok(Outcome::Done)
 }
 
 /// `guard`: checks its flags, then runs the command under the lease.

@@ -5,7 +5,7 @@
 //! a holder of this cluster and an unexpired lease; it proves that nobody else can take
 //! the lease before `expires_at`, i.e. for `remaining = expires_at - observed_at` (both on
 //! the database's clock) after the read was *sent*. So the child must be dead by
-//! `sent + remaining - margin` on this machine's monotonic clock: the guard sends SIGTERM
+//! `sent + remaining - margin` on the boot-time clock (`CLOCK_BOOTTIME`): the guard sends SIGTERM
 //! `grace` before that instant and SIGKILL at it, unless a later read confirms again.
 //!
 //! A frozen guard (SIGSTOP, a stalled runtime) cannot stop anything, so a watchdog
@@ -27,12 +27,17 @@ use crate::reaper::decide::holder_cluster;
 /// be confirmed (lost to another cluster, or no confirming read in time).
 pub const EXIT_LEASE_LOST: u8 = 3;
 
-/// The time on `CLOCK_MONOTONIC`, the clock the guard and its watchdog share (it does
-/// not jump with the wall clock).
-pub fn monotonic_now() -> Duration {
-    let t = clock_gettime(ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+/// The time on `CLOCK_BOOTTIME`, the clock the guard and its watchdog share: it does not
+/// jump with the wall clock, and unlike `CLOCK_MONOTONIC` it keeps counting while the
+/// machine is suspended, so a suspend cannot stretch a deadline past the lease's expiry.
+pub fn clock_now() -> Duration {
+    let t = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is always available");
     Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
 }
+
+/// The watchdog looks at the clock at least this often: its sleeps run on the monotonic
+/// clock, which stops during a suspend.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
 
 /// What one read of the lease row says about this cluster's right to run the child.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,7 +115,7 @@ impl std::fmt::Display for StopReason {
     }
 }
 
-/// The guard's knowledge: the epoch it last confirmed and the instant (monotonic) by
+/// The guard's knowledge: the epoch it last confirmed and the instant (boot-time clock) by
 /// which the child must be dead.
 #[derive(Clone, Debug, Default)]
 pub struct Confirmation {
@@ -219,7 +224,10 @@ impl WatchdogLink {
     /// aimed at the guard's group does not freeze it) for the child group `pgid`.
     pub fn start(pgid: i32, grace: Duration, kill_at: Duration) -> std::io::Result<Self> {
         use std::os::unix::process::CommandExt;
+        // argv[0] "reaper-operator": a copy named `guard` would otherwise read its
+        // arguments as `guard ...`.
         let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg0("reaper-operator")
             .arg("guard-watchdog")
             .args(["--pgid", &pgid.to_string()])
             .args(["--grace-ms", &grace.as_millis().to_string()])
@@ -246,7 +254,7 @@ impl WatchdogLink {
     }
 }
 
-/// The watchdog: SIGKILLs the process group `pgid` at `kill_at` (monotonic) unless the
+/// The watchdog: SIGKILLs the process group `pgid` at `kill_at` (boot-time clock) unless the
 /// guard moves it; if the guard goes away without saying `exit`, it sends SIGTERM at once
 /// and SIGKILL `grace` later (or at `kill_at`, if sooner).
 pub fn watchdog(pgid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
@@ -274,19 +282,21 @@ pub fn watchdog(pgid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
         let _ = tx.send(Msg::Gone);
     });
     loop {
-        let wait = kill_at.saturating_sub(monotonic_now());
+        let wait = kill_at.saturating_sub(clock_now()).min(WATCHDOG_TICK);
         match rx.recv_timeout(wait) {
             Ok(Msg::KillAt(at)) => kill_at = at,
             Ok(Msg::Exit) => return 0,
             Ok(Msg::Gone) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 signal_group(pgid, Signal::SIGTERM);
-                let until = kill_at.min(monotonic_now() + grace);
-                std::thread::sleep(until.saturating_sub(monotonic_now()));
+                let until = kill_at.min(clock_now() + grace);
+                while clock_now() < until {
+                    std::thread::sleep(until.saturating_sub(clock_now()).min(WATCHDOG_TICK));
+                }
                 signal_group(pgid, Signal::SIGKILL);
                 return EXIT_LEASE_LOST;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if monotonic_now() >= kill_at {
+                if clock_now() >= kill_at {
                     signal_group(pgid, Signal::SIGKILL);
                     eprintln!(
                         "reaper-operator guard-watchdog: no confirming read in time: killed the child's process group {pgid}"
@@ -346,7 +356,7 @@ pub async fn run(
     // 1. Wait until this cluster holds the lease (a pod started during a handover).
     let mut confirmation = Confirmation::default();
     let ttl = loop {
-        let sent = monotonic_now();
+        let sent = clock_now();
         match store.get(&settings.lease).await {
             Ok(lease) => {
                 let reading = Reading::of(lease.as_ref(), &settings.cluster);
@@ -379,7 +389,7 @@ pub async fn run(
     let Some(term_at) = confirmation.term_at(settings.grace) else {
         unreachable!("confirmed above")
     };
-    if monotonic_now() >= term_at {
+    if clock_now() >= term_at {
         anyhow::bail!("the first confirming read came too late to start the command safely");
     }
 
@@ -408,12 +418,12 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = loop {
         let term_at = confirmation.term_at(settings.grace).unwrap_or_default();
-        let until_term = term_at.saturating_sub(monotonic_now());
+        let until_term = term_at.saturating_sub(clock_now());
         tokio::select! {
             status = child.wait() => {
                 let status = status?;
                 watchdog.finish();
-                if confirmation.kill_at.is_some_and(|k| monotonic_now() >= k) {
+                if confirmation.kill_at.is_some_and(|k| clock_now() >= k) {
                     // The watchdog killed it while this process could not run (frozen).
                     eprintln!("reaper-operator guard: the watchdog stopped the command: {}", StopReason::Unconfirmed);
                     return Ok(EXIT_LEASE_LOST);
@@ -429,7 +439,7 @@ pub async fn run(
                 continue;
             }
             _ = tokio::time::sleep(until_term) => {
-                if monotonic_now() >= term_at {
+                if clock_now() >= term_at {
                     break StopReason::Unconfirmed;
                 }
                 continue;
@@ -439,7 +449,7 @@ pub async fn run(
         }
         // A guard that was frozen must not trust a read it sends now to cover the time
         // it lost: the bound only ever comes from the read's own send instant.
-        let sent = monotonic_now();
+        let sent = clock_now();
         if sent >= term_at {
             break StopReason::Unconfirmed;
         }
@@ -469,8 +479,8 @@ pub async fn run(
     let kill_at = confirmation
         .kill_at
         .unwrap_or_default()
-        .min(monotonic_now() + settings.grace);
-    let waited = tokio::time::timeout(kill_at.saturating_sub(monotonic_now()), child.wait()).await;
+        .min(clock_now() + settings.grace);
+    let waited = tokio::time::timeout(kill_at.saturating_sub(clock_now()), child.wait()).await;
     if waited.is_err() {
         signal_group(pgid, Signal::SIGKILL);
         let _ = child.wait().await;

@@ -5,7 +5,7 @@ use reaper_operator::cli::{self, Cli, Command, Outcome};
 use reaper_operator::{reaper, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cli::args_with_guard_alias());
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 cli::lease(&cli.database, command).await.map_err(describe)
             }
             Command::Guard(args) => cli::guard(&cli.database, args).await,
+            Command::InstallGuard { path } => cli::install_guard(&path),
             Command::GuardWatchdog {
                 pgid,
                 grace_ms,

@@ -12,7 +12,8 @@
 # Checks: runs as 65532:65532, `--help` and `crdgen` run with a read-only root
 # filesystem and no capabilities (crdgen's output is crds/reaper.yaml), `run` serves
 # /healthz from inside the image while its database is unreachable, no shell in the
-# image, and its size is at most 40 MB.
+# image, the binary copied out by `install-guard` runs as `guard` in another image, and
+# the size is at most 40 MB.
 #
 # Needs root (rootful podman), podman, buildah, runc and debootstrap
 # (scripts/deps.sh --image installs them).
@@ -141,6 +142,24 @@ process_user=$(podman top "$container" huser | awk 'NR == 2 { print $1 }')
 podman stop -t 10 "$container" >/dev/null
 cleanup_run
 trap - EXIT
+
+# The binary doubles as the workload's guard: `install-guard` copies it out (as an init
+# container does into an emptyDir), and the copy runs in another image (here the
+# Debian base) as `guard`, resolving host names without the image's libc.
+guard_dir=$(mktemp -d)
+chmod 0777 "$guard_dir"
+podman run --rm "${hardened[@]}" --network none -v "$guard_dir:/reaper" "$image" install-guard /reaper/guard >/dev/null 2>&1 \
+  || fail "install-guard cannot copy the binary"
+set +e
+guard_out=$(podman run --rm --network host -v "$guard_dir:/reaper:ro" \
+  -e DATABASE_URL=postgres://reaper@localhost:1/reaper -e RUST_LOG=info "$base" \
+  timeout 4 /reaper/guard --lease image.check --cluster-name image-check -- true 2>&1)
+guard_code=$?
+set -e
+rm -rf "$guard_dir"
+[ "$guard_code" = 124 ] || fail "the guard in another image exited $guard_code (expected to wait): $guard_out"
+[[ "$guard_out" == *"cannot read the lease"*"Connection refused"* ]] \
+  || fail "the guard in another image did not reach the database at localhost: $guard_out"
 
 size=$(podman image inspect --format '{{.Size}}' "$image")
 size_mb=$(( (size + 1048575) / 1048576 ))
