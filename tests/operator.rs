@@ -50,7 +50,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 14] = [
+    let scenarios: [(&str, Scenario); 15] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -71,6 +71,9 @@ fn reaper_controller_scenarios() {
             "database outage: the leader stops before its lease expires",
             |c| Box::pin(database_outage(c)),
         ),
+        ("the examples are accepted by the API server", |c| {
+            Box::pin(examples_are_accepted(c))
+        }),
         (
             "database down at start: alive and unready, then leads by itself",
             |c| Box::pin(database_down_at_start(c)),
@@ -881,6 +884,35 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     }
     .await;
     with_logs(result, &[&op])
+}
+
+/// Every file in examples/ passes the API server's validation (the Reaper CRD's schema
+/// and CEL rules included) in a server-side dry run.
+async fn examples_are_accepted(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let ns = namespace(&c.client, "examples").await?;
+    let dir = support::cluster::repo_root().join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    ensure!(files.len() >= 2, "examples: {files:?}");
+    for file in files {
+        let out = c
+            .test
+            .kubectl()?
+            .args(["apply", "--dry-run=server", "-n", &ns, "-f"])
+            .arg(&file)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 async fn database_down_at_start(clusters: &[Cluster; 2]) -> Result<()> {
