@@ -55,6 +55,13 @@ stop() {
   done
 }
 
+# A real node joined to this cluster (tests/cluster/node.sh) goes first, while the
+# apiserver still answers; node.sh leaves a node of another cluster alone.
+if [[ -d "$root/.real-node" && "$(id -u)" == 0 ]]; then
+  "$(dirname "${BASH_SOURCE[0]}")/node.sh" down "$name" ||
+    echo "down.sh[$name]: tests/cluster/node.sh down $name failed" >&2
+fi
+
 # Clients first, etcd last: kube-apiserver's graceful shutdown still talks to etcd.
 stop kwok kube-scheduler kube-controller-manager kube-apiserver
 stop etcd

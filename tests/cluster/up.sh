@@ -190,6 +190,9 @@ leaf admin "/O=system:masters/CN=kubernetes-admin" clientAuth
 leaf controller-manager "/CN=system:kube-controller-manager" clientAuth
 leaf scheduler "/CN=system:kube-scheduler" clientAuth
 leaf front-proxy-client "/CN=front-proxy-client" clientAuth "" front-proxy-ca
+# The apiserver's identity towards kubelets (logs, exec, port-forward) of a real node
+# (node.sh); a kwok node never sees it.
+leaf apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
 # Service-account token signing key pair.
 openssl_quiet genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key"
 openssl_quiet pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
@@ -308,6 +311,9 @@ start kube-apiserver "$bin/kube-apiserver" \
   --requestheader-extra-headers-prefix=X-Remote-Extra- \
   --proxy-client-cert-file="$pki/front-proxy-client.crt" \
   --proxy-client-key-file="$pki/front-proxy-client.key" \
+  --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+  --kubelet-preferred-address-types=InternalIP \
   --service-account-issuer="https://kubernetes.default.svc.cluster.local" \
   --service-account-key-file="$pki/sa.pub" \
   --service-account-signing-key-file="$pki/sa.key" \
