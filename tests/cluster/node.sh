@@ -24,7 +24,8 @@
 # the fixed host paths that did not exist before up). Binaries and images come from
 # tests/cluster/build-node.sh. docs/local-cluster.md ("A real node") lists every host
 # change and how down undoes it.
-# Environment: REAPER_CLUSTER_DIR, REAPER_CACHE, REAPER_UP_TIMEOUT (seconds per wait, 60).
+# Environment: REAPER_CLUSTER_DIR, REAPER_CACHE, REAPER_UP_TIMEOUT (seconds per wait, 60),
+# REAPER_NODE_WAIT (seconds up waits for another real node to be removed; 0).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -340,14 +341,26 @@ cmd_up() {
     [[ -x "/usr/lib/cni/$tool" ]] || die "missing CNI plugin /usr/lib/cni/$tool (apt: containernetworking-plugins)"
   done
 
+  # One real node per machine: with REAPER_NODE_WAIT, wait that long for another one to
+  # be removed (e.g. a test of another checkout on the same machine).
   mkdir -p "$root"
   exec 9>"$root/.real-node.lock"
-  flock -n 9 || die "another node.sh is running"
-  if [[ -d "$nstate" ]]; then
-    local owner=""
-    [[ -f "$nstate/node.env" ]] && owner="$(sed -n 's/^CLUSTER=//p' "$nstate/node.env")"
-    die "a real node already exists (cluster '${owner:-unknown}', state $nstate); only one at a time: run tests/cluster/node.sh down first"
-  fi
+  [[ "${REAPER_NODE_WAIT:-0}" =~ ^[0-9]+$ ]] || die "REAPER_NODE_WAIT must be a number of seconds, not '$REAPER_NODE_WAIT'"
+  local wait_deadline=$((SECONDS + ${REAPER_NODE_WAIT:-0})) waited=0
+  while :; do
+    if flock -n 9; then
+      [[ -d "$nstate" ]] || break
+      flock -u 9
+    fi
+    if ((SECONDS >= wait_deadline)); then
+      local owner=""
+      [[ -f "$nstate/node.env" ]] && owner="$(sed -n 's/^CLUSTER=//p' "$nstate/node.env")"
+      die "a real node already exists (cluster '${owner:-unknown}', state $nstate); only one at a time: run tests/cluster/node.sh down first"
+    fi
+    [[ $waited -eq 1 ]] || log "another real node exists; waiting up to ${REAPER_NODE_WAIT}s for it to be removed"
+    waited=1
+    sleep 1
+  done
   [[ ! -e "/run/netns/$netns" ]] || die "network namespace $netns exists; run tests/cluster/node.sh down"
   ! ip link show "$host_if" >/dev/null 2>&1 || die "link $host_if exists; run tests/cluster/node.sh down"
   local cidr

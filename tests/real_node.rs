@@ -1,0 +1,522 @@
+//! A real node (kubelet, containerd, runc; tests/cluster/node.sh) joined to a local control
+//! plane: hardened pods run and reach the apiserver and the host, a process that ignores
+//! SIGTERM keeps its pod Terminating for the grace period, and teardown leaves the host
+//! as it was (docs/local-cluster.md, "A real node").
+//!
+//! Runs when `REAPER_REAL_NODE=1` or `CI=true`, and then needs root (it fails, with the
+//! reason, when not root). Otherwise it prints why it did nothing: one real node per
+//! machine means that two checkouts testing at once would take turns (node.sh waits up to
+//! `REAPER_NODE_WAIT`, 600 s here), so it is opt-in outside CI.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Client;
+use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use serde_json::json;
+use support::cluster::{TestCluster, repo_root, wait_until};
+
+const NODE_NAME: &str = "reaper-real-node";
+const NAMESPACE: &str = "default";
+/// What kubelet's setupKernelTunables changes on the host.
+const SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+/// Fixed host paths containerd, CNI and kubelet create whatever they are told.
+const FIXED_PATHS: [&str; 7] = [
+    "/run/containerd",
+    "/var/lib/kubelet",
+    "/var/log/containers",
+    "/var/log/pods",
+    "/var/lib/cni",
+    "/opt/containerd",
+    "/var/lib/containerd",
+];
+
+fn enabled() -> bool {
+    std::env::var("REAPER_REAL_NODE").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The node started by `node.sh up`, removed by `node.sh down` on drop.
+struct RealNode {
+    cluster: String,
+    env: BTreeMap<String, String>,
+    up: bool,
+}
+
+impl RealNode {
+    fn up(cluster: &str) -> Result<Self> {
+        let script = repo_root().join("tests/cluster/node.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["up", cluster])
+            .env("REAPER_NODE_WAIT", "600")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        ensure!(
+            out.status.success(),
+            "{} up {cluster} failed ({}); its stderr is above",
+            script.display(),
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let env_file = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        let text = std::fs::read_to_string(&env_file)
+            .with_context(|| format!("reading {}", env_file.display()))?;
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(Self {
+            cluster: cluster.to_string(),
+            env,
+            up: true,
+        })
+    }
+
+    fn var(&self, key: &str) -> Result<&str> {
+        self.env
+            .get(key)
+            .map(String::as_str)
+            .with_context(|| format!("node.env has no {key}"))
+    }
+
+    /// `node.sh forward PORT`: host loopback PORT reachable from the node at HOST_IP:PORT.
+    fn forward(&self, port: u16) -> Result<String> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/cluster/node.sh"))
+            .args(["forward", &port.to_string()])
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "node.sh forward {port} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn down(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.up) {
+            return Ok(());
+        }
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/cluster/node.sh"))
+            .args(["down", &self.cluster])
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "node.sh down failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Err(e) = self.down() {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// Host state a node may change, to compare before up and after down. Only what is the
+/// node's own is compared (links and iptables rules of other software on a shared machine
+/// may change meanwhile).
+#[derive(Debug, PartialEq)]
+struct HostState {
+    sysctls: Vec<(String, String)>,
+    existing_paths: Vec<String>,
+    kubepods_cgroups: Vec<String>,
+    node_mounts: Vec<String>,
+    netns: bool,
+    links: Vec<String>,
+    iptables: String,
+    node_processes: Vec<String>,
+}
+
+fn host_state() -> Result<HostState> {
+    let sysctls = SYSCTLS
+        .iter()
+        .map(|k| {
+            let v = std::fs::read_to_string(Path::new("/proc/sys").join(k))
+                .with_context(|| format!("reading /proc/sys/{k}"))?;
+            Ok((k.to_string(), v.trim().to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let existing_paths = FIXED_PATHS
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .map(|p| p.to_string())
+        .collect();
+    let mut kubepods_cgroups = Vec::new();
+    for entry in std::fs::read_dir("/sys/fs/cgroup")? {
+        let dir = entry?.path().join("kubepods");
+        if dir.exists() {
+            kubepods_cgroups.push(dir.display().to_string());
+        }
+    }
+    let node_mounts = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.contains("/.real-node"))
+        .map(str::to_string)
+        .collect();
+    let links = run_text(Command::new("ip").args(["-o", "link", "show"]))?
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("rn-"))
+        .collect();
+    // Chains and rules kubelet or CNI would make, were they in the host's namespace.
+    let iptables = run_text(&mut Command::new("iptables-save"))?
+        .lines()
+        .filter(|l| {
+            ["KUBE-", "CNI-", "10.213.", "10.214.", "rn-"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut node_processes = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("/.real-node/") || cmdline.contains("bind=10.213.0.1") {
+                node_processes.push(cmdline);
+            }
+        }
+    }
+    Ok(HostState {
+        sysctls,
+        existing_paths,
+        kubepods_cgroups,
+        node_mounts,
+        netns: Path::new("/run/netns/reaper-node").exists(),
+        links,
+        iptables,
+        node_processes,
+    })
+}
+
+fn run_text(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node() {
+    if !enabled() {
+        eprintln!(
+            "real_node: not run (set REAPER_REAL_NODE=1, as root, to run it; CI=true runs it)"
+        );
+        return;
+    }
+    assert!(
+        is_root(),
+        "a real node needs root (network namespace, mounts, cgroups); run as root or unset REAPER_REAL_NODE/CI"
+    );
+
+    let before = host_state().expect("host state before the node");
+    let cluster = TestCluster::start_new("realnode")
+        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
+    let name = cluster.name().expect("started by this test").to_string();
+    let started = Instant::now();
+    let mut node = RealNode::up(&name).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("real node up in {:.1?}", started.elapsed());
+    let client = cluster.client().await.expect("admin client");
+
+    let mut failures = Vec::new();
+    let kind = "real_node";
+    support::cases::check(
+        &mut failures,
+        kind,
+        "node_ready",
+        node_ready(&client, &node),
+    )
+    .await;
+    support::cases::check(
+        &mut failures,
+        kind,
+        "hardened_pod_runs_and_reaches_apiserver_and_host",
+        hardened_pod(&client, &node),
+    )
+    .await;
+    support::cases::check(
+        &mut failures,
+        kind,
+        "sigterm_ignored_keeps_pod_terminating_for_grace_period",
+        grace_period(&client),
+    )
+    .await;
+
+    let started = Instant::now();
+    let down = node.down();
+    eprintln!("real node down in {:.1?}", started.elapsed());
+    support::cases::check(&mut failures, kind, "teardown_restores_host", async {
+        down?;
+        let after = host_state()?;
+        ensure!(
+            after == before,
+            "host state differs after node.sh down:\nbefore {before:#?}\nafter {after:#?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    drop(node);
+    cluster.stop().expect("tests/cluster/down.sh");
+    assert!(
+        failures.is_empty(),
+        "{} real node case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+async fn node_ready(client: &Client, node: &RealNode) -> Result<()> {
+    let n = Api::<Node>::all(client.clone()).get(NODE_NAME).await?;
+    let status = n.status.context("Node has no status")?;
+    let ready = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ensure!(ready, "Node {NODE_NAME} is not Ready");
+    let info = status.node_info.context("Node has no nodeInfo")?;
+    ensure!(
+        info.kubelet_version == "v1.37.2",
+        "kubelet reports {}, not the pinned v1.37.2",
+        info.kubelet_version
+    );
+    ensure!(
+        info.container_runtime_version.starts_with("containerd://"),
+        "runtime {}",
+        info.container_runtime_version
+    );
+    let ip = status
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .context("Node has no InternalIP")?;
+    ensure!(ip == node.var("NODE_IP")?, "InternalIP {ip}");
+    Ok(())
+}
+
+/// A pod as locked down as a production one: non-root UID, read-only root, no
+/// capabilities, no privilege escalation, the runtime's default seccomp profile.
+fn pod_spec(name: &str, host_network: bool, grace: i64, args: &[&str]) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "nodeName": NODE_NAME,
+            "hostNetwork": host_network,
+            "terminationGracePeriodSeconds": grace,
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "main",
+                "image": "localhost/reaper-node-test:1",
+                "imagePullPolicy": "Never",
+                "args": args,
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    }))?)
+}
+
+async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<Duration> {
+    let started = Instant::now();
+    wait_until(
+        &format!("pod {name} to be Ready"),
+        Duration::from_secs(60),
+        || async {
+            let pod = pods.get(name).await?;
+            let status = pod.status.unwrap_or_default();
+            if let Some(waiting) = status
+                .container_statuses
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|c| c.state.and_then(|s| s.waiting))
+                && matches!(
+                    waiting.reason.as_deref(),
+                    Some("ErrImageNeverPull" | "CreateContainerConfigError" | "CrashLoopBackOff")
+                )
+            {
+                bail!("pod {name} cannot start: {waiting:?}");
+            }
+            let ready = status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            Ok(ready.then_some(()))
+        },
+    )
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// Deletes the pod and returns how long it stayed (Terminating) until it was gone.
+async fn delete_and_time(pods: &Api<Pod>, name: &str) -> Result<Duration> {
+    let started = Instant::now();
+    pods.delete(name, &DeleteParams::default()).await?;
+    wait_until(
+        &format!("pod {name} to be gone"),
+        Duration::from_secs(90),
+        || async {
+            Ok(match pods.get_opt(name).await? {
+                None => Some(()),
+                Some(_) => None,
+            })
+        },
+    )
+    .await?;
+    Ok(started.elapsed())
+}
+
+async fn hardened_pod(client: &Client, node: &RealNode) -> Result<()> {
+    // A listener on the host's loopback, reached from the pods through node.sh forward,
+    // the way a test PostgreSQL is.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let host_addr = node.forward(listener.local_addr()?.port())?;
+    ensure!(
+        host_addr.starts_with(node.var("HOST_IP")?),
+        "node.sh forward printed {host_addr}"
+    );
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    let args = ["-report", "-apiserver", "-dial", host_addr.as_str()];
+    for (name, host_network) in [("hardened-bridge", false), ("hardened-host", true)] {
+        pods.create(
+            &PostParams::default(),
+            &pod_spec(name, host_network, 2, &args)?,
+        )
+        .await?;
+        let ready = wait_ready(&pods, name).await?;
+        eprintln!("pod {name} (hostNetwork {host_network}) Ready in {ready:.1?}");
+        let expected = [
+            "uid=65532 gid=65532 CapEff=0000000000000000 NoNewPrivs=1 Seccomp=2 rootfs=read-only"
+                .to_string(),
+            format!("apiserver: 201 system:serviceaccount:{NAMESPACE}:default"),
+            format!("dial {host_addr}: ok"),
+        ];
+        // The lines come from the kubelet (apiserver -> kubelet at the node's InternalIP).
+        let logs = wait_until(
+            &format!("the log lines of pod {name}"),
+            Duration::from_secs(30),
+            || async {
+                let logs = pods.logs(name, &LogParams::default()).await?;
+                Ok((logs.lines().count() >= expected.len()).then_some(logs))
+            },
+        )
+        .await?;
+        for line in &expected {
+            ensure!(
+                logs.lines().any(|l| l == line),
+                "pod {name}: no line {line:?} in its log:\n{logs}"
+            );
+        }
+        let ip = pods
+            .get(name)
+            .await?
+            .status
+            .and_then(|s| s.pod_ip)
+            .unwrap_or_default();
+        if host_network {
+            ensure!(ip == node.var("NODE_IP")?, "hostNetwork pod IP {ip}");
+        } else {
+            ensure!(ip.starts_with("10.214.0."), "bridge pod IP {ip}");
+        }
+        delete_and_time(&pods, name).await?;
+    }
+    Ok(())
+}
+
+async fn grace_period(client: &Client) -> Result<()> {
+    const GRACE: i64 = 10;
+    let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
+    // Control: the same pod honouring SIGTERM goes at once, so the wait below comes from
+    // the ignored signal and not from a fixed delay somewhere.
+    pods.create(
+        &PostParams::default(),
+        &pod_spec("stops-on-term", false, GRACE, &[])?,
+    )
+    .await?;
+    wait_ready(&pods, "stops-on-term").await?;
+    let quick = delete_and_time(&pods, "stops-on-term").await?;
+    eprintln!("pod honouring SIGTERM gone in {quick:.1?} (grace period {GRACE} s)");
+    ensure!(
+        quick < Duration::from_secs(GRACE as u64 - 3),
+        "a pod that exits on SIGTERM took {quick:?} to go"
+    );
+
+    pods.create(
+        &PostParams::default(),
+        &pod_spec("ignores-term", false, GRACE, &["-ignore-term"])?,
+    )
+    .await?;
+    wait_ready(&pods, "ignores-term").await?;
+    let slow = delete_and_time(&pods, "ignores-term").await?;
+    eprintln!("pod ignoring SIGTERM gone in {slow:.1?} (grace period {GRACE} s)");
+    ensure!(
+        slow >= Duration::from_secs(GRACE as u64),
+        "a pod ignoring SIGTERM went after {slow:?}, before its {GRACE} s grace period"
+    );
+    ensure!(
+        slow < Duration::from_secs(GRACE as u64 + 10),
+        "a pod ignoring SIGTERM took {slow:?}, far beyond its {GRACE} s grace period"
+    );
+    Ok(())
+}
