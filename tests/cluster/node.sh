@@ -66,7 +66,7 @@ valid_name() { [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; }
 # ours_cmd PID TEXT: PID is alive and its command line contains TEXT (a recycled pid is
 # never signalled).
 ours_cmd() {
-  [[ "$1" =~ ^[0-9]+$ && -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$2"
+  [[ "$1" =~ ^[0-9]+$ && -r "/proc/$1/cmdline" ]] && grep -qF -- "$2" < <(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)
 }
 
 # stop_pid PID TEXT [GROUP]: SIGTERM (the process group too when GROUP is set), wait up to
@@ -546,8 +546,12 @@ EOF
     ctr_ images import "$nodedir/images/$image.tar" >>"$nstate/logs/ctr.log" 2>&1 ||
       { show_log ctr; die "ctr images import $nodedir/images/$image.tar failed"; }
   done
+  # The list is read whole first: `ctr ... | grep -q` would fail under pipefail whenever
+  # grep exits before ctr has written everything (SIGPIPE).
+  local images
+  images="$(ctr_ images ls -q)"
   for image in "$PAUSE_IMAGE" "$TEST_IMAGE"; do
-    ctr_ images ls -q | grep -qxF "$image" || die "image $image missing after import"
+    grep -qxF "$image" <<<"$images" || die "image $image missing after import (images: ${images//$'\n'/ })"
   done
 
   # --- kubelet ------------------------------------------------------------------------------
