@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Checks that the system packages the demo and the tests need are installed: PostgreSQL
 # (server binaries), PgBouncer, openssl (test certificates); with --lint, shellcheck; with
-# --image, podman, runc and debootstrap (tests/image/build.sh).
+# --image, podman, runc and debootstrap (tests/image/build.sh); with --node, containerd,
+# runc, the CNI plugins, socat and iptables (tests/cluster/node.sh, a real kubelet node).
 # As root it installs what is missing with apt-get; otherwise it stops at once with the
 # exact command to run. Cargo, Go and python3 are expected on the machine already.
 #
-#   scripts/deps.sh [--lint] [--image]
+#   scripts/deps.sh [--lint] [--image] [--node]
 set -euo pipefail
 
 missing=()
@@ -19,6 +20,13 @@ for flag in "$@"; do
       command -v podman >/dev/null || missing+=(podman)
       command -v runc >/dev/null || missing+=(runc)
       command -v debootstrap >/dev/null || missing+=(debootstrap)
+      ;;
+    --node)
+      command -v containerd >/dev/null || missing+=(containerd)
+      command -v runc >/dev/null || missing+=(runc)
+      [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+      command -v socat >/dev/null || missing+=(socat)
+      command -v iptables >/dev/null || missing+=(iptables)
       ;;
     *) echo "scripts/deps.sh: unknown flag $flag" >&2; exit 2 ;;
   esac

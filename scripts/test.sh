@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/reaper-operator/target}
 if [ "$(id -u)" = 0 ]; then
-  scripts/deps.sh --image
+  scripts/deps.sh --image --node
 else
   scripts/deps.sh
 fi
