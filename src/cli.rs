@@ -243,10 +243,10 @@ impl RunArgs {
             ));
         }
         let database_url = db.url()?.to_owned();
-        // Parse the URLs now so a typo stops the process at start.
+        // Check the URLs (TLS settings and files included) now, so a typo stops the
+        // process at start instead of failing every connection later.
         for url in std::iter::once(&database_url).chain(self.listen_database_url.as_ref()) {
-            url.parse::<sqlx::postgres::PgConnectOptions>()
-                .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
+            crate::lease::connect_options(url)?;
         }
         Ok(crate::operator::Settings {
             database_url,
@@ -582,12 +582,29 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
     }
 }
 
-/// Adds the hint a person needs when the tables are missing.
+/// Adds the hint a person needs when the tables are missing, or when the connection
+/// failed for a reason a bare driver error hides (an untrusted TLS certificate, a server
+/// that accepts only TLS; see [`crate::lease::connection_hint`]).
 pub fn describe_error(err: &Error) -> String {
     if err.is_missing_schema() {
-        format!("{err} (the lease tables do not exist: run `reaper-operator migrate` first)")
-    } else {
-        err.to_string()
+        return format!(
+            "{err} (the lease tables do not exist: run `reaper-operator migrate` first)"
+        );
+    }
+    let mut inner = err;
+    while let Error::Shared(shared) = inner {
+        inner = shared;
+    }
+    let hint = match inner {
+        Error::Database(db) => crate::lease::connection_hint(db),
+        Error::Migrate(sqlx::migrate::MigrateError::Execute(db)) => {
+            crate::lease::connection_hint(db)
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => format!("cannot connect to the database: {hint} ({err})"),
+        None => err.to_string(),
     }
 }
 

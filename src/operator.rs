@@ -9,7 +9,6 @@ use std::time::Duration;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
-use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Schema;
@@ -287,7 +286,7 @@ async fn listen(url: String, candidates: Candidates) {
     loop {
         let mut connected = false;
         let result = async {
-            let mut listener = PgListener::connect(&url).await?;
+            let mut listener = crate::lease::connect::listener(&url).await?;
             listener.listen(NOTIFY_CHANNEL).await?;
             connected = true;
             tracing::info!("listening for lease notifications");

@@ -401,7 +401,7 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     // Distinct per path, because both variants run at once against one server.
     let key =
         7_000_000 + i64::from(std::process::id() % 100_000) * 2 + (via == Via::PgBouncer) as i64;
-    let first = sqlx::PgPool::connect(&db::url(via)).await.unwrap();
+    let first = db::pool(via).await;
     let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT pg_try_advisory_lock({key})"
     )))
@@ -413,7 +413,7 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
 
     let mut second_client_also_got_it = false;
     for _ in 0..20 {
-        let other = sqlx::PgPool::connect(&db::url(via)).await.unwrap();
+        let other = db::pool(via).await;
         let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT pg_try_advisory_lock({key})"
         )))

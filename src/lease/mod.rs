@@ -1,11 +1,13 @@
-//! The PostgreSQL lease: storage ([`store`]) and the per-lease leadership state machine
-//! ([`elector`]).
+//! The PostgreSQL lease: storage ([`store`]), connecting to it ([`connect`]) and the
+//! per-lease leadership state machine ([`elector`]).
 
 pub mod batch;
+pub mod connect;
 pub mod elector;
 pub mod store;
 
 pub use batch::LeaseBatcher;
+pub use connect::{connect_options, connection_hint};
 pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };

@@ -12,13 +12,13 @@
 //! so the setting bounds that statement's lock waits and is gone when it ends (see
 //! [`LeaseStore::with_lock_timeout`]).
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
+use super::connect::connect_options;
 use crate::config::{Schema, validate_label};
 use crate::{Error, Result};
 
@@ -187,7 +187,7 @@ impl LeaseStore {
     /// no session state behind, which is what PgBouncer in transaction mode needs. A
     /// startup parameter (`options=-c lock_timeout=...`) would not do: PgBouncer refuses
     /// startup parameters it does not track unless told to ignore them
-    /// (`ignore_startup_parameters`, as in `tests/db/up.sh`), and then drops them.
+    /// (`ignore_startup_parameters`), and then drops them.
     ///
     /// An acquire can wait for two locks (the fence lock of a takeover, then the row), so
     /// the default, a quarter of the call timeout, keeps both waits inside the call.
@@ -637,12 +637,6 @@ pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
     let mut conn = pool.acquire().await?;
     migrator.run(&mut *conn).await?;
     Ok(())
-}
-
-fn connect_options(url: &str) -> Result<PgConnectOptions> {
-    let opts = PgConnectOptions::from_str(url)
-        .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
-    Ok(opts.application_name("reaper-operator"))
 }
 
 fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {

@@ -233,9 +233,11 @@ impl Database {
         use sqlx::Connection as _;
         let deadline = Instant::now() + timeout;
         for url in [&self.direct_url, &self.bouncer_url] {
+            // The operator's connect options: a default PgBouncer refuses sqlx's own.
+            let options = reaper_operator::lease::connect_options(url)?;
             loop {
                 let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-                    let mut c = sqlx::PgConnection::connect(url).await?;
+                    let mut c = sqlx::PgConnection::connect_with(&options).await?;
                     sqlx::raw_sql("SELECT 1").execute(&mut c).await?;
                     c.close().await
                 })

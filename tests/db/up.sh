@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# Starts a private PostgreSQL 15 instance and a PgBouncer (pool_mode=transaction) in
-# front of it, on free loopback ports, for tests and the demo.
+# Starts a private PostgreSQL 15 instance and two PgBouncers in front of it, on free
+# loopback ports, for tests and the demo: one with pool_mode=transaction (the setup
+# docs/operations.md recommends for lease operations) and one with a stock configuration
+# (session mode; nothing set but where to listen, whom to admit and where to log).
+# Neither lists ignore_startup_parameters: the operator sends no startup parameter a
+# default PgBouncer refuses.
 #
 #   tests/db/up.sh NAME    -> prints the path of an env file as the last line
-#   tests/db/down.sh NAME  -> stops both and removes the state
+#   tests/db/down.sh NAME  -> stops all three and removes the state
 #
 # The env file defines DATABASE_URL (direct), REAPER_TEST_DATABASE_URL (direct),
-# REAPER_TEST_PGBOUNCER_URL (through PgBouncer), REAPER_TEST_PGDATA and
+# REAPER_TEST_PGBOUNCER_URL (through the transaction-mode PgBouncer),
+# REAPER_TEST_PGBOUNCER_SESSION_URL (through the stock one), REAPER_TEST_PGDATA and
 # REAPER_TEST_PG_CTL (so tests can stop and restart the server), REAPER_TEST_PGBOUNCER_PID.
+#
+# REAPER_DB_TLS_DIR=DIR makes everything TLS-only. DIR holds ca.crt, server.crt and
+# server.key (PEM; the certificate must name 127.0.0.1). PostgreSQL then runs with
+# ssl=on, listens on 127.0.0.1 and 127.0.0.2, and its pg_hba.conf has only `hostssl`
+# lines (password for user reaper, client certificate for user reaper_cert, a role it
+# creates) and rejects every `hostnossl` connection. Both PgBouncers require TLS from
+# clients (client_tls_sslmode=require, with the same certificate) and verify the server
+# (server_tls_sslmode=verify-full). The URLs in the env file then carry
+# sslmode=verify-full&sslrootcert=<ca.crt>, and the env file also defines
+# REAPER_TEST_TLS_CA (that ca.crt) and REAPER_TEST_TLS_CERT_USER (reaper_cert).
 #
 # REAPER_DB_PG_STAT_STATEMENTS=1 also preloads pg_stat_statements (off by default), so a
 # benchmark can count the statements each database receives (benches/failover.rs
@@ -23,6 +38,12 @@ die() { echo "tests/db/up.sh: $*" >&2; exit 1; }
 [ -x "$pgbin/initdb" ] || die "PostgreSQL server binaries not found (set PG_BIN); on Debian: apt-get install postgresql"
 command -v pgbouncer >/dev/null || die "pgbouncer not found; on Debian: apt-get install pgbouncer"
 [ -e "$dir" ] && die "$dir exists: run tests/db/down.sh $name first"
+tls_src=${REAPER_DB_TLS_DIR:-}
+if [ -n "$tls_src" ]; then
+  for f in ca.crt server.crt server.key; do
+    [ -r "$tls_src/$f" ] || die "REAPER_DB_TLS_DIR=$tls_src has no readable $f"
+  done
+fi
 
 # PostgreSQL and PgBouncer refuse to run as root.
 as_db_user=()
@@ -41,6 +62,19 @@ password=reaper
 pg_port=$(free_port)
 bouncer_port=$(free_port)
 while [ "$bouncer_port" = "$pg_port" ]; do bouncer_port=$(free_port); done
+session_port=$(free_port)
+while [ "$session_port" = "$pg_port" ] || [ "$session_port" = "$bouncer_port" ]; do
+  session_port=$(free_port)
+done
+
+# PostgreSQL refuses a key file that others can read; the copies belong to the server.
+tls=$dir/tls
+if [ -n "$tls_src" ]; then
+  mkdir -p "$tls"
+  cp "$tls_src/ca.crt" "$tls_src/server.crt" "$tls_src/server.key" "$tls/"
+  chmod 0600 "$tls/server.key"
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$tls"
+fi
 
 printf '%s\n' "$password" >"$dir/pwfile"
 [ "$(id -u)" = 0 ] && chown postgres: "$dir/pwfile"
@@ -56,6 +90,24 @@ max_connections = 300
 shared_buffers = 128MB
 log_min_messages = warning
 CONF
+if [ -n "$tls_src" ]; then
+  # 127.0.0.2 too, so a test can reach the server under a name its certificate lacks.
+  cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1, 127.0.0.2'
+ssl = on
+ssl_cert_file = '$tls/server.crt'
+ssl_key_file = '$tls/server.key'
+ssl_ca_file = '$tls/ca.crt'
+CONF
+  cat >"$dir/data/pg_hba.conf" <<HBA
+# TYPE    DATABASE USER        ADDRESS      METHOD
+local     all      all                      trust
+hostssl   all      reaper_cert 127.0.0.0/8  cert
+hostssl   all      all         127.0.0.0/8  scram-sha-256
+hostnossl all      all         0.0.0.0/0    reject
+hostnossl all      all         ::/0         reject
+HBA
+fi
 if [ "${REAPER_DB_PG_STAT_STATEMENTS:-0}" = 1 ]; then
   cat >>"$dir/data/postgresql.conf" <<'CONF'
 shared_preload_libraries = 'pg_stat_statements'
@@ -67,19 +119,47 @@ fi
 "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null \
   || { tail -n 30 "$dir/postgres.log" >&2; die "PostgreSQL did not start"; }
 
+if [ -n "$tls_src" ]; then
+  "${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U "$user" -d postgres \
+    -c 'CREATE ROLE reaper_cert LOGIN' -c 'GRANT CREATE ON DATABASE postgres TO reaper_cert' \
+    >/dev/null || die "cannot create the role reaper_cert"
+fi
+
 cat >"$dir/userlist.txt" <<LIST
 "$user" "$password"
 LIST
-cat >"$dir/pgbouncer.ini" <<INI
+
+# pgbouncer_ini PORT NAME: the settings every PgBouncer here shares.
+pgbouncer_ini() {
+  cat <<INI
 [databases]
 * = host=127.0.0.1 port=$pg_port
 
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $bouncer_port
+listen_port = $1
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $dir/userlist.txt
+logfile = $dir/$2.log
+pidfile = $dir/$2.pid
+admin_users = $user
+INI
+  if [ -n "$tls_src" ]; then
+    cat <<INI
+client_tls_sslmode = require
+client_tls_cert_file = $tls/server.crt
+client_tls_key_file = $tls/server.key
+client_tls_ca_file = $tls/ca.crt
+server_tls_sslmode = verify-full
+server_tls_ca_file = $tls/ca.crt
+INI
+  fi
+}
+
+{
+  pgbouncer_ini "$bouncer_port" pgbouncer
+  cat <<'INI'
 pool_mode = transaction
 max_client_conn = 1000
 default_pool_size = 20
@@ -87,34 +167,50 @@ server_reset_query =
 # Recommended for a lease database (docs/operations.md): the default of 15 s refuses
 # every client for 15 s after one failed server login, e.g. during a PostgreSQL restart.
 server_login_retry = 1
-ignore_startup_parameters = extra_float_digits,options
-logfile = $dir/pgbouncer.log
-pidfile = $dir/pgbouncer.pid
-admin_users = $user
 INI
+} >"$dir/pgbouncer.ini"
+pgbouncer_ini "$session_port" pgbouncer-session >"$dir/pgbouncer-session.ini"
 [ "$(id -u)" = 0 ] && chown postgres: "$dir"/*
-"${as_db_user[@]}" pgbouncer -d "$dir/pgbouncer.ini" \
-  || { tail -n 30 "$dir/pgbouncer.log" >&2; die "PgBouncer did not start"; }
-
-direct="postgres://$user:$password@127.0.0.1:$pg_port/postgres"
-bounced="postgres://$user:$password@127.0.0.1:$bouncer_port/postgres"
-for _ in $(seq 1 100); do
-  if PGPASSWORD=$password "$pgbin/psql" -qAtX "$bounced" -c 'select 1' >/dev/null 2>&1; then
-    break
-  fi
-  sleep 0.1
+for ini in pgbouncer pgbouncer-session; do
+  "${as_db_user[@]}" pgbouncer -d "$dir/$ini.ini" \
+    || { tail -n 30 "$dir/$ini.log" >&2; die "PgBouncer ($ini.ini) did not start"; }
 done
-PGPASSWORD=$password "$pgbin/psql" -qAtX "$bounced" -c 'select 1' >/dev/null \
-  || { tail -n 30 "$dir/pgbouncer.log" >&2; die "PgBouncer does not answer"; }
 
+query=
+if [ -n "$tls_src" ]; then
+  query="?sslmode=verify-full&sslrootcert=$tls/ca.crt"
+fi
+direct="postgres://$user:$password@127.0.0.1:$pg_port/postgres$query"
+bounced="postgres://$user:$password@127.0.0.1:$bouncer_port/postgres$query"
+session="postgres://$user:$password@127.0.0.1:$session_port/postgres$query"
+for url in "$bounced" "$session"; do
+  for _ in $(seq 1 100); do
+    if PGPASSWORD=$password "$pgbin/psql" -qAtX "$url" -c 'select 1' >/dev/null 2>&1; then
+      break
+    fi
+    sleep 0.1
+  done
+  PGPASSWORD=$password "$pgbin/psql" -qAtX "$url" -c 'select 1' >/dev/null \
+    || { tail -n 30 "$dir"/pgbouncer*.log >&2; die "PgBouncer does not answer"; }
+done
+
+# Quoted: a TLS URL has '&' in it.
 cat >"$dir/env" <<ENV
-DATABASE_URL=$direct
-REAPER_TEST_DATABASE_URL=$direct
-REAPER_TEST_PGBOUNCER_URL=$bounced
+DATABASE_URL='$direct'
+REAPER_TEST_DATABASE_URL='$direct'
+REAPER_TEST_PGBOUNCER_URL='$bounced'
+REAPER_TEST_PGBOUNCER_SESSION_URL='$session'
 REAPER_TEST_PGDATA=$dir/data
 REAPER_TEST_PG_CTL=$pgbin/pg_ctl
 REAPER_TEST_PG_RUN_AS=${as_db_user[*]:+postgres}
 REAPER_TEST_PGBOUNCER_PID=$(cat "$dir/pgbouncer.pid")
 ENV
-echo "PostgreSQL on 127.0.0.1:$pg_port, PgBouncer (transaction mode) on 127.0.0.1:$bouncer_port" >&2
+if [ -n "$tls_src" ]; then
+  cat >>"$dir/env" <<ENV
+REAPER_TEST_TLS_CA=$tls/ca.crt
+REAPER_TEST_TLS_CERT_USER=reaper_cert
+ENV
+fi
+echo "PostgreSQL on 127.0.0.1:$pg_port, PgBouncer (transaction mode) on 127.0.0.1:$bouncer_port," \
+  "PgBouncer (stock, session mode) on 127.0.0.1:$session_port${tls_src:+, TLS only}" >&2
 echo "$dir/env"

@@ -14,7 +14,7 @@ use reaper_operator::lease::LeaseStore;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
     Direct,
-    /// PgBouncer with `pool_mode = transaction`.
+    /// PgBouncer with `pool_mode = transaction` (and no `ignore_startup_parameters`).
     PgBouncer,
 }
 
@@ -68,9 +68,26 @@ pub async fn store(via: Via, schema: &Schema, max_connections: u32) -> LeaseStor
         .expect("connect to the test database")
 }
 
+/// The operator's connect options for `url` (no `extra_float_digits`, which a
+/// PgBouncer with a default configuration refuses; TLS settings checked).
+pub fn options(url: &str) -> sqlx::postgres::PgConnectOptions {
+    reaper_operator::lease::connect_options(url).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A pool of up to 5 connections going `via` the chosen path.
+pub async fn pool(via: Via) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect_with(options(&url(via)))
+        .await
+        .expect("connect to the test database")
+}
+
 /// Runs one SQL statement on a direct connection, for test set-up and inspection.
 pub async fn exec(sql: &str) {
-    let pool = sqlx::PgPool::connect(&direct_url()).await.unwrap();
+    let pool = sqlx::PgPool::connect_with(options(&direct_url()))
+        .await
+        .unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(&pool)
         .await
@@ -99,7 +116,7 @@ macro_rules! both_paths {
 /// open. Send it simple-protocol statements only (`sqlx::raw_sql`): through PgBouncer in
 /// transaction mode a prepared statement does not outlive its transaction.
 pub async fn connection(via: Via) -> sqlx::PgConnection {
-    <sqlx::PgConnection as sqlx::Connection>::connect(&url(via))
+    <sqlx::PgConnection as sqlx::Connection>::connect_with(&options(&url(via)))
         .await
         .expect("connect to the test database")
 }
@@ -145,6 +162,12 @@ pub fn pg_error(error: &sqlx::Error) -> &sqlx::postgres::PgDatabaseError {
 /// passes any database name through to the server).
 pub fn url_for_database(via: Via, database: &str) -> String {
     let url = url(via);
-    let (server, _) = url.rsplit_once('/').expect("a database URL with a path");
-    format!("{server}/{database}")
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let (server, _) = base.rsplit_once('/').expect("a database URL with a path");
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{server}/{database}{query}")
 }
