@@ -34,7 +34,7 @@ RUN --mount=type=cache,id=reaper-operator-cargo-registry,target=/usr/local/cargo
     cargo build --locked --release --target "$target" --bin reaper-operator \
  && install -D -m 0755 "target/$target/release/reaper-operator" /out/reaper-operator \
  && /out/reaper-operator --version | grep -q '^reaper-operator ' \
- && ! ldd /out/reaper-operator >/dev/null 2>&1
+ && ! readelf --program-headers /out/reaper-operator | grep -q INTERP
 
 FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
