@@ -50,7 +50,10 @@ pub enum Reading {
     },
     /// A holder of another cluster.
     Elsewhere { holder: String, epoch: i64 },
-    /// Free, expired, or no row: proves nothing either way.
+    /// Released (no holder) at this epoch: its holder handed the singleton over on
+    /// purpose, after stopping the workload it knows of.
+    Free { epoch: i64 },
+    /// Expired, or no row: proves nothing either way.
     NotHeld,
 }
 
@@ -59,6 +62,9 @@ impl Reading {
         let Some(lease) = lease else {
             return Reading::NotHeld;
         };
+        if lease.is_free() {
+            return Reading::Free { epoch: lease.epoch };
+        }
         if !lease.is_held() {
             return Reading::NotHeld;
         }
@@ -91,6 +97,10 @@ pub enum StopReason {
         from: i64,
         to: i64,
     },
+    /// The lease was released: its holder handed over, so nothing may run here any more.
+    Released {
+        epoch: i64,
+    },
     /// No read confirmed the lease in time.
     Unconfirmed,
 }
@@ -107,6 +117,10 @@ impl std::fmt::Display for StopReason {
             StopReason::EpochSkipped { from, to } => write!(
                 f,
                 "the epoch moved from {from} to {to}: the lease was held by somebody else in between"
+            ),
+            StopReason::Released { epoch } => write!(
+                f,
+                "the lease was released at epoch {epoch}: its holder handed the singleton over"
             ),
             StopReason::Unconfirmed => {
                 write!(f, "no read confirmed the lease before it could expire")
@@ -140,6 +154,11 @@ impl Confirmation {
                 epoch: *epoch,
             }),
             Reading::NotHeld => Ok(()),
+            // A release at the epoch this guard ran under, or at a later one it never saw.
+            Reading::Free { epoch } if self.epoch.is_some_and(|last| *epoch >= last) => {
+                Err(StopReason::Released { epoch: *epoch })
+            }
+            Reading::Free { .. } => Ok(()),
             Reading::Confirmed {
                 holder,
                 epoch,
@@ -353,19 +372,35 @@ pub async fn run(
     for kind in kinds {
         signals.push((kind, signal(kind)?));
     }
-    // 1. Wait until this cluster holds the lease (a pod started during a handover).
-    let mut confirmation = Confirmation::default();
-    let ttl = loop {
+    // 1. Wait until this cluster holds the lease (a pod started during a handover), with
+    //    time enough left to start the command.
+    let mut checked_ttl = None;
+    let mut confirmation = loop {
         let sent = clock_now();
         match store.get(&settings.lease).await {
             Ok(lease) => {
                 let reading = Reading::of(lease.as_ref(), &settings.cluster);
                 match (&reading, lease) {
                     (Reading::Confirmed { .. }, Some(lease)) => {
-                        confirmation
+                        if checked_ttl != Some(lease.ttl) {
+                            check_timing(lease.ttl, settings.grace, settings.margin, settings.poll)
+                                .map_err(|reason| anyhow::anyhow!(reason))?;
+                            checked_ttl = Some(lease.ttl);
+                        }
+                        let mut fresh = Confirmation::default();
+                        fresh
                             .apply(sent, &reading, settings.margin)
                             .expect("a first confirming read always applies");
-                        break lease.ttl;
+                        if fresh
+                            .term_at(settings.grace)
+                            .is_some_and(|t| clock_now() < t)
+                        {
+                            break fresh;
+                        }
+                        tracing::info!(
+                            ?reading,
+                            "the lease is about to expire; waiting for a renewal"
+                        );
                     }
                     _ => tracing::info!(
                         lease = %settings.lease, cluster = %settings.cluster, ?reading,
@@ -384,14 +419,6 @@ pub async fn run(
             }
         }
     };
-    check_timing(ttl, settings.grace, settings.margin, settings.poll)
-        .map_err(|reason| anyhow::anyhow!(reason))?;
-    let Some(term_at) = confirmation.term_at(settings.grace) else {
-        unreachable!("confirmed above")
-    };
-    if clock_now() >= term_at {
-        anyhow::bail!("the first confirming read came too late to start the command safely");
-    }
 
     // 2. Start the child in a process group of its own, and the watchdog.
     let epoch = confirmation.epoch.unwrap_or_default();
@@ -542,7 +569,7 @@ mod tests {
         );
         assert_eq!(
             Reading::of(Some(&lease("", 4, 9000)), "east"),
-            Reading::NotHeld
+            Reading::Free { epoch: 4 }
         );
         assert_eq!(Reading::of(None, "east"), Reading::NotHeld);
     }
@@ -593,6 +620,11 @@ mod tests {
         assert_eq!(
             c.apply(t0, &confirmed(3), MARGIN),
             Err(StopReason::EpochSkipped { from: 4, to: 3 })
+        );
+        assert_eq!(
+            c.apply(t0, &Reading::Free { epoch: 4 }, MARGIN),
+            Err(StopReason::Released { epoch: 4 }),
+            "a release by this cluster's holder stops the command at once"
         );
         assert!(matches!(
             c.apply(
