@@ -445,6 +445,7 @@ async fn run(
     );
     let violations =
         analysis.violations() + usize::from(converged.is_err()) + guard_analysis.violations();
+    let _ = writeln!(summary, "violations: {violations}");
     summary.push_str(&violation_contexts(&input, &analysis, &logs));
     if let Err(e) = &converged {
         let _ = writeln!(summary, "\n--- (c) failed: {e}");

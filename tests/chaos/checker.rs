@@ -1156,8 +1156,6 @@ pub fn summary(
         input.reports.len(),
         blind.join(", ")
     );
-    let violations = analysis.violations() + usize::from(converged.is_err());
-    let _ = writeln!(s, "violations: {violations}");
     s
 }
 
