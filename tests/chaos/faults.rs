@@ -397,7 +397,7 @@ impl Injector<'_> {
                         .iter()
                         .map(|g| format!("{} run {}", self.leases[g.lease], g.run))
                         .collect();
-                    log.line(&format!("  froze the guards of {}", runs.join(", ")));
+                    log.line(&format!("  guards it froze: {}", runs.join(", ")));
                 }
                 result
             }

@@ -285,7 +285,11 @@ pub fn analyse(input: &GuardInput<'_>) -> GuardAnalysis {
             else {
                 continue;
             };
-            if r.last <= f.start {
+            // A frozen guard cannot start a command: one whose first action came before
+            // the thaw was running (or being started) when the guard froze. A guard frozen
+            // while it waited starts its command after the thaw, with the same run.
+            let thawed = f.healed.unwrap_or(input.end);
+            if r.last <= f.start || r.first >= thawed {
                 continue;
             }
             let after = seconds(r.last - f.start);
@@ -696,6 +700,15 @@ mod tests {
         // A run that was not frozen is none of its business.
         let a = input_with(&r, &[], &[freeze(1.0, vec![(0, 0, 2)])], analyse);
         assert!(a.watchdog_stops.is_empty() && a.problems.is_empty());
+        // Nor a command that its guard, frozen while it waited, started after the thaw
+        // (at 7.0 s).
+        let r = parse_runs(0, 0, &ticks(1, 4, 7.5, 20.0));
+        let a = input_with(&r, &[], &[freeze(1.0, vec![(0, 0, 1)])], analyse);
+        assert!(a.watchdog_stops.is_empty() && a.problems.is_empty());
+        // One started just before the freeze counts from the freeze.
+        let r = parse_runs(0, 0, &ticks(1, 4, 1.02, 5.0));
+        let a = input_with(&r, &[], &[freeze(1.0, vec![(0, 0, 1)])], analyse);
+        assert_eq!(a.problems.len(), 1, "{:?}", a.problems);
     }
 
     #[test]
