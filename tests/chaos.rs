@@ -13,7 +13,11 @@
 //! live pod (Terminating included) of one lease at once (except the documented fencing
 //! case), (b) the audit history is a sequence of non-overlapping tenures with strictly
 //! increasing epochs, (c) everything converges after the last fault, (d) refused
-//! Reapers never ran a pod and the object faults behaved as documented.
+//! Reapers never ran a pod and the object faults behaved as documented. Beside the
+//! pods, every cluster runs each lease's workload as a local process under
+//! `reaper-operator guard`, restarted whenever it exits; (f) the commands of both
+//! clusters never act at once (but for the documented release case), (g) a frozen
+//! guard's watchdog stops its command before the lease could expire.
 //!
 //! `#[ignore]`d because it stops and restarts the database it is given: run it with
 //! `scripts/chaos.sh` (what `make chaos` and `make test` do), which starts a private
