@@ -13,7 +13,11 @@
 //! live pod (Terminating included) of one lease at once (except the documented fencing
 //! case), (b) the audit history is a sequence of non-overlapping tenures with strictly
 //! increasing epochs, (c) everything converges after the last fault, (d) refused
-//! Reapers never ran a pod and the object faults behaved as documented.
+//! Reapers never ran a pod and the object faults behaved as documented. Beside the
+//! pods, every cluster runs each lease's workload as a local process under
+//! `reaper-operator guard`, restarted whenever it exits; (f) the commands of both
+//! clusters never act at once (but for the documented release case), (g) a frozen
+//! guard's watchdog stops its command before the lease could expire.
 //!
 //! `#[ignore]`d because it stops and restarts the database it is given: run it with
 //! `scripts/chaos.sh` (what `make chaos` and `make test` do), which starts a private
@@ -30,6 +34,10 @@ mod support;
 mod checker;
 #[path = "chaos/faults.rs"]
 mod faults;
+#[path = "chaos/guard_check.rs"]
+mod guard_check;
+#[path = "chaos/guarded.rs"]
+mod guarded;
 #[path = "chaos/infra.rs"]
 mod infra;
 #[path = "chaos/objects.rs"]
@@ -56,6 +64,7 @@ use support::{db, fixtures};
 
 use checker::{Input, cluster_of};
 use faults::{FaultLog, Injector, Plan};
+use guarded::Guards;
 use infra::{ApiServer, Database, DatabaseGuard, Replica, ReplicaConfig};
 use observer::Observer;
 
@@ -221,6 +230,8 @@ async fn run(
     )?;
 
     let mut replicas = start_replicas(clusters, schema.as_str(), database, &settings.dir).await?;
+    let mut guards =
+        Guards::start(database, schema.as_str(), CLUSTERS, &leases, &settings.dir).await?;
     let replica_names: Vec<String> = replicas.iter().map(Replica::name).collect();
     let replica_cluster: Vec<usize> = replicas
         .iter()
@@ -273,7 +284,14 @@ async fn run(
             logs.join("\n")
         ));
     }
-    log.line("initial state: one leader and one ready replica per lease; injecting faults");
+    guarded::wait_acting(&guards.tick_files(), LEASES, Duration::from_secs(30))
+        .await
+        .context("the guarded commands did not start")?;
+    log.line(&format!(
+        "initial state: one leader and one ready replica per lease, one guarded command acting per lease ({}); \
+         injecting faults",
+        guard_settings()
+    ));
 
     let chaos_start = Utc::now();
     let chaos_started = Instant::now();
@@ -295,6 +313,7 @@ async fn run(
         records: Vec::new(),
         extra_leases: Vec::new(),
         unexpected_exits: Vec::new(),
+        guards: &guards,
     };
     let mut id = 0;
     let mut failure = None;
@@ -353,6 +372,7 @@ async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let end = Utc::now();
     observer.stop();
+    let guard_exits = guards.stop().await;
     for r in replicas.iter_mut() {
         r.stop_and_archive();
     }
@@ -387,6 +407,28 @@ async fn run(
     };
     let analysis = checker::analyse(&input);
     let mut summary = checker::summary(&input, &analysis, &converged, CONVERGE_BOUND as f64);
+    let mut guard_runs = Vec::new();
+    for (cluster, lease, path) in guards.tick_files() {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        guard_runs.extend(guard_check::parse_runs(cluster, lease, &text));
+    }
+    let guard_input = guard_check::GuardInput {
+        ttl: Duration::from_secs(TTL),
+        margin: Duration::from_millis(guarded::MARGIN_MS),
+        clusters: CLUSTERS,
+        leases: &leases,
+        runs: &guard_runs,
+        exits: &guard_exits,
+        faults: &records,
+        events: &events,
+        end,
+    };
+    let guard_analysis = guard_check::analyse(&guard_input);
+    summary.push_str(&guard_check::summary(
+        &guard_input,
+        &guard_analysis,
+        &guard_settings(),
+    ));
     if !unexpected_exits.is_empty() {
         let _ = writeln!(
             summary,
@@ -400,7 +442,14 @@ async fn run(
     );
     let logs: Vec<(String, Vec<PathBuf>)> = replicas.iter().map(|r| (r.name(), r.logs())).collect();
     write_timeline(&settings.dir.join("timeline.txt"), &input, &analysis);
-    let violations = analysis.violations() + usize::from(converged.is_err());
+    write_guard_timeline(
+        &settings.dir.join("timeline.txt"),
+        &guard_input,
+        &guard_analysis,
+    );
+    let violations =
+        analysis.violations() + usize::from(converged.is_err()) + guard_analysis.violations();
+    let _ = writeln!(summary, "violations: {violations}");
     summary.push_str(&violation_contexts(&input, &analysis, &logs));
     if let Err(e) = &converged {
         let _ = writeln!(summary, "\n--- (c) failed: {e}");
@@ -419,6 +468,63 @@ async fn run(
         summary,
         violations,
     })
+}
+
+/// The guards' timings, as the summary prints them.
+fn guard_settings() -> String {
+    format!(
+        "grace {} ms, poll {} ms, margin {} ms",
+        guarded::GRACE_MS,
+        guarded::POLL_MS,
+        guarded::MARGIN_MS
+    )
+}
+
+/// Appends every guarded command's run, every guard exit and every overlap of the
+/// commands to the timeline.
+fn write_guard_timeline(
+    path: &Path,
+    input: &guard_check::GuardInput<'_>,
+    analysis: &guard_check::GuardAnalysis,
+) {
+    let mut lines: Vec<(checker::Time, String)> = Vec::new();
+    for r in input.runs {
+        lines.push((
+            r.first,
+            format!(
+                "guarded {} {} run {} (epoch {:?}) acting until {} ({} actions, {} SIGTERM, longest pause {:.3} s)",
+                input.clusters[r.cluster],
+                input.leases[r.lease],
+                r.run,
+                r.epoch,
+                r.last.format("%H:%M:%S%.3f"),
+                r.actions,
+                r.terms,
+                r.max_gap
+            ),
+        ));
+    }
+    for e in input.exits {
+        lines.push((
+            e.at,
+            format!(
+                "guard {} {} run {} exited {:?}: {}",
+                input.clusters[e.cluster], input.leases[e.lease], e.run, e.code, e.reason
+            ),
+        ));
+    }
+    for o in &analysis.overlaps {
+        lines.push((o.start, format!("guarded overlap {o:?}")));
+    }
+    lines.sort_by_key(|l| l.0);
+    let mut s = String::new();
+    for (at, line) in lines {
+        let _ = writeln!(s, "{} {line}", at.format("%H:%M:%S%.3f"));
+    }
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, s.as_bytes()));
 }
 
 /// Two replicas per cluster, `a/op-1`, `a/op-2`, `b/op-1`, `b/op-2`.

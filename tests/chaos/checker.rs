@@ -92,6 +92,7 @@ pub enum Kind {
     DeleteDeployment,
     SecondReaperSameNamespace,
     SecondReaperOtherNamespace,
+    GuardSigstop,
 }
 
 impl Kind {
@@ -111,6 +112,7 @@ impl Kind {
             Kind::DeleteDeployment => "deployment-delete",
             Kind::SecondReaperSameNamespace => "second-reaper-same-ns",
             Kind::SecondReaperOtherNamespace => "second-reaper-other-ns",
+            Kind::GuardSigstop => "guard-sigstop",
         }
     }
 }
@@ -153,6 +155,8 @@ pub struct FaultRecord {
     /// What the injector found wrong while it held or healed the fault (a second Reaper
     /// not refused, a deleted Reaper never finalized, ...): violations.
     pub problems: Vec<String>,
+    /// `guard-sigstop`: the guards it froze, as `(cluster, lease, run)`.
+    pub frozen_guards: Vec<(usize, usize, u64)>,
 }
 
 impl FaultRecord {
@@ -164,7 +168,7 @@ impl FaultRecord {
         let recovery = match self.kind {
             // Healed when the new process answers /readyz; then one reconcile.
             Kind::Kill9 => 2.0,
-            Kind::Pause | Kind::FreezeCluster => 1.0,
+            Kind::Pause | Kind::FreezeCluster | Kind::GuardSigstop => 1.0,
             Kind::CutReset | Kind::CutBlackhole | Kind::CutCluster => 1.0,
             Kind::RestartPgBouncer | Kind::RestartPostgres => 2.0,
             Kind::RestartApiserver => 6.0,
@@ -1152,8 +1156,6 @@ pub fn summary(
         input.reports.len(),
         blind.join(", ")
     );
-    let violations = analysis.violations() + usize::from(converged.is_err());
-    let _ = writeln!(s, "violations: {violations}");
     s
 }
 
@@ -1416,6 +1418,7 @@ mod tests {
             start: t(start),
             healed: Some(t(healed)),
             problems: Vec::new(),
+            frozen_guards: Vec::new(),
         }
     }
 

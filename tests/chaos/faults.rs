@@ -22,13 +22,14 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use reaper_operator::lease::LeaseStore;
 
 use crate::checker::{Effect, FaultRecord, Kind};
+use crate::guarded::{FrozenGuard, Guards};
 use crate::infra::{ApiServer, Database, Replica};
 use crate::observer::Observer;
 use crate::support::fixtures::PodStop;
 use crate::support::proxy::Mode;
 
 /// Every kind once per round, in a seeded order, so that a short run sees each kind.
-const DECK: [Kind; 14] = [
+const DECK: [Kind; 15] = [
     Kind::Kill9,
     Kind::Pause,
     Kind::CutReset,
@@ -43,6 +44,7 @@ const DECK: [Kind; 14] = [
     Kind::DeleteDeployment,
     Kind::SecondReaperSameNamespace,
     Kind::SecondReaperOtherNamespace,
+    Kind::GuardSigstop,
 ];
 
 /// Added to every round after the first: crashes and stalls, the commonest faults,
@@ -59,7 +61,7 @@ pub struct Planned {
     pub gap: Duration,
     /// Fast or immediate PostgreSQL stop; reset or blackhole for a cluster cut; which
     /// object comes back first after a Deployment deletion; the short or the full lease
-    /// name for a second Reaper.
+    /// name for a second Reaper; the operators frozen too, or not, for `guard-sigstop`.
     pub variant: bool,
 }
 
@@ -106,8 +108,9 @@ impl Plan {
         let ttl = self.ttl;
         let (lo, hi) = match kind {
             Kind::Kill9 => (1.0, 6.0),
-            // Longer than the ttl, so the lease expires under the stopped process.
-            Kind::Pause => (ttl + 1.0, ttl + 5.0),
+            // Longer than the ttl, so the lease expires under the stopped process (or
+            // the stopped guard's last confirmation runs out).
+            Kind::Pause | Kind::GuardSigstop => (ttl + 1.0, ttl + 5.0),
             Kind::CutReset | Kind::CutBlackhole => (1.0, 8.0),
             Kind::RestartPgBouncer | Kind::RestartPostgres => (0.0, 3.0),
             Kind::RestartApiserver => (1.0, 5.0), // down, plus ~2 s to start
@@ -190,6 +193,8 @@ pub struct Injector<'a> {
     pub extra_leases: Vec<String>,
     /// Replicas that exited without being killed: a finding.
     pub unexpected_exits: Vec<String>,
+    /// The guarded workload: cut with its cluster, frozen by `guard-sigstop`.
+    pub guards: &'a Guards,
 }
 
 impl Injector<'_> {
@@ -255,6 +260,8 @@ impl Injector<'_> {
     pub async fn run(&mut self, id: usize, p: &Planned, log: &mut FaultLog) -> Result<()> {
         let kind = p.kind;
         let hold = p.hold;
+        // The cluster whose guards a cluster fault hits too.
+        let mut guard_cluster = None;
         let (effect, target) = match kind {
             Kind::Kill9 | Kind::Pause | Kind::CutReset | Kind::CutBlackhole => {
                 let (r, target) = self.resolve_replica(p.pick);
@@ -266,12 +273,31 @@ impl Injector<'_> {
             }
             Kind::FreezeCluster | Kind::CutCluster => {
                 let (c, target) = self.resolve_cluster(p.pick);
+                if kind == Kind::CutCluster {
+                    guard_cluster = Some(c);
+                }
                 let rs = self.replicas_in(c);
                 let effect = match kind {
                     Kind::FreezeCluster => Effect::Unable(rs),
                     _ => Effect::Cut(rs),
                 };
                 (effect, target)
+            }
+            // The guards of the cluster holding a lease (not their commands); with the
+            // variant, both of its operator replicas too, so that the lease moves to
+            // the other cluster while only the watchdogs can stop the commands.
+            Kind::GuardSigstop => {
+                let (c, target) = self.resolve_cluster(p.pick);
+                guard_cluster = Some(c);
+                let (rs, detail) = if p.variant {
+                    (self.replicas_in(c), " and both its replicas")
+                } else {
+                    (Vec::new(), "")
+                };
+                (
+                    Effect::Unable(rs),
+                    format!("the guards of {target}{detail}"),
+                )
             }
             Kind::RestartApiserver => {
                 let (holder_cluster, _) = self.resolve_cluster(p.pick / 2);
@@ -338,6 +364,7 @@ impl Injector<'_> {
             start,
             healed: None,
             problems: Vec::new(),
+            frozen_guards: Vec::new(),
         };
         let result = match kind {
             Kind::StopOperators => self
@@ -352,8 +379,27 @@ impl Injector<'_> {
                 .await
                 .map(|()| None),
             _ => {
-                self.inject_and_heal(kind, &effect, &targets, cut_mode, hold, p.variant)
-                    .await
+                let mut frozen = Vec::new();
+                let result = self
+                    .inject_and_heal(
+                        kind,
+                        &effect,
+                        &targets,
+                        cut_mode,
+                        hold,
+                        p.variant,
+                        (guard_cluster, &mut frozen),
+                    )
+                    .await;
+                record.frozen_guards = frozen.iter().map(|g| (g.cluster, g.lease, g.run)).collect();
+                if kind == Kind::GuardSigstop {
+                    let runs: Vec<String> = frozen
+                        .iter()
+                        .map(|g| format!("{} run {}", self.leases[g.lease], g.run))
+                        .collect();
+                    log.line(&format!("  guards it froze: {}", runs.join(", ")));
+                }
+                result
             }
         };
         for problem in &record.problems {
@@ -385,6 +431,9 @@ impl Injector<'_> {
         result
     }
 
+    /// `guards`: the cluster whose guards the fault hits too, and where to put the
+    /// guards it froze.
+    #[allow(clippy::too_many_arguments)]
     async fn inject_and_heal(
         &mut self,
         kind: Kind,
@@ -393,7 +442,9 @@ impl Injector<'_> {
         cut_mode: Mode,
         hold: Duration,
         variant: bool,
+        guards: (Option<usize>, &mut Vec<FrozenGuard>),
     ) -> Result<Option<chrono::DateTime<Utc>>> {
+        let (guard_cluster, frozen) = guards;
         // A database fault is healed once the operators' path works again, which after
         // a PostgreSQL restart can be much later than the restart itself.
         let usable = Duration::from_secs(60);
@@ -424,6 +475,20 @@ impl Injector<'_> {
                     self.replicas[r].signal("CONT")?;
                 }
             }
+            Kind::GuardSigstop => {
+                // The guards first: their last confirmation is then as fresh as it gets.
+                if let Some(c) = guard_cluster {
+                    *frozen = self.guards.freeze(c);
+                }
+                for &r in targets {
+                    self.replicas[r].signal("STOP")?;
+                }
+                tokio::time::sleep(hold).await;
+                for &r in targets {
+                    self.replicas[r].signal("CONT")?;
+                }
+                self.guards.thaw(frozen);
+            }
             Kind::StopOperators
             | Kind::RecreateReaper
             | Kind::DeleteDeployment
@@ -435,9 +500,15 @@ impl Injector<'_> {
                 for &r in targets {
                     self.replicas[r].cut(cut_mode);
                 }
+                if let Some(c) = guard_cluster {
+                    self.guards.cut(c, cut_mode);
+                }
                 tokio::time::sleep(hold).await;
                 for &r in targets {
                     self.replicas[r].cut(Mode::Pass);
+                }
+                if let Some(c) = guard_cluster {
+                    self.guards.cut(c, Mode::Pass);
                 }
             }
             Kind::RestartPgBouncer => {
