@@ -381,8 +381,19 @@ pub fn install_guard(path: &std::path::Path) -> anyhow::Result<Outcome> {
 /// `guard`: checks its flags, then runs the command under the lease.
 pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome> {
     crate::config::validate_label("--lease", &args.lease)?;
-    if args.cluster_name.is_empty() || args.cluster_name.contains('/') {
-        anyhow::bail!("--cluster-name must be the operator's cluster name (no '/')");
+    let label_ok = !args.cluster_name.is_empty()
+        && args.cluster_name.len() <= 63
+        && args
+            .cluster_name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !args.cluster_name.starts_with('-')
+        && !args.cluster_name.ends_with('-');
+    if !label_ok {
+        anyhow::bail!(
+            "--cluster-name {:?} must be the operator's --cluster-name in this cluster, a DNS label",
+            args.cluster_name
+        );
     }
     if !(0.0..=600.0).contains(&args.grace_seconds) {
         anyhow::bail!("--grace-seconds must be between 0 and 600");

@@ -103,6 +103,8 @@ pub enum StopReason {
     },
     /// No read confirmed the lease in time.
     Unconfirmed,
+    /// The watchdog is gone or stuck: nothing would stop the command if the guard froze.
+    NoWatchdog,
 }
 
 impl std::fmt::Display for StopReason {
@@ -122,6 +124,7 @@ impl std::fmt::Display for StopReason {
                 f,
                 "the lease was released at epoch {epoch}: its holder handed the singleton over"
             ),
+            StopReason::NoWatchdog => write!(f, "the guard's watchdog is gone or stuck"),
             StopReason::Unconfirmed => {
                 write!(f, "no read confirmed the lease before it could expire")
             }
@@ -153,6 +156,9 @@ impl Confirmation {
                 holder: holder.clone(),
                 epoch: *epoch,
             }),
+            // Expired or missing after a confirmation: with sound clocks the command is
+            // already past its bound; if clocks are off, stopping is the safe side.
+            Reading::NotHeld if self.epoch.is_some() => Err(StopReason::Unconfirmed),
             Reading::NotHeld => Ok(()),
             // A release at the epoch this guard ran under, or at a later one it never saw.
             Reading::Free { epoch } if self.epoch.is_some_and(|last| *epoch >= last) => {
@@ -255,14 +261,28 @@ impl WatchdogLink {
             .process_group(0)
             .spawn()?;
         let stdin = child.stdin.take().expect("piped stdin");
+        {
+            use nix::fcntl::{FcntlArg, OFlag, fcntl};
+            let flags = OFlag::from_bits_truncate(fcntl(&stdin, FcntlArg::F_GETFL)?);
+            fcntl(&stdin, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        }
         Ok(Self { stdin, child })
     }
 
     /// Moves the SIGKILL instant.
-    pub fn extend(&mut self, kill_at: Duration) {
-        if let Err(error) = writeln!(self.stdin, "kill-at {}", kill_at.as_nanos()) {
-            tracing::warn!(%error, "cannot reach the guard's watchdog");
+    /// Moves the SIGKILL instant. An error means the watchdog is gone or stuck (its pipe
+    /// is full): the guard must then stop the command itself, since nothing else would
+    /// if it froze.
+    pub fn extend(&mut self, kill_at: Duration) -> std::io::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "the watchdog exited ({status})"
+            )));
         }
+        // Non-blocking (set at start): a stopped watchdog fills the pipe, and a blocking
+        // write would freeze the guard with it.
+        self.stdin
+            .write_all(format!("kill-at {}\n", kill_at.as_nanos()).as_bytes())
     }
 
     /// The child is gone: the watchdog exits without signalling anything.
@@ -412,7 +432,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.poll) => {}
-            _ = wake.recv() => {}
+            Some(()) = wake.recv() => {}
             kind = next_signal(&mut signals) => {
                 tracing::info!(signal = kind.as_raw_value(), "signal before the command started; exiting");
                 return Ok((128 + kind.as_raw_value()) as u8);
@@ -437,7 +457,10 @@ pub async fn run(
         settings.grace,
         confirmation.kill_at.expect("confirmed"),
     )
-    .map_err(|e| anyhow::anyhow!("cannot start the guard's watchdog: {e}"))?;
+    .map_err(|e| {
+        signal_group(pgid, Signal::SIGKILL);
+        anyhow::anyhow!("cannot start the guard's watchdog: {e}")
+    })?;
     tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
 
     // 3. Keep confirming; stop the child when that fails.
@@ -449,6 +472,8 @@ pub async fn run(
         tokio::select! {
             status = child.wait() => {
                 let status = status?;
+                // Background processes it left in its group must not outlive the guard.
+                signal_group(pgid, Signal::SIGKILL);
                 watchdog.finish();
                 if confirmation.kill_at.is_some_and(|k| clock_now() >= k) {
                     // The watchdog killed it while this process could not run (frozen).
@@ -472,7 +497,7 @@ pub async fn run(
                 continue;
             }
             _ = ticker.tick() => {}
-            _ = wake.recv() => {}
+            Some(()) = wake.recv() => {}
         }
         // A guard that was frozen must not trust a read it sends now to cover the time
         // it lost: the bound only ever comes from the read's own send instant.
@@ -480,7 +505,11 @@ pub async fn run(
         if sent >= term_at {
             break StopReason::Unconfirmed;
         }
-        let result = store.get(&settings.lease).await;
+        // A slow read must not delay the SIGTERM instant (the watchdog holds SIGKILL's).
+        let result = tokio::select! {
+            result = store.get(&settings.lease) => result,
+            _ = tokio::time::sleep(term_at.saturating_sub(sent)) => break StopReason::Unconfirmed,
+        };
         let reading = match result {
             Ok(lease) => Reading::of(lease.as_ref(), &settings.cluster),
             Err(error) => {
@@ -495,18 +524,23 @@ pub async fn run(
         if confirmation.epoch != previous {
             tracing::info!(epoch = ?confirmation.epoch, holder = %confirmation.holder, "a replica of this cluster took the lease over");
         }
-        if let Some(kill_at) = confirmation.kill_at {
-            watchdog.extend(kill_at);
+        if let Some(kill_at) = confirmation.kill_at
+            && let Err(error) = watchdog.extend(kill_at)
+        {
+            tracing::error!(%error, "the guard's watchdog cannot be reached");
+            break StopReason::NoWatchdog;
         }
     };
 
     // 4. Stop: SIGTERM now, SIGKILL after the grace or at the kill instant, if sooner.
     tracing::warn!(reason = %stop, pgid, "stopping the command");
-    signal_group(pgid, Signal::SIGTERM);
     let kill_at = confirmation
         .kill_at
         .unwrap_or_default()
         .min(clock_now() + settings.grace);
+    // The watchdog keeps this instant too, in case this process freezes while waiting.
+    let _ = watchdog.extend(kill_at);
+    signal_group(pgid, Signal::SIGTERM);
     let waited = tokio::time::timeout(kill_at.saturating_sub(clock_now()), child.wait()).await;
     if waited.is_err() {
         signal_group(pgid, Signal::SIGKILL);
@@ -589,10 +623,17 @@ mod tests {
             c.term_at(Duration::from_secs(3)),
             Some(Duration::from_millis(106_500))
         );
-        // Nothing proven: the bound stays where it was.
-        c.apply(t0 + Duration::from_secs(1), &Reading::NotHeld, MARGIN)
-            .unwrap();
-        assert_eq!(c.kill_at, Some(Duration::from_millis(109_500)));
+        // Expired or missing after a confirmation: fail closed.
+        assert_eq!(
+            c.clone()
+                .apply(t0 + Duration::from_secs(1), &Reading::NotHeld, MARGIN),
+            Err(StopReason::Unconfirmed)
+        );
+        // Before any confirmation it proves nothing either way.
+        assert_eq!(
+            Confirmation::default().apply(t0, &Reading::NotHeld, MARGIN),
+            Ok(())
+        );
         // A frozen holder: later reads show less remaining, and the bound follows them.
         c.apply(t0 + Duration::from_secs(2), &read(4, 2_000), MARGIN)
             .unwrap();

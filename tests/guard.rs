@@ -7,7 +7,8 @@
 //! (b) the database becomes unreachable (a fault proxy): stopped before the lease could
 //!     expire, although the holder keeps renewing;
 //! (c) the guard is frozen (SIGSTOP) while the holder is frozen too: its watchdog
-//!     stops the command before the lease expires; the guard, resumed, exits 3.
+//!     stops the command before the lease expires; the guard, resumed, exits 3;
+//! and the guard killed with SIGKILL: its watchdog stops the command within the grace.
 
 mod support;
 
@@ -228,7 +229,9 @@ async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
         "SIGTERM came before SIGKILL"
     );
     assert!(
-        guarded.log().contains("the lease was released at epoch"),
+        // The release, or west's acquisition if the guard's read came after it.
+        guarded.log().contains("the lease was released at epoch")
+            || guarded.log().contains("held by west/op-1"),
         "the reason is named:\n{}",
         guarded.log()
     );
@@ -338,4 +341,32 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
         guarded.log()
     );
     assert!(guarded.ticks().is_empty(), "the command ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_guard_stops_the_command_through_its_watchdog() {
+    let (store, schema) = db::fresh_schema(Via::Direct).await;
+    let name = "guard.killed";
+    let held = store
+        .acquire(name, "east/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let _renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    guarded.wait_running().await;
+
+    guarded.signal("KILL");
+    let killed_at = Utc::now();
+    guarded.wait_exit(Duration::from_secs(2));
+    // The lease is still held and renewed: only the watchdog, seeing the guard's pipe
+    // close, can stop the command (SIGTERM, then SIGKILL after the grace).
+    tokio::time::sleep(Duration::from_millis(GRACE_MS + 700)).await;
+    guarded.assert_stopped().await;
+    assert!(
+        guarded.last_tick() <= killed_at + chrono::Duration::milliseconds((GRACE_MS + 500) as i64),
+        "the command acted until {} after its guard was killed at {killed_at}",
+        guarded.last_tick()
+    );
+    assert!(guarded.signals().contains("TERM"), "SIGTERM came first");
 }
