@@ -182,16 +182,29 @@ fn keep_renewing(
     tx
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
+/// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
+async fn held_by_east(
+    name: &str,
+) -> (
+    LeaseStore,
+    Schema,
+    reaper_operator::lease::Lease,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let (store, schema) = db::fresh_schema(Via::Direct).await;
-    let name = "guard.moves";
     let held = store
         .acquire(name, "east/op-1", TTL)
         .await
         .unwrap()
         .unwrap();
     let renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    (store, schema, held, renewing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
+    let name = "guard.moves";
+    let (store, schema, held, renewing) = held_by_east(name).await;
     let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
     guarded.wait_running().await;
     assert_eq!(
@@ -239,14 +252,8 @@ async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable() {
-    let (store, schema) = db::fresh_schema(Via::Direct).await;
     let name = "guard.cut";
-    let held = store
-        .acquire(name, "east/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    let _renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let (store, schema, _held, _renewing) = held_by_east(name).await;
     let direct = db::direct_url();
     let upstream = direct
         .rsplit_once('@')
@@ -277,14 +284,8 @@ async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
-    let (store, schema) = db::fresh_schema(Via::Direct).await;
     let name = "guard.frozen";
-    let held = store
-        .acquire(name, "east/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    let renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let (store, schema, _held, renewing) = held_by_east(name).await;
     let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
     guarded.wait_running().await;
 
@@ -345,14 +346,8 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_guard_stops_the_command_through_its_watchdog() {
-    let (store, schema) = db::fresh_schema(Via::Direct).await;
     let name = "guard.killed";
-    let held = store
-        .acquire(name, "east/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
-    let _renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
+    let (_store, schema, _held, _renewing) = held_by_east(name).await;
     let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
     guarded.wait_running().await;
 
