@@ -599,7 +599,7 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     for got in futures::future::join_all(reads).await {
         got.unwrap();
     }
-    assert_eq!(store.pool().size(), 4);
+    assert_eq!(store.open_connections(), 4);
     proxy.set(Mode::Reset);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.set(Mode::Pass);

@@ -19,6 +19,7 @@ both_paths!(
     renew_after_expiry_fails_even_when_nobody_took_over,
     release_then_immediate_acquire_by_another,
     non_holder_renew_and_release_change_nothing,
+    failed_acquire_of_a_held_lease_writes_and_locks_nothing,
     late_release_after_takeover_leaves_the_new_holder,
     deleted_row_heals_on_next_acquire_without_reusing_an_epoch,
     renew_many_returns_exactly_the_leases_still_held,
@@ -185,6 +186,52 @@ async fn non_holder_renew_and_release_change_nothing(via: Via) {
         1,
         "no-ops were audited"
     );
+}
+
+/// An acquire of a lease someone holds is a read: it leaves no new row version and no
+/// row lock (`xmin`, `xmax`, `ctid` unchanged) and no audit row, and it does not wait
+/// for a transaction that keeps the row locked.
+async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
+    let (_, schema) = db::fresh_schema(via).await;
+    let store = db::store(via, &schema, 1)
+        .await
+        .with_lock_timeout(Duration::from_millis(300));
+    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    let lease = schema.qualify("lease");
+    let mut conn = db::connection(Via::Direct).await;
+    let version_sql = format!(
+        "SELECT xmin::text || ' ' || xmax::text || ' ' || ctid::text FROM {lease} WHERE name = 'l'"
+    );
+    let before: String = db::scalar(&mut conn, &version_sql).await.unwrap();
+
+    for _ in 0..3 {
+        assert!(store.acquire("l", "b", LONG).await.unwrap().is_none());
+    }
+    let after: String = db::scalar(&mut conn, &version_sql).await.unwrap();
+    assert_eq!(before, after, "xmin xmax ctid of the lease row changed");
+    assert_eq!(
+        store.events("l").await.unwrap().len(),
+        1,
+        "failed acquires audited"
+    );
+
+    // No row lock taken, so none waited for: the row locked FOR UPDATE by another
+    // transaction, the failed acquire still answers at once, far below its lock timeout.
+    let mut blocker = db::connection(Via::Direct).await;
+    db::raw(
+        &mut blocker,
+        &format!("BEGIN; SELECT * FROM {lease} WHERE name = 'l' FOR UPDATE"),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    assert!(store.acquire("l", "b", LONG).await.unwrap().is_none());
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "the failed acquire waited {:?} for the row lock",
+        started.elapsed()
+    );
+    db::raw(&mut blocker, "ROLLBACK").await.unwrap();
 }
 
 async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {

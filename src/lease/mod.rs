@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod connect;
+mod conns;
 pub mod elector;
 pub mod store;
 
@@ -12,5 +13,6 @@ pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };
 pub use store::{
-    Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, ReportTiming, WorkloadCounts, WorkloadReport,
+    Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, ReportTiming, Statement, WorkloadCounts,
+    WorkloadReport,
 };

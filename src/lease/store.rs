@@ -15,10 +15,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
+
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::connect::connect_options;
+use super::conns::Connections;
 use crate::config::{Schema, validate_label};
 use crate::{Error, Result};
 
@@ -145,9 +148,34 @@ const LEASE_COLUMNS: &str = "l.name, l.holder, l.epoch, l.ttl_ms, l.acquired_at,
      l.renewed_at + l.ttl_ms * interval '1 millisecond' AS expires_at, l.previous_holder, \
      clock_timestamp() AS observed_at";
 
-/// Access to the lease table of one schema. Cheap to clone (the pool is shared).
+/// A lease statement, for [`LeaseStore::statement_text`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum Statement<'a> {
+    Acquire {
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    },
+    Renew {
+        name: &'a str,
+        holder: &'a str,
+        epoch: i64,
+    },
+    Release {
+        name: &'a str,
+        holder: &'a str,
+        epoch: i64,
+    },
+}
+
+/// Access to the lease table of one schema. Cheap to clone (the connections are
+/// shared).
 #[derive(Clone, Debug)]
 pub struct LeaseStore {
+    /// Where the lease statements run (see `conns`).
+    conns: Arc<Connections>,
+    /// For everything else: migrations, and callers' own statements ([`Self::pool`]).
     pool: PgPool,
     schema: Schema,
     lease_table: String,
@@ -160,8 +188,15 @@ pub struct LeaseStore {
 impl LeaseStore {
     /// A store whose lock timeout is a quarter of `call_timeout` (see
     /// [`with_lock_timeout`](Self::with_lock_timeout)).
+    ///
+    /// The lease statements run on connections of their own, opened with `pool`'s
+    /// connect options, up to `pool`'s maximum size; `pool` itself serves
+    /// [`migrate`](Self::migrate) and [`pool`](Self::pool).
     pub fn new(pool: PgPool, schema: &Schema, call_timeout: Duration) -> Self {
+        let options = (*pool.connect_options()).clone();
+        let max = pool.options().get_max_connections();
         Self {
+            conns: Arc::new(Connections::new(options, max)),
             pool,
             lease_table: schema.qualify("lease"),
             event_table: schema.qualify("lease_event"),
@@ -207,10 +242,15 @@ impl LeaseStore {
         call_timeout: Duration,
         max_connections: u32,
     ) -> Result<Self> {
-        let pool = pool_options(call_timeout, max_connections)
-            .connect_with(connect_options(url)?)
-            .await?;
-        Ok(Self::new(pool, schema, call_timeout))
+        let pool =
+            pool_options(call_timeout, max_connections).connect_lazy_with(connect_options(url)?);
+        let store = Self::new(pool, schema, call_timeout);
+        // The first lease connection, kept for the first statement.
+        let checkout = tokio::time::timeout(call_timeout, store.conns.checkout())
+            .await
+            .map_err(|_| Error::Timeout(call_timeout))??;
+        store.conns.give_back(checkout);
+        Ok(store)
     }
 
     /// Does not connect until the first statement, so a database outage at start-up
@@ -226,8 +266,24 @@ impl LeaseStore {
         Ok(Self::new(pool, schema, call_timeout))
     }
 
+    /// A pool on the same database for statements of the caller's own (and
+    /// [`migrate`](Self::migrate)); it opens connections only when used. The lease
+    /// statements do not run on it (see [`open_connections`](Self::open_connections)).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// How many connections the lease statements hold open now, idle or busy (at most
+    /// `max_connections`).
+    pub fn open_connections(&self) -> usize {
+        self.conns.open()
+    }
+
+    /// Closes the idle lease connections and [`pool`](Self::pool); statements still
+    /// running end first, and later ones fail.
+    pub async fn close(&self) {
+        self.conns.close().await;
+        self.pool.close().await;
     }
 
     pub fn schema(&self) -> &Schema {
@@ -258,6 +314,11 @@ impl LeaseStore {
     /// Takes the lease if it is free or expired, creating the row if it is missing.
     /// Returns the new row (epoch + 1) or `None` when someone else holds it.
     pub async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
+        let sql = self.acquire_sql(name, holder, ttl)?;
+        self.fetch_one_lease_once(sql).await
+    }
+
+    fn acquire_sql(&self, name: &str, holder: &str, ttl: Duration) -> Result<String> {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
         let ttl_ms = ttl_millis(ttl)?;
@@ -316,12 +377,17 @@ impl LeaseStore {
              SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM taken AS l"
         );
-        self.fetch_one_lease_once(sql).await
+        Ok(sql)
     }
 
     /// Extends the lease for the holder at `epoch`, only while it has not expired:
     /// an expired lease is never revived. `None` means "you are not the leader".
     pub async fn renew(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
+        let sql = self.renew_sql(name, holder, epoch)?;
+        self.fetch_one_lease(sql).await
+    }
+
+    fn renew_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
         let l = &self.lease_table;
@@ -332,7 +398,7 @@ impl LeaseStore {
                AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
              RETURNING {LEASE_COLUMNS}"
         );
-        self.fetch_one_lease(sql).await
+        Ok(sql)
     }
 
     /// Renews every `(name, epoch)` that `holder` still holds, in one statement.
@@ -391,6 +457,11 @@ impl LeaseStore {
     /// Frees the lease if `holder` holds it at `epoch`; a late release after a takeover
     /// matches nothing and returns `None`.
     pub async fn release(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
+        let sql = self.release_sql(name, holder, epoch)?;
+        self.fetch_one_lease_once(sql).await
+    }
+
+    fn release_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
         let (l, e) = (&self.lease_table, &self.event_table);
@@ -408,7 +479,27 @@ impl LeaseStore {
              SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM released AS l"
         );
-        self.fetch_one_lease_once(sql).await
+        Ok(sql)
+    }
+
+    /// The query message a lease statement sends, `SET LOCAL`s included, so a benchmark
+    /// can send the very same text with another client (benches/lease.rs).
+    #[doc(hidden)]
+    pub fn statement_text(&self, statement: Statement<'_>) -> Result<String> {
+        let sql = match statement {
+            Statement::Acquire { name, holder, ttl } => self.acquire_sql(name, holder, ttl)?,
+            Statement::Renew {
+                name,
+                holder,
+                epoch,
+            } => self.renew_sql(name, holder, epoch)?,
+            Statement::Release {
+                name,
+                holder,
+                epoch,
+            } => self.release_sql(name, holder, epoch)?,
+        };
+        Ok(self.with_settings(&sql))
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Lease>> {
@@ -497,9 +588,22 @@ impl LeaseStore {
             .collect()
     }
 
-    /// One round trip, for readiness probes.
+    /// One round trip, for readiness probes: a bare `SELECT 1` on a lease connection
+    /// (no `SET LOCAL`s: it takes no lock, and the call timeout bounds it).
     pub async fn ping(&self) -> Result<()> {
-        self.fetch("SELECT 1".to_owned()).await.map(|_| ())
+        self.execute_bare("SELECT 1").await.map(|_| ())
+    }
+
+    /// Runs `sql` as it is (one simple-query message, no `SET LOCAL`s, one attempt) on a
+    /// lease connection and returns the rows it affected or returned; for benchmarks
+    /// that compare the lease statements with reference statements on the same path.
+    #[doc(hidden)]
+    pub async fn execute_bare(&self, sql: &str) -> Result<usize> {
+        match tokio::time::timeout(self.call_timeout, self.run(sql)).await {
+            Ok(Ok(rows)) => Ok(rows.len()),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(Error::Timeout(self.call_timeout)),
+        }
     }
 
     /// The audit history of one lease, oldest first.
@@ -534,8 +638,7 @@ impl LeaseStore {
     /// another connection, within the same call timeout, instead of costing a tick per
     /// dead connection (which can add up to a missed renew deadline).
     async fn fetch(&self, sql: String) -> Result<Vec<PgRow>> {
-        self.fetch_with(sql, self.pool.options().get_max_connections())
-            .await
+        self.fetch_with(sql, self.conns.max()).await
     }
 
     /// Runs a statement that must not run twice (acquire, release): one attempt.
@@ -551,14 +654,9 @@ impl LeaseStore {
         // is the call timeout, so a statement this client gave up on cannot still commit
         // long after (a late "no pods" report, say); it does not cover time spent queued
         // in a pooler before the server starts it (PgBouncer: `query_wait_timeout`).
-        let sql = format!(
-            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; {sql}",
-            self.lock_timeout_ms,
-            self.call_timeout.as_millis().max(1)
-        );
+        let sql = self.with_settings(&sql);
         loop {
-            let query = sqlx::raw_sql(AssertSqlSafe(sql.clone())).fetch_all(&self.pool);
-            match tokio::time::timeout_at(deadline, query).await {
+            match tokio::time::timeout_at(deadline, self.run(&sql)).await {
                 Ok(Ok(rows)) => return Ok(rows),
                 Ok(Err(sqlx::Error::Io(error))) if retries_left > 0 => {
                     retries_left -= 1;
@@ -573,6 +671,29 @@ impl LeaseStore {
                 Err(_) => return Err(Error::Timeout(self.call_timeout)),
             }
         }
+    }
+
+    fn with_settings(&self, sql: &str) -> String {
+        format!(
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; {sql}",
+            self.lock_timeout_ms,
+            self.call_timeout.as_millis().max(1)
+        )
+    }
+
+    /// One simple-query message on a lease connection. The connection is kept for the
+    /// next statement only when this one ran to the end (rows or a server error, which
+    /// leaves the connection ready); on any other outcome, or when the caller stops
+    /// waiting, it is closed.
+    async fn run(&self, sql: &str) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
+        let mut checkout = self.conns.checkout().await?;
+        let result = sqlx::raw_sql(AssertSqlSafe(sql))
+            .fetch_all(checkout.conn())
+            .await;
+        if matches!(result, Ok(_) | Err(sqlx::Error::Database(_))) {
+            self.conns.give_back(checkout);
+        }
+        result
     }
 
     async fn fetch_leases(&self, sql: String) -> Result<Vec<Lease>> {
@@ -643,9 +764,8 @@ fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(call_timeout)
-        // A ping before every statement would double the latency of a renew; a statement
-        // that may run twice is sent again when its connection turns out dead (`fetch`).
-        .test_before_acquire(false)
+        // Migrations and callers' statements are rare: no connection stays open for them.
+        .idle_timeout(Duration::from_secs(30))
 }
 
 fn lock_timeout_millis(lock_timeout: Duration) -> u64 {
