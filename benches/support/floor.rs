@@ -55,8 +55,6 @@ pub fn pgbench() -> anyhow::Result<PathBuf> {
 
 /// One `pgbench` run of a script.
 pub struct PgbenchRun {
-    /// Latency of each transaction (one script pass), in order.
-    pub transactions: Vec<Duration>,
     /// Mean latency of each command of the script (`pgbench -r`), in script order.
     pub command_means: Vec<Duration>,
     /// User + system CPU time of pgbench for the whole run.
@@ -129,11 +127,7 @@ pub fn run_pgbench(
         "pgbench logged {} of {transactions} transactions",
         transactions_us.len()
     );
-    Ok(PgbenchRun {
-        transactions: transactions_us,
-        command_means,
-        cpu,
-    })
+    Ok(PgbenchRun { command_means, cpu })
 }
 
 /// A query message of several statements (`a; b; c`) as one pgbench command: `\;`
