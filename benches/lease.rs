@@ -494,8 +494,9 @@ mode; but each call ends with its own `Sync`, so the `SET LOCAL lock_timeout` an
 renew above runs without them (the text would need `BEGIN`/`COMMIT` round trips or a \
 pipeline of its own). In the runs measured, tokio-postgres was no faster than the store, \
 with the store's text (simple query) or with `query_typed`, and used less CPU per renew \
-(table above) but not less latency. Once the pool's ping is gone the store is at libpq's \
-latency for the same text, so the store stays on sqlx: one driver \
+(table above) but not less latency. Once the pool's ping is gone the store is close to \
+libpq's latency for the same text (the ratios above), and a second driver would not move \
+that, so the store stays on sqlx: one driver \
 for migrations, `LISTEN`, the lease statements and TLS (the checks of \
 `src/lease/connect.rs` and their error messages apply to every connection unchanged), and \
 no second TLS stack to keep equal to it. tokio-postgres is a dev-dependency, for this \
@@ -1370,8 +1371,8 @@ fn render_goals(w: &mut String, _m: &Machine, results: &[PathResult], floors: &[
                 ms(goal.ours) / ms(goal.same_text),
                 if goal.ours > goal.bound && goal.same_text > goal.bound {
                     " The floor itself is above the goal: libpq needs longer than the goal \
-                     allows for this statement, so the statement's work on the server, not \
-                     the client, sets the figure."
+                     allows for this very statement, so no client can meet it on this \
+                     server; what this client adds shows in the ratio to libpq."
                 } else {
                     ""
                 },
