@@ -99,6 +99,15 @@ pub enum Command {
         #[arg(long)]
         kill_at_ns: u64,
     },
+    /// The guard's gate (started by `guard`, not by hand): waits until the guard has
+    /// started its watchdog, then becomes the command (exec, same process and group).
+    #[command(hide = true)]
+    GuardExec {
+        #[arg(long)]
+        gate_fd: i32,
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -367,13 +376,27 @@ pub fn args_with_guard_alias() -> Vec<std::ffi::OsString> {
     args
 }
 
-/// `install-guard PATH`: copies the running binary (static in the image) to PATH.
+/// `install-guard PATH`: copies the running binary (static in the image) to PATH,
+/// through a temporary file in the same directory and a rename, so a restarted init
+/// container never leaves a half-written `guard` behind.
 pub fn install_guard(path: &std::path::Path) -> anyhow::Result<Outcome> {
     use std::os::unix::fs::PermissionsExt;
     let exe = std::env::current_exe()?;
-    std::fs::copy(&exe, path)
-        .map_err(|e| anyhow::anyhow!("cannot copy {} to {}: {e}", exe.display(), path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{} is not a file path", path.display()))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(file_name);
+    temporary_name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    let copied = std::fs::copy(&exe, &temporary)
+        .and_then(|_| std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&temporary);
+        anyhow::bail!("cannot copy {} to {}: {e}", exe.display(), path.display());
+    }
     eprintln!("installed the guard at {}", path.display());
     Ok(Outcome::Done)
 }

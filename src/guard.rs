@@ -347,6 +347,44 @@ pub fn watchdog(pgid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
     }
 }
 
+/// What the guard writes to open the gate; anything else (the guard gone: end of file)
+/// keeps it shut.
+const GATE_OPEN: &[u8] = b"go\n";
+
+/// The gate (`guard-exec`): waits for the guard to open it, then execs the command in
+/// this process (same pid and process group, so the watchdog's target). Returns an exit
+/// code only when the command does not start.
+pub fn exec_after_gate(gate_fd: i32, command: &[std::ffi::OsString]) -> u8 {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the guard passes the read end of a pipe it made for this process alone.
+    let mut gate = unsafe { std::fs::File::from_raw_fd(gate_fd) };
+    let mut opened = [0u8; GATE_OPEN.len()];
+    let result = gate.read_exact(&mut opened);
+    // Closed before the exec: the command must not inherit the gate.
+    drop(gate);
+    if result.is_err() || opened != GATE_OPEN {
+        eprintln!(
+            "reaper-operator guard: the guard went away before the command could start; not starting it"
+        );
+        return EXIT_LEASE_LOST;
+    }
+    let error = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    eprintln!(
+        "reaper-operator guard: cannot start {:?}: {error}",
+        command[0]
+    );
+    // A shell's codes: 127 not found, 126 found but not runnable.
+    if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
 type Signals = Vec<(tokio::signal::unix::SignalKind, tokio::signal::unix::Signal)>;
 
 /// The next of the signals the guard forwards.
@@ -428,6 +466,13 @@ pub async fn run(
                     ),
                 }
             }
+            // Retrying cannot fix these: exit with the reason (the pod shows it).
+            Err(error) if error.needs_a_person() => {
+                anyhow::bail!(
+                    "cannot read the lease: {}",
+                    crate::cli::describe_error(&error)
+                )
+            }
             Err(error) => tracing::warn!(%error, "cannot read the lease; retrying"),
         }
         tokio::select! {
@@ -440,17 +485,40 @@ pub async fn run(
         }
     };
 
-    // 2. Start the child in a process group of its own, and the watchdog.
+    // 2. Start the child in a process group of its own, behind a gate; then the
+    //    watchdog; then open the gate. The command cannot act before a watchdog holds
+    //    its kill instant, even if this process freezes or dies in between.
     let epoch = confirmation.epoch.unwrap_or_default();
-    let mut child = tokio::process::Command::new(&settings.command[0])
-        .args(&settings.command[1..])
+    let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let gate_fd = std::os::fd::AsRawFd::as_raw_fd(&gate_read);
+    let mut gated = tokio::process::Command::new(std::env::current_exe()?);
+    gated
+        .arg0("reaper-operator")
+        .arg("guard-exec")
+        .args(["--gate-fd", &gate_fd.to_string(), "--"])
+        .args(&settings.command)
         .env("REAPER_LEASE_NAME", &settings.lease)
         .env("REAPER_LEASE_EPOCH", epoch.to_string())
         .env("REAPER_HOLDER", &confirmation.holder)
         .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // SAFETY: only fcntl, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        gated.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(gate_fd);
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = gated
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {:?}: {e}", settings.command[0]))?;
+    // Only the gate keeps the read end: this process exiting closes the gate for good.
+    drop(gate_read);
     let pgid = child.id().expect("a running child has a pid") as i32;
     let mut watchdog = WatchdogLink::start(
         pgid,
@@ -461,6 +529,23 @@ pub async fn run(
         signal_group(pgid, Signal::SIGKILL);
         anyhow::anyhow!("cannot start the guard's watchdog: {e}")
     })?;
+    if clock_now() >= confirmation.term_at(settings.grace).unwrap_or_default() {
+        // Frozen or slow since the confirming read: too late to start at all.
+        signal_group(pgid, Signal::SIGKILL);
+        let _ = child.wait().await;
+        watchdog.finish();
+        eprintln!(
+            "reaper-operator guard: did not start the command: {}",
+            StopReason::Unconfirmed
+        );
+        return Ok(EXIT_LEASE_LOST);
+    }
+    std::fs::File::from(gate_write)
+        .write_all(GATE_OPEN)
+        .map_err(|e| {
+            signal_group(pgid, Signal::SIGKILL);
+            anyhow::anyhow!("cannot open the gate of {:?}: {e}", settings.command[0])
+        })?;
     tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
 
     // 3. Keep confirming; stop the child when that fails.

@@ -7,6 +7,10 @@ use reaper_operator::{reaper, telemetry};
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::args_with_guard_alias());
     telemetry::init(cli.log_format);
+    // Before any runtime thread exists: this process becomes the guarded command.
+    if let Command::GuardExec { gate_fd, command } = &cli.command {
+        return ExitCode::from(reaper_operator::guard::exec_after_gate(*gate_fd, command));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
                 std::time::Duration::from_millis(grace_ms),
                 std::time::Duration::from_nanos(kill_at_ns),
             ))),
+            Command::GuardExec { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
