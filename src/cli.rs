@@ -424,15 +424,22 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
     if args.poll_interval_ms < 50 {
         anyhow::bail!("--poll-interval-ms must be at least 50");
     }
+    if args.margin_ms < 50 {
+        // The bound needs slack for the kill to land and for clock rates to differ.
+        anyhow::bail!("--margin-ms must be at least 50");
+    }
     let poll = Duration::from_millis(args.poll_interval_ms);
     let url = db.url()?;
     for url in std::iter::once(url).chain(args.listen_database_url.as_deref()) {
         url.parse::<sqlx::postgres::PgConnectOptions>()
             .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
     }
-    // A read may take at most one poll interval (and never more than the margin allows).
-    let store = LeaseStore::connect_lazy(url, &db.schema()?, poll.min(Duration::from_secs(2)), 2)?;
-    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Reads of a running command are bounded by its deadline anyway; this only stops a
+    // hung read (and opening a connection on a slow machine needs the time).
+    let store = LeaseStore::connect_lazy(url, &db.schema()?, Duration::from_secs(2), 2)?;
+    // A permit, not a queue: a flood of notifications costs one read, not one each.
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let wake_tx = wake.clone();
     let listen_url = args
         .listen_database_url
         .clone()
@@ -442,19 +449,19 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
         // Wake-ups only speed up loss detection; the guard is safe without them (through
         // PgBouncer in transaction mode LISTEN cannot work and this just keeps retrying).
         loop {
-            let result = async {
-                let mut listener = sqlx::postgres::PgListener::connect(&listen_url).await?;
+            let ended: std::result::Result<(), sqlx::Error> = async {
+                let mut listener = crate::lease::connect::listener(&listen_url).await?;
                 listener.listen(crate::lease::NOTIFY_CHANNEL).await?;
                 loop {
                     let n = listener.recv().await?;
-                    if n.payload() == lease_name && wake_tx.send(()).is_err() {
-                        return Ok::<(), sqlx::Error>(());
+                    if n.payload() == lease_name {
+                        wake_tx.notify_one();
                     }
                 }
             }
             .await;
-            if result.is_ok() {
-                return;
+            if let Err(error) = ended {
+                tracing::debug!(%error, "LISTEN for wake-ups failed; retrying in 5 s");
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -467,7 +474,7 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
         margin: Duration::from_millis(args.margin_ms),
         command: args.command,
     };
-    let code = crate::guard::run(settings, store, wake_rx).await;
+    let code = crate::guard::run(settings, store, wake).await;
     listener.abort();
     Ok(Outcome::Exit(code?))
 }

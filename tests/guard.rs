@@ -488,3 +488,91 @@ fn install_guard_replaces_a_busy_copy_whole() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("--lease"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_watchdog_stops_the_command() {
+    let name = "guard.wdstop";
+    let (_store, schema, _held, _renewing) = held_by_east(name).await;
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    guarded.wait_running().await;
+    let watchdog = Command::new("pgrep")
+        .args([
+            "-P",
+            &guarded.child.id().to_string(),
+            "-f",
+            "guard-watchdog",
+        ])
+        .output()
+        .unwrap();
+    let watchdog = String::from_utf8_lossy(&watchdog.stdout).trim().to_string();
+    assert!(watchdog.parse::<u32>().is_ok(), "no watchdog: {watchdog:?}");
+    // The lease is held and renewed: only the watchdog's silence can stop the command.
+    let ok = Command::new("kill")
+        .args(["-STOP", &watchdog])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let stopped_at = Utc::now();
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    assert!(
+        guarded.log().contains("has not answered"),
+        "log:\n{}",
+        guarded.log()
+    );
+    guarded.assert_stopped().await;
+    // The answer limit (2 s), a poll, the grace.
+    let bound =
+        stopped_at + chrono::Duration::milliseconds((2000 + POLL_MS + GRACE_MS + 700) as i64);
+    assert!(
+        guarded.last_tick() <= bound,
+        "the command acted until {}, watchdog stopped at {stopped_at}",
+        guarded.last_tick()
+    );
+    assert!(
+        !Path::new(&format!("/proc/{watchdog}")).exists(),
+        "the stopped watchdog was left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_left_the_command_group_is_stopped_too() {
+    let name = "guard.setpgid";
+    let (store, schema, held, renewing) = held_by_east(name).await;
+    // A background process moves to a process group of its own (as `timeout` and
+    // job-control shells do) and keeps acting.
+    let script = r#"python3 -c '
+import os, sys, time
+os.setpgid(0, 0)
+while True:
+    with open(os.environ["OUT"], "a") as f:
+        f.write("%d\n" % time.time_ns())
+    time.sleep(0.05)
+' &
+wait"#;
+    let mut guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
+    guarded.wait_running().await;
+
+    drop(renewing);
+    let released = store
+        .release(name, "east/op-1", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire(name, "west/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_stopped().await;
+    let bound =
+        released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    assert!(
+        guarded.last_tick() <= bound,
+        "the process outside the command's group acted until {}, release at {}",
+        guarded.last_tick(),
+        released.observed_at
+    );
+}
