@@ -39,6 +39,10 @@ pub fn clock_now() -> Duration {
 /// clock, which stops during a suspend.
 const WATCHDOG_TICK: Duration = Duration::from_millis(100);
 
+/// The least time a confirmation must leave before the first SIGTERM instant for the
+/// command to be started (the watchdog must start and answer first).
+const START_ALLOWANCE: Duration = Duration::from_millis(500);
+
 /// The least time between two reads that notifications start.
 const MIN_WAKE_SPACING: Duration = Duration::from_millis(50);
 
@@ -242,29 +246,61 @@ pub fn signal_command(sid: i32, signal: Signal) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(error) => tracing::warn!(%error, sid, %signal, "cannot signal the command"),
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
+    // A SIGKILL sweep repeats while it finds somebody: a process forked during a pass
+    // may have got a number the pass had already gone by.
+    let passes = if signal == Signal::SIGKILL { 3 } else { 1 };
+    for _ in 0..passes {
+        let mut found = false;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
         };
-        if session_of(pid) == Some(sid) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if let Some((state, session)) = stat_of(pid)
+                && session == sid
+                && state != 'Z'
+            {
+                found = true;
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+            }
+        }
+        if !found {
+            return;
         }
     }
 }
 
-/// The session id of `pid` from /proc/PID/stat (the fields after the command name, which
-/// may itself hold spaces and parentheses: state, ppid, pgrp, session).
-fn session_of(pid: i32) -> Option<i32> {
+/// The state and session id of `pid` from /proc/PID/stat (the fields after the command
+/// name, which may itself hold spaces and parentheses: state, ppid, pgrp, session).
+fn stat_of(pid: i32) -> Option<(char, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, after_name) = stat.rsplit_once(')')?;
-    after_name.split_whitespace().nth(3)?.parse().ok()
+    let mut fields = after_name.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let session = fields.nth(2)?.parse().ok()?;
+    Some((state, session))
+}
+
+/// The command's session can only be stopped whole through a /proc of this process's own
+/// pid namespace: checked at start (a /proc of another namespace would name other
+/// processes by the same numbers).
+pub fn check_proc() -> Result<(), String> {
+    let pid = std::process::id() as i32;
+    let sid = nix::unistd::getsid(None).map_err(|e| format!("getsid: {e}"))?;
+    match stat_of(pid) {
+        Some((_, session)) if session == sid.as_raw() => Ok(()),
+        Some(_) => Err(format!(
+            "/proc/{pid}/stat is not this process's: /proc belongs to another pid namespace"
+        )),
+        None => Err("/proc is not mounted: the guard needs it to stop every process of                      its command"
+            .into()),
+    }
 }
 
 /// How long the watchdog may leave a message unanswered before the guard treats it as
@@ -328,8 +364,11 @@ impl WatchdogLink {
         }
         // Non-blocking from now on: a stopped watchdog fills the pipe, and a blocking
         // write would freeze the guard with it.
-        set_nonblocking(&link.stdin)?;
-        set_nonblocking(&link.stdout)?;
+        if let Err(e) = set_nonblocking(&link.stdin).and_then(|()| set_nonblocking(&link.stdout)) {
+            let _ = link.child.kill();
+            let _ = link.child.wait();
+            return Err(e);
+        }
         Ok(link)
     }
 
@@ -365,8 +404,12 @@ impl WatchdogLink {
                 "the watchdog exited ({status})"
             )));
         }
-        if let Some(oldest) = self.unanswered.front()
-            && clock_now().saturating_sub(*oldest) > WATCHDOG_ANSWER_LIMIT
+        if self
+            .unanswered
+            .front()
+            .is_some_and(|oldest| clock_now().saturating_sub(*oldest) > WATCHDOG_ANSWER_LIMIT)
+            && !self.answered_after_a_look()?
+            && let Some(oldest) = self.unanswered.front()
         {
             return Err(std::io::Error::other(format!(
                 "the watchdog has not answered for {:?} (stopped or starved)",
@@ -374,6 +417,28 @@ impl WatchdogLink {
             )));
         }
         Ok(())
+    }
+
+    /// Gives a late watchdog two of its ticks more (this process may have been frozen
+    /// with it, e.g. a paused container, and looks first); true if it answered meanwhile.
+    fn answered_after_a_look(&mut self) -> std::io::Result<bool> {
+        use std::io::Read;
+        let before = self.unanswered.len();
+        let _ = tokio::task::block_in_place(|| poll_readable(&self.stdout, 2 * WATCHDOG_TICK));
+        let mut answers = [0u8; 512];
+        loop {
+            match self.stdout.read(&mut answers) {
+                Ok(0) => return Err(std::io::Error::other("the watchdog exited")),
+                Ok(n) => {
+                    for _ in answers[..n].iter().filter(|&&b| b == b'\n') {
+                        self.unanswered.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.unanswered.len() < before)
     }
 
     /// The command is gone: the watchdog exits without signalling anything (a stuck one
@@ -406,19 +471,32 @@ fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> std::io::Result<()> {
 /// Waits until `fd` has something to read (or is closed), at most `timeout`.
 fn poll_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> std::io::Result<()> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    match poll(
-        &mut fds,
-        PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
-    ) {
-        Ok(0) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out",
-        )),
-        Ok(_) => Ok(()),
-        Err(nix::errno::Errno::EINTR) => Ok(()),
-        Err(e) => Err(e.into()),
+    let until = clock_now() + timeout;
+    loop {
+        let left = until.saturating_sub(clock_now());
+        let millis = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ));
+            }
+            Ok(_) => return Ok(()),
+            // A signal is not data: wait for the time left.
+            Err(nix::errno::Errno::EINTR) if clock_now() < until => continue,
+            Err(nix::errno::Errno::EINTR) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -434,6 +512,8 @@ pub fn watchdog(sid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let _ = set_nonblocking(&stdout);
+    // A read must never wait: only poll(2) waits, and it is bounded by the kill instant.
+    let _ = set_nonblocking(&stdin);
     let answer = |line: &[u8]| {
         let _ = nix::unistd::write(&stdout, line);
     };
@@ -444,7 +524,8 @@ pub fn watchdog(sid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
         let now = clock_now();
         if now >= kill_at {
             signal_command(sid, Signal::SIGKILL);
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "reaper-operator guard-watchdog: no confirming read in time: killed the command (session {sid})"
             );
             return EXIT_LEASE_LOST;
@@ -559,6 +640,7 @@ pub async fn run(
     wake: std::sync::Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<u8> {
     use tokio::signal::unix::{SignalKind, signal};
+    check_proc().map_err(|reason| anyhow::anyhow!(reason))?;
     let kinds = [
         SignalKind::terminate(),
         SignalKind::interrupt(),
@@ -590,9 +672,12 @@ pub async fn run(
                         fresh
                             .apply(sent, &reading, settings.margin)
                             .expect("a first confirming read always applies");
+                        // Time enough to start the watchdog and the command before the
+                        // first SIGTERM instant; otherwise wait for a renewal.
+                        let allowance = settings.poll.max(START_ALLOWANCE);
                         if fresh
                             .term_at(settings.grace)
-                            .is_some_and(|t| clock_now() < t)
+                            .is_some_and(|t| clock_now() + allowance < t)
                         {
                             break fresh;
                         }
@@ -678,6 +763,15 @@ pub async fn run(
         Err(e) => {
             signal_command(pgid, Signal::SIGKILL);
             let _ = child.wait().await;
+            if clock_now() >= first_term_at {
+                // Slow (or frozen) past the bound: like a lost lease, not a setup error.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "reaper-operator guard: did not start the command ({e}): {}",
+                    StopReason::Unconfirmed
+                );
+                return Ok(EXIT_LEASE_LOST);
+            }
             anyhow::bail!("cannot start the guard's watchdog: {e}");
         }
     };
@@ -709,7 +803,14 @@ pub async fn run(
         let until_term = term_at.saturating_sub(clock_now());
         tokio::select! {
             status = child.wait() => {
-                let status = status?;
+                let status = match status {
+                    Ok(status) => status,
+                    Err(error) => {
+                        signal_command(pgid, Signal::SIGKILL);
+                        watchdog.finish();
+                        return Err(error.into());
+                    }
+                };
                 // Background processes it left in its group must not outlive the guard.
                 signal_command(pgid, Signal::SIGKILL);
                 if watchdog.finish() == Some(EXIT_LEASE_LOST) {
