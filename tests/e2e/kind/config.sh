@@ -19,15 +19,18 @@ if [[ "${KIND_EXPERIMENTAL_PROVIDER:-}" == podman ]]; then
   E2E_ENGINE=podman
   e2e_default_repository=localhost/reaper-operator
   e2e_default_db_image=localhost/reaper-e2e/postgres:15
+  # Fully qualified, so that `podman save` writes the name containerd gives busybox:1.36.
+  e2e_default_workload_image=docker.io/library/busybox:1.36
 else
   E2E_ENGINE=docker
   e2e_default_repository=reaper-operator
   e2e_default_db_image=postgres:15
+  e2e_default_workload_image=busybox:1.36
 fi
 
 E2E_IMAGE_REPOSITORY=${E2E_IMAGE_REPOSITORY:-$e2e_default_repository}
 E2E_IMAGE_TAG=${E2E_IMAGE_TAG:-e2e}
-E2E_WORKLOAD_IMAGE=${E2E_WORKLOAD_IMAGE:-busybox:1.36} # must match tests/e2e/manifests/singleton.yaml
+E2E_WORKLOAD_IMAGE=${E2E_WORKLOAD_IMAGE:-$e2e_default_workload_image} # must match tests/e2e/manifests/singleton.yaml
 
 # PostgreSQL runs in a container on its own Docker network with a fixed address; every
 # node of both clusters is attached to that network too. Cutting a cluster from the
