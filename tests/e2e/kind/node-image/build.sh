@@ -12,8 +12,9 @@
 #                   a static binary on scratch; kube-proxy with Debian's iptables too
 #   node image      Containerfile: Debian bookworm (tests/image/build.sh's debootstrap
 #                   base) + systemd, containerd, runc, CNI plugins + kind's base files
-#                   (entrypoint, units) + the binaries + the images (/kind/images,
-#                   gzipped), imported into containerd at boot by kind-import-images.service
+#                   (entrypoint, units) + the binaries + the images (/kind/images, one
+#                   gzipped archive each), imported into containerd at boot by
+#                   kind-import-images.service
 # The node has no kindnetd (kind's CNI image) and no local-path-provisioner: create the
 # cluster with kind-config.yaml beside this script (disableDefaultCNI; the image carries
 # a bridge CNI config for one node per cluster; kubelet on cgroupfs, cgroup v1 allowed).
@@ -125,20 +126,22 @@ for name in "${wanted[@]}"; do
   fi
   step "image $name"
   podman build -q --layers --build-arg BASE="$base" -t "$name" "$ctx" >/dev/null
+  # One gzipped archive per image for the node's /kind/images (it stays in the node
+  # image's layer after the import); podman's copy would only take disk space.
+  podman save -q --format docker-archive -o "$work/images/$component.tar" "$name"
+  gzip -1 "$work/images/$component.tar"
+  podman rmi "$name" >/dev/null
+  rm -rf "$ctx"
 done
-step "saving ${#wanted[@]} images into the node's /kind/images"
-# Compressed: the archive stays in the node image's layer after the import.
-podman save -q -m --format docker-archive -o "$work/images.tar" "${wanted[@]}"
-gzip -1 "$work/images.tar"
-mv "$work/images.tar.gz" "$work/images/images.tar.gz"
-# They live on in the archive; podman's copies would only take disk space.
-podman rmi "${wanted[@]}" >/dev/null
 
 # --- node image ---------------------------------------------------------------------------
 cp -r "$kind_src/images/base/files" "$work/kind-base"
 chmod -R u+w "$work/kind-base"
 cp -r "$here/files/." "$work/files/"
-cp "$kubeadm" "$node_dir/bin/kubelet" "$control_bin/kubectl" "$work/bin/"
+# Hard links where possible: the context need not hold another copy of them.
+for f in "$kubeadm" "$node_dir/bin/kubelet" "$control_bin/kubectl"; do
+  ln "$f" "$work/bin/" 2>/dev/null || cp "$f" "$work/bin/"
+done
 cp "$here/Containerfile" "$work/Containerfile"
 step "node image $image"
 podman build -q --layers --build-arg BASE="$base" --build-arg KUBE_VERSION="$k8s_version" -t "$image" "$work" >/dev/null
