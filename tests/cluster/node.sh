@@ -587,11 +587,13 @@ clusterDomain: cluster.local
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 imageMinimumGCAge: 87600h
+# Absolute floors: on a large shared disk 1 % is gigabytes, and a test pod evicted for
+# disk pressure another process caused would fail the test for nothing.
 evictionHard:
   memory.available: 1Mi
-  nodefs.available: 1%
+  nodefs.available: 200Mi
   nodefs.inodesFree: 1%
-  imagefs.available: 1%
+  imagefs.available: 200Mi
   imagefs.inodesFree: 1%
 serializeImagePulls: false
 maxPods: 20
