@@ -114,3 +114,10 @@ e2e_wait_db() {
   e2e_log "PostgreSQL ($E2E_DB_CONTAINER) is not ready after 60 s"
   return 1
 }
+
+# Host-wide sysctls a kind node's kubelet sets (its container is privileged and writes the
+# host's /proc/sys): vm.overcommit_memory 1, kernel.panic 10, kernel.panic_on_oops 1, and
+# the others when they differ. up.sh records them before the first cluster; down.sh puts
+# them back (as root).
+E2E_HOST_SYSCTLS=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
+  kernel/keys/root_maxkeys kernel/keys/root_maxbytes)

@@ -24,4 +24,17 @@ if e2e_engine network inspect "$E2E_DB_NETWORK" >/dev/null 2>&1; then
   e2e_engine network rm "$E2E_DB_NETWORK" >/dev/null
 fi
 rm -f "$E2E_STATE"/*.kubeconfig
+if [[ -f "$E2E_STATE/host-sysctls.before" ]] && ! kind get clusters 2>/dev/null | grep -q .; then
+  if [[ "$(id -u)" == 0 ]]; then
+    while read -r key value; do
+      if [[ "$(cat "/proc/sys/$key")" != "$value" ]]; then
+        e2e_log "restoring $key to $value (a kind node's kubelet changed it)"
+        printf '%s\n' "$value" >"/proc/sys/$key"
+      fi
+    done <"$E2E_STATE/host-sysctls.before"
+    rm -f "$E2E_STATE/host-sysctls.before"
+  else
+    e2e_log "kind nodes' kubelets may have changed host sysctls; as root, compare with $E2E_STATE/host-sysctls.before"
+  fi
+fi
 e2e_log "done (samples, if any, kept in $E2E_STATE)"
