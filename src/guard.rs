@@ -385,20 +385,7 @@ impl WatchdogLink {
 
     /// Reads the answers so far; an error if the watchdog exited or is stuck.
     pub fn check(&mut self) -> std::io::Result<()> {
-        use std::io::Read;
-        let mut answers = [0u8; 512];
-        loop {
-            match self.stdout.read(&mut answers) {
-                Ok(0) => return Err(std::io::Error::other("the watchdog exited")),
-                Ok(n) => {
-                    for _ in answers[..n].iter().filter(|&&b| b == b'\n') {
-                        self.unanswered.pop_front();
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
+        self.read_answers()?;
         if let Some(status) = self.child.try_wait()? {
             return Err(std::io::Error::other(format!(
                 "the watchdog exited ({status})"
@@ -422,9 +409,15 @@ impl WatchdogLink {
     /// Gives a late watchdog two of its ticks more (this process may have been frozen
     /// with it, e.g. a paused container, and looks first); true if it answered meanwhile.
     fn answered_after_a_look(&mut self) -> std::io::Result<bool> {
-        use std::io::Read;
         let before = self.unanswered.len();
         let _ = tokio::task::block_in_place(|| poll_readable(&self.stdout, 2 * WATCHDOG_TICK));
+        self.read_answers()?;
+        Ok(self.unanswered.len() < before)
+    }
+
+    /// Takes the answers waiting in the pipe (one line each) off the unanswered list.
+    fn read_answers(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
         let mut answers = [0u8; 512];
         loop {
             match self.stdout.read(&mut answers) {
@@ -438,7 +431,7 @@ impl WatchdogLink {
                 Err(e) => return Err(e),
             }
         }
-        Ok(self.unanswered.len() < before)
+        Ok(())
     }
 
     /// The command is gone: the watchdog exits without signalling anything (a stuck one

@@ -187,6 +187,34 @@ fn keep_renewing(
     tx
 }
 
+/// east/op-1 stops renewing and releases its lease; west/op-1 takes it at once.
+/// Returns the release and west's lease.
+async fn hand_over_to_west(
+    store: &LeaseStore,
+    name: &str,
+    held: &reaper_operator::lease::Lease,
+    renewing: tokio::sync::oneshot::Sender<()>,
+) -> (reaper_operator::lease::Lease, reaper_operator::lease::Lease) {
+    drop(renewing);
+    let released = store
+        .release(name, "east/op-1", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    let west = store
+        .acquire(name, "west/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    (released, west)
+}
+
+/// By when a command must have stopped after a release: the guard's next read, the
+/// grace, and slack for scheduling.
+fn within_a_poll_and_the_grace(released: &reaper_operator::lease::Lease) -> DateTime<Utc> {
+    released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64)
+}
+
 /// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
 async fn held_by_east(
     name: &str,
@@ -218,23 +246,12 @@ async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
         "the fencing token is exported to the command"
     );
 
-    drop(renewing);
-    let released = store
-        .release(name, "east/op-1", held.epoch)
-        .await
-        .unwrap()
-        .unwrap();
-    let west = store
-        .acquire(name, "west/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let (released, west) = hand_over_to_west(&store, name, &held, renewing).await;
     let code = guarded.wait_exit(Duration::from_secs(10));
     assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
     guarded.assert_stopped().await;
     // The release already stops it: its holder handed over on purpose.
-    let bound =
-        released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    let bound = within_a_poll_and_the_grace(&released);
     assert!(
         guarded.last_tick() <= bound,
         "the command acted until {}, more than a poll + the grace after the release ({})",
@@ -553,22 +570,11 @@ wait"#;
     let mut guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
     guarded.wait_running().await;
 
-    drop(renewing);
-    let released = store
-        .release(name, "east/op-1", held.epoch)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(name, "west/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let (released, _west) = hand_over_to_west(&store, name, &held, renewing).await;
     let code = guarded.wait_exit(Duration::from_secs(10));
     assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
     guarded.assert_stopped().await;
-    let bound =
-        released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    let bound = within_a_poll_and_the_grace(&released);
     assert!(
         guarded.last_tick() <= bound,
         "the process outside the command's group acted until {}, release at {}",

@@ -414,6 +414,7 @@ async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<Duration> {
         Duration::from_secs(60),
         || async {
             let pod = pods.get(name).await?;
+            let ready = pod_ready(&pod);
             let status = pod.status.unwrap_or_default();
             if let Some(waiting) = status
                 .container_statuses
@@ -427,11 +428,6 @@ async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<Duration> {
             {
                 bail!("pod {name} cannot start: {waiting:?}");
             }
-            let ready = status
-                .conditions
-                .unwrap_or_default()
-                .into_iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
             Ok(ready.then_some(()))
         },
     )
@@ -798,12 +794,7 @@ async fn chart_on_real_node(
         Duration::from_secs(90),
         || async {
             let list = work_pods.list(&workload_pods).await?;
-            Ok(list.items.into_iter().find(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            }))
+            Ok(list.items.into_iter().find(pod_ready))
         },
     )
     .await?;
@@ -872,10 +863,7 @@ async fn chart_on_real_node(
             Ok(list.items.into_iter().find(|p| {
                 p.metadata.name.as_deref() != Some(first_name.as_str())
                     && p.metadata.deletion_timestamp.is_none()
-                    && p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                    && pod_ready(p)
             }))
         },
     )
@@ -1002,4 +990,12 @@ fn acting(pods: &[Pod]) -> usize {
             )
         })
         .count()
+}
+
+/// The pod's Ready condition is True.
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
