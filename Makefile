@@ -17,7 +17,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
 	shellcheck scripts/*.sh tests/db/*.sh $(wildcard tests/cluster/*.sh) tests/image/*.sh .ci/run
-	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/local/*.sh tests/bench/*/*.sh
+	shellcheck -x tests/e2e/lib/*.sh tests/e2e/kind/*.sh tests/e2e/kind/*/*.sh tests/e2e/kind/node-image/files/kind/bin/*.sh tests/e2e/local/*.sh tests/bench/*/*.sh
 	scripts/lint-chart.sh
 
 build:

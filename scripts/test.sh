@@ -27,22 +27,27 @@ if [ -x tests/cluster/build.sh ]; then
   tests/cluster/build.sh >/dev/null
 fi
 
-cargo test --locked "$@"
-
-# The failover scenarios of the kind kit, run with the same checker against two local
-# control planes (uses the operator binary cargo test just built).
+# The shipped image, built from the Dockerfile with podman and checked (non-root,
+# read-only root, no shell, size), before the tests: tests/real_node.rs installs the
+# chart with it on a real node. Rootful podman: root only.
 if [ $# -eq 0 ]; then
-  # The shipped image, built from the Dockerfile with podman and checked (non-root,
-  # read-only root, no shell, size). Rootful podman: root only.
   echo "--- operator image (tests/image/build.sh)"
   if [ "$(id -u)" = 0 ]; then
-    tests/image/build.sh >/dev/null
+    export REAPER_TEST_IMAGE_ARCHIVE=${REAPER_TEST_IMAGE_ARCHIVE:-$HOME/.cache/reaper-operator/images/reaper-operator-test.tar}
+    REAPER_IMAGE_ARCHIVE=$REAPER_TEST_IMAGE_ARCHIVE tests/image/build.sh >/dev/null
   elif [ "${CI:-}" = true ]; then
     echo "the image check needs root (rootful podman); CI must run as root" >&2
     exit 1
   else
     echo "skipped: building the image needs root (rootful podman)"
   fi
+fi
+
+cargo test --locked "$@"
+
+# The failover scenarios of the kind kit, run with the same checker against two local
+# control planes (uses the operator binary cargo test just built).
+if [ $# -eq 0 ]; then
   echo "--- failover scenarios on local control planes (tests/e2e/local/check.sh)"
   tests/e2e/local/check.sh
   # Random faults for 150 s against two clusters of two replicas each: "at most one

@@ -99,6 +99,15 @@ pub enum Command {
         #[arg(long)]
         kill_at_ns: u64,
     },
+    /// The guard's gate (started by `guard`, not by hand): waits until the guard has
+    /// started its watchdog, then becomes the command (exec, same process and group).
+    #[command(hide = true)]
+    GuardExec {
+        #[arg(long)]
+        gate_fd: i32,
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -367,13 +376,27 @@ pub fn args_with_guard_alias() -> Vec<std::ffi::OsString> {
     args
 }
 
-/// `install-guard PATH`: copies the running binary (static in the image) to PATH.
+/// `install-guard PATH`: copies the running binary (static in the image) to PATH,
+/// through a temporary file in the same directory and a rename, so a restarted init
+/// container never leaves a half-written `guard` behind.
 pub fn install_guard(path: &std::path::Path) -> anyhow::Result<Outcome> {
     use std::os::unix::fs::PermissionsExt;
     let exe = std::env::current_exe()?;
-    std::fs::copy(&exe, path)
-        .map_err(|e| anyhow::anyhow!("cannot copy {} to {}: {e}", exe.display(), path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{} is not a file path", path.display()))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(file_name);
+    temporary_name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    let copied = std::fs::copy(&exe, &temporary)
+        .and_then(|_| std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&temporary);
+        anyhow::bail!("cannot copy {} to {}: {e}", exe.display(), path.display());
+    }
     eprintln!("installed the guard at {}", path.display());
     Ok(Outcome::Done)
 }
@@ -401,15 +424,22 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
     if args.poll_interval_ms < 50 {
         anyhow::bail!("--poll-interval-ms must be at least 50");
     }
+    if args.margin_ms < 50 {
+        // The bound needs slack for the kill to land and for clock rates to differ.
+        anyhow::bail!("--margin-ms must be at least 50");
+    }
     let poll = Duration::from_millis(args.poll_interval_ms);
     let url = db.url()?;
     for url in std::iter::once(url).chain(args.listen_database_url.as_deref()) {
         url.parse::<sqlx::postgres::PgConnectOptions>()
             .map_err(|e| Error::Config(format!("database URL is not valid: {e}")))?;
     }
-    // A read may take at most one poll interval (and never more than the margin allows).
-    let store = LeaseStore::connect_lazy(url, &db.schema()?, poll.min(Duration::from_secs(2)), 2)?;
-    let (wake_tx, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Reads of a running command are bounded by its deadline anyway; this only stops a
+    // hung read (and opening a connection on a slow machine needs the time).
+    let store = LeaseStore::connect_lazy(url, &db.schema()?, Duration::from_secs(2), 2)?;
+    // A permit, not a queue: a flood of notifications costs one read, not one each.
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let wake_tx = wake.clone();
     let listen_url = args
         .listen_database_url
         .clone()
@@ -419,19 +449,19 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
         // Wake-ups only speed up loss detection; the guard is safe without them (through
         // PgBouncer in transaction mode LISTEN cannot work and this just keeps retrying).
         loop {
-            let result = async {
-                let mut listener = sqlx::postgres::PgListener::connect(&listen_url).await?;
+            let ended: std::result::Result<(), sqlx::Error> = async {
+                let mut listener = crate::lease::connect::listener(&listen_url).await?;
                 listener.listen(crate::lease::NOTIFY_CHANNEL).await?;
                 loop {
                     let n = listener.recv().await?;
-                    if n.payload() == lease_name && wake_tx.send(()).is_err() {
-                        return Ok::<(), sqlx::Error>(());
+                    if n.payload() == lease_name {
+                        wake_tx.notify_one();
                     }
                 }
             }
             .await;
-            if result.is_ok() {
-                return;
+            if let Err(error) = ended {
+                tracing::debug!(%error, "LISTEN for wake-ups failed; retrying in 5 s");
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -444,7 +474,7 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
         margin: Duration::from_millis(args.margin_ms),
         command: args.command,
     };
-    let code = crate::guard::run(settings, store, wake_rx).await;
+    let code = crate::guard::run(settings, store, wake).await;
     listener.abort();
     Ok(Outcome::Exit(code?))
 }

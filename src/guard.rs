@@ -12,7 +12,7 @@
 //! process of its own (the hidden `guard-watchdog` command) holds the same SIGKILL
 //! instant and fires it by itself; the guard moves it forward with each confirming read.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -38,6 +38,13 @@ pub fn clock_now() -> Duration {
 /// The watchdog looks at the clock at least this often: its sleeps run on the monotonic
 /// clock, which stops during a suspend.
 const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+
+/// The least time a confirmation must leave before the first SIGTERM instant for the
+/// command to be started (the watchdog must start and answer first).
+const START_ALLOWANCE: Duration = Duration::from_millis(500);
+
+/// The least time between two reads that notifications start.
+const MIN_WAKE_SPACING: Duration = Duration::from_millis(50);
 
 /// What one read of the lease row says about this cluster's right to run the child.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,120 +237,366 @@ pub fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
-/// Sends `signal` to the child's process group; a group that is gone is not an error.
-pub fn signal_group(pgid: i32, signal: Signal) {
-    match killpg(Pid::from_raw(pgid), signal) {
+/// Sends `signal` to everything of the command: its session `sid` (the gate makes the
+/// command a session leader, so `sid` is also its process group). A process that moved to
+/// a group of its own (`setpgid`: job-control shells, `timeout`) stays in the session and
+/// is found through /proc. Gone is not an error.
+pub fn signal_command(sid: i32, signal: Signal) {
+    match killpg(Pid::from_raw(sid), signal) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(error) => tracing::warn!(%error, pgid, %signal, "cannot signal the child"),
+        Err(error) => tracing::warn!(%error, sid, %signal, "cannot signal the command"),
+    }
+    // A SIGKILL sweep repeats while it finds somebody: a process forked during a pass
+    // may have got a number the pass had already gone by.
+    let passes = if signal == Signal::SIGKILL { 3 } else { 1 };
+    for _ in 0..passes {
+        let mut found = false;
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if let Some((state, session)) = stat_of(pid)
+                && session == sid
+                && state != 'Z'
+            {
+                found = true;
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+            }
+        }
+        if !found {
+            return;
+        }
     }
 }
 
-/// The guard's side of the watchdog: one line per message on the watchdog's stdin.
+/// The state and session id of `pid` from /proc/PID/stat (the fields after the command
+/// name, which may itself hold spaces and parentheses: state, ppid, pgrp, session).
+fn stat_of(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let session = fields.nth(2)?.parse().ok()?;
+    Some((state, session))
+}
+
+/// The command's session can only be stopped whole through a /proc of this process's own
+/// pid namespace: checked at start (a /proc of another namespace would name other
+/// processes by the same numbers).
+pub fn check_proc() -> Result<(), String> {
+    let pid = std::process::id() as i32;
+    let sid = nix::unistd::getsid(None).map_err(|e| format!("getsid: {e}"))?;
+    match stat_of(pid) {
+        Some((_, session)) if session == sid.as_raw() => Ok(()),
+        Some(_) => Err(format!(
+            "/proc/{pid}/stat is not this process's: /proc belongs to another pid namespace"
+        )),
+        None => Err("/proc is not mounted: the guard needs it to stop every process of                      its command"
+            .into()),
+    }
+}
+
+/// How long the watchdog may leave a message unanswered before the guard treats it as
+/// stuck (frozen, starved): it answers each within its 100 ms tick when it runs at all.
+const WATCHDOG_ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
+/// The guard's side of the watchdog: one line per message on the watchdog's stdin, one
+/// answer line per message on its stdout.
 pub struct WatchdogLink {
     stdin: std::process::ChildStdin,
+    stdout: std::process::ChildStdout,
     child: std::process::Child,
+    /// When each unanswered message was sent, oldest first.
+    unanswered: std::collections::VecDeque<Duration>,
 }
 
 impl WatchdogLink {
     /// Starts `reaper-operator guard-watchdog` in a process group of its own (so a stop
-    /// aimed at the guard's group does not freeze it) for the child group `pgid`.
-    pub fn start(pgid: i32, grace: Duration, kill_at: Duration) -> std::io::Result<Self> {
+    /// aimed at the guard's group does not freeze it) for the command's session `sid`, and
+    /// waits until it says it runs (at most until `ready_by`, boot-time clock).
+    pub fn start(
+        sid: i32,
+        grace: Duration,
+        kill_at: Duration,
+        ready_by: Duration,
+    ) -> std::io::Result<Self> {
+        use std::io::Read;
         use std::os::unix::process::CommandExt;
-        // argv[0] "reaper-operator": a copy named `guard` would otherwise read its
-        // arguments as `guard ...`.
-        let mut child = std::process::Command::new(std::env::current_exe()?)
+        // /proc/self/exe: still this binary when a new copy replaced the file. argv[0]
+        // "reaper-operator": a copy named `guard` would read its arguments as `guard ...`.
+        let mut child = std::process::Command::new("/proc/self/exe")
             .arg0("reaper-operator")
             .arg("guard-watchdog")
-            .args(["--pgid", &pgid.to_string()])
+            .args(["--pgid", &sid.to_string()])
             .args(["--grace-ms", &grace.as_millis().to_string()])
             .args(["--kill-at-ns", &kill_at.as_nanos().to_string()])
             .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
             .process_group(0)
             .spawn()?;
         let stdin = child.stdin.take().expect("piped stdin");
-        {
-            use nix::fcntl::{FcntlArg, OFlag, fcntl};
-            let flags = OFlag::from_bits_truncate(fcntl(&stdin, FcntlArg::F_GETFL)?);
-            fcntl(&stdin, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut link = Self {
+            stdin,
+            stdout,
+            child,
+            unanswered: Default::default(),
+        };
+        // The watchdog's first line, "ready", comes once its loop runs: only then does it
+        // hold the kill instant.
+        let mut ready = [0u8; 6];
+        let waited = poll_readable(&link.stdout, ready_by.saturating_sub(clock_now()))
+            .and_then(|()| link.stdout.read_exact(&mut ready));
+        if waited.is_err() || &ready != b"ready\n" {
+            let _ = link.child.kill();
+            let _ = link.child.wait();
+            return Err(std::io::Error::other(match waited {
+                Err(e) => format!("the watchdog did not start in time: {e}"),
+                Ok(()) => "the watchdog did not start".into(),
+            }));
         }
-        Ok(Self { stdin, child })
+        // Non-blocking from now on: a stopped watchdog fills the pipe, and a blocking
+        // write would freeze the guard with it.
+        if let Err(e) = set_nonblocking(&link.stdin).and_then(|()| set_nonblocking(&link.stdout)) {
+            let _ = link.child.kill();
+            let _ = link.child.wait();
+            return Err(e);
+        }
+        Ok(link)
     }
 
-    /// Moves the SIGKILL instant.
-    /// Moves the SIGKILL instant. An error means the watchdog is gone or stuck (its pipe
-    /// is full): the guard must then stop the command itself, since nothing else would
-    /// if it froze.
+    /// Moves the SIGKILL instant. An error means the watchdog is gone or stuck (it left a
+    /// message unanswered too long): the guard must then stop the command itself, since
+    /// nothing else would if it froze.
     pub fn extend(&mut self, kill_at: Duration) -> std::io::Result<()> {
+        self.check()?;
+        self.stdin
+            .write_all(format!("kill-at {}\n", kill_at.as_nanos()).as_bytes())?;
+        self.unanswered.push_back(clock_now());
+        Ok(())
+    }
+
+    /// Reads the answers so far; an error if the watchdog exited or is stuck.
+    pub fn check(&mut self) -> std::io::Result<()> {
+        self.read_answers()?;
         if let Some(status) = self.child.try_wait()? {
             return Err(std::io::Error::other(format!(
                 "the watchdog exited ({status})"
             )));
         }
-        // Non-blocking (set at start): a stopped watchdog fills the pipe, and a blocking
-        // write would freeze the guard with it.
-        self.stdin
-            .write_all(format!("kill-at {}\n", kill_at.as_nanos()).as_bytes())
+        if self
+            .unanswered
+            .front()
+            .is_some_and(|oldest| clock_now().saturating_sub(*oldest) > WATCHDOG_ANSWER_LIMIT)
+            && !self.answered_after_a_look()?
+            && let Some(oldest) = self.unanswered.front()
+        {
+            return Err(std::io::Error::other(format!(
+                "the watchdog has not answered for {:?} (stopped or starved)",
+                clock_now().saturating_sub(*oldest)
+            )));
+        }
+        Ok(())
     }
 
-    /// The child is gone: the watchdog exits without signalling anything.
-    pub fn finish(mut self) {
+    /// Gives a late watchdog two of its ticks more (this process may have been frozen
+    /// with it, e.g. a paused container, and looks first); true if it answered meanwhile.
+    fn answered_after_a_look(&mut self) -> std::io::Result<bool> {
+        let before = self.unanswered.len();
+        let _ = tokio::task::block_in_place(|| poll_readable(&self.stdout, 2 * WATCHDOG_TICK));
+        self.read_answers()?;
+        Ok(self.unanswered.len() < before)
+    }
+
+    /// Takes the answers waiting in the pipe (one line each) off the unanswered list.
+    fn read_answers(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut answers = [0u8; 512];
+        loop {
+            match self.stdout.read(&mut answers) {
+                Ok(0) => return Err(std::io::Error::other("the watchdog exited")),
+                Ok(n) => {
+                    for _ in answers[..n].iter().filter(|&&b| b == b'\n') {
+                        self.unanswered.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The command is gone: the watchdog exits without signalling anything (a stuck one
+    /// is killed). Returns the watchdog's exit code: [`EXIT_LEASE_LOST`] if it fired.
+    pub fn finish(mut self) -> Option<u8> {
         let _ = writeln!(self.stdin, "exit");
         drop(self.stdin);
-        let _ = self.child.wait();
+        let until = clock_now() + Duration::from_secs(1);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code().map(|c| c as u8),
+                Ok(None) if clock_now() < until => std::thread::sleep(Duration::from_millis(5)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return None;
+                }
+            }
+        }
     }
 }
 
-/// The watchdog: SIGKILLs the process group `pgid` at `kill_at` (boot-time clock) unless the
-/// guard moves it; if the guard goes away without saying `exit`, it sends SIGTERM at once
-/// and SIGKILL `grace` later (or at `kill_at`, if sooner).
-pub fn watchdog(pgid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
-    enum Msg {
-        KillAt(Duration),
-        Exit,
-        Gone,
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            let msg = match line.split_once(' ') {
-                Some(("kill-at", ns)) => match ns.trim().parse::<u64>() {
-                    Ok(ns) => Msg::KillAt(Duration::from_nanos(ns)),
-                    Err(_) => continue,
-                },
-                _ if line.trim() == "exit" => Msg::Exit,
-                _ => continue,
-            };
-            if tx.send(msg).is_err() {
-                return;
-            }
-        }
-        let _ = tx.send(Msg::Gone);
-    });
+fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// Waits until `fd` has something to read (or is closed), at most `timeout`.
+fn poll_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> std::io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let until = clock_now() + timeout;
     loop {
-        let wait = kill_at.saturating_sub(clock_now()).min(WATCHDOG_TICK);
-        match rx.recv_timeout(wait) {
-            Ok(Msg::KillAt(at)) => kill_at = at,
-            Ok(Msg::Exit) => return 0,
-            Ok(Msg::Gone) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                signal_group(pgid, Signal::SIGTERM);
-                let until = kill_at.min(clock_now() + grace);
-                while clock_now() < until {
-                    std::thread::sleep(until.saturating_sub(clock_now()).min(WATCHDOG_TICK));
-                }
-                signal_group(pgid, Signal::SIGKILL);
-                return EXIT_LEASE_LOST;
+        let left = until.saturating_sub(clock_now());
+        let millis = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ));
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if clock_now() >= kill_at {
-                    signal_group(pgid, Signal::SIGKILL);
-                    eprintln!(
-                        "reaper-operator guard-watchdog: no confirming read in time: killed the child's process group {pgid}"
-                    );
-                    return EXIT_LEASE_LOST;
+            Ok(_) => return Ok(()),
+            // A signal is not data: wait for the time left.
+            Err(nix::errno::Errno::EINTR) if clock_now() < until => continue,
+            Err(nix::errno::Errno::EINTR) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The watchdog: SIGKILLs the command's session `sid` at `kill_at` (boot-time clock)
+/// unless the guard moves it; if the guard goes away without saying `exit`, it sends
+/// SIGTERM at once and SIGKILL `grace` later (or at `kill_at`, if sooner). One thread, no
+/// runtime: it answers "ready" once it runs and "ok" to each message, so the guard can
+/// tell that it runs.
+pub fn watchdog(sid: i32, grace: Duration, mut kill_at: Duration) -> u8 {
+    // Raw reads and writes: std's buffered stdin would keep bytes that poll(2) no longer
+    // reports, and answers are best effort (a guard that stopped reading them must not
+    // block this, so stdout is non-blocking).
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let _ = set_nonblocking(&stdout);
+    // A read must never wait: only poll(2) waits, and it is bounded by the kill instant.
+    let _ = set_nonblocking(&stdin);
+    let answer = |line: &[u8]| {
+        let _ = nix::unistd::write(&stdout, line);
+    };
+    answer(b"ready\n");
+    let mut pending = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let now = clock_now();
+        if now >= kill_at {
+            signal_command(sid, Signal::SIGKILL);
+            let _ = writeln!(
+                std::io::stderr(),
+                "reaper-operator guard-watchdog: no confirming read in time: killed the command (session {sid})"
+            );
+            return EXIT_LEASE_LOST;
+        }
+        let gone = match poll_readable(&stdin, kill_at.saturating_sub(now).min(WATCHDOG_TICK)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(_) => true,
+            Ok(()) => match nix::unistd::read(&stdin, &mut chunk) {
+                Ok(0) => true,
+                Ok(n) => {
+                    pending.extend_from_slice(&chunk[..n]);
+                    false
                 }
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => false,
+                Err(_) => true,
+            },
+        };
+        if gone {
+            signal_command(sid, Signal::SIGTERM);
+            let until = kill_at.min(clock_now() + grace);
+            while clock_now() < until {
+                std::thread::sleep(until.saturating_sub(clock_now()).min(WATCHDOG_TICK));
+            }
+            signal_command(sid, Signal::SIGKILL);
+            return EXIT_LEASE_LOST;
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim();
+            if line == "exit" {
+                return 0;
+            }
+            if let Some(ns) = line.strip_prefix("kill-at ")
+                && let Ok(ns) = ns.parse::<u64>()
+            {
+                kill_at = Duration::from_nanos(ns);
+                answer(b"ok\n");
             }
         }
+    }
+}
+
+/// What the guard writes to open the gate; anything else (the guard gone: end of file)
+/// keeps it shut.
+const GATE_OPEN: &[u8] = b"go\n";
+
+/// The gate (`guard-exec`): waits for the guard to open it, then execs the command in
+/// this process (same pid and process group, so the watchdog's target). Returns an exit
+/// code only when the command does not start.
+pub fn exec_after_gate(gate_fd: i32, command: &[std::ffi::OsString]) -> u8 {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the guard passes the read end of a pipe it made for this process alone.
+    let mut gate = unsafe { std::fs::File::from_raw_fd(gate_fd) };
+    let mut opened = [0u8; GATE_OPEN.len()];
+    let result = gate.read_exact(&mut opened);
+    // Closed before the exec: the command must not inherit the gate.
+    drop(gate);
+    if result.is_err() || opened != GATE_OPEN {
+        eprintln!(
+            "reaper-operator guard: the guard went away before the command could start; not starting it"
+        );
+        return EXIT_LEASE_LOST;
+    }
+    let error = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    eprintln!(
+        "reaper-operator guard: cannot start {:?}: {error}",
+        command[0]
+    );
+    // A shell's codes: 127 not found, 126 found but not runnable.
+    if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
     }
 }
 
@@ -377,9 +630,10 @@ pub struct GuardSettings {
 pub async fn run(
     settings: GuardSettings,
     store: crate::lease::LeaseStore,
-    mut wake: tokio::sync::mpsc::UnboundedReceiver<()>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<u8> {
     use tokio::signal::unix::{SignalKind, signal};
+    check_proc().map_err(|reason| anyhow::anyhow!(reason))?;
     let kinds = [
         SignalKind::terminate(),
         SignalKind::interrupt(),
@@ -411,9 +665,12 @@ pub async fn run(
                         fresh
                             .apply(sent, &reading, settings.margin)
                             .expect("a first confirming read always applies");
+                        // Time enough to start the watchdog and the command before the
+                        // first SIGTERM instant; otherwise wait for a renewal.
+                        let allowance = settings.poll.max(START_ALLOWANCE);
                         if fresh
                             .term_at(settings.grace)
-                            .is_some_and(|t| clock_now() < t)
+                            .is_some_and(|t| clock_now() + allowance < t)
                         {
                             break fresh;
                         }
@@ -428,11 +685,18 @@ pub async fn run(
                     ),
                 }
             }
+            // Retrying cannot fix these: exit with the reason (the pod shows it).
+            Err(error) if error.needs_a_person() => {
+                anyhow::bail!(
+                    "cannot read the lease: {}",
+                    crate::cli::describe_error(&error)
+                )
+            }
             Err(error) => tracing::warn!(%error, "cannot read the lease; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.poll) => {}
-            Some(()) = wake.recv() => {}
+            _ = wake.notified() => {}
             kind = next_signal(&mut signals) => {
                 tracing::info!(signal = kind.as_raw_value(), "signal before the command started; exiting");
                 return Ok((128 + kind.as_raw_value()) as u8);
@@ -440,42 +704,109 @@ pub async fn run(
         }
     };
 
-    // 2. Start the child in a process group of its own, and the watchdog.
+    // 2. Start the child in a process group of its own, behind a gate; then the
+    //    watchdog; then open the gate. The command cannot act before a watchdog holds
+    //    its kill instant, even if this process freezes or dies in between.
     let epoch = confirmation.epoch.unwrap_or_default();
-    let mut child = tokio::process::Command::new(&settings.command[0])
-        .args(&settings.command[1..])
+    let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let gate_fd = std::os::fd::AsRawFd::as_raw_fd(&gate_read);
+    // /proc/self/exe: still this binary when a new copy replaced the file.
+    let mut gated = tokio::process::Command::new("/proc/self/exe");
+    gated
+        .arg0("reaper-operator")
+        .arg("guard-exec")
+        .args(["--gate-fd", &gate_fd.to_string(), "--"])
+        .args(&settings.command)
         .env("REAPER_LEASE_NAME", &settings.lease)
         .env("REAPER_LEASE_EPOCH", epoch.to_string())
         .env("REAPER_HOLDER", &confirmation.holder)
-        .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // A session of its own, so `setpgid` in the command cannot take a process out of
+    // reach (signal_command). SAFETY: only setsid and fcntl, which are
+    // async-signal-safe, run between fork and exec.
+    unsafe {
+        gated.pre_exec(move || {
+            nix::unistd::setsid()?;
+            let fd = std::os::fd::BorrowedFd::borrow_raw(gate_fd);
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = gated
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {:?}: {e}", settings.command[0]))?;
+    // Only the gate keeps the read end: this process exiting closes the gate for good.
+    drop(gate_read);
     let pgid = child.id().expect("a running child has a pid") as i32;
-    let mut watchdog = WatchdogLink::start(
-        pgid,
-        settings.grace,
-        confirmation.kill_at.expect("confirmed"),
-    )
-    .map_err(|e| {
-        signal_group(pgid, Signal::SIGKILL);
-        anyhow::anyhow!("cannot start the guard's watchdog: {e}")
-    })?;
+    let first_term_at = confirmation.term_at(settings.grace).unwrap_or_default();
+    let started = tokio::task::block_in_place(|| {
+        WatchdogLink::start(
+            pgid,
+            settings.grace,
+            confirmation.kill_at.expect("confirmed"),
+            first_term_at,
+        )
+    });
+    let mut watchdog = match started {
+        Ok(watchdog) => watchdog,
+        Err(e) => {
+            signal_command(pgid, Signal::SIGKILL);
+            let _ = child.wait().await;
+            if clock_now() >= first_term_at {
+                // Slow (or frozen) past the bound: like a lost lease, not a setup error.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "reaper-operator guard: did not start the command ({e}): {}",
+                    StopReason::Unconfirmed
+                );
+                return Ok(EXIT_LEASE_LOST);
+            }
+            anyhow::bail!("cannot start the guard's watchdog: {e}");
+        }
+    };
+    // Frozen or slow since the confirming read, or the gate already killed: the command
+    // never starts.
+    let opened = if clock_now() >= first_term_at {
+        Err(std::io::Error::other("too late"))
+    } else {
+        std::fs::File::from(gate_write).write_all(GATE_OPEN)
+    };
+    if let Err(error) = opened {
+        signal_command(pgid, Signal::SIGKILL);
+        let _ = child.wait().await;
+        watchdog.finish();
+        eprintln!(
+            "reaper-operator guard: did not start the command ({error}): {}",
+            StopReason::Unconfirmed
+        );
+        return Ok(EXIT_LEASE_LOST);
+    }
     tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
 
     // 3. Keep confirming; stop the child when that fails.
     let mut ticker = tokio::time::interval(settings.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent = clock_now();
     let stop = loop {
         let term_at = confirmation.term_at(settings.grace).unwrap_or_default();
         let until_term = term_at.saturating_sub(clock_now());
         tokio::select! {
             status = child.wait() => {
-                let status = status?;
+                let status = match status {
+                    Ok(status) => status,
+                    Err(error) => {
+                        signal_command(pgid, Signal::SIGKILL);
+                        watchdog.finish();
+                        return Err(error.into());
+                    }
+                };
                 // Background processes it left in its group must not outlive the guard.
-                signal_group(pgid, Signal::SIGKILL);
-                watchdog.finish();
-                if confirmation.kill_at.is_some_and(|k| clock_now() >= k) {
+                signal_command(pgid, Signal::SIGKILL);
+                if watchdog.finish() == Some(EXIT_LEASE_LOST) {
                     // The watchdog killed it while this process could not run (frozen).
                     eprintln!("reaper-operator guard: the watchdog stopped the command: {}", StopReason::Unconfirmed);
                     return Ok(EXIT_LEASE_LOST);
@@ -486,7 +817,7 @@ pub async fn run(
             kind = next_signal(&mut signals) => {
                 // Forwarded; the lease is still enforced while the child shuts down.
                 if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
-                    signal_group(pgid, signal);
+                    signal_command(pgid, signal);
                 }
                 continue;
             }
@@ -497,7 +828,15 @@ pub async fn run(
                 continue;
             }
             _ = ticker.tick() => {}
-            Some(()) = wake.recv() => {}
+            _ = wake.notified() => {
+                // Notifications anybody can send must not turn into back-to-back reads.
+                let earliest = (last_sent + MIN_WAKE_SPACING).min(term_at);
+                tokio::time::sleep(earliest.saturating_sub(clock_now())).await;
+            }
+        }
+        if let Err(error) = watchdog.check() {
+            tracing::error!(%error, "the guard's watchdog cannot be relied on");
+            break StopReason::NoWatchdog;
         }
         // A guard that was frozen must not trust a read it sends now to cover the time
         // it lost: the bound only ever comes from the read's own send instant.
@@ -505,6 +844,7 @@ pub async fn run(
         if sent >= term_at {
             break StopReason::Unconfirmed;
         }
+        last_sent = sent;
         // A slow read must not delay the SIGTERM instant (the watchdog holds SIGKILL's).
         let result = tokio::select! {
             result = store.get(&settings.lease) => result,
@@ -540,14 +880,14 @@ pub async fn run(
         .min(clock_now() + settings.grace);
     // The watchdog keeps this instant too, in case this process freezes while waiting.
     let _ = watchdog.extend(kill_at);
-    signal_group(pgid, Signal::SIGTERM);
+    signal_command(pgid, Signal::SIGTERM);
     let waited = tokio::time::timeout(kill_at.saturating_sub(clock_now()), child.wait()).await;
     if waited.is_err() {
-        signal_group(pgid, Signal::SIGKILL);
+        signal_command(pgid, Signal::SIGKILL);
         let _ = child.wait().await;
     }
     // Whatever else is left in the group.
-    signal_group(pgid, Signal::SIGKILL);
+    signal_command(pgid, Signal::SIGKILL);
     watchdog.finish();
     eprintln!("reaper-operator guard: stopped the command: {stop}");
     Ok(EXIT_LEASE_LOST)
@@ -642,6 +982,25 @@ mod tests {
         c.apply(t0 + Duration::from_secs(3), &read(5, 15_000), MARGIN)
             .unwrap();
         assert_eq!(c.epoch, Some(5));
+    }
+
+    #[test]
+    fn a_cluster_named_like_the_start_of_another_does_not_confirm() {
+        // "east" must not take "east-2"'s lease for its own, nor the other way round.
+        let of_east_2 = lease("east-2/op-1", 4, 5000);
+        assert!(!matches!(
+            Reading::of(Some(&of_east_2), "east"),
+            Reading::Confirmed { .. }
+        ));
+        let of_east = lease("east/op-1", 4, 5000);
+        assert!(!matches!(
+            Reading::of(Some(&of_east), "east-2"),
+            Reading::Confirmed { .. }
+        ));
+        assert!(matches!(
+            Reading::of(Some(&of_east_2), "east-2"),
+            Reading::Confirmed { .. }
+        ));
     }
 
     #[test]

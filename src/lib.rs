@@ -55,4 +55,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// True when only a person can fix it: the lease tables are missing (wrong schema),
+    /// the role may not read them, or the login or database is refused for good
+    /// (SQLSTATE 42P01, 3F000, 42501, 28000, 28P01, 3D000).
+    pub fn needs_a_person(&self) -> bool {
+        match self {
+            Error::Shared(error) => error.needs_a_person(),
+            Error::Database(sqlx::Error::Database(db)) => matches!(
+                db.code().as_deref(),
+                Some("42P01" | "3F000" | "42501" | "28000" | "28P01" | "3D000")
+            ),
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,6 +7,23 @@ use reaper_operator::{reaper, telemetry};
 fn main() -> ExitCode {
     let cli = Cli::parse_from(cli::args_with_guard_alias());
     telemetry::init(cli.log_format);
+    // Before any runtime thread exists: this process becomes the guarded command.
+    if let Command::GuardExec { gate_fd, command } = &cli.command {
+        return ExitCode::from(reaper_operator::guard::exec_after_gate(*gate_fd, command));
+    }
+    // One thread, no runtime: nothing it needs can fail after it says it runs.
+    if let Command::GuardWatchdog {
+        pgid,
+        grace_ms,
+        kill_at_ns,
+    } = cli.command
+    {
+        return ExitCode::from(reaper_operator::guard::watchdog(
+            pgid,
+            std::time::Duration::from_millis(grace_ms),
+            std::time::Duration::from_nanos(kill_at_ns),
+        ));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -27,15 +44,8 @@ fn main() -> ExitCode {
             }
             Command::Guard(args) => cli::guard(&cli.database, args).await,
             Command::InstallGuard { path } => cli::install_guard(&path),
-            Command::GuardWatchdog {
-                pgid,
-                grace_ms,
-                kill_at_ns,
-            } => Ok(Outcome::Exit(reaper_operator::guard::watchdog(
-                pgid,
-                std::time::Duration::from_millis(grace_ms),
-                std::time::Duration::from_nanos(kill_at_ns),
-            ))),
+            Command::GuardWatchdog { .. } => unreachable!("handled before the runtime starts"),
+            Command::GuardExec { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -36,6 +36,15 @@ struct Guarded {
 
 impl Guarded {
     fn start(url: &str, schema: &Schema, lease: &str, cluster: &str) -> Self {
+        // Ignores SIGTERM (records it), acts every 50 ms.
+        let script = r#"echo "$REAPER_LEASE_NAME $REAPER_LEASE_EPOCH $REAPER_HOLDER" > "$OUT.env"
+trap 'echo TERM >> "$OUT.signals"' TERM
+while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
+        Self::start_script(url, schema, lease, cluster, script)
+    }
+
+    /// The guard running `sh -c script`, with `$OUT` the file it writes to.
+    fn start_script(url: &str, schema: &Schema, lease: &str, cluster: &str, script: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "guard-test-{}-{}",
             std::process::id(),
@@ -44,10 +53,6 @@ impl Guarded {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("ticks");
-        // Ignores SIGTERM (records it), acts every 50 ms.
-        let script = r#"echo "$REAPER_LEASE_NAME $REAPER_LEASE_EPOCH $REAPER_HOLDER" > "$OUT.env"
-trap 'echo TERM >> "$OUT.signals"' TERM
-while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
         let log = std::fs::File::create(dir.join("guard.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
             .arg("guard")
@@ -182,6 +187,34 @@ fn keep_renewing(
     tx
 }
 
+/// east/op-1 stops renewing and releases its lease; west/op-1 takes it at once.
+/// Returns the release and west's lease.
+async fn hand_over_to_west(
+    store: &LeaseStore,
+    name: &str,
+    held: &reaper_operator::lease::Lease,
+    renewing: tokio::sync::oneshot::Sender<()>,
+) -> (reaper_operator::lease::Lease, reaper_operator::lease::Lease) {
+    drop(renewing);
+    let released = store
+        .release(name, "east/op-1", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    let west = store
+        .acquire(name, "west/op-1", TTL)
+        .await
+        .unwrap()
+        .unwrap();
+    (released, west)
+}
+
+/// By when a command must have stopped after a release: the guard's next read, the
+/// grace, and slack for scheduling.
+fn within_a_poll_and_the_grace(released: &reaper_operator::lease::Lease) -> DateTime<Utc> {
+    released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64)
+}
+
 /// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
 async fn held_by_east(
     name: &str,
@@ -213,23 +246,12 @@ async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
         "the fencing token is exported to the command"
     );
 
-    drop(renewing);
-    let released = store
-        .release(name, "east/op-1", held.epoch)
-        .await
-        .unwrap()
-        .unwrap();
-    let west = store
-        .acquire(name, "west/op-1", TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let (released, west) = hand_over_to_west(&store, name, &held, renewing).await;
     let code = guarded.wait_exit(Duration::from_secs(10));
     assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
     guarded.assert_stopped().await;
     // The release already stops it: its holder handed over on purpose.
-    let bound =
-        released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    let bound = within_a_poll_and_the_grace(&released);
     assert!(
         guarded.last_tick() <= bound,
         "the command acted until {}, more than a poll + the grace after the release ({})",
@@ -364,4 +386,199 @@ async fn killing_the_guard_stops_the_command_through_its_watchdog() {
         guarded.last_tick()
     );
     assert!(guarded.signals().contains("TERM"), "SIGTERM came first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_starts_only_once_its_watchdog_runs() {
+    let name = "guard.gated";
+    let (_store, schema, _held, _renewing) = held_by_east(name).await;
+    // The command's first act: look for the watchdog of its own process group ($$ is
+    // the group leader, the process the guard started).
+    let script = r#"pgrep -f -- "guard-watchdog --pgid $$ " > "$OUT.watchdog" || echo none > "$OUT.watchdog"
+while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
+    let guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
+    guarded.wait_running().await;
+    let seen = std::fs::read_to_string(path_with(&guarded.out, ".watchdog")).unwrap();
+    assert!(
+        seen.trim().parse::<u32>().is_ok(),
+        "no watchdog when the command started: {seen:?}; log:\n{}",
+        guarded.log()
+    );
+}
+
+#[test]
+fn a_gate_the_guard_never_opened_does_not_start_the_command() {
+    let dir = std::env::temp_dir().join(format!("guard-gate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("ran");
+    let gate = |stdin: Stdio| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
+            .args(["guard-exec", "--gate-fd", "0", "--", "touch"])
+            .arg(&marker)
+            .stdin(stdin)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child.stdin.take(), child)
+    };
+    // The guard gone (end of file) before it opened the gate.
+    let (_, closed) = gate(Stdio::null());
+    let out = closed.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not starting it"));
+    assert!(!marker.exists(), "the command ran behind a closed gate");
+    // Opened: the gate becomes the command.
+    let (stdin, opened) = gate(Stdio::piped());
+    std::io::Write::write_all(&mut stdin.unwrap(), b"go\n").unwrap();
+    assert!(opened.wait_with_output().unwrap().status.success());
+    assert!(
+        marker.exists(),
+        "the command did not run behind an open gate"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_table_the_guard_cannot_read_stops_it_with_the_reason() {
+    // Never migrated: the tables are missing (a wrong schema setting).
+    let missing = db::unique_schema("guard_missing");
+    let mut guarded = Guarded::start(&db::direct_url(), &missing, "guard.missing", "east");
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 2, "log:\n{}", guarded.log());
+    assert!(
+        guarded.log().contains("reaper-operator migrate"),
+        "log:\n{}",
+        guarded.log()
+    );
+    assert!(guarded.ticks().is_empty(), "the command ran");
+
+    // A role that may not read the lease tables.
+    let (_store, schema) = db::fresh_schema(Via::Direct).await;
+    let role = format!("guard_no_read_{}", std::process::id());
+    db::exec(&format!("CREATE ROLE {role} LOGIN PASSWORD 'no-read'")).await;
+    let mut url = url::Url::parse(&db::direct_url()).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(Some("no-read")).unwrap();
+    let mut guarded = Guarded::start(url.as_str(), &schema, "guard.denied", "east");
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 2, "log:\n{}", guarded.log());
+    assert!(
+        guarded.log().contains("permission denied"),
+        "log:\n{}",
+        guarded.log()
+    );
+    assert!(guarded.ticks().is_empty(), "the command ran");
+}
+
+#[test]
+fn install_guard_replaces_a_busy_copy_whole() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("guard-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("guard");
+    // A running program at the destination: writing into it fails (text file busy).
+    std::fs::copy("/bin/sleep", &target).unwrap();
+    let mut busy = Command::new(&target).arg("30").spawn().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
+        .arg("install-guard")
+        .arg(&target)
+        .output()
+        .unwrap();
+    let _ = busy.kill();
+    let _ = busy.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "guard")
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    let help = Command::new(&target).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--lease"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_watchdog_stops_the_command() {
+    let name = "guard.wdstop";
+    let (_store, schema, _held, _renewing) = held_by_east(name).await;
+    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
+    guarded.wait_running().await;
+    let watchdog = Command::new("pgrep")
+        .args([
+            "-P",
+            &guarded.child.id().to_string(),
+            "-f",
+            "guard-watchdog",
+        ])
+        .output()
+        .unwrap();
+    let watchdog = String::from_utf8_lossy(&watchdog.stdout).trim().to_string();
+    assert!(watchdog.parse::<u32>().is_ok(), "no watchdog: {watchdog:?}");
+    // The lease is held and renewed: only the watchdog's silence can stop the command.
+    let ok = Command::new("kill")
+        .args(["-STOP", &watchdog])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let stopped_at = Utc::now();
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    assert!(
+        guarded.log().contains("has not answered"),
+        "log:\n{}",
+        guarded.log()
+    );
+    guarded.assert_stopped().await;
+    // The answer limit (2 s), a poll, the grace.
+    let bound =
+        stopped_at + chrono::Duration::milliseconds((2000 + POLL_MS + GRACE_MS + 700) as i64);
+    assert!(
+        guarded.last_tick() <= bound,
+        "the command acted until {}, watchdog stopped at {stopped_at}",
+        guarded.last_tick()
+    );
+    assert!(
+        !Path::new(&format!("/proc/{watchdog}")).exists(),
+        "the stopped watchdog was left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_left_the_command_group_is_stopped_too() {
+    let name = "guard.setpgid";
+    let (store, schema, held, renewing) = held_by_east(name).await;
+    // A background process moves to a process group of its own (as `timeout` and
+    // job-control shells do) and keeps acting.
+    let script = r#"python3 -c '
+import os, sys, time
+os.setpgid(0, 0)
+while True:
+    with open(os.environ["OUT"], "a") as f:
+        f.write("%d\n" % time.time_ns())
+    time.sleep(0.05)
+' &
+wait"#;
+    let mut guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
+    guarded.wait_running().await;
+
+    let (released, _west) = hand_over_to_west(&store, name, &held, renewing).await;
+    let code = guarded.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_stopped().await;
+    let bound = within_a_poll_and_the_grace(&released);
+    assert!(
+        guarded.last_tick() <= bound,
+        "the process outside the command's group acted until {}, release at {}",
+        guarded.last_tick(),
+        released.observed_at
+    );
 }

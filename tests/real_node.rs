@@ -123,6 +123,23 @@ impl RealNode {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// `node.sh import ARCHIVE`: an image into the node's containerd.
+    fn import(&self, archive: &Path) -> Result<()> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/cluster/node.sh"))
+            .arg("import")
+            .arg(archive)
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "node.sh import {} failed: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     fn down(&mut self) -> Result<()> {
         if !std::mem::take(&mut self.up) {
             return Ok(());
@@ -290,6 +307,19 @@ async fn real_node() {
     )
     .await;
 
+    support::cases::check(
+        &mut failures,
+        kind,
+        "chart_operator_pods_on_real_node_lead_a_slow_workload",
+        async {
+            match image_archive()? {
+                Some(archive) => chart_on_real_node(&cluster, &client, &node, &archive).await,
+                None => Ok(()),
+            }
+        },
+    )
+    .await;
+
     let started = Instant::now();
     let down = node.down();
     eprintln!("real node down in {:.1?}", started.elapsed());
@@ -384,6 +414,7 @@ async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<Duration> {
         Duration::from_secs(60),
         || async {
             let pod = pods.get(name).await?;
+            let ready = pod_ready(&pod);
             let status = pod.status.unwrap_or_default();
             if let Some(waiting) = status
                 .container_statuses
@@ -397,11 +428,6 @@ async fn wait_ready(pods: &Api<Pod>, name: &str) -> Result<Duration> {
             {
                 bail!("pod {name} cannot start: {waiting:?}");
             }
-            let ready = status
-                .conditions
-                .unwrap_or_default()
-                .into_iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
             Ok(ready.then_some(()))
         },
     )
@@ -519,4 +545,457 @@ async fn grace_period(client: &Client) -> Result<()> {
         "a pod ignoring SIGTERM took {slow:?}, far beyond its {GRACE} s grace period"
     );
     Ok(())
+}
+
+/// The operator's image (tests/image/build.sh, saved by scripts/test.sh), or why not.
+fn image_archive() -> Result<Option<PathBuf>> {
+    match std::env::var_os("REAPER_TEST_IMAGE_ARCHIVE") {
+        Some(path) => Ok(Some(PathBuf::from(path))),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => bail!(
+            "REAPER_TEST_IMAGE_ARCHIVE is not set: scripts/test.sh builds the image and saves it \
+             before the tests when it runs as root"
+        ),
+        None => {
+            eprintln!(
+                "chart on the real node: not run (REAPER_TEST_IMAGE_ARCHIVE unset; `make test` as root sets it)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+const OPS: &str = "reaper-system";
+const WORK: &str = "reaper-work";
+const WORKLOAD_GRACE: i64 = 8;
+
+/// The chart with the real image on the real node, under the `restricted` Pod Security
+/// Standard: the database is down at install (pods run, unready, never restart), comes up
+/// (the same pods become Ready through their probes and lead), the Reaper's slow workload
+/// (ignores SIGTERM) runs, `helm upgrade` hands over without two workload pods at once,
+/// deleting the Reaper waits for the pod's whole grace period before releasing the lease,
+/// and `helm uninstall` removes the operator.
+async fn chart_on_real_node(
+    cluster: &TestCluster,
+    client: &Client,
+    node: &RealNode,
+    archive: &Path,
+) -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::ListParams;
+    use reaper_operator::reaper::{Phase, Reaper};
+
+    node.import(archive)?;
+    let home = std::env::temp_dir().join(format!("real-node-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    let helm = |args: &[&str]| -> Result<String> {
+        let out = cluster.helm(&home)?.args(args).output()?;
+        ensure!(
+            out.status.success(),
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    let namespaces = Api::<Namespace>::all(client.clone());
+    for name in [OPS, WORK] {
+        let ns: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }},
+        }))?;
+        namespaces.create(&PostParams::default(), &ns).await?;
+    }
+    // The namespace really enforces: a pod that may escalate is refused.
+    let mut loose = pod_spec("loose", false, 1, &[])?;
+    loose.metadata.namespace = Some(OPS.into());
+    loose.spec.as_mut().unwrap().containers[0]
+        .security_context
+        .as_mut()
+        .unwrap()
+        .allow_privilege_escalation = Some(true);
+    let refused = Api::<Pod>::namespaced(client.clone(), OPS)
+        .create(&PostParams::default(), &loose)
+        .await;
+    ensure!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("restricted")),
+        "a pod allowing privilege escalation was not refused under restricted: {refused:?}"
+    );
+
+    // The database URL as the pods will see it, before anything forwards that port.
+    let db_url = url::Url::parse(&support::db::direct_url())?;
+    let db_port = db_url.port().context("test database URL has no port")?;
+    let mut pod_url = db_url.clone();
+    pod_url
+        .set_host(Some(node.var("HOST_IP")?))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let schema = format!("realnode_{}", std::process::id());
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "reaper-db", "namespace": OPS},
+        "stringData": {"url": pod_url.as_str()},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), OPS)
+        .create(&PostParams::default(), &secret)
+        .await?;
+
+    let chart = repo_root().join("charts/reaper-operator");
+    let chart = chart.to_str().context("chart path")?;
+    let image_ref = "localhost/reaper-operator:test";
+    let (repository, tag) = image_ref.rsplit_once(':').context("image ref")?;
+    let values = [
+        "clusterName=east".to_string(),
+        "database.existingSecret=reaper-db".into(),
+        format!("database.schema={schema}"),
+        format!("image.repository={repository}"),
+        format!("image.tag={tag}"),
+        "image.pullPolicy=Never".into(),
+        format!("nodeSelector.kubernetes\\.io/hostname={NODE_NAME}"),
+        "shutdownTimeoutSeconds=30".into(),
+    ];
+    let mut install = vec!["install", "reaper", chart, "-n", OPS];
+    for v in &values {
+        install.extend(["--set", v.as_str()]);
+    }
+    helm(&install)?;
+
+    // 1. Database down at start: the pods run and stay unready, never restarting.
+    let pods = Api::<Pod>::namespaced(client.clone(), OPS);
+    let operator_pods = ListParams::default().labels("app.kubernetes.io/name=reaper-operator");
+    wait_until(
+        "both operator pods to be Running",
+        Duration::from_secs(90),
+        || async {
+            let list = pods.list(&operator_pods).await?;
+            for pod in &list.items {
+                if let Some(w) = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.state.as_ref())
+                    .and_then(|s| s.waiting.as_ref())
+                    && w.reason.as_deref() != Some("ContainerCreating")
+                {
+                    bail!("operator pod cannot start: {w:?}");
+                }
+            }
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            Ok((running == 2).then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let list = pods.list(&operator_pods).await?;
+    for pod in &list.items {
+        let status = pod.status.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let container = status
+            .container_statuses
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .context("no container status")?;
+        ensure!(
+            container.restart_count == 0 && !container.ready,
+            "with the database down, pod {name} should run unready without restarts: {container:?}"
+        );
+        ensure!(
+            status.phase.as_deref() == Some("Running"),
+            "pod {name}: {:?}",
+            status.phase
+        );
+        let spec = pod.spec.clone().unwrap_or_default();
+        let env = spec.containers[0].env.clone().unwrap_or_default();
+        ensure!(
+            !env.iter().any(|e| e.name == "KUBECONFIG"),
+            "pod {name} has a KUBECONFIG: it must use its service account"
+        );
+    }
+    eprintln!("database down: both operator pods Running, unready, 0 restarts for 25 s");
+
+    // 2. The database comes up: the same pods become Ready through their probes.
+    node.forward(db_port)?;
+    let started = Instant::now();
+    wait_until(
+        "the operator pods to become Ready once the database is up",
+        Duration::from_secs(90),
+        || async {
+            let list = pods.list(&operator_pods).await?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .and_then(|c| c.first())
+                        .is_some_and(|c| c.ready && c.restart_count == 0)
+                })
+                .count();
+            Ok((ready == 2).then_some(()))
+        },
+    )
+    .await?;
+    eprintln!(
+        "database up: both operator pods Ready in {:.1?}, no restart",
+        started.elapsed()
+    );
+
+    // 3. A Reaper with a slow workload of our own image.
+    let mut template = pod_spec("unused", false, WORKLOAD_GRACE, &["-ignore-term"])?
+        .spec
+        .context("pod spec")?;
+    template.node_name = None;
+    template.node_selector =
+        Some([("kubernetes.io/hostname".to_string(), NODE_NAME.to_string())].into());
+    let workload: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "slow-reaper", "namespace": WORK},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "slow-reaper"}},
+            "template": {
+                "metadata": {"labels": {"app": "slow-reaper"}},
+                "spec": template,
+            },
+        },
+    }))?;
+
+    Api::<Deployment>::namespaced(client.clone(), WORK)
+        .create(&PostParams::default(), &workload)
+        .await?;
+    let reaper: Reaper = serde_json::from_value(json!({
+        "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
+        "metadata": {"name": "slow-reaper", "namespace": WORK},
+        "spec": {
+            "deploymentName": "slow-reaper",
+            "lease": {"ttlSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
+        },
+    }))?;
+    let reapers = Api::<Reaper>::namespaced(client.clone(), WORK);
+    reapers.create(&PostParams::default(), &reaper).await?;
+    let work_pods = Api::<Pod>::namespaced(client.clone(), WORK);
+    let workload_pods = ListParams::default().labels("app=slow-reaper");
+    let started = Instant::now();
+    let first = wait_until(
+        "the workload pod to be Ready on the real node",
+        Duration::from_secs(90),
+        || async {
+            let list = work_pods.list(&workload_pods).await?;
+            Ok(list.items.into_iter().find(pod_ready))
+        },
+    )
+    .await?;
+    let status = reapers.get("slow-reaper").await?.status.unwrap_or_default();
+    ensure!(
+        status.phase == Some(Phase::Leading)
+            && status
+                .holder
+                .as_deref()
+                .is_some_and(|h| h.starts_with("east/reaper-")),
+        "the Reaper is not led by an operator pod: {status:?}"
+    );
+    eprintln!(
+        "Reaper led by {:?}; workload pod {} Ready in {:.1?}",
+        status.holder,
+        first.metadata.name.clone().unwrap_or_default(),
+        started.elapsed()
+    );
+
+    // 4. helm upgrade: the operator pods are replaced; the leader hands over (scale to 0,
+    //    wait for its slow pod to be gone, release), a new pod takes over. At no instant
+    //    two workload pods, Terminating ones included.
+    let watch_pods = work_pods.clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut most = 0usize;
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            if let Ok(list) = watch_pods
+                .list(&ListParams::default().labels("app=slow-reaper"))
+                .await
+            {
+                most = most.max(acting(&list.items));
+                for p in list.items {
+                    seen.insert(p.metadata.name.unwrap_or_default());
+                }
+            }
+            tokio::select! {
+                _ = &mut stop_rx => return (most, seen),
+                _ = tokio::time::sleep(Duration::from_millis(150)) => {}
+            }
+        }
+    });
+    let mut upgrade = vec![
+        "upgrade",
+        "reaper",
+        chart,
+        "-n",
+        OPS,
+        "--wait",
+        "--timeout",
+        "180s",
+    ];
+    for v in &values {
+        upgrade.extend(["--set", v.as_str()]);
+    }
+    upgrade.extend(["--set", "logLevel=debug"]);
+    let started = Instant::now();
+    helm(&upgrade)?;
+    let first_name = first.metadata.name.clone().unwrap_or_default();
+    let second = wait_until(
+        "a new workload pod after the operator's upgrade",
+        Duration::from_secs(120),
+        || async {
+            let list = work_pods.list(&workload_pods).await?;
+            Ok(list.items.into_iter().find(|p| {
+                p.metadata.name.as_deref() != Some(first_name.as_str())
+                    && p.metadata.deletion_timestamp.is_none()
+                    && pod_ready(p)
+            }))
+        },
+    )
+    .await?;
+    let _ = stop_tx.send(());
+    let (most, seen) = watcher.await?;
+    ensure!(
+        most <= 1,
+        "{most} workload pods existed at once during the upgrade: {seen:?}"
+    );
+    ensure!(
+        seen.len() >= 2,
+        "the upgrade did not hand the workload over: {seen:?}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(WORKLOAD_GRACE as u64),
+        "the handover took {:?}, less than the slow pod's {WORKLOAD_GRACE} s grace",
+        started.elapsed()
+    );
+    eprintln!(
+        "helm upgrade: handed over to {} in {:.1?}; at most {most} workload pod at a time",
+        second.metadata.name.clone().unwrap_or_default(),
+        started.elapsed()
+    );
+
+    // 5. Deleting the Reaper: the lease is released only after the slow pod is gone.
+    let store = reaper_operator::lease::LeaseStore::connect(
+        &support::db::direct_url(),
+        &reaper_operator::config::Schema::new(&schema)?,
+        Duration::from_secs(5),
+        1,
+    )
+    .await?;
+    let lease_name = format!("{WORK}.slow-reaper");
+    let started = Instant::now();
+    reapers
+        .delete("slow-reaper", &DeleteParams::default())
+        .await?;
+    let mut pod_gone = None;
+    loop {
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the Reaper was not deleted in 120 s"
+        );
+        // The lease first: a pod listed after a release existed at the release too (none
+        // comes back while the Reaper goes).
+        let lease = store.get(&lease_name).await?;
+        let held = lease.as_ref().is_some_and(|l| l.is_held());
+        let pods_left = acting(&work_pods.list(&workload_pods).await?.items);
+        if pods_left > 0 {
+            ensure!(
+                held,
+                "the lease was released while a workload pod still existed: {lease:?}"
+            );
+        } else if pod_gone.is_none() {
+            pod_gone = Some(started.elapsed());
+        }
+        if reapers.get_opt("slow-reaper").await?.is_none() {
+            // Looked at after the Reaper was gone: its finalizer had finished by then.
+            let lease = store.get(&lease_name).await?;
+            let pods_left = acting(&work_pods.list(&workload_pods).await?.items);
+            ensure!(
+                pods_left == 0 && !lease.as_ref().is_some_and(|l| l.is_held()),
+                "the Reaper went with pods {pods_left}, lease {lease:?}"
+            );
+            if pod_gone.is_none() {
+                pod_gone = Some(started.elapsed());
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let pod_gone = pod_gone.context("no instant without pods")?;
+    ensure!(
+        pod_gone >= Duration::from_secs(WORKLOAD_GRACE as u64),
+        "the slow pod was gone after {pod_gone:?}, before its {WORKLOAD_GRACE} s grace"
+    );
+    eprintln!(
+        "Reaper deleted: its slow pod gone after {pod_gone:.1?}, the Reaper and the lease after {:.1?}",
+        started.elapsed()
+    );
+
+    // 6. helm uninstall removes the operator's pods.
+    helm(&[
+        "uninstall",
+        "reaper",
+        "-n",
+        OPS,
+        "--wait",
+        "--timeout",
+        "120s",
+    ])?;
+    // The pods go through garbage collection and their own grace period.
+    let started = Instant::now();
+    wait_until(
+        "the operator pods to be gone after helm uninstall",
+        Duration::from_secs(90),
+        || async {
+            Ok(pods
+                .list(&operator_pods)
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await?;
+    eprintln!(
+        "helm uninstall: operator pods gone {:.1?} after it returned",
+        started.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&home);
+    Ok(())
+}
+
+/// Pods that may still act: every pod but those whose containers have all ended
+/// (phase Succeeded or Failed); Terminating ones count.
+fn acting(pods: &[Pod]) -> usize {
+    pods.iter()
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .count()
+}
+
+/// The pod's Ready condition is True.
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }

@@ -7,6 +7,9 @@
 #   tests/cluster/node.sh forward PORT   makes 127.0.0.1:PORT on the host (e.g. a test
 #                                        PostgreSQL) reachable from the node's namespace
 #                                        and its pods at HOST_IP:PORT
+#   tests/cluster/node.sh import ARCHIVE loads an OCI or docker image archive (e.g. from
+#                                        `podman save`) into the node's containerd; pods
+#                                        use it with imagePullPolicy: Never
 #   tests/cluster/node.sh down [NAME]    removes the node and everything it changed on the
 #                                        host (only if it belongs to cluster NAME, when
 #                                        given); idempotent, also after a crash
@@ -57,7 +60,7 @@ log() { printf 'node.sh: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 usage() {
-  echo "usage: $0 up NAME | forward PORT | down [NAME]" >&2
+  echo "usage: $0 up NAME | forward PORT | import ARCHIVE | down [NAME]" >&2
   exit 2
 }
 
@@ -584,11 +587,13 @@ clusterDomain: cluster.local
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 imageMinimumGCAge: 87600h
+# Absolute floors: on a large shared disk 1 % is gigabytes, and a test pod evicted for
+# disk pressure another process caused would fail the test for nothing.
 evictionHard:
   memory.available: 1Mi
-  nodefs.available: 1%
+  nodefs.available: 200Mi
   nodefs.inodesFree: 1%
-  imagefs.available: 1%
+  imagefs.available: 200Mi
   imagefs.inodesFree: 1%
 serializeImagePulls: false
 maxPods: 20
@@ -632,6 +637,15 @@ cmd_forward() {
   printf '%s:%s\n' "$host_ip" "$port"
 }
 
+# import ARCHIVE: into the node's containerd (namespace k8s.io, where kubelet looks).
+cmd_import() {
+  local archive="$1"
+  [[ -f "$archive" ]] || die "no image archive at $archive"
+  [[ -f "$nstate/node.env" ]] || die "no real node (tests/cluster/node.sh up NAME first)"
+  ctr --address "$nstate/containerd/containerd.sock" --namespace k8s.io \
+    images import --all-platforms "$archive" >&2 || die "ctr images import $archive failed"
+}
+
 [[ "$(id -u)" == 0 ]] || die "a real node needs root (network namespace, mounts, cgroups)"
 case "${1:-}" in
   up)
@@ -639,6 +653,7 @@ case "${1:-}" in
     cmd_up "$2"
     ;;
   forward) [[ $# -eq 2 ]] || usage; cmd_forward "$2" ;;
+  import) [[ $# -eq 2 ]] || usage; cmd_import "$2" ;;
   down)
     [[ $# -le 2 ]] || usage
     [[ $# -eq 1 ]] || valid_name "$2" || usage

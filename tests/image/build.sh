@@ -8,6 +8,8 @@
 # change recompiles only the crate.
 #
 #   tests/image/build.sh     -> builds and checks; prints the image name as the last line
+#   REAPER_IMAGE_ARCHIVE=F tests/image/build.sh   also saves the image to F (docker-archive,
+#                                                 what `node.sh import` loads)
 #
 # Checks: runs as 65532:65532, `--help` and `crdgen` run with a read-only root
 # filesystem and no capabilities (crdgen's output is crds/reaper.yaml), `run` serves
@@ -183,4 +185,12 @@ size=$(podman image inspect --format '{{.Size}}' "$image")
 size_mb=$(( (size + 1048575) / 1048576 ))
 log "image $image: $size_mb MB ($size bytes), user 65532:65532, no shell; total $((SECONDS - started)) s"
 [ "$size_mb" -le "$max_mb" ] || fail "the image is $size_mb MB, more than $max_mb MB"
+if [ -n "${REAPER_IMAGE_ARCHIVE:-}" ]; then
+  rm -f "$REAPER_IMAGE_ARCHIVE"
+  podman save --quiet --format docker-archive -o "$REAPER_IMAGE_ARCHIVE" "$image"
+  log "saved $image to $REAPER_IMAGE_ARCHIVE"
+fi
+# Earlier builds' untagged stages (about 1.2 GB each) would fill the disk run by run; a
+# day's worth stays as build cache.
+podman image prune --force --filter until=24h >/dev/null || true
 echo "$image"

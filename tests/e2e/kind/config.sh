@@ -9,17 +9,35 @@ E2E_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 E2E_KIND_CLUSTERS=("${E2E_KIND_CLUSTER_A:-reaper-a}" "${E2E_KIND_CLUSTER_B:-reaper-b}")
 E2E_CLUSTER_NAMES=(a b)
 E2E_KIND_NODE_IMAGE=${E2E_KIND_NODE_IMAGE:-} # e.g. kindest/node:v1.33.1; empty: kind's default
+E2E_KIND_CONFIG=${E2E_KIND_CONFIG:-} # kind's --config for both clusters; empty: none
 
-E2E_IMAGE_REPOSITORY=${E2E_IMAGE_REPOSITORY:-reaper-operator}
+# The container engine of kind's nodes and of the database: docker, or podman when kind's
+# podman provider is selected (KIND_EXPERIMENTAL_PROVIDER=podman). The podman path loads
+# images with `podman save` + `kind load image-archive` (kind's `load docker-image` runs
+# docker) and names them as podman does (localhost/...). See docs/failover-testing.md.
+if [[ "${KIND_EXPERIMENTAL_PROVIDER:-}" == podman ]]; then
+  E2E_ENGINE=podman
+  e2e_default_repository=localhost/reaper-operator
+  e2e_default_db_image=localhost/reaper-e2e/postgres:15
+  # Fully qualified, so that `podman save` writes the name containerd gives busybox:1.36.
+  e2e_default_workload_image=docker.io/library/busybox:1.36
+else
+  E2E_ENGINE=docker
+  e2e_default_repository=reaper-operator
+  e2e_default_db_image=postgres:15
+  e2e_default_workload_image=busybox:1.36
+fi
+
+E2E_IMAGE_REPOSITORY=${E2E_IMAGE_REPOSITORY:-$e2e_default_repository}
 E2E_IMAGE_TAG=${E2E_IMAGE_TAG:-e2e}
-E2E_WORKLOAD_IMAGE=${E2E_WORKLOAD_IMAGE:-busybox:1.36} # must match tests/e2e/manifests/singleton.yaml
+E2E_WORKLOAD_IMAGE=${E2E_WORKLOAD_IMAGE:-$e2e_default_workload_image} # must match tests/e2e/manifests/singleton.yaml
 
 # PostgreSQL runs in a container on its own Docker network with a fixed address; every
 # node of both clusters is attached to that network too. Cutting a cluster from the
 # database = disconnecting its nodes from this network only: its API server stays
 # reachable (kubectl keeps sampling), only the path to the database is gone.
 E2E_DB_CONTAINER=${E2E_DB_CONTAINER:-reaper-e2e-db}
-E2E_DB_IMAGE=${E2E_DB_IMAGE:-postgres:15}
+E2E_DB_IMAGE=${E2E_DB_IMAGE:-$e2e_default_db_image}
 E2E_DB_NETWORK=${E2E_DB_NETWORK:-reaper-e2e-db}
 E2E_DB_SUBNET=${E2E_DB_SUBNET:-172.31.250.0/24}
 E2E_DB_IP=${E2E_DB_IP:-172.31.250.10}
@@ -35,6 +53,9 @@ E2E_MANIFEST=$E2E_REPO/tests/e2e/manifests/singleton.yaml
 
 # Kubeconfigs are written here (the user's ~/.kube/config is not touched).
 E2E_STATE=${E2E_STATE:-${TMPDIR:-/tmp}/reaper-e2e-kind}
+
+# e2e_engine ARGS...: docker or podman (E2E_ENGINE), same arguments.
+e2e_engine() { "$E2E_ENGINE" "$@"; }
 
 e2e_log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -82,7 +103,7 @@ e2e_singleton_setup() {
 # e2e_db_ready: PostgreSQL accepts TCP connections (the image's init phase listens on the
 # Unix socket only, so a TCP check waits for the real server).
 e2e_db_ready() {
-  docker exec "$E2E_DB_CONTAINER" pg_isready -q -h 127.0.0.1 -U reaper -d reaper >/dev/null 2>&1
+  e2e_engine exec "$E2E_DB_CONTAINER" pg_isready -q -h 127.0.0.1 -U reaper -d reaper >/dev/null 2>&1
 }
 
 e2e_wait_db() {
@@ -93,3 +114,10 @@ e2e_wait_db() {
   e2e_log "PostgreSQL ($E2E_DB_CONTAINER) is not ready after 60 s"
   return 1
 }
+
+# Host-wide sysctls a kind node's kubelet sets (its container is privileged and writes the
+# host's /proc/sys): vm.overcommit_memory 1, kernel.panic 10, kernel.panic_on_oops 1, and
+# the others when they differ. up.sh records them before the first cluster; down.sh puts
+# them back (as root).
+E2E_HOST_SYSCTLS=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
+  kernel/keys/root_maxkeys kernel/keys/root_maxbytes)

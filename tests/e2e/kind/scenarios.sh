@@ -6,9 +6,10 @@
 #                          (graceful handover); once the other cluster runs the reaper
 #                          pod, scale it back
 #   3. cut-leader-from-db  disconnect the leading cluster's nodes from the database's
-#                          Docker network; once the other cluster runs the reaper pod (or
+#                          Docker network (podman: DROP rules in the nodes, see
+#                          node_db_path); once the other cluster runs the reaper pod (or
 #                          after the bound), reconnect them
-#   4. restart-db          docker restart of the PostgreSQL container
+#   4. restart-db          docker (or podman) restart of the PostgreSQL container
 # For each, the reaper pods of BOTH clusters are sampled every 0.5 s (tests/e2e/lib/
 # singleton.sh). Pass: never more than one running+ready reaper pod in a sample, and
 # exactly one (the same pod until the end of the observation) at most
@@ -23,7 +24,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/config.sh"
 cd "$E2E_REPO"
 
-e2e_need docker kind kubectl
+e2e_need "$E2E_ENGINE" kind kubectl
 e2e_singleton_setup
 SINGLETON_WORKDIR=${SINGLETON_WORKDIR:-$E2E_STATE/samples-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$SINGLETON_WORKDIR"
@@ -87,24 +88,42 @@ scale_leader_to_0() {
   return "$rc"
 }
 
+# node_db_path NODE cut|restore: cuts or restores the path from a node (and its pods) to
+# the database. Docker: disconnect from / connect to the database network. podman
+# forwards between its networks (a disconnected node still reaches the database through
+# its kind network's gateway, with or without `--opt isolate=true`), so there the cut is
+# a DROP of every packet to the database, in the node's OUTPUT (the node) and FORWARD
+# (its pods) chains: open connections hang as with the disconnect.
+node_db_path() {
+  local node=$1 action=$2 op
+  if [[ "$E2E_ENGINE" == podman ]]; then
+    [[ $action == cut ]] && op=-I || op=-D
+    e2e_engine exec "$node" sh -c "iptables $op OUTPUT -d $E2E_DB_IP -j DROP && iptables $op FORWARD -d $E2E_DB_IP -j DROP"
+  elif [[ $action == cut ]]; then
+    docker network disconnect "$E2E_DB_NETWORK" "$node"
+  else
+    docker network connect "$E2E_DB_NETWORK" "$node"
+  fi
+}
+
 cut_leader_from_db() {
   local c i node nodes rc=0
   read -r c _ < <(leader) || return 1
   i=$(e2e_index "$c")
   nodes=$(e2e_nodes "$i")
-  log "disconnecting cluster $c's nodes ($(echo "$nodes" | tr '\n' ' ')) from $E2E_DB_NETWORK"
+  log "cutting cluster $c's nodes ($(echo "$nodes" | tr '\n' ' ')) from the database"
   singleton_fault_now
-  for node in $nodes; do docker network disconnect "$E2E_DB_NETWORK" "$node" || rc=1; done
+  for node in $nodes; do node_db_path "$node" cut || rc=1; done
   singleton_wait_exactly_one "$bound" "$(other "$c")" || rc=1
   log "reconnecting cluster $c's nodes"
-  for node in $nodes; do docker network connect "$E2E_DB_NETWORK" "$node" || rc=1; done
+  for node in $nodes; do node_db_path "$node" restore || rc=1; done
   return "$rc"
 }
 
 restart_db() {
   log "restarting the database container $E2E_DB_CONTAINER"
   singleton_fault_now
-  docker restart -t 10 "$E2E_DB_CONTAINER" >/dev/null || return 1
+  e2e_engine restart -t 10 "$E2E_DB_CONTAINER" >/dev/null || return 1
   e2e_wait_db || return 1
   log "PostgreSQL is back"
 }
@@ -127,6 +146,6 @@ for c in "${E2E_CLUSTER_NAMES[@]}"; do
   singleton_kubectl "$c" -n "$E2E_NAMESPACE" get reapers,deploy || true
 done
 echo "===== lease history (lease_event) ====="
-docker exec "$E2E_DB_CONTAINER" psql -X -U reaper -d reaper -c \
+e2e_engine exec "$E2E_DB_CONTAINER" psql -X -U reaper -d reaper -c \
   "select epoch, kind, holder, previous_holder, to_char(at, 'HH24:MI:SS.MS') as at from lease_event where name = '$E2E_NAMESPACE.e2e-reaper' order by id" || true
 singleton_summary
