@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use nix::sys::resource::UsageWho;
 use reaper_operator::config::Schema;
-use reaper_operator::lease::{LeaseStore, Statement};
+use reaper_operator::lease::{LeaseStore, PROBE_TABLE, Reference, Statement};
 use sqlx::{AssertSqlSafe, Row};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
@@ -384,7 +384,7 @@ async fn bench(
     // Set-up (not measured): the held leases for the batch renewals, and a one-row
     // table whose UPDATE is the cheapest durable write there is.
     let lease = schema.qualify("lease");
-    let probe = schema.qualify("bench_probe");
+    let probe = schema.qualify(PROBE_TABLE);
     let setup = format!(
         "INSERT INTO {lease} (name, holder, epoch, ttl_ms, acquired_at, renewed_at) \
          SELECT 'bulk-' || lpad(g::text, 5, '0'), '{BULK_HOLDER}', 1, {ttl}, \
@@ -416,7 +416,7 @@ async fn bench(
         // The floor before and after the store's own cycles, so drift in the machine's
         // load during the run weighs on both alike.
         measure_floor(plan, urls, &stores, schema, &probe, &mut floors).await?;
-        let results = bench_paths(plan, &stores, &probe, &held).await?;
+        let results = bench_paths(plan, &stores, &held).await?;
         measure_floor(plan, urls, &stores, schema, &probe, &mut floors).await?;
         anyhow::Ok(results)
     }
@@ -798,14 +798,13 @@ async fn measure_floor(
         if samples.ours.is_empty() {
             samples.ours = vec![Vec::new(); 6];
         }
-        let probe_sql = format!("UPDATE {probe} SET n = n + 1 WHERE id = 1 RETURNING n");
         for _ in 0..n {
             let (r, t) = timed(select_one(store)).await;
             r?;
             samples.ours[0].push(t);
         }
         for _ in 0..n {
-            let (r, t) = timed(update_probe(store, &probe_sql)).await;
+            let (r, t) = timed(update_probe(store)).await;
             r?;
             samples.ours[1].push(t);
         }
@@ -839,9 +838,9 @@ async fn select_one(store: &LeaseStore) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn update_probe(store: &LeaseStore, sql: &str) -> anyhow::Result<()> {
+async fn update_probe(store: &LeaseStore) -> anyhow::Result<()> {
     // On the lease connections, as the lease statements run.
-    let rows = store.execute_bare(sql).await?;
+    let rows = store.execute_reference(Reference::BumpProbe).await?;
     ensure!(rows == 1, "probe UPDATE hit {rows} rows");
     Ok(())
 }
@@ -861,12 +860,11 @@ struct CycleSamples {
 async fn cycle(
     store: &LeaseStore,
     name: &str,
-    probe_sql: &str,
     samples: Option<&mut CycleSamples>,
 ) -> anyhow::Result<()> {
     let (r, t_select1) = timed(select_one(store)).await;
     r?;
-    let (r, t_update) = timed(update_probe(store, probe_sql)).await;
+    let (r, t_update) = timed(update_probe(store)).await;
     r?;
     let (r, t_acquire) = timed(store.acquire(name, HOLDER, TTL)).await;
     let lease = r?.with_context(|| format!("acquire of free lease {name} failed"))?;
@@ -930,10 +928,8 @@ async fn renew_batch(
 async fn bench_paths(
     plan: &Plan,
     stores: &[(DbPath, LeaseStore)],
-    probe: &str,
     held: &[(String, i64)],
 ) -> anyhow::Result<Vec<PathResult>> {
-    let probe_sql = format!("UPDATE {probe} SET n = n + 1 WHERE id = 1 RETURNING n");
     let names: Vec<Vec<String>> = stores
         .iter()
         .map(|(path, _)| {
@@ -949,7 +945,7 @@ async fn bench_paths(
     for ((path, store), names) in stores.iter().zip(&names) {
         for _ in 0..2 {
             for name in names {
-                cycle(store, name, &probe_sql, None)
+                cycle(store, name, None)
                     .await
                     .with_context(|| path.label())?;
             }
@@ -958,7 +954,7 @@ async fn bench_paths(
     let mut cycles: Vec<CycleSamples> = stores.iter().map(|_| CycleSamples::default()).collect();
     for i in 0..plan.op_cycles {
         for (((path, store), names), samples) in stores.iter().zip(&names).zip(&mut cycles) {
-            cycle(store, &names[i % names.len()], &probe_sql, Some(samples))
+            cycle(store, &names[i % names.len()], Some(samples))
                 .await
                 .with_context(|| path.label())?;
         }
@@ -1258,7 +1254,7 @@ fn render(
         w,
         "- The references are sent exactly like the store's statements: one simple-protocol \
          message on the store's own connections (`LeaseStore::ping`, \
-         `LeaseStore::execute_bare`), under the same timeout. The one-row `UPDATE` of a one-row table is the cheapest statement that \
+         `LeaseStore::execute_reference`), under the same timeout. The one-row `UPDATE` of a one-row table is the cheapest statement that \
          commits a write, so it separates the commit's WAL flush from the cost of the lease \
          SQL itself."
     );

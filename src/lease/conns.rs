@@ -96,16 +96,17 @@ impl Connections {
             .acquire_owned()
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let now = Instant::now();
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            // Oldest at the front: close the ones unused for too long.
-            let stale = idle
-                .iter()
-                .take_while(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
-                .count();
-            let closed = idle.drain(..stale).count();
-            self.open.fetch_sub(closed, Ordering::Relaxed);
+            let now = Instant::now();
+            // Oldest at the front: close the ones unused for too long, and any past their
+            // lifetime.
+            let before = idle.len();
+            idle.retain(|c| {
+                now.duration_since(c.since) < IDLE_TIMEOUT
+                    && now.duration_since(c.opened) < MAX_LIFETIME
+            });
+            self.open.fetch_sub(before - idle.len(), Ordering::Relaxed);
             idle.pop()
         };
         let (conn, opened) = match reused {
@@ -129,12 +130,14 @@ impl Connections {
         let Some(conn) = checkout.conn.take() else {
             return;
         };
+        // Under the lock, so a `close` that emptied the list cannot miss this one, and
+        // the list stays in the order of `since`.
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if self.permits.is_closed() || now.duration_since(checkout.opened) >= MAX_LIFETIME {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(Idle {
             conn,
             opened: checkout.opened,

@@ -13,6 +13,6 @@ pub use elector::{
     Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
 };
 pub use store::{
-    Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, ReportTiming, Statement, WorkloadCounts,
-    WorkloadReport,
+    Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, PROBE_TABLE, Reference, ReportTiming, Statement,
+    WorkloadCounts, WorkloadReport,
 };

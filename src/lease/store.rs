@@ -169,6 +169,21 @@ pub enum Statement<'a> {
     },
 }
 
+/// A statement [`LeaseStore::execute_reference`] runs.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum Reference {
+    /// `SELECT 1`.
+    Select1,
+    /// A durable one-row `UPDATE` of the table [`PROBE_TABLE`] in the store's schema
+    /// (`id int PRIMARY KEY, n bigint`, one row with id 1), which the caller creates.
+    BumpProbe,
+}
+
+/// The table [`Reference::BumpProbe`] updates.
+#[doc(hidden)]
+pub const PROBE_TABLE: &str = "bench_probe";
+
 /// Access to the lease table of one schema. Cheap to clone (the connections are
 /// shared).
 #[derive(Clone, Debug)]
@@ -279,8 +294,9 @@ impl LeaseStore {
         self.conns.open()
     }
 
-    /// Closes the idle lease connections and [`pool`](Self::pool); statements still
-    /// running end first, and later ones fail.
+    /// Closes the idle lease connections and [`pool`](Self::pool). Statements already
+    /// running or waiting for a connection still run, and close their connection after;
+    /// later ones fail.
     pub async fn close(&self) {
         self.conns.close().await;
         self.pool.close().await;
@@ -591,15 +607,24 @@ impl LeaseStore {
     /// One round trip, for readiness probes: a bare `SELECT 1` on a lease connection
     /// (no `SET LOCAL`s: it takes no lock, and the call timeout bounds it).
     pub async fn ping(&self) -> Result<()> {
-        self.execute_bare("SELECT 1").await.map(|_| ())
+        self.execute_reference(Reference::Select1).await.map(|_| ())
     }
 
-    /// Runs `sql` as it is (one simple-query message, no `SET LOCAL`s, one attempt) on a
-    /// lease connection and returns the rows it affected or returned; for benchmarks
-    /// that compare the lease statements with reference statements on the same path.
+    /// Runs a reference statement as it is (one simple-query message, no `SET LOCAL`s,
+    /// one attempt) on a lease connection and returns the rows it returned; for
+    /// benchmarks that compare the lease statements with reference statements on the
+    /// same path. Only these fixed statements: arbitrary SQL (a `BEGIN`, a `SET`) could
+    /// leave state on a connection the next renew reuses.
     #[doc(hidden)]
-    pub async fn execute_bare(&self, sql: &str) -> Result<usize> {
-        match tokio::time::timeout(self.call_timeout, self.run(sql)).await {
+    pub async fn execute_reference(&self, reference: Reference) -> Result<usize> {
+        let sql = match reference {
+            Reference::Select1 => "SELECT 1".to_owned(),
+            Reference::BumpProbe => format!(
+                "UPDATE {} SET n = n + 1 WHERE id = 1 RETURNING n",
+                self.schema.qualify(PROBE_TABLE)
+            ),
+        };
+        match tokio::time::timeout(self.call_timeout, self.run(&sql)).await {
             Ok(Ok(rows)) => Ok(rows.len()),
             Ok(Err(error)) => Err(error.into()),
             Err(_) => Err(Error::Timeout(self.call_timeout)),
@@ -658,7 +683,7 @@ impl LeaseStore {
         loop {
             match tokio::time::timeout_at(deadline, self.run(&sql)).await {
                 Ok(Ok(rows)) => return Ok(rows),
-                Ok(Err(sqlx::Error::Io(error))) if retries_left > 0 => {
+                Ok(Err(error)) if retries_left > 0 && ends_session(&error) => {
                     retries_left -= 1;
                     tracing::debug!(%error, "statement failed on a dead connection; sending it again");
                 }
@@ -682,15 +707,21 @@ impl LeaseStore {
     }
 
     /// One simple-query message on a lease connection. The connection is kept for the
-    /// next statement only when this one ran to the end (rows or a server error, which
-    /// leaves the connection ready); on any other outcome, or when the caller stops
-    /// waiting, it is closed.
+    /// next statement only when this one ran to the end (rows, or an error of the
+    /// statement, after which sqlx reads the pending `ReadyForQuery` before the next
+    /// one); on any other outcome (a session the server ended, an I/O error, a caller
+    /// that stopped waiting) it is closed.
     async fn run(&self, sql: &str) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
         let mut checkout = self.conns.checkout().await?;
         let result = sqlx::raw_sql(AssertSqlSafe(sql))
             .fetch_all(checkout.conn())
             .await;
-        if matches!(result, Ok(_) | Err(sqlx::Error::Database(_))) {
+        let reusable = match &result {
+            Ok(_) => true,
+            Err(error @ sqlx::Error::Database(_)) => !ends_session(error),
+            Err(_) => false,
+        };
+        if reusable {
             self.conns.give_back(checkout);
         }
         result
@@ -766,6 +797,20 @@ fn pool_options(call_timeout: Duration, max_connections: u32) -> PgPoolOptions {
         .acquire_timeout(call_timeout)
         // Migrations and callers' statements are rare: no connection stays open for them.
         .idle_timeout(Duration::from_secs(30))
+}
+
+/// Whether `error` means the connection is gone: an I/O error, or a FATAL the server
+/// sends as it ends the session (`pg_terminate_backend`, a shutdown, an idle-session
+/// timeout; a pooler closing a client), which sqlx reads as the next statement's reply.
+fn ends_session(error: &sqlx::Error) -> bool {
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_none_or(|e| matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+        _ => false,
+    }
 }
 
 fn lock_timeout_millis(lock_timeout: Duration) -> u64 {
