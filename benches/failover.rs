@@ -1482,6 +1482,10 @@ fn classify(query: &str) -> &'static str {
         "ping (SELECT 1)"
     } else if q.to_ascii_uppercase().starts_with("LISTEN") {
         "listen"
+    } else if q.to_ascii_uppercase().starts_with("SET LOCAL") {
+        // The lock and statement timeouts sent in front of each lease statement, in
+        // its query message and transaction.
+        "set local (timeouts)"
     } else {
         "other"
     }
