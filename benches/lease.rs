@@ -1506,65 +1506,53 @@ fn render_floor(w: &mut String, plan: &Plan, results: &[PathResult], floors: &[F
     );
     let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
     for (r, f) in results.iter().zip(floors) {
-        let rows: [(&str, Stats, String, f64, String); 6] = [
-            (
-                "`SELECT 1`",
-                f.ours.select1,
-                fmt_dur(f.libpq_select1),
-                ms(f.ours.select1.mean()) / ms(f.libpq_select1),
-                format!(
-                    "{} (`query_typed`), {} (simple)",
-                    fmt_dur(f.tp_select1_typed.mean()),
-                    fmt_dur(f.tp_select1_simple.mean())
-                ),
-            ),
+        let tp_select1 = format!(
+            "{} (`query_typed`), {} (simple)",
+            fmt_dur(f.tp_select1_typed.mean()),
+            fmt_dur(f.tp_select1_simple.mean())
+        );
+        let tp_renew = format!(
+            "{} (same text, simple), {} (`query_typed`, no `SET LOCAL`s)",
+            fmt_dur(f.tp_renew_simple.mean()),
+            fmt_dur(f.tp_renew_typed.mean())
+        );
+        let rows = [
+            ("`SELECT 1`", f.ours.select1, f.libpq_select1, tp_select1),
             (
                 "one-row `UPDATE`",
                 f.ours.update,
-                fmt_dur(f.libpq_update),
-                ms(f.ours.update.mean()) / ms(f.libpq_update),
+                f.libpq_update,
                 String::new(),
             ),
-            (
-                "`renew`",
-                f.ours.renew,
-                fmt_dur(f.libpq_renew),
-                ms(f.ours.renew.mean()) / ms(f.libpq_renew),
-                format!(
-                    "{} (same text, simple), {} (`query_typed`, no `SET LOCAL`s)",
-                    fmt_dur(f.tp_renew_simple.mean()),
-                    fmt_dur(f.tp_renew_typed.mean())
-                ),
-            ),
+            ("`renew`", f.ours.renew, f.libpq_renew, tp_renew),
             (
                 "`acquire` (free lease)",
                 f.ours.acquire,
-                fmt_dur(f.libpq_acquire_mean),
-                ms(f.ours.acquire.mean()) / ms(f.libpq_acquire_mean),
+                f.libpq_acquire_mean,
                 String::new(),
             ),
             (
                 "`acquire` (held, fails)",
                 f.ours.failed_acquire,
-                fmt_dur(f.libpq_failed_acquire),
-                ms(f.ours.failed_acquire.mean()) / ms(f.libpq_failed_acquire),
+                f.libpq_failed_acquire,
                 String::new(),
             ),
             (
                 "`release`",
                 f.ours.release,
-                fmt_dur(f.libpq_release_mean),
-                ms(f.ours.release.mean()) / ms(f.libpq_release_mean),
+                f.libpq_release_mean,
                 String::new(),
             ),
         ];
-        for (label, ours, libpq, ratio, tp) in rows {
+        for (label, ours, libpq, tp) in rows {
             let _ = writeln!(
                 w,
-                "| {label} | {} | {} ({}) | {libpq} | {ratio:.2}× | {tp} |",
+                "| {label} | {} | {} ({}) | {} | {:.2}× | {tp} |",
                 r.path.label(),
                 fmt_dur(ours.mean()),
                 fmt_dur(ours.p50),
+                fmt_dur(libpq),
+                ms(ours.mean()) / ms(libpq),
             );
         }
     }
