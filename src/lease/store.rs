@@ -8,9 +8,9 @@
 //! session state. Times come only from `clock_timestamp()` on the database server.
 //!
 //! Each statement is preceded, in the same query message, by
-//! `SET LOCAL lock_timeout = ...`: the server runs the two as one implicit transaction,
-//! so the setting bounds that statement's lock waits and is gone when it ends (see
-//! [`LeaseStore::with_lock_timeout`]).
+//! `SET LOCAL lock_timeout = ...; SET LOCAL statement_timeout = ...`: the server runs
+//! them as one implicit transaction, so the settings bound that statement's lock waits
+//! and running time and are gone when it ends (see [`LeaseStore::with_lock_timeout`]).
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The reconcile's safety rules as pure functions: which part this replica plays for a
 //! lease, whether a leader may scale up, and what to do to the Deployment. No I/O, so
-//! every row of the rule table (README, "Reconcile rule") is a unit test below.
+//! every row of the rule table (README, "The operator") is a unit test below.
 
 use std::time::Duration;
 
