@@ -926,23 +926,26 @@ async fn server_encoding_is_checked(via: Via) {
 /// A lease connection the server ended while it sat idle (`pg_terminate_backend`, a
 /// restart) answers the next statement with the server's FATAL: that statement is sent
 /// again on a new connection, and the dead one is not kept for the one after (a release,
-/// which has a single attempt).
+/// which has a single attempt); a readiness ping is sent again as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_connection_the_server_ended_is_not_reused() {
     let (_, schema) = db::fresh_schema(Via::Direct).await;
     let store = db::store(Via::Direct, &schema, 1).await;
     let lease = store.acquire("ended", "a", LONG).await.unwrap().unwrap();
     let mut admin = db::connection(Via::Direct).await;
-    db::raw(
-        &mut admin,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() \
-           AND backend_type = 'client backend'",
-    )
-    .await
-    .unwrap();
-    // Let the FATAL reach the idle connection's socket before the next statement.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Only this store's session: its last statement named this test's own schema
+    // (other tests run in the same database at the same time).
+    let end_the_stores_session = async |admin: &mut sqlx::PgConnection| {
+        let sql = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND backend_type = 'client backend' AND query LIKE '%\"{schema}\"%'"
+        );
+        db::raw(admin, &sql).await.unwrap();
+        // Let the FATAL reach the idle connection's socket before the next statement.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    end_the_stores_session(&mut admin).await;
     let renewed = store.renew("ended", "a", lease.epoch).await;
     assert!(
         matches!(&renewed, Ok(Some(l)) if l.epoch == lease.epoch),
@@ -954,4 +957,8 @@ async fn a_lease_connection_the_server_ended_is_not_reused() {
         "release after it: {released:?}"
     );
     assert_eq!(store.open_connections(), 1);
+
+    // The readiness ping too: a restart must not make a replica unready for a period.
+    end_the_stores_session(&mut admin).await;
+    store.ping().await.expect("ping after the session ended");
 }

@@ -610,8 +610,8 @@ impl LeaseStore {
         self.execute_reference(Reference::Select1).await.map(|_| ())
     }
 
-    /// Runs a reference statement as it is (one simple-query message, no `SET LOCAL`s,
-    /// one attempt) on a lease connection and returns the rows it returned; for
+    /// Runs a reference statement as it is (one simple-query message, no `SET LOCAL`s)
+    /// on a lease connection and returns the rows it returned; for readiness and for
     /// benchmarks that compare the lease statements with reference statements on the
     /// same path. Only these fixed statements: arbitrary SQL (a `BEGIN`, a `SET`) could
     /// leave state on a connection the next renew reuses.
@@ -624,11 +624,9 @@ impl LeaseStore {
                 self.schema.qualify(PROBE_TABLE)
             ),
         };
-        match tokio::time::timeout(self.call_timeout, self.run(&sql)).await {
-            Ok(Ok(rows)) => Ok(rows.len()),
-            Ok(Err(error)) => Err(error.into()),
-            Err(_) => Err(Error::Timeout(self.call_timeout)),
-        }
+        // Either may run twice.
+        let rows = self.run_with_retries(&sql, self.conns.max()).await?;
+        Ok(rows.len())
     }
 
     /// The audit history of one lease, oldest first.
@@ -663,25 +661,22 @@ impl LeaseStore {
     /// another connection, within the same call timeout, instead of costing a tick per
     /// dead connection (which can add up to a missed renew deadline).
     async fn fetch(&self, sql: String) -> Result<Vec<PgRow>> {
-        self.fetch_with(sql, self.conns.max()).await
+        self.run_with_retries(&self.with_settings(&sql), self.conns.max())
+            .await
     }
 
     /// Runs a statement that must not run twice (acquire, release): one attempt.
     async fn fetch_once(&self, sql: String) -> Result<Vec<PgRow>> {
-        self.fetch_with(sql, 0).await
+        self.run_with_retries(&self.with_settings(&sql), 0).await
     }
 
-    async fn fetch_with(&self, sql: String, retries: u32) -> Result<Vec<PgRow>> {
+    /// Runs `sql` within the call timeout, sending it again (up to `retries` times) when
+    /// its connection turns out dead.
+    async fn run_with_retries(&self, sql: &str, retries: u32) -> Result<Vec<PgRow>> {
         let deadline = tokio::time::Instant::now() + self.call_timeout;
         let mut retries_left = retries;
-        // One query message, three statements, one implicit transaction: the SET LOCALs
-        // apply to this statement only (see `with_lock_timeout`). The statement timeout
-        // is the call timeout, so a statement this client gave up on cannot still commit
-        // long after (a late "no pods" report, say); it does not cover time spent queued
-        // in a pooler before the server starts it (PgBouncer: `query_wait_timeout`).
-        let sql = self.with_settings(&sql);
         loop {
-            match tokio::time::timeout_at(deadline, self.run(&sql)).await {
+            match tokio::time::timeout_at(deadline, self.run(sql)).await {
                 Ok(Ok(rows)) => return Ok(rows),
                 Ok(Err(error)) if retries_left > 0 && ends_session(&error) => {
                     retries_left -= 1;
@@ -698,6 +693,11 @@ impl LeaseStore {
         }
     }
 
+    /// One query message, three statements, one implicit transaction: the SET LOCALs
+    /// apply to this statement only (see `with_lock_timeout`). The statement timeout is
+    /// the call timeout, so a statement this client gave up on cannot still commit long
+    /// after (a late "no pods" report, say); it does not cover time spent queued in a
+    /// pooler before the server starts it (PgBouncer: `query_wait_timeout`).
     fn with_settings(&self, sql: &str) -> String {
         format!(
             "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; {sql}",
