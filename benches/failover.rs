@@ -1082,7 +1082,7 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
         &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
     )
     .await;
-    admin.pool().close().await;
+    admin.close().await;
     let trials = outcome?;
     dropped?;
     logs.succeeded();
@@ -1881,7 +1881,7 @@ async fn run_footprint(
         previous = Some(op);
     }
     drop(previous);
-    store.pool().close().await;
+    store.close().await;
     Ok(rows)
 }
 

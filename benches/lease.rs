@@ -330,7 +330,7 @@ async fn run(plan: &Plan, urls: &Urls, schema: &Schema, admin: LeaseStore) -> an
     let dropped = sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
         .execute(admin.pool())
         .await;
-    admin.pool().close().await;
+    admin.close().await;
     let report = outcome?;
     dropped.with_context(|| format!("drop schema {schema}"))?;
 

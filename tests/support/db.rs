@@ -57,7 +57,7 @@ pub async fn fresh_schema(via: Via) -> (LeaseStore, Schema) {
         .await
         .expect("connect to the test database");
     admin.migrate().await.expect("migrate test schema");
-    admin.pool().close().await;
+    admin.close().await;
     (store(via, &schema, 4).await, schema)
 }
 
