@@ -7,7 +7,7 @@
 # default PgBouncer refuses.
 #
 #   tests/db/up.sh NAME    -> prints the path of an env file as the last line
-#   tests/db/down.sh NAME  -> stops all three and removes the state
+#   tests/db/down.sh NAME  -> stops them all and removes the state
 #
 # The env file defines DATABASE_URL (direct), REAPER_TEST_DATABASE_URL (direct),
 # REAPER_TEST_PGBOUNCER_URL (through the transaction-mode PgBouncer),
@@ -27,6 +27,17 @@
 # REAPER_DB_PG_STAT_STATEMENTS=1 also preloads pg_stat_statements (off by default), so a
 # benchmark can count the statements each database receives (benches/failover.rs
 # `footprint`); the benchmark creates the extension itself.
+#
+# REAPER_DB_STANDBY=sync|async adds a streaming standby (a copy made by pg_basebackup
+# that follows the primary through a physical replication slot), so a test can lose the
+# primary and go on with the standby: tests/db/replication.sh NAME pause|resume|lag holds
+# back or measures the WAL the standby gets, tests/db/failover.sh NAME kills the primary,
+# promotes the standby and points both PgBouncers at it. `sync` makes the primary wait
+# for the standby at every commit (synchronous_standby_names = 'standby'), so no
+# acknowledged commit is lost by a failover; `async` does not wait, so a failover loses
+# what the standby had not received. The PgBouncers point at the primary until then.
+# The env file then also defines REAPER_TEST_STANDBY_MODE, REAPER_TEST_STANDBY_URL (direct)
+# and REAPER_TEST_STANDBY_PGDATA.
 set -euo pipefail
 
 name=${1:?usage: tests/db/up.sh NAME}
@@ -44,6 +55,11 @@ if [ -n "$tls_src" ]; then
     [ -r "$tls_src/$f" ] || die "REAPER_DB_TLS_DIR=$tls_src has no readable $f"
   done
 fi
+standby_mode=${REAPER_DB_STANDBY:-}
+case "$standby_mode" in
+  '' | sync | async) ;;
+  *) die "REAPER_DB_STANDBY=$standby_mode: expected sync or async (or unset for no standby)" ;;
+esac
 
 # PostgreSQL and PgBouncer refuse to run as root.
 as_db_user=()
@@ -66,6 +82,14 @@ session_port=$(free_port)
 while [ "$session_port" = "$pg_port" ] || [ "$session_port" = "$bouncer_port" ]; do
   session_port=$(free_port)
 done
+standby_port=
+if [ -n "$standby_mode" ]; then
+  standby_port=$(free_port)
+  while [ "$standby_port" = "$pg_port" ] || [ "$standby_port" = "$bouncer_port" ] \
+    || [ "$standby_port" = "$session_port" ]; do
+    standby_port=$(free_port)
+  done
+fi
 
 # PostgreSQL refuses a key file that others can read; the copies belong to the server.
 tls=$dir/tls
@@ -107,6 +131,11 @@ hostssl   all      all         127.0.0.0/8  scram-sha-256
 hostnossl all      all         0.0.0.0/0    reject
 hostnossl all      all         ::/0         reject
 HBA
+  # `all` does not cover replication connections; initdb's own file admits them from
+  # 127.0.0.1, this one must say so itself.
+  if [ -n "$standby_mode" ]; then
+    echo "hostssl   replication reaper   127.0.0.0/8  scram-sha-256" >>"$dir/data/pg_hba.conf"
+  fi
 fi
 if [ "${REAPER_DB_PG_STAT_STATEMENTS:-0}" = 1 ]; then
   cat >>"$dir/data/postgresql.conf" <<'CONF'
@@ -123,6 +152,59 @@ if [ -n "$tls_src" ]; then
   "${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U "$user" -d postgres \
     -c 'CREATE ROLE reaper_cert LOGIN' -c 'GRANT CREATE ON DATABASE postgres TO reaper_cert' \
     >/dev/null || die "cannot create the role reaper_cert"
+fi
+
+query=
+if [ -n "$tls_src" ]; then
+  query="?sslmode=verify-full&sslrootcert=$tls/ca.crt"
+fi
+
+if [ -n "$standby_mode" ]; then
+  # Over TCP with a password, as a standby on another host would connect. The slot keeps
+  # the WAL the standby still needs, and lets only one walsender stream to it: a second
+  # one (the standby reconnecting after wal_receiver_timeout while replication.sh has the
+  # first one stopped) is refused, so a pause holds as long as the test wants.
+  conninfo="host=127.0.0.1 port=$pg_port user=$user password=$password application_name=standby"
+  if [ -n "$tls_src" ]; then
+    conninfo="$conninfo sslmode=verify-full sslrootcert=$tls/ca.crt"
+  fi
+  "${as_db_user[@]}" "$pgbin/pg_basebackup" -D "$dir/standby" -d "$conninfo" -R -C -S standby \
+    -X stream -c fast >"$dir/basebackup.log" 2>&1 \
+    || { cat "$dir/basebackup.log" >&2; die "pg_basebackup for the standby failed"; }
+  # The standby is a copy of the primary's postgresql.conf; what differs comes last. Once
+  # promoted it is a primary without a standby, and must not wait for one at commit.
+  cat >>"$dir/standby/postgresql.conf" <<CONF
+port = $standby_port
+hot_standby = on
+synchronous_standby_names = ''
+CONF
+  "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/standby" -l "$dir/standby.log" -w -t 60 start >/dev/null \
+    || { tail -n 30 "$dir/standby.log" >&2; die "the standby did not start"; }
+
+  # Only now: with it set while no standby is connected, every commit on the primary
+  # (the CREATE ROLE above) would wait for ever.
+  if [ "$standby_mode" = sync ]; then
+    cat >>"$dir/data/postgresql.conf" <<'CONF'
+synchronous_standby_names = 'standby'
+synchronous_commit = on
+CONF
+  else
+    echo "synchronous_standby_names = ''" >>"$dir/data/postgresql.conf"
+  fi
+  "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/data" reload >/dev/null
+
+  # A test that starts right away must find the primary already replicating as asked:
+  # a sync standby that is still catching up is `potential` or `async` for a moment.
+  state=
+  for _ in $(seq 1 300); do
+    state=$("${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U "$user" -d postgres \
+      -c "select state || ' ' || sync_state from pg_stat_replication where application_name = 'standby'") \
+      || die "cannot query pg_stat_replication on the primary"
+    [ "$state" = "streaming $standby_mode" ] && break
+    sleep 0.1
+  done
+  [ "$state" = "streaming $standby_mode" ] \
+    || { tail -n 30 "$dir/standby.log" >&2; die "the standby is not streaming as $standby_mode after 30 s (pg_stat_replication: '${state:-no row}')"; }
 fi
 
 cat >"$dir/userlist.txt" <<LIST
@@ -176,10 +258,6 @@ for ini in pgbouncer pgbouncer-session; do
     || { tail -n 30 "$dir/$ini.log" >&2; die "PgBouncer ($ini.ini) did not start"; }
 done
 
-query=
-if [ -n "$tls_src" ]; then
-  query="?sslmode=verify-full&sslrootcert=$tls/ca.crt"
-fi
 direct="postgres://$user:$password@127.0.0.1:$pg_port/postgres$query"
 bounced="postgres://$user:$password@127.0.0.1:$bouncer_port/postgres$query"
 session="postgres://$user:$password@127.0.0.1:$session_port/postgres$query"
@@ -205,6 +283,13 @@ REAPER_TEST_PG_CTL=$pgbin/pg_ctl
 REAPER_TEST_PG_RUN_AS=${as_db_user[*]:+postgres}
 REAPER_TEST_PGBOUNCER_PID=$(cat "$dir/pgbouncer.pid")
 ENV
+if [ -n "$standby_mode" ]; then
+  cat >>"$dir/env" <<ENV
+REAPER_TEST_STANDBY_MODE=$standby_mode
+REAPER_TEST_STANDBY_URL='postgres://$user:$password@127.0.0.1:$standby_port/postgres$query'
+REAPER_TEST_STANDBY_PGDATA=$dir/standby
+ENV
+fi
 if [ -n "$tls_src" ]; then
   cat >>"$dir/env" <<ENV
 REAPER_TEST_TLS_CA=$tls/ca.crt
@@ -212,5 +297,5 @@ REAPER_TEST_TLS_CERT_USER=reaper_cert
 ENV
 fi
 echo "PostgreSQL on 127.0.0.1:$pg_port, PgBouncer (transaction mode) on 127.0.0.1:$bouncer_port," \
-  "PgBouncer (stock, session mode) on 127.0.0.1:$session_port${tls_src:+, TLS only}" >&2
+  "PgBouncer (stock, session mode) on 127.0.0.1:$session_port${standby_port:+, $standby_mode standby on 127.0.0.1:$standby_port}${tls_src:+, TLS only}" >&2
 echo "$dir/env"
