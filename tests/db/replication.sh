@@ -2,7 +2,10 @@
 # Holds back or measures the WAL that reaches the standby of a database started with
 # REAPER_DB_STANDBY=sync|async tests/db/up.sh NAME, so a test can make the standby fall
 # behind on purpose before tests/db/failover.sh: with an async standby the commits made
-# meanwhile succeed and are lost by the failover; with a sync one they wait.
+# meanwhile succeed and are lost by the failover; with a sync one they wait. That wait
+# ignores statement_timeout (PostgreSQL stops the timer before it commits); only a cancel
+# request or the end of the backend ends it, and a cancel leaves the commit done on the
+# primary, visible there, with only a WARNING to the client, yet lost by a failover.
 #
 #   tests/db/replication.sh NAME pause   -> stops (SIGSTOP) the primary's walsender for the standby
 #   tests/db/replication.sh NAME resume  -> lets it go on (SIGCONT)

@@ -37,7 +37,7 @@
 # acknowledged commit is lost by a failover; `async` does not wait, so a failover loses
 # what the standby had not received. The PgBouncers point at the primary until then.
 # The env file then also defines REAPER_TEST_STANDBY_MODE, REAPER_TEST_STANDBY_URL (direct)
-# and REAPER_TEST_STANDBY_PGDATA.
+# and REAPER_TEST_STANDBY_PGDATA. With REAPER_DB_TLS_DIR the standby replicates over TLS.
 set -euo pipefail
 
 name=${1:?usage: tests/db/up.sh NAME}
