@@ -14,8 +14,8 @@
 # The walsender rather than the standby is stopped, so the standby stays ready to answer
 # and to be promoted at once. The stopped walsender keeps holding the standby's slot, so
 # the standby cannot get round the pause through a second one when it reconnects after
-# wal_receiver_timeout. The stopped pids are kept in $dir/replication.paused for resume,
-# failover.sh (which kills them before anything else) and down.sh.
+# wal_receiver_timeout. The stopped pids are kept in $dir/replication.paused for resume;
+# failover.sh kills them before anything else, down.sh lets them go before it stops.
 set -euo pipefail
 
 usage="usage: tests/db/replication.sh NAME pause|resume|lag"
