@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks that the system packages the demo and the tests need are installed: PostgreSQL
-# (server binaries), PgBouncer, openssl (test certificates); with --lint, shellcheck; with
+# (server binaries), PgBouncer, openssl (test certificates), socat (the primary address of
+# a database pair, tests/db/up.sh; a real node's forwarders); with --lint, shellcheck; with
 # --image, podman, runc and debootstrap (tests/image/build.sh); with --node, containerd,
-# runc, the CNI plugins, socat and iptables (tests/cluster/node.sh, a real kubelet node).
+# runc, the CNI plugins and iptables (tests/cluster/node.sh, a real kubelet node).
 # As root it installs what is missing with apt-get; otherwise it stops at once with the
 # exact command to run. Cargo, Go and python3 are expected on the machine already.
 #
@@ -13,6 +14,7 @@ missing=()
 command -v pgbouncer >/dev/null || missing+=(pgbouncer)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v socat >/dev/null || missing+=(socat)
 for flag in "$@"; do
   case $flag in
     --lint) command -v shellcheck >/dev/null || missing+=(shellcheck) ;;
@@ -25,7 +27,6 @@ for flag in "$@"; do
       command -v containerd >/dev/null || missing+=(containerd)
       command -v runc >/dev/null || missing+=(runc)
       [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
-      command -v socat >/dev/null || missing+=(socat)
       command -v iptables >/dev/null || missing+=(iptables)
       ;;
     *) echo "scripts/deps.sh: unknown flag $flag" >&2; exit 2 ;;
