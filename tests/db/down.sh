@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# Stops what tests/db/up.sh NAME started (PostgreSQL, its standby if any, and its
-# PgBouncers) and removes its state. Also after tests/db/replication.sh paused the
-# standby's walsender and after tests/db/failover.sh killed the primary.
+# Stops what tests/db/up.sh NAME started (PostgreSQL, the other server of a pair and its
+# forwarder, the PgBouncers) and removes its state. Also after tests/db/replication.sh
+# paused the standby's walsender and after tests/db/failover.sh killed the primary.
 set -euo pipefail
 
 name=${1:?usage: tests/db/down.sh NAME}
 dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
-pgbin=${PG_BIN:-$(printf "%s\n" /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
 [ -d "$dir" ] || exit 0
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/lib.sh"
+die() { echo "tests/db/down.sh: $*" >&2; exit 1; }
 
-as_db_user=()
-if [ "$(id -u)" = 0 ]; then
-  as_db_user=(runuser -u postgres --)
-fi
-
+stop_forwarder
 for pidfile in "$dir"/pgbouncer*.pid; do
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
@@ -21,23 +19,11 @@ for pidfile in "$dir"/pgbouncer*.pid; do
   for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 done
 
-# The processes of an instance are the postgres processes whose working directory is its
-# data directory: that finds what a killed postmaster left behind, and never a process
-# that merely reuses a pid from a stale postmaster.pid.
-instance_pids() {
-  local pattern
-  pattern=$(printf '%s' "$1" | sed 's/[][*?\\]/\\&/g')
-  for pid in $(find /proc/[0-9]*/cwd -maxdepth 0 -lname "$pattern" 2>/dev/null | cut -d/ -f3); do
-    comm=
-    read -r comm <"/proc/$pid/comm" 2>/dev/null || true
-    [ "$comm" = postgres ] && echo "$pid"
-  done
-  return 0
-}
-
-for data in "$dir/data" "$dir/standby"; do
-  [ -d "$data" ] || continue
-  data=$(cd "$data" && pwd -P)
+# Every data directory, not the links to them: what a killed postmaster left behind is
+# found by its working directory.
+for data in "$dir"/*/; do
+  data=${data%/}
+  [ -L "$data" ] || [ ! -f "$data/PG_VERSION" ] && continue
   pids=$(instance_pids "$data")
   [ -n "$pids" ] || continue
   # A stopped walsender would hold up an immediate shutdown until PostgreSQL gives up

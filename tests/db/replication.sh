@@ -22,7 +22,8 @@ usage="usage: tests/db/replication.sh NAME pause|resume|lag"
 name=${1:?$usage}
 action=${2:?$usage}
 dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
-pgbin=${PG_BIN:-$(printf "%s\n" /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/lib.sh"
 paused=$dir/replication.paused
 
 die() { echo "tests/db/replication.sh: $*" >&2; exit 1; }
@@ -31,20 +32,15 @@ case "$action" in
   *) die "unknown action '$action'; $usage" ;;
 esac
 [ -d "$dir" ] || die "$dir does not exist: start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
-[ -d "$dir/standby" ] || die "$name has no standby: start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
-[ -e "$dir/failed-over" ] && die "$name has failed over (tests/db/failover.sh): the old primary is dead and no standby is left"
-[ -f "$dir/data/postmaster.pid" ] || die "the primary of $name is not running ($dir/data/postmaster.pid is missing)"
+[ -L "$dir/primary" ] || die "$name is not a pair (no $dir/primary): start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+[ -e "$dir/failed-over" ] \
+  && die "$name has failed over (tests/db/failover.sh) and has no standby yet: make one with tests/db/standby.sh $name"
+[ -L "$dir/standby" ] || die "$name has no standby: make one with tests/db/standby.sh $name"
+pg_port=$(node_port "$(readlink "$dir/primary")")
 
-as_db_user=()
-if [ "$(id -u)" = 0 ]; then
-  as_db_user=(runuser -u postgres --)
-fi
-pg_port=$(sed -n 4p "$dir/data/postmaster.pid")
-
-# primary SQL: one value from the primary, over its Unix socket (no password, no TLS).
+# primary SQL: one value from the primary.
 primary() {
-  "${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U reaper -d postgres -c "$1" \
-    || die "cannot query the primary of $name on port $pg_port"
+  db_psql "$pg_port" "$1" || die "cannot query the primary of $name on port $pg_port"
 }
 
 case "$action" in

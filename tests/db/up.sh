@@ -28,22 +28,41 @@
 # benchmark can count the statements each database receives (benches/failover.rs
 # `footprint`); the benchmark creates the extension itself.
 #
-# REAPER_DB_STANDBY=sync|async adds a streaming standby (a copy made by pg_basebackup
-# that follows the primary through a physical replication slot), so a test can lose the
-# primary and go on with the standby: tests/db/replication.sh NAME pause|resume|lag holds
-# back or measures the WAL the standby gets, tests/db/failover.sh NAME kills the primary,
-# promotes the standby and points both PgBouncers at it. `sync` makes the primary wait
-# for the standby at every commit (synchronous_standby_names = 'standby'), so no
-# acknowledged commit is lost by a failover; `async` does not wait, so a failover loses
-# what the standby had not received. The PgBouncers point at the primary until then.
-# The env file then also defines REAPER_TEST_STANDBY_MODE, REAPER_TEST_STANDBY_URL (direct)
-# and REAPER_TEST_STANDBY_PGDATA. With REAPER_DB_TLS_DIR the standby replicates over TLS.
+# REAPER_DB_STANDBY=sync|async makes it a pair: a primary and a streaming standby (a
+# copy made by tests/db/standby.sh with pg_basebackup that follows the primary through a
+# physical replication slot), so a test can lose the primary and go on with the standby,
+# as often as it likes: tests/db/replication.sh NAME pause|resume|lag holds back or
+# measures the WAL the standby gets, tests/db/failover.sh NAME kills the primary and
+# promotes the standby, tests/db/standby.sh NAME then makes a new standby of it in the
+# dead one's place. `sync` makes the primary wait for the standby at every commit
+# (synchronous_standby_names = 'standby'), so no acknowledged commit is lost by a
+# failover; `async` does not wait, so a failover loses what the standby had not received.
+# A pair needs socat. Its addresses do not change with a failover, so what read the env
+# file once follows the primary, as clients of a virtual IP or a Patroni HAProxy do:
+#   DATABASE_URL, REAPER_TEST_DATABASE_URL  the primary address: a socat forwarder on a
+#                                           port of its own that failover.sh points at
+#                                           the new primary (connections it carried end)
+#   REAPER_TEST_PGBOUNCER_URL,              the PgBouncers; they connect to the primary
+#   REAPER_TEST_PGBOUNCER_SESSION_URL       itself, and failover.sh repoints them
+#   REAPER_TEST_PGDATA                      $dir/primary, a symlink to the primary's data
+#                                           directory: `pg_ctl -D` stops and starts the
+#                                           current primary (its log goes where -l says)
+# The env file also defines REAPER_TEST_STANDBY_MODE, REAPER_TEST_STANDBY_URL (the
+# standby, directly) and REAPER_TEST_STANDBY_PGDATA ($dir/standby, a symlink); the two
+# are empty from a failover until standby.sh. tests/db/lib.sh describes the directory.
+# There is no direct URL of the primary: the forwarder adds a hop and nothing else. With
+# REAPER_DB_TLS_DIR the standby replicates over TLS, and TLS goes through the forwarder.
+# When the primary restarts (pg_ctl), the standby tries to stream again only
+# wal_retrieve_retry_interval after it lost the primary (PostgreSQL's default of 5 s, as
+# in production), and a sync primary holds every commit until then.
 set -euo pipefail
 
 name=${1:?usage: tests/db/up.sh NAME}
 root=${REAPER_DB_DIR:-/tmp/reaper-db}
 dir=$root/$name
-pgbin=${PG_BIN:-$(printf "%s\n" /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
+here=$(dirname "$0")
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$here/lib.sh"
 
 die() { echo "tests/db/up.sh: $*" >&2; exit 1; }
 [ -x "$pgbin/initdb" ] || die "PostgreSQL server binaries not found (set PG_BIN); on Debian: apt-get install postgresql"
@@ -60,35 +79,22 @@ case "$standby_mode" in
   '' | sync | async) ;;
   *) die "REAPER_DB_STANDBY=$standby_mode: expected sync or async (or unset for no standby)" ;;
 esac
-
-# PostgreSQL and PgBouncer refuse to run as root.
-as_db_user=()
-if [ "$(id -u)" = 0 ]; then
-  as_db_user=(runuser -u postgres --)
+if [ -n "$standby_mode" ]; then
+  command -v socat >/dev/null || die "socat not found (a pair's primary address); on Debian: apt-get install socat"
 fi
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 mkdir -p "$dir"
 [ "$(id -u)" = 0 ] && chown postgres: "$dir" "$root"
 user=reaper
 password=reaper
-pg_port=$(free_port)
-bouncer_port=$(free_port)
-while [ "$bouncer_port" = "$pg_port" ]; do bouncer_port=$(free_port); done
-session_port=$(free_port)
-while [ "$session_port" = "$pg_port" ] || [ "$session_port" = "$bouncer_port" ]; do
-  session_port=$(free_port)
-done
-standby_port=
+read -r pg_port bouncer_port session_port standby_port forwarder_port <<<"$(free_ports 5)"
+data=$dir/data
 if [ -n "$standby_mode" ]; then
-  standby_port=$(free_port)
-  while [ "$standby_port" = "$pg_port" ] || [ "$standby_port" = "$bouncer_port" ] \
-    || [ "$standby_port" = "$session_port" ]; do
-    standby_port=$(free_port)
-  done
+  data=$dir/node-a
+  printf 'node-a %s\nnode-b %s\n' "$pg_port" "$standby_port" >"$dir/nodes"
+else
+  standby_port=
+  forwarder_port=
 fi
 
 # PostgreSQL refuses a key file that others can read; the copies belong to the server.
@@ -102,13 +108,12 @@ fi
 
 printf '%s\n' "$password" >"$dir/pwfile"
 [ "$(id -u)" = 0 ] && chown postgres: "$dir/pwfile"
-"${as_db_user[@]}" "$pgbin/initdb" -D "$dir/data" -U "$user" --pwfile="$dir/pwfile" \
+"${as_db_user[@]}" "$pgbin/initdb" -D "$data" -U "$user" --pwfile="$dir/pwfile" \
   --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --no-instructions >"$dir/initdb.log" 2>&1 \
   || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
 
-cat >>"$dir/data/postgresql.conf" <<CONF
+cat >>"$data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'
-port = $pg_port
 unix_socket_directories = '$dir'
 max_connections = 300
 shared_buffers = 128MB
@@ -116,14 +121,14 @@ log_min_messages = warning
 CONF
 if [ -n "$tls_src" ]; then
   # 127.0.0.2 too, so a test can reach the server under a name its certificate lacks.
-  cat >>"$dir/data/postgresql.conf" <<CONF
+  cat >>"$data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1, 127.0.0.2'
 ssl = on
 ssl_cert_file = '$tls/server.crt'
 ssl_key_file = '$tls/server.key'
 ssl_ca_file = '$tls/ca.crt'
 CONF
-  cat >"$dir/data/pg_hba.conf" <<HBA
+  cat >"$data/pg_hba.conf" <<HBA
 # TYPE    DATABASE USER        ADDRESS      METHOD
 local     all      all                      trust
 hostssl   all      reaper_cert 127.0.0.0/8  cert
@@ -134,19 +139,30 @@ HBA
   # `all` does not cover replication connections; initdb's own file admits them from
   # 127.0.0.1, this one must say so itself.
   if [ -n "$standby_mode" ]; then
-    echo "hostssl   replication reaper   127.0.0.0/8  scram-sha-256" >>"$dir/data/pg_hba.conf"
+    echo "hostssl   replication reaper   127.0.0.0/8  scram-sha-256" >>"$data/pg_hba.conf"
   fi
 fi
 if [ "${REAPER_DB_PG_STAT_STATEMENTS:-0}" = 1 ]; then
-  cat >>"$dir/data/postgresql.conf" <<'CONF'
+  cat >>"$data/postgresql.conf" <<'CONF'
 shared_preload_libraries = 'pg_stat_statements'
 pg_stat_statements.track = top
 pg_stat_statements.max = 1000
 CONF
 fi
 
-"${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null \
-  || { tail -n 30 "$dir/postgres.log" >&2; die "PostgreSQL did not start"; }
+if [ -n "$standby_mode" ]; then
+  # Last, so it has the last word; relative, so the copy in a standby includes the
+  # standby's own.
+  echo "include = 'node.conf'" >>"$data/postgresql.conf"
+  write_node_conf node-a "$pg_port" ''
+  ln -s node-a "$dir/primary"
+  pg_log=$dir/node-a.log
+else
+  echo "port = $pg_port" >>"$data/postgresql.conf"
+  pg_log=$dir/postgres.log
+fi
+"${as_db_user[@]}" "$pgbin/pg_ctl" -D "$data" -l "$pg_log" -w -t 60 start >/dev/null \
+  || { tail -n 30 "$pg_log" >&2; die "PostgreSQL did not start"; }
 
 if [ -n "$tls_src" ]; then
   "${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U "$user" -d postgres \
@@ -157,54 +173,6 @@ fi
 query=
 if [ -n "$tls_src" ]; then
   query="?sslmode=verify-full&sslrootcert=$tls/ca.crt"
-fi
-
-if [ -n "$standby_mode" ]; then
-  # Over TCP with a password, as a standby on another host would connect. The slot keeps
-  # the WAL the standby still needs, and lets only one walsender stream to it: a second
-  # one (the standby reconnecting after wal_receiver_timeout while replication.sh has the
-  # first one stopped) is refused, so a pause holds as long as the test wants.
-  conninfo="host=127.0.0.1 port=$pg_port user=$user password=$password application_name=standby"
-  if [ -n "$tls_src" ]; then
-    conninfo="$conninfo sslmode=verify-full sslrootcert=$tls/ca.crt"
-  fi
-  "${as_db_user[@]}" "$pgbin/pg_basebackup" -D "$dir/standby" -d "$conninfo" -R -C -S standby \
-    -X stream -c fast >"$dir/basebackup.log" 2>&1 \
-    || { cat "$dir/basebackup.log" >&2; die "pg_basebackup for the standby failed"; }
-  # The standby is a copy of the primary's postgresql.conf; what differs comes last. Once
-  # promoted it is a primary without a standby, and must not wait for one at commit.
-  cat >>"$dir/standby/postgresql.conf" <<CONF
-port = $standby_port
-hot_standby = on
-synchronous_standby_names = ''
-CONF
-  "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/standby" -l "$dir/standby.log" -w -t 60 start >/dev/null \
-    || { tail -n 30 "$dir/standby.log" >&2; die "the standby did not start"; }
-
-  # Only now: with it set while no standby is connected, every commit on the primary
-  # (the CREATE ROLE above) would wait for ever.
-  if [ "$standby_mode" = sync ]; then
-    cat >>"$dir/data/postgresql.conf" <<'CONF'
-synchronous_standby_names = 'standby'
-synchronous_commit = on
-CONF
-  else
-    echo "synchronous_standby_names = ''" >>"$dir/data/postgresql.conf"
-  fi
-  "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$dir/data" reload >/dev/null
-
-  # A test that starts right away must find the primary already replicating as asked:
-  # a sync standby that is still catching up is `potential` or `async` for a moment.
-  state=
-  for _ in $(seq 1 300); do
-    state=$("${as_db_user[@]}" "$pgbin/psql" -qAtX -h "$dir" -p "$pg_port" -U "$user" -d postgres \
-      -c "select state || ' ' || sync_state from pg_stat_replication where application_name = 'standby'") \
-      || die "cannot query pg_stat_replication on the primary"
-    [ "$state" = "streaming $standby_mode" ] && break
-    sleep 0.1
-  done
-  [ "$state" = "streaming $standby_mode" ] \
-    || { tail -n 30 "$dir/standby.log" >&2; die "the standby is not streaming as $standby_mode after 30 s (pg_stat_replication: '${state:-no row}')"; }
 fi
 
 cat >"$dir/userlist.txt" <<LIST
@@ -259,9 +227,13 @@ for ini in pgbouncer pgbouncer-session; do
 done
 
 direct="postgres://$user:$password@127.0.0.1:$pg_port/postgres$query"
+if [ -n "$standby_mode" ]; then
+  start_forwarder "$forwarder_port" "$pg_port"
+  direct="postgres://$user:$password@127.0.0.1:$forwarder_port/postgres$query"
+fi
 bounced="postgres://$user:$password@127.0.0.1:$bouncer_port/postgres$query"
 session="postgres://$user:$password@127.0.0.1:$session_port/postgres$query"
-for url in "$bounced" "$session"; do
+for url in "$bounced" "$session" ${standby_mode:+"$direct"}; do
   for _ in $(seq 1 100); do
     if PGPASSWORD=$password "$pgbin/psql" -qAtX "$url" -c 'select 1' >/dev/null 2>&1; then
       break
@@ -269,33 +241,41 @@ for url in "$bounced" "$session"; do
     sleep 0.1
   done
   PGPASSWORD=$password "$pgbin/psql" -qAtX "$url" -c 'select 1' >/dev/null \
-    || { tail -n 30 "$dir"/pgbouncer*.log >&2; die "PgBouncer does not answer"; }
+    || { tail -n 30 "$dir"/pgbouncer*.log "$dir"/forwarder.log 2>/dev/null >&2; die "$url does not answer"; }
 done
 
+pgdata=$data
+[ -n "$standby_mode" ] && pgdata=$dir/primary
 # Quoted: a TLS URL has '&' in it.
 cat >"$dir/env" <<ENV
 DATABASE_URL='$direct'
 REAPER_TEST_DATABASE_URL='$direct'
 REAPER_TEST_PGBOUNCER_URL='$bounced'
 REAPER_TEST_PGBOUNCER_SESSION_URL='$session'
-REAPER_TEST_PGDATA=$dir/data
+REAPER_TEST_PGDATA=$pgdata
 REAPER_TEST_PG_CTL=$pgbin/pg_ctl
 REAPER_TEST_PG_RUN_AS=${as_db_user[*]:+postgres}
 REAPER_TEST_PGBOUNCER_PID=$(cat "$dir/pgbouncer.pid")
 ENV
-if [ -n "$standby_mode" ]; then
-  cat >>"$dir/env" <<ENV
-REAPER_TEST_STANDBY_MODE=$standby_mode
-REAPER_TEST_STANDBY_URL='postgres://$user:$password@127.0.0.1:$standby_port/postgres$query'
-REAPER_TEST_STANDBY_PGDATA=$dir/standby
-ENV
-fi
 if [ -n "$tls_src" ]; then
   cat >>"$dir/env" <<ENV
 REAPER_TEST_TLS_CA=$tls/ca.crt
 REAPER_TEST_TLS_CERT_USER=reaper_cert
 ENV
 fi
-echo "PostgreSQL on 127.0.0.1:$pg_port, PgBouncer (transaction mode) on 127.0.0.1:$bouncer_port," \
-  "PgBouncer (stock, session mode) on 127.0.0.1:$session_port${standby_port:+, $standby_mode standby on 127.0.0.1:$standby_port}${tls_src:+, TLS only}" >&2
+if [ -n "$standby_mode" ]; then
+  # standby.sh fills in the other two once the standby streams.
+  cat >>"$dir/env" <<ENV
+REAPER_TEST_STANDBY_MODE=$standby_mode
+REAPER_TEST_STANDBY_URL=
+REAPER_TEST_STANDBY_PGDATA=
+ENV
+  "$here/standby.sh" "$name" >/dev/null
+fi
+summary="PostgreSQL on 127.0.0.1:$pg_port, PgBouncer (transaction mode) on 127.0.0.1:$bouncer_port,"
+summary="$summary PgBouncer (stock, session mode) on 127.0.0.1:$session_port"
+if [ -n "$standby_mode" ]; then
+  summary="$summary, $standby_mode standby on 127.0.0.1:$standby_port, the primary address on 127.0.0.1:$forwarder_port"
+fi
+echo "$summary${tls_src:+, TLS only}" >&2
 echo "$dir/env"
