@@ -18,7 +18,8 @@
 #    server connections made under the old line as they are released (its docs for
 #    RECONNECT: "not necessary ... when the connection string in pgbouncer.ini has been
 #    changed and reloaded"), and the ones to the dead primary are closed already.
-# 5. It returns once the primary address and both PgBouncer URLs answer from the new
+#    A PgBouncer that is not running is left to read the new line when it starts.
+# 5. It returns once the primary address and the running PgBouncers answer from the new
 #    primary, so what runs next finds the database usable, and tells stderr how long
 #    each step took.
 #
@@ -66,6 +67,8 @@ done
 
 t_kill=$(now_ms)
 pids=$(instance_pids "$dir/$old")
+killed="$old killed"
+[ -n "$pids" ] || killed="$old found down already"
 postmaster=$(sed -n 1p "$dir/$old/postmaster.pid" 2>/dev/null || true)
 # Frozen first, the postmaster before its children, so none of them can react to the
 # others' deaths (a postmaster restarts after a crash, a walsender sends).
@@ -109,13 +112,28 @@ stop_forwarder
 start_forwarder "$forwarder_port" "$standby_port"
 t_forwarder=$(now_ms)
 
+# A PgBouncer that is not running (a test stopped it) reads the new line when it starts.
+urls=("$REAPER_TEST_DATABASE_URL")
+labels=("the primary address")
+down=()
 for ini in pgbouncer pgbouncer-session; do
   # Rewritten in place: the file keeps its owner, the user PgBouncer runs as.
   ini_text=$(sed "s/^\* = host=127\.0\.0\.1 port=$pg_port\$/* = host=127.0.0.1 port=$standby_port/" "$dir/$ini.ini")
   printf '%s\n' "$ini_text" >"$dir/$ini.ini"
   admin_port=$(sed -n 's/^listen_port = //p' "$dir/$ini.ini")
+  url=$REAPER_TEST_PGBOUNCER_URL label="the transaction-mode PgBouncer"
+  if [ "$ini" = pgbouncer-session ]; then
+    url=$REAPER_TEST_PGBOUNCER_SESSION_URL label="the session-mode PgBouncer"
+  fi
+  pid=$(cat "$dir/$ini.pid" 2>/dev/null || true)
+  if [ -z "$pid" ] || ! grep -qs pgbouncer "/proc/$pid/cmdline"; then
+    down+=("$ini")
+    continue
+  fi
   PGPASSWORD=reaper "$pgbin/psql" -qAtX "postgres://reaper@127.0.0.1:$admin_port/pgbouncer$tls_query" \
     -c 'RELOAD' >/dev/null || die "RELOAD on the admin console of $ini (port $admin_port) failed"
+  urls+=("$url")
+  labels+=("$label")
 done
 t_reloaded=$(now_ms)
 
@@ -123,7 +141,8 @@ t_reloaded=$(now_ms)
 # back for server_login_retry (1 s in the transaction-mode one, the default 15 s in the
 # stock one), hence the 30 s and a time for each.
 answered=()
-for url in "$REAPER_TEST_DATABASE_URL" "$REAPER_TEST_PGBOUNCER_URL" "$REAPER_TEST_PGBOUNCER_SESSION_URL"; do
+for i in "${!urls[@]}"; do
+  url=${urls[$i]}
   answer=
   for _ in $(seq 1 600); do
     answer=$(PGPASSWORD=reaper "$pgbin/psql" -qAtX "$url" \
@@ -133,17 +152,17 @@ for url in "$REAPER_TEST_DATABASE_URL" "$REAPER_TEST_PGBOUNCER_URL" "$REAPER_TES
   done
   [ "$answer" = "$standby_port|f" ] \
     || die "port $(port_of "$url") does not answer from the new primary after 30 s (last answer: '${answer:-none}')"
-  answered+=("$(($(now_ms) - t_kill))")
+  answered+=("$(($(now_ms) - t_kill)) ms through ${labels[$i]}")
 done
 
 set_env REAPER_TEST_STANDBY_URL ''
 set_env REAPER_TEST_STANDBY_PGDATA ''
-echo "$old (port $pg_port) killed at $(date -u +%FT%TZ), $new (port $standby_port) promoted" >"$dir/failed-over"
+echo "$killed (port $pg_port) at $(date -u +%FT%TZ), $new (port $standby_port) promoted" >"$dir/failed-over"
 
-echo "tests/db/failover.sh: $name: $old killed in $((t_killed - t_kill)) ms, its port free" \
+answers=$(printf '%s, ' "${answered[@]}")
+not_reloaded=${down[*]:+; not running, so not reloaded: ${down[*]}}
+echo "tests/db/failover.sh: $name: $killed in $((t_killed - t_kill)) ms, its port free" \
   "$((t_port - t_killed)) ms later, $new promoted in $((t_promoted - t_port)) ms, forwarder" \
   "repointed in $((t_forwarder - t_promoted)) ms, PgBouncers reloaded in $((t_reloaded - t_forwarder)) ms;" \
-  "from the kill to an answer from the new primary ${answered[0]} ms through the primary address," \
-  "${answered[1]} ms through the transaction-mode PgBouncer, ${answered[2]} ms through the" \
-  "session-mode one" >&2
+  "from the kill to an answer from the new primary ${answers%, }$not_reloaded" >&2
 echo "$REAPER_TEST_DATABASE_URL"
