@@ -94,6 +94,11 @@ conninfo="host=127.0.0.1 port=$primary_port user=reaper password=reaper applicat
 if [ -n "${REAPER_TEST_TLS_CA:-}" ]; then
   conninfo="$conninfo sslmode=verify-full sslrootcert=$REAPER_TEST_TLS_CA"
 fi
+# A promoted standby still has its own primary_conninfo and primary_slot_name in
+# postgresql.auto.conf; the copy would have them before the lines -R adds after them.
+"$pgbin/psql" -qAtX -h "$dir" -p "$primary_port" -U reaper -d postgres \
+  -c 'ALTER SYSTEM RESET primary_conninfo' -c 'ALTER SYSTEM RESET primary_slot_name' \
+  || die "cannot reset primary_conninfo and primary_slot_name on the primary"
 "${as_db_user[@]}" "$pgbin/pg_basebackup" -D "$dir/$node" -d "$conninfo" -R -C -S standby \
   -X stream -c fast --no-sync >"$dir/basebackup.log" 2>&1 \
   || { cat "$dir/basebackup.log" >&2; die "pg_basebackup of $primary into $node failed"; }
