@@ -674,6 +674,10 @@ fn state(lease: &Lease) -> &'static str {
         "free"
     } else if lease.is_expired() {
         "expired"
+    } else if !lease.on_current_timeline {
+        // Acquired before a failover of the database: nobody can renew it, and it can
+        // be taken once a ttl has passed since the failover.
+        "lost-in-failover"
     } else {
         "held"
     }

@@ -910,6 +910,7 @@ mod tests {
             expires_at: now + chrono::Duration::milliseconds(remaining_ms),
             previous_holder: String::new(),
             observed_at: now,
+            on_current_timeline: true,
         }
     }
 
@@ -946,6 +947,16 @@ mod tests {
             Reading::Free { epoch: 4 }
         );
         assert_eq!(Reading::of(None, "east"), Reading::NotHeld);
+        // Acquired before a failover of the database: the holder may have lost it in the
+        // history the failover dropped.
+        let before_failover = Lease {
+            on_current_timeline: false,
+            ..lease("east/op-1", 4, 9000)
+        };
+        assert_eq!(
+            Reading::of(Some(&before_failover), "east"),
+            Reading::NotHeld
+        );
     }
 
     #[test]

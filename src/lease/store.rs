@@ -42,6 +42,11 @@ pub struct Lease {
     pub previous_holder: String,
     /// The database's clock when the row was read or written.
     pub observed_at: DateTime<Utc>,
+    /// Acquired on the database server's current WAL timeline. `false` after a failover
+    /// (a promoted standby): the holder may have lost the lease in history that did not
+    /// reach the standby, so the row no longer proves anything and nobody can renew it
+    /// (migrations/20261203000001_lease_timeline.sql).
+    pub on_current_timeline: bool,
 }
 
 impl Lease {
@@ -53,9 +58,10 @@ impl Lease {
         self.expires_at <= self.observed_at
     }
 
-    /// Held by someone and not expired, as of `observed_at`.
+    /// Held by someone, not expired as of `observed_at`, and acquired since the last
+    /// failover of the database.
     pub fn is_held(&self) -> bool {
-        !self.is_free() && !self.is_expired()
+        !self.is_free() && !self.is_expired() && self.on_current_timeline
     }
 
     fn from_row(row: &PgRow) -> Result<Self> {
@@ -70,6 +76,7 @@ impl Lease {
             expires_at: row.try_get("expires_at")?,
             previous_holder: row.try_get("previous_holder")?,
             observed_at: row.try_get("observed_at")?,
+            on_current_timeline: row.try_get("on_current_timeline")?,
         })
     }
 }
@@ -143,10 +150,15 @@ impl WorkloadReport {
     }
 }
 
-/// Columns every statement returns, given the lease row alias `l`.
-const LEASE_COLUMNS: &str = "l.name, l.holder, l.epoch, l.ttl_ms, l.acquired_at, l.renewed_at, \
-     l.renewed_at + l.ttl_ms * interval '1 millisecond' AS expires_at, l.previous_holder, \
-     clock_timestamp() AS observed_at";
+/// Columns every statement returns, given the lease row alias `l` and the call of the
+/// schema's `lease_server_timeline()`.
+fn lease_columns(timeline: &str) -> String {
+    format!(
+        "l.name, l.holder, l.epoch, l.ttl_ms, l.acquired_at, l.renewed_at, \
+         l.renewed_at + l.ttl_ms * interval '1 millisecond' AS expires_at, l.previous_holder, \
+         clock_timestamp() AS observed_at, l.timeline = {timeline} AS on_current_timeline"
+    )
+}
 
 /// A lease statement, for [`LeaseStore::statement_text`].
 #[doc(hidden)]
@@ -195,6 +207,11 @@ pub struct LeaseStore {
     schema: Schema,
     lease_table: String,
     event_table: String,
+    timeline_table: String,
+    /// `"schema".lease_server_timeline()`: the WAL timeline the server writes on now.
+    timeline: String,
+    /// [`lease_columns`] of this schema.
+    columns: String,
     call_timeout: Duration,
     /// `SET LOCAL lock_timeout` sent with every statement, in whole milliseconds (≥ 1).
     lock_timeout_ms: u64,
@@ -215,6 +232,9 @@ impl LeaseStore {
             pool,
             lease_table: schema.qualify("lease"),
             event_table: schema.qualify("lease_event"),
+            timeline_table: schema.qualify("lease_timeline"),
+            timeline: format!("{}()", schema.qualify("lease_server_timeline")),
+            columns: lease_columns(&format!("{}()", schema.qualify("lease_server_timeline"))),
             schema: schema.clone(),
             call_timeout,
             lock_timeout_ms: lock_timeout_millis(call_timeout / 4),
@@ -338,7 +358,8 @@ impl LeaseStore {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
         let ttl_ms = ttl_millis(ttl)?;
-        let (l, e) = (&self.lease_table, &self.event_table);
+        let (l, e, t) = (&self.lease_table, &self.event_table, &self.timeline_table);
+        let (tl, c) = (&self.timeline, &self.columns);
         let key = literal(&fence_key_text(&self.schema, name));
         let (name, holder) = (literal(name), literal(holder));
         // ON CONFLICT DO UPDATE re-checks its WHERE against the latest committed row
@@ -346,41 +367,63 @@ impl LeaseStore {
         // that went missing is recreated with an epoch above any in the audit history,
         // so the fencing token never repeats.
         //
+        // A failover (migrations/20261203000001_lease_timeline.sql): `tl` is the server's
+        // WAL timeline; the first acquire on a new one records when it saw it (`seen`;
+        // a row this statement or a concurrent one inserts is not in this snapshot, so
+        // `since` is then now), and until a ttl has passed since then (`frozen`) nothing
+        // is acquired, whatever the rows say. A row of an earlier timeline counts as
+        // not held: nobody can renew it. Epochs on timeline T start above (T - 1) * 2^32.
+        //
         // The fence (docs/fencing.md): a takeover must wait for the workload's fenced
         // writes in flight, which hold the lease's advisory lock in shared mode until
         // they commit. Unless the row, as of this statement's snapshot, is held and
-        // unexpired, the statement first takes that lock exclusively (`fence`), and only
-        // then reads the clock (`clk`) and decides (the upsert): a fenced write that
-        // began earlier has committed by then, and one that begins later waits for this
-        // statement and then sees the new epoch. When the snapshot shows the lease held,
-        // no lock is taken and no row is produced at all (`clk` is empty), so an acquire
-        // of a held lease never waits for the workload; if the lease was released in
-        // the meantime, this attempt fails and the next one takes the lock. The wait is
-        // bounded by the lock timeout: a longer fenced write fails this attempt with
-        // `Error::LockTimeout` and the candidate tries again on its next tick.
-        // Renews never touch the advisory lock.
+        // unexpired (or acquiring is frozen), the statement first takes that lock
+        // exclusively (`fence`), and only then reads the clock (`clk`) and decides (the
+        // upsert): a fenced write that began earlier has committed by then, and one
+        // that begins later waits for this statement and then sees the new epoch. When
+        // the snapshot shows the lease held, no lock is taken and no row is produced at
+        // all (`clk` is empty), so an acquire of a held lease never waits for the
+        // workload; if the lease was released in the meantime, this attempt fails and
+        // the next one takes the lock. The wait is bounded by the lock timeout: a longer
+        // fenced write fails this attempt with `Error::LockTimeout` and the candidate
+        // tries again on its next tick. Renews never touch the advisory lock.
         let sql = format!(
-            "WITH snap AS MATERIALIZED ( \
+            "WITH tl AS MATERIALIZED (SELECT {tl} AS id, ({tl} - 1) * 4294967296 AS epoch_floor), \
+             seen AS ( \
+               INSERT INTO {t} (timeline, first_seen_at) SELECT tl.id, clock_timestamp() FROM tl \
+               ON CONFLICT (timeline) DO NOTHING \
+             ), \
+             snap AS MATERIALIZED ( \
                SELECT EXISTS (SELECT 1 FROM {l} AS h WHERE h.name = {name} AND h.holder <> '' \
-                 AND h.renewed_at + h.ttl_ms * interval '1 millisecond' > clock_timestamp()) AS held \
+                 AND h.timeline = tl.id \
+                 AND h.renewed_at + h.ttl_ms * interval '1 millisecond' > clock_timestamp()) \
+               OR clock_timestamp() < COALESCE( \
+                    (SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = tl.id), clock_timestamp()) \
+                  + greatest({ttl_ms}, (SELECT h.ttl_ms FROM {l} AS h WHERE h.name = {name})) \
+                    * interval '1 millisecond' AS held \
+               FROM tl \
              ), \
              fence AS MATERIALIZED ( \
                SELECT NOT snap.held AS locked, \
                       pg_advisory_xact_lock(CASE WHEN snap.held THEN NULL ELSE hashtextextended({key}, 0) END) AS fence_lock \
                FROM snap \
              ), \
-             clk AS MATERIALIZED (SELECT clock_timestamp() AS now FROM fence WHERE fence.locked), \
+             clk AS MATERIALIZED ( \
+               SELECT clock_timestamp() AS now, tl.id AS timeline, tl.epoch_floor \
+               FROM fence, tl WHERE fence.locked \
+             ), \
              taken AS ( \
-               INSERT INTO {l} AS l (name, holder, epoch, ttl_ms, acquired_at, renewed_at, previous_holder) \
+               INSERT INTO {l} AS l (name, holder, epoch, ttl_ms, acquired_at, renewed_at, previous_holder, timeline) \
                SELECT {name}, {holder}, \
-                      COALESCE((SELECT max(ev.epoch) FROM {e} AS ev WHERE ev.name = {name}), 0) + 1, \
-                      {ttl_ms}, clk.now, clk.now, '' \
+                      greatest(COALESCE((SELECT max(ev.epoch) FROM {e} AS ev WHERE ev.name = {name}), 0), clk.epoch_floor) + 1, \
+                      {ttl_ms}, clk.now, clk.now, '', clk.timeline \
                FROM clk \
                ON CONFLICT (name) DO UPDATE SET \
-                 holder = EXCLUDED.holder, epoch = l.epoch + 1, ttl_ms = EXCLUDED.ttl_ms, \
+                 holder = EXCLUDED.holder, \
+                 epoch = greatest(l.epoch, EXCLUDED.epoch - 1) + 1, ttl_ms = EXCLUDED.ttl_ms, \
                  acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at, \
-                 previous_holder = l.holder \
-               WHERE l.holder = '' \
+                 previous_holder = l.holder, timeline = EXCLUDED.timeline \
+               WHERE l.holder = '' OR l.timeline <> EXCLUDED.timeline \
                   OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= EXCLUDED.renewed_at \
                RETURNING l.* \
              ), \
@@ -390,7 +433,7 @@ impl LeaseStore {
                       CASE WHEN previous_holder = '' THEN 'acquire' ELSE 'takeover' END, acquired_at \
                FROM taken \
              ) \
-             SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
+             SELECT {c}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM taken AS l"
         );
         Ok(sql)
@@ -406,13 +449,14 @@ impl LeaseStore {
     fn renew_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
-        let l = &self.lease_table;
+        let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
         let (name, holder) = (literal(name), literal(holder));
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
              WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
                AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
-             RETURNING {LEASE_COLUMNS}"
+               AND l.timeline = {tl} \
+             RETURNING {c}"
         );
         Ok(sql)
     }
@@ -436,14 +480,15 @@ impl LeaseStore {
             epochs.push_str(&epoch.to_string());
         }
         epochs.push('}');
-        let l = &self.lease_table;
+        let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
         let (holder, names, epochs) = (literal(holder), literal(&names), literal(&epochs));
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
              FROM unnest({names}::text[], {epochs}::bigint[]) AS h(name, epoch) \
              WHERE l.name = h.name AND l.epoch = h.epoch AND l.holder = {holder} \
                AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
-             RETURNING {LEASE_COLUMNS}"
+               AND l.timeline = {tl} \
+             RETURNING {c}"
         );
         self.fetch_leases(sql).await
     }
@@ -456,11 +501,13 @@ impl LeaseStore {
             return Ok(Vec::new());
         }
         let array = literal(&text_array(names.iter().map(String::as_str))?);
-        let l = &self.lease_table;
+        let (l, tl) = (&self.lease_table, &self.timeline);
+        // A row of an earlier timeline is listed: only an acquire records when the new
+        // timeline was first seen, which starts the wait after a failover.
         let sql = format!(
             "SELECT n.name FROM unnest({array}::text[]) AS n(name) \
              LEFT JOIN {l} AS l ON l.name = n.name \
-             WHERE l.name IS NULL OR l.holder = '' \
+             WHERE l.name IS NULL OR l.holder = '' OR l.timeline <> {tl} \
                 OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= clock_timestamp()"
         );
         self.fetch(sql)
@@ -480,19 +527,27 @@ impl LeaseStore {
     fn release_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
         validate_label("lease name", name)?;
         validate_label("holder", holder)?;
-        let (l, e) = (&self.lease_table, &self.event_table);
+        let (l, e, tl, c) = (
+            &self.lease_table,
+            &self.event_table,
+            &self.timeline,
+            &self.columns,
+        );
         let (name, holder) = (literal(name), literal(holder));
+        // A row of an earlier timeline stays as it is: freeing it would let a candidate
+        // take it before the ttl after the failover has passed.
         let sql = format!(
             "WITH released AS ( \
                UPDATE {l} AS l SET holder = '' \
                WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
+                 AND l.timeline = {tl} \
                RETURNING l.* \
              ), \
              audit AS ( \
                INSERT INTO {e} (name, epoch, holder, previous_holder, kind, at) \
                SELECT name, epoch, {holder}, '', 'release', clock_timestamp() FROM released \
              ) \
-             SELECT {LEASE_COLUMNS}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
+             SELECT {c}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM released AS l"
         );
         Ok(sql)
@@ -520,18 +575,16 @@ impl LeaseStore {
 
     pub async fn get(&self, name: &str) -> Result<Option<Lease>> {
         validate_label("lease name", name)?;
-        let l = &self.lease_table;
+        let (l, c) = (&self.lease_table, &self.columns);
         let name = literal(name);
-        let sql = format!("SELECT {LEASE_COLUMNS} FROM {l} AS l WHERE l.name = {name}");
+        let sql = format!("SELECT {c} FROM {l} AS l WHERE l.name = {name}");
         self.fetch_one_lease(sql).await
     }
 
     pub async fn list(&self) -> Result<Vec<Lease>> {
-        let l = &self.lease_table;
-        self.fetch_leases(format!(
-            "SELECT {LEASE_COLUMNS} FROM {l} AS l ORDER BY l.name"
-        ))
-        .await
+        let (l, c) = (&self.lease_table, &self.columns);
+        self.fetch_leases(format!("SELECT {c} FROM {l} AS l ORDER BY l.name"))
+            .await
     }
 
     /// Records this cluster's view of the workload behind `name` and returns the latest
@@ -693,14 +746,18 @@ impl LeaseStore {
         }
     }
 
-    /// One query message, three statements, one implicit transaction: the SET LOCALs
+    /// One query message, four statements, one implicit transaction: the SET LOCALs
     /// apply to this statement only (see `with_lock_timeout`). The statement timeout is
     /// the call timeout, so a statement this client gave up on cannot still commit long
     /// after (a late "no pods" report, say); it does not cover time spent queued in a
     /// pooler before the server starts it (PgBouncer: `query_wait_timeout`).
+    /// `synchronous_commit = on` whatever the server's default: a renew or acquire is
+    /// acknowledged only once it is on disk (and on a synchronous standby, if the server
+    /// has one), so neither a crash nor a failover to that standby loses it.
     fn with_settings(&self, sql: &str) -> String {
         format!(
-            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; {sql}",
+            "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
+             SET LOCAL synchronous_commit = on; {sql}",
             self.lock_timeout_ms,
             self.call_timeout.as_millis().max(1)
         )
@@ -751,6 +808,31 @@ fn fence_key_text(schema: &Schema, name: &str) -> String {
     format!("reaper-operator:{}:{name}", schema.as_str())
 }
 
+/// Refuses a server that does not say which WAL timeline it writes on (some managed
+/// services hide it): the lease detects a failover by it (docs/operations.md).
+async fn check_timeline(pool: &PgPool) -> Result<()> {
+    const UNSUPPORTED: [&str; 3] = ["42883", "0A000", "42501"];
+    match sqlx::raw_sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(db))
+            if db
+                .code()
+                .is_some_and(|code| UNSUPPORTED.contains(&code.as_ref())) =>
+        {
+            Err(Error::Config(format!(
+                "the lease database does not report its WAL timeline \
+                 (SELECT pg_walfile_name(pg_current_wal_lsn()) failed: {}); reaper-operator \
+                 needs it to notice a failover of the database (docs/operations.md)",
+                db.message()
+            )))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 fn check_encoding(encoding: &str) -> Result<()> {
     if encoding.eq_ignore_ascii_case("UTF8") {
         return Ok(());
@@ -769,6 +851,7 @@ pub async fn migrate(pool: &PgPool, schema: &Schema) -> Result<()> {
         .await?
         .try_get(0)?;
     check_encoding(&encoding)?;
+    check_timeline(pool).await?;
     let quoted = format!("\"{schema}\"");
     let migrations = MIGRATOR
         .iter()

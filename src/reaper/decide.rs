@@ -413,6 +413,7 @@ mod tests {
             },
             previous_holder: previous.into(),
             observed_at: now,
+            on_current_timeline: true,
         }
     }
 
@@ -487,6 +488,20 @@ mod tests {
         // under the same name): the elector's fence decides with a fresh read; a
         // reconcile acting on a row read before a stall would restart a peer's pod.
         assert_eq!(r(None, row(lease(ME, 3, "", false))), Role::Lapsed);
+        // A row acquired before a failover of the database, whoever it names: its holder
+        // may have lost the lease in history the failover dropped and nobody can renew
+        // it, so nothing vouches for this cluster's pod.
+        for holder in ["east/b", ME, "west/b"] {
+            let before_failover = Lease {
+                on_current_timeline: false,
+                ..lease(holder, 3, "", false)
+            };
+            assert_eq!(
+                r(None, row(before_failover)),
+                Role::Standby { holder: None },
+                "{holder}"
+            );
+        }
         // A peer's lease that expired moments ago: this cluster takes it back.
         assert_eq!(
             r(None, row(lease("east/b", 3, "", true))),

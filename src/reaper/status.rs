@@ -465,6 +465,7 @@ mod tests {
             },
             previous_holder: previous.into(),
             observed_at: now,
+            on_current_timeline: true,
         }
     }
 

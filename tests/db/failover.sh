@@ -13,12 +13,8 @@
 #    $dir/primary links to it (a new link renamed over the old one).
 # 3. The primary address gets a new forwarder on its port, aimed at the new primary;
 #    the connections the old one carried are gone with the old primary anyway.
-# 4. Both PgBouncers get the new primary's port in their [databases] line and RELOAD it
-#    on their admin console. A changed host or port is enough for PgBouncer to close the
-#    server connections made under the old line as they are released (its docs for
-#    RECONNECT: "not necessary ... when the connection string in pgbouncer.ini has been
-#    changed and reloaded"), and the ones to the dead primary are closed already.
-#    A PgBouncer that is not running is left to read the new line when it starts.
+# 4. Both PgBouncers go to the primary address, so their next server connections reach
+#    the new primary; the ones to the dead primary are closed already.
 # 5. It returns once the primary address and the running PgBouncers answer from the new
 #    primary, so what runs next finds the database usable, and tells stderr how long
 #    each step took.
@@ -50,18 +46,14 @@ new=$(readlink "$dir/standby")
 pg_port=$(node_port "$old")
 standby_port=$(node_port "$new")
 forwarder_port=$(port_of "$REAPER_TEST_DATABASE_URL")
-tls_query=
-if [ -n "${REAPER_TEST_TLS_CA:-}" ]; then
-  tls_query="?sslmode=verify-full&sslrootcert=$REAPER_TEST_TLS_CA"
-fi
 
 # Checked before anything is killed: a failover that stops half-way leaves no database.
 in_recovery=$(db_psql "$standby_port" 'select pg_is_in_recovery()') \
   || die "the standby of $name ($new) does not answer on port $standby_port"
 [ "$in_recovery" = t ] || die "the standby of $name ($new) on port $standby_port is not in recovery: nothing to promote"
 for ini in pgbouncer pgbouncer-session; do
-  grep -qx "\* = host=127\.0\.0\.1 port=$pg_port" "$dir/$ini.ini" \
-    || die "$dir/$ini.ini has no line '* = host=127.0.0.1 port=$pg_port' to point at the standby"
+  grep -qx "\* = host=127\.0\.0\.1 port=$forwarder_port" "$dir/$ini.ini" \
+    || die "$dir/$ini.ini has no line '* = host=127.0.0.1 port=$forwarder_port' (the primary address)"
 done
 [ -s "$dir/forwarder.pid" ] || die "$name has no forwarder ($dir/forwarder.pid) for its primary address"
 
@@ -112,15 +104,10 @@ stop_forwarder
 start_forwarder "$forwarder_port" "$standby_port"
 t_forwarder=$(now_ms)
 
-# A PgBouncer that is not running (a test stopped it) reads the new line when it starts.
 urls=("$REAPER_TEST_DATABASE_URL")
 labels=("the primary address")
 down=()
 for ini in pgbouncer pgbouncer-session; do
-  # Rewritten in place: the file keeps its owner, the user PgBouncer runs as.
-  ini_text=$(sed "s/^\* = host=127\.0\.0\.1 port=$pg_port\$/* = host=127.0.0.1 port=$standby_port/" "$dir/$ini.ini")
-  printf '%s\n' "$ini_text" >"$dir/$ini.ini"
-  admin_port=$(sed -n 's/^listen_port = //p' "$dir/$ini.ini")
   url=$REAPER_TEST_PGBOUNCER_URL label="the transaction-mode PgBouncer"
   if [ "$ini" = pgbouncer-session ]; then
     url=$REAPER_TEST_PGBOUNCER_SESSION_URL label="the session-mode PgBouncer"
@@ -130,12 +117,9 @@ for ini in pgbouncer pgbouncer-session; do
     down+=("$ini")
     continue
   fi
-  PGPASSWORD=reaper "$pgbin/psql" -qAtX "postgres://reaper@127.0.0.1:$admin_port/pgbouncer$tls_query" \
-    -c 'RELOAD' >/dev/null || die "RELOAD on the admin console of $ini (port $admin_port) failed"
   urls+=("$url")
   labels+=("$label")
 done
-t_reloaded=$(now_ms)
 
 # A client that tried a PgBouncer while no server answered makes it hold every client
 # back for server_login_retry (1 s in the transaction-mode one, the default 15 s in the
@@ -160,9 +144,9 @@ set_env REAPER_TEST_STANDBY_PGDATA ''
 echo "$killed (port $pg_port) at $(date -u +%FT%TZ), $new (port $standby_port) promoted" >"$dir/failed-over"
 
 answers=$(printf '%s, ' "${answered[@]}")
-not_reloaded=${down[*]:+; not running, so not reloaded: ${down[*]}}
+not_running=${down[*]:+; not running: ${down[*]}}
 echo "tests/db/failover.sh: $name: $killed in $((t_killed - t_kill)) ms, its port free" \
   "$((t_port - t_killed)) ms later, $new promoted in $((t_promoted - t_port)) ms, forwarder" \
-  "repointed in $((t_forwarder - t_promoted)) ms, PgBouncers reloaded in $((t_reloaded - t_forwarder)) ms;" \
-  "from the kill to an answer from the new primary ${answers%, }$not_reloaded" >&2
+  "repointed in $((t_forwarder - t_promoted)) ms;" \
+  "from the kill to an answer from the new primary ${answers%, }$not_running" >&2
 echo "$REAPER_TEST_DATABASE_URL"

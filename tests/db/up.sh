@@ -179,11 +179,14 @@ cat >"$dir/userlist.txt" <<LIST
 "$user" "$password"
 LIST
 
-# pgbouncer_ini PORT NAME: the settings every PgBouncer here shares.
+# pgbouncer_ini PORT NAME: the settings every PgBouncer here shares. With a standby they
+# go to the primary address (the forwarder), as they would to a virtual IP or a Service:
+# a failover needs no change to them. (Repointing `*` and RELOADing is not enough: the
+# pools PgBouncer made from `*` keep the old address while any client stays connected.)
 pgbouncer_ini() {
   cat <<INI
 [databases]
-* = host=127.0.0.1 port=$pg_port
+* = host=127.0.0.1 port=${forwarder_port:-$pg_port}
 
 [pgbouncer]
 listen_addr = 127.0.0.1

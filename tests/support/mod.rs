@@ -5,5 +5,6 @@ pub mod cases;
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
+pub mod ha_db;
 pub mod operator;
 pub mod proxy;

@@ -1,0 +1,723 @@
+//! The lease through a failover of its PostgreSQL: a real primary with a real streaming
+//! standby (synchronous or asynchronous), two local control planes as two clusters, two
+//! `reaper-operator run` replicas in each, all going through PgBouncer, which the
+//! failover step repoints to the promoted standby.
+//!
+//! Throughout, a sampler counts the reaper pods that can still act in both clusters
+//! (Terminating ones count) every 100 ms and reads the lease row: never more than one
+//! pod, and no epoch handed out after the failover is one handed out before it.
+//!
+//! The asynchronous scenario first makes the old primary's history diverge from the
+//! standby's (replication stopped, then a takeover acknowledged only by the old
+//! primary), and shows what the promoted standby's row alone would allow: a takeover
+//! before the last holder's renew deadline, and that holder's epoch handed out again
+//! (docs/operations.md, "A highly available database").
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use chrono::{DateTime, Utc};
+use kube::Client;
+use reaper_operator::config::Schema;
+use reaper_operator::lease::{Lease, LeaseStore};
+use reaper_operator::reaper::LeaseSpec;
+use serde_json::json;
+use support::cluster::{TestCluster, wait_until};
+use support::db::unique_schema;
+use support::fixtures::{create_deployment, create_reaper, live_pods};
+use support::ha_db::{HaDatabase, Replication};
+use support::operator::{OperatorProcess, OperatorSpec};
+use tokio::task::JoinHandle;
+
+// A renew deadline well short of the ttl, so that the asynchronous scenario's lost renews
+// leave seconds between what the row alone allows and the holder's deadline.
+const TTL: u64 = 6;
+const DEADLINE: u64 = 4;
+const RETRY: u64 = 1;
+
+/// Epochs handed out on WAL timeline 2 (the first promotion) are above this.
+const TIMELINE_2_EPOCH_FLOOR: i64 = 1 << 32;
+
+struct Cluster {
+    name: &'static str,
+    test: TestCluster,
+    client: Client,
+}
+
+#[test]
+fn lease_through_a_database_failover() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = TestCluster::start("dbf-a").expect("start cluster a");
+    let b = TestCluster::start_new("dbf-b").expect("start cluster b");
+    let failures: Vec<String> = runtime.block_on(async {
+        let clusters = [connect("a", a).await, connect("b", b).await];
+        for c in &clusters {
+            support::cluster::install_reaper_crd(&c.client)
+                .await
+                .expect("install the CRD");
+        }
+        let mut failures = Vec::new();
+        for (name, result) in [
+            (
+                "synchronous standby: failover under two clusters of two replicas",
+                synchronous_failover(&clusters).await,
+            ),
+            (
+                "asynchronous standby behind: the lost history is not trusted",
+                asynchronous_failover_with_lost_history(&clusters).await,
+            ),
+        ] {
+            match result {
+                Ok(()) => eprintln!("=== ok: {name}"),
+                Err(e) => {
+                    eprintln!("=== FAILED: {name}: {e:#}");
+                    failures.push(format!("{name}: {e:#}"));
+                }
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}",
+        failures.join("\n")
+    );
+}
+
+async fn connect(name: &'static str, test: TestCluster) -> Cluster {
+    let client = test.client().await.expect("cluster client");
+    Cluster { name, test, client }
+}
+
+/// One Reaper on one lease in each cluster, two replicas per cluster, over one HA
+/// database.
+struct World<'a> {
+    clusters: &'a [Cluster; 2],
+    db: HaDatabase,
+    ns: String,
+    lease: String,
+    /// Reads the lease row through PgBouncer (follows the failover).
+    store: LeaseStore,
+    ops: Vec<OperatorProcess>,
+}
+
+impl<'a> World<'a> {
+    async fn start(
+        clusters: &'a [Cluster; 2],
+        prefix: &str,
+        replication: Replication,
+    ) -> Result<Self> {
+        let db = HaDatabase::start(prefix, replication)?;
+        let schema = unique_schema("dbf");
+        let admin =
+            LeaseStore::connect(db.primary_url(), &schema, Duration::from_secs(10), 1).await?;
+        admin.migrate().await?;
+        admin.close().await;
+        let ns = format!("{prefix}-{:x}", Utc::now().timestamp_subsec_nanos());
+        let lease = format!("{ns}.reaper");
+        for c in clusters {
+            create_namespace(&c.client, &ns).await?;
+            create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+            create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease)).await?;
+        }
+        let ops = clusters
+            .iter()
+            .flat_map(|c| ["op-1", "op-2"].map(|id| operator(c, &db, &schema, &ns, id)))
+            .collect();
+        let store =
+            LeaseStore::connect_lazy(db.pgbouncer_url(), &schema, Duration::from_secs(1), 2)?;
+        Ok(Self {
+            clusters,
+            db,
+            ns,
+            lease,
+            store,
+            ops,
+        })
+    }
+
+    /// Waits until one cluster runs the reaper and the lease row says so.
+    async fn wait_leading(&self, timeout: Duration, newer_than: i64) -> Result<Lease> {
+        wait_until("one cluster running the reaper", timeout, || async {
+            let Ok(Some(row)) = self.store.get(&self.lease).await else {
+                return Ok(None);
+            };
+            let Some(c) = self
+                .clusters
+                .iter()
+                .position(|c| row.holder.starts_with(&format!("{}/", c.name)))
+            else {
+                return Ok(None);
+            };
+            let ready = live_pods(&self.clusters[c].client, &self.ns, "reaper").await? == 1
+                && live_pods(&self.clusters[1 - c].client, &self.ns, "reaper").await? == 0;
+            Ok((row.is_held() && row.epoch > newer_than && ready).then_some(row))
+        })
+        .await
+    }
+
+    fn op(&self, holder: &str) -> Result<&OperatorProcess> {
+        self.ops
+            .iter()
+            .find(|o| o.holder() == holder)
+            .ok_or_else(|| anyhow!("no replica {holder}"))
+    }
+
+    fn with_logs(&self, result: Result<()>) -> Result<()> {
+        result.map_err(|e| {
+            let logs: Vec<String> = self
+                .ops
+                .iter()
+                .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
+                .collect();
+            anyhow!("{e:#}\n{}", logs.join("\n"))
+        })
+    }
+}
+
+async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await?;
+    Ok(())
+}
+
+fn lease_spec(name: &str) -> LeaseSpec {
+    LeaseSpec {
+        name: Some(name.to_owned()),
+        ttl_seconds: TTL as i32,
+        renew_deadline_seconds: DEADLINE as i32,
+        retry_period_seconds: RETRY as i32,
+        handover_delay_seconds: 0,
+    }
+}
+
+fn operator(
+    cluster: &Cluster,
+    db: &HaDatabase,
+    schema: &Schema,
+    ns: &str,
+    identity: &str,
+) -> OperatorProcess {
+    OperatorProcess::start(OperatorSpec {
+        kubeconfig: cluster.test.kubeconfig(),
+        database_url: db.pgbouncer_url(),
+        listen_database_url: Some(db.pgbouncer_session_url()),
+        schema: schema.as_str(),
+        cluster: cluster.name,
+        identity,
+        migrate: false,
+        namespace: ns,
+    })
+}
+
+/// What the sampler saw at one instant.
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    /// Reaper pods that can still act, per cluster.
+    pods: [usize; 2],
+    /// The lease row through PgBouncer, when it could be read.
+    row: Option<Lease>,
+}
+
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Vec<Sample>>,
+}
+
+impl Sampler {
+    fn start(world: &World<'_>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = [
+            world.clusters[0].client.clone(),
+            world.clusters[1].client.clone(),
+        ];
+        let (ns, lease, store) = (world.ns.clone(), world.lease.clone(), world.store.clone());
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let mut pods = [0; 2];
+                for (i, client) in clients.iter().enumerate() {
+                    // A failed read counts as a pod: it cannot prove there is none.
+                    pods[i] = live_pods(client, &ns, "reaper").await.unwrap_or(1);
+                }
+                let row = store.get(&lease).await.ok().flatten();
+                samples.push(Sample { at, pods, row });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            samples
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
+/// Fails when any sample saw pods that can act in both clusters.
+fn at_most_one_pod(samples: &[Sample], start: Instant) -> Result<()> {
+    let both: Vec<String> = samples
+        .iter()
+        .filter(|s| s.pods[0] + s.pods[1] > 1)
+        .map(|s| format!("{:.1?}: {:?}", s.at - start, s.pods))
+        .collect();
+    ensure!(
+        both.is_empty(),
+        "more than one reaper pod could act: {}",
+        both.join(", ")
+    );
+    Ok(())
+}
+
+/// How long after `since` the sampler first saw the lease held at `epoch` (or later)
+/// and a pod in the holder's cluster, none in the other.
+fn running_again(
+    samples: &[Sample],
+    clusters: &[Cluster; 2],
+    epoch: i64,
+    since: Instant,
+) -> Result<Duration> {
+    samples
+        .iter()
+        .filter(|s| s.at >= since)
+        .find(|s| {
+            s.row.as_ref().is_some_and(|r| {
+                let c = clusters
+                    .iter()
+                    .position(|c| r.holder.starts_with(&format!("{}/", c.name)));
+                r.epoch >= epoch
+                    && r.is_held()
+                    && c.is_some_and(|c| s.pods[c] == 1 && s.pods[1 - c] == 0)
+            })
+        })
+        .map(|s| s.at - since)
+        .context("the sampler never saw the reaper running again")
+}
+
+/// How long after `since` the sampler first read the lease row from the new primary
+/// (through PgBouncer).
+fn first_read_after(samples: &[Sample], since: Instant) -> Result<Duration> {
+    samples
+        .iter()
+        .filter(|s| s.at >= since)
+        .filter(|s| {
+            s.row
+                .as_ref()
+                .is_some_and(|r| !r.on_current_timeline || r.epoch > TIMELINE_2_EPOCH_FLOOR)
+        })
+        .map(|s| s.at - since)
+        .next()
+        .context("the sampler never read the lease row after the failover")
+}
+
+/// The highest epoch the sampler saw before `until`.
+fn highest_epoch_before(samples: &[Sample], until: Instant) -> i64 {
+    samples
+        .iter()
+        .filter(|s| s.at < until)
+        .filter_map(|s| s.row.as_ref().map(|r| r.epoch))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The lease row as the standby has it, by the row alone (no timeline: a standby in
+/// recovery has no current WAL position).
+struct StandbyRow {
+    holder: String,
+    epoch: i64,
+    renewed_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
+
+async fn standby_row(world: &World<'_>) -> Result<StandbyRow> {
+    use sqlx::Row;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&support::db::options(
+        world.db.standby_url(),
+    ))
+    .await?;
+    let sql = format!(
+        "SELECT holder, epoch, renewed_at, renewed_at + ttl_ms * interval '1 millisecond' AS expires_at \
+         FROM {} WHERE name = '{}'",
+        world.store.schema().qualify("lease"),
+        world.lease
+    );
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut conn)
+        .await
+        .context("the lease row on the standby")?;
+    Ok(StandbyRow {
+        holder: row.try_get("holder")?,
+        epoch: row.try_get("epoch")?,
+        renewed_at: row.try_get("renewed_at")?,
+        expires_at: row.try_get("expires_at")?,
+    })
+}
+
+/// When the first acquire on WAL timeline `timeline` ran (it starts the wait).
+async fn first_seen_on_timeline(world: &World<'_>, timeline: i64) -> Result<DateTime<Utc>> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&support::db::options(
+        world.db.primary_url(),
+    ))
+    .await?;
+    let sql = format!(
+        "SELECT first_seen_at FROM {} WHERE timeline = {timeline}",
+        world.store.schema().qualify("lease_timeline")
+    );
+    Ok(support::db::scalar(&mut conn, &sql).await?)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
+    let mut world = World::start(clusters, "dbf-sync", Replication::Sync).await?;
+    let result = async {
+        let before = world.wait_leading(Duration::from_secs(60), 0).await?;
+        let start = Instant::now();
+        let sampler = Sampler::start(&world);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let failover = tokio::task::block_in_place(|| world.db.fail_over())?;
+        let after = world
+            .wait_leading(Duration::from_secs(TTL * 4 + 20), before.epoch)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let samples = sampler.finish().await?;
+
+        at_most_one_pod(&samples, start)?;
+        let seen_before = highest_epoch_before(&samples, failover.killed_at);
+        ensure!(
+            after.epoch > seen_before && after.epoch > TIMELINE_2_EPOCH_FLOOR,
+            "epoch after the failover {} is not above every earlier one ({seen_before}) \
+             and the floor of timeline 2",
+            after.epoch
+        );
+        let events = world.store.events(&world.lease).await?;
+        let mut epochs: Vec<i64> = events.iter().map(|e| e.epoch).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        ensure!(
+            epochs.len() == events.iter().filter(|e| e.kind != "release").count(),
+            "an epoch was handed out twice: {events:?}"
+        );
+        eprintln!(
+            "synchronous failover: kill -> new primary serving {}, -> the reaper running \
+             again in cluster {} (epoch {} -> {}) {}",
+            secs(first_read_after(&samples, failover.killed_at)?),
+            after.holder,
+            before.epoch,
+            after.epoch,
+            secs(running_again(
+                &samples,
+                clusters,
+                after.epoch,
+                failover.killed_at
+            )?)
+        );
+        Ok(())
+    }
+    .await;
+    let result = world.with_logs(result);
+    world.ops.clear();
+    result
+}
+
+async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Result<()> {
+    let mut world = World::start(clusters, "dbf-async", Replication::Async).await?;
+    let result = async {
+        let first = world.wait_leading(Duration::from_secs(60), 0).await?;
+        let start = Instant::now();
+        let sampler = Sampler::start(&world);
+
+        // From here on the old primary acknowledges what the standby never gets.
+        world.db.pause_replication()?;
+        // kill -9 of the holder: its peer takes the lease over on the old primary only.
+        world.op(&first.holder)?.signal("KILL");
+        let peer = wait_until(
+            "the peer's takeover on the old primary",
+            Duration::from_secs(TTL * 3 + 10),
+            || async {
+                Ok(world
+                    .store
+                    .get(&world.lease)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|r| r.is_held() && r.epoch > first.epoch))
+            },
+        )
+        .await?;
+        // Let it renew a few times, each acknowledged by the old primary alone.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let last_acknowledged = world
+            .store
+            .get(&world.lease)
+            .await?
+            .context("the lease row is missing on the old primary")?;
+
+        // The standby's row, which the promotion will make the primary's: what a
+        // candidate going by the row alone would judge by.
+        let stale = standby_row(&world).await?;
+        let failover = tokio::task::block_in_place(|| world.db.fail_over())?;
+        let after = world
+            .wait_leading(Duration::from_secs(TTL * 4 + 20), first.epoch)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let samples = sampler.finish().await?;
+
+        // The hazard, exactly: the row the failover left is older than what the old
+        // primary acknowledged.
+        let lost: chrono::Duration = last_acknowledged.renewed_at - stale.renewed_at;
+        let peer_deadline: DateTime<Utc> =
+            last_acknowledged.renewed_at + chrono::Duration::seconds(DEADLINE as i64);
+        let early = (peer_deadline - stale.expires_at)
+            .to_std()
+            .unwrap_or_default();
+        eprintln!(
+            "asynchronous failover: the promoted standby shows {} at epoch {} renewed {:.2} s \
+             before the last renew the old primary acknowledged ({} at epoch {}); going by \
+             the row alone a candidate could take the lease {} before that holder's renew \
+             deadline, at epoch {} (already {}'s)",
+            stale.holder,
+            stale.epoch,
+            lost.as_seconds_f64(),
+            last_acknowledged.holder,
+            last_acknowledged.epoch,
+            secs(early),
+            stale.epoch + 1,
+            peer.holder,
+        );
+        ensure!(
+            stale.epoch < peer.epoch && stale.holder == first.holder,
+            "the takeover at epoch {} reached the standby (row {} at epoch {}): the scenario \
+             did not lose history",
+            peer.epoch,
+            stale.holder,
+            stale.epoch
+        );
+        ensure!(
+            stale.expires_at < peer_deadline,
+            "the promoted standby's row expires at {}, not before the holder's deadline \
+             {peer_deadline}: the scenario shows no hazard",
+            stale.expires_at
+        );
+        // The mitigation: nobody took the lease before a ttl after the failover, no
+        // second pod, and the epoch is above the lost one.
+        at_most_one_pod(&samples, start)?;
+        let killed_wall = failover.killed_wall;
+        let events = world.store.events(&world.lease).await?;
+        for e in events
+            .iter()
+            .filter(|e| e.at >= killed_wall && e.kind != "release")
+        {
+            ensure!(
+                e.at >= peer_deadline,
+                "{} took the lease at {}, {} before the renew deadline of {}, whose renews \
+                 the old primary acknowledged",
+                e.holder,
+                e.at,
+                secs((peer_deadline - e.at).to_std().unwrap_or_default()),
+                last_acknowledged.holder
+            );
+        }
+        for e in &events {
+            ensure!(
+                e.epoch != peer.epoch || e.kind == "release",
+                "epoch {} went to {} on the old primary and is in the new primary's history \
+                 as {} by {} at {} (killed at {killed_wall}): {}",
+                peer.epoch,
+                peer.holder,
+                e.kind,
+                e.holder,
+                e.at,
+                if e.at < killed_wall {
+                    "the takeover was not lost"
+                } else {
+                    "handed out twice"
+                }
+            );
+        }
+        let seen_before = highest_epoch_before(&samples, failover.killed_at);
+        ensure!(
+            after.epoch > seen_before && after.epoch > peer.epoch,
+            "epoch after the failover {} is not above the lost one {} (seen {seen_before})",
+            after.epoch,
+            peer.epoch
+        );
+        // Every acquisition on the new timeline came a ttl or more after the new
+        // primary first saw an acquire (the earliest instant the wait can start from).
+        let first_seen = first_seen_on_timeline(&world, 2).await?;
+        let events = world.store.events(&world.lease).await?;
+        let early: Vec<_> = events
+            .iter()
+            .filter(|e| e.epoch > TIMELINE_2_EPOCH_FLOOR && e.kind != "release")
+            .filter(|e| e.at < first_seen + chrono::Duration::seconds(TTL as i64))
+            .collect();
+        ensure!(
+            early.is_empty(),
+            "acquired less than a ttl after timeline 2 was first seen ({first_seen}): {early:?}"
+        );
+        eprintln!(
+            "asynchronous failover: taken again by {} at epoch {} {} after the kill; \
+             the reaper running again {} after it",
+            after.holder,
+            after.epoch,
+            secs(
+                (after.acquired_at - failover.killed_wall)
+                    .to_std()
+                    .unwrap_or_default()
+            ),
+            secs(running_again(
+                &samples,
+                clusters,
+                after.epoch,
+                failover.killed_at
+            )?)
+        );
+        Ok(())
+    }
+    .await;
+    let result = world.with_logs(result);
+    world.ops.clear();
+    result
+}
+
+/// The lease statements themselves across an asynchronous failover that lost a renew:
+/// the row from before it can be neither renewed nor released nor used as a fence,
+/// nothing is acquired until a ttl after the new primary first saw an acquire, and the
+/// next epoch is above every epoch of the old timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_statements_across_a_failover() {
+    let ttl = Duration::from_secs(2);
+    let mut db = HaDatabase::start("dbf-stmt", Replication::Async).unwrap();
+    let schema = unique_schema("dbf");
+    let admin = LeaseStore::connect(db.primary_url(), &schema, Duration::from_secs(10), 1)
+        .await
+        .unwrap();
+    admin.migrate().await.unwrap();
+    admin.close().await;
+    let store = LeaseStore::connect(db.pgbouncer_url(), &schema, Duration::from_secs(5), 2)
+        .await
+        .unwrap();
+    let held = store.acquire("l", "a/1", ttl).await.unwrap().unwrap();
+    assert_eq!(held.epoch, 1, "timeline 1 keeps the epochs it always had");
+    // Replicated: the standby has the acquire.
+    wait_until(
+        "the standby to catch up",
+        Duration::from_secs(10),
+        || async { Ok(db.replay_caught_up()?.then_some(())) },
+    )
+    .await
+    .unwrap();
+    db.pause_replication().unwrap();
+    let renewed = store.renew("l", "a/1", 1).await.unwrap().unwrap();
+
+    db.fail_over().unwrap();
+    // The store's connections to the old primary are dead; statements go on through
+    // PgBouncer to the new one.
+    let row = wait_until(
+        "the new primary through PgBouncer",
+        Duration::from_secs(20),
+        || async { Ok(store.get("l").await.ok().flatten()) },
+    )
+    .await
+    .unwrap();
+    assert!(
+        row.renewed_at < renewed.renewed_at,
+        "the acknowledged renew survived the failover: {row:?} vs {renewed:?}"
+    );
+    assert!(!row.on_current_timeline && !row.is_held(), "{row:?}");
+    assert_eq!(
+        store.renew("l", "a/1", 1).await.unwrap(),
+        None,
+        "renewed across the failover"
+    );
+    let many = store.renew_many("a/1", &[("l".into(), 1)]).await.unwrap();
+    assert!(
+        many.is_empty(),
+        "renewed in a batch across the failover: {many:?}"
+    );
+    assert_eq!(
+        store.release("l", "a/1", 1).await.unwrap(),
+        None,
+        "released across the failover"
+    );
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&support::db::options(
+        db.primary_url(),
+    ))
+    .await
+    .unwrap();
+    let fence: bool = support::db::scalar(
+        &mut conn,
+        &format!("SELECT \"{}\".lease_fence('l', 1)", schema.as_str()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !fence,
+        "the fence let a write through on a row from before the failover"
+    );
+    assert_eq!(
+        store.acquirable(&["l".into()]).await.unwrap(),
+        vec!["l".to_owned()],
+        "a row from before the failover is worth an acquire (it starts the wait)"
+    );
+
+    // The first acquire on the new timeline starts the wait; none succeeds before it ends.
+    let first_try = Instant::now();
+    assert_eq!(store.acquire("l", "b/1", ttl).await.unwrap(), None);
+    assert_eq!(
+        store.acquire("new-lease", "b/1", ttl).await.unwrap(),
+        None,
+        "a lease created in the wait"
+    );
+    let taken = loop {
+        if let Some(lease) = store.acquire("l", "b/1", ttl).await.unwrap() {
+            break lease;
+        }
+        assert!(
+            first_try.elapsed() < ttl * 3,
+            "never acquired after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        first_try.elapsed() >= ttl - Duration::from_millis(100),
+        "acquired {:?} after the first try on the new timeline, before the ttl",
+        first_try.elapsed()
+    );
+    assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
+    assert!(taken.on_current_timeline && taken.is_held());
+    assert!(
+        store
+            .renew("l", "b/1", taken.epoch)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let created = store
+        .acquire("new-lease", "b/1", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
+    store.close().await;
+}
