@@ -465,7 +465,7 @@ quick run of this bench.
   old bench measured that way. The operator sends its statements from tasks on the \
   workers, and so does the bench now.
 - **The simple-query path and the SQL text: small against the commit.** Each statement \
-  travels as one query message with two `SET LOCAL`s (the lock and statement timeouts) in \
+  travels as one query message with three `SET LOCAL`s (the lock and statement timeouts, `synchronous_commit = on`) in \
   front; through libpq the renew text costs what the bare one-row `UPDATE` costs give or \
   take the noise of the commit (table above: libpq's `renew` next to its `UPDATE`). The \
   failed `acquire` of a held lease is the one statement whose text matters: it writes \
