@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The chaos suite (tests/chaos.rs, docs/chaos.md) against a private PostgreSQL + PgBouncer
+# The chaos suite (tests/chaos.rs, docs/chaos.md) against a private PostgreSQL pair + PgBouncer
 # of its own: the suite stops and restarts the database it is given, so it never gets
 # the one other tests use. Extra arguments go to the test binary.
 #
@@ -16,7 +16,9 @@ db_name="chaos-$$"
 cleanup() { tests/db/down.sh "$db_name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT INT TERM
 
-env_file=$(tests/db/up.sh "$db_name" | tail -n 1)
+# A primary with a synchronous standby: the `postgres-failover` fault promotes it (and
+# makes a new one); every URL goes to whichever server is the primary.
+env_file=$(REAPER_DB_STANDBY=sync tests/db/up.sh "$db_name" | tail -n 1)
 set -a
 # shellcheck source=/dev/null
 . "$env_file"

@@ -84,6 +84,7 @@ pub enum Kind {
     CutBlackhole,
     RestartPgBouncer,
     RestartPostgres,
+    FailoverPostgres,
     RestartApiserver,
     FreezeCluster,
     CutCluster,
@@ -104,6 +105,7 @@ impl Kind {
             Kind::CutBlackhole => "db-cut-blackhole",
             Kind::RestartPgBouncer => "pgbouncer-restart",
             Kind::RestartPostgres => "postgres-restart",
+            Kind::FailoverPostgres => "postgres-failover",
             Kind::RestartApiserver => "apiserver-restart",
             Kind::FreezeCluster => "cluster-sigstop",
             Kind::CutCluster => "cluster-db-cut",
@@ -171,6 +173,9 @@ impl FaultRecord {
             Kind::Pause | Kind::FreezeCluster | Kind::GuardSigstop => 1.0,
             Kind::CutReset | Kind::CutBlackhole | Kind::CutCluster => 1.0,
             Kind::RestartPgBouncer | Kind::RestartPostgres => 2.0,
+            // Healed when the new standby streams; nothing is acquired until a ttl (3 s)
+            // after the new primary first saw an acquire, then one retry period.
+            Kind::FailoverPostgres => 5.0,
             Kind::RestartApiserver => 6.0,
             // Healed when the replicas answer /readyz again, or the objects are back.
             Kind::StopOperators | Kind::RecreateReaper | Kind::DeleteDeployment => 2.0,

@@ -29,13 +29,14 @@ use crate::support::fixtures::PodStop;
 use crate::support::proxy::Mode;
 
 /// Every kind once per round, in a seeded order, so that a short run sees each kind.
-const DECK: [Kind; 15] = [
+const DECK: [Kind; 16] = [
     Kind::Kill9,
     Kind::Pause,
     Kind::CutReset,
     Kind::CutBlackhole,
     Kind::RestartPgBouncer,
     Kind::RestartPostgres,
+    Kind::FailoverPostgres,
     Kind::RestartApiserver,
     Kind::FreezeCluster,
     Kind::CutCluster,
@@ -113,6 +114,8 @@ impl Plan {
             Kind::Pause | Kind::GuardSigstop => (ttl + 1.0, ttl + 5.0),
             Kind::CutReset | Kind::CutBlackhole => (1.0, 8.0),
             Kind::RestartPgBouncer | Kind::RestartPostgres => (0.0, 3.0),
+            // How long the promoted primary runs without a standby.
+            Kind::FailoverPostgres => (0.0, 3.0),
             Kind::RestartApiserver => (1.0, 5.0), // down, plus ~2 s to start
             // Long enough for the frozen cluster's report of the targeted lease
             // (`pick % leases`, as the injector resolves it) to go stale, so that the
@@ -323,6 +326,10 @@ impl Injector<'_> {
             | Kind::SecondReaperSameNamespace
             | Kind::SecondReaperOtherNamespace => self.resolve_object_fault(id, p),
             Kind::RestartPgBouncer => (Effect::DatabaseDown, "PgBouncer".to_owned()),
+            Kind::FailoverPostgres => (
+                Effect::DatabaseDown,
+                "PostgreSQL primary (kill -9, the synchronous standby promoted)".to_owned(),
+            ),
             Kind::RestartPostgres => (
                 Effect::DatabaseDown,
                 format!(
@@ -409,9 +416,14 @@ impl Injector<'_> {
         let took = |t: chrono::DateTime<Utc>| (t - start).num_milliseconds() as f64 / 1000.0;
         let result = match result {
             Ok(restarted) => {
+                let verb = if kind == Kind::FailoverPostgres {
+                    "promoted"
+                } else {
+                    "restarted"
+                };
                 let detail = restarted.map_or(String::new(), |t| {
                     format!(
-                        " (restarted after {:.1} s, then usable through PgBouncer)",
+                        " ({verb} after {:.1} s, then usable through PgBouncer)",
                         took(t)
                     )
                 });
@@ -527,6 +539,14 @@ impl Injector<'_> {
                 let restarted = Utc::now();
                 self.db.wait_usable(usable).await?;
                 return Ok(Some(restarted));
+            }
+            Kind::FailoverPostgres => {
+                self.db.fail_over().await?;
+                let promoted = Utc::now();
+                tokio::time::sleep(hold).await;
+                self.db.add_standby().await?;
+                self.db.wait_usable(usable).await?;
+                return Ok(Some(promoted));
             }
             Kind::RestartApiserver => {
                 let Effect::ApiserverDown(c) = *effect else {

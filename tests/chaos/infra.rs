@@ -140,6 +140,46 @@ impl Database {
         self.pgdata.display().to_string()
     }
 
+    /// `tests/db/<script> NAME` for this database (the pair scripts run as root and
+    /// switch to the database user themselves).
+    async fn pair_script(&self, script: &str) -> Result<()> {
+        let path = crate::support::cluster::repo_root().join("tests/db").join(script);
+        let name = self
+            .dir
+            .file_name()
+            .ok_or_else(|| anyhow!("{} has no name", self.dir.display()))?
+            .to_owned();
+        let root = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(&path)
+                .arg(&name)
+                .env("REAPER_DB_DIR", &root)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running {}", path.display()))
+        })
+        .await??;
+        ensure!(
+            out.status.success(),
+            "tests/db/{script} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Kills the primary, promotes the standby and moves the primary address to it
+    /// (`tests/db/failover.sh`).
+    pub async fn fail_over(&self) -> Result<()> {
+        self.pair_script("failover.sh").await
+    }
+
+    /// A new standby of the current primary, synchronous again (`tests/db/standby.sh`).
+    pub async fn add_standby(&self) -> Result<()> {
+        self.pair_script("standby.sh").await
+    }
+
     pub fn postgres_running(&self) -> bool {
         self.run(&self.pg_ctl, &["-D", &self.pgdata(), "status"])
             .is_ok_and(|o| o.status.success())
