@@ -16,7 +16,6 @@
 --
 -- The timeline is the one the server writes WAL on now (the first 8 hex digits of the
 -- current WAL file's name); it changes at the promotion, before the server takes writes.
--- The first timeline seen here (this migration's) has no lost history: -infinity.
 DO $migration$
 DECLARE
     s text := current_schema();
@@ -70,7 +69,19 @@ CREATE TABLE lease_timeline (
     first_seen_at timestamptz NOT NULL
 );
 
-INSERT INTO lease_timeline (timeline, first_seen_at) VALUES (lease_server_timeline(), '-infinity');
+-- A schema without leases has no history to lose: its first timeline needs no wait. With
+-- leases (an upgrade), the wait starts now, as after a failover: this migration may run
+-- moments after one, or be lost in one and run again. Holders keep renewing meanwhile.
+INSERT INTO lease_timeline (timeline, first_seen_at)
+SELECT lease_server_timeline(),
+       CASE WHEN EXISTS (SELECT 1 FROM lease) THEN clock_timestamp() ELSE '-infinity' END;
 
--- The default covers rows inserted by an older version during a rolling upgrade.
+-- The default covers rows an older version inserts during a rolling upgrade (its
+-- takeovers and renews know nothing of timelines: docs/operations.md).
 ALTER TABLE lease ADD COLUMN timeline bigint NOT NULL DEFAULT lease_server_timeline();
+
+-- A workload report from before a failover proves nothing about the pods now: the
+-- cluster's later reports (its own takeover, a starting pod) may be lost. Readers count
+-- such a report as "may run pods" until its own bound has passed since the new timeline
+-- was first seen (src/lease/store.rs, `sync_workload`).
+ALTER TABLE lease_workload ADD COLUMN timeline bigint NOT NULL DEFAULT lease_server_timeline();

@@ -549,16 +549,35 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
                 }
                 None => {
                     let current = store.get(&name).await?;
-                    if let Some(lease) = &current {
-                        eprintln!(
-                            "lease {name:?} is held by {:?} (epoch {}) until {}",
-                            lease.holder,
-                            lease.epoch,
-                            lease.expires_at.to_rfc3339()
-                        );
-                        print_lease(lease, output);
-                    } else {
-                        eprintln!("lease {name:?} is held by someone else");
+                    match &current {
+                        Some(lease) if lease.is_held() => {
+                            eprintln!(
+                                "lease {name:?} is held by {:?} (epoch {}) until {}",
+                                lease.holder,
+                                lease.epoch,
+                                lease.expires_at.to_rfc3339()
+                            );
+                            print_lease(lease, output);
+                        }
+                        Some(lease) if !lease.on_current_timeline => {
+                            eprintln!(
+                                "lease {name:?} cannot be acquired yet: the database failed \
+                                 over recently, and nothing is acquired until a ttl after \
+                                 the new primary first saw an acquire (try again then)"
+                            );
+                            print_lease(lease, output);
+                        }
+                        Some(lease) => {
+                            eprintln!(
+                                "lease {name:?} changed hands while it was being acquired, \
+                                 or the database failed over recently: try again"
+                            );
+                            print_lease(lease, output);
+                        }
+                        None => eprintln!(
+                            "lease {name:?} cannot be acquired yet: the database failed over \
+                             recently (try again in a ttl)"
+                        ),
                     }
                     Ok(Outcome::NotDone)
                 }
@@ -672,12 +691,12 @@ pub fn lease_json(lease: &Lease) -> Value {
 fn state(lease: &Lease) -> &'static str {
     if lease.is_free() {
         "free"
-    } else if lease.is_expired() {
-        "expired"
     } else if !lease.on_current_timeline {
         // Acquired before a failover of the database: nobody can renew it, and it can
-        // be taken once a ttl has passed since the failover.
+        // be taken once a ttl has passed since the new primary first saw an acquire.
         "lost-in-failover"
+    } else if lease.is_expired() {
+        "expired"
     } else {
         "held"
     }

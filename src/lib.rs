@@ -26,11 +26,13 @@ pub enum Error {
     Timeout(Duration),
 
     /// The server cancelled a lease statement that waited longer than its `lock_timeout`
-    /// for a lock: a transaction holds a lock on the lease row, or (for a takeover) a
-    /// fenced write of the workload is still in flight.
+    /// for a lock: a transaction holds a lock on the lease row, (for a takeover) a fenced
+    /// write of the workload is still in flight, or an earlier statement's commit still
+    /// waits for a synchronous standby that does not answer (it holds the row lock).
     #[error(
         "lease statement gave up after waiting {0:?} for a lock (lock_timeout): another \
-         transaction holds a lock on the lease row, or a fenced workload write is in flight"
+         transaction holds a lock on the lease row, a fenced workload write is in flight, \
+         or a commit waits for a synchronous standby that does not answer"
     )]
     LockTimeout(Duration),
 

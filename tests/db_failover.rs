@@ -23,7 +23,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
 use kube::Client;
 use reaper_operator::config::Schema;
-use reaper_operator::lease::{Lease, LeaseStore};
+use reaper_operator::lease::{Lease, LeaseStore, WorkloadCounts};
 use reaper_operator::reaper::LeaseSpec;
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
@@ -485,9 +485,19 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
 
         // The hazard, exactly: the row the failover left is older than what the old
         // primary acknowledged.
-        let lost: chrono::Duration = last_acknowledged.renewed_at - stale.renewed_at;
-        let peer_deadline: DateTime<Utc> =
-            last_acknowledged.renewed_at + chrono::Duration::seconds(DEADLINE as i64);
+        // The peer's last renew the old primary acknowledged: the newest the sampler saw
+        // before the kill (a renew is sent before it is read back).
+        let last_renew = samples
+            .iter()
+            .filter(|s| s.at < failover.killed_at)
+            .filter_map(|s| s.row.as_ref())
+            .filter(|r| r.holder == peer.holder && r.epoch == peer.epoch)
+            .map(|r| r.renewed_at)
+            .max()
+            .unwrap_or(last_acknowledged.renewed_at)
+            .max(last_acknowledged.renewed_at);
+        let peer_deadline: DateTime<Utc> = last_renew + chrono::Duration::seconds(DEADLINE as i64);
+        let lost: chrono::Duration = last_renew - stale.renewed_at;
         let early = (peer_deadline - stale.expires_at)
             .to_std()
             .unwrap_or_default();
@@ -600,13 +610,16 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
     result
 }
 
-/// The lease statements themselves across an asynchronous failover that lost a renew:
-/// the row from before it can be neither renewed nor released nor used as a fence,
-/// nothing is acquired until a ttl after the new primary first saw an acquire, and the
-/// next epoch is above every epoch of the old timeline.
+/// The lease statements themselves across an asynchronous failover that lost a renew,
+/// then a second failover: a row from before a failover can be neither renewed nor
+/// released nor used as a fence, even unexpired; a workload report from before it counts
+/// as "may run pods"; nothing is acquired until a ttl after the new primary first saw an
+/// acquire; the next epoch is above every epoch of the earlier timelines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_statements_across_a_failover() {
     let ttl = Duration::from_secs(2);
+    // Unexpired through the whole test: its checks cannot pass for expiry alone.
+    let long = Duration::from_secs(60);
     let mut db = HaDatabase::start("dbf-stmt", Replication::Async).unwrap();
     let schema = unique_schema("dbf");
     let admin = LeaseStore::connect(db.primary_url(), &schema, Duration::from_secs(10), 1)
@@ -619,7 +632,13 @@ async fn lease_statements_across_a_failover() {
         .unwrap();
     let held = store.acquire("l", "a/1", ttl).await.unwrap().unwrap();
     assert_eq!(held.epoch, 1, "timeline 1 keeps the epochs it always had");
-    // Replicated: the standby has the acquire.
+    let long_held = store.acquire("long", "a/1", long).await.unwrap().unwrap();
+    // Cluster b reports no pods; its later report of a starting pod will be lost.
+    store
+        .sync_workload("l", "b", "b/1", WorkloadCounts::default(), ttl * 3)
+        .await
+        .unwrap();
+    // Replicated: the standby has all of that.
     wait_until(
         "the standby to catch up",
         Duration::from_secs(10),
@@ -629,6 +648,15 @@ async fn lease_statements_across_a_failover() {
     .unwrap();
     db.pause_replication().unwrap();
     let renewed = store.renew("l", "a/1", 1).await.unwrap().unwrap();
+    let starting = WorkloadCounts {
+        replicas: 1,
+        running_pods: 1,
+        ready_pods: 0,
+    };
+    store
+        .sync_workload("l", "b", "b/1", starting, ttl * 3)
+        .await
+        .unwrap();
 
     db.fail_over().unwrap();
     // The store's connections to the old primary are dead; statements go on through
@@ -645,35 +673,66 @@ async fn lease_statements_across_a_failover() {
         "the acknowledged renew survived the failover: {row:?} vs {renewed:?}"
     );
     assert!(!row.on_current_timeline && !row.is_held(), "{row:?}");
+    let long_row = store.get("long").await.unwrap().unwrap();
+    assert!(
+        !long_row.is_expired() && !long_row.on_current_timeline && !long_row.is_held(),
+        "{long_row:?}"
+    );
+    let e = long_held.epoch;
     assert_eq!(
-        store.renew("l", "a/1", 1).await.unwrap(),
+        store.renew("long", "a/1", e).await.unwrap(),
         None,
         "renewed across the failover"
     );
-    let many = store.renew_many("a/1", &[("l".into(), 1)]).await.unwrap();
+    let many = store
+        .renew_many("a/1", &[("long".into(), e)])
+        .await
+        .unwrap();
     assert!(
         many.is_empty(),
         "renewed in a batch across the failover: {many:?}"
-    );
-    assert_eq!(
-        store.release("l", "a/1", 1).await.unwrap(),
-        None,
-        "released across the failover"
     );
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&support::db::options(
         db.primary_url(),
     ))
     .await
     .unwrap();
+    let s = schema.as_str();
     let fence: bool = support::db::scalar(
         &mut conn,
-        &format!("SELECT \"{}\".lease_fence('l', 1)", schema.as_str()),
+        &format!("SELECT \"{s}\".lease_fence('long', {e})"),
     )
     .await
     .unwrap();
     assert!(
         !fence,
         "the fence let a write through on a row from before the failover"
+    );
+    let fence_cluster: Option<i64> = support::db::scalar(
+        &mut conn,
+        &format!("SELECT \"{s}\".lease_fence_cluster('long', 'a')"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fence_cluster, None, "the cluster fence let a write through");
+    assert_eq!(
+        store.release("long", "a/1", e).await.unwrap(),
+        None,
+        "released across the failover"
+    );
+    // b's report of no pods survived, its report of a starting pod did not: it now
+    // counts as "may run pods", fresh.
+    let reports = store
+        .sync_workload("l", "a", "a/1", WorkloadCounts::default(), ttl * 3)
+        .await
+        .unwrap();
+    let b = reports
+        .iter()
+        .find(|r| r.cluster == "b")
+        .expect("b's report");
+    assert!(
+        b.running_pods >= 1 && !b.is_stale(),
+        "a report from before the failover proves no pods: {b:?}"
     );
     assert_eq!(
         store.acquirable(&["l".into()]).await.unwrap(),
@@ -689,21 +748,11 @@ async fn lease_statements_across_a_failover() {
         None,
         "a lease created in the wait"
     );
-    let taken = loop {
-        if let Some(lease) = store.acquire("l", "b/1", ttl).await.unwrap() {
-            break lease;
-        }
-        assert!(
-            first_try.elapsed() < ttl * 3,
-            "never acquired after the failover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     assert!(
-        first_try.elapsed() >= ttl - Duration::from_millis(100),
-        "acquired {:?} after the first try on the new timeline, before the ttl",
-        first_try.elapsed()
+        store.acquirable(&["l".into()]).await.unwrap().is_empty(),
+        "listed as acquirable during the wait"
     );
+    let taken = acquire_after_the_wait(&store, "l", "b/1", ttl, first_try).await;
     assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
     assert!(taken.on_current_timeline && taken.is_held());
     assert!(
@@ -719,5 +768,46 @@ async fn lease_statements_across_a_failover() {
         .unwrap()
         .unwrap();
     assert_eq!(created.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
+
+    // A second failover (nothing held back this time) still costs the wait, and
+    // epochs move above timeline 3's floor.
+    db.add_standby().unwrap();
+    db.fail_over().unwrap();
+    let first_try = loop {
+        let tried = Instant::now();
+        match store.acquire("l", "c/1", ttl).await {
+            Ok(None) => break tried,
+            Ok(Some(lease)) => panic!("acquired at once after a failover: {lease:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let again = acquire_after_the_wait(&store, "l", "c/1", ttl, first_try).await;
+    assert_eq!(again.epoch, 2 * TIMELINE_2_EPOCH_FLOOR + 1);
     store.close().await;
+}
+
+/// Tries every 50 ms until acquired; checks that it took a ttl after `first_try`.
+async fn acquire_after_the_wait(
+    store: &LeaseStore,
+    name: &str,
+    holder: &str,
+    ttl: Duration,
+    first_try: Instant,
+) -> Lease {
+    let taken = loop {
+        if let Some(lease) = store.acquire(name, holder, ttl).await.unwrap() {
+            break lease;
+        }
+        assert!(
+            first_try.elapsed() < ttl * 3,
+            "never acquired after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        first_try.elapsed() >= ttl - Duration::from_millis(100),
+        "acquired {:?} after the first try on the new timeline, before the ttl",
+        first_try.elapsed()
+    );
+    taken
 }

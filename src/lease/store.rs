@@ -8,9 +8,15 @@
 //! session state. Times come only from `clock_timestamp()` on the database server.
 //!
 //! Each statement is preceded, in the same query message, by
-//! `SET LOCAL lock_timeout = ...; SET LOCAL statement_timeout = ...`: the server runs
-//! them as one implicit transaction, so the settings bound that statement's lock waits
-//! and running time and are gone when it ends (see [`LeaseStore::with_lock_timeout`]).
+//! `SET LOCAL lock_timeout = ...; SET LOCAL statement_timeout = ...;
+//! SET LOCAL synchronous_commit = on`: the server runs them as one implicit transaction,
+//! so the settings bound that statement's lock waits and running time, make its commit
+//! durable before it is acknowledged, and are gone when it ends (see
+//! [`LeaseStore::with_lock_timeout`]).
+//!
+//! A failover of the database is not trusted to have kept the latest commits: rows
+//! carry the WAL timeline they were acquired on, and the statements refuse what a
+//! promotion may have made stale (migrations/20261203000001_lease_timeline.sql).
 
 use std::time::Duration;
 
@@ -501,14 +507,20 @@ impl LeaseStore {
             return Ok(Vec::new());
         }
         let array = literal(&text_array(names.iter().map(String::as_str))?);
-        let (l, tl) = (&self.lease_table, &self.timeline);
-        // A row of an earlier timeline is listed: only an acquire records when the new
-        // timeline was first seen, which starts the wait after a failover.
+        let (l, t, tl) = (&self.lease_table, &self.timeline_table, &self.timeline);
+        // After a failover: until an acquire has recorded when the new timeline was first
+        // seen, a row of an earlier timeline is listed (that acquire starts the wait);
+        // during the wait, no row is (an acquire would fail).
         let sql = format!(
-            "SELECT n.name FROM unnest({array}::text[]) AS n(name) \
+            "WITH seen AS MATERIALIZED ( \
+               SELECT (SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = {tl}) AS at, {tl} AS tl \
+             ) \
+             SELECT n.name FROM seen, unnest({array}::text[]) AS n(name) \
              LEFT JOIN {l} AS l ON l.name = n.name \
-             WHERE l.name IS NULL OR l.holder = '' OR l.timeline <> {tl} \
-                OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= clock_timestamp()"
+             WHERE (l.name IS NULL OR l.holder = '' OR l.timeline <> seen.tl \
+                    OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= clock_timestamp()) \
+               AND NOT (seen.at IS NOT NULL AND l.name IS NOT NULL \
+                        AND clock_timestamp() < seen.at + l.ttl_ms * interval '1 millisecond')"
         );
         self.fetch(sql)
             .await?
@@ -614,15 +626,21 @@ impl LeaseStore {
         } = counts;
         let stale_after_ms = ttl_millis(timing.stale_after)?;
         let refresh_ms = ttl_millis(timing.refresh)?;
-        let l = &self.lease_table;
+        let (l, t, tl) = (&self.lease_table, &self.timeline_table, &self.timeline);
         // "No pods" from a replica that does not hold the lease, while another replica of
         // its cluster does, is refused: its observation may predate that holder's
         // scale-up and would overwrite the holder's report of the starting pod. Only the
         // holder may say its cluster runs nothing (reports of pods are always taken).
+        //
+        // A report from an earlier timeline (before a failover) is read as "may run
+        // pods", dated when this timeline was first seen (now if not yet): that cluster's
+        // later reports may be lost, and it goes stale by its own bound from there.
         let sql = format!(
-            "WITH report AS ( \
-               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms) \
-               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms}, {refresh_ms} \
+            "WITH tl AS MATERIALIZED (SELECT {tl} AS id), \
+             report AS ( \
+               INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, timeline) \
+               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms}, {refresh_ms}, tl.id \
+               FROM tl \
                WHERE {running_pods} > 0 OR NOT EXISTS ( \
                  SELECT 1 FROM {l} AS l WHERE l.name = {name} AND l.holder <> {reported_by} \
                    AND strpos(l.holder, '/') > 1 AND split_part(l.holder, '/', 1) = {cluster} \
@@ -630,11 +648,23 @@ impl LeaseStore {
                ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
                  replicas = EXCLUDED.replicas, running_pods = EXCLUDED.running_pods, \
                  ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at, \
-                 stale_after_ms = EXCLUDED.stale_after_ms, refresh_ms = EXCLUDED.refresh_ms \
+                 stale_after_ms = EXCLUDED.stale_after_ms, refresh_ms = EXCLUDED.refresh_ms, \
+                 timeline = EXCLUDED.timeline \
+             ), \
+             seen AS MATERIALIZED ( \
+               SELECT COALESCE((SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = tl.id), \
+                               clock_timestamp()) AS at \
+               FROM tl \
+             ), \
+             judged AS ( \
+               SELECT cluster, reported_by, replicas, ready_pods, stale_after_ms, refresh_ms, \
+                      CASE WHEN w.timeline = tl.id THEN running_pods ELSE greatest(running_pods, 1) END AS running_pods, \
+                      CASE WHEN w.timeline = tl.id THEN reported_at ELSE greatest(reported_at, seen.at) END AS reported_at \
+               FROM {w} AS w, tl, seen WHERE w.name = {name} AND w.cluster <> {cluster} \
              ) \
              SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
                     (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
-             FROM {w} WHERE name = {name} AND cluster <> {cluster} ORDER BY cluster"
+             FROM judged ORDER BY cluster"
         );
         let rows = self.fetch(sql).await?;
         rows.iter()
@@ -750,7 +780,10 @@ impl LeaseStore {
     /// apply to this statement only (see `with_lock_timeout`). The statement timeout is
     /// the call timeout, so a statement this client gave up on cannot still commit long
     /// after (a late "no pods" report, say); it does not cover time spent queued in a
-    /// pooler before the server starts it (PgBouncer: `query_wait_timeout`).
+    /// pooler before the server starts it (PgBouncer: `query_wait_timeout`), nor a
+    /// commit waiting for a synchronous standby (PostgreSQL ends the timeout before the
+    /// commit): such a statement commits when the standby answers, which this client no
+    /// longer counts on.
     /// `synchronous_commit = on` whatever the server's default: a renew or acquire is
     /// acknowledged only once it is on disk (and on a synchronous standby, if the server
     /// has one), so neither a crash nor a failover to that standby loses it.

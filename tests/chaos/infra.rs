@@ -143,7 +143,9 @@ impl Database {
     /// `tests/db/<script> NAME` for this database (the pair scripts run as root and
     /// switch to the database user themselves).
     async fn pair_script(&self, script: &str) -> Result<()> {
-        let path = crate::support::cluster::repo_root().join("tests/db").join(script);
+        let path = crate::support::cluster::repo_root()
+            .join("tests/db")
+            .join(script);
         let name = self
             .dir
             .file_name()

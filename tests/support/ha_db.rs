@@ -182,6 +182,14 @@ impl HaDatabase {
     }
 }
 
+impl HaDatabase {
+    /// A new standby of the current primary, replicating as at the start
+    /// (`tests/db/standby.sh`), so that the pair can fail over again.
+    pub fn add_standby(&self) -> Result<()> {
+        run(Command::new(script("standby.sh")).arg(&self.name)).map(|_| ())
+    }
+}
+
 impl Drop for HaDatabase {
     fn drop(&mut self) {
         let _ = Command::new(script("down.sh")).arg(&self.name).status();
