@@ -40,6 +40,7 @@ const DOC_PATH: &str = concat!(
 const HOLDERS: [&str; 4] = ["a/op-1", "a/op-2", "b/op-1", "b/op-2"];
 
 /// One tick of one elector, stamped when the tick started (a renew's send time).
+#[derive(Clone, Copy)]
 struct Event {
     holder: usize,
     started: Instant,
@@ -250,7 +251,7 @@ fn drain(rx: &mut mpsc::UnboundedReceiver<Event>, all: &mut Vec<Event>) {
     }
 }
 
-/// Collects events until one matches; returns a copy of its fields.
+/// Collects events until one matches, and returns it.
 async fn wait_for(
     rx: &mut mpsc::UnboundedReceiver<Event>,
     all: &mut Vec<Event>,
@@ -263,11 +264,7 @@ async fn wait_for(
             .await
             .context("timed out")?
             .context("every elector stopped")?;
-        let found = matches(&event).then(|| Event {
-            holder: event.holder,
-            started: event.started,
-            kind: event.kind,
-        });
+        let found = matches(&event).then_some(event);
         all.push(event);
         if let Some(found) = found {
             return Ok(found);

@@ -69,12 +69,13 @@ CREATE TABLE lease_timeline (
     first_seen_at timestamptz NOT NULL
 );
 
--- A schema without leases has no history to lose: its first timeline needs no wait. With
--- leases (an upgrade), the wait starts now, as after a failover: this migration may run
--- moments after one, or be lost in one and run again. Holders keep renewing meanwhile.
+-- Timeline 1 has never been promoted, so no history was dropped: no wait. On a later
+-- timeline this migration may run moments after a failover, or run again after its
+-- first run was lost in one (with acquisitions made in between), so the wait starts now.
+-- Holders keep renewing meanwhile.
 INSERT INTO lease_timeline (timeline, first_seen_at)
 SELECT lease_server_timeline(),
-       CASE WHEN EXISTS (SELECT 1 FROM lease) THEN clock_timestamp() ELSE '-infinity' END;
+       CASE WHEN lease_server_timeline() = 1 THEN '-infinity'::timestamptz ELSE clock_timestamp() END;
 
 -- The default covers rows an older version inserts during a rolling upgrade (its
 -- takeovers and renews know nothing of timelines: docs/operations.md).

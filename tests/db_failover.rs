@@ -534,17 +534,19 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         at_most_one_pod(&samples, start)?;
         let killed_wall = failover.killed_wall;
         let events = world.store.events(&world.lease).await?;
+        // Every renew the old primary acknowledged was sent before the kill.
+        let latest_deadline = killed_wall + chrono::Duration::seconds(DEADLINE as i64);
         for e in events
             .iter()
             .filter(|e| e.at >= killed_wall && e.kind != "release")
         {
             ensure!(
-                e.at >= peer_deadline,
-                "{} took the lease at {}, {} before the renew deadline of {}, whose renews \
-                 the old primary acknowledged",
+                e.at >= latest_deadline,
+                "{} took the lease at {}, {} before the latest renew deadline of {}, whose \
+                 renews the old primary acknowledged",
                 e.holder,
                 e.at,
-                secs((peer_deadline - e.at).to_std().unwrap_or_default()),
+                secs((latest_deadline - e.at).to_std().unwrap_or_default()),
                 last_acknowledged.holder
             );
         }
@@ -633,9 +635,11 @@ async fn lease_statements_across_a_failover() {
     let held = store.acquire("l", "a/1", ttl).await.unwrap().unwrap();
     assert_eq!(held.epoch, 1, "timeline 1 keeps the epochs it always had");
     let long_held = store.acquire("long", "a/1", long).await.unwrap().unwrap();
-    // Cluster b reports no pods; its later report of a starting pod will be lost.
+    // Cluster b reports no pods, with a short bound; its later report of a starting pod
+    // will be lost.
+    let b_bound = Duration::from_millis(400);
     store
-        .sync_workload("l", "b", "b/1", WorkloadCounts::default(), ttl * 3)
+        .sync_workload("l", "b", "b/1", WorkloadCounts::default(), b_bound)
         .await
         .unwrap();
     // Replicated: the standby has all of that.
@@ -654,9 +658,11 @@ async fn lease_statements_across_a_failover() {
         ready_pods: 0,
     };
     store
-        .sync_workload("l", "b", "b/1", starting, ttl * 3)
+        .sync_workload("l", "b", "b/1", starting, b_bound)
         .await
         .unwrap();
+    // Long enough for b's surviving report to be stale by its own date.
+    tokio::time::sleep(b_bound).await;
 
     db.fail_over().unwrap();
     // The store's connections to the old primary are dead; statements go on through
@@ -721,15 +727,8 @@ async fn lease_statements_across_a_failover() {
         "released across the failover"
     );
     // b's report of no pods survived, its report of a starting pod did not: it now
-    // counts as "may run pods", fresh.
-    let reports = store
-        .sync_workload("l", "a", "a/1", WorkloadCounts::default(), ttl * 3)
-        .await
-        .unwrap();
-    let b = reports
-        .iter()
-        .find(|r| r.cluster == "b")
-        .expect("b's report");
+    // counts as "may run pods", dated now (no acquire has seen this timeline yet).
+    let b = b_report(&store).await;
     assert!(
         b.running_pods >= 1 && !b.is_stale(),
         "a report from before the failover proves no pods: {b:?}"
@@ -752,6 +751,38 @@ async fn lease_statements_across_a_failover() {
         store.acquirable(&["l".into()]).await.unwrap().is_empty(),
         "listed as acquirable during the wait"
     );
+    // From the first acquire on, b's old report is dated when the timeline was first
+    // seen, and goes stale by its own bound from there.
+    let first_seen: DateTime<Utc> = support::db::scalar(
+        &mut conn,
+        &format!("SELECT first_seen_at FROM \"{s}\".lease_timeline WHERE timeline = 2"),
+    )
+    .await
+    .unwrap();
+    let b = b_report(&store).await;
+    assert_eq!(b.reported_at, first_seen, "{b:?}");
+    tokio::time::sleep(b_bound).await;
+    assert!(b_report(&store).await.is_stale(), "never stale");
+    // b's own report on the new timeline counts as it is.
+    store
+        .sync_workload("l", "b", "b/2", WorkloadCounts::default(), b_bound)
+        .await
+        .unwrap();
+    let b = b_report(&store).await;
+    assert!(b.running_pods == 0 && !b.is_stale(), "{b:?}");
+
+    // A schema migrated after a failover waits too: its migration may have been lost.
+    let late = unique_schema("dbf");
+    let migrator = LeaseStore::connect(db.primary_url(), &late, Duration::from_secs(10), 1)
+        .await
+        .unwrap();
+    migrator.migrate().await.unwrap();
+    assert_eq!(
+        migrator.acquire("x", "b/1", ttl).await.unwrap(),
+        None,
+        "acquired at once in a schema migrated on timeline 2"
+    );
+    migrator.close().await;
     let taken = acquire_after_the_wait(&store, "l", "b/1", ttl, first_try).await;
     assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
     assert!(taken.on_current_timeline && taken.is_held());
@@ -784,6 +815,24 @@ async fn lease_statements_across_a_failover() {
     let again = acquire_after_the_wait(&store, "l", "c/1", ttl, first_try).await;
     assert_eq!(again.epoch, 2 * TIMELINE_2_EPOCH_FLOOR + 1);
     store.close().await;
+}
+
+/// Cluster b's report as cluster a reads it (a reports no pods).
+async fn b_report(store: &LeaseStore) -> reaper_operator::lease::WorkloadReport {
+    let reports = store
+        .sync_workload(
+            "l",
+            "a",
+            "a/1",
+            WorkloadCounts::default(),
+            Duration::from_secs(6),
+        )
+        .await
+        .unwrap();
+    reports
+        .into_iter()
+        .find(|r| r.cluster == "b")
+        .expect("b's report")
 }
 
 /// Tries every 50 ms until acquired; checks that it took a ttl after `first_try`.

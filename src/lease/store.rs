@@ -634,7 +634,8 @@ impl LeaseStore {
         //
         // A report from an earlier timeline (before a failover) is read as "may run
         // pods", dated when this timeline was first seen (now if not yet): that cluster's
-        // later reports may be lost, and it goes stale by its own bound from there.
+        // later reports may be lost, and it goes stale by its own bound from there. Its
+        // own date is not used: it is on the old primary's clock.
         let sql = format!(
             "WITH tl AS MATERIALIZED (SELECT {tl} AS id), \
              report AS ( \
@@ -659,7 +660,7 @@ impl LeaseStore {
              judged AS ( \
                SELECT cluster, reported_by, replicas, ready_pods, stale_after_ms, refresh_ms, \
                       CASE WHEN w.timeline = tl.id THEN running_pods ELSE greatest(running_pods, 1) END AS running_pods, \
-                      CASE WHEN w.timeline = tl.id THEN reported_at ELSE greatest(reported_at, seen.at) END AS reported_at \
+                      CASE WHEN w.timeline = tl.id THEN reported_at ELSE seen.at END AS reported_at \
                FROM {w} AS w, tl, seen WHERE w.name = {name} AND w.cluster <> {cluster} \
              ) \
              SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
