@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use reaper_operator::config::LeaseTimings;
 use reaper_operator::lease::{Elector, ElectorConfig, LeaseStore, MonotonicClock, Tick};
 use support::db::unique_schema;
-use support::ha_db::{HaDatabase, Replication};
+use support::ha_db::{HaDatabase, Replication, first_seen_on_timeline};
 use tokio::sync::mpsc;
 
 const DOC_PATH: &str = concat!(
@@ -194,21 +194,7 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
             .filter(|e| e.started >= failover.killed_at)
             .find(|e| Some(e.holder) == leader && e.kind == EventKind::SteppedDown)
             .map(|e| e.started - failover.killed_at);
-        let first_seen: chrono::DateTime<chrono::Utc> = {
-            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(
-                &support::db::options(db.primary_url()),
-            )
-            .await?;
-            support::db::scalar(
-                &mut conn,
-                &format!(
-                    "SELECT first_seen_at FROM {} WHERE timeline = {}",
-                    schema.qualify("lease_timeline"),
-                    run + 2
-                ),
-            )
-            .await?
-        };
+        let first_seen = first_seen_on_timeline(&db, &schema, run as i64 + 2).await?;
         let EventKind::Acquired(epoch) = held.kind else {
             unreachable!()
         };

@@ -58,7 +58,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -69,7 +69,7 @@ use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 use support::cluster::{TestCluster, install_reaper_crd, wait_until};
-use support::fixtures::{create_deployment, create_reaper};
+use support::fixtures::{create_deployment, create_namespace, create_reaper};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
 const FAILOVER_DOC: &str = "docs/benchmarks-failover.md";
@@ -677,17 +677,6 @@ async fn start_cluster(prefix: &'static str) -> Result<TestCluster> {
         .await
         .context("cluster start-up task")?
         .with_context(|| format!("start control plane {prefix}"))
-}
-
-async fn create_namespace(client: &Client, name: &str) -> Result<()> {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-    )
-    .await
-    .with_context(|| format!("create namespace {name}"))?;
-    Ok(())
 }
 
 /// A singleton Deployment as the README asks for: strategy Recreate, 0 replicas.

@@ -52,14 +52,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
 use support::cluster::TestCluster;
-use support::fixtures::PodStop;
+use support::fixtures::{PodStop, create_namespace};
 use support::{db, fixtures};
 
 use checker::{Input, cluster_of};
@@ -724,16 +723,6 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
         }
     }
     Ok(None)
-}
-
-async fn create_namespace(client: &Client, name: &str) -> Result<()> {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-    )
-    .await?;
-    Ok(())
 }
 
 /// The run's lease timings, for the lease `name`.

@@ -28,8 +28,8 @@ use reaper_operator::reaper::LeaseSpec;
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db::unique_schema;
-use support::fixtures::{create_deployment, create_reaper, live_pods};
-use support::ha_db::{HaDatabase, Replication};
+use support::fixtures::{create_deployment, create_namespace, create_reaper, live_pods};
+use support::ha_db::{HaDatabase, Replication, first_seen_on_timeline};
 use support::operator::{OperatorProcess, OperatorSpec};
 use tokio::task::JoinHandle;
 
@@ -180,18 +180,6 @@ impl<'a> World<'a> {
             anyhow!("{e:#}\n{}", logs.join("\n"))
         })
     }
-}
-
-async fn create_namespace(client: &Client, name: &str) -> Result<()> {
-    use k8s_openapi::api::core::v1::Namespace;
-    use kube::api::{Api, PostParams};
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-        )
-        .await?;
-    Ok(())
 }
 
 fn lease_spec(name: &str) -> LeaseSpec {
@@ -368,19 +356,6 @@ async fn standby_row(world: &World<'_>) -> Result<StandbyRow> {
         renewed_at: row.try_get("renewed_at")?,
         expires_at: row.try_get("expires_at")?,
     })
-}
-
-/// When the first acquire on WAL timeline `timeline` ran (it starts the wait).
-async fn first_seen_on_timeline(world: &World<'_>, timeline: i64) -> Result<DateTime<Utc>> {
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&support::db::options(
-        world.db.primary_url(),
-    ))
-    .await?;
-    let sql = format!(
-        "SELECT first_seen_at FROM {} WHERE timeline = {timeline}",
-        world.store.schema().qualify("lease_timeline")
-    );
-    Ok(support::db::scalar(&mut conn, &sql).await?)
 }
 
 fn secs(d: Duration) -> String {
@@ -576,7 +551,7 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         );
         // Every acquisition on the new timeline came a ttl or more after the new
         // primary first saw an acquire (the earliest instant the wait can start from).
-        let first_seen = first_seen_on_timeline(&world, 2).await?;
+        let first_seen = first_seen_on_timeline(&world.db, world.store.schema(), 2).await?;
         let events = world.store.events(&world.lease).await?;
         let early: Vec<_> = events
             .iter()
@@ -753,12 +728,7 @@ async fn lease_statements_across_a_failover() {
     );
     // From the first acquire on, b's old report is dated when the timeline was first
     // seen, and goes stale by its own bound from there.
-    let first_seen: DateTime<Utc> = support::db::scalar(
-        &mut conn,
-        &format!("SELECT first_seen_at FROM \"{s}\".lease_timeline WHERE timeline = 2"),
-    )
-    .await
-    .unwrap();
+    let first_seen = first_seen_on_timeline(&db, &schema, 2).await.unwrap();
     let b = b_report(&store).await;
     assert_eq!(b.reported_at, first_seen, "{b:?}");
     tokio::time::sleep(b_bound).await;

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, ensure};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use reaper_operator::config::Schema;
@@ -26,7 +25,9 @@ use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus, status};
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db;
-use support::fixtures::{PodStop, create_deployment, create_deployment_with_stop, create_reaper};
+use support::fixtures::{
+    PodStop, create_deployment, create_deployment_with_stop, create_namespace, create_reaper,
+};
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::proxy::{FaultProxy, Mode};
 
@@ -150,16 +151,6 @@ async fn namespace(client: &Client, prefix: &str) -> Result<String> {
     let name = format!("{prefix}-{}", suffix());
     create_namespace(client, &name).await?;
     Ok(name)
-}
-
-async fn create_namespace(client: &Client, name: &str) -> Result<()> {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}}))?,
-    )
-    .await?;
-    Ok(())
 }
 
 /// A migrated schema of its own, and a store on it through a direct connection.

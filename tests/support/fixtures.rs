@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperSpec};
@@ -126,6 +126,18 @@ pub async fn create_deployment_with_stop(
     api.create(&PostParams::default(), &deployment)
         .await
         .with_context(|| format!("create deployment {ns}/{name}"))?;
+    Ok(())
+}
+
+/// Creates the namespace `name`.
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await
+        .with_context(|| format!("create namespace {name}"))?;
     Ok(())
 }
 

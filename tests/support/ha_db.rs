@@ -190,6 +190,24 @@ impl HaDatabase {
     }
 }
 
+/// When the first acquire on WAL timeline `timeline` ran in `schema` (it starts the
+/// wait after a failover), read on the current primary.
+pub async fn first_seen_on_timeline(
+    db: &HaDatabase,
+    schema: &reaper_operator::config::Schema,
+    timeline: i64,
+) -> Result<chrono::DateTime<chrono::Utc>> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect_with(&super::db::options(
+        db.primary_url(),
+    ))
+    .await?;
+    let sql = format!(
+        "SELECT first_seen_at FROM {} WHERE timeline = {timeline}",
+        schema.qualify("lease_timeline")
+    );
+    Ok(super::db::scalar(&mut conn, &sql).await?)
+}
+
 impl Drop for HaDatabase {
     fn drop(&mut self) {
         let _ = Command::new(script("down.sh")).arg(&self.name).status();
