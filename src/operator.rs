@@ -17,8 +17,8 @@ use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::reaper::candidates::Candidates;
-use crate::reaper::handover;
 use crate::reaper::reconcile::{self, Context};
+use crate::reaper::{handover, reports, watches};
 
 /// Validated settings of `run`.
 #[derive(Clone, Debug)]
@@ -119,7 +119,9 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         client.clone(),
         metrics.clone(),
     );
+    let watches = watches::watches(&client, settings.namespace.as_deref());
     let ctx = Arc::new(Context {
+        caches: watches.caches.clone(),
         client,
         store: store.clone(),
         cluster: settings.cluster.clone(),
@@ -144,9 +146,10 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
                 .unwrap_or_else(|| settings.database_url.clone()),
             candidates.clone(),
         )),
+        tokio::spawn(reports::refresh(ctx.clone())),
     ];
     let ready_health = health.clone();
-    reconcile::run(ctx.clone(), trigger_rx, stopped(), move || {
+    reconcile::run(ctx.clone(), watches, trigger_rx, stopped(), move || {
         ready_health.caches_synced.store(true, Ordering::Relaxed)
     })
     .await;

@@ -6,6 +6,8 @@
 //! is the slow part), each scenario in its own namespaces, lease names and schema. A
 //! failing scenario does not stop the others; the test fails at the end with all of them.
 
+#[path = "operator/event_driven.rs"]
+mod event_driven;
 mod support;
 #[path = "operator/workload_safety.rs"]
 mod workload_safety;
@@ -51,7 +53,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 15] = [
+    let scenarios: [(&str, Scenario); 16] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -102,6 +104,10 @@ fn reaper_controller_scenarios() {
         (
             "workload safety: a peer waits for its own cluster's stopping pod",
             |c| Box::pin(workload_safety::peer_waits_for_the_stopping_pod_of_its_own_cluster(c)),
+        ),
+        (
+            "event-driven: Deployment, pod and HPA changes are acted on at once; an idle Reaper is not reconciled",
+            |c| Box::pin(event_driven::changes_are_acted_on_at_once(c)),
         ),
         (
             "workload safety: a restarted replica stops a pod nobody can vouch for",

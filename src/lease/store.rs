@@ -18,6 +18,7 @@
 //! carry the WAL timeline they were acquired on, and the statements refuse what a
 //! promotion may have made stale (migrations/20261203000001_lease_timeline.sql).
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -128,6 +129,14 @@ pub struct WorkloadReport {
     pub stale_after: Duration,
     /// How often the reporter refreshes it while it can reach the database.
     pub refresh: Duration,
+}
+
+/// One lease's workload as this replica sees it, for [`LeaseStore::sync_workloads`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadUpdate {
+    pub name: String,
+    pub counts: WorkloadCounts,
+    pub timing: ReportTiming,
 }
 
 /// How a workload report is to be judged by other clusters: stale once older than
@@ -600,11 +609,8 @@ impl LeaseStore {
     }
 
     /// Records this cluster's view of the workload behind `name` and returns the latest
-    /// reports of the OTHER clusters, in one statement. A report of no running pods by a
-    /// replica that does not hold the lease while a replica of its cluster does is not
-    /// recorded (see the statement). `stale_after` tells readers how
-    /// old this report may get before they presume this cluster dead (the reporter's
-    /// ttl: it refreshes the report several times within it).
+    /// reports of the OTHER clusters, in one statement: [`LeaseStore::sync_workloads`]
+    /// for one lease.
     pub async fn sync_workload(
         &self,
         name: &str,
@@ -613,19 +619,65 @@ impl LeaseStore {
         counts: WorkloadCounts,
         timing: impl Into<ReportTiming>,
     ) -> Result<Vec<WorkloadReport>> {
-        let timing = timing.into();
-        validate_label("lease name", name)?;
+        let mut reports = self
+            .sync_workloads(
+                cluster,
+                reported_by,
+                &[WorkloadUpdate {
+                    name: name.to_owned(),
+                    counts,
+                    timing: timing.into(),
+                }],
+            )
+            .await?;
+        Ok(reports.remove(name).unwrap_or_default())
+    }
+
+    /// Records this cluster's view of every workload in `updates` and returns, per lease
+    /// name, the latest reports of the OTHER clusters, in one statement whatever the
+    /// number of leases. A report of no running pods by a replica that does not hold the
+    /// lease while a replica of its cluster does is not recorded (see the statement).
+    /// Each report's timing tells readers how old it may get before they presume this
+    /// cluster dead, and how often it is refreshed.
+    pub async fn sync_workloads(
+        &self,
+        cluster: &str,
+        reported_by: &str,
+        updates: &[WorkloadUpdate],
+    ) -> Result<HashMap<String, Vec<WorkloadReport>>> {
         validate_label("cluster", cluster)?;
         validate_label("reporter", reported_by)?;
+        if updates.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // One row per lease: a second one would make the upsert fail the whole batch.
+        // Two updates of one lease keep the one that shows more pods.
+        let mut by_name: BTreeMap<&str, &WorkloadUpdate> = BTreeMap::new();
+        for update in updates {
+            by_name
+                .entry(update.name.as_str())
+                .and_modify(|kept| {
+                    if update.counts.running_pods > kept.counts.running_pods {
+                        *kept = update;
+                    }
+                })
+                .or_insert(update);
+        }
+        let numbers = |f: &dyn Fn(&WorkloadUpdate) -> Result<i64>| -> Result<String> {
+            let values = by_name
+                .values()
+                .map(|u| f(u).map(|v| v.to_string()))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(format!("'{{{}}}'::bigint[]", values.join(",")))
+        };
+        let names = literal(&text_array(by_name.keys().copied())?);
+        let replicas = numbers(&|u| Ok(u.counts.replicas.into()))?;
+        let running = numbers(&|u| Ok(u.counts.running_pods.into()))?;
+        let ready = numbers(&|u| Ok(u.counts.ready_pods.into()))?;
+        let stale_after = numbers(&|u| ttl_millis(u.timing.stale_after))?;
+        let refresh = numbers(&|u| ttl_millis(u.timing.refresh))?;
         let w = self.schema.qualify("lease_workload");
-        let (name, cluster, reported_by) = (literal(name), literal(cluster), literal(reported_by));
-        let WorkloadCounts {
-            replicas,
-            running_pods,
-            ready_pods,
-        } = counts;
-        let stale_after_ms = ttl_millis(timing.stale_after)?;
-        let refresh_ms = ttl_millis(timing.refresh)?;
+        let (cluster, reported_by) = (literal(cluster), literal(reported_by));
         let (l, t, tl) = (&self.lease_table, &self.timeline_table, &self.timeline);
         // "No pods" from a replica that does not hold the lease, while another replica of
         // its cluster does, is refused: its observation may predate that holder's
@@ -638,12 +690,16 @@ impl LeaseStore {
         // own date is not used: it is on the old primary's clock.
         let sql = format!(
             "WITH tl AS MATERIALIZED (SELECT {tl} AS id), \
+             input AS ( \
+               SELECT * FROM unnest({names}::text[], {replicas}, {running}, {ready}, {stale_after}, {refresh}) \
+                 AS i(name, replicas, running_pods, ready_pods, stale_after_ms, refresh_ms) \
+             ), \
              report AS ( \
                INSERT INTO {w} AS w (name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, timeline) \
-               SELECT {name}, {cluster}, {reported_by}, {replicas}, {running_pods}, {ready_pods}, clock_timestamp(), {stale_after_ms}, {refresh_ms}, tl.id \
-               FROM tl \
-               WHERE {running_pods} > 0 OR NOT EXISTS ( \
-                 SELECT 1 FROM {l} AS l WHERE l.name = {name} AND l.holder <> {reported_by} \
+               SELECT i.name, {cluster}, {reported_by}, i.replicas, i.running_pods, i.ready_pods, clock_timestamp(), i.stale_after_ms, i.refresh_ms, tl.id \
+               FROM input AS i, tl \
+               WHERE i.running_pods > 0 OR NOT EXISTS ( \
+                 SELECT 1 FROM {l} AS l WHERE l.name = i.name AND l.holder <> {reported_by} \
                    AND strpos(l.holder, '/') > 1 AND split_part(l.holder, '/', 1) = {cluster} \
                    AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp()) \
                ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
@@ -658,34 +714,38 @@ impl LeaseStore {
                FROM tl \
              ), \
              judged AS ( \
-               SELECT cluster, reported_by, replicas, ready_pods, stale_after_ms, refresh_ms, \
+               SELECT w.name, cluster, reported_by, replicas, ready_pods, stale_after_ms, refresh_ms, \
                       CASE WHEN w.timeline = tl.id THEN running_pods ELSE greatest(running_pods, 1) END AS running_pods, \
                       CASE WHEN w.timeline = tl.id THEN reported_at ELSE seen.at END AS reported_at \
-               FROM {w} AS w, tl, seen WHERE w.name = {name} AND w.cluster <> {cluster} \
+               FROM {w} AS w, tl, seen WHERE w.name IN (SELECT name FROM input) AND w.cluster <> {cluster} \
              ) \
-             SELECT cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
+             SELECT name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
                     (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
-             FROM judged ORDER BY cluster"
+             FROM judged ORDER BY name, cluster"
         );
         let rows = self.fetch(sql).await?;
-        rows.iter()
-            .map(|row| {
-                let age_ms: i64 = row.try_get("age_ms")?;
-                let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
-                let refresh_ms: i64 = row.try_get("refresh_ms")?;
-                Ok(WorkloadReport {
-                    cluster: row.try_get("cluster")?,
-                    reported_by: row.try_get("reported_by")?,
-                    replicas: row.try_get("replicas")?,
-                    running_pods: row.try_get("running_pods")?,
-                    ready_pods: row.try_get("ready_pods")?,
-                    reported_at: row.try_get("reported_at")?,
-                    age: Duration::from_millis(age_ms.max(0) as u64),
-                    stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
-                    refresh: Duration::from_millis(refresh_ms.max(1) as u64),
-                })
-            })
-            .collect()
+        let mut reports: HashMap<String, Vec<WorkloadReport>> = by_name
+            .keys()
+            .map(|name| ((*name).to_owned(), Vec::new()))
+            .collect();
+        for row in &rows {
+            let age_ms: i64 = row.try_get("age_ms")?;
+            let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
+            let refresh_ms: i64 = row.try_get("refresh_ms")?;
+            let name: String = row.try_get("name")?;
+            reports.entry(name).or_default().push(WorkloadReport {
+                cluster: row.try_get("cluster")?,
+                reported_by: row.try_get("reported_by")?,
+                replicas: row.try_get("replicas")?,
+                running_pods: row.try_get("running_pods")?,
+                ready_pods: row.try_get("ready_pods")?,
+                reported_at: row.try_get("reported_at")?,
+                age: Duration::from_millis(age_ms.max(0) as u64),
+                stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
+                refresh: Duration::from_millis(refresh_ms.max(1) as u64),
+            });
+        }
+        Ok(reports)
     }
 
     /// One round trip, for readiness probes: a bare `SELECT 1` on a lease connection

@@ -23,7 +23,8 @@ use super::decide::same_cluster;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
-    Clock, Elector, ElectorConfig, LeaderWatch, LeaseBatcher, LeaseStore, MonotonicClock, Tick,
+    Clock, Elector, ElectorConfig, LeaderWatch, Lease, LeaseBatcher, LeaseStore, MonotonicClock,
+    Tick, WorkloadReport, WorkloadUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -49,6 +50,14 @@ pub struct Candidate {
     pub pod_selector: Option<String>,
     /// How often the Deployment was found scaled up while this replica did not lead.
     pub external_scale_ups: u32,
+    /// The lease row as the elector last saw it (its renew's or acquire's answer);
+    /// `None` after a tick that could not read it.
+    pub row: Arc<Mutex<Option<Lease>>>,
+    /// This replica's report of the workload, as last written; the report refresher
+    /// writes it again every refresh period.
+    pub report: Option<WorkloadUpdate>,
+    /// The other clusters' reports as last read (by a reconcile or the refresher).
+    pub others: Option<Vec<WorkloadReport>>,
     /// Clusters already warned about (stale reports), per epoch.
     pub warned_stale_epoch: Option<i64>,
     waker: Arc<Notify>,
@@ -194,12 +203,17 @@ impl Candidates {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("candidates mutex poisoned").len()
+    /// Runs `f` on every candidate, with the lock held: `f` must not block.
+    pub fn for_each(&self, mut f: impl FnMut(&ObjectRef<Reaper>, &mut Candidate)) {
+        let mut map = self.inner.lock().expect("candidates mutex poisoned");
+        for (key, candidate) in map.iter_mut() {
+            f(key, candidate);
+        }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Reconciles `key` now.
+    pub fn trigger(&self, key: &ObjectRef<Reaper>) {
+        let _ = self.trigger.send(key.clone());
     }
 
     fn spawn(
@@ -240,6 +254,8 @@ impl Candidates {
         let metrics = self.metrics.clone();
         let lease = lease_name.to_owned();
         let leadership = watch.clone();
+        let row = Arc::new(Mutex::new(None));
+        let task_row = row.clone();
         let task = tokio::spawn(async move {
             elector
                 .run(
@@ -263,9 +279,12 @@ impl Candidates {
                         if let Tick::DeadlineMissed { error, .. } = tick {
                             task_fence.stop_workload(error.is_some() || !database_was_ok);
                         }
+                        let moved = remember_row(&task_row, tick);
                         if let Some(event) = transition_event(tick) {
                             let _ = trigger.send(key.clone());
                             publish(&recorder, event, &event_reference);
+                        } else if moved {
+                            let _ = trigger.send(key.clone());
                         }
                     },
                 )
@@ -284,6 +303,9 @@ impl Candidates {
             database_failing_since,
             pod_selector: None,
             renewal_seen: None,
+            row,
+            report: None,
+            others: None,
             external_scale_ups: 0,
             warned_stale_epoch: None,
             waker,
@@ -373,6 +395,30 @@ const FENCE_ATTEMPTS: u32 = 64;
 fn fence_check_timeout(timings: LeaseTimings) -> Duration {
     ((timings.ttl - timings.renew_deadline) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Keeps the row a tick saw for reconciles, and tells whether what a reconcile decides
+/// from it changed (who holds it, at which epoch, held or expired, on which timeline):
+/// then the Reaper is reconciled at once instead of at its next resync.
+fn remember_row(row: &Mutex<Option<Lease>>, tick: &Tick) -> bool {
+    let seen = match tick {
+        Tick::Acquired(lease) | Tick::Renewed(lease) => Some(lease.clone()),
+        _ => None,
+    };
+    let class = |l: &Option<Lease>| {
+        l.as_ref().map(|l| {
+            (
+                l.holder.clone(),
+                l.epoch,
+                l.is_held(),
+                l.on_current_timeline,
+            )
+        })
+    };
+    let mut kept = row.lock().expect("row mutex poisoned");
+    let moved = class(&kept) != class(&seen) && seen.is_some();
+    *kept = seen;
+    moved
 }
 
 /// Publishes an Event without blocking the caller; a failed Event is only logged.

@@ -227,8 +227,11 @@ pub struct ScaleFacts<'a> {
     pub ttl: Duration,
     /// This cluster's pods of the workload that have not finished.
     pub running_pods: i32,
-    /// How often a Reaper is reconciled when nothing happens.
+    /// How often a leading (or undecided) Reaper is reconciled when nothing happens.
     pub steady: Duration,
+    /// How often any other Reaper is: changes of its Deployment, pods, lease row and
+    /// reports trigger it at once, so this is only a safety net.
+    pub idle: Duration,
 }
 
 /// What one reconcile does, decided from what it observed.
@@ -266,7 +269,9 @@ pub fn plan(f: &ScaleFacts<'_>) -> Plan {
         (Role::Leader { .. }, _) => f.steady,
         // Pods still stopping here: report them going as soon as they are gone.
         _ if f.running_pods > 0 && f.replicas.is_none_or(|r| r == 0) => Duration::from_secs(1),
-        _ => f.steady,
+        // Its decision depends on how long the database has been failing.
+        (Role::Unknown, _) => f.steady,
+        _ => f.idle,
     };
     Plan {
         scale,
@@ -670,10 +675,12 @@ mod tests {
             ttl: TTL,
             running_pods: replicas.unwrap_or(0),
             steady: STEADY,
+            idle: IDLE_RESYNC,
         }
     }
 
     const STEADY: Duration = Duration::from_millis(3750);
+    const IDLE_RESYNC: Duration = Duration::from_secs(60);
 
     #[test]
     fn a_plan_records_scale_ups_before_they_happen_and_forgets_them_on_scale_down() {
@@ -729,7 +736,11 @@ mod tests {
             ..facts(&standby, None, Some(0))
         };
         assert_eq!(plan(&stopping).requeue, Duration::from_secs(1));
-        assert_eq!(plan(&facts(&standby, None, Some(0))).requeue, STEADY);
+        // Nothing to wait for: only events (or the idle resync) bring it back, except
+        // where time alone changes the decision.
+        assert_eq!(plan(&facts(&standby, None, Some(0))).requeue, IDLE_RESYNC);
+        assert_eq!(plan(&facts(&Role::Unknown, None, Some(1))).requeue, STEADY);
+        assert_eq!(plan(&facts(&leader, None, Some(1))).requeue, STEADY);
     }
 
     #[test]

@@ -17,9 +17,9 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::candidates::Candidate;
 use super::crd::Reaper;
-use super::observe::observe_workload;
-use super::reconcile::{Context, Error, refusal, scale};
-use crate::lease::WorkloadCounts;
+use super::observe::{observe_cached, observe_workload};
+use super::reconcile::{Context, Error, refusal, report, scale};
+use crate::lease::{WorkloadCounts, WorkloadUpdate};
 
 /// A Reaper is being deleted: scale its Deployment to 0 and keep reporting (and, if this
 /// replica leads, keep renewing: its elector runs on) until the pods are gone; then
@@ -53,17 +53,14 @@ pub async fn cleanup(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     }
     // A Reaper refused for its lease name must not overwrite the report of the Reaper
     // that owns that lease in this cluster.
+    // Through the candidate, so the report refresher repeats this report, not an older one.
     if let Ok((lease_name, timings)) = &usable {
-        ctx.store
-            .sync_workload(
-                lease_name,
-                &ctx.cluster,
-                &ctx.holder,
-                counts,
-                workload.report_timing(*timings),
-            )
-            .await
-            .map_err(Error::Database)?;
+        let update = WorkloadUpdate {
+            name: lease_name.clone(),
+            counts,
+            timing: workload.report_timing(*timings),
+        };
+        report(ctx, &key, &update).await.map_err(Error::Database)?;
     }
     if counts.running_pods > 0 {
         return Err(Error::PodsStillRunning(counts.running_pods));
@@ -86,6 +83,8 @@ pub async fn hand_over(ctx: &Context, candidate: Candidate) {
         return;
     }
     let deadline = Instant::now() + ctx.shutdown_timeout;
+    // Subscribed before the first look, so no change between a look and the wait is missed.
+    let mut changes = ctx.caches.changes();
     let pods_gone = loop {
         if candidate.watch.leader_epoch().is_none() {
             tracing::warn!(lease = %lease_name, "handover: lost the lease while waiting for the pods; not releasing");
@@ -104,7 +103,9 @@ pub async fn hand_over(ctx: &Context, candidate: Candidate) {
             );
             break false;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The next pod or Deployment change, or a look anyway after a while (a change
+        // the caches missed, or a report to refresh).
+        let _ = tokio::time::timeout(HANDOVER_RECHECK, changes.changed()).await;
     };
     if pods_gone {
         release(ctx, candidate, "after scaling the workload to 0").await;
@@ -113,17 +114,21 @@ pub async fn hand_over(ctx: &Context, candidate: Candidate) {
     }
 }
 
-/// One step of a handover: scale to 0, report what runs; true once nothing does.
+/// How long a handover waits for a pod or Deployment change before it looks again.
+const HANDOVER_RECHECK: Duration = Duration::from_secs(1);
+
+/// One step of a handover: scale to 0, report what runs; true once nothing does. The
+/// caches tell when to look; "nothing runs" is confirmed by the API server itself
+/// before it is reported, since the release that follows cannot be taken back.
 async fn workload_stopped(ctx: &Context, candidate: &Candidate) -> bool {
     let (ns, deployment) = (&candidate.namespace, &candidate.deployment);
-    let workload = match observe_workload(
-        &ctx.client,
-        ns,
-        deployment,
-        candidate.pod_selector.as_deref(),
-    )
-    .await
-    {
+    let selector = candidate.pod_selector.as_deref();
+    let cached = match observe_cached(&ctx.caches, ns, deployment, selector) {
+        Ok(Some(workload)) if workload.counts.running_pods > 0 => Ok(workload),
+        Ok(_) => observe_workload(&ctx.client, ns, deployment, selector).await,
+        Err(error) => Err(error),
+    };
+    let workload = match cached {
         Ok(workload) => workload,
         Err(error) => {
             tracing::warn!(%error, "handover: cannot read the workload");

@@ -8,4 +8,6 @@ pub mod decide;
 pub mod handover;
 pub mod observe;
 pub mod reconcile;
+pub mod reports;
 pub mod status;
+pub mod watches;

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
@@ -13,6 +12,7 @@ use kube::core::Selector;
 use kube::{Client, ResourceExt};
 
 use super::reconcile::{Error, steady_requeue};
+use super::watches::Caches;
 use crate::config::LeaseTimings;
 use crate::lease::{ReportTiming, WorkloadCounts};
 
@@ -62,10 +62,10 @@ impl Workload {
 /// What Kubernetes gives a pod that sets no terminationGracePeriodSeconds.
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
-/// Reads the Deployment `name` and counts its pods. When the Deployment is gone its pods
-/// may still be stopping (deletion cascades to them in the background), so they are
-/// counted by `remembered_selector`. A workload whose pods cannot be counted is an
-/// error, never "0 pods".
+/// Reads the Deployment `name` and counts its pods from the API server. When the
+/// Deployment is gone its pods may still be stopping (deletion cascades to them in the
+/// background), so they are counted by `remembered_selector`. A workload whose pods
+/// cannot be counted is an error, never "0 pods".
 pub async fn observe_workload(
     client: &Client,
     ns: &str,
@@ -75,7 +75,7 @@ pub async fn observe_workload(
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let deployment = deployments.get_opt(name).await?;
     let selector = match &deployment {
-        Some(d) => Some(pod_selector(d)?),
+        Some(d) => Some(pod_selector(d)?.to_string()),
         None => remembered_selector.map(str::to_owned),
     };
     let (running_pods, ready_pods) = match &selector {
@@ -83,6 +83,44 @@ pub async fn observe_workload(
         // Never seen, so never scaled up by this operator: nothing of it to count.
         None => (0, 0),
     };
+    Ok(workload(deployment, selector, running_pods, ready_pods))
+}
+
+/// The same as [`observe_workload`], from the watch caches: `None` when they cannot
+/// answer (not listed yet, a watch failing, or a Deployment gone whose pods are counted
+/// by a remembered selector string), so the caller asks the API server.
+pub fn observe_cached(
+    caches: &Caches,
+    ns: &str,
+    name: &str,
+    remembered_selector: Option<&str>,
+) -> Result<Option<Workload>, Error> {
+    if !caches.live() {
+        return Ok(None);
+    }
+    let Some(deployment) = caches.deployment(ns, name) else {
+        return Ok(match remembered_selector {
+            Some(_) => None,
+            None => Some(workload(None, None, 0, 0)),
+        });
+    };
+    let selector = pod_selector(&deployment)?;
+    let pods = caches.pods_matching(ns, &selector);
+    let (running_pods, ready_pods) = tally(pods.iter().map(|p| &**p));
+    Ok(Some(workload(
+        Some((*deployment).clone()),
+        Some(selector.to_string()),
+        running_pods,
+        ready_pods,
+    )))
+}
+
+fn workload(
+    deployment: Option<Deployment>,
+    selector: Option<String>,
+    running_pods: i32,
+    ready_pods: i32,
+) -> Workload {
     let replicas = deployment
         .as_ref()
         .map_or(0, |d| d.spec.replicas.unwrap_or(1));
@@ -95,7 +133,7 @@ pub async fn observe_workload(
         .and_then(|d| d.spec.template.spec.as_ref())
         .and_then(|p| p.termination_grace_period_seconds)
         .map_or(DEFAULT_GRACE, |s| Duration::from_secs(s.max(0) as u64));
-    Ok(Workload {
+    Workload {
         deployment,
         selector,
         stop_grace,
@@ -104,7 +142,7 @@ pub async fn observe_workload(
             running_pods,
             ready_pods,
         },
-    })
+    }
 }
 
 /// Pods the Deployment may have that a pod list can miss: those its status counts
@@ -125,17 +163,17 @@ fn unsettled_pods(d: &Deployment) -> i32 {
     }
 }
 
-/// The Deployment's full label selector (`matchLabels` and `matchExpressions`) as a
-/// list selector. One that selects everything, or cannot be parsed, is refused: the
-/// pods could not be told apart from any other pod.
-pub fn pod_selector(deployment: &Deployment) -> Result<String, Error> {
+/// The Deployment's full label selector (`matchLabels` and `matchExpressions`). One that
+/// selects everything, or cannot be parsed, is refused: the pods could not be told apart
+/// from any other pod.
+pub fn pod_selector(deployment: &Deployment) -> Result<Selector, Error> {
     let name = deployment.name_any();
     let selector = Selector::try_from(deployment.spec.selector.clone())
         .map_err(|e| Error::Selector(name.clone(), e.to_string()))?;
     if selector.selects_all() {
         return Err(Error::Selector(name, "it selects every pod".into()));
     }
-    Ok(selector.to_string())
+    Ok(selector)
 }
 
 /// Pods matching `selector` that have not finished (terminating ones count: they may
@@ -143,10 +181,10 @@ pub fn pod_selector(deployment: &Deployment) -> Result<String, Error> {
 async fn count_pods(client: &Client, ns: &str, selector: &str) -> Result<(i32, i32), Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list = pods.list(&ListParams::default().labels(selector)).await?;
-    Ok(tally(&list.items))
+    Ok(tally(list.items.iter()))
 }
 
-fn tally(pods: &[Pod]) -> (i32, i32) {
+fn tally<'a>(pods: impl Iterator<Item = &'a Pod>) -> (i32, i32) {
     let mut running = 0;
     let mut ready = 0;
     for pod in pods {
@@ -193,24 +231,6 @@ pub fn rolling_surge(deployment: &Deployment) -> Option<String> {
     }
 }
 
-pub async fn autoscaler_for(client: &Client, ns: &str, deployment: &str) -> Option<String> {
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
-    match hpas.list(&ListParams::default()).await {
-        Ok(list) => list
-            .items
-            .into_iter()
-            .find(|h| {
-                h.spec.scale_target_ref.kind == "Deployment"
-                    && h.spec.scale_target_ref.name == deployment
-            })
-            .map(|h| h.name_any()),
-        Err(error) => {
-            tracing::debug!(%error, "cannot list HorizontalPodAutoscalers");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +254,7 @@ mod tests {
             }]),
         };
         assert_eq!(
-            pod_selector(&deployment(selector)).unwrap(),
+            pod_selector(&deployment(selector)).unwrap().to_string(),
             "app=r,tier in (a,b)"
         );
         // Only expressions: counted by them, not "no labels, so 0 pods".
@@ -246,7 +266,12 @@ mod tests {
                 values: None,
             }]),
         };
-        assert_eq!(pod_selector(&deployment(only_expressions)).unwrap(), "app");
+        assert_eq!(
+            pod_selector(&deployment(only_expressions))
+                .unwrap()
+                .to_string(),
+            "app"
+        );
         assert!(pod_selector(&deployment(LabelSelector::default())).is_err());
     }
 

@@ -25,8 +25,9 @@ use super::decide::{self, Gate, Role, Scale, ScaleFacts, ScaleRecord};
 use super::handover::{cleanup, forget_deleted, hand_over};
 use super::observe::{self, Workload};
 use super::status::{self, Observation};
+use super::watches::{self, Caches, Watches};
 use crate::config::{LeaseTimings, validate_label};
-use crate::lease::{LeaseStore, WorkloadCounts};
+use crate::lease::{LeaseStore, WorkloadCounts, WorkloadUpdate};
 
 pub const FINALIZER: &str = "pglease.dev/cleanup";
 pub const FIELD_MANAGER: &str = "reaper-operator";
@@ -34,6 +35,10 @@ pub const FIELD_MANAGER: &str = "reaper-operator";
 /// the default timings (~270 periodic reconciles/s at ~100 ms each), while bounding the
 /// API calls and responses held at once.
 const RECONCILE_CONCURRENCY: u16 = 64;
+/// The resync of a Reaper with nothing to do here: a safety net only, since a change of
+/// its Deployment, its pods, its lease row or the other clusters' reports reconciles it
+/// at once.
+const IDLE_RESYNC: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,21 +77,21 @@ pub struct Context {
     pub reapers: OnceLock<Store<Reaper>>,
     /// Set once that cache has listed every Reaper: before, a conflict could go unseen.
     pub reapers_synced: AtomicBool,
+    /// The Deployments, pods and HPAs reconciles read.
+    pub caches: Caches,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
 pub async fn run(
     ctx: Arc<Context>,
+    watches: Watches,
     triggers: mpsc::UnboundedReceiver<ObjectRef<Reaper>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     on_ready: impl FnOnce() + Send + 'static,
 ) {
-    let (reapers, deployments) = match &ctx.namespace {
-        Some(ns) => (
-            Api::<Reaper>::namespaced(ctx.client.clone(), ns),
-            Api::<Deployment>::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    let reapers = match &ctx.namespace {
+        Some(ns) => Api::<Reaper>::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     // Bounded: with 1 000 Reapers an unbounded controller starts every periodic reconcile
     // at once (each lists pods and HPAs), which floods the API server and holds all the
@@ -126,7 +131,8 @@ pub async fn run(
                 Err(_) => {}
             }
         }
-        tracing::info!("Reaper cache synced");
+        watches::synced(&gc_ctx.caches).await;
+        tracing::info!("Reaper, Deployment, pod and HPA caches synced");
         gc_ctx.reapers_synced.store(true, Ordering::Relaxed);
         on_ready();
         // Electors of Reapers that disappeared without this replica running their
@@ -145,20 +151,22 @@ pub async fn run(
     let trigger_stream = futures::stream::unfold(triggers, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
+    let (by_deployment, by_pod, by_autoscaler) = (store.clone(), store.clone(), store);
+    let deployments = ctx.caches.deployments.clone();
     controller
-        .watches(
-            deployments,
-            watcher::Config::default().any_semantic(),
-            move |d| {
-                let (ns, name) = (d.namespace(), d.name_any());
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace() == ns && r.spec.deployment_name == name)
-                    .map(|r| ObjectRef::from_obj(&*r))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(watches.deployments, move |d| {
+            watches::reapers_of_deployment(&by_deployment, d.namespace().as_deref(), &d.name_any())
+        })
+        .watches_stream(watches.pods, move |pod| {
+            watches::reapers_of_pod(&by_pod, &deployments, &pod)
+        })
+        .watches_stream(watches.autoscalers, move |hpa| {
+            watches::reapers_of_deployment(
+                &by_autoscaler,
+                hpa.namespace().as_deref(),
+                &hpa.spec.scale_target_ref.name,
+            )
+        })
         .reconcile_on(trigger_stream)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -372,61 +380,72 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         scale(&ctx.client, &ns, deployment_name, 0).await?;
         recorded = None;
     }
-    let workload = match observe::observe_workload(
-        &ctx.client,
-        &ns,
-        deployment_name,
-        previous.and_then(|s| s.pod_selector.as_deref()),
-    )
-    .await
-    {
+    let workload = match observe(ctx, &ns, deployment_name, previous).await {
         Ok(workload) => workload,
         Err(error) => {
             // Another cluster must not take this cluster's silence for death while a
             // pod here may run on.
             let unknown = Workload::unobservable();
-            if let Err(report_error) = ctx
-                .store
-                .sync_workload(
-                    &lease_name,
-                    &ctx.cluster,
-                    &ctx.holder,
-                    unknown.counts,
-                    unknown.report_timing(timings),
-                )
-                .await
-            {
+            let update = WorkloadUpdate {
+                name: lease_name.clone(),
+                counts: unknown.counts,
+                timing: unknown.report_timing(timings),
+            };
+            if let Err(report_error) = report(ctx, &key, &update).await {
                 tracing::debug!(%report_error, "cannot report the unobservable workload either");
             }
             return Err(error);
         }
     };
     let status_renewed_at = previous.and_then(|s| s.renewed_at.clone());
-    let (database_failing_for, renewals_unseen_for) = ctx
+    let (database_failing_for, renewals_unseen_for, cached) = ctx
         .candidates
         .update(&key, |c| {
             c.pod_selector.clone_from(&workload.selector);
             (
                 c.database_failing_for(),
                 c.renewals_unseen_for(status_renewed_at),
+                Cached {
+                    row: c.row.lock().expect("row mutex poisoned").clone(),
+                    report: c.report.clone(),
+                    others: c.others.clone(),
+                },
             )
         })
         .unwrap_or_default();
-    let lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
+    let update = WorkloadUpdate {
+        name: lease_name.clone(),
+        counts: workload.counts,
+        timing: workload.report_timing(timings),
+    };
+    // The database is asked only when something may change: a leader that is not
+    // already running its pod (it may scale up, and the gate must judge the row and the
+    // reports as they are now), a report that changed, or nothing remembered. Otherwise
+    // the elector's last answer and the last refresh of the reports stand.
+    let leader_epoch = watch.leader_epoch();
+    let settled_leader = leader_epoch.is_some_and(|epoch| {
+        workload.deployment.is_some()
+            && workload.counts.replicas == 1
+            && recorded
+                .as_ref()
+                .is_some_and(|r| r.holder == ctx.holder && r.epoch == epoch)
+    });
+    let lease = match cached.row {
+        Some(row) if leader_epoch.is_none() || settled_leader => Ok(Some(row)),
+        _ => ctx.store.get(&lease_name).await.map_err(|e| e.to_string()),
+    };
     // Every replica reports what it sees of this cluster's workload (the database keeps
     // a non-holder from overwriting its holder's report with "no pods") and learns what
     // the other clusters report.
-    let reports = ctx
-        .store
-        .sync_workload(
-            &lease_name,
-            &ctx.cluster,
-            &ctx.holder,
-            workload.counts,
-            workload.report_timing(timings),
-        )
-        .await
-        .map_err(|e| e.to_string());
+    let reports = match cached.others {
+        Some(others)
+            if cached.report.as_ref() == Some(&update)
+                && (leader_epoch.is_none() || settled_leader) =>
+        {
+            Ok(others)
+        }
+        _ => report(ctx, &key, &update).await.map_err(|e| e.to_string()),
+    };
     let role = decide::role(watch.leader_epoch(), &lease, &ctx.holder, &ctx.cluster);
     let handover_delay =
         Duration::from_secs(reaper.spec.lease.handover_delay_seconds.max(0) as u64);
@@ -458,6 +477,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         ttl: timings.ttl,
         running_pods: workload.counts.running_pods,
         steady: steady_requeue(timings),
+        idle: steady_requeue(timings).max(IDLE_RESYNC),
     });
     if plan.scaled_externally {
         ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
@@ -506,20 +526,15 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             if replicas != Some(1) && watch.leader_epoch() == Some(epoch) {
                 // Report the starting pod first: if that fails, do not start it (no other
                 // cluster may read "no pods" from here while it runs).
-                let starting = WorkloadCounts {
-                    replicas: 1,
-                    running_pods: workload.counts.running_pods.max(1),
-                    ready_pods: workload.counts.ready_pods,
+                let starting = WorkloadUpdate {
+                    counts: WorkloadCounts {
+                        replicas: 1,
+                        running_pods: workload.counts.running_pods.max(1),
+                        ready_pods: workload.counts.ready_pods,
+                    },
+                    ..update
                 };
-                ctx.store
-                    .sync_workload(
-                        &lease_name,
-                        &ctx.cluster,
-                        &ctx.holder,
-                        starting,
-                        workload.report_timing(timings),
-                    )
-                    .await?;
+                report(ctx, &key, &starting).await?;
                 if watch.leader_epoch() == Some(epoch) {
                     scale(&ctx.client, &ns, deployment_name, 1).await?;
                 }
@@ -532,7 +547,61 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         Scale::Hold => write(new_status).await?,
     }
 
-    Ok(Action::requeue(plan.requeue))
+    // Without live caches the reads above went to the API server: look again every
+    // steady period, as before the caches, so the report follows the workload.
+    let requeue = if ctx.caches.live() {
+        plan.requeue
+    } else {
+        plan.requeue.min(steady_requeue(timings))
+    };
+    Ok(Action::requeue(requeue))
+}
+
+/// What this replica remembers of a Reaper between reconciles.
+#[derive(Default)]
+struct Cached {
+    row: Option<crate::lease::Lease>,
+    report: Option<WorkloadUpdate>,
+    others: Option<Vec<crate::lease::WorkloadReport>>,
+}
+
+/// The workload from the watch caches, or from the API server when they cannot tell
+/// (see [`observe::observe_cached`]).
+async fn observe(
+    ctx: &Context,
+    ns: &str,
+    deployment: &str,
+    previous: Option<&ReaperStatus>,
+) -> Result<Workload, Error> {
+    let remembered = previous.and_then(|s| s.pod_selector.as_deref());
+    match observe::observe_cached(&ctx.caches, ns, deployment, remembered)? {
+        Some(workload) => Ok(workload),
+        None => observe::observe_workload(&ctx.client, ns, deployment, remembered).await,
+    }
+}
+
+/// Writes this replica's report of one workload now, and remembers it (the refresher
+/// repeats it) with the other clusters' reports that came back.
+pub(super) async fn report(
+    ctx: &Context,
+    key: &ObjectRef<Reaper>,
+    update: &WorkloadUpdate,
+) -> Result<Vec<crate::lease::WorkloadReport>, crate::Error> {
+    let others = ctx
+        .store
+        .sync_workload(
+            &update.name,
+            &ctx.cluster,
+            &ctx.holder,
+            update.counts,
+            update.timing,
+        )
+        .await;
+    ctx.candidates.update(key, |c| {
+        c.report = Some(update.clone());
+        c.others = others.as_ref().ok().cloned();
+    });
+    others
 }
 
 /// What a reconcile saw and decided, for its status.
@@ -571,7 +640,7 @@ async fn build_status(
     let risks = match &workload.deployment {
         Some(d) => status::singleton_risks(
             observe::rolling_surge(d),
-            observe::autoscaler_for(&ctx.client, &ns, &reaper.spec.deployment_name).await,
+            ctx.caches.autoscaler_for(&ns, &reaper.spec.deployment_name),
             external,
         ),
         None => Vec::new(),

@@ -1,0 +1,373 @@
+//! What reconciles read from Kubernetes, kept by watches: the Deployments, the pods and
+//! the HorizontalPodAutoscalers in the operator's namespaces. A reconcile reads these
+//! caches instead of the API server, and a change to any of them reconciles the Reapers
+//! it concerns at once, so a steady state costs the API server nothing but the watches.
+//!
+//! The caches hold only what the controller reads: pods keep their name, labels,
+//! deletion mark, phase and Ready condition (no spec, no other status), HPAs their
+//! target, Deployments everything but managedFields and the last-applied annotation.
+//! Each watch has its own health flag: a cache that has not listed everything yet, or
+//! whose watch is failing, is not read as "no pods" (the caller falls back to the API
+//! server or reports the workload as unobservable).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::api::Api;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::watch;
+
+use super::crd::Reaper;
+
+/// The read side of the three caches.
+#[derive(Clone)]
+pub struct Caches {
+    pub deployments: Store<Deployment>,
+    pub pods: Store<Pod>,
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
+    deployments_live: Arc<WatchHealth>,
+    pods_live: Arc<WatchHealth>,
+    /// Bumped after every change a Deployment or pod event made to its cache.
+    changes: Arc<watch::Sender<()>>,
+}
+
+/// The caches, and the changes of each for the controller to map to Reapers.
+pub struct Watches {
+    pub caches: Caches,
+    pub deployments: futures::stream::BoxStream<'static, Result<Deployment, watcher::Error>>,
+    pub pods: futures::stream::BoxStream<'static, Result<Pod, watcher::Error>>,
+    pub autoscalers:
+        futures::stream::BoxStream<'static, Result<HorizontalPodAutoscaler, watcher::Error>>,
+}
+
+impl Caches {
+    /// Both caches a workload count needs have listed everything and their watches
+    /// are not failing.
+    pub fn live(&self) -> bool {
+        self.deployments_live.live() && self.pods_live.live()
+    }
+
+    /// Resolves at the next change of the Deployment or pod cache after this call.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    pub fn deployment(&self, ns: &str, name: &str) -> Option<Arc<Deployment>> {
+        self.deployments.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The pods of namespace `ns` that `selector` matches.
+    pub fn pods_matching(&self, ns: &str, selector: &Selector) -> Vec<Arc<Pod>> {
+        self.pods.state_filter(|pod| {
+            pod.metadata.namespace.as_deref() == Some(ns) && selector.matches(pod.labels())
+        })
+    }
+
+    /// The name of an HPA in `ns` that targets Deployment `deployment`.
+    pub fn autoscaler_for(&self, ns: &str, deployment: &str) -> Option<String> {
+        self.autoscalers
+            .find(|h| {
+                h.metadata.namespace.as_deref() == Some(ns)
+                    && h.spec.scale_target_ref.kind == "Deployment"
+                    && h.spec.scale_target_ref.name == deployment
+            })
+            .map(|h| h.name_any())
+    }
+}
+
+/// Starts the three watches, each in a task that runs until the process ends.
+pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let changes = Arc::new(watch::Sender::new(()));
+    let (deployments, deployments_live, deployment_stream) = cached(
+        api::<Deployment>(client, namespace),
+        Some(changes.clone()),
+        |d: &mut Deployment| {
+            d.managed_fields_mut().clear();
+            d.annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        },
+    );
+    let (pods, pods_live, pod_stream) = cached(
+        api::<Pod>(client, namespace),
+        Some(changes.clone()),
+        trim_pod,
+    );
+    let (autoscalers, _, autoscaler_stream) = cached(
+        api::<HorizontalPodAutoscaler>(client, namespace),
+        None,
+        trim_autoscaler,
+    );
+    Watches {
+        caches: Caches {
+            deployments,
+            pods,
+            autoscalers,
+            deployments_live,
+            pods_live,
+            changes,
+        },
+        deployments: deployment_stream,
+        pods: pod_stream,
+        autoscalers: autoscaler_stream,
+    }
+}
+
+/// A reflector over `api` whose objects are trimmed by `trim` before they are cached,
+/// a flag that is true while its cache is complete and its watch is working, and the
+/// stream of changed objects (deleted ones included) for the controller.
+fn cached<K>(
+    api: Api<K>,
+    changes: Option<Arc<watch::Sender<()>>>,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> (
+    Store<K>,
+    Arc<WatchHealth>,
+    futures::stream::BoxStream<'static, Result<K, watcher::Error>>,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let live = Arc::new(WatchHealth::default());
+    let health = live.clone();
+    let events = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(trim)
+        .inspect(move |event| health.saw(event.as_ref().map_err(|_| ())));
+    // The watch runs in a task of its own, not inside the controller: the caches must
+    // stay current after the controller stops, while a shutdown hands leases over. The
+    // controller gets the changed objects (deleted ones included) through a channel;
+    // once it is gone, sends fail and are ignored.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let drive = reflector::reflector(writer, events)
+        .touched_objects()
+        .for_each(move |object| {
+            // After the reflector: its store already holds the change when a waiter wakes.
+            if let (Ok(_), Some(changes)) = (&object, &changes) {
+                changes.send_replace(());
+            }
+            let _ = tx.send(object);
+            future::ready(())
+        });
+    tokio::spawn(drive);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|object| (object, rx))
+    })
+    .boxed();
+    (store, live, stream)
+}
+
+/// Whether a watch's cache can be trusted: it has listed everything (a re-list is
+/// complete only at `InitDone`), and its watch has not failed since its last event.
+/// A watch that failed and then resumed without a re-list yields no event to say so:
+/// it counts as working again once no error has come for longer than the watcher's
+/// longest backoff between retries (30 s).
+#[derive(Debug, Default)]
+struct WatchHealth {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    listing: bool,
+    failed_at: Option<Instant>,
+}
+
+impl Default for HealthState {
+    fn default() -> Self {
+        Self {
+            listing: true,
+            failed_at: None,
+        }
+    }
+}
+
+/// Longer than the watcher's longest backoff, so a watch that keeps failing is never
+/// taken for a working one.
+const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
+impl WatchHealth {
+    fn saw<K>(&self, event: Result<&watcher::Event<K>, ()>) {
+        let mut state = self.state.lock().expect("watch health mutex poisoned");
+        match event {
+            Ok(watcher::Event::Init) => state.listing = true,
+            Ok(watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::InitDone) => {
+                state.listing = false;
+                state.failed_at = None;
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => state.failed_at = None,
+            Err(()) => state.failed_at = Some(Instant::now()),
+        }
+    }
+
+    fn live(&self) -> bool {
+        let state = self.state.lock().expect("watch health mutex poisoned");
+        !state.listing
+            && state
+                .failed_at
+                .is_none_or(|at| at.elapsed() > QUIET_AFTER_FAILURE)
+    }
+}
+
+fn trim_pod(pod: &mut Pod) {
+    pod.managed_fields_mut().clear();
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    pod.spec = None;
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        conditions: status
+            .conditions
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..PodStatus::default()
+    });
+}
+
+fn trim_autoscaler(hpa: &mut HorizontalPodAutoscaler) {
+    hpa.managed_fields_mut().clear();
+    hpa.metadata.annotations = None;
+    hpa.status = None;
+    let spec = std::mem::take(&mut hpa.spec);
+    hpa.spec = HorizontalPodAutoscalerSpec {
+        scale_target_ref: spec.scale_target_ref,
+        max_replicas: spec.max_replicas,
+        ..HorizontalPodAutoscalerSpec::default()
+    };
+}
+
+/// The Reapers of `reapers` that manage Deployment `ns/name`.
+pub fn reapers_of_deployment(
+    reapers: &Store<Reaper>,
+    ns: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<Reaper>> {
+    reapers
+        .state_filter(|r| r.namespace().as_deref() == ns && r.spec.deployment_name == name)
+        .iter()
+        .map(|r| ObjectRef::from_obj(&**r))
+        .collect()
+}
+
+/// The Reapers whose workload `pod` may belong to: those whose cached Deployment's
+/// selector matches it, and those whose Deployment is not cached (gone, its pods still
+/// stopping), which are counted by a selector remembered on their status.
+pub fn reapers_of_pod(
+    reapers: &Store<Reaper>,
+    deployments: &Store<Deployment>,
+    pod: &Pod,
+) -> Vec<ObjectRef<Reaper>> {
+    let ns = pod.namespace();
+    reapers
+        .state_filter(|r| {
+            if r.namespace() != ns {
+                return false;
+            }
+            let key = ObjectRef::new(&r.spec.deployment_name).within(ns.as_deref().unwrap_or(""));
+            match deployments.get(&key) {
+                Some(d) => Selector::try_from(d.spec.selector.clone())
+                    .is_ok_and(|s| !s.selects_all() && s.matches(pod.labels())),
+                None => true,
+            }
+        })
+        .iter()
+        .map(|r| ObjectRef::from_obj(&**r))
+        .collect()
+}
+
+/// Waits until every cache has listed its objects once.
+pub async fn synced(caches: &Caches) {
+    let _ = future::join3(
+        caches.deployments.wait_until_ready(),
+        caches.pods.wait_until_ready(),
+        caches.autoscalers.wait_until_ready(),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_is_trusted_only_when_listed_and_not_failing() {
+        let health = WatchHealth::default();
+        assert!(!health.live(), "not listed yet");
+        health.saw::<Pod>(Ok(&watcher::Event::Init));
+        health.saw::<Pod>(Ok(&watcher::Event::InitApply(Pod::default())));
+        assert!(!health.live(), "listing");
+        health.saw::<Pod>(Ok(&watcher::Event::InitDone));
+        assert!(health.live());
+        health.saw::<Pod>(Err(()));
+        assert!(!health.live(), "failing");
+        health.saw::<Pod>(Ok(&watcher::Event::Apply(Pod::default())));
+        assert!(health.live(), "an event after the failure: the watch works");
+        health.saw::<Pod>(Err(()));
+        health.saw::<Pod>(Ok(&watcher::Event::Init));
+        health.saw::<Pod>(Ok(&watcher::Event::Apply(Pod::default())));
+        assert!(!health.live(), "re-listing after a failure");
+        health.saw::<Pod>(Ok(&watcher::Event::InitDone));
+        assert!(health.live());
+    }
+    use k8s_openapi::api::core::v1::{PodCondition, PodSpec};
+
+    #[test]
+    fn a_trimmed_pod_keeps_what_is_counted() {
+        let mut pod = Pod {
+            spec: Some(PodSpec::default()),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                conditions: Some(vec![
+                    PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    },
+                    PodCondition {
+                        type_: "PodScheduled".into(),
+                        status: "True".into(),
+                        ..Default::default()
+                    },
+                ]),
+                host_ip: Some("10.0.0.1".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        pod.metadata.labels = Some([("app".to_string(), "r".to_string())].into());
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        trim_pod(&mut pod);
+        assert!(pod.spec.is_none());
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.conditions.as_ref().unwrap().len(), 1);
+        assert!(status.host_ip.is_none());
+        assert!(pod.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("r"));
+    }
+}
