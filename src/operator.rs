@@ -122,6 +122,7 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     let watches = watches::watches(&client, settings.namespace.as_deref());
     let ctx = Arc::new(Context {
         caches: watches.caches.clone(),
+        report_lock: Default::default(),
         client,
         store: store.clone(),
         cluster: settings.cluster.clone(),

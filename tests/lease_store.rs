@@ -29,6 +29,7 @@ both_paths!(
     acquire_and_release_notify_listeners,
     workload_reports_are_per_cluster_and_exclude_the_caller,
     only_the_holder_may_report_that_its_cluster_runs_nothing,
+    one_statement_reports_many_leases_and_names_those_it_recorded,
     lease_event_refuses_truncate,
     held_lease_row_refuses_delete_and_truncate,
     free_or_expired_lease_row_can_be_deleted_and_epochs_continue,
@@ -655,6 +656,80 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
         .await
         .unwrap();
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 0)));
+}
+
+/// `sync_workloads` is `sync_workload` for many leases at once: each report is judged
+/// on its own (a peer's "no pods" refused, the rest recorded), the other clusters'
+/// reports come back per lease (an empty list for a lease nobody else reported), and
+/// the caller learns which reports were recorded.
+async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via) {
+    use reaper_operator::lease::{WorkloadCounts, WorkloadUpdate};
+    let (store, _) = db::fresh_schema(via).await;
+    let ttl = Duration::from_secs(30);
+    let one = WorkloadCounts {
+        replicas: 1,
+        running_pods: 1,
+        ready_pods: 1,
+    };
+    let update = |name: &str, counts| WorkloadUpdate {
+        name: name.into(),
+        counts,
+        timing: ttl.into(),
+    };
+    store.acquire("held", "east/a", ttl).await.unwrap().unwrap();
+    store
+        .sync_workload("held", "east", "east/a", one, ttl)
+        .await
+        .unwrap();
+    store
+        .sync_workload("held", "west", "west/x", one, ttl)
+        .await
+        .unwrap();
+    let synced = store
+        .sync_workloads(
+            "east",
+            "east/b",
+            &[
+                // Refused: east/a of the same cluster holds it.
+                update("held", WorkloadCounts::default()),
+                update("free", WorkloadCounts::default()),
+                update("running", one),
+                // The same lease twice: the report with more pods is the one kept.
+                update("twice", WorkloadCounts::default()),
+                update("twice", one),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut written: Vec<&str> = synced.written.iter().map(String::as_str).collect();
+    written.sort_unstable();
+    assert_eq!(written, ["free", "running", "twice"]);
+    let mut names: Vec<&str> = synced.others.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["free", "held", "running", "twice"]);
+    let west: Vec<(&str, i32)> = synced.others["held"]
+        .iter()
+        .map(|r| (r.cluster.as_str(), r.running_pods))
+        .collect();
+    assert_eq!(west, [("west", 1)]);
+    assert!(synced.others["free"].is_empty());
+    // What was recorded is what another cluster reads.
+    let seen_by_west = store
+        .sync_workloads(
+            "west",
+            "west/x",
+            &[update("held", one), update("twice", one)],
+        )
+        .await
+        .unwrap();
+    let east = |name: &str| {
+        seen_by_west.others[name]
+            .iter()
+            .find(|r| r.cluster == "east")
+            .map(|r| (r.reported_by.clone(), r.running_pods))
+    };
+    assert_eq!(east("held"), Some(("east/a".into(), 1)));
+    assert_eq!(east("twice"), Some(("east/b".into(), 1)));
 }
 
 /// The next notification about `name` (other tests notify on the same channel).

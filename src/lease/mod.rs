@@ -14,5 +14,5 @@ pub use elector::{
 };
 pub use store::{
     Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, PROBE_TABLE, Reference, ReportTiming, Statement,
-    WorkloadCounts, WorkloadReport, WorkloadUpdate,
+    SyncedReports, WorkloadCounts, WorkloadReport, WorkloadUpdate,
 };

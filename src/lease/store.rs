@@ -18,7 +18,7 @@
 //! carry the WAL timeline they were acquired on, and the statements refuse what a
 //! promotion may have made stale (migrations/20261203000001_lease_timeline.sql).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -129,6 +129,15 @@ pub struct WorkloadReport {
     pub stale_after: Duration,
     /// How often the reporter refreshes it while it can reach the database.
     pub refresh: Duration,
+}
+
+/// What [`LeaseStore::sync_workloads`] did and read.
+#[derive(Clone, Debug, Default)]
+pub struct SyncedReports {
+    /// Per lease of the call, the other clusters' reports.
+    pub others: HashMap<String, Vec<WorkloadReport>>,
+    /// The leases whose report was recorded (the others were refused).
+    pub written: HashSet<String>,
 }
 
 /// One lease's workload as this replica sees it, for [`LeaseStore::sync_workloads`].
@@ -619,7 +628,7 @@ impl LeaseStore {
         counts: WorkloadCounts,
         timing: impl Into<ReportTiming>,
     ) -> Result<Vec<WorkloadReport>> {
-        let mut reports = self
+        let mut synced = self
             .sync_workloads(
                 cluster,
                 reported_by,
@@ -630,13 +639,14 @@ impl LeaseStore {
                 }],
             )
             .await?;
-        Ok(reports.remove(name).unwrap_or_default())
+        Ok(synced.others.remove(name).unwrap_or_default())
     }
 
     /// Records this cluster's view of every workload in `updates` and returns, per lease
     /// name, the latest reports of the OTHER clusters, in one statement whatever the
     /// number of leases. A report of no running pods by a replica that does not hold the
-    /// lease while a replica of its cluster does is not recorded (see the statement).
+    /// lease while a replica of its cluster does is not recorded (see the statement);
+    /// [`SyncedReports::written`] names those that were.
     /// Each report's timing tells readers how old it may get before they presume this
     /// cluster dead, and how often it is refreshed.
     pub async fn sync_workloads(
@@ -644,11 +654,11 @@ impl LeaseStore {
         cluster: &str,
         reported_by: &str,
         updates: &[WorkloadUpdate],
-    ) -> Result<HashMap<String, Vec<WorkloadReport>>> {
+    ) -> Result<SyncedReports> {
         validate_label("cluster", cluster)?;
         validate_label("reporter", reported_by)?;
         if updates.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(SyncedReports::default());
         }
         // One row per lease: a second one would make the upsert fail the whole batch.
         // Two updates of one lease keep the one that shows more pods.
@@ -707,6 +717,7 @@ impl LeaseStore {
                  ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at, \
                  stale_after_ms = EXCLUDED.stale_after_ms, refresh_ms = EXCLUDED.refresh_ms, \
                  timeline = EXCLUDED.timeline \
+               RETURNING w.name \
              ), \
              seen AS MATERIALIZED ( \
                SELECT COALESCE((SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = tl.id), \
@@ -719,22 +730,34 @@ impl LeaseStore {
                       CASE WHEN w.timeline = tl.id THEN reported_at ELSE seen.at END AS reported_at \
                FROM {w} AS w, tl, seen WHERE w.name IN (SELECT name FROM input) AND w.cluster <> {cluster} \
              ) \
-             SELECT name, cluster, reported_by, replicas, running_pods, ready_pods, reported_at, stale_after_ms, refresh_ms, \
-                    (extract(epoch FROM clock_timestamp() - reported_at) * 1000)::bigint AS age_ms \
-             FROM judged ORDER BY name, cluster"
+             SELECT i.name, i.name IN (SELECT name FROM report) AS written, \
+                    j.cluster, j.reported_by, j.replicas, j.running_pods, j.ready_pods, j.reported_at, \
+                    j.stale_after_ms, j.refresh_ms, \
+                    (extract(epoch FROM clock_timestamp() - j.reported_at) * 1000)::bigint AS age_ms \
+             FROM input AS i LEFT JOIN judged AS j ON j.name = i.name ORDER BY i.name, j.cluster"
         );
         let rows = self.fetch(sql).await?;
-        let mut reports: HashMap<String, Vec<WorkloadReport>> = by_name
-            .keys()
-            .map(|name| ((*name).to_owned(), Vec::new()))
-            .collect();
+        let mut synced = SyncedReports {
+            others: by_name
+                .keys()
+                .map(|name| ((*name).to_owned(), Vec::new()))
+                .collect(),
+            written: HashSet::new(),
+        };
         for row in &rows {
+            let name: String = row.try_get("name")?;
+            if row.try_get("written")? {
+                synced.written.insert(name.clone());
+            }
+            // No other cluster has reported this lease.
+            let Some(cluster) = row.try_get::<Option<String>, _>("cluster")? else {
+                continue;
+            };
             let age_ms: i64 = row.try_get("age_ms")?;
             let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
             let refresh_ms: i64 = row.try_get("refresh_ms")?;
-            let name: String = row.try_get("name")?;
-            reports.entry(name).or_default().push(WorkloadReport {
-                cluster: row.try_get("cluster")?,
+            synced.others.entry(name).or_default().push(WorkloadReport {
+                cluster,
                 reported_by: row.try_get("reported_by")?,
                 replicas: row.try_get("replicas")?,
                 running_pods: row.try_get("running_pods")?,
@@ -745,7 +768,7 @@ impl LeaseStore {
                 refresh: Duration::from_millis(refresh_ms.max(1) as u64),
             });
         }
-        Ok(reports)
+        Ok(synced)
     }
 
     /// One round trip, for readiness probes: a bare `SELECT 1` on a lease connection

@@ -53,9 +53,12 @@ pub struct Candidate {
     /// The lease row as the elector last saw it (its renew's or acquire's answer);
     /// `None` after a tick that could not read it.
     pub row: Arc<Mutex<Option<Lease>>>,
-    /// This replica's report of the workload, as last written; the report refresher
-    /// writes it again every refresh period.
+    /// This replica's report of the workload, as last written and recorded; the report
+    /// refresher writes it again every refresh period. `None` when the database refused
+    /// it (see `LeaseStore::sync_workloads`) or nothing was written yet.
     pub report: Option<WorkloadUpdate>,
+    /// When `report` was last sent (before the statement that recorded it).
+    pub report_written: Option<Instant>,
     /// The other clusters' reports as last read (by a reconcile or the refresher).
     pub others: Option<Vec<WorkloadReport>>,
     /// Clusters already warned about (stale reports), per epoch.
@@ -305,6 +308,7 @@ impl Candidates {
             renewal_seen: None,
             row,
             report: None,
+            report_written: None,
             others: None,
             external_scale_ups: 0,
             warned_stale_epoch: None,

@@ -271,6 +271,10 @@ pub fn plan(f: &ScaleFacts<'_>) -> Plan {
         _ if f.running_pods > 0 && f.replicas.is_none_or(|r| r == 0) => Duration::from_secs(1),
         // Its decision depends on how long the database has been failing.
         (Role::Unknown, _) => f.steady,
+        // Something of the workload runs here without this replica leading: whether it
+        // may go on can change with time alone (a peer's lease lapsing), not only with
+        // an event.
+        _ if f.running_pods > 0 || f.replicas.is_some_and(|r| r > 0) => f.steady,
         _ => f.idle,
     };
     Plan {
@@ -740,6 +744,10 @@ mod tests {
         // where time alone changes the decision.
         assert_eq!(plan(&facts(&standby, None, Some(0))).requeue, IDLE_RESYNC);
         assert_eq!(plan(&facts(&Role::Unknown, None, Some(1))).requeue, STEADY);
+        let peer = Role::PeerLeads {
+            holder: "east/b".into(),
+        };
+        assert_eq!(plan(&facts(&peer, None, Some(1))).requeue, STEADY);
         assert_eq!(plan(&facts(&leader, None, Some(1))).requeue, STEADY);
     }
 

@@ -142,7 +142,9 @@ async fn workload_stopped(ctx: &Context, candidate: &Candidate) -> bool {
         }
         counts.running_pods = counts.running_pods.max(1);
     }
-    // The truth, so that no other cluster starts while a pod here still stops.
+    // The truth, so that no other cluster starts while a pod here still stops. Under
+    // the report lock: a refresh in flight could otherwise land after it.
+    let _lock = ctx.report_lock.lock().await;
     if let Err(error) = ctx
         .store
         .sync_workload(

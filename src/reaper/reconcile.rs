@@ -79,6 +79,8 @@ pub struct Context {
     pub reapers_synced: AtomicBool,
     /// The Deployments, pods and HPAs reconciles read.
     pub caches: Caches,
+    /// Held while this replica's workload reports are written (see `reports`).
+    pub report_lock: tokio::sync::Mutex<()>,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
@@ -380,7 +382,16 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         scale(&ctx.client, &ns, deployment_name, 0).await?;
         recorded = None;
     }
-    let workload = match observe(ctx, &ns, deployment_name, previous).await {
+    let last_report = ctx.candidates.update(&key, |c| c.report.clone()).flatten();
+    let (workload, from_cache) = match observe(
+        ctx,
+        &ns,
+        deployment_name,
+        previous,
+        last_report.as_ref(),
+    )
+    .await
+    {
         Ok(workload) => workload,
         Err(error) => {
             // Another cluster must not take this cluster's silence for death while a
@@ -446,7 +457,9 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         }
         _ => report(ctx, &key, &update).await.map_err(|e| e.to_string()),
     };
-    let role = decide::role(watch.leader_epoch(), &lease, &ctx.holder, &ctx.cluster);
+    // The same leadership the reads above were chosen by: a leader judged on reports
+    // kept for a follower could miss a report written since.
+    let role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
     let handover_delay =
         Duration::from_secs(reaper.spec.lease.handover_delay_seconds.max(0) as u64);
     let gate = match role {
@@ -522,6 +535,22 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     match plan.scale {
         Scale::Up { epoch } => {
             write(new_status).await?;
+            // A cache behind the API server could miss a pod of this cluster still
+            // stopping (a ReplicaSet ignores it and would start a second one): ask the
+            // API server before starting one.
+            if replicas == Some(0) && from_cache {
+                let live = observe::observe_workload(
+                    &ctx.client,
+                    &ns,
+                    deployment_name,
+                    workload.selector.as_deref(),
+                )
+                .await?;
+                if live.counts.running_pods > 0 {
+                    tracing::info!(reaper = %key, running_pods = live.counts.running_pods, "pods of this cluster still stopping; not scaling up yet");
+                    return Ok(Action::requeue(Duration::from_millis(500)));
+                }
+            }
             // Decide at the moment of acting, not from what was true above.
             if replicas != Some(1) && watch.leader_epoch() == Some(epoch) {
                 // Report the starting pod first: if that fails, do not start it (no other
@@ -566,42 +595,62 @@ struct Cached {
 }
 
 /// The workload from the watch caches, or from the API server when they cannot tell
-/// (see [`observe::observe_cached`]).
+/// (see [`observe::observe_cached`]); and whether it came from the caches.
+///
+/// A cache that says "no pods" where this replica last reported some is confirmed with
+/// the API server first: "no pods" is what lets another cluster start, and a cache can
+/// be behind (or silently stuck) where the API server is not.
 async fn observe(
     ctx: &Context,
     ns: &str,
     deployment: &str,
     previous: Option<&ReaperStatus>,
-) -> Result<Workload, Error> {
+    last_report: Option<&WorkloadUpdate>,
+) -> Result<(Workload, bool), Error> {
     let remembered = previous.and_then(|s| s.pod_selector.as_deref());
-    match observe::observe_cached(&ctx.caches, ns, deployment, remembered)? {
-        Some(workload) => Ok(workload),
-        None => observe::observe_workload(&ctx.client, ns, deployment, remembered).await,
+    if let Some(workload) = observe::observe_cached(&ctx.caches, ns, deployment, remembered)? {
+        let newly_idle = workload.counts.running_pods == 0
+            && last_report.is_none_or(|r| r.counts.running_pods > 0);
+        if !newly_idle {
+            return Ok((workload, true));
+        }
     }
+    let workload = observe::observe_workload(&ctx.client, ns, deployment, remembered).await?;
+    Ok((workload, false))
 }
 
 /// Writes this replica's report of one workload now, and remembers it (the refresher
-/// repeats it) with the other clusters' reports that came back.
+/// repeats it) with the other clusters' reports that came back. Under the report lock,
+/// so a refresh in flight cannot land after it with an older report.
 pub(super) async fn report(
     ctx: &Context,
     key: &ObjectRef<Reaper>,
     update: &WorkloadUpdate,
 ) -> Result<Vec<crate::lease::WorkloadReport>, crate::Error> {
-    let others = ctx
+    let _lock = ctx.report_lock.lock().await;
+    let sent = Instant::now();
+    let synced = ctx
         .store
-        .sync_workload(
-            &update.name,
-            &ctx.cluster,
-            &ctx.holder,
-            update.counts,
-            update.timing,
-        )
+        .sync_workloads(&ctx.cluster, &ctx.holder, std::slice::from_ref(update))
         .await;
+    let mut synced = match synced {
+        Ok(synced) => synced,
+        Err(error) => {
+            ctx.candidates.update(key, |c| c.others = None);
+            return Err(error);
+        }
+    };
+    let others = synced.others.remove(&update.name).unwrap_or_default();
+    let written = synced.written.contains(&update.name);
     ctx.candidates.update(key, |c| {
-        c.report = Some(update.clone());
-        c.others = others.as_ref().ok().cloned();
+        (c.report, c.report_written) = if written {
+            (Some(update.clone()), Some(sent))
+        } else {
+            (None, None)
+        };
+        c.others = Some(others.clone());
     });
-    others
+    Ok(others)
 }
 
 /// What a reconcile saw and decided, for its status.

@@ -14,67 +14,100 @@
 //! it does not answer either (`Workload::unobservable`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kube::runtime::reflector::ObjectRef;
-
-use super::crd::Reaper;
 use super::reconcile::Context;
 use crate::lease::{WorkloadReport, WorkloadUpdate};
 
-/// Used while this replica has no report to refresh.
-const IDLE_PERIOD: Duration = Duration::from_secs(1);
+/// The longest the refresher sleeps: a report added meanwhile with a shorter refresh
+/// period than any before is due within this.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 /// Refreshes the reports until the process ends (the task is aborted at shutdown).
+///
+/// A report is refreshed once three quarters of its refresh period have passed since it
+/// was last written, so reports that fall due at nearby instants go in one statement
+/// and none waits longer than its period. The report lock is held from choosing the
+/// reports to recording the outcome, so a reconcile's newer report is never overwritten
+/// by an older one in flight here (and the other way round).
 pub async fn refresh(ctx: Arc<Context>) {
     loop {
-        let (updates, period) = due(&ctx);
-        tokio::time::sleep(period).await;
-        if updates.is_empty() {
-            continue;
-        }
-        // Read again: a reconcile may have written a newer report while this slept.
-        let (updates, _) = due(&ctx);
-        let updates: Vec<WorkloadUpdate> = updates.into_iter().map(|(_, u)| u).collect();
-        match ctx
-            .store
-            .sync_workloads(&ctx.cluster, &ctx.holder, &updates)
-            .await
-        {
-            Ok(mut others) => ctx.candidates.for_each(|key, candidate| {
-                let Some(report) = &candidate.report else {
-                    return;
-                };
-                let Some(fresh) = others.remove(&report.name) else {
-                    return;
-                };
-                if changed(candidate.others.as_deref(), &fresh) {
-                    // A leader waiting for another cluster re-judges at once.
-                    ctx.candidates.trigger(key);
-                }
-                candidate.others = Some(fresh);
-            }),
-            Err(error) => {
-                tracing::warn!(%error, reports = updates.len(), "cannot refresh the workload reports");
-                ctx.candidates
-                    .for_each(|_, candidate| candidate.others = None);
+        let sleep = {
+            let _lock = ctx.report_lock.lock().await;
+            let now = Instant::now();
+            let due = due(&ctx, now);
+            if !due.is_empty() {
+                write(&ctx, &due, now).await;
             }
-        }
+            next_due(&ctx, Instant::now())
+        };
+        tokio::time::sleep(sleep).await;
     }
 }
 
-/// Every report to refresh, and how long until the next refresh: the shortest refresh
-/// period any of them promised its readers.
-fn due(ctx: &Context) -> (Vec<(ObjectRef<Reaper>, WorkloadUpdate)>, Duration) {
-    let mut updates = Vec::new();
-    let mut period: Option<Duration> = None;
-    ctx.candidates.for_each(|key, candidate| {
-        if let Some(report) = &candidate.report {
-            period = Some(period.map_or(report.timing.refresh, |p| p.min(report.timing.refresh)));
-            updates.push((key.clone(), report.clone()));
+/// Whether a report written at `written` (never: `None`) is to be refreshed at `now`.
+fn is_due(written: Option<Instant>, refresh: Duration, now: Instant) -> bool {
+    written.is_none_or(|at| now.saturating_duration_since(at) >= refresh * 3 / 4)
+}
+
+fn due(ctx: &Context, now: Instant) -> Vec<WorkloadUpdate> {
+    let mut due = Vec::new();
+    ctx.candidates.for_each(|_, candidate| {
+        if let Some(report) = &candidate.report
+            && is_due(candidate.report_written, report.timing.refresh, now)
+        {
+            due.push(report.clone());
         }
     });
-    (updates, period.unwrap_or(IDLE_PERIOD))
+    due
+}
+
+/// How long until the next report falls due, at most [`MAX_SLEEP`].
+fn next_due(ctx: &Context, now: Instant) -> Duration {
+    let mut sleep = MAX_SLEEP;
+    ctx.candidates.for_each(|_, candidate| {
+        if let (Some(report), Some(written)) = (&candidate.report, candidate.report_written) {
+            let due_at = written + report.timing.refresh * 3 / 4;
+            sleep = sleep.min(due_at.saturating_duration_since(now));
+        }
+    });
+    sleep
+}
+
+async fn write(ctx: &Context, due: &[WorkloadUpdate], sent: Instant) {
+    match ctx
+        .store
+        .sync_workloads(&ctx.cluster, &ctx.holder, due)
+        .await
+    {
+        Ok(mut synced) => ctx.candidates.for_each(|key, candidate| {
+            let Some(report) = &candidate.report else {
+                return;
+            };
+            let Some(fresh) = synced.others.remove(&report.name) else {
+                return;
+            };
+            if synced.written.contains(&report.name) {
+                candidate.report_written = Some(sent);
+            } else {
+                // Refused (a peer of this cluster holds the lease): not repeated, so it
+                // cannot be taken later, once the peer no longer holds it, for a view
+                // that may be out of date by then.
+                candidate.report = None;
+                candidate.report_written = None;
+            }
+            if changed(candidate.others.as_deref(), &fresh) {
+                // A leader waiting for another cluster re-judges at once.
+                ctx.candidates.trigger(key);
+            }
+            candidate.others = Some(fresh);
+        }),
+        Err(error) => {
+            tracing::warn!(%error, reports = due.len(), "cannot refresh the workload reports");
+            ctx.candidates
+                .for_each(|_, candidate| candidate.others = None);
+        }
+    }
 }
 
 /// Whether the other clusters' reports differ in anything a decision reads (not their
@@ -114,6 +147,20 @@ mod tests {
             stale_after: Duration::from_secs(30),
             refresh: Duration::from_secs(4),
         }
+    }
+
+    #[test]
+    fn a_report_is_refreshed_within_its_period() {
+        let refresh = Duration::from_secs(4);
+        let now = Instant::now();
+        assert!(is_due(None, refresh, now), "never written");
+        assert!(!is_due(Some(now), refresh, now));
+        assert!(!is_due(
+            Some(now),
+            refresh,
+            now + Duration::from_millis(2_999)
+        ));
+        assert!(is_due(Some(now), refresh, now + Duration::from_secs(3)));
     }
 
     #[test]

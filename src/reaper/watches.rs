@@ -152,25 +152,33 @@ where
     let (store, writer) = reflector::store();
     let live = Arc::new(WatchHealth::default());
     let health = live.clone();
+    let kind = K::kind(&()).into_owned();
     let events = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(trim)
-        .inspect(move |event| health.saw(event.as_ref().map_err(|_| ())));
+        .modify(trim);
+    // After the reflector, so the cache holds what the health says it holds.
+    let events = reflector::reflector(writer, events).inspect(move |event| {
+        if let Err(error) = event {
+            // A forbidden watch (RBAC without list/watch) shows here, once per retry.
+            tracing::warn!(%error, kind, "watch failed; reading the API server instead until it works again");
+        }
+        health.saw(event.as_ref().map_err(|_| ()));
+    });
     // The watch runs in a task of its own, not inside the controller: the caches must
     // stay current after the controller stops, while a shutdown hands leases over. The
     // controller gets the changed objects (deleted ones included) through a channel;
     // once it is gone, sends fail and are ignored.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let drive = reflector::reflector(writer, events)
-        .touched_objects()
-        .for_each(move |object| {
-            // After the reflector: its store already holds the change when a waiter wakes.
-            if let (Ok(_), Some(changes)) = (&object, &changes) {
-                changes.send_replace(());
-            }
-            let _ = tx.send(object);
-            future::ready(())
-        });
+    let stopped = StopsTrust(live.clone());
+    let drive = events.touched_objects().for_each(move |object| {
+        // After the reflector: its store already holds the change when a waiter wakes.
+        if let (Ok(_), Some(changes)) = (&object, &changes) {
+            changes.send_replace(());
+        }
+        let _ = tx.send(object);
+        let _ = &stopped;
+        future::ready(())
+    });
     tokio::spawn(drive);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|object| (object, rx))
@@ -193,6 +201,7 @@ struct WatchHealth {
 struct HealthState {
     listing: bool,
     failed_at: Option<Instant>,
+    stopped: bool,
 }
 
 impl Default for HealthState {
@@ -200,7 +209,22 @@ impl Default for HealthState {
         Self {
             listing: true,
             failed_at: None,
+            stopped: false,
         }
+    }
+}
+
+/// Marks a cache untrusted for good when its watch task ends (it never ends by itself:
+/// only a panic, or the runtime shutting down, drops it).
+struct StopsTrust(Arc<WatchHealth>);
+
+impl Drop for StopsTrust {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .expect("watch health mutex poisoned")
+            .stopped = true;
     }
 }
 
@@ -225,7 +249,8 @@ impl WatchHealth {
 
     fn live(&self) -> bool {
         let state = self.state.lock().expect("watch health mutex poisoned");
-        !state.listing
+        !state.stopped
+            && !state.listing
             && state
                 .failed_at
                 .is_none_or(|at| at.elapsed() > QUIET_AFTER_FAILURE)
@@ -273,7 +298,7 @@ pub fn reapers_of_deployment(
 
 /// The Reapers whose workload `pod` may belong to: those whose cached Deployment's
 /// selector matches it, and those whose Deployment is not cached (gone, its pods still
-/// stopping), which are counted by a selector remembered on their status.
+/// stopping) but whose status remembers a selector to count them by.
 pub fn reapers_of_pod(
     reapers: &Store<Reaper>,
     deployments: &Store<Deployment>,
@@ -289,7 +314,7 @@ pub fn reapers_of_pod(
             match deployments.get(&key) {
                 Some(d) => Selector::try_from(d.spec.selector.clone())
                     .is_ok_and(|s| !s.selects_all() && s.matches(pod.labels())),
-                None => true,
+                None => r.status.as_ref().is_some_and(|s| s.pod_selector.is_some()),
             }
         })
         .iter()
@@ -297,12 +322,13 @@ pub fn reapers_of_pod(
         .collect()
 }
 
-/// Waits until every cache has listed its objects once.
+/// Waits until the Deployment and pod caches have listed their objects once. Not the
+/// HPA cache: it only feeds a warning, and an HPA watch that is forbidden must not keep
+/// the controller from working.
 pub async fn synced(caches: &Caches) {
-    let _ = future::join3(
+    let _ = future::join(
         caches.deployments.wait_until_ready(),
         caches.pods.wait_until_ready(),
-        caches.autoscalers.wait_until_ready(),
     )
     .await;
 }
@@ -330,6 +356,10 @@ mod tests {
         assert!(!health.live(), "re-listing after a failure");
         health.saw::<Pod>(Ok(&watcher::Event::InitDone));
         assert!(health.live());
+        drop(StopsTrust(Arc::new(WatchHealth::default())));
+        let health = Arc::new(health);
+        drop(StopsTrust(health.clone()));
+        assert!(!health.live(), "its watch task ended");
     }
     use k8s_openapi::api::core::v1::{PodCondition, PodSpec};
 
