@@ -50,9 +50,22 @@ fn is_due(written: Option<Instant>, refresh: Duration, now: Instant) -> bool {
     written.is_none_or(|at| now.saturating_duration_since(at) >= refresh * 3 / 4)
 }
 
+/// The reports to refresh now. Not those of a Reaper that is being deleted or gone: its
+/// cleanup reports what it sees each time it looks, and a refresh of an older view could
+/// land after the final "no pods" of the replica that releases the lease, so that the
+/// other clusters would wait for it to go stale.
 fn due(ctx: &Context, now: Instant) -> Vec<WorkloadUpdate> {
+    let reapers = ctx.reapers.get();
     let mut due = Vec::new();
-    ctx.candidates.for_each(|_, candidate| {
+    ctx.candidates.for_each(|key, candidate| {
+        let living = reapers
+            .and_then(|store| store.get(key))
+            .is_some_and(|r| r.metadata.deletion_timestamp.is_none());
+        if !living {
+            candidate.report = None;
+            candidate.report_written = None;
+            return;
+        }
         if let Some(report) = &candidate.report
             && is_due(candidate.report_written, report.timing.refresh, now)
         {
