@@ -591,6 +591,111 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
     );
 }
 
+/// A holder that renews just before the instant a standby's read found for its expiry
+/// keeps the lease: the standby's attempt at that instant is refused, and it goes back to
+/// its periodic ticks (it does not retry until it succeeds), then takes the lease at the
+/// renewed expiry once the holder stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
+    let t = timings(3_500, 2_500, 1_000);
+    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
+    let held = store
+        .acquire("singleton", "a", t.ttl)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let batcher = LeaseBatcher::spawn(store.clone(), "b".into(), DEFAULT_LINGER);
+    let follower = batched(
+        "singleton",
+        "b",
+        t,
+        &store,
+        &batcher,
+        Arc::new(MonotonicClock),
+    );
+    let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let follower_task = tokio::spawn(async move {
+        let mut follower = follower;
+        follower
+            .run(
+                async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                },
+                |tick, _| {
+                    let acquired = match tick {
+                        Tick::Standby(_) => None,
+                        Tick::Acquired(lease) => Some(lease.clone()),
+                        _ => return,
+                    };
+                    let _ = ticks_tx.send((Instant::now(), acquired));
+                },
+            )
+            .await;
+    });
+    // The first tick is immediate, the second on the grid: renew right after it, so the
+    // expiry falls half a period after a later grid tick.
+    for _ in 0..2 {
+        let (_, acquired) = ticks.recv().await.unwrap();
+        assert!(acquired.is_none());
+    }
+    let first_renew = Instant::now();
+    store
+        .renew("singleton", "a", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    // After the standby's read three ticks later (which found the expiry 0.5 s away), and
+    // before that expiry.
+    tokio::time::sleep_until((first_renew + Duration::from_millis(3_200)).into()).await;
+    let last_renew = store
+        .renew("singleton", "a", held.epoch)
+        .await
+        .unwrap()
+        .expect("the lease expired before its holder's last renew");
+
+    let (mut standby_ticks, mut refused_at_first_expiry) = (Vec::new(), 0);
+    let (taken_at, acquired) = loop {
+        let (at, acquired) = tokio::time::timeout(t.ttl + Duration::from_secs(3), ticks.recv())
+            .await
+            .expect("the standby did not take over the expired lease")
+            .unwrap();
+        if let Some(lease) = acquired {
+            break (at, lease);
+        }
+        let since = at.duration_since(first_renew);
+        if since >= t.ttl && since < t.ttl + Duration::from_millis(300) {
+            refused_at_first_expiry += 1;
+        }
+        standby_ticks.push(since);
+    };
+    stop_tx.send(true).unwrap();
+    follower_task.await.unwrap();
+
+    assert_eq!(
+        refused_at_first_expiry, 1,
+        "one refused attempt at the first expiry; standby ticks at {standby_ticks:?}"
+    );
+    // Back on the grid: one tick per period, plus the refused attempt.
+    let periods = taken_at.duration_since(first_renew).as_secs_f64() / t.retry_period.as_secs_f64();
+    assert!(
+        (standby_ticks.len() as f64) <= periods.ceil() + 2.0,
+        "{} standby ticks in {periods:.1} periods: {standby_ticks:?}",
+        standby_ticks.len()
+    );
+    assert_eq!(
+        (acquired.epoch, acquired.previous_holder.as_str()),
+        (2, "a")
+    );
+    let late = acquired.acquired_at - last_renew.expires_at;
+    assert!(
+        late >= chrono::TimeDelta::zero() && late < chrono::TimeDelta::milliseconds(300),
+        "taken over {} ms after the renewed expiry",
+        late.num_milliseconds()
+    );
+}
+
 /// Two replicas with 20 shared leases each, all renewing through their batchers, while
 /// their database connections are cut at random (reset or blackhole, 0.2-2 s). At no
 /// sampled instant may both replicas consider themselves leader of the same lease, and
