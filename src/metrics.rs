@@ -152,7 +152,7 @@ impl Metrics {
             Tick::DeadlineMissed { .. } => {
                 self.losses.get_or_create(&loss(LOSS_REASONS[1])).inc();
             }
-            Tick::Standby | Tick::DatabaseError { .. } => {}
+            Tick::Standby(_) | Tick::DatabaseError { .. } => {}
         }
         if !tick.database_reachable() {
             self.database_errors.inc();
@@ -194,7 +194,7 @@ mod tests {
     fn ticks_drive_the_leader_gauge_and_counters() {
         let m = Metrics::default();
         m.observe_tick("a", &Tick::Lost { epoch: 1 }, Duration::ZERO, false);
-        m.observe_tick("a", &Tick::Standby, Duration::ZERO, false);
+        m.observe_tick("a", &Tick::Standby(None), Duration::ZERO, false);
         let text = m.encode();
         assert!(text.contains("reaper_leader{lease=\"a\"} 0"), "{text}");
         assert!(
@@ -205,7 +205,7 @@ mod tests {
             text.contains("# EOF"),
             "OpenMetrics text ends with # EOF: {text}"
         );
-        m.observe_tick("b", &Tick::Standby, Duration::ZERO, false);
+        m.observe_tick("b", &Tick::Standby(None), Duration::ZERO, false);
         m.forget_lease("a");
         let text = m.encode();
         assert!(

@@ -708,10 +708,10 @@ async fn lease_statements_across_a_failover() {
         b.running_pods >= 1 && !b.is_stale(),
         "a report from before the failover proves no pods: {b:?}"
     );
-    assert_eq!(
-        store.acquirable(&["l".into()]).await.unwrap(),
-        vec!["l".to_owned()],
-        "a row from before the failover is worth an acquire (it starts the wait)"
+    let before_wait = store.acquirable(&["l".into()]).await.unwrap();
+    assert!(
+        before_wait[0].acquirable,
+        "a row from before the failover is worth an acquire (it starts the wait): {before_wait:?}"
     );
 
     // The first acquire on the new timeline starts the wait; none succeeds before it ends.
@@ -722,13 +722,24 @@ async fn lease_statements_across_a_failover() {
         None,
         "a lease created in the wait"
     );
+    let in_wait = store.acquirable(&["l".into()]).await.unwrap().remove(0);
     assert!(
-        store.acquirable(&["l".into()]).await.unwrap().is_empty(),
-        "listed as acquirable during the wait"
+        !in_wait.acquirable,
+        "acquirable during the wait: {in_wait:?}"
     );
     // From the first acquire on, b's old report is dated when the timeline was first
     // seen, and goes stale by its own bound from there.
     let first_seen = first_seen_on_timeline(&db, &schema, 2).await.unwrap();
+    // Acquirable once the wait is over: a ttl (the row's) after the timeline was seen.
+    let seen_row = in_wait.lease.as_ref().unwrap();
+    let left_us = (first_seen + chrono::TimeDelta::from_std(ttl).unwrap() - seen_row.observed_at)
+        .num_microseconds()
+        .unwrap();
+    assert_eq!(
+        in_wait.acquirable_in,
+        Duration::from_millis((left_us as u64).div_ceil(1000)),
+        "{in_wait:?}"
+    );
     let b = b_report(&store).await;
     assert_eq!(b.reported_at, first_seen, "{b:?}");
     tokio::time::sleep(b_bound).await;

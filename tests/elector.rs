@@ -199,7 +199,7 @@ async fn deposed_leader_steps_down_on_its_next_renew_and_keeps_competing() {
     assert!(thief.is_some());
     assert!(matches!(old.tick().await, Tick::Lost { epoch } if epoch == first.epoch));
     assert_eq!(old.leader_epoch(), None);
-    assert!(matches!(old.tick().await, Tick::Standby));
+    assert!(matches!(old.tick().await, Tick::Standby(None)));
     tokio::time::sleep(Duration::from_millis(600)).await;
     let Tick::Acquired(again) = old.tick().await else {
         panic!("did not compete again")
@@ -239,7 +239,7 @@ async fn run_publishes_changes_and_release_frees_the_lease_for_a_standby() {
     assert_eq!(watch.leader_epoch(), Some(1));
 
     let mut standby = Elector::new(config("b", t), store.clone(), clock);
-    assert!(matches!(standby.tick().await, Tick::Standby));
+    assert!(matches!(standby.tick().await, Tick::Standby(None)));
     stop_tx.send(()).unwrap();
     let (_leader, released) = task.await.unwrap();
     assert!(released);
@@ -461,6 +461,239 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
         );
         assert!(*n as f64 >= periods.floor() - 1.0, "{who}: {n}");
     }
+}
+
+/// A holder that dies without releasing (kill -9: no release, no notification) is
+/// replaced when its lease expires on the database's clock, not at the standby's next
+/// periodic tick after that. Both electors tick on the process's shared grid and the ttl
+/// is 3.5 retry periods, so the expiry falls half a period after a standby tick: waiting
+/// for the next tick would take over 500 ms late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
+    let t = timings(3_500, 2_500, 1_000);
+    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
+
+    let mut holder = Elector::new(config("a", t), store.clone(), Arc::new(MonotonicClock));
+    let (renewed_tx, mut renewed) = tokio::sync::mpsc::unbounded_channel();
+    let holder_task = tokio::spawn(async move {
+        holder
+            .run(std::future::pending::<()>(), |tick, _| {
+                if let Tick::Renewed(lease) = tick {
+                    let _ = renewed_tx.send(lease.clone());
+                }
+            })
+            .await;
+    });
+    // Renewing on the grid: from here on its lease expires 3.5 periods after a grid tick.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(5), renewed.recv())
+            .await
+            .expect("the holder did not renew")
+            .unwrap();
+    }
+
+    let batcher = LeaseBatcher::spawn(store.clone(), "b".into(), DEFAULT_LINGER);
+    let follower = batched(
+        "singleton",
+        "b",
+        t,
+        &store,
+        &batcher,
+        Arc::new(MonotonicClock),
+    );
+    let mut leadership = follower.watch();
+    let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let follower_task = tokio::spawn(async move {
+        let mut follower = follower;
+        follower
+            .run(
+                async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                },
+                |tick, _| {
+                    let seen = match tick {
+                        Tick::Standby(row) => Ok(row.clone()),
+                        Tick::Acquired(lease) => Err(lease.clone()),
+                        _ => return,
+                    };
+                    let _ = ticks_tx.send(seen);
+                },
+            )
+            .await;
+    });
+    tokio::time::sleep(t.retry_period * 2).await;
+
+    // Killed right after a renew (so none is in flight): the task ends where it is, and
+    // the row stays as that renew left it.
+    while renewed.try_recv().is_ok() {}
+    let last_renew = tokio::time::timeout(Duration::from_secs(5), renewed.recv())
+        .await
+        .expect("the holder did not renew")
+        .unwrap();
+    holder_task.abort();
+    let _ = holder_task.await;
+    tokio::time::timeout(t.ttl + Duration::from_secs(3), async {
+        while leadership.leader_epoch().is_none() {
+            leadership.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the standby did not take over the expired lease");
+    stop_tx.send(true).unwrap();
+    follower_task.await.unwrap();
+
+    // The standby's reads carried the row; the last one is the holder's last renew.
+    let mut last_read = None;
+    let mut acquired = None;
+    while let Ok(seen) = ticks.try_recv() {
+        match seen {
+            Ok(row) => {
+                let row = row.expect("a standby read showed no row");
+                assert_eq!(row.holder, "a", "{row:?}");
+                last_read = Some(row);
+            }
+            Err(lease) => {
+                acquired = Some(lease);
+                break;
+            }
+        }
+    }
+    let (last_read, acquired) = (last_read.unwrap(), acquired.unwrap());
+    assert_eq!(
+        (last_read.epoch, last_read.expires_at),
+        (last_renew.epoch, last_renew.expires_at)
+    );
+    assert_eq!(
+        (acquired.epoch, acquired.previous_holder.as_str()),
+        (2, "a")
+    );
+    let events = store.events("singleton").await.unwrap();
+    let takeover = events.last().unwrap();
+    assert_eq!((takeover.kind.as_str(), takeover.epoch), ("takeover", 2));
+    assert_eq!(takeover.at, acquired.acquired_at);
+    // Database times on both sides: the expiry the holder's last renew set, and the
+    // takeover. The acquire's statement never takes a lease before its expiry.
+    let late = acquired.acquired_at - last_renew.expires_at;
+    eprintln!(
+        "expired at {}, taken over {} ms later",
+        last_renew.expires_at,
+        late.num_milliseconds()
+    );
+    assert!(
+        late >= chrono::TimeDelta::zero(),
+        "taken before expiry: {late}"
+    );
+    assert!(
+        late < chrono::TimeDelta::milliseconds(300),
+        "taken over {} ms after the expiry",
+        late.num_milliseconds()
+    );
+}
+
+/// A holder that renews just before the instant a standby's read found for its expiry
+/// keeps the lease: the standby's attempt at that instant is refused, and it goes back to
+/// its periodic ticks (it does not retry until it succeeds), then takes the lease at the
+/// renewed expiry once the holder stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
+    let t = timings(3_500, 2_500, 1_000);
+    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
+    let held = store
+        .acquire("singleton", "a", t.ttl)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let batcher = LeaseBatcher::spawn(store.clone(), "b".into(), DEFAULT_LINGER);
+    let follower = batched(
+        "singleton",
+        "b",
+        t,
+        &store,
+        &batcher,
+        Arc::new(MonotonicClock),
+    );
+    let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let follower_task = tokio::spawn(async move {
+        let mut follower = follower;
+        follower
+            .run(
+                async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                },
+                |tick, _| {
+                    let acquired = match tick {
+                        Tick::Standby(_) => None,
+                        Tick::Acquired(lease) => Some(lease.clone()),
+                        _ => return,
+                    };
+                    let _ = ticks_tx.send((Instant::now(), acquired));
+                },
+            )
+            .await;
+    });
+    // The first tick is immediate, the second on the grid: renew right after it, so the
+    // expiry falls half a period after a later grid tick.
+    for _ in 0..2 {
+        let (_, acquired) = ticks.recv().await.unwrap();
+        assert!(acquired.is_none());
+    }
+    let first_renew = Instant::now();
+    store
+        .renew("singleton", "a", held.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    // After the standby's read three ticks later (which found the expiry 0.5 s away), and
+    // before that expiry.
+    tokio::time::sleep_until((first_renew + Duration::from_millis(3_200)).into()).await;
+    let last_renew = store
+        .renew("singleton", "a", held.epoch)
+        .await
+        .unwrap()
+        .expect("the lease expired before its holder's last renew");
+
+    let (mut standby_ticks, mut refused_at_first_expiry) = (Vec::new(), 0);
+    let (taken_at, acquired) = loop {
+        let (at, acquired) = tokio::time::timeout(t.ttl + Duration::from_secs(3), ticks.recv())
+            .await
+            .expect("the standby did not take over the expired lease")
+            .unwrap();
+        if let Some(lease) = acquired {
+            break (at, lease);
+        }
+        let since = at.duration_since(first_renew);
+        if since >= t.ttl && since < t.ttl + Duration::from_millis(300) {
+            refused_at_first_expiry += 1;
+        }
+        standby_ticks.push(since);
+    };
+    stop_tx.send(true).unwrap();
+    follower_task.await.unwrap();
+
+    assert_eq!(
+        refused_at_first_expiry, 1,
+        "one refused attempt at the first expiry; standby ticks at {standby_ticks:?}"
+    );
+    // Back on the grid: one tick per period, plus the refused attempt.
+    let periods = taken_at.duration_since(first_renew).as_secs_f64() / t.retry_period.as_secs_f64();
+    assert!(
+        (standby_ticks.len() as f64) <= periods.ceil() + 2.0,
+        "{} standby ticks in {periods:.1} periods: {standby_ticks:?}",
+        standby_ticks.len()
+    );
+    assert_eq!(
+        (acquired.epoch, acquired.previous_holder.as_str()),
+        (2, "a")
+    );
+    let late = acquired.acquired_at - last_renew.expires_at;
+    assert!(
+        late >= chrono::TimeDelta::zero() && late < chrono::TimeDelta::milliseconds(300),
+        "taken over {} ms after the renewed expiry",
+        late.num_milliseconds()
+    );
 }
 
 /// Two replicas with 20 shared leases each, all renewing through their batchers, while

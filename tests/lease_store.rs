@@ -384,15 +384,63 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     ]
     .map(String::from)
     .to_vec();
-    let mut free = store.acquirable(&names).await.unwrap();
+    let found = store.acquirable(&names).await.unwrap();
+    let asked: Vec<&str> = found.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(asked, names, "one answer per name, in order");
+    let mut free: Vec<&str> = found
+        .iter()
+        .filter(|a| a.acquirable)
+        .map(|a| a.name.as_str())
+        .collect();
     free.sort();
     assert_eq!(free, ["c,o{m}ma", "expired", "missing", "released"]);
-    // What it lists, acquire takes; what it leaves out, acquire refuses.
-    for name in &names {
-        let taken = store.acquire(name, "me", LONG).await.unwrap().is_some();
-        assert_eq!(taken, free.contains(name), "{name}");
+    for a in &found {
+        match &a.lease {
+            None => assert!(["missing", "c,o{m}ma"].contains(&a.name.as_str()), "{a:?}"),
+            Some(row) => assert_eq!(row.name, a.name, "{a:?}"),
+        }
+        if a.acquirable {
+            assert_eq!(a.acquirable_in, Duration::ZERO, "{a:?}");
+        } else {
+            // Held: acquirable at its expiry, counted on the database's clock from the
+            // instant the row was read, in whole milliseconds rounded up.
+            let row = a.lease.as_ref().unwrap();
+            assert!(row.is_held(), "{a:?}");
+            let left_us = (row.expires_at - row.observed_at)
+                .num_microseconds()
+                .unwrap();
+            assert_eq!(
+                a.acquirable_in,
+                Duration::from_millis((left_us as u64).div_ceil(1000)),
+                "{a:?}"
+            );
+            assert!(a.acquirable_in > LONG - Duration::from_secs(10), "{a:?}");
+        }
+    }
+    // What it finds acquirable, acquire takes; what not, acquire refuses.
+    for a in &found {
+        let taken = store.acquire(&a.name, "me", LONG).await.unwrap().is_some();
+        assert_eq!(taken, a.acquirable, "{a:?}");
     }
     assert!(store.acquirable(&[]).await.unwrap().is_empty());
+
+    // A lease about to expire: refused until the time it gave, taken from then on
+    // (counted from when its answer arrived, as a standby does).
+    let ttl = Duration::from_millis(1_500);
+    store.acquire("soon", "other", ttl).await.unwrap().unwrap();
+    let soon = store.acquirable(&["soon".into()]).await.unwrap().remove(0);
+    let arrived = tokio::time::Instant::now();
+    assert!(
+        !soon.acquirable && soon.acquirable_in > Duration::ZERO && soon.acquirable_in <= ttl,
+        "{soon:?}"
+    );
+    assert_eq!(store.acquire("soon", "me", LONG).await.unwrap(), None);
+    tokio::time::sleep_until(arrived + soon.acquirable_in).await;
+    let taken = store.acquire("soon", "me", LONG).await.unwrap();
+    assert!(
+        taken.is_some(),
+        "refused at the instant acquirable gave: {soon:?}"
+    );
 }
 
 async fn audit_table_matches_a_scripted_history(via: Via) {

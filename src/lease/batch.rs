@@ -1,13 +1,14 @@
 //! Coalesces the database calls of all electors of one process: leaders' renews into
-//! one `renew_many` statement, followers' "is it free?" checks into one
-//! `acquirable` read.
+//! one `renew_many` statement, followers' "is it free, and if not, when?" checks into
+//! one `acquirable` read.
 //!
 //! A replica holding 1 000 leases would otherwise send 1 000 `UPDATE`s every retry
 //! period, and a standby 1 000 `acquire`s. Electors with the same retry period tick on a
 //! shared grid (see [`Elector::run`](super::Elector::run)), so their requests arrive
 //! within a few milliseconds of each other; the batcher waits a short linger after the
 //! first request and sends everything that has queued as one statement per kind.
-//! Followers then `acquire` only the leases the read found free or expired.
+//! Followers then `acquire` only the leases the read found free or expired, or that it
+//! found about to expire (at that instant: see [`Elector::run`](super::Elector::run)).
 //!
 //! Safety does not depend on the batching: each elector still takes its `sent` instant
 //! before queueing its request, so the database's `renewed_at` (taken when the batch
@@ -16,14 +17,14 @@
 //! whose elector has given up is dropped from the next batch rather than renewed: a
 //! lease nobody acts on must be left to expire.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{Lease, LeaseStore};
+use super::store::{Availability, Lease, LeaseStore};
 use crate::{Error, Result};
 
 /// Longest wait for more requests after the first one of a batch.
@@ -40,7 +41,7 @@ struct Renew {
 
 struct Probe {
     name: String,
-    reply: oneshot::Sender<Result<bool>>,
+    reply: oneshot::Sender<Result<Availability>>,
 }
 
 enum Request {
@@ -103,9 +104,10 @@ impl LeaseBatcher {
         .await
     }
 
-    /// Whether `name` is missing, free or expired on the database's clock, in the next
-    /// batch: if not, an `acquire` would fail.
-    pub async fn acquirable(&self, name: &str) -> Result<bool> {
+    /// `name`'s row and whether it is missing, free or expired on the database's clock
+    /// (if not, an `acquire` would fail), and if not, how long until it could be; in the
+    /// next batch (see [`LeaseStore::acquirable`]).
+    pub async fn acquirable(&self, name: &str) -> Result<Availability> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Probe(Probe {
             name: name.to_owned(),
@@ -200,10 +202,19 @@ async fn send_probes(store: LeaseStore, batch: Vec<Probe>) {
     names.sort_unstable();
     names.dedup();
     match store.acquirable(&names).await {
-        Ok(free) => {
-            let free: HashSet<&str> = free.iter().map(String::as_str).collect();
+        Ok(found) => {
+            let by_name: HashMap<&str, &Availability> =
+                found.iter().map(|a| (a.name.as_str(), a)).collect();
             for request in batch {
-                let _ = request.reply.send(Ok(free.contains(request.name.as_str())));
+                let answer = match by_name.get(request.name.as_str()) {
+                    Some(availability) => Ok((*availability).clone()),
+                    // The read returns a row per name asked for; this would be a bug.
+                    None => Err(Error::Config(format!(
+                        "the acquirable read returned nothing for lease {:?}",
+                        request.name
+                    ))),
+                };
+                let _ = request.reply.send(answer);
             }
         }
         Err(error) => {

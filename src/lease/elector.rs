@@ -114,8 +114,10 @@ pub struct ElectorConfig {
 pub enum Tick {
     /// Took the lease (a new epoch). `previous_holder` is empty if it was free.
     Acquired(Lease),
-    /// Someone else holds it.
-    Standby,
+    /// Someone else holds it. The row as this follower last read it: `None` when there
+    /// is none, or when the tick learnt nothing of it (an elector without a
+    /// [`LeaseBatcher`] only sends `acquire`, which returns no row when refused).
+    Standby(Option<Lease>),
     Renewed(Lease),
     /// The renew matched nothing: another candidate took the lease, or it expired.
     Lost {
@@ -149,6 +151,16 @@ struct Held {
     last_renew_sent: Instant,
 }
 
+/// A follower's read, which arrived at `arrived`, found the lease acquirable in
+/// `acquirable_in`: [`Elector::run`] may send an `acquire` then (see [`expiry_attempt_at`]).
+#[derive(Debug)]
+struct ExpiryAttempt {
+    arrived: tokio::time::Instant,
+    acquirable_in: Duration,
+    /// The row that read returned, reported again if the attempt is refused.
+    row: Option<Lease>,
+}
+
 pub struct Elector {
     config: ElectorConfig,
     store: LeaseStore,
@@ -157,6 +169,9 @@ pub struct Elector {
     held: Option<Held>,
     tx: watch::Sender<Leadership>,
     wake: Arc<Notify>,
+    /// Set by a follower's tick whose read found the lease acquirable in a while;
+    /// [`Elector::run`] takes it after that tick.
+    soon: Option<ExpiryAttempt>,
 }
 
 impl Elector {
@@ -170,6 +185,7 @@ impl Elector {
             held: None,
             tx,
             wake: Arc::new(Notify::new()),
+            soon: None,
         }
     }
 
@@ -221,11 +237,22 @@ impl Elector {
     pub async fn tick(&mut self) -> Tick {
         let sent = self.clock.now();
         let deadline = self.config.timings.renew_deadline;
+        self.soon = None;
         let Some(held) = self.held else {
+            let mut row = None;
             if let Some(batcher) = &self.batcher {
-                match batcher.acquirable(&self.config.lease_name).await {
-                    Ok(true) => {}
-                    Ok(false) => return Tick::Standby,
+                let read = batcher.acquirable(&self.config.lease_name).await;
+                let arrived = tokio::time::Instant::now();
+                match read {
+                    Ok(found) if found.acquirable => row = found.lease,
+                    Ok(found) => {
+                        self.soon = Some(ExpiryAttempt {
+                            arrived,
+                            acquirable_in: found.acquirable_in,
+                            row: found.lease.clone(),
+                        });
+                        return Tick::Standby(found.lease);
+                    }
                     Err(error) => {
                         return Tick::DatabaseError {
                             error,
@@ -234,25 +261,7 @@ impl Elector {
                     }
                 }
             }
-            return match self
-                .store
-                .acquire(
-                    &self.config.lease_name,
-                    &self.config.holder,
-                    self.config.timings.ttl,
-                )
-                .await
-            {
-                Ok(Some(lease)) => {
-                    self.lead(lease.epoch, sent);
-                    Tick::Acquired(lease)
-                }
-                Ok(None) => Tick::Standby,
-                Err(error) => Tick::DatabaseError {
-                    error,
-                    still_leader: false,
-                },
-            };
+            return self.acquire(sent, row).await;
         };
 
         if sent.saturating_duration_since(held.last_renew_sent) >= deadline {
@@ -317,6 +326,30 @@ impl Elector {
         }
     }
 
+    /// A follower's `acquire`; `row` is what it reports if refused (`acquire` returns no
+    /// row then).
+    async fn acquire(&mut self, sent: Instant, row: Option<Lease>) -> Tick {
+        match self
+            .store
+            .acquire(
+                &self.config.lease_name,
+                &self.config.holder,
+                self.config.timings.ttl,
+            )
+            .await
+        {
+            Ok(Some(lease)) => {
+                self.lead(lease.epoch, sent);
+                Tick::Acquired(lease)
+            }
+            Ok(None) => Tick::Standby(row),
+            Err(error) => Tick::DatabaseError {
+                error,
+                still_leader: false,
+            },
+        }
+    }
+
     /// Ticks at once, then every retry period (or at once when woken) until `shutdown`
     /// resolves. `on_tick` sees every outcome and how long its tick took. On shutdown it
     /// publishes `Follower` but keeps the row: the caller stops its workload and then
@@ -324,6 +357,13 @@ impl Elector {
     ///
     /// The periodic ticks fall on a grid shared by every elector of the process with the
     /// same retry period, so a [`LeaseBatcher`] sees their calls together.
+    ///
+    /// A follower whose read (through a [`LeaseBatcher`]) finds that the lease becomes
+    /// acquirable before its next periodic tick, because its holder stopped renewing,
+    /// also ticks at that instant, with an `acquire` and no read: a holder that died
+    /// without releasing is replaced when its lease expires, not up to a retry period
+    /// later. If the holder renewed meanwhile, that `acquire` is refused and the
+    /// follower goes on on the grid.
     pub async fn run<F, T>(&mut self, shutdown: F, mut on_tick: T)
     where
         F: Future<Output = ()>,
@@ -336,21 +376,50 @@ impl Elector {
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let wake = self.wake.clone();
         let mut first = true;
+        let mut attempt: Option<(tokio::time::Instant, Option<Lease>)> = None;
         loop {
+            let mut at_expiry = None;
             if !std::mem::take(&mut first) {
+                let attempt_due = async {
+                    match &attempt {
+                        Some((at, _)) => tokio::time::sleep_until(*at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break,
                     _ = interval.tick() => {}
                     _ = wake.notified() => {}
+                    _ = attempt_due => at_expiry = attempt.take(),
                 }
             }
             let started = Instant::now();
+            let step = async {
+                match at_expiry {
+                    // Only when it changes is a follower asking: whether the lease can be
+                    // taken is decided by `acquire`'s statement, on the database's clock,
+                    // under the row lock, so at most one holder is still the SQL's job.
+                    // Asking early would only be refused.
+                    Some((_, row)) if self.held.is_none() => {
+                        self.soon = None;
+                        let sent = self.clock.now();
+                        self.acquire(sent, row).await
+                    }
+                    _ => self.tick().await,
+                }
+            };
             let tick = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                tick = self.tick() => tick,
+                tick = step => tick,
             };
+            // Whatever woke it, this tick replaces a pending attempt: it read the row
+            // again (or acquired), and only its own read schedules one.
+            attempt = self.soon.take().and_then(|a| {
+                expiry_attempt_at(a.arrived, a.acquirable_in, next_on_grid(period))
+                    .map(|at| (at, a.row))
+            });
             log_tick(&self.config, &tick);
             on_tick(&tick, started.elapsed());
         }
@@ -399,6 +468,22 @@ impl Elector {
     }
 }
 
+/// When a follower whose read arrived at `arrived`, saying that the lease becomes
+/// acquirable in `acquirable_in`, sends an `acquire` of its own: at `arrived +
+/// acquirable_in`, if that comes before its periodic tick at `next_tick` (which reads
+/// the row again, and schedules anew). The database measured `acquirable_in` on its own
+/// clock before its answer left, so counting it from the arrival puts the attempt after
+/// the expiry as the database sees it, by the answer's transit time: not so early that
+/// it is refused, and no offset between the two hosts' clocks matters.
+fn expiry_attempt_at(
+    arrived: tokio::time::Instant,
+    acquirable_in: Duration,
+    next_tick: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    let at = arrived.checked_add(acquirable_in)?;
+    (at < next_tick).then_some(at)
+}
+
 /// The first instant after now on the grid `anchor + k × period`, where the anchor is
 /// fixed for the process: electors with equal periods tick together.
 fn next_on_grid(period: Duration) -> tokio::time::Instant {
@@ -422,7 +507,7 @@ fn log_tick(config: &ElectorConfig, tick: &Tick) {
             lease, epoch = l.epoch, previous_holder = %l.previous_holder,
             "took over expired lease"
         ),
-        Tick::Standby | Tick::Renewed(_) => {}
+        Tick::Standby(_) | Tick::Renewed(_) => {}
         Tick::Lost { epoch } => tracing::warn!(lease, epoch, "lost lease: stepped down"),
         Tick::DeadlineMissed { epoch, error } => tracing::warn!(
             lease,
@@ -454,6 +539,30 @@ mod tests {
         // Another period has a grid of its own, from the same anchor.
         let other = next_on_grid(Duration::from_millis(30));
         assert!(other > tokio::time::Instant::now());
+    }
+
+    #[test]
+    fn an_expiry_before_the_next_tick_gets_an_attempt_of_its_own() {
+        let arrived = tokio::time::Instant::now();
+        let next_tick = arrived + Duration::from_millis(1_000);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            expiry_attempt_at(arrived, ms(400), next_tick),
+            Some(arrived + ms(400)),
+            "counted from the arrival of the answer"
+        );
+        assert_eq!(
+            expiry_attempt_at(arrived, ms(1), next_tick),
+            Some(arrived + ms(1))
+        );
+        assert_eq!(
+            expiry_attempt_at(arrived, ms(999), next_tick),
+            Some(arrived + ms(999))
+        );
+        // At or after the next tick, that tick reads the row again.
+        assert_eq!(expiry_attempt_at(arrived, ms(1_000), next_tick), None);
+        assert_eq!(expiry_attempt_at(arrived, ms(13_000), next_tick), None);
+        assert_eq!(expiry_attempt_at(arrived, Duration::MAX, next_tick), None);
     }
 
     #[test]

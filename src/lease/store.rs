@@ -88,6 +88,32 @@ impl Lease {
     }
 }
 
+/// What [`LeaseStore::acquirable`] found for one lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Availability {
+    pub name: String,
+    /// The row as it is; `None` when there is none.
+    pub lease: Option<Lease>,
+    /// Whether an `acquire` could take the lease at the database's `observed_at`.
+    pub acquirable: bool,
+    /// When not `acquirable`: how long after `observed_at` it becomes so, on the
+    /// database's clock, unless its holder renews first (zero when `acquirable`).
+    pub acquirable_in: Duration,
+}
+
+impl Availability {
+    fn from_row(row: &PgRow) -> Result<Self> {
+        let has_row: bool = row.try_get("has_row")?;
+        let in_ms: i64 = row.try_get("acquirable_in_ms")?;
+        Ok(Self {
+            name: row.try_get("requested")?,
+            lease: has_row.then(|| Lease::from_row(row)).transpose()?,
+            acquirable: row.try_get("acquirable_now")?,
+            acquirable_in: Duration::from_millis(in_ms.max(0) as u64),
+        })
+    }
+}
+
 /// What one cluster sees of a lease's workload.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadCounts {
@@ -517,33 +543,59 @@ impl LeaseStore {
         self.fetch_leases(sql).await
     }
 
-    /// Which of `names` an `acquire` could take right now: missing, free or expired on
-    /// the database's clock. One read for any number of leases, so standbys need not
-    /// send an `acquire` per lease per retry period; `acquire` still decides.
-    pub async fn acquirable(&self, names: &[String]) -> Result<Vec<String>> {
+    /// For each of `names`, in that order: its row, whether an `acquire` could take it
+    /// right now (missing, free or expired on the database's clock), and if not, how
+    /// long until it could unless its holder renews first. One read for any number of
+    /// leases, so standbys need not send an `acquire` per lease per retry period;
+    /// `acquire` still decides.
+    pub async fn acquirable(&self, names: &[String]) -> Result<Vec<Availability>> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
         let array = literal(&text_array(names.iter().map(String::as_str))?);
-        let (l, t, tl) = (&self.lease_table, &self.timeline_table, &self.timeline);
+        let (l, t, tl, c) = (
+            &self.lease_table,
+            &self.timeline_table,
+            &self.timeline,
+            &self.columns,
+        );
         // After a failover: until an acquire has recorded when the new timeline was first
-        // seen, a row of an earlier timeline is listed (that acquire starts the wait);
+        // seen, a row of an earlier timeline is acquirable (that acquire starts the wait);
         // during the wait, no row is (an acquire would fail).
+        //
+        // `acquirable_at` is the later of the two instants that keep a row from being
+        // taken: its expiry, while a holder on this timeline has it, and the end of the
+        // wait after this timeline was first seen (`-infinity` on timeline 1); NULL when
+        // neither applies. Both the answer and the time left are judged against the
+        // row's `observed_at`, one reading of the database's clock, so no client's
+        // clock takes part. The time left is rounded up: an attempt made that long
+        // after the answer arrived is not too early.
         let sql = format!(
             "WITH seen AS MATERIALIZED ( \
                SELECT (SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = {tl}) AS at, {tl} AS tl \
+             ), \
+             r AS MATERIALIZED ( \
+               SELECT n.name AS requested, n.ord, l.name IS NOT NULL AS has_row, {c}, \
+                      greatest( \
+                        CASE WHEN l.holder <> '' AND l.timeline = seen.tl \
+                             THEN l.renewed_at + l.ttl_ms * interval '1 millisecond' END, \
+                        CASE WHEN l.name IS NOT NULL \
+                             THEN seen.at + l.ttl_ms * interval '1 millisecond' END \
+                      ) AS acquirable_at \
+               FROM seen, unnest({array}::text[]) WITH ORDINALITY AS n(name, ord) \
+               LEFT JOIN {l} AS l ON l.name = n.name \
              ) \
-             SELECT n.name FROM seen, unnest({array}::text[]) AS n(name) \
-             LEFT JOIN {l} AS l ON l.name = n.name \
-             WHERE (l.name IS NULL OR l.holder = '' OR l.timeline <> seen.tl \
-                    OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= clock_timestamp()) \
-               AND NOT (seen.at IS NOT NULL AND l.name IS NOT NULL \
-                        AND clock_timestamp() < seen.at + l.ttl_ms * interval '1 millisecond')"
+             SELECT r.*, \
+                    r.acquirable_at IS NULL OR r.acquirable_at <= r.observed_at AS acquirable_now, \
+                    CASE WHEN r.acquirable_at > r.observed_at \
+                         THEN ceil(extract(epoch FROM r.acquirable_at - r.observed_at) * 1000)::bigint \
+                         ELSE 0 END AS acquirable_in_ms \
+             FROM r ORDER BY r.ord"
         );
         self.fetch(sql)
             .await?
             .iter()
-            .map(|row| row.try_get::<String, _>("name").map_err(Error::from))
+            .map(Availability::from_row)
             .collect()
     }
 
