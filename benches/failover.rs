@@ -1776,6 +1776,8 @@ struct FpRow {
     renews_per_period: Option<(f64, f64)>,
     /// The replica's requests to the kube-apiserver (its audit log).
     api: audit::ApiCounts,
+    /// Its requests from its start to the window.
+    startup_api: audit::ApiCounts,
     /// From the replica's start to holding all N leases with every Deployment ready.
     ready_after: Duration,
     /// Whether the replica held all N leases with every Deployment ready in time.
@@ -2000,6 +2002,7 @@ async fn run_footprint(
             eprintln!("  created in {:.1?}", creating.elapsed());
         }
 
+        let op_mark = audit.mark()?;
         let op = Operator::start(OperatorSpec {
             // Its own identity, whose requests the apiserver's audit log holds.
             kubeconfig: audit.kubeconfig(),
@@ -2084,7 +2087,7 @@ async fn run_footprint(
             n,
             args,
             (admin, db, counting),
-            &audit,
+            (&audit, &op_mark),
             ticks_per_s,
             ready_after,
         )
@@ -2160,7 +2163,7 @@ async fn measure(
     n: usize,
     args: &FootprintArgs,
     (admin, db, counting): (&PgPool, &str, Counting),
-    audit: &audit::AuditLog,
+    (audit, op_mark): (&audit::AuditLog, &audit::Mark),
     ticks_per_s: f64,
     ready_after: Duration,
 ) -> Result<FpRow> {
@@ -2201,6 +2204,15 @@ async fn measure(
         m
     });
     let api = audit.count(&api_mark, api_end).await?;
+    let startup_api = audit.count(op_mark, api_mark.at()).await?;
+    // Zero requests over both would rather mean that the replica does not use the audited
+    // identity than that it is quiet: it lists and watches at start-up.
+    ensure!(
+        api.requests() + api.watch_opens + startup_api.requests() + startup_api.watch_opens > 0,
+        "the apiserver's audit log holds no request of the replica since it started: does it \
+         run with {}?",
+        audit.kubeconfig().display()
+    );
     let periods = secs / args.timing.retry as f64;
     let renews_per_period = by_kind.as_ref().map(|m| {
         let (c, r) = ["renew", "renew_many"]
@@ -2223,6 +2235,7 @@ async fn measure(
         },
         renews_per_period,
         api,
+        startup_api,
         ready_after,
         settled: true,
         held: (0, 0),
@@ -2428,18 +2441,20 @@ fn render_footprint(
          Deployment ready (it includes waiting up to the ttl for the previous replica's leases \
          to expire); a dash means that never happened within the timeout and the size was \
          measured anyway. **held** is the number of leases the replica held just before and \
-         just after the window; **Deployments ready** is counted after it.\n"
+         just after the window; **Deployments ready** is counted after it. **API requests \
+         before the window**: the replica's requests from its start to the window (start-up, \
+         taking the leases over, scaling up, settling), watch opens apart.\n"
     );
     let _ = writeln!(
         w,
-        "| N | ready after | held before / after | Deployments ready | window |"
+        "| N | ready after | held before / after | Deployments ready | window | API requests before the window |"
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let complete = r.held.0 == r.n && r.held.1 == r.n && r.deployments_ready == r.n;
         let _ = writeln!(
             w,
-            "| {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} | {} + {} watch opens |",
             r.n,
             if r.settled {
                 fmt_dur(r.ready_after)
@@ -2449,7 +2464,9 @@ fn render_footprint(
             r.held.0,
             r.held.1,
             r.deployments_ready,
-            fmt_dur(r.window)
+            fmt_dur(r.window),
+            r.startup_api.requests(),
+            r.startup_api.watch_opens
         );
         if !complete {
             incomplete.push(r.n);

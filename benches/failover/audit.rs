@@ -49,7 +49,18 @@ pub struct ApiCounts {
     pub secs: f64,
 }
 
+impl Mark {
+    pub fn at(&self) -> DateTime<Utc> {
+        self.at
+    }
+}
+
 impl ApiCounts {
+    /// Requests, watch opens left out.
+    pub fn requests(&self) -> u64 {
+        self.by_verb.values().sum()
+    }
+
     /// Requests per second, watch opens left out.
     pub fn requests_per_s(&self) -> f64 {
         self.by_verb.values().sum::<u64>() as f64 / self.secs

@@ -32,9 +32,10 @@ use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::support::cluster::{TestCluster, wait_until};
+use super::support::fixtures::live_pods;
 use super::{
-    FAILOVER_NS, FailoverArgs, Machine, Operator, Scale, Side, Stability, Stats, Urls, fmt_dur,
-    lit, since, start_cluster, with_logs,
+    FAILOVER_NS, FailoverArgs, Machine, Operator, Scale, Side, Stability, Stats, Urls, WORKLOAD,
+    fmt_dur, lit, since, start_cluster, with_logs,
 };
 
 const REPLICAS_PER_CLUSTER: usize = 2;
@@ -57,6 +58,9 @@ pub struct DeadTrial {
     ready: Duration,
     /// From starting the apiserver again to its answering.
     apiserver_back: Duration,
+    /// Pods of the dead cluster's Deployment when its apiserver answered again (nobody
+    /// was there to stop its pod: 1).
+    pods_on_return: usize,
 }
 
 impl DeadTrial {
@@ -70,7 +74,7 @@ impl DeadTrial {
         format!(
             "trial {:>3}: cluster {} dead -> {}: lease expired {}, report stale {} \
              (stale_after {}), gate open {}, lease taken {}, Deployment scaled {}, pod Ready {}, \
-             readyReplicas 1 {}; apiserver back in {}",
+             readyReplicas 1 {}; apiserver back in {} with {} pod(s) of the Deployment",
             self.n,
             self.from,
             self.to,
@@ -82,7 +86,8 @@ impl DeadTrial {
             fmt_dur(self.scaled),
             fmt_dur(self.pod_ready),
             fmt_dur(self.ready),
-            fmt_dur(self.apiserver_back)
+            fmt_dur(self.apiserver_back),
+            self.pods_on_return
         )
     }
 }
@@ -347,6 +352,7 @@ pub async fn run(
                 pod_ready: since(t0, pod_ready_at, "pod readiness")?,
                 ready: since(t0, ready_at, "readiness")?,
                 apiserver_back: Duration::ZERO,
+                pods_on_return: 0,
             })
         }
         .await;
@@ -369,6 +375,7 @@ pub async fn run(
         .await
         .with_context(|| format!("restart the kube-apiserver of cluster {dead_name}"))?;
         trial.apiserver_back = restarting.elapsed();
+        trial.pods_on_return = live_pods(&client, FAILOVER_NS, WORKLOAD).await?;
         println!("{}", trial.line());
         trials.push(trial);
         sides[leader].restart_watches();
@@ -455,16 +462,16 @@ pub fn render(
             col(|t| t.expired),
         ),
         (
+            "**lease taken** (other cluster's acquire row)",
+            col(|t| t.lease),
+        ),
+        (
             "dead cluster's report stale (its last `reported_at` + `stale_after`)",
             col(|t| t.stale),
         ),
         (
             "gate open: max(report stale, lease taken + 2 × refresh)",
             col(DeadTrial::gate),
-        ),
-        (
-            "**lease taken** (other cluster's acquire row)",
-            col(|t| t.lease),
         ),
         (
             "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
@@ -515,7 +522,8 @@ pub fn render(
          tick), but scales up only once the report is stale and it has held the lease for two \
          refresh periods ({}): **Deployment scaled** is expected at the gate plus up to 500 ms \
          (a leader waiting at the gate looks again every 500 ms), then the Deployment \
-         controller and kwok start the pod.",
+         controller and kwok start the pod. **its pods then**: the pods of the dead cluster's \
+         Deployment when its apiserver answered again (1: its pod ran on, nobody stopped it).",
         fmt_dur(refresh),
         fmt_dur(ttl),
         fmt_dur(retry),
@@ -540,24 +548,25 @@ pub fn render(
     let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
     let _ = writeln!(
         w,
-        "| # | dead → taken by | lease expired | report stale | gate open | lease taken | scaled | pod Ready | ready | apiserver back |"
+        "| # | dead → taken by | lease expired | lease taken | report stale | gate open | scaled | pod Ready | ready | apiserver back | its pods then |"
     );
-    let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for tr in trials {
         let _ = writeln!(
             w,
-            "| {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             tr.n,
             tr.from,
             tr.to,
             fmt_dur(tr.expired),
+            fmt_dur(tr.lease),
             fmt_dur(tr.stale),
             fmt_dur(tr.gate()),
-            fmt_dur(tr.lease),
             fmt_dur(tr.scaled),
             fmt_dur(tr.pod_ready),
             fmt_dur(tr.ready),
-            fmt_dur(tr.apiserver_back)
+            fmt_dur(tr.apiserver_back),
+            tr.pods_on_return
         );
     }
     let _ = writeln!(w, "\n</details>");
