@@ -7,12 +7,18 @@
 //!   measures, from the signal: the other replica's acquire row in `lease_event` (its
 //!   `at`, the database's `clock_timestamp()`, same machine), the other cluster's
 //!   Deployment `spec.replicas` becoming 1 and its `status.readyReplicas` becoming 1 (both
-//!   seen by a watch). Then it restarts the killed replica as a standby, waits until the
-//!   system is stable again, and repeats with the roles swapped.
+//!   seen by a watch), and the pod's own Ready condition (a pod watch). Then it restarts
+//!   the killed replica as a standby, waits until the system is stable again, and repeats
+//!   with the roles swapped. `--mode dead-cluster` (`failover/dead_cluster.rs`) runs two
+//!   replicas per cluster and kills both of the leading cluster's replicas and its
+//!   kube-apiserver at once, then brings that apiserver back.
 //! - `footprint`: one control plane and one replica holding N leases (N Reapers, each
 //!   with its own Deployment and lease name), for each N of `--sizes`: resident memory,
-//!   CPU and the statements per second it sends to the database (by kind, with
-//!   `pg_stat_statements`), over a measurement window.
+//!   CPU, the statements per second it sends to the database (by kind, with
+//!   `pg_stat_statements`) and the requests per second it sends to the kube-apiserver
+//!   (by verb, from the apiserver's audit log of the replica's own identity,
+//!   `failover/audit.rs`), over a measurement window; `--unrelated-pods M` adds M pods
+//!   that no Reaper selects (`failover/unrelated.rs`).
 //!
 //! ```text
 //! export CARGO_TARGET_DIR=...                 # optional, as for any cargo command
@@ -20,6 +26,7 @@
 //! cargo bench --bench failover -- failover --mode kill9 --trials 30 --write       # ~10 min
 //! cargo bench --bench failover -- failover --mode kill9 --trials 30 --ttl 3 --deadline 2 --retry 1 --write
 //! cargo bench --bench failover -- failover --mode graceful --trials 30 --write    # ~5 min
+//! cargo bench --bench failover -- failover --mode dead-cluster --trials 30 --grace-seconds 5 --write  # ~30 min
 //! cargo bench --bench failover -- footprint --write   # N = 0, 1, 100, 1000; 60 s windows; ~15 min
 //! cargo bench --bench failover -- --help
 //! ```
@@ -1130,6 +1137,11 @@ impl Stability<'_> {
 async fn failover(args: &FailoverArgs) -> Result<()> {
     args.timing.validate()?;
     ensure!(args.trials >= 1, "--trials must be at least 1");
+    ensure!(
+        (0..=3600).contains(&args.grace_seconds),
+        "--grace-seconds must be between 0 and 3600, not {}",
+        args.grace_seconds
+    );
     let urls = Urls::from_env()?;
     let started = Utc::now();
     let wall = Instant::now();
@@ -1420,15 +1432,23 @@ fn render_failover(
     trials: &[Trial],
 ) -> (String, String) {
     let t = args.timing;
-    let heading = format!("## `--mode {}`, {}", args.mode.flag(), t.label());
+    // The pods' grace period is part of the configuration when it is not the default.
+    let grace = (args.grace_seconds != 1).then_some(args.grace_seconds);
+    let heading = format!(
+        "## `--mode {}`, {}{}",
+        args.mode.flag(),
+        t.label(),
+        grace.map_or_else(String::new, |g| format!(", grace {g} s"))
+    );
     let mut o = String::new();
     let w = &mut o;
     let _ = writeln!(
         w,
-        "- **Command:** `cargo bench --bench failover -- failover --mode {} --trials {} {} --write`",
+        "- **Command:** `cargo bench --bench failover -- failover --mode {} --trials {} {}{} --write`",
         args.mode.flag(),
         args.trials,
-        t.flags()
+        t.flags(),
+        grace.map_or_else(String::new, |g| format!(" --grace-seconds {g}"))
     );
     let _ = writeln!(
         w,
