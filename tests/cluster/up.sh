@@ -319,8 +319,8 @@ APISERVER_PORT=$api_port
 CONTROLLER_MANAGER_PORT=$kcm_port
 SCHEDULER_PORT=$sched_port
 KWOK_STAGES=$kwok_profile
-AUDIT=$audit
 EOF
+if [[ "$audit" == 1 ]]; then echo "AUDIT=1" >>"$state/cluster.env"; fi
 
 # --- processes ----------------------------------------------------------------------------
 start etcd "$bin/etcd" \
