@@ -130,12 +130,12 @@ fn count_file(
 ) -> Result<ApiCounts> {
     let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     file.seek(SeekFrom::Start(offset))?;
-    let mut lines = Vec::new();
-    for line in BufReader::new(file).lines() {
-        lines.push(line.with_context(|| format!("read {}", path.display()))?);
-    }
-    let mut counts = count_events(lines.iter().map(String::as_str), start, end)
-        .with_context(|| format!("parse {}", path.display()))?;
+    // Line by line: at a thousand Reapers the log grows by hundreds of MB.
+    let lines = BufReader::new(file)
+        .lines()
+        .map(|l| l.with_context(|| format!("read {}", path.display())));
+    let mut counts =
+        count_events(lines, start, end).with_context(|| format!("parse {}", path.display()))?;
     counts.secs = (end - start).to_std().unwrap_or_default().as_secs_f64();
     ensure!(counts.secs > 0.0, "empty audit window");
     Ok(counts)
@@ -149,14 +149,30 @@ struct Request {
 }
 
 /// Counts the requests received in `[start, end)` among the JSON events `lines`.
-fn count_events<'a>(
-    lines: impl Iterator<Item = &'a str>,
+fn count_events(
+    lines: impl Iterator<Item = Result<String>>,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
 ) -> Result<ApiCounts> {
     let mut requests: HashMap<String, Request> = HashMap::new();
-    for line in lines.filter(|l| !l.trim().is_empty()) {
-        let event: Value = serde_json::from_str(line).context("an audit event is not JSON")?;
+    // The apiserver keeps writing while this reads: the last line may be half written (it
+    // is then later than the window). Any other line that is not JSON is an error.
+    let mut broken: Option<anyhow::Error> = None;
+    for line in lines {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(e) = broken.take() {
+            return Err(e);
+        }
+        let event: Value = match serde_json::from_str(&line) {
+            Ok(event) => event,
+            Err(e) => {
+                broken = Some(anyhow!(e).context("an audit event is not JSON"));
+                continue;
+            }
+        };
         let field = |name: &str| event.get(name).and_then(Value::as_str);
         let received: DateTime<Utc> = field("requestReceivedTimestamp")
             .ok_or_else(|| anyhow!("an audit event without requestReceivedTimestamp"))?
