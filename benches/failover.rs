@@ -7,12 +7,18 @@
 //!   measures, from the signal: the other replica's acquire row in `lease_event` (its
 //!   `at`, the database's `clock_timestamp()`, same machine), the other cluster's
 //!   Deployment `spec.replicas` becoming 1 and its `status.readyReplicas` becoming 1 (both
-//!   seen by a watch). Then it restarts the killed replica as a standby, waits until the
-//!   system is stable again, and repeats with the roles swapped.
+//!   seen by a watch), and the pod's own Ready condition (a pod watch). Then it restarts
+//!   the killed replica as a standby, waits until the system is stable again, and repeats
+//!   with the roles swapped. `--mode dead-cluster` (`failover/dead_cluster.rs`) runs two
+//!   replicas per cluster and kills both of the leading cluster's replicas and its
+//!   kube-apiserver at once, then brings that apiserver back.
 //! - `footprint`: one control plane and one replica holding N leases (N Reapers, each
 //!   with its own Deployment and lease name), for each N of `--sizes`: resident memory,
-//!   CPU and the statements per second it sends to the database (by kind, with
-//!   `pg_stat_statements`), over a measurement window.
+//!   CPU, the statements per second it sends to the database (by kind, with
+//!   `pg_stat_statements`) and the requests per second it sends to the kube-apiserver
+//!   (by verb, from the apiserver's audit log of the replica's own identity,
+//!   `failover/audit.rs`), over a measurement window; `--unrelated-pods M` adds M pods
+//!   that no Reaper selects (`failover/unrelated.rs`).
 //!
 //! ```text
 //! export CARGO_TARGET_DIR=...                 # optional, as for any cargo command
@@ -20,6 +26,7 @@
 //! cargo bench --bench failover -- failover --mode kill9 --trials 30 --write       # ~10 min
 //! cargo bench --bench failover -- failover --mode kill9 --trials 30 --ttl 3 --deadline 2 --retry 1 --write
 //! cargo bench --bench failover -- failover --mode graceful --trials 30 --write    # ~5 min
+//! cargo bench --bench failover -- failover --mode dead-cluster --trials 30 --grace-seconds 5 --write  # ~30 min
 //! cargo bench --bench failover -- footprint --write   # N = 0, 1, 100, 1000; 60 s windows; ~15 min
 //! cargo bench --bench failover -- --help
 //! ```
@@ -39,10 +46,18 @@
 //! replaced when the same configuration is written again) or
 //! `docs/benchmarks-footprint.md` (the whole file).
 
+#[path = "failover/audit.rs"]
+mod audit;
+#[path = "failover/dead_cluster.rs"]
+mod dead_cluster;
 #[path = "support/host.rs"]
 mod host;
+#[path = "failover/pods.rs"]
+mod pods;
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "failover/unrelated.rs"]
+mod unrelated;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -69,7 +84,9 @@ use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 use support::cluster::{TestCluster, install_reaper_crd, wait_until};
-use support::fixtures::{create_deployment, create_namespace, create_reaper};
+use support::fixtures::{
+    PodStop, create_deployment, create_deployment_with_stop, create_namespace, create_reaper,
+};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
 const FAILOVER_DOC: &str = "docs/benchmarks-failover.md";
@@ -160,6 +177,10 @@ enum Mode {
     Kill9,
     /// SIGTERM: the leader scales its Deployment to 0, then releases the lease.
     Graceful,
+    /// The leading cluster dies whole: both of its replicas (two per cluster in this
+    /// mode) and its kube-apiserver get SIGKILL at once; its pod object stays as it was.
+    /// The apiserver is started again after each trial.
+    DeadCluster,
 }
 
 impl Mode {
@@ -167,6 +188,7 @@ impl Mode {
         match self {
             Mode::Kill9 => "kill9",
             Mode::Graceful => "graceful",
+            Mode::DeadCluster => "dead-cluster",
         }
     }
 }
@@ -181,6 +203,10 @@ struct FailoverArgs {
     trials: usize,
     #[command(flatten)]
     timing: TimingArgs,
+    /// terminationGracePeriodSeconds of the bench Deployments' pods (kwok keeps a deleted
+    /// pod Terminating that long; a dead cluster's report stays credible that much longer).
+    #[arg(long, default_value_t = 1)]
+    grace_seconds: i64,
     /// Add or replace this configuration's section in docs/benchmarks-failover.md.
     #[arg(long)]
     write: bool,
@@ -200,6 +226,10 @@ struct FootprintArgs {
     /// Reapers and Deployments created concurrently.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Pods that belong to no Reaper, created once before the first size (kwok pods in a
+    /// namespace of their own), to measure the replica in a cluster with many pods.
+    #[arg(long, default_value_t = 0)]
+    unrelated_pods: usize,
     #[command(flatten)]
     timing: TimingArgs,
     /// Write docs/benchmarks-footprint.md.
@@ -229,6 +259,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     };
+    if matches!(command, Bench::Footprint(_)) {
+        // The footprint's control plane logs the operator's requests (up.sh reads this);
+        // set before any thread exists, so nothing reads the environment concurrently.
+        // SAFETY: single-threaded here: the tokio runtime is built below.
+        unsafe { std::env::set_var(audit::AUDIT_ENV, "1") };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -876,6 +912,7 @@ fn write_section(path: &Path, preamble: &str, heading: &str, section: &str) -> R
 /// control plane does.
 struct Side {
     watch: DeploymentWatch,
+    pods: pods::PodWatch,
     name: &'static str,
     client: Client,
     reapers: Api<Reaper>,
@@ -888,21 +925,26 @@ const FAILOVER_NS: &str = "bench-failover";
 const WORKLOAD: &str = "reaper";
 
 impl Side {
-    async fn new(name: &'static str, test: TestCluster, lease: LeaseSpec) -> Result<Self> {
+    async fn new(
+        name: &'static str,
+        test: TestCluster,
+        lease: LeaseSpec,
+        grace_seconds: i64,
+    ) -> Result<Self> {
         let client = test.client().await?;
         install_reaper_crd(&client).await?;
         create_namespace(&client, FAILOVER_NS).await?;
-        create_deployment(
+        create_deployment_with_stop(
             &client,
             FAILOVER_NS,
             WORKLOAD,
             "Recreate",
             json!({"reaper-bench": "failover"}),
+            PodStop::grace(grace_seconds),
         )
         .await?;
         create_reaper(&client, FAILOVER_NS, WORKLOAD, WORKLOAD, lease).await?;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), FAILOVER_NS);
-        let watch = DeploymentWatch::start(deployments, WORKLOAD);
+        let (watch, pods) = Self::watches(&client);
         let reapers = Api::namespaced(client.clone(), FAILOVER_NS);
         Ok(Self {
             name,
@@ -910,8 +952,23 @@ impl Side {
             client,
             reapers,
             watch,
+            pods,
             generation: 0,
         })
+    }
+
+    fn watches(client: &Client) -> (DeploymentWatch, pods::PodWatch) {
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), FAILOVER_NS);
+        let pods = Api::namespaced(client.clone(), FAILOVER_NS);
+        (
+            DeploymentWatch::start(deployments, WORKLOAD),
+            pods::PodWatch::start(pods, WORKLOAD),
+        )
+    }
+
+    /// New watches (after the apiserver came back: the old ones may sit in a backoff).
+    fn restart_watches(&mut self) {
+        (self.watch, self.pods) = Self::watches(&self.client);
     }
 
     async fn scale(&self) -> Result<Scale> {
@@ -950,8 +1007,12 @@ struct Trial {
     released: Option<Duration>,
     /// graceful: the killed holder's Deployment at spec.replicas 0.
     old_down: Option<Duration>,
+    /// graceful: the killed holder's pod gone (pod watch: deleted, not just Terminating).
+    old_gone: Option<Duration>,
     lease: Duration,
     scaled: Duration,
+    /// The other cluster's pod Ready (its condition, pod watch).
+    pod_ready: Duration,
     ready: Duration,
 }
 
@@ -964,14 +1025,18 @@ impl Trial {
         if let Some(d) = self.old_down {
             let _ = write!(s, " old Deployment at 0 {},", fmt_dur(d));
         }
+        if let Some(d) = self.old_gone {
+            let _ = write!(s, " old pod gone {},", fmt_dur(d));
+        }
         if let Some(r) = self.released {
             let _ = write!(s, " released {},", fmt_dur(r));
         }
         let _ = write!(
             s,
-            " lease taken {}, Deployment scaled {}, pod ready {}",
+            " lease taken {}, Deployment scaled {}, pod Ready {}, readyReplicas 1 {}",
             fmt_dur(self.lease),
             fmt_dur(self.scaled),
+            fmt_dur(self.pod_ready),
             fmt_dur(self.ready)
         );
         s
@@ -997,13 +1062,38 @@ impl Stability<'_> {
         since: DateTime<Utc>,
     ) -> Result<()> {
         let follower = 1 - leader;
-        let (leader_holder, follower_holder) = (ops[leader].holder(), ops[follower].holder());
+        self.wait_stable_holders(
+            sides,
+            &[ops[leader].holder()],
+            &[ops[follower].holder()],
+            leader,
+            since,
+        )
+        .await
+    }
+
+    /// [`Stability::wait_stable`] with several replicas per cluster: one of
+    /// `leader_holders` holds the lease, and the follower cluster's report (written by any
+    /// of `follower_holders`) is newer than `since`.
+    async fn wait_stable_holders(
+        &self,
+        sides: &[Side; 2],
+        leader_holders: &[String],
+        follower_holders: &[String],
+        leader: usize,
+        since: DateTime<Utc>,
+    ) -> Result<()> {
+        let follower = 1 - leader;
         let timeout = Duration::from_secs(2 * self.timing.ttl + 90);
         let report_sql = format!(
-            "SELECT max(reported_at) AS at FROM {} WHERE name = {} AND reported_by = {}",
+            "SELECT max(reported_at) AS at FROM {} WHERE name = {} AND reported_by IN ({})",
             self.workload,
             lit(self.lease_name),
-            lit(&follower_holder)
+            follower_holders
+                .iter()
+                .map(|h| lit(h))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         wait_until("the system to be stable", timeout, || async {
             let (l, f) = (sides[leader].scale().await?, sides[follower].scale().await?);
@@ -1021,9 +1111,10 @@ impl Stability<'_> {
             let Some(row) = self.store.get(self.lease_name).await? else {
                 return Ok(None);
             };
-            if row.holder != leader_holder || !row.is_held() {
+            if !leader_holders.contains(&row.holder) || !row.is_held() {
                 return Ok(None);
             }
+            let leader_holder = row.holder;
             let reported: Option<DateTime<Utc>> = sqlx::raw_sql(AssertSqlSafe(report_sql.clone()))
                 .fetch_one(self.store.pool())
                 .await?
@@ -1046,6 +1137,11 @@ impl Stability<'_> {
 async fn failover(args: &FailoverArgs) -> Result<()> {
     args.timing.validate()?;
     ensure!(args.trials >= 1, "--trials must be at least 1");
+    ensure!(
+        (0..=3600).contains(&args.grace_seconds),
+        "--grace-seconds must be between 0 and 3600, not {}",
+        args.grace_seconds
+    );
     let urls = Urls::from_env()?;
     let started = Utc::now();
     let wall = Instant::now();
@@ -1063,7 +1159,14 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
     );
     let mut logs = LogDir::new("failover")?;
     let outcome = match admin.migrate().await {
-        Ok(()) => run_failover(args, &urls, &schema, &admin, &logs.path).await,
+        Ok(()) if args.mode == Mode::DeadCluster => {
+            dead_cluster::run(args, &urls, &schema, &admin, &logs.path)
+                .await
+                .map(Trials::Dead)
+        }
+        Ok(()) => run_failover(args, &urls, &schema, &admin, &logs.path)
+            .await
+            .map(Trials::Process),
         Err(e) => Err(anyhow!(e).context("migrate the bench schema")),
     };
     let dropped = exec(
@@ -1077,7 +1180,12 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
     logs.succeeded();
     machine.load_end = host::load_average();
 
-    let (heading, section) = render_failover(args, &machine, started, wall.elapsed(), &trials);
+    let (heading, section) = match &trials {
+        Trials::Process(trials) => render_failover(args, &machine, started, wall.elapsed(), trials),
+        Trials::Dead(trials) => {
+            dead_cluster::render(args, &machine, started, wall.elapsed(), trials)
+        }
+    };
     println!("\n{heading}\n\n{section}");
     if args.write {
         let path = support::cluster::repo_root().join(FAILOVER_DOC);
@@ -1087,6 +1195,12 @@ async fn failover(args: &FailoverArgs) -> Result<()> {
         eprintln!("(not written to {FAILOVER_DOC}; pass --write to add this section)");
     }
     Ok(())
+}
+
+/// The trials of a run: a replica stopped (kill9, graceful) or a whole cluster.
+enum Trials {
+    Process(Vec<Trial>),
+    Dead(Vec<dead_cluster::DeadTrial>),
 }
 
 async fn run_failover(
@@ -1110,8 +1224,8 @@ async fn run_failover(
     let (a, b) = tokio::join!(start_cluster("bench-fo-a"), start_cluster("bench-fo-b"));
     let (a, b) = (a?, b?);
     let mut sides = [
-        Side::new("a", a, timing.lease_spec(&lease_name)).await?,
-        Side::new("b", b, timing.lease_spec(&lease_name)).await?,
+        Side::new("a", a, timing.lease_spec(&lease_name), args.grace_seconds).await?,
+        Side::new("b", b, timing.lease_spec(&lease_name), args.grace_seconds).await?,
     ];
     // The second replica starts a random fraction of a retry period later, so the two
     // electors do not tick in step (a restarted replica has a random phase too).
@@ -1168,6 +1282,7 @@ async fn run_failover(
             let t0 = match args.mode {
                 Mode::Kill9 => ops[leader].kill9()?,
                 Mode::Graceful => ops[leader].terminate()?,
+                Mode::DeadCluster => unreachable!("dead-cluster trials run in dead_cluster.rs"),
             };
             // The killed holder cannot renew any more: its row's expiry is final.
             let expired = match args.mode {
@@ -1179,7 +1294,7 @@ async fn run_failover(
                     ensure!(row.holder == from, "holder changed before the kill: {row:?}");
                     Some(since(t0, row.expires_at, "expiry")?)
                 }
-                Mode::Graceful => None,
+                Mode::Graceful | Mode::DeadCluster => None,
             };
             let timeout = Duration::from_secs(timing.ttl + timing.retry + SHUTDOWN_TIMEOUT_S + 30);
             let (taken_at, released_at) = wait_until("the takeover row in lease_event", timeout, || async {
@@ -1210,23 +1325,35 @@ async fn run_failover(
             let ready_at = other
                 .wait_first_after(t0, |s| s.ready >= 1, timeout, "the other Deployment's pod to be ready")
                 .await?;
+            let pod_ready_at = sides[follower]
+                .pods
+                .wait_first_after(t0, |c| c.ready >= 1, timeout, "the other cluster's pod to be Ready")
+                .await?;
             let old_down = match args.mode {
                 Mode::Graceful => {
                     let status = ops[leader]
                         .wait_exit(Duration::from_secs(SHUTDOWN_TIMEOUT_S + 15))
                         .await?;
                     ensure!(status.success(), "graceful exit of {from}: {status}");
-                    sides[leader]
+                    let down = sides[leader]
                         .watch
                         .first_after(t0, |s| s.replicas == 0)
                         .map(|at| since(t0, at, "scale-down"))
-                        .transpose()?
+                        .transpose()?;
+                    let gone = sides[leader]
+                        .pods
+                        .first_after(t0, |c| c.live == 0)
+                        .map(|at| since(t0, at, "pod gone"))
+                        .transpose()?;
+                    (down, gone)
                 }
                 Mode::Kill9 => {
                     ops[leader].wait_exit(Duration::from_secs(10)).await?;
-                    None
+                    (None, None)
                 }
+                Mode::DeadCluster => unreachable!("dead-cluster trials run in dead_cluster.rs"),
             };
+            let (old_down, old_gone) = old_down;
             Ok(Trial {
                 n,
                 from,
@@ -1236,8 +1363,10 @@ async fn run_failover(
                     .map(|at| since(t0, at, "release"))
                     .transpose()?,
                 old_down,
+                old_gone,
                 lease: since(t0, taken_at, "takeover")?,
                 scaled: since(t0, scaled_at, "scale-up")?,
+                pod_ready: since(t0, pod_ready_at, "pod readiness")?,
                 ready: since(t0, ready_at, "readiness")?,
             })
         }
@@ -1303,15 +1432,23 @@ fn render_failover(
     trials: &[Trial],
 ) -> (String, String) {
     let t = args.timing;
-    let heading = format!("## `--mode {}`, {}", args.mode.flag(), t.label());
+    // The pods' grace period is part of the configuration when it is not the default.
+    let grace = (args.grace_seconds != 1).then_some(args.grace_seconds);
+    let heading = format!(
+        "## `--mode {}`, {}{}",
+        args.mode.flag(),
+        t.label(),
+        grace.map_or_else(String::new, |g| format!(", grace {g} s"))
+    );
     let mut o = String::new();
     let w = &mut o;
     let _ = writeln!(
         w,
-        "- **Command:** `cargo bench --bench failover -- failover --mode {} --trials {} {} --write`",
+        "- **Command:** `cargo bench --bench failover -- failover --mode {} --trials {} {}{} --write`",
         args.mode.flag(),
         args.trials,
-        t.flags()
+        t.flags(),
+        grace.map_or_else(String::new, |g| format!(" --grace-seconds {g}"))
     );
     let _ = writeln!(
         w,
@@ -1331,8 +1468,12 @@ fn render_failover(
             "lease expired (killed holder's last `renewed_at` + ttl)",
             col(|t| t.expired),
         )),
-        Mode::Graceful => {
+        Mode::Graceful | Mode::DeadCluster => {
             rows.push(("old Deployment at `spec.replicas` 0", col(|t| t.old_down)));
+            rows.push((
+                "old pod gone (pod watch: deleted, no longer Terminating)",
+                col(|t| t.old_gone),
+            ));
             rows.push(("lease released (`release` row)", col(|t| t.released)));
         }
     }
@@ -1343,6 +1484,10 @@ fn render_failover(
     rows.push((
         "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
         col(|t| Some(t.scaled)),
+    ));
+    rows.push((
+        "pod Ready (the pod's condition, pod watch)",
+        col(|t| Some(t.pod_ready)),
     ));
     rows.push((
         "**pod ready** (`status.readyReplicas` = 1)",
@@ -1380,49 +1525,71 @@ fn render_failover(
                 t.ttl + t.retry
             );
         }
-        Mode::Graceful => {
+        Mode::Graceful | Mode::DeadCluster => {
             let _ = writeln!(
                 w,
                 "Expected: on SIGTERM the leader scales its Deployment to 0, waits until the \
                  pod is gone, reports that, and releases the lease; the release NOTIFY wakes \
                  the standby at once (it does not wait for its next tick), which takes the \
-                 lease and scales its Deployment up. The ttl plays no part."
+                 lease and scales its Deployment up. The ttl plays no part. The old pod stays \
+                 Terminating until its `deletionTimestamp` (kwok's grace stage: the grace \
+                 period is {} s and the timestamp has whole seconds, so {} to {} s after the \
+                 scale-down); **lease released** minus **old pod gone** is how long the leader \
+                 took to notice that the pod was gone.",
+                args.grace_seconds,
+                (args.grace_seconds - 1).max(0),
+                args.grace_seconds
             );
         }
     }
+    let _ = writeln!(
+        w,
+        "\nEvery time is the arrival of an event, not the moment the harness looked: the \
+         `lease_event` rows carry the database's `clock_timestamp()`, and the Deployments and \
+         pods are watched (each event is timestamped as it arrives), so the harness adds no \
+         polling delay. **pod Ready** is the pod's own Ready condition (kwok sets it); \
+         **pod ready** waits for the Deployment controller to copy it to \
+         `status.readyReplicas`."
+    );
     let _ = writeln!(w);
     let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
     let extra = match args.mode {
         Mode::Kill9 => "lease expired",
-        Mode::Graceful => "old at 0 | released",
+        Mode::Graceful | Mode::DeadCluster => "old at 0 | old pod gone | released",
     };
     let _ = writeln!(
         w,
-        "| # | from → to | {extra} | lease taken | scaled | ready |"
+        "| # | from → to | {extra} | lease taken | scaled | pod Ready | ready |"
     );
     let _ = writeln!(
         w,
-        "|---:|---|{}---:|---:|---:|",
+        "|---:|---|{}---:|---:|---:|---:|",
         if args.mode == Mode::Kill9 {
             "---:|"
         } else {
-            "---:|---:|"
+            "---:|---:|---:|"
         }
     );
     let opt = |d: Option<Duration>| d.map_or_else(|| "—".to_owned(), fmt_dur);
     for tr in trials {
         let extra = match args.mode {
             Mode::Kill9 => opt(tr.expired),
-            Mode::Graceful => format!("{} | {}", opt(tr.old_down), opt(tr.released)),
+            Mode::Graceful | Mode::DeadCluster => format!(
+                "{} | {} | {}",
+                opt(tr.old_down),
+                opt(tr.old_gone),
+                opt(tr.released)
+            ),
         };
         let _ = writeln!(
             w,
-            "| {} | {} → {} | {extra} | {} | {} | {} |",
+            "| {} | {} → {} | {extra} | {} | {} | {} | {} |",
             tr.n,
             tr.from,
             tr.to,
             fmt_dur(tr.lease),
             fmt_dur(tr.scaled),
+            fmt_dur(tr.pod_ready),
             fmt_dur(tr.ready)
         );
     }
@@ -1432,6 +1599,68 @@ fn render_failover(
 
 // ---------------------------------------------------------------------------------------
 // footprint
+
+/// The footprint's tables of API server requests: by verb, and by verb and resource.
+fn render_api(w: &mut String, rows: &[FpRow]) {
+    let mut verbs: Vec<&str> = rows
+        .iter()
+        .flat_map(|r| r.api.by_verb.keys().map(String::as_str))
+        .collect();
+    verbs.sort_unstable();
+    verbs.dedup();
+    let _ = writeln!(w, "\n## API server requests by verb\n");
+    let _ = writeln!(
+        w,
+        "Requests per second the replica sent to the kube-apiserver over the window, from the \
+         apiserver's audit log (each request once, by the time it was received). **watch \
+         opens** is the number of watches opened in the window (not a rate): a replica in a \
+         steady state keeps its watches open and opens none, except when one ends: a kube-rs \
+         watcher asks for a 290 s timeout, so each watch is opened again about every 5 \
+         minutes (a window shorter than that sees some of them or none). **errors** counts answers of 400 or more (conflicts included).\n"
+    );
+    let _ = writeln!(
+        w,
+        "| N | all (watches apart) | {} | watch opens | errors |",
+        verbs
+            .iter()
+            .map(|v| format!("`{v}`"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(w, "|---:|---:|{}---:|---:|", "---:|".repeat(verbs.len()));
+    for r in rows {
+        let cells: Vec<String> = verbs
+            .iter()
+            .map(|v| fmt_rate(r.api.rate(r.api.by_verb.get(*v).copied().unwrap_or(0))))
+            .collect();
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            r.n,
+            fmt_rate(r.api.requests_per_s()),
+            cells.join(" | "),
+            r.api.watch_opens,
+            r.api.errors
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n<details><summary>By verb and resource (requests in the window)</summary>\n"
+    );
+    let _ = writeln!(w, "| N | verb resource | requests | per second |");
+    let _ = writeln!(w, "|---:|---|---:|---:|");
+    for r in rows {
+        for (target, count) in &r.api.by_target {
+            let _ = writeln!(
+                w,
+                "| {} | `{target}` | {count} | {} |",
+                r.n,
+                fmt_rate(r.api.rate(*count))
+            );
+        }
+    }
+    let _ = writeln!(w, "\n</details>");
+}
 
 /// How the statements of the bench database are counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1565,6 +1794,10 @@ struct FpRow {
     reconciles_per_s: Option<f64>,
     /// Renew statements (and renewed rows) per retry period.
     renews_per_period: Option<(f64, f64)>,
+    /// The replica's requests to the kube-apiserver (its audit log).
+    api: audit::ApiCounts,
+    /// Its requests from its start to the window.
+    startup_api: audit::ApiCounts,
     /// From the replica's start to holding all N leases with every Deployment ready.
     ready_after: Duration,
     /// Whether the replica held all N leases with every Deployment ready in time.
@@ -1584,11 +1817,19 @@ impl FpRow {
 
     fn line(&self) -> String {
         format!(
-            "N = {:>5}: RSS {:.1} MiB, peak {:.1} MiB, CPU {:.2} %, statements/s {}, renews per retry period {}, transactions/s {}, reconciles/s {}, leases held {}/{} before/after",
+            "N = {:>5}: RSS {:.1} MiB, peak {:.1} MiB, CPU {:.2} %, API requests/s {} ({}) + {} watch opens, statements/s {}, renews per retry period {}, transactions/s {}, reconciles/s {}, leases held {}/{} before/after",
             self.n,
             self.rss_mib,
             self.hwm_mib,
             self.cpu_pct,
+            fmt_rate(self.api.requests_per_s()),
+            self.api
+                .by_verb
+                .iter()
+                .map(|(v, c)| format!("{v} {}", fmt_rate(self.api.rate(*c))))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.api.watch_opens,
             self.statements_per_s()
                 .map_or_else(|| "n/a".to_owned(), fmt_rate),
             self.renews_per_period.map_or_else(
@@ -1724,7 +1965,11 @@ async fn run_footprint(
     install_reaper_crd(&client).await?;
     let max_n = *sizes.last().unwrap_or(&0);
     if max_n + 10 > DEFAULT_NODE_PODS {
-        add_fake_node(&client, max_n + 20).await?;
+        add_fake_node(&client, "bench-kwok-node-1", max_n + 20).await?;
+    }
+    let audit = audit::AuditLog::of(cluster.kubeconfig())?;
+    if args.unrelated_pods > 0 {
+        unrelated::create_unrelated_pods(&client, args.unrelated_pods, args.concurrency).await?;
     }
 
     let ticks_per_s = clock_ticks_per_second();
@@ -1777,8 +2022,10 @@ async fn run_footprint(
             eprintln!("  created in {:.1?}", creating.elapsed());
         }
 
+        let op_mark = audit.mark()?;
         let op = Operator::start(OperatorSpec {
-            kubeconfig: cluster.kubeconfig(),
+            // Its own identity, whose requests the apiserver's audit log holds.
+            kubeconfig: audit.kubeconfig(),
             database_url: &bouncer,
             listen_url: &direct,
             schema: &schema,
@@ -1855,7 +2102,16 @@ async fn run_footprint(
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
 
         let held_before = held().await?;
-        let measured = measure(&op, n, args, admin, db, counting, ticks_per_s, ready_after).await;
+        let measured = measure(
+            &op,
+            n,
+            args,
+            (admin, db, counting),
+            (&audit, &op_mark),
+            ticks_per_s,
+            ready_after,
+        )
+        .await;
         let mut row = with_logs(measured, &[&op]).with_context(|| format!("N = {n}"))?;
         // After the window's last snapshot, so these reads are not counted.
         row.settled = settled_ok;
@@ -1878,10 +2134,9 @@ fn fp_namespace(k: usize) -> String {
     format!("bench-fp-{k:03}")
 }
 
-/// A second kwok-managed Node with room for `pods` pods (the default one takes 110).
-async fn add_fake_node(client: &Client, pods: usize) -> Result<()> {
+/// Another kwok-managed Node, `name`, with room for `pods` pods (the default one takes 110).
+async fn add_fake_node(client: &Client, name: &str, pods: usize) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
-    let name = "bench-kwok-node-1";
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -1905,9 +2160,9 @@ async fn add_fake_node(client: &Client, pods: usize) -> Result<()> {
     nodes
         .create(&PostParams::default(), &node)
         .await
-        .context("create a second fake Node")?;
+        .with_context(|| format!("create the fake Node {name}"))?;
     wait_until(
-        "the second fake Node to be Ready",
+        &format!("the fake Node {name} to be Ready"),
         Duration::from_secs(60),
         || async {
             let node = nodes.get(name).await?;
@@ -1923,14 +2178,12 @@ async fn add_fake_node(client: &Client, pods: usize) -> Result<()> {
     .await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn measure(
     op: &Operator,
     n: usize,
     args: &FootprintArgs,
-    admin: &PgPool,
-    db: &str,
-    counting: Counting,
+    (admin, db, counting): (&PgPool, &str, Counting),
+    (audit, op_mark): (&audit::AuditLog, &audit::Mark),
     ticks_per_s: f64,
     ready_after: Duration,
 ) -> Result<FpRow> {
@@ -1939,6 +2192,7 @@ async fn measure(
     let reconciles_0 = op.metric("reaper_reconciliations_total");
     let db_0 = db_counters(admin, db, counting).await?;
     let ticks_0 = cpu_ticks(pid)?;
+    let api_mark = audit.mark()?;
     let t0 = Instant::now();
     let mut rss = Vec::new();
     let mut next = t0;
@@ -1950,6 +2204,7 @@ async fn measure(
     }
     let ticks_1 = cpu_ticks(pid)?;
     let elapsed = t0.elapsed();
+    let api_end = Utc::now();
     let db_1 = db_counters(admin, db, counting).await?;
     let reconciles_1 = op.metric("reaper_reconciliations_total");
     let (rss_end, hwm) = memory_kib(pid)?;
@@ -1968,6 +2223,16 @@ async fn measure(
         }
         m
     });
+    let api = audit.count(&api_mark, api_end).await?;
+    let startup_api = audit.count(op_mark, api_mark.at()).await?;
+    // Zero requests over both would rather mean that the replica does not use the audited
+    // identity than that it is quiet: it lists and watches at start-up.
+    ensure!(
+        api.requests() + api.watch_opens + startup_api.requests() + startup_api.watch_opens > 0,
+        "the apiserver's audit log holds no request of the replica since it started: does it \
+         run with {}?",
+        audit.kubeconfig().display()
+    );
     let periods = secs / args.timing.retry as f64;
     let renews_per_period = by_kind.as_ref().map(|m| {
         let (c, r) = ["renew", "renew_many"]
@@ -1989,6 +2254,8 @@ async fn measure(
             _ => None,
         },
         renews_per_period,
+        api,
+        startup_api,
         ready_after,
         settled: true,
         held: (0, 0),
@@ -2018,12 +2285,17 @@ fn render_footprint(
     let _ = writeln!(
         w,
         "- **Command:** `cargo bench --bench failover -- footprint --sizes {} --window {} \
-         --settle {} {} --write`, with the database from \
+         --settle {} {}{} --write`, with the database from \
          `REAPER_DB_PG_STAT_STATEMENTS=1 tests/db/up.sh bench`.",
         sizes_s.join(","),
         args.window,
         args.settle,
-        t.flags()
+        t.flags(),
+        if args.unrelated_pods > 0 {
+            format!(" --unrelated-pods {}", args.unrelated_pods)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         w,
@@ -2040,25 +2312,35 @@ fn render_footprint(
          {}. A fresh replica per N: the previous one is killed, the new one takes the \
          leases over once they expire; then the harness waits until it holds all N leases \
          (lease table) and all N Deployments have a ready replica, waits {} s more, and \
-         measures over {} s.\n",
+         measures over {} s.{}\n",
         t.label(),
         args.settle,
-        args.window
+        args.window,
+        if args.unrelated_pods > 0 {
+            format!(
+                " The cluster also holds {} unrelated pods (kwok, Running, in a namespace of \
+                 their own, selected by no Reaper), created before the first N.",
+                args.unrelated_pods
+            )
+        } else {
+            String::new()
+        }
     );
 
     let _ = writeln!(
         w,
-        "| N | RSS MiB | peak MiB | CPU % | statements/s | renews per retry period |"
+        "| N | RSS MiB | peak MiB | CPU % | API requests/s | statements/s | renews per retry period |"
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             w,
-            "| {} | {:.1} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.2} | {} | {} | {} |",
             r.n,
             r.rss_mib,
             r.hwm_mib,
             r.cpu_pct,
+            fmt_rate(r.api.requests_per_s()),
             r.statements_per_s().map_or_else(
                 || format!("≈ {} (transactions)", fmt_rate(r.xacts_per_s)),
                 fmt_rate
@@ -2080,6 +2362,15 @@ fn render_footprint(
         w,
         "- **CPU %**: `utime + stime` (`/proc/<pid>/stat`) over the window, as a percentage \
          of one core."
+    );
+    let _ = writeln!(
+        w,
+        "- **API requests/s**: requests the replica sent to the kube-apiserver over the \
+         window, counted in the apiserver's audit log (the replica runs with an identity of \
+         its own, and only that identity is logged; `tests/cluster/up.sh` with \
+         `REAPER_CLUSTER_AUDIT=1`), by the time the apiserver received them. Watches are left \
+         out of this column: an open watch is not traffic; the watches opened in the window \
+         are counted apart below."
     );
     match counting {
         Counting::Statements { .. } => {
@@ -2160,6 +2451,8 @@ fn render_footprint(
         }
     }
 
+    render_api(w, rows);
+
     let mut incomplete = Vec::new();
     let _ = writeln!(w, "\n## Start-up and steadiness\n");
     let _ = writeln!(
@@ -2168,18 +2461,20 @@ fn render_footprint(
          Deployment ready (it includes waiting up to the ttl for the previous replica's leases \
          to expire); a dash means that never happened within the timeout and the size was \
          measured anyway. **held** is the number of leases the replica held just before and \
-         just after the window; **Deployments ready** is counted after it.\n"
+         just after the window; **Deployments ready** is counted after it. **API requests \
+         before the window**: the replica's requests from its start to the window (start-up, \
+         taking the leases over, scaling up, settling), watch opens apart.\n"
     );
     let _ = writeln!(
         w,
-        "| N | ready after | held before / after | Deployments ready | window |"
+        "| N | ready after | held before / after | Deployments ready | window | API requests before the window |"
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let complete = r.held.0 == r.n && r.held.1 == r.n && r.deployments_ready == r.n;
         let _ = writeln!(
             w,
-            "| {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} | {} + {} watch opens |",
             r.n,
             if r.settled {
                 fmt_dur(r.ready_after)
@@ -2189,7 +2484,9 @@ fn render_footprint(
             r.held.0,
             r.held.1,
             r.deployments_ready,
-            fmt_dur(r.window)
+            fmt_dur(r.window),
+            r.startup_api.requests(),
+            r.startup_api.watch_opens
         );
         if !complete {
             incomplete.push(r.n);

@@ -18,6 +18,11 @@
 #                    long as its pod-delete.stage.kwok.x-k8s.io/delay annotation says
 #                    (tests/cluster/kwok/pod-delete-grace.yaml);
 #   fast             kwok's own fast stage: deleted Pods vanish at once.
+# REAPER_CLUSTER_AUDIT=1 (opt-in, for benches): the apiserver writes an audit log
+#   (logs/audit.log, JSON lines, Metadata level) of the requests of group reaper:audited
+#   only, and up.sh makes a client certificate of that group (CN=reaper-operator, bound to
+#   cluster-admin) with its kubeconfig operator.kubeconfig, so that one process's requests
+#   can be counted at the apiserver. Unset or 0: no audit log, no extra identity.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,6 +42,11 @@ kwok_profile="${REAPER_KWOK_STAGES:-grace}"
 case "$kwok_profile" in
   grace | fast) ;;
   *) log "REAPER_KWOK_STAGES must be 'grace' or 'fast', not '$kwok_profile'"; exit 2 ;;
+esac
+audit="${REAPER_CLUSTER_AUDIT:-0}"
+case "$audit" in
+  0 | 1) ;;
+  *) log "REAPER_CLUSTER_AUDIT must be '0' or '1', not '$audit'"; exit 2 ;;
 esac
 
 for tool in openssl curl flock; do
@@ -193,6 +203,9 @@ leaf front-proxy-client "/CN=front-proxy-client" clientAuth "" front-proxy-ca
 # The apiserver's identity towards kubelets (logs, exec, port-forward) of a real node
 # (node.sh); a kwok node never sees it.
 leaf apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+if [[ "$audit" == 1 ]]; then
+  leaf operator "/O=reaper:audited/CN=reaper-operator" clientAuth
+fi
 # Service-account token signing key pair.
 openssl_quiet genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$pki/sa.key"
 openssl_quiet pkey -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
@@ -268,6 +281,33 @@ kubeconfig controller-manager system:kube-controller-manager
 kubeconfig scheduler system:kube-scheduler
 admin_kubeconfig="$state/admin.kubeconfig"
 
+# --- audit (opt-in) -------------------------------------------------------------------------
+# Only the audited group is logged, so the log holds exactly one client's requests. The
+# RequestReceived stage is left out: a request is then one ResponseComplete event, and a
+# watch one ResponseStarted event when it opens (and one ResponseComplete when it ends).
+# The size limit is raised so that lumberjack (default 100 MB) never rotates the file
+# under a reader.
+audit_args=()
+if [[ "$audit" == 1 ]]; then
+  kubeconfig operator reaper-operator
+  cat >"$state/audit-policy.yaml" <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  userGroups: ["reaper:audited"]
+- level: None
+EOF
+  audit_args=(
+    --audit-policy-file="$state/audit-policy.yaml"
+    --audit-log-path="$state/logs/audit.log"
+    --audit-log-format=json
+    --audit-log-mode=blocking
+    --audit-log-maxsize=1000000
+  )
+fi
+
 cat >"$state/cluster.env" <<EOF
 NAME=$name
 BIN=$bin
@@ -280,6 +320,7 @@ CONTROLLER_MANAGER_PORT=$kcm_port
 SCHEDULER_PORT=$sched_port
 KWOK_STAGES=$kwok_profile
 EOF
+if [[ "$audit" == 1 ]]; then echo "AUDIT=1" >>"$state/cluster.env"; fi
 
 # --- processes ----------------------------------------------------------------------------
 start etcd "$bin/etcd" \
@@ -322,7 +363,8 @@ start kube-apiserver "$bin/kube-apiserver" \
   --allow-privileged=true \
   --enable-priority-and-fairness=false \
   --profiling=false \
-  --endpoint-reconciler-type=none
+  --endpoint-reconciler-type=none \
+  "${audit_args[@]}"
 # curl_admin PATH: an authenticated GET as the admin user; succeeds on 2xx.
 curl_admin() {
   curl -fsS --max-time 5 --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$server$1"
@@ -400,6 +442,11 @@ node_ready() {
 }
 wait_for kwok "Node kwok-node-0 to become Ready (kwok)" node_ready
 wait_for kube-controller-manager "ServiceAccount default/default" curl_admin /api/v1/namespaces/default/serviceaccounts/default
+if [[ "$audit" == 1 ]]; then
+  "${kubectl[@]}" create clusterrolebinding reaper-audited --clusterrole=cluster-admin \
+    --group=reaper:audited >>"$state/logs/kubectl.log" 2>&1 ||
+    fail kubectl "could not bind cluster-admin to the audited group"
+fi
 
 ok=1
 pids=()

@@ -1,0 +1,135 @@
+//! A watch on the pods of one Deployment that records, with the wall-clock time each
+//! event arrived, how many of them exist and how many are Ready. It tells the pod's own
+//! Ready condition (set by kwok) apart from the Deployment's `status.readyReplicas`
+//! (written later by the Deployment controller), and when a stopped pod is really gone.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+
+/// Pods that exist (Terminating ones included) and pods whose Ready condition is True.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodCount {
+    pub live: usize,
+    pub ready: usize,
+}
+
+type History = Arc<Mutex<Vec<(DateTime<Utc>, PodCount)>>>;
+
+pub struct PodWatch {
+    history: History,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl PodWatch {
+    /// Watches the pods labelled `app=<app>` in `api`'s namespace.
+    pub fn start(api: Api<Pod>, app: &str) -> Self {
+        let history: History = Arc::default();
+        let config = watcher::Config::default().labels(&format!("app={app}"));
+        let stream = watcher(api, config).default_backoff();
+        let record = history.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut pods: BTreeMap<String, bool> = BTreeMap::new();
+            let mut init: BTreeMap<String, bool> = BTreeMap::new();
+            while let Some(event) = stream.next().await {
+                let now = Utc::now();
+                match event {
+                    Ok(watcher::Event::Apply(p)) => {
+                        pods.insert(p.name_any(), is_ready(&p));
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        pods.remove(&p.name_any());
+                    }
+                    Ok(watcher::Event::Init) => {
+                        init.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        init.insert(p.name_any(), is_ready(&p));
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut init),
+                    // A watch that cannot reach its apiserver (a killed one) retries with
+                    // backoff; the errors say nothing the Deployment watch does not.
+                    Err(_) => continue,
+                }
+                let count = PodCount {
+                    live: pods.len(),
+                    ready: pods.values().filter(|r| **r).count(),
+                };
+                let mut h = record.lock().expect("pod history mutex");
+                if h.last().map(|(_, c)| *c) != Some(count) {
+                    h.push((now, count));
+                }
+            }
+        });
+        Self { history, task }
+    }
+
+    /// When a count matching `pred` was first seen at or after `t`.
+    pub fn first_after(
+        &self,
+        t: DateTime<Utc>,
+        pred: impl Fn(PodCount) -> bool,
+    ) -> Option<DateTime<Utc>> {
+        self.history
+            .lock()
+            .expect("pod history mutex")
+            .iter()
+            .find(|(at, c)| *at >= t && pred(*c))
+            .map(|(at, _)| *at)
+    }
+
+    pub fn latest(&self) -> Option<PodCount> {
+        self.history
+            .lock()
+            .expect("pod history mutex")
+            .last()
+            .map(|(_, c)| *c)
+    }
+
+    /// Waits (polling the recorded history, whose times are the events' arrival) until
+    /// `pred` holds at or after `t`.
+    pub async fn wait_first_after(
+        &self,
+        t: DateTime<Utc>,
+        pred: impl Fn(PodCount) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<DateTime<Utc>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.first_after(t, &pred) {
+                return Ok(at);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
+                self.latest()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
