@@ -1513,16 +1513,16 @@ fn render_failover(
             let _ = writeln!(
                 w,
                 "Expected: the killed holder last renewed at most one retry period before the \
-                 signal, so its lease expires {} to {} s after it; the standby takes it on its \
-                 first tick after the expiry (at most one retry period later), so **lease \
-                 taken** lies between {} and {} s. The standby scales up once the killed \
-                 cluster's last workload report is older than the ttl (it still reports a \
-                 running pod: nobody scales a dead replica's Deployment down, see \
-                 docs/fencing.md), then the Deployment controller and kwok start the pod.",
+                 signal, so its lease expires {} to {} s after it; the standby learned the \
+                 expiry instant from its last read and sends its acquire then, so **lease \
+                 taken** follows the expiry within milliseconds. The standby scales up once \
+                 the killed replica's last workload report is stale (refresh + ttl + retry + \
+                 the pods' grace period after it was written, `Workload::report_timing`) and \
+                 it has held the lease for two refresh periods: the report still shows a \
+                 running pod, since nobody scales a dead replica's Deployment down (see \
+                 docs/fencing.md); then the Deployment controller and kwok start the pod.",
                 t.ttl - t.retry,
                 t.ttl,
-                t.ttl - t.retry,
-                t.ttl + t.retry
             );
         }
         Mode::Graceful | Mode::DeadCluster => {

@@ -406,7 +406,9 @@ fn fence_check_timeout(timings: LeaseTimings) -> Duration {
 /// then the Reaper is reconciled at once instead of at its next resync.
 fn remember_row(row: &Mutex<Option<Lease>>, tick: &Tick) -> bool {
     let seen = match tick {
-        Tick::Acquired(lease) | Tick::Renewed(lease) => Some(lease.clone()),
+        Tick::Acquired(lease) | Tick::Renewed(lease) | Tick::Standby(Some(lease)) => {
+            Some(lease.clone())
+        }
         _ => None,
     };
     let class = |l: &Option<Lease>| {

@@ -106,13 +106,25 @@ pub async fn run(
     let reaper_events = reflector(
         writer,
         watcher(reapers, watcher::Config::default().any_semantic())
+            .default_backoff()
             .modify(|reaper| reaper.managed_fields_mut().clear()),
     )
     .applied_objects()
     .predicate_filter(
         predicates::generation.combine(predicates::finalizers),
         PredicateConfig::default(),
-    );
+    )
+    // The watch retries by itself (its own backoff); an error passed on would make the
+    // controller back off every trigger for up to minutes, the electors' included.
+    .filter_map(|event| async move {
+        match event {
+            Ok(reaper) => Some(Ok(reaper)),
+            Err(error) => {
+                tracing::warn!(%error, "Reaper watch failed; retrying");
+                None
+            }
+        }
+    });
     let controller = Controller::for_stream(reaper_events, store)
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
@@ -492,6 +504,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         steady: steady_requeue(timings),
         idle: steady_requeue(timings).max(IDLE_RESYNC),
     });
+    tracing::debug!(reaper = %key, ?role, ?gate, scale = ?plan.scale, requeue = ?plan.requeue, from_cache, "decided");
     if plan.scaled_externally {
         ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
     }

@@ -175,7 +175,11 @@ where
         if let (Ok(_), Some(changes)) = (&object, &changes) {
             changes.send_replace(());
         }
-        let _ = tx.send(object);
+        // Errors stay here (logged above, and in the health): the controller backs off
+        // ALL of its triggers after an error from any of them, the electors' included.
+        if let Ok(object) = object {
+            let _ = tx.send(Ok(object));
+        }
         let _ = &stopped;
         future::ready(())
     });
