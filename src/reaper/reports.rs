@@ -50,6 +50,14 @@ fn is_due(written: Option<Instant>, refresh: Duration, now: Instant) -> bool {
     written.is_none_or(|at| now.saturating_duration_since(at) >= refresh * 3 / 4)
 }
 
+/// Whether a report goes along with a refresh that is due anyway: any not written in
+/// the last quarter of its period. Reports written at scattered instants (each by its
+/// own reconcile) so fall into step, and a steady replica sends one statement per
+/// period instead of one per report.
+fn joins(written: Option<Instant>, refresh: Duration, now: Instant) -> bool {
+    written.is_none_or(|at| now.saturating_duration_since(at) >= refresh / 4)
+}
+
 /// The reports to refresh now. Not those of a Reaper that is being deleted or gone: its
 /// cleanup reports what it sees each time it looks, and a refresh of an older view could
 /// land after the final "no pods" of the replica that releases the lease, so that the
@@ -57,6 +65,7 @@ fn is_due(written: Option<Instant>, refresh: Duration, now: Instant) -> bool {
 fn due(ctx: &Context, now: Instant) -> Vec<WorkloadUpdate> {
     let reapers = ctx.reapers.get();
     let mut due = Vec::new();
+    let mut any_due = false;
     ctx.candidates.for_each(|key, candidate| {
         let living = reapers
             .and_then(|store| store.get(key))
@@ -66,13 +75,15 @@ fn due(ctx: &Context, now: Instant) -> Vec<WorkloadUpdate> {
             candidate.report_written = None;
             return;
         }
-        if let Some(report) = &candidate.report
-            && is_due(candidate.report_written, report.timing.refresh, now)
-        {
-            due.push(report.clone());
+        if let Some(report) = &candidate.report {
+            let written = candidate.report_written;
+            any_due |= is_due(written, report.timing.refresh, now);
+            if joins(written, report.timing.refresh, now) {
+                due.push(report.clone());
+            }
         }
     });
-    due
+    if any_due { due } else { Vec::new() }
 }
 
 /// How long until the next report falls due, at most [`MAX_SLEEP`].
@@ -174,6 +185,11 @@ mod tests {
             now + Duration::from_millis(2_999)
         ));
         assert!(is_due(Some(now), refresh, now + Duration::from_secs(3)));
+        // Once a refresh is due, every report not written in the last quarter period
+        // goes along.
+        assert!(joins(None, refresh, now));
+        assert!(!joins(Some(now), refresh, now + Duration::from_millis(999)));
+        assert!(joins(Some(now), refresh, now + Duration::from_secs(1)));
     }
 
     #[test]
