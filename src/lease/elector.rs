@@ -115,8 +115,9 @@ pub enum Tick {
     /// Took the lease (a new epoch). `previous_holder` is empty if it was free.
     Acquired(Lease),
     /// Someone else holds it. The row as this follower last read it: `None` when there
-    /// is none, or when the tick learnt nothing of it (an elector without a
-    /// [`LeaseBatcher`] only sends `acquire`, which returns no row when refused).
+    /// is none, or when the tick learnt nothing current of it (an `acquire` was refused,
+    /// so the row changed after it was read; an elector without a [`LeaseBatcher`] only
+    /// sends `acquire`).
     Standby(Option<Lease>),
     Renewed(Lease),
     /// The renew matched nothing: another candidate took the lease, or it expired.
@@ -157,8 +158,6 @@ struct Held {
 struct ExpiryAttempt {
     arrived: tokio::time::Instant,
     acquirable_in: Duration,
-    /// The row that read returned, reported again if the attempt is refused.
-    row: Option<Lease>,
 }
 
 pub struct Elector {
@@ -239,17 +238,15 @@ impl Elector {
         let deadline = self.config.timings.renew_deadline;
         self.soon = None;
         let Some(held) = self.held else {
-            let mut row = None;
             if let Some(batcher) = &self.batcher {
                 let read = batcher.acquirable(&self.config.lease_name).await;
                 let arrived = tokio::time::Instant::now();
                 match read {
-                    Ok(found) if found.acquirable => row = found.lease,
+                    Ok(found) if found.acquirable => {}
                     Ok(found) => {
                         self.soon = Some(ExpiryAttempt {
                             arrived,
                             acquirable_in: found.acquirable_in,
-                            row: found.lease.clone(),
                         });
                         return Tick::Standby(found.lease);
                     }
@@ -261,7 +258,7 @@ impl Elector {
                     }
                 }
             }
-            return self.acquire(sent, row).await;
+            return self.acquire(sent).await;
         };
 
         if sent.saturating_duration_since(held.last_renew_sent) >= deadline {
@@ -326,9 +323,8 @@ impl Elector {
         }
     }
 
-    /// A follower's `acquire`; `row` is what it reports if refused (`acquire` returns no
-    /// row then).
-    async fn acquire(&mut self, sent: Instant, row: Option<Lease>) -> Tick {
+    /// A follower's `acquire`.
+    async fn acquire(&mut self, sent: Instant) -> Tick {
         match self
             .store
             .acquire(
@@ -342,7 +338,9 @@ impl Elector {
                 self.lead(lease.epoch, sent);
                 Tick::Acquired(lease)
             }
-            Ok(None) => Tick::Standby(row),
+            // Refused: the row changed since it was read (someone took the lease), so
+            // that read is out of date and is not passed on.
+            Ok(None) => Tick::Standby(None),
             Err(error) => Tick::DatabaseError {
                 error,
                 still_leader: false,
@@ -376,13 +374,13 @@ impl Elector {
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let wake = self.wake.clone();
         let mut first = true;
-        let mut attempt: Option<(tokio::time::Instant, Option<Lease>)> = None;
+        let mut attempt: Option<tokio::time::Instant> = None;
         loop {
             let mut at_expiry = None;
             if !std::mem::take(&mut first) {
                 let attempt_due = async {
-                    match &attempt {
-                        Some((at, _)) => tokio::time::sleep_until(*at).await,
+                    match attempt {
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -401,10 +399,10 @@ impl Elector {
                     // taken is decided by `acquire`'s statement, on the database's clock,
                     // under the row lock, so at most one holder is still the SQL's job.
                     // Asking early would only be refused.
-                    Some((_, row)) if self.held.is_none() => {
+                    Some(_) if self.held.is_none() => {
                         self.soon = None;
                         let sent = self.clock.now();
-                        self.acquire(sent, row).await
+                        self.acquire(sent).await
                     }
                     _ => self.tick().await,
                 }
@@ -416,10 +414,10 @@ impl Elector {
             };
             // Whatever woke it, this tick replaces a pending attempt: it read the row
             // again (or acquired), and only its own read schedules one.
-            attempt = self.soon.take().and_then(|a| {
-                expiry_attempt_at(a.arrived, a.acquirable_in, next_on_grid(period))
-                    .map(|at| (at, a.row))
-            });
+            attempt = self
+                .soon
+                .take()
+                .and_then(|a| expiry_attempt_at(a.arrived, a.acquirable_in, next_on_grid(period)));
             log_tick(&self.config, &tick);
             on_tick(&tick, started.elapsed());
         }

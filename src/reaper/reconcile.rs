@@ -453,9 +453,12 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
                 .as_ref()
                 .is_some_and(|r| r.holder == ctx.holder && r.epoch == epoch)
     });
-    let lease = match cached.row {
-        Some(row) if leader_epoch.is_none() || settled_leader => Ok(Some(row)),
-        _ => ctx.store.get(&lease_name).await.map_err(|e| e.to_string()),
+    let (mut lease, row_from_elector) = match cached.row {
+        Some(row) if leader_epoch.is_none() || settled_leader => (Ok(Some(row)), true),
+        _ => (
+            ctx.store.get(&lease_name).await.map_err(|e| e.to_string()),
+            false,
+        ),
     };
     // Every replica reports what it sees of this cluster's workload (the database keeps
     // a non-holder from overwriting its holder's report with "no pods") and learns what
@@ -467,11 +470,28 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         {
             Ok(others)
         }
+        // The elector's calls fail: this one would too, after holding the report lock
+        // for its whole timeout, in the way of reconciles that must stop a pod. The
+        // refresher writes the report once the database answers.
+        _ if !database_ok.load(Ordering::Relaxed) => {
+            Err("the lease elector's last database call failed".to_owned())
+        }
         _ => report(ctx, &key, &update).await.map_err(|e| e.to_string()),
     };
     // The same leadership the reads above were chosen by: a leader judged on reports
     // kept for a follower could miss a report written since.
-    let role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    let mut role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    let replicas = workload
+        .deployment
+        .as_ref()
+        .map(|_| workload.counts.replicas);
+    if row_from_elector && matches!(role, Role::Standby { .. }) && replicas.is_some_and(|r| r > 0) {
+        // Standing by with pods here means scaling them down: not on a row up to a retry
+        // period old, which may predate a peer of this cluster taking the lease and
+        // starting its pod.
+        lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
+        role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    }
     let handover_delay =
         Duration::from_secs(reaper.spec.lease.handover_delay_seconds.max(0) as u64);
     let gate = match role {
@@ -485,10 +505,6 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         )),
         _ => None,
     };
-    let replicas = workload
-        .deployment
-        .as_ref()
-        .map(|_| workload.counts.replicas);
     let plan = decide::plan(&ScaleFacts {
         role: &role,
         gate: gate.as_ref(),

@@ -36,10 +36,13 @@ pub async fn refresh(ctx: Arc<Context>) {
             let _lock = ctx.report_lock.lock().await;
             let now = Instant::now();
             let due = due(&ctx, now);
-            if !due.is_empty() {
-                write(&ctx, &due, now).await;
+            if !due.is_empty() && !write(&ctx, &due, now).await {
+                // Failed: its reports are still due, but asking again at once would
+                // spin against a database that refuses fast (read-only, access denied).
+                MAX_SLEEP
+            } else {
+                next_due(&ctx, Instant::now())
             }
-            next_due(&ctx, Instant::now())
         };
         tokio::time::sleep(sleep).await;
     }
@@ -98,7 +101,8 @@ fn next_due(ctx: &Context, now: Instant) -> Duration {
     sleep
 }
 
-async fn write(ctx: &Context, due: &[WorkloadUpdate], sent: Instant) {
+/// False when the statement failed.
+async fn write(ctx: &Context, due: &[WorkloadUpdate], sent: Instant) -> bool {
     match ctx
         .store
         .sync_workloads(&ctx.cluster, &ctx.holder, due)
@@ -130,8 +134,10 @@ async fn write(ctx: &Context, due: &[WorkloadUpdate], sent: Instant) {
             tracing::warn!(%error, reports = due.len(), "cannot refresh the workload reports");
             ctx.candidates
                 .for_each(|_, candidate| candidate.others = None);
+            return false;
         }
     }
+    true
 }
 
 /// Whether the other clusters' reports differ in anything a decision reads (not their
