@@ -54,6 +54,7 @@ mod dead_cluster;
 mod host;
 #[path = "failover/pods.rs"]
 mod pods;
+use pods::Timeline;
 #[path = "../tests/support/mod.rs"]
 mod support;
 #[path = "failover/unrelated.rs"]
@@ -65,7 +66,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -736,78 +736,41 @@ fn scale_of(d: &Deployment) -> Scale {
     }
 }
 
-/// Every change of a Deployment's scale, with the time the watch event arrived.
-type History = Arc<Mutex<Vec<(DateTime<Utc>, Scale)>>>;
-
 /// A watch on one Deployment that records every change of its scale with the wall-clock
 /// time the event arrived.
 struct DeploymentWatch {
-    history: History,
+    timeline: Timeline<Scale>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl DeploymentWatch {
     fn start(api: Api<Deployment>, name: &str) -> Self {
-        let history: History = Arc::default();
+        let timeline = Timeline::default();
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let stream = watcher(api, config).default_backoff();
-        let record = history.clone();
+        let record = timeline.clone();
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 let now = Utc::now();
                 match event {
                     Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
-                        let scale = scale_of(&d);
-                        let mut h = record.lock().expect("history mutex");
-                        if h.last().map(|(_, s)| *s) != Some(scale) {
-                            h.push((now, scale));
-                        }
+                        record.record(now, scale_of(&d));
                     }
                     Ok(_) => {}
                     Err(error) => eprintln!("deployment watch: {error}"),
                 }
             }
         });
-        Self { history, task }
+        Self { timeline, task }
     }
+}
 
-    fn first_after(&self, t: DateTime<Utc>, pred: impl Fn(Scale) -> bool) -> Option<DateTime<Utc>> {
-        self.history
-            .lock()
-            .expect("history mutex")
-            .iter()
-            .find(|(at, s)| *at >= t && pred(*s))
-            .map(|(at, _)| *at)
-    }
+impl std::ops::Deref for DeploymentWatch {
+    type Target = Timeline<Scale>;
 
-    fn latest(&self) -> Option<Scale> {
-        self.history
-            .lock()
-            .expect("history mutex")
-            .last()
-            .map(|(_, s)| *s)
-    }
-
-    async fn wait_first_after(
-        &self,
-        t: DateTime<Utc>,
-        pred: impl Fn(Scale) -> bool,
-        timeout: Duration,
-        what: &str,
-    ) -> Result<DateTime<Utc>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self.first_after(t, &pred) {
-                return Ok(at);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
-                self.latest()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    fn deref(&self) -> &Timeline<Scale> {
+        &self.timeline
     }
 }
 
@@ -845,6 +808,24 @@ impl Stats {
             min: samples[0],
             max: samples[samples.len() - 1],
         })
+    }
+}
+
+/// A table of timing statistics, one row per measured step, from `origin` on.
+fn write_stats_table(w: &mut String, origin: &str, rows: &[(&str, Option<Stats>)]) {
+    let _ = writeln!(w, "| from {origin} to | median | p99 | min | max |");
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+    for (label, stats) in rows {
+        if let Some(s) = stats {
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {} | {} | {} |",
+                fmt_dur(s.median),
+                fmt_dur(s.p99),
+                fmt_dur(s.min),
+                fmt_dur(s.max)
+            );
+        }
     }
 }
 
@@ -1493,20 +1474,7 @@ fn render_failover(
         "**pod ready** (`status.readyReplicas` = 1)",
         col(|t| Some(t.ready)),
     ));
-    let _ = writeln!(w, "| from the signal to | median | p99 | min | max |");
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
-    for (label, stats) in &rows {
-        if let Some(s) = stats {
-            let _ = writeln!(
-                w,
-                "| {label} | {} | {} | {} | {} |",
-                fmt_dur(s.median),
-                fmt_dur(s.p99),
-                fmt_dur(s.min),
-                fmt_dur(s.max)
-            );
-        }
-    }
+    write_stats_table(w, "the signal", &rows);
     let _ = writeln!(w);
     match args.mode {
         Mode::Kill9 => {

@@ -35,7 +35,7 @@ use super::support::cluster::{TestCluster, wait_until};
 use super::support::fixtures::live_pods;
 use super::{
     FAILOVER_NS, FailoverArgs, Machine, Operator, Scale, Side, Stability, Stats, Urls, WORKLOAD,
-    fmt_dur, lit, since, start_cluster, with_logs,
+    fmt_dur, lit, since, start_cluster, with_logs, write_stats_table,
 };
 
 const REPLICAS_PER_CLUSTER: usize = 2;
@@ -490,20 +490,7 @@ pub fn render(
             col(|t| t.apiserver_back),
         ),
     ];
-    let _ = writeln!(w, "| from the kill to | median | p99 | min | max |");
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
-    for (label, stats) in &rows {
-        if let Some(s) = stats {
-            let _ = writeln!(
-                w,
-                "| {label} | {} | {} | {} | {} |",
-                fmt_dur(s.median),
-                fmt_dur(s.p99),
-                fmt_dur(s.min),
-                fmt_dur(s.max)
-            );
-        }
-    }
+    write_stats_table(w, "the kill", &rows);
     let _ = writeln!(w);
     // src/reaper/observe.rs (Workload::report_timing) and src/reaper/reconcile.rs
     // (steady_requeue) as of this bench: refresh = max(retry, ttl / 4).

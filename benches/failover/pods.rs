@@ -22,10 +22,71 @@ pub struct PodCount {
     pub ready: usize,
 }
 
-type History = Arc<Mutex<Vec<(DateTime<Utc>, PodCount)>>>;
+/// What a watch saw, each value with the wall-clock time its event arrived; a value equal
+/// to the last one is not recorded again. Cloning shares it.
+#[derive(Clone)]
+pub struct Timeline<T>(Arc<Mutex<Seen<T>>>);
+
+type Seen<T> = Vec<(DateTime<Utc>, T)>;
+
+impl<T> Default for Timeline<T> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<T: Copy + PartialEq + std::fmt::Debug> Timeline<T> {
+    pub fn record(&self, at: DateTime<Utc>, value: T) {
+        let mut h = self.0.lock().expect("timeline mutex");
+        if h.last().map(|(_, v)| *v) != Some(value) {
+            h.push((at, value));
+        }
+    }
+
+    /// When a value matching `pred` was first seen at or after `t`.
+    pub fn first_after(&self, t: DateTime<Utc>, pred: impl Fn(T) -> bool) -> Option<DateTime<Utc>> {
+        self.0
+            .lock()
+            .expect("timeline mutex")
+            .iter()
+            .find(|(at, v)| *at >= t && pred(*v))
+            .map(|(at, _)| *at)
+    }
+
+    pub fn latest(&self) -> Option<T> {
+        self.0
+            .lock()
+            .expect("timeline mutex")
+            .last()
+            .map(|(_, v)| *v)
+    }
+
+    /// Waits (polling the recorded history, whose times are the events' arrival) until
+    /// `pred` holds at or after `t`.
+    pub async fn wait_first_after(
+        &self,
+        t: DateTime<Utc>,
+        pred: impl Fn(T) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<DateTime<Utc>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self.first_after(t, &pred) {
+                return Ok(at);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
+                self.latest()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
 
 pub struct PodWatch {
-    history: History,
+    timeline: Timeline<PodCount>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,10 +100,10 @@ fn is_ready(pod: &Pod) -> bool {
 impl PodWatch {
     /// Watches the pods labelled `app=<app>` in `api`'s namespace.
     pub fn start(api: Api<Pod>, app: &str) -> Self {
-        let history: History = Arc::default();
+        let timeline = Timeline::default();
         let config = watcher::Config::default().labels(&format!("app={app}"));
         let stream = watcher(api, config).default_backoff();
-        let record = history.clone();
+        let record = timeline.clone();
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut pods: BTreeMap<String, bool> = BTreeMap::new();
@@ -73,58 +134,18 @@ impl PodWatch {
                     live: pods.len(),
                     ready: pods.values().filter(|r| **r).count(),
                 };
-                let mut h = record.lock().expect("pod history mutex");
-                if h.last().map(|(_, c)| *c) != Some(count) {
-                    h.push((now, count));
-                }
+                record.record(now, count);
             }
         });
-        Self { history, task }
+        Self { timeline, task }
     }
+}
 
-    /// When a count matching `pred` was first seen at or after `t`.
-    pub fn first_after(
-        &self,
-        t: DateTime<Utc>,
-        pred: impl Fn(PodCount) -> bool,
-    ) -> Option<DateTime<Utc>> {
-        self.history
-            .lock()
-            .expect("pod history mutex")
-            .iter()
-            .find(|(at, c)| *at >= t && pred(*c))
-            .map(|(at, _)| *at)
-    }
+impl std::ops::Deref for PodWatch {
+    type Target = Timeline<PodCount>;
 
-    pub fn latest(&self) -> Option<PodCount> {
-        self.history
-            .lock()
-            .expect("pod history mutex")
-            .last()
-            .map(|(_, c)| *c)
-    }
-
-    /// Waits (polling the recorded history, whose times are the events' arrival) until
-    /// `pred` holds at or after `t`.
-    pub async fn wait_first_after(
-        &self,
-        t: DateTime<Utc>,
-        pred: impl Fn(PodCount) -> bool,
-        timeout: Duration,
-        what: &str,
-    ) -> Result<DateTime<Utc>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self.first_after(t, &pred) {
-                return Ok(at);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
-                self.latest()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    fn deref(&self) -> &Timeline<PodCount> {
+        &self.timeline
     }
 }
 
