@@ -95,8 +95,10 @@ async fn scenario(
     )
     .await?;
 
-    // Idle: the standby's Reaper is not reconciled, yet its report is refreshed.
-    let reconciles_before = reconciliations(&ops[1])?;
+    // Idle: the standby's Reaper is not reconciled, yet its report is refreshed. Its
+    // start-up reconciles (the first observation, then the elector's first word on the
+    // lease) may still be under way when the first report lands: wait for them to end.
+    let reconciles_before = settled_reconciliations(&ops[1]).await?;
     let (_, reported_before) = reports
         .of(standby.name)
         .await?
@@ -260,6 +262,26 @@ impl Reports {
 }
 
 /// The replica's `reaper_reconciliations_total`.
+/// The reconcile count once it has not moved for three seconds (the start-up
+/// reconciles come within a second of each other).
+async fn settled_reconciliations(op: &OperatorProcess) -> Result<u64> {
+    const QUIET: Duration = Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = reconciliations(op)?;
+    loop {
+        tokio::time::sleep(QUIET).await;
+        let now = reconciliations(op)?;
+        if now == last {
+            return Ok(now);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the standby kept reconciling for 30 s after its first report"
+        );
+        last = now;
+    }
+}
+
 fn reconciliations(op: &OperatorProcess) -> Result<u64> {
     let (_, body) = op
         .http("/metrics")
