@@ -42,6 +42,7 @@ pub struct Metrics {
     pub reconciliations: Counter,
     pub reconcile_errors: Counter,
     pub reconcile_duration: Histogram,
+    pub presence_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +58,7 @@ impl Default for Metrics {
         let reconciliations = Counter::default();
         let reconcile_errors = Counter::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let presence_errors = Counter::default();
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -113,6 +115,11 @@ impl Default for Metrics {
             "Duration of Reaper reconciles",
             reconcile_duration.clone(),
         );
+        registry.register(
+            "presence_errors",
+            "Failed renewals of this replica's presence Lease (peers cut off from the database cannot count on it)",
+            presence_errors.clone(),
+        );
         Self {
             registry,
             leader,
@@ -124,6 +131,7 @@ impl Default for Metrics {
             reconciliations,
             reconcile_errors,
             reconcile_duration,
+            presence_errors,
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::reaper::candidates::Candidates;
 use crate::reaper::reconcile::{self, Context};
-use crate::reaper::{handover, reports, watches};
+use crate::reaper::{handover, presence, reports, watches};
 
 /// Validated settings of `run`.
 #[derive(Clone, Debug)]
@@ -120,7 +120,18 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         metrics.clone(),
     );
     let watches = watches::watches(&client, settings.namespace.as_deref());
+    // The replicas of one installation share its namespace (the service account's in a
+    // pod, the kubeconfig context's outside one): that is where they find each other.
+    let presence_namespace = client.default_namespace().to_owned();
+    let presences = Arc::new(presence::Presences::default());
+    let own_presence = presence::Presence::new(
+        client.clone(),
+        &presence_namespace,
+        &settings.identity,
+        &holder,
+    );
     let ctx = Arc::new(Context {
+        presences: presences.clone(),
         caches: watches.caches.clone(),
         report_lock: Default::default(),
         client,
@@ -148,6 +159,16 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
             candidates.clone(),
         )),
         tokio::spawn(reports::refresh(ctx.clone())),
+        tokio::spawn(presence::watch(
+            ctx.client.clone(),
+            presence_namespace.clone(),
+            presences,
+        )),
+        tokio::spawn(
+            own_presence
+                .clone()
+                .renew(candidates.clone(), metrics.clone()),
+        ),
     ];
     let ready_health = health.clone();
     reconcile::run(ctx.clone(), watches, trigger_rx, stopped(), move || {
@@ -164,6 +185,7 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     for task in background {
         task.abort();
     }
+    own_presence.withdraw().await;
     if let Ok(Err(error)) = http.await {
         tracing::warn!(%error, "HTTP server failed");
     }

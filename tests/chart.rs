@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -709,6 +710,8 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
                 "CustomResourceDefinition",
                 "Deployment",
                 "PodDisruptionBudget",
+                "Role",
+                "RoleBinding",
                 "Service",
                 "ServiceAccount",
             ],
@@ -739,6 +742,8 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
                 "Deployment",
                 "PodDisruptionBudget",
                 "Role",
+                "Role",
+                "RoleBinding",
                 "RoleBinding",
                 "Service",
                 "ServiceAccount"
@@ -746,15 +751,23 @@ async fn lint(ctx: &Ctx<'_>) -> Result<()> {
         "rendered kinds with watchNamespace and without the CRD: {:?}",
         kinds(&docs)
     );
+    // The controller's Role in the watched namespace; the presence Role (leases) in
+    // the release namespace, where the replicas run.
     for kind in ["Role", "RoleBinding"] {
+        let namespaces: BTreeSet<&str> = find(&docs, kind)
+            .iter()
+            .filter_map(|d| d["metadata"]["namespace"].as_str())
+            .collect();
         ensure!(
-            find(&docs, kind)[0]["metadata"]["namespace"] == "jobs",
-            "{kind} not in the watched namespace"
+            namespaces == BTreeSet::from(["jobs", "ops"]),
+            "{kind}s in namespaces {namespaces:?}, expected the watched one and the release's"
         );
     }
     ensure!(
-        find(&docs, "RoleBinding")[0]["subjects"][0]["namespace"] == "ops",
-        "the RoleBinding does not name the ServiceAccount in the release namespace"
+        find(&docs, "RoleBinding")
+            .iter()
+            .all(|b| b["subjects"][0]["namespace"] == "ops"),
+        "a RoleBinding does not name the ServiceAccount in the release namespace"
     );
     let env = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
     ensure!(
@@ -1117,6 +1130,8 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
                 "NetworkPolicy",
                 "PodDisruptionBudget",
                 "PrometheusRule",
+                "Role",
+                "RoleBinding",
                 "Service",
                 "ServiceAccount",
                 "ServiceMonitor",
@@ -1449,7 +1464,7 @@ async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
         .filter(|t| !t.is_empty())
         .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
     let kubeconfig = ctx.home.join("operator.kubeconfig");
-    write_token_kubeconfig(ctx.cluster.kubeconfig(), &token, &kubeconfig)?;
+    write_token_kubeconfig(ctx.cluster.kubeconfig(), &token, sa_ns, &kubeconfig)?;
     let sa = support::cluster::client_from(Kubeconfig::read_from(&kubeconfig)?).await?;
 
     // The workload: a Recreate Deployment at 0 replicas and its Reaper, made by an admin.
@@ -1547,7 +1562,7 @@ async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
 }
 
 /// Writes a kubeconfig with the admin kubeconfig's server and CA and `token` as the user.
-fn write_token_kubeconfig(admin: &Path, token: &str, path: &Path) -> Result<()> {
+fn write_token_kubeconfig(admin: &Path, token: &str, namespace: &str, path: &Path) -> Result<()> {
     let admin = Kubeconfig::read_from(admin)?;
     let cluster = admin
         .clusters
@@ -1567,7 +1582,8 @@ fn write_token_kubeconfig(admin: &Path, token: &str, path: &Path) -> Result<()> 
         "kind": "Config",
         "clusters": [{"name": "c", "cluster": entry}],
         "users": [{"name": "reaper-operator", "user": {"token": token}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "reaper-operator"}}],
+        // As in a pod, where the default namespace is the service account's.
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "reaper-operator", "namespace": namespace}}],
         "current-context": "c",
     });
     std::fs::write(path, serde_json::to_string_pretty(&config)?)?; // JSON is YAML
@@ -1614,6 +1630,26 @@ async fn sufficient(ctx: &Ctx<'_>, ns: &str, op: &OperatorProcess) -> Result<()>
         "finalizer not added: {:?}",
         reaper.finalizers()
     );
+    // The presence through coordination.k8s.io leases in the release namespace.
+    let presences = Api::<Lease>::namespaced(client.clone(), &ctx.namespace);
+    wait_until(
+        "the operator's presence Lease",
+        Duration::from_secs(20),
+        || async {
+            let list = presences
+                .list(&ListParams::default().labels("pglease.dev/presence"))
+                .await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|l| {
+                    l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                        == Some(op.holder().as_str())
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
     // Events through events.k8s.io, as NOTES.txt tells users to look at them.
     let events = Api::<Event>::namespaced(client.clone(), ns);
     wait_until("a LeaseAcquired Event", Duration::from_secs(20), || async {

@@ -53,7 +53,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 16] = [
+    let scenarios: [(&str, Scenario); 17] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -112,6 +112,14 @@ fn reaper_controller_scenarios() {
         (
             "workload safety: a restarted replica stops a pod nobody can vouch for",
             |c| Box::pin(workload_safety::restarted_replica_stops_a_pod_nobody_vouches_for(c)),
+        ),
+        (
+            "workload safety: a quiet leader vouches for its pod through its presence",
+            |c| {
+                Box::pin(
+                    workload_safety::a_quiet_leader_vouches_for_its_pod_through_its_presence(c),
+                )
+            },
         ),
     ];
     let failures: Vec<String> = runtime.block_on(async {
@@ -382,7 +390,7 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
         ensure!(
             header
                 == [
-                    "NAME", "PHASE", "HOLDER", "EPOCH", "READY", "RENEWED", "AGE"
+                    "NAME", "PHASE", "HOLDER", "EPOCH", "READY", "ACQUIRED", "AGE"
                 ],
             "kubectl get reapers:\n{text}"
         );

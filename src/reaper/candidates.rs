@@ -23,8 +23,8 @@ use super::decide::same_cluster;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
-    Clock, Elector, ElectorConfig, LeaderWatch, Lease, LeaseBatcher, LeaseStore, MonotonicClock,
-    Tick, WorkloadReport, WorkloadUpdate,
+    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, Lease, LeaseBatcher, LeaseStore,
+    MonotonicClock, Tick, WorkloadReport, WorkloadUpdate,
 };
 use crate::metrics::Metrics;
 
@@ -42,9 +42,6 @@ pub struct Candidate {
     pub database_ok: Arc<AtomicBool>,
     /// Since when the elector's database calls have been failing (`None` while they work).
     pub database_failing_since: Arc<Mutex<Option<Instant>>>,
-    /// The Reaper's `status.renewedAt` as last seen, and when (this replica's clock) it
-    /// was first seen with that value.
-    renewal_seen: Option<(Option<String>, Instant)>,
     /// The workload's pod selector, as last observed (for the handover, which counts the
     /// pods until they are gone, even if the Deployment is deleted meanwhile).
     pub pod_selector: Option<String>,
@@ -77,18 +74,6 @@ impl Candidate {
             .map_or(Duration::ZERO, |since| since.elapsed())
     }
 
-    /// How long the Reaper's `status.renewedAt` has shown `renewed_at` (the acting
-    /// replica refreshes it every half ttl while it renews), on this replica's clock.
-    pub fn renewals_unseen_for(&mut self, renewed_at: Option<String>) -> Duration {
-        match &self.renewal_seen {
-            Some((seen, since)) if *seen == renewed_at => since.elapsed(),
-            _ => {
-                self.renewal_seen = Some((renewed_at, Instant::now()));
-                Duration::ZERO
-            }
-        }
-    }
-
     /// Stops the elector. It publishes `Follower` but still holds the row: stop the
     /// workload, then `release()` the returned elector.
     pub async fn stop(mut self) -> Option<Elector> {
@@ -98,6 +83,10 @@ impl Candidate {
         self.task.await.ok()
     }
 }
+
+/// How much later than one retry period after the last renew was sent a presence may
+/// still be written (the batcher's linger and the call itself).
+const FRESH_RENEW_SLACK: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct Candidates {
@@ -197,6 +186,37 @@ impl Candidates {
             .collect()
     }
 
+    /// How often this replica's presence must be renewed (see `presence`): a third of
+    /// the shortest renew deadline of the leases it leads, at least a second. `None`
+    /// when it leads nothing, or when a lease it leads was not renewed by a call sent
+    /// within the last retry period (and half a second): a presence written after the
+    /// last renew would let a peer count on this replica for longer than its lease
+    /// allows it to act.
+    pub fn presence_period(&self) -> Option<Duration> {
+        let map = self.inner.lock().expect("candidates mutex poisoned");
+        let now = Instant::now();
+        let mut period: Option<Duration> = None;
+        for candidate in map.values() {
+            let Leadership::Leader { valid_until, .. } = candidate.watch.published() else {
+                continue;
+            };
+            if valid_until <= now {
+                continue;
+            }
+            let timings = candidate.timings;
+            // The leadership lasts a renew deadline from the sending of its last renew.
+            let renewed_ago = (now + timings.renew_deadline).saturating_duration_since(valid_until);
+            if !candidate.database_ok.load(Ordering::Relaxed)
+                || renewed_ago > timings.retry_period + FRESH_RENEW_SLACK
+            {
+                return None;
+            }
+            let own = (timings.renew_deadline / 3).max(Duration::from_secs(1));
+            period = Some(period.map_or(own, |p| p.min(own)));
+        }
+        period
+    }
+
     /// A NOTIFY about `lease_name`: tick its electors now and reconcile their Reapers.
     pub fn wake_lease(&self, lease_name: &str) {
         let map = self.inner.lock().expect("candidates mutex poisoned");
@@ -286,7 +306,9 @@ impl Candidates {
                         if let Some(event) = transition_event(tick) {
                             let _ = trigger.send(key.clone());
                             publish(&recorder, event, &event_reference);
-                        } else if moved {
+                        } else if moved || database_was_ok != reachable {
+                            // A database that stops or starts answering changes the
+                            // status (DatabaseReachable) and, after a while, the decision.
                             let _ = trigger.send(key.clone());
                         }
                     },
@@ -305,7 +327,6 @@ impl Candidates {
             database_ok,
             database_failing_since,
             pod_selector: None,
-            renewal_seen: None,
             row,
             report: None,
             report_written: None,

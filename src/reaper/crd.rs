@@ -21,7 +21,7 @@ pub use super::decide::ScaleRecord;
     printcolumn = r#"{"name":"Holder","type":"string","jsonPath":".status.holder"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready"}"#,
-    printcolumn = r#"{"name":"Renewed","type":"date","jsonPath":".status.renewedAt"}"#,
+    printcolumn = r#"{"name":"Acquired","type":"date","jsonPath":".status.acquiredAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -120,8 +120,12 @@ pub struct ReaperStatus {
     pub epoch: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquired_at: Option<String>,
+    /// Deprecated, no longer written: the renewals are in the database row
+    /// (`reaper-operator lease status`). Kept in the schema so that replicas of an
+    /// earlier version, which still write it, keep working during an upgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed_at: Option<String>,
+    /// Deprecated, no longer written (see `renewedAt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
     /// Desired replicas of the Deployment in this cluster.

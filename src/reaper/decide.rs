@@ -220,17 +220,19 @@ pub struct ScaleFacts<'a> {
     pub me: &'a str,
     /// How long this replica's database calls have been failing (zero when they work).
     pub database_failing_for: Duration,
-    /// How long, on this replica's clock, the Reaper's `status.renewedAt` has not moved
-    /// (the acting replica refreshes it every half ttl while it renews).
-    pub renewals_unseen_for: Duration,
+    /// How long, on this replica's clock, the presence of the replica that recorded the
+    /// scale-up has not been renewed (it renews it every third of a renew deadline, only
+    /// right after renewing its leases: see `presence`).
+    pub recorder_unseen_for: Duration,
     pub renew_deadline: Duration,
     pub ttl: Duration,
     /// This cluster's pods of the workload that have not finished.
     pub running_pods: i32,
-    /// How often a leading (or undecided) Reaper is reconciled when nothing happens.
+    /// How often an undecided Reaper, or one with pods here that it does not lead, is
+    /// reconciled when nothing happens: whether they may go on can change with time.
     pub steady: Duration,
-    /// How often any other Reaper is: changes of its Deployment, pods, lease row and
-    /// reports trigger it at once, so this is only a safety net.
+    /// How often any other Reaper is (a leader too): changes of its Deployment, pods,
+    /// lease row and reports trigger it at once, so this is only a safety net.
     pub idle: Duration,
 }
 
@@ -266,11 +268,19 @@ pub fn plan(f: &ScaleFacts<'_>) -> Plan {
         (Role::Leader { .. }, Some(gate)) if !matches!(gate, Gate::Open { .. }) => {
             Duration::from_millis(500)
         }
-        (Role::Leader { .. }, _) => f.steady,
+        // Running its pod: every change it must act on (its pods, its Deployment, its
+        // lease, the other clusters' reports) reconciles it at once.
+        (Role::Leader { .. }, _) => f.idle,
         // Pods still stopping here: report them going as soon as they are gone.
         _ if f.running_pods > 0 && f.replicas.is_none_or(|r| r == 0) => Duration::from_secs(1),
-        // Its decision depends on how long the database has been failing.
-        (Role::Unknown, _) => f.steady,
+        // Its decision depends on how long the database has been failing: look again
+        // the moment a pod here stops being vouched for.
+        (Role::Unknown, _) => match unprovable_in(f) {
+            Some(wait) if f.replicas.is_some_and(|r| r > 0) && !wait.is_zero() => {
+                f.steady.min(wait + Duration::from_millis(10))
+            }
+            _ => f.steady,
+        },
         // Something of the workload runs here without this replica leading: whether it
         // may go on can change with time alone (a peer's lease lapsing), not only with
         // an event.
@@ -283,6 +293,21 @@ pub fn plan(f: &ScaleFacts<'_>) -> Plan {
         scaled_externally,
         requeue,
     }
+}
+
+/// For a replica that cannot read the database, how long until nobody can vouch for a
+/// scale-up recorded by another replica of its cluster (zero: already): its own calls
+/// have failed for a renew deadline, and the recorder's presence has not been renewed
+/// for as long. The recorder renews it only right after renewing its leases, so by then
+/// it has either renewed since (and stops its pod itself if it loses the lease) or has
+/// been silent for longer than its leadership lasts. `None` when there is no such record.
+fn unprovable_in(f: &ScaleFacts<'_>) -> Option<Duration> {
+    f.recorded.filter(|r| r.holder != f.me)?;
+    Some(
+        f.renew_deadline
+            .saturating_sub(f.database_failing_for)
+            .max(f.renew_deadline.saturating_sub(f.recorder_unseen_for)),
+    )
 }
 
 pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
@@ -311,14 +336,12 @@ pub fn decide_scale(f: &ScaleFacts<'_>) -> Scale {
         (Role::Unknown, _) => {
             // Nobody here can prove the running pod's lease is still held: this replica
             // started it (the elector says it no longer leads), or the database has been
-            // out of reach for longer than a holder may act without renewing and no
-            // replica has shown a renewal on the status for a ttl (a healthy peer that
-            // leads does; this replica's own trouble must not stop its pod).
+            // out of reach for longer than a holder may act without renewing and the
+            // replica that started the pod has not renewed its presence for as long (a
+            // healthy peer that leads does; this replica's own trouble must not stop its
+            // pod).
             let started_by_me = f.recorded.is_some_and(|r| r.holder == f.me);
-            let unprovable = f.recorded.is_some()
-                && f.database_failing_for >= f.renew_deadline
-                && f.renewals_unseen_for >= f.ttl;
-            if replicas > 0 && (started_by_me || unprovable) {
+            if replicas > 0 && (started_by_me || unprovable_in(f) == Some(Duration::ZERO)) {
                 Scale::Down
             } else {
                 Scale::Hold
@@ -674,7 +697,7 @@ mod tests {
             recorded: None,
             me: ME,
             database_failing_for: Duration::ZERO,
-            renewals_unseen_for: Duration::ZERO,
+            recorder_unseen_for: Duration::ZERO,
             renew_deadline: DEADLINE,
             ttl: TTL,
             running_pods: replicas.unwrap_or(0),
@@ -694,7 +717,8 @@ mod tests {
         assert_eq!(up.scale, Scale::Up { epoch: 3 });
         assert_eq!(up.record, Some(record(ME, 3)));
         assert!(!up.scaled_externally);
-        assert_eq!(up.requeue, STEADY);
+        // The Deployment's and the pods' changes bring it back.
+        assert_eq!(up.requeue, IDLE_RESYNC);
         // Found at 2 while leading: someone else scaled it.
         assert!(plan(&facts(&leader, Some(&open), Some(2))).scaled_externally);
         let standby = Role::Standby {
@@ -748,7 +772,13 @@ mod tests {
             holder: "east/b".into(),
         };
         assert_eq!(plan(&facts(&peer, None, Some(1))).requeue, STEADY);
-        assert_eq!(plan(&facts(&leader, None, Some(1))).requeue, STEADY);
+        // A leader running its pod writes nothing periodically: its presence vouches
+        // for it, and every change it must act on is an event.
+        let open = Gate::Open { stale: vec![] };
+        assert_eq!(
+            plan(&facts(&leader, Some(&open), Some(1))).requeue,
+            IDLE_RESYNC
+        );
     }
 
     #[test]
@@ -841,8 +871,9 @@ mod tests {
         );
         // Started by another replica (a peer, or this pod before a restart): hold while
         // that one may still be renewing, stop once no holder could still act: this
-        // replica's database calls have failed for the renew deadline and no renewal
-        // has shown on the status for a ttl (a healthy leading peer refreshes it).
+        // replica's database calls have failed for the renew deadline and the recorder
+        // has not renewed its presence for as long (a healthy leading peer does, right
+        // after each renew of its leases).
         let other = record("east/old-pod", 3);
         let by_other = ScaleFacts {
             recorded: Some(&other),
@@ -854,12 +885,33 @@ mod tests {
             ..by_other.clone()
         };
         assert_eq!(decide_scale(&sick_here_only), Scale::Hold);
+        let almost = ScaleFacts {
+            recorder_unseen_for: DEADLINE - Duration::from_millis(1),
+            ..sick_here_only.clone()
+        };
+        assert_eq!(decide_scale(&almost), Scale::Hold);
+        let silent = ScaleFacts {
+            recorder_unseen_for: DEADLINE,
+            ..sick_here_only.clone()
+        };
+        assert_eq!(decide_scale(&silent), Scale::Down);
+        // Waiting for that moment, it looks again exactly then, not a steady period later.
         assert_eq!(
-            decide_scale(&ScaleFacts {
-                renewals_unseen_for: TTL,
+            plan(&ScaleFacts {
+                recorder_unseen_for: DEADLINE - Duration::from_secs(1),
+                ..sick_here_only.clone()
+            })
+            .requeue,
+            Duration::from_millis(1010)
+        );
+        assert_eq!(
+            plan(&ScaleFacts {
+                database_failing_for: DEADLINE - Duration::from_millis(500),
+                recorder_unseen_for: DEADLINE,
                 ..sick_here_only
-            }),
-            Scale::Down
+            })
+            .requeue,
+            Duration::from_millis(510)
         );
         // The row still names this replica but its elector lapsed: the fence decides.
         assert_eq!(

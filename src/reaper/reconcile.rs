@@ -81,6 +81,8 @@ pub struct Context {
     pub caches: Caches,
     /// Held while this replica's workload reports are written (see `reports`).
     pub report_lock: tokio::sync::Mutex<()>,
+    /// The presences of this cluster's replicas, as this replica sees them.
+    pub presences: Arc<super::presence::Presences>,
 }
 
 /// Runs the controller until `shutdown` resolves; then the caller hands over.
@@ -326,7 +328,7 @@ async fn refuse(
         record,
         Utc::now(),
     );
-    if previous.is_none_or(|old| status::differs(old, &status, Duration::MAX)) {
+    if previous.is_none_or(|old| status::differs(old, &status)) {
         write_status(ctx, reaper, status).await?;
     }
     if first_time && refused.reason != "InvalidSpec" {
@@ -420,14 +422,15 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             return Err(error);
         }
     };
-    let status_renewed_at = previous.and_then(|s| s.renewed_at.clone());
-    let (database_failing_for, renewals_unseen_for, cached) = ctx
+    let recorder_unseen_for = recorded
+        .as_ref()
+        .map_or(Duration::ZERO, |r| ctx.presences.unseen_for(&r.holder));
+    let (database_failing_for, cached) = ctx
         .candidates
         .update(&key, |c| {
             c.pod_selector.clone_from(&workload.selector);
             (
                 c.database_failing_for(),
-                c.renewals_unseen_for(status_renewed_at),
                 Cached {
                     row: c.row.lock().expect("row mutex poisoned").clone(),
                     report: c.report.clone(),
@@ -455,6 +458,12 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     });
     let (mut lease, row_from_elector) = match cached.row {
         Some(row) if leader_epoch.is_none() || settled_leader => (Ok(Some(row)), true),
+        // The elector's calls fail: this one would too, a call timeout later, delaying
+        // the decision of a replica that may have to stop a pod nobody vouches for.
+        _ if !database_ok.load(Ordering::Relaxed) => (
+            Err("the lease elector's last database call failed".to_owned()),
+            false,
+        ),
         _ => (
             ctx.store.get(&lease_name).await.map_err(|e| e.to_string()),
             false,
@@ -513,7 +522,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         recorded: recorded.as_ref(),
         me: &ctx.holder,
         database_failing_for,
-        renewals_unseen_for,
+        recorder_unseen_for,
         renew_deadline: timings.renew_deadline,
         ttl: timings.ttl,
         running_pods: workload.counts.running_pods,
@@ -553,9 +562,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
     };
     let write = |status: Option<ReaperStatus>| async move {
         match status {
-            Some(status)
-                if previous.is_none_or(|old| status::differs(old, &status, timings.ttl / 2)) =>
-            {
+            Some(status) if previous.is_none_or(|old| status::differs(old, &status)) => {
                 write_status(ctx, reaper, status).await
             }
             _ => Ok(()),

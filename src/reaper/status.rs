@@ -1,8 +1,6 @@
 //! The status a reconcile reports, built from what it observed and decided. No I/O
 //! here, so all of it is unit tested.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -334,8 +332,10 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
         }),
         epoch: obs.lease.map(|l| l.epoch),
         acquired_at: obs.lease.map(|l| rfc3339(l.acquired_at)),
-        renewed_at: obs.lease.map(|l| rfc3339(l.renewed_at)),
-        expires_at: obs.lease.map(|l| rfc3339(l.expires_at)),
+        // Nothing here moves with time alone: a write per Reaper per period to show the
+        // renewals would load the API server for nothing (see `differs`).
+        renewed_at: None,
+        expires_at: None,
         replicas: Some(obs.replicas),
         ready_replicas: Some(obs.ready_replicas),
         ready: Some(format!("{}/{}", obs.ready_replicas, obs.replicas)),
@@ -414,39 +414,24 @@ fn k8s_time(t: DateTime<Utc>) -> Time {
 }
 
 /// True when `new` is worth writing over `old`: it differs in anything but condition
-/// timestamps and the renewal times, or the recorded renewal is at least `refresh` older
-/// than the new one. Every renew moves `renewedAt`; writing it each retry period would
-/// cost a status write, and the reconcile its watch event triggers, per Reaper per
-/// period, so the renewal times are refreshed only every `refresh` (half the ttl).
-pub fn differs(old: &ReaperStatus, new: &ReaperStatus, refresh: Duration) -> bool {
+/// timestamps. Nothing in the status moves with time alone (the renewals are in the
+/// database row and in the replicas' presence, see `presence`), so a Reaper whose state
+/// does not change costs no status write.
+pub fn differs(old: &ReaperStatus, new: &ReaperStatus) -> bool {
     let strip = |s: &ReaperStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {
             c.last_transition_time = k8s_time(DateTime::<Utc>::UNIX_EPOCH);
         }
-        s.renewed_at = None;
-        s.expires_at = None;
         s
     };
-    if strip(old) != strip(new) {
-        return true;
-    }
-    let parse = |t: &Option<String>| {
-        t.as_deref()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-    };
-    match (parse(&old.renewed_at), parse(&new.renewed_at)) {
-        (Some(recorded), Some(latest)) => (latest - recorded)
-            .to_std()
-            .is_ok_and(|behind| behind >= refresh),
-        (recorded, latest) => recorded != latest || old.expires_at != new.expires_at,
-    }
+    strip(old) != strip(new)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn lease(holder: &str, previous: &str, expired: bool) -> Lease {
         let now = Utc::now();
@@ -514,7 +499,7 @@ mod tests {
             second.conditions[0].last_transition_time,
             first.conditions[0].last_transition_time
         );
-        assert!(!differs(&first, &second, REFRESH));
+        assert!(!differs(&first, &second));
 
         let db_down = Observation {
             database_error: Some("timed out"),
@@ -537,10 +522,8 @@ mod tests {
             dbc.last_transition_time,
             first.conditions[3].last_transition_time
         );
-        assert!(differs(&second, &third, REFRESH));
+        assert!(differs(&second, &third));
     }
-
-    const REFRESH: Duration = Duration::from_secs(5);
 
     fn ready_of(status: &ReaperStatus) -> (&str, &str) {
         let c = status
@@ -647,26 +630,42 @@ mod tests {
     }
 
     #[test]
-    fn renewal_times_alone_are_refreshed_every_refresh_period() {
-        let at = |secs: i64| {
-            let t = Utc::now() + chrono::Duration::seconds(secs);
-            ReaperStatus {
-                renewed_at: Some(t.to_rfc3339()),
-                expires_at: Some((t + chrono::Duration::seconds(15)).to_rfc3339()),
-                ..ReaperStatus::default()
-            }
+    fn a_lease_renewed_since_the_last_write_is_no_reason_to_write() {
+        let now = Utc::now();
+        let role = Role::Leader { epoch: 3 };
+        let status = |renewed: DateTime<Utc>| {
+            let mut lease = lease("east/a", "", false);
+            lease.renewed_at = renewed;
+            lease.expires_at = renewed + chrono::Duration::seconds(15);
+            build_status(
+                &Observation {
+                    role: &role,
+                    lease_name: "ns.r",
+                    lease: Some(&lease),
+                    database_error: None,
+                    deployment_found: true,
+                    replicas: 1,
+                    ready_replicas: 1,
+                    running_pods: 1,
+                    gate: None,
+                    paused: false,
+                    risks: &[],
+                    generation: Some(2),
+                    now,
+                    pod_selector: Some("app=r"),
+                    scaled_up_by: None,
+                },
+                None,
+            )
         };
-        let recorded = at(0);
-        assert!(!differs(&recorded, &at(2), REFRESH));
-        assert!(!differs(&recorded, &at(4), REFRESH));
-        assert!(differs(&recorded, &at(5), REFRESH));
-        // A new lease row (no renewal recorded yet, or none any more) is always written.
-        assert!(differs(&ReaperStatus::default(), &at(1), REFRESH));
-        assert!(differs(&recorded, &ReaperStatus::default(), REFRESH));
-        // Anything else that changes is written at once, renewal times included.
-        let mut other = at(1);
+        let recorded = status(now);
+        assert!(!differs(
+            &recorded,
+            &status(now + chrono::Duration::seconds(60))
+        ));
+        let mut other = recorded.clone();
         other.epoch = Some(9);
-        assert!(differs(&recorded, &other, REFRESH));
+        assert!(differs(&recorded, &other));
     }
 
     #[test]

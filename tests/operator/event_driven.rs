@@ -264,7 +264,7 @@ impl Reports {
 /// The replica's `reaper_reconciliations_total`.
 /// The reconcile count once it has not moved for three seconds (the start-up
 /// reconciles come within a second of each other).
-async fn settled_reconciliations(op: &OperatorProcess) -> Result<u64> {
+pub(super) async fn settled_reconciliations(op: &OperatorProcess) -> Result<u64> {
     const QUIET: Duration = Duration::from_secs(3);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = reconciliations(op)?;
@@ -276,13 +276,13 @@ async fn settled_reconciliations(op: &OperatorProcess) -> Result<u64> {
         }
         ensure!(
             Instant::now() < deadline,
-            "the standby kept reconciling for 30 s after its first report"
+            "the operator kept reconciling for 30 s"
         );
         last = now;
     }
 }
 
-fn reconciliations(op: &OperatorProcess) -> Result<u64> {
+pub(super) fn reconciliations(op: &OperatorProcess) -> Result<u64> {
     let (_, body) = op
         .http("/metrics")
         .ok_or_else(|| anyhow!("the operator's /metrics does not answer"))?;

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DeleteParams};
-use reaper_operator::reaper::{Phase, Reaper};
+use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
 
+use super::event_driven::{reconciliations, settled_reconciliations};
 use super::support::cluster::wait_until;
 use super::support::db;
 use super::support::fixtures::{
@@ -381,6 +382,78 @@ pub async fn peer_waits_for_the_stopping_pod_of_its_own_cluster(
         ensure!(
             doubles.is_empty(),
             "two live pods of one cluster at {doubles:?} after the cut"
+        );
+        Ok(())
+    }
+    .await;
+    let refs: Vec<&OperatorProcess> = ops.iter().collect();
+    let result = with_logs(result, &refs);
+    ops.clear();
+    result
+}
+
+/// Three renew deadlines of the scenario below, and eight quarter ttls (the period at
+/// which a leader that proved itself alive by reconciling would be seen).
+const QUIET_WINDOW: Duration = Duration::from_secs(12);
+
+/// A leader whose pod runs writes nothing per Reaper while nothing changes, yet a peer
+/// of its cluster that is cut off from the database leaves the pod alone: the leader's
+/// presence (one Lease per replica) says it still renews, so it can still stop its pod.
+/// Once the leader is killed, its presence goes quiet and the cut-off peer scales the
+/// pod down within a ttl. Fails on an operator whose leader reconciles (and writes its
+/// status) periodically to show it is alive.
+pub async fn a_quiet_leader_vouches_for_its_pod_through_its_presence(
+    clusters: &[Cluster; 2],
+) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _) = schema().await?;
+    let ns = namespace(&c.client, "presence").await?;
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    // A renew deadline of 4 s: the cut-off peer scales down once the leader's presence
+    // (renewed every 1.33 s) has not moved for that long, so a slow API write here and
+    // there must not pass for a dead leader.
+    let timings = LeaseSpec {
+        ttl_seconds: 6,
+        renew_deadline_seconds: 4,
+        ..lease_spec(&format!("{ns}.presence"))
+    };
+    create_reaper(&c.client, &ns, "reaper", "reaper", timings).await?;
+    let direct = db::direct_url();
+    let (proxy, via_proxy) = database_proxy().await?;
+    proxy.set(Mode::Blackhole);
+    let mut ops = vec![operator(c, &ns, "op-1", &schema, &direct, None, true)];
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        // The peer never reaches the database: after the renew deadline it can only
+        // judge the pod by the leader's presence.
+        ops.push(operator(c, &ns, "op-2", &schema, &via_proxy, None, false));
+        let leader_reconciles = settled_reconciliations(&ops[0]).await?;
+        let quiet = Instant::now();
+        while quiet.elapsed() < QUIET_WINDOW {
+            ensure!(
+                replicas(&c.client, &ns, "reaper").await?.0 == 1,
+                "the cut-off peer scaled the healthy leader's pod down after {:.1?}",
+                quiet.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let reconciled = reconciliations(&ops[0])? - leader_reconciles;
+        ensure!(
+            reconciled == 0,
+            "the leader reconciled {reconciled} time(s) in {QUIET_WINDOW:?} with nothing changing"
+        );
+        ops[0].signal("KILL");
+        ops[0].wait_exit(Duration::from_secs(10));
+        let killed = Instant::now();
+        wait_until(
+            "the cut-off peer to scale the pod of the dead leader to 0",
+            Duration::from_secs(20),
+            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
+        )
+        .await?;
+        eprintln!(
+            "cut-off peer scaled down {:.1?} after the leader was killed",
+            killed.elapsed()
         );
         Ok(())
     }
