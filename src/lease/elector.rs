@@ -204,10 +204,6 @@ impl Elector {
         self
     }
 
-    pub fn config(&self) -> &ElectorConfig {
-        &self.config
-    }
-
     pub fn watch(&self) -> LeaderWatch {
         LeaderWatch {
             rx: self.tx.subscribe(),

@@ -7,6 +7,7 @@ pub mod candidates;
 pub mod decide;
 pub mod handover;
 pub mod observe;
+pub mod pods;
 pub mod presence;
 pub mod reconcile;
 pub mod reports;

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, ResourceExt};
 
+use super::pods::PodSummary;
 use super::reconcile::{Error, steady_requeue};
 use super::watches::Caches;
 use crate::config::LeaseTimings;
@@ -179,35 +179,18 @@ pub fn pod_selector(deployment: &Deployment) -> Result<Selector, Error> {
 /// Pods matching `selector` that have not finished (terminating ones count: they may
 /// still be acting), and how many of them are ready.
 async fn count_pods(client: &Client, ns: &str, selector: &str) -> Result<(i32, i32), Error> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods: Api<PodSummary> = Api::namespaced(client.clone(), ns);
     let list = pods.list(&ListParams::default().labels(selector)).await?;
     Ok(tally(list.items.iter()))
 }
 
-fn tally<'a>(pods: impl Iterator<Item = &'a Pod>) -> (i32, i32) {
-    let mut running = 0;
-    let mut ready = 0;
-    for pod in pods {
-        let phase = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .unwrap_or("Pending");
-        if phase == "Succeeded" || phase == "Failed" {
-            continue;
-        }
-        running += 1;
-        let is_ready = pod.metadata.deletion_timestamp.is_none()
-            && pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if is_ready {
-            ready += 1;
-        }
-    }
-    (running, ready)
+fn tally<'a>(pods: impl Iterator<Item = &'a PodSummary>) -> (i32, i32) {
+    pods.fold((0, 0), |(running, ready), pod| {
+        (
+            running + i32::from(pod.running()),
+            ready + i32::from(pod.ready()),
+        )
+    })
 }
 
 /// `Some(maxSurge)` when a rollout could briefly run two pods.

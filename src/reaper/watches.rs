@@ -3,9 +3,10 @@
 //! caches instead of the API server, and a change to any of them reconciles the Reapers
 //! it concerns at once, so a steady state costs the API server nothing but the watches.
 //!
-//! The caches hold only what the controller reads: pods keep their name, labels,
-//! deletion mark, phase and Ready condition (no spec, no other status), HPAs their
-//! target, Deployments everything but managedFields and the last-applied annotation.
+//! The caches hold only what the controller reads: pods are read as `PodSummary` (name,
+//! labels, deletion mark, phase and Ready condition; the rest is never allocated), HPAs
+//! keep their target, Deployments everything but managedFields and the last-applied
+//! annotation.
 //! Each watch has its own health flag: a cache that has not listed everything yet, or
 //! whose watch is failing, is not read as "no pods" (the caller falls back to the API
 //! server or reports the workload as unobservable).
@@ -16,7 +17,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, future};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec};
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::Api;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -25,12 +25,13 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use super::crd::Reaper;
+use super::pods::PodSummary;
 
 /// The read side of the three caches.
 #[derive(Clone)]
 pub struct Caches {
     pub deployments: Store<Deployment>,
-    pub pods: Store<Pod>,
+    pub pods: Store<PodSummary>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
     deployments_live: Arc<WatchHealth>,
     pods_live: Arc<WatchHealth>,
@@ -42,7 +43,7 @@ pub struct Caches {
 pub struct Watches {
     pub caches: Caches,
     pub deployments: futures::stream::BoxStream<'static, Result<Deployment, watcher::Error>>,
-    pub pods: futures::stream::BoxStream<'static, Result<Pod, watcher::Error>>,
+    pub pods: futures::stream::BoxStream<'static, Result<PodSummary, watcher::Error>>,
     pub autoscalers:
         futures::stream::BoxStream<'static, Result<HorizontalPodAutoscaler, watcher::Error>>,
 }
@@ -64,7 +65,7 @@ impl Caches {
     }
 
     /// The pods of namespace `ns` that `selector` matches.
-    pub fn pods_matching(&self, ns: &str, selector: &Selector) -> Vec<Arc<Pod>> {
+    pub fn pods_matching(&self, ns: &str, selector: &Selector) -> Vec<Arc<PodSummary>> {
         self.pods.state_filter(|pod| {
             pod.metadata.namespace.as_deref() == Some(ns) && selector.matches(pod.labels())
         })
@@ -104,9 +105,9 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
         },
     );
     let (pods, pods_live, pod_stream) = cached(
-        api::<Pod>(client, namespace),
+        api::<PodSummary>(client, namespace),
         Some(changes.clone()),
-        trim_pod,
+        |_: &mut PodSummary| {},
     );
     let (autoscalers, _, autoscaler_stream) = cached(
         api::<HorizontalPodAutoscaler>(client, namespace),
@@ -261,20 +262,6 @@ impl WatchHealth {
     }
 }
 
-fn trim_pod(pod: &mut Pod) {
-    pod.managed_fields_mut().clear();
-    pod.metadata.annotations = None;
-    pod.metadata.owner_references = None;
-    pod.spec = None;
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        conditions: status
-            .conditions
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
-        ..PodStatus::default()
-    });
-}
-
 fn trim_autoscaler(hpa: &mut HorizontalPodAutoscaler) {
     hpa.managed_fields_mut().clear();
     hpa.metadata.annotations = None;
@@ -306,7 +293,7 @@ pub fn reapers_of_deployment(
 pub fn reapers_of_pod(
     reapers: &Store<Reaper>,
     deployments: &Store<Deployment>,
-    pod: &Pod,
+    pod: &PodSummary,
 ) -> Vec<ObjectRef<Reaper>> {
     let ns = pod.namespace();
     reapers
@@ -345,63 +332,24 @@ mod tests {
     fn a_cache_is_trusted_only_when_listed_and_not_failing() {
         let health = WatchHealth::default();
         assert!(!health.live(), "not listed yet");
-        health.saw::<Pod>(Ok(&watcher::Event::Init));
-        health.saw::<Pod>(Ok(&watcher::Event::InitApply(Pod::default())));
+        health.saw::<PodSummary>(Ok(&watcher::Event::Init));
+        health.saw::<PodSummary>(Ok(&watcher::Event::InitApply(PodSummary::default())));
         assert!(!health.live(), "listing");
-        health.saw::<Pod>(Ok(&watcher::Event::InitDone));
+        health.saw::<PodSummary>(Ok(&watcher::Event::InitDone));
         assert!(health.live());
-        health.saw::<Pod>(Err(()));
+        health.saw::<PodSummary>(Err(()));
         assert!(!health.live(), "failing");
-        health.saw::<Pod>(Ok(&watcher::Event::Apply(Pod::default())));
+        health.saw::<PodSummary>(Ok(&watcher::Event::Apply(PodSummary::default())));
         assert!(health.live(), "an event after the failure: the watch works");
-        health.saw::<Pod>(Err(()));
-        health.saw::<Pod>(Ok(&watcher::Event::Init));
-        health.saw::<Pod>(Ok(&watcher::Event::Apply(Pod::default())));
+        health.saw::<PodSummary>(Err(()));
+        health.saw::<PodSummary>(Ok(&watcher::Event::Init));
+        health.saw::<PodSummary>(Ok(&watcher::Event::Apply(PodSummary::default())));
         assert!(!health.live(), "re-listing after a failure");
-        health.saw::<Pod>(Ok(&watcher::Event::InitDone));
+        health.saw::<PodSummary>(Ok(&watcher::Event::InitDone));
         assert!(health.live());
         drop(StopsTrust(Arc::new(WatchHealth::default())));
         let health = Arc::new(health);
         drop(StopsTrust(health.clone()));
         assert!(!health.live(), "its watch task ended");
-    }
-    use k8s_openapi::api::core::v1::{PodCondition, PodSpec};
-
-    #[test]
-    fn a_trimmed_pod_keeps_what_is_counted() {
-        let mut pod = Pod {
-            spec: Some(PodSpec::default()),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                conditions: Some(vec![
-                    PodCondition {
-                        type_: "Ready".into(),
-                        status: "True".into(),
-                        ..Default::default()
-                    },
-                    PodCondition {
-                        type_: "PodScheduled".into(),
-                        status: "True".into(),
-                        ..Default::default()
-                    },
-                ]),
-                host_ip: Some("10.0.0.1".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        pod.metadata.labels = Some([("app".to_string(), "r".to_string())].into());
-        pod.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ));
-        trim_pod(&mut pod);
-        assert!(pod.spec.is_none());
-        let status = pod.status.as_ref().unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert_eq!(status.conditions.as_ref().unwrap().len(), 1);
-        assert!(status.host_ip.is_none());
-        assert!(pod.metadata.deletion_timestamp.is_some());
-        assert_eq!(pod.labels().get("app").map(String::as_str), Some("r"));
     }
 }
