@@ -26,9 +26,9 @@ pub struct PodSummary {
 pub struct PodSummaryStatus {
     #[serde(default)]
     pub phase: Option<String>,
-    /// The Ready condition's status ("True", "False", "Unknown"), if the pod has one.
+    /// A Ready condition of the pod is "True".
     #[serde(default, rename = "conditions", deserialize_with = "ready_condition")]
-    pub ready: Option<String>,
+    pub ready: bool,
 }
 
 impl PodSummary {
@@ -46,10 +46,7 @@ impl PodSummary {
     pub fn ready(&self) -> bool {
         self.running()
             && self.metadata.deletion_timestamp.is_none()
-            && self
-                .status
-                .as_ref()
-                .is_some_and(|s| s.ready.as_deref() == Some("True"))
+            && self.status.as_ref().is_some_and(|s| s.ready)
     }
 }
 
@@ -80,7 +77,7 @@ impl Resource for PodSummary {
 /// The metadata fields a pod is found (name, namespace), matched (labels), tracked
 /// (uid, resourceVersion, which the watch resumes from) and judged by (deletion).
 fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
+    #[derive(Default, Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Kept {
         name: Option<String>,
@@ -90,7 +87,7 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
         labels: Option<BTreeMap<String, String>>,
         deletion_timestamp: Option<Time>,
     }
-    let kept = Kept::deserialize(d)?;
+    let kept = Option::<Kept>::deserialize(d)?.unwrap_or_default();
     Ok(ObjectMeta {
         name: kept.name,
         namespace: kept.namespace,
@@ -102,19 +99,21 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
     })
 }
 
-fn ready_condition<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+/// Lenient where a full `Pod` is (a condition without a type or status): a pod that
+/// cannot be parsed costs the cache a re-list.
+fn ready_condition<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     #[derive(Deserialize)]
     struct Condition {
-        #[serde(rename = "type")]
-        type_: String,
-        status: String,
+        #[serde(default, rename = "type")]
+        type_: Option<String>,
+        #[serde(default)]
+        status: Option<String>,
     }
     let conditions = Option::<Vec<Condition>>::deserialize(d)?;
     Ok(conditions
         .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.status))
+        .iter()
+        .any(|c| c.type_.as_deref() == Some("Ready") && c.status.as_deref() == Some("True")))
 }
 
 #[cfg(test)]
@@ -178,5 +177,12 @@ mod tests {
         }
         let fresh: PodSummary = serde_json::from_value(json!({"metadata": {"name": "p"}})).unwrap();
         assert!(fresh.running() && !fresh.ready(), "no status yet: Pending");
+        // What a full Pod accepts, a summary accepts too.
+        let odd: PodSummary = serde_json::from_value(json!({
+            "metadata": null,
+            "status": {"phase": null, "conditions": [{"type": "Ready"}, {"status": "True"}]}
+        }))
+        .unwrap();
+        assert!(odd.running() && !odd.ready());
     }
 }

@@ -185,6 +185,9 @@ pub async fn run(
             )
         })
         .reconcile_on(trigger_stream)
+        // Reapers reconciled from a cache just before it failed would otherwise come
+        // back only at their idle resync, and one reconciled now reads the API server.
+        .reconcile_all_on(watches.distrusted)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

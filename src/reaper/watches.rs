@@ -46,6 +46,8 @@ pub struct Watches {
     pub pods: futures::stream::BoxStream<'static, Result<PodSummary, watcher::Error>>,
     pub autoscalers:
         futures::stream::BoxStream<'static, Result<HorizontalPodAutoscaler, watcher::Error>>,
+    /// Yields when the Deployment or the pod cache stops being trusted.
+    pub distrusted: futures::stream::BoxStream<'static, ()>,
 }
 
 impl Caches {
@@ -95,9 +97,11 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
         }
     }
     let changes = Arc::new(watch::Sender::new(()));
+    let distrusted = Arc::new(watch::Sender::new(()));
     let (deployments, deployments_live, deployment_stream) = cached(
         api::<Deployment>(client, namespace),
         Some(changes.clone()),
+        Some(distrusted.clone()),
         |d: &mut Deployment| {
             d.managed_fields_mut().clear();
             d.annotations_mut()
@@ -107,10 +111,12 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
     let (pods, pods_live, pod_stream) = cached(
         api::<PodSummary>(client, namespace),
         Some(changes.clone()),
+        Some(distrusted.clone()),
         |_: &mut PodSummary| {},
     );
     let (autoscalers, _, autoscaler_stream) = cached(
         api::<HorizontalPodAutoscaler>(client, namespace),
+        None,
         None,
         trim_autoscaler,
     );
@@ -126,6 +132,10 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
         deployments: deployment_stream,
         pods: pod_stream,
         autoscalers: autoscaler_stream,
+        distrusted: futures::stream::unfold(distrusted.subscribe(), |mut rx| async move {
+            rx.changed().await.ok().map(|()| ((), rx))
+        })
+        .boxed(),
     }
 }
 
@@ -135,6 +145,7 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
 fn cached<K>(
     api: Api<K>,
     changes: Option<Arc<watch::Sender<()>>>,
+    distrusted: Option<Arc<watch::Sender<()>>>,
     trim: impl FnMut(&mut K) + Send + 'static,
 ) -> (
     Store<K>,
@@ -151,12 +162,13 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let live = Arc::new(WatchHealth::default());
+    let live = Arc::new(WatchHealth {
+        distrusted,
+        ..WatchHealth::default()
+    });
     let health = live.clone();
     let kind = K::kind(&()).into_owned();
-    let events = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(trim);
+    let events = relisting_watcher(api).modify(trim);
     // After the reflector, so the cache holds what the health says it holds.
     let events = reflector::reflector(writer, events).inspect(move |event| {
         if let Err(error) = event {
@@ -192,6 +204,40 @@ where
     (store, live, stream)
 }
 
+/// A watcher that starts over, with a fresh list, after an event it could not parse:
+/// kube's watcher reports that error and carries on from the next event, so the cache
+/// would miss that change (a pod's start, or its end) for good.
+fn relisting_watcher<K>(
+    api: Api<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    type Events<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+    futures::stream::unfold(None::<Events<K>>, move |current| {
+        let api = api.clone();
+        async move {
+            let mut events = current.unwrap_or_else(|| {
+                watcher(api, watcher::Config::default().any_semantic())
+                    .default_backoff()
+                    .boxed()
+            });
+            let event = events.next().await?;
+            let unparsable = matches!(
+                &event,
+                Err(watcher::Error::WatchFailed(kube::Error::SerdeError(_)))
+            );
+            Some((event, (!unparsable).then_some(events)))
+        }
+    })
+}
+
 /// Whether a watch's cache can be trusted: it has listed everything (a re-list is
 /// complete only at `InitDone`), and its watch has not failed since its last event.
 /// A watch that failed and then resumed without a re-list yields no event to say so:
@@ -200,6 +246,9 @@ where
 #[derive(Debug, Default)]
 struct WatchHealth {
     state: Mutex<HealthState>,
+    /// Told when the cache stops being trusted: Reapers reconciled from it a moment ago
+    /// must not wait for their (long) idle resync to be looked at with the API server.
+    distrusted: Option<Arc<watch::Sender<()>>>,
 }
 
 #[derive(Debug)]
@@ -237,9 +286,20 @@ impl Drop for StopsTrust {
 /// taken for a working one.
 const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
+impl HealthState {
+    fn live(&self) -> bool {
+        !self.stopped
+            && !self.listing
+            && self
+                .failed_at
+                .is_none_or(|at| at.elapsed() > QUIET_AFTER_FAILURE)
+    }
+}
+
 impl WatchHealth {
     fn saw<K>(&self, event: Result<&watcher::Event<K>, ()>) {
         let mut state = self.state.lock().expect("watch health mutex poisoned");
+        let was_live = state.live();
         match event {
             Ok(watcher::Event::Init) => state.listing = true,
             Ok(watcher::Event::InitApply(_)) => {}
@@ -250,15 +310,19 @@ impl WatchHealth {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => state.failed_at = None,
             Err(()) => state.failed_at = Some(Instant::now()),
         }
+        if was_live
+            && !state.live()
+            && let Some(distrusted) = &self.distrusted
+        {
+            distrusted.send_replace(());
+        }
     }
 
     fn live(&self) -> bool {
-        let state = self.state.lock().expect("watch health mutex poisoned");
-        !state.stopped
-            && !state.listing
-            && state
-                .failed_at
-                .is_none_or(|at| at.elapsed() > QUIET_AFTER_FAILURE)
+        self.state
+            .lock()
+            .expect("watch health mutex poisoned")
+            .live()
     }
 }
 
@@ -351,5 +415,23 @@ mod tests {
         let health = Arc::new(health);
         drop(StopsTrust(health.clone()));
         assert!(!health.live(), "its watch task ended");
+    }
+
+    #[test]
+    fn a_cache_that_stops_being_trusted_says_so_once() {
+        let distrusted = Arc::new(watch::Sender::new(()));
+        let mut told = distrusted.subscribe();
+        let health = WatchHealth {
+            distrusted: Some(distrusted.clone()),
+            ..WatchHealth::default()
+        };
+        health.saw::<PodSummary>(Ok(&watcher::Event::Init));
+        health.saw::<PodSummary>(Ok(&watcher::Event::InitDone));
+        assert!(!told.has_changed().unwrap(), "becoming trusted is no news");
+        health.saw::<PodSummary>(Err(()));
+        assert!(told.has_changed().unwrap());
+        told.mark_unchanged();
+        health.saw::<PodSummary>(Err(()));
+        assert!(!told.has_changed().unwrap(), "already untrusted");
     }
 }
