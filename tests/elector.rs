@@ -771,8 +771,12 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
         })
     };
 
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
+    // At least 10 s of cuts, and on until they have moved leases at least 5 times (a
+    // loaded machine may start the electors late), for at most 40 s.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(40)
+        && (started.elapsed() < Duration::from_secs(10) || takeovers(&direct, &names).await < 5)
+    {
         // Mostly cut the replica that leads more leases: an adversary that only ever
         // cut the standby would test nothing (one such seed moved no lease at all).
         let leading = |replica: &[LeaderWatch]| {
@@ -809,20 +813,14 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
     );
     assert!(samples > 100, "sampler starved: {samples} samples");
 
-    let mut takeovers = 0;
     for name in &names {
-        let events = direct.events(name).await.unwrap();
-        let epochs: Vec<i64> = events
-            .iter()
-            .filter(|e| e.kind != "release")
-            .map(|e| e.epoch)
-            .collect();
+        let epochs = acquired_epochs(&direct, name).await;
         assert!(
             epochs.windows(2).all(|w| w[0] < w[1]),
             "seed {seed}: {name} epochs not strictly increasing: {epochs:?}"
         );
-        takeovers += epochs.len().saturating_sub(1);
     }
+    let takeovers = takeovers(&direct, &names).await;
     eprintln!("seed {seed}: {takeovers} takeovers");
     // Not vacuous: the cuts moved leases between the replicas.
     assert!(takeovers >= 5, "seed {seed}: only {takeovers} takeovers");
@@ -869,4 +867,25 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
         .await
         .unwrap();
     assert_eq!(batched.len(), 1);
+}
+
+/// The epochs `name` was acquired at, in order.
+async fn acquired_epochs(store: &LeaseStore, name: &str) -> Vec<i64> {
+    store
+        .events(name)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind != "release")
+        .map(|e| e.epoch)
+        .collect()
+}
+
+/// How often the leases `names` changed hands (acquisitions after each one's first).
+async fn takeovers(store: &LeaseStore, names: &[String]) -> usize {
+    let mut moved = 0;
+    for name in names {
+        moved += acquired_epochs(store, name).await.len().saturating_sub(1);
+    }
+    moved
 }
