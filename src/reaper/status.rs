@@ -454,15 +454,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn conditions_keep_transition_time_while_unchanged() {
-        let l = lease("east/a", "", false);
-        let role = Role::Leader { epoch: 3 };
-        let t0 = Utc::now() - chrono::Duration::minutes(5);
-        let obs = |now| Observation {
-            role: &role,
+    /// A leader of `lease` running its one pod, ready.
+    fn leading_with_its_pod<'a>(
+        role: &'a Role,
+        lease: &'a Lease,
+        now: DateTime<Utc>,
+    ) -> Observation<'a> {
+        Observation {
+            role,
             lease_name: "ns.r",
-            lease: Some(&l),
+            lease: Some(lease),
             database_error: None,
             deployment_found: true,
             replicas: 1,
@@ -475,7 +476,15 @@ mod tests {
             now,
             pod_selector: Some("app=r"),
             scaled_up_by: None,
-        };
+        }
+    }
+
+    #[test]
+    fn conditions_keep_transition_time_while_unchanged() {
+        let l = lease("east/a", "", false);
+        let role = Role::Leader { epoch: 3 };
+        let t0 = Utc::now() - chrono::Duration::minutes(5);
+        let obs = |now| leading_with_its_pod(&role, &l, now);
         let first = build_status(&obs(t0), None);
         assert_eq!(first.phase, Some(Phase::Leading));
         assert_eq!(first.ready.as_deref(), Some("1/1"));
@@ -637,26 +646,7 @@ mod tests {
             let mut lease = lease("east/a", "", false);
             lease.renewed_at = renewed;
             lease.expires_at = renewed + chrono::Duration::seconds(15);
-            build_status(
-                &Observation {
-                    role: &role,
-                    lease_name: "ns.r",
-                    lease: Some(&lease),
-                    database_error: None,
-                    deployment_found: true,
-                    replicas: 1,
-                    ready_replicas: 1,
-                    running_pods: 1,
-                    gate: None,
-                    paused: false,
-                    risks: &[],
-                    generation: Some(2),
-                    now,
-                    pod_selector: Some("app=r"),
-                    scaled_up_by: None,
-                },
-                None,
-            )
+            build_status(&leading_with_its_pod(&role, &lease, now), None)
         };
         let recorded = status(now);
         assert!(!differs(

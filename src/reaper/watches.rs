@@ -139,6 +139,29 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
     }
 }
 
+/// What a cached watch can hold: a kind whose objects kube can list, watch and parse.
+trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A reflector over `api` whose objects are trimmed by `trim` before they are cached,
 /// a flag that is true while its cache is complete and its watch is working, and the
 /// stream of changed objects (deleted ones included) for the controller.
@@ -153,13 +176,7 @@ fn cached<K>(
     futures::stream::BoxStream<'static, Result<K, watcher::Error>>,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let (store, writer) = reflector::store();
     let live = Arc::new(WatchHealth {
@@ -211,13 +228,7 @@ fn relisting_watcher<K>(
     api: Api<K>,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     type Events<K> = futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
     futures::stream::unfold(None::<Events<K>>, move |current| {
