@@ -255,13 +255,14 @@ pub struct LeaseStore {
     /// For everything else: migrations, and callers' own statements ([`Self::pool`]).
     pool: PgPool,
     schema: Schema,
-    lease_table: String,
-    event_table: String,
-    timeline_table: String,
+    // Shared, not copied: every elector and fence keeps a clone of the store.
+    lease_table: Arc<str>,
+    event_table: Arc<str>,
+    timeline_table: Arc<str>,
     /// `"schema".lease_server_timeline()`: the WAL timeline the server writes on now.
-    timeline: String,
+    timeline: Arc<str>,
     /// [`lease_columns`] of this schema.
-    columns: String,
+    columns: Arc<str>,
     call_timeout: Duration,
     /// `SET LOCAL lock_timeout` sent with every statement, in whole milliseconds (≥ 1).
     lock_timeout_ms: u64,
@@ -280,11 +281,12 @@ impl LeaseStore {
         Self {
             conns: Arc::new(Connections::new(options, max)),
             pool,
-            lease_table: schema.qualify("lease"),
-            event_table: schema.qualify("lease_event"),
-            timeline_table: schema.qualify("lease_timeline"),
-            timeline: format!("{}()", schema.qualify("lease_server_timeline")),
-            columns: lease_columns(&format!("{}()", schema.qualify("lease_server_timeline"))),
+            lease_table: schema.qualify("lease").into(),
+            event_table: schema.qualify("lease_event").into(),
+            timeline_table: schema.qualify("lease_timeline").into(),
+            timeline: format!("{}()", schema.qualify("lease_server_timeline")).into(),
+            columns: lease_columns(&format!("{}()", schema.qualify("lease_server_timeline")))
+                .into(),
             schema: schema.clone(),
             call_timeout,
             lock_timeout_ms: lock_timeout_millis(call_timeout / 4),
