@@ -13,13 +13,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::crd::Reaper;
 use super::decide::same_cluster;
+use super::events::Events;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
@@ -96,7 +97,7 @@ pub struct Candidates {
     batcher: LeaseBatcher,
     holder: String,
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
-    recorder: Recorder,
+    events: Events,
     clock: Arc<dyn Clock>,
     client: Client,
     metrics: Arc<Metrics>,
@@ -107,7 +108,7 @@ impl Candidates {
         store: LeaseStore,
         holder: String,
         trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
-        recorder: Recorder,
+        events: Events,
         client: Client,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -117,7 +118,7 @@ impl Candidates {
             store,
             holder,
             trigger,
-            recorder,
+            events,
             clock: Arc::new(MonotonicClock),
             client,
             metrics,
@@ -261,7 +262,7 @@ impl Candidates {
         let failing_since = database_failing_since.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let trigger = self.trigger.clone();
-        let recorder = self.recorder.clone();
+        let events = self.events.clone();
         let db_ok = database_ok.clone();
         let event_reference = reference.clone();
         let fence = Fence {
@@ -305,7 +306,7 @@ impl Candidates {
                         let moved = remember_row(&task_row, tick);
                         if let Some(event) = transition_event(tick) {
                             let _ = trigger.send(key.clone());
-                            publish(&recorder, event, &event_reference);
+                            events.publish(event, &event_reference);
                         } else if moved || database_was_ok != reachable {
                             // A database that stops or starts answering changes the
                             // status (DatabaseReachable) and, after a while, the decision.
@@ -446,17 +447,6 @@ fn remember_row(row: &Mutex<Option<Lease>>, tick: &Tick) -> bool {
     let moved = class(&kept) != class(&seen) && seen.is_some();
     *kept = seen;
     moved
-}
-
-/// Publishes an Event without blocking the caller; a failed Event is only logged.
-pub fn publish(recorder: &Recorder, event: Event, reference: &ObjectReference) {
-    let recorder = recorder.clone();
-    let reference = reference.clone();
-    tokio::spawn(async move {
-        if let Err(error) = recorder.publish(&event, &reference).await {
-            tracing::debug!(%error, reason = %event.reason, "could not publish event");
-        }
-    });
 }
 
 fn transition_event(tick: &Tick) -> Option<Event> {

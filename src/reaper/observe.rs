@@ -4,21 +4,20 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, ResourceExt};
 
-use super::pods::PodSummary;
 use super::reconcile::{Error, steady_requeue};
+use super::summary::{DeploymentSummary, PodSummary};
 use super::watches::Caches;
 use crate::config::LeaseTimings;
 use crate::lease::{ReportTiming, WorkloadCounts};
 
 /// What this cluster's workload looks like.
 pub struct Workload {
-    pub deployment: Option<Deployment>,
+    pub deployment: Option<DeploymentSummary>,
     /// The label selector its pods were counted by: the Deployment's, or the one
     /// remembered from it once it is gone.
     pub selector: Option<String>,
@@ -72,7 +71,7 @@ pub async fn observe_workload(
     name: &str,
     remembered_selector: Option<&str>,
 ) -> Result<Workload, Error> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let deployments: Api<DeploymentSummary> = Api::namespaced(client.clone(), ns);
     let deployment = deployments.get_opt(name).await?;
     let selector = match &deployment {
         Some(d) => Some(pod_selector(d)?.to_string()),
@@ -116,7 +115,7 @@ pub fn observe_cached(
 }
 
 fn workload(
-    deployment: Option<Deployment>,
+    deployment: Option<DeploymentSummary>,
     selector: Option<String>,
     running_pods: i32,
     ready_pods: i32,
@@ -130,8 +129,7 @@ fn workload(
     };
     let stop_grace = deployment
         .as_ref()
-        .and_then(|d| d.spec.template.spec.as_ref())
-        .and_then(|p| p.termination_grace_period_seconds)
+        .and_then(|d| d.spec.termination_grace_period_seconds)
         .map_or(DEFAULT_GRACE, |s| Duration::from_secs(s.max(0) as u64));
     Workload {
         deployment,
@@ -151,7 +149,7 @@ fn workload(
 /// is deleted and on clusters without that field), and while its controller has not yet
 /// seen the latest spec (a scale just made), at least one if it had or wants any (its
 /// ReplicaSet may be creating one right now).
-fn unsettled_pods(d: &Deployment) -> i32 {
+fn unsettled_pods(d: &DeploymentSummary) -> i32 {
     let status = d.status.clone().unwrap_or_default();
     let counted = status.replicas.unwrap_or(0) + status.terminating_replicas.unwrap_or(0);
     let settled = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0);
@@ -166,7 +164,7 @@ fn unsettled_pods(d: &Deployment) -> i32 {
 /// The Deployment's full label selector (`matchLabels` and `matchExpressions`). One that
 /// selects everything, or cannot be parsed, is refused: the pods could not be told apart
 /// from any other pod.
-pub fn pod_selector(deployment: &Deployment) -> Result<Selector, Error> {
+pub fn pod_selector(deployment: &DeploymentSummary) -> Result<Selector, Error> {
     let name = deployment.name_any();
     let selector = Selector::try_from(deployment.spec.selector.clone())
         .map_err(|e| Error::Selector(name.clone(), e.to_string()))?;
@@ -194,7 +192,7 @@ fn tally<'a>(pods: impl Iterator<Item = &'a PodSummary>) -> (i32, i32) {
 }
 
 /// `Some(maxSurge)` when a rollout could briefly run two pods.
-pub fn rolling_surge(deployment: &Deployment) -> Option<String> {
+pub fn rolling_surge(deployment: &DeploymentSummary) -> Option<String> {
     let strategy = deployment.spec.strategy.as_ref();
     let kind = strategy
         .and_then(|s| s.type_.as_deref())
@@ -219,8 +217,8 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-    fn deployment(selector: LabelSelector) -> Deployment {
-        let mut d = Deployment::default();
+    fn deployment(selector: LabelSelector) -> DeploymentSummary {
+        let mut d = DeploymentSummary::default();
         d.metadata.name = Some("d".into());
         d.spec.selector = selector;
         d
@@ -260,11 +258,11 @@ mod tests {
 
     #[test]
     fn a_deployment_its_controller_has_not_caught_up_with_may_have_a_pod() {
-        use k8s_openapi::api::apps::v1::DeploymentStatus;
+        use crate::reaper::summary::DeploymentSummaryStatus;
         let mut d = deployment(LabelSelector::default());
         d.metadata.generation = Some(3);
         d.spec.replicas = Some(0);
-        d.status = Some(DeploymentStatus {
+        d.status = Some(DeploymentSummaryStatus {
             observed_generation: Some(3),
             replicas: Some(0),
             ..Default::default()

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
@@ -19,9 +19,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::candidates::{Candidates, publish};
+use super::candidates::Candidates;
 use super::crd::{LeaseScope, LeaseSpec, Reaper, ReaperStatus};
 use super::decide::{self, Gate, Role, Scale, ScaleFacts, ScaleRecord};
+use super::events::Events;
 use super::handover::{cleanup, forget_deleted, hand_over};
 use super::observe::{self, Workload};
 use super::status::{self, Observation};
@@ -66,7 +67,7 @@ pub struct Context {
     /// `<cluster>/<identity>`.
     pub holder: String,
     pub candidates: Candidates,
-    pub recorder: Recorder,
+    pub events: Events,
     /// Bound for scaling down and waiting for pods at handover.
     pub shutdown_timeout: Duration,
     /// Watch only this namespace (all when `None`).
@@ -336,8 +337,7 @@ async fn refuse(
         write_status(ctx, reaper, status).await?;
     }
     if first_time && refused.reason != "InvalidSpec" {
-        publish(
-            &ctx.recorder,
+        ctx.events.publish(
             Event {
                 type_: EventType::Warning,
                 reason: refused.reason.into(),
@@ -771,8 +771,7 @@ fn warn_stale_reports(
     {
         return;
     }
-    publish(
-        &ctx.recorder,
+    ctx.events.publish(
         Event {
             type_: EventType::Warning,
             reason: "StaleClusterReport".into(),

@@ -1,15 +1,20 @@
-//! A pod as the controller reads it: name, namespace, labels, deletion mark, phase and
-//! Ready condition. Deserialized straight from the API server's JSON with everything
-//! else skipped by the parser, so a cluster full of unrelated pods costs the operator
-//! only what it keeps: a full `Pod` is allocated in whole (spec, container statuses,
-//! managed fields) before it can be trimmed, and the allocator keeps the pages that its
-//! short-lived parts were spread over.
+//! Pods and Deployments as the controller reads them. Deserialized straight from the
+//! API server's JSON with everything else skipped by the parser, so a cluster full of
+//! objects costs the operator only what it keeps: a full `Pod` or `Deployment` is
+//! allocated in whole (pod template, container statuses, managed fields) before it can
+//! be trimmed, and the allocator keeps the pages that its short-lived parts were spread
+//! over. A replica with 10 000 Reapers caches 10 000 Deployments.
+//!
+//! - pods: name, namespace, labels, deletion mark, phase and Ready condition;
+//! - Deployments: name, namespace, generation, replicas, selector, strategy, the pod
+//!   template's grace period, and the status counts.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::apps::v1::DeploymentStrategy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use kube::Resource;
 use serde::{Deserialize, Deserializer};
 
@@ -50,32 +55,78 @@ impl PodSummary {
     }
 }
 
-impl Resource for PodSummary {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Pod".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "pods".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+/// The part of an `apps/v1/Deployment` the workload count, the handover and the status
+/// need. The field names are the Deployment's.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DeploymentSummary {
+    #[serde(default, deserialize_with = "summary_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DeploymentSummarySpec,
+    #[serde(default)]
+    pub status: Option<DeploymentSummaryStatus>,
 }
 
-/// The metadata fields a pod is found (name, namespace), matched (labels), tracked
-/// (uid, resourceVersion, which the watch resumes from) and judged by (deletion).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSummarySpec {
+    #[serde(default)]
+    pub replicas: Option<i32>,
+    #[serde(default)]
+    pub selector: LabelSelector,
+    #[serde(default)]
+    pub strategy: Option<DeploymentStrategy>,
+    /// `template.spec.terminationGracePeriodSeconds`.
+    #[serde(default, rename = "template", deserialize_with = "template_grace")]
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentSummaryStatus {
+    #[serde(default)]
+    pub replicas: Option<i32>,
+    #[serde(default)]
+    pub terminating_replicas: Option<i32>,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+}
+
+/// A summary is read and watched as the kind it summarizes.
+macro_rules! summary_of {
+    ($summary:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl Resource for $summary {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                $group.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                $version.into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+summary_of!(PodSummary, "Pod", "", "v1", "pods");
+summary_of!(DeploymentSummary, "Deployment", "apps", "v1", "deployments");
+
+/// The metadata fields an object is found (name, namespace), matched (labels), tracked
+/// (uid, resourceVersion, which the watch resumes from) and judged by (deletion, and
+/// the generation a Deployment's status is compared with).
 fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Default, Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -86,6 +137,7 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
         resource_version: Option<String>,
         labels: Option<BTreeMap<String, String>>,
         deletion_timestamp: Option<Time>,
+        generation: Option<i64>,
     }
     let kept = Option::<Kept>::deserialize(d)?.unwrap_or_default();
     Ok(ObjectMeta {
@@ -95,8 +147,28 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
         resource_version: kept.resource_version,
         labels: kept.labels,
         deletion_timestamp: kept.deletion_timestamp,
+        generation: kept.generation,
         ..ObjectMeta::default()
     })
+}
+
+/// The grace period of a Deployment's pod template, the only part of it kept.
+fn template_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PodSpec {
+        #[serde(default)]
+        termination_grace_period_seconds: Option<i64>,
+    }
+    #[derive(Deserialize)]
+    struct Template {
+        #[serde(default)]
+        spec: Option<PodSpec>,
+    }
+    let template = Option::<Template>::deserialize(d)?;
+    Ok(template
+        .and_then(|t| t.spec)
+        .and_then(|s| s.termination_grace_period_seconds))
 }
 
 /// Lenient where a full `Pod` is (a condition without a type or status): a pod that
@@ -160,6 +232,60 @@ mod tests {
         assert!(p.metadata.managed_fields.is_none());
         assert!(p.metadata.owner_references.is_none());
         assert!(p.running() && p.ready());
+    }
+
+    #[test]
+    fn a_deployment_summary_keeps_what_the_controller_reads() {
+        let full = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {
+                "name": "d", "namespace": "ns", "uid": "u", "resourceVersion": "9",
+                "generation": 4, "labels": {"app": "r"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+            },
+            "spec": {
+                "replicas": 1,
+                "selector": {
+                    "matchLabels": {"app": "r"},
+                    "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]
+                },
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                "template": {
+                    "metadata": {"labels": {"app": "r", "tier": "a"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 45,
+                        "containers": [{"name": "c", "image": "i", "args": ["x"]}]
+                    }
+                }
+            },
+            "status": {
+                "observedGeneration": 3, "replicas": 1, "readyReplicas": 1,
+                "terminatingReplicas": 2,
+                "conditions": [{"type": "Available", "status": "True"}]
+            }
+        });
+        let d: DeploymentSummary = serde_json::from_value(full.clone()).unwrap();
+        let typed: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(full).unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("d"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("ns"));
+        assert_eq!(d.metadata.generation, Some(4));
+        assert_eq!(d.metadata.resource_version.as_deref(), Some("9"));
+        assert!(d.metadata.annotations.is_none() && d.metadata.managed_fields.is_none());
+        assert_eq!(d.spec.replicas, typed.spec.replicas);
+        assert_eq!(d.spec.selector, typed.spec.selector);
+        assert_eq!(d.spec.strategy, typed.spec.strategy);
+        assert_eq!(d.spec.termination_grace_period_seconds, Some(45));
+        let status = d.status.unwrap();
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.replicas, Some(1));
+        assert_eq!(status.terminating_replicas, Some(2));
+        // A Deployment as bare as the API server could send still parses.
+        let bare: DeploymentSummary =
+            serde_json::from_value(json!({"metadata": {"name": "d"}, "spec": {"template": {}}}))
+                .unwrap();
+        assert_eq!(bare.spec.termination_grace_period_seconds, None);
+        assert!(bare.status.is_none());
     }
 
     #[test]

@@ -3,10 +3,8 @@
 //! caches instead of the API server, and a change to any of them reconciles the Reapers
 //! it concerns at once, so a steady state costs the API server nothing but the watches.
 //!
-//! The caches hold only what the controller reads: pods are read as `PodSummary` (name,
-//! labels, deletion mark, phase and Ready condition; the rest is never allocated), HPAs
-//! keep their target, Deployments everything but managedFields and the last-applied
-//! annotation.
+//! The caches hold only what the controller reads: pods and Deployments are read as
+//! summaries (see `summary`; the rest is never allocated), HPAs keep their target.
 //! Each watch has its own health flag: a cache that has not listed everything yet, or
 //! whose watch is failing, is not read as "no pods" (the caller falls back to the API
 //! server or reports the workload as unobservable).
@@ -15,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, future};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec};
 use kube::api::Api;
 use kube::core::{Selector, SelectorExt};
@@ -25,12 +22,12 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use super::crd::Reaper;
-use super::pods::PodSummary;
+use super::summary::{DeploymentSummary, PodSummary};
 
 /// The read side of the three caches.
 #[derive(Clone)]
 pub struct Caches {
-    pub deployments: Store<Deployment>,
+    pub deployments: Store<DeploymentSummary>,
     pub pods: Store<PodSummary>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
     deployments_live: Arc<WatchHealth>,
@@ -42,7 +39,7 @@ pub struct Caches {
 /// The caches, and the changes of each for the controller to map to Reapers.
 pub struct Watches {
     pub caches: Caches,
-    pub deployments: futures::stream::BoxStream<'static, Result<Deployment, watcher::Error>>,
+    pub deployments: futures::stream::BoxStream<'static, Result<DeploymentSummary, watcher::Error>>,
     pub pods: futures::stream::BoxStream<'static, Result<PodSummary, watcher::Error>>,
     pub autoscalers:
         futures::stream::BoxStream<'static, Result<HorizontalPodAutoscaler, watcher::Error>>,
@@ -62,7 +59,7 @@ impl Caches {
         self.changes.subscribe()
     }
 
-    pub fn deployment(&self, ns: &str, name: &str) -> Option<Arc<Deployment>> {
+    pub fn deployment(&self, ns: &str, name: &str) -> Option<Arc<DeploymentSummary>> {
         self.deployments.get(&ObjectRef::new(name).within(ns))
     }
 
@@ -99,14 +96,10 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
     let changes = Arc::new(watch::Sender::new(()));
     let distrusted = Arc::new(watch::Sender::new(()));
     let (deployments, deployments_live, deployment_stream) = cached(
-        api::<Deployment>(client, namespace),
+        api::<DeploymentSummary>(client, namespace),
         Some(changes.clone()),
         Some(distrusted.clone()),
-        |d: &mut Deployment| {
-            d.managed_fields_mut().clear();
-            d.annotations_mut()
-                .remove("kubectl.kubernetes.io/last-applied-configuration");
-        },
+        |_: &mut DeploymentSummary| {},
     );
     let (pods, pods_live, pod_stream) = cached(
         api::<PodSummary>(client, namespace),
@@ -367,7 +360,7 @@ pub fn reapers_of_deployment(
 /// stopping) but whose status remembers a selector to count them by.
 pub fn reapers_of_pod(
     reapers: &Store<Reaper>,
-    deployments: &Store<Deployment>,
+    deployments: &Store<DeploymentSummary>,
     pod: &PodSummary,
 ) -> Vec<ObjectRef<Reaper>> {
     let ns = pod.namespace();
