@@ -182,9 +182,7 @@ async fn release(ctx: &Context, candidate: Candidate, why: &str) {
                 action: "Release".into(),
                 secondary: None,
             };
-            if let Err(error) = ctx.events.publish_now(&event, &reference).await {
-                tracing::debug!(%error, "could not publish the release event");
-            }
+            ctx.events.publish_now(&event, &reference).await;
         }
         Ok(false) => {}
         Err(error) => {

@@ -61,7 +61,7 @@ impl PodSummary {
 pub struct DeploymentSummary {
     #[serde(default, deserialize_with = "summary_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub spec: DeploymentSummarySpec,
     #[serde(default)]
     pub status: Option<DeploymentSummaryStatus>,
@@ -72,7 +72,7 @@ pub struct DeploymentSummary {
 pub struct DeploymentSummarySpec {
     #[serde(default)]
     pub replicas: Option<i32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub selector: LabelSelector,
     #[serde(default)]
     pub strategy: Option<DeploymentStrategy>,
@@ -150,6 +150,15 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
         generation: kept.generation,
         ..ObjectMeta::default()
     })
+}
+
+/// `null` read as the default, as k8s-openapi reads it (its fields are `Option`s).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The grace period of a Deployment's pod template, the only part of it kept.
@@ -286,6 +295,17 @@ mod tests {
                 .unwrap();
         assert_eq!(bare.spec.termination_grace_period_seconds, None);
         assert!(bare.status.is_none());
+        // What a full Deployment accepts, a summary accepts too.
+        for odd in [
+            json!({"metadata": {"name": "d"}, "spec": null}),
+            json!({"metadata": {"name": "d"}, "spec": {"selector": null, "template": null}}),
+        ] {
+            let typed: k8s_openapi::api::apps::v1::Deployment =
+                serde_json::from_value(odd.clone()).unwrap();
+            let d: DeploymentSummary = serde_json::from_value(odd).unwrap();
+            assert_eq!(d.spec.selector, typed.spec.selector);
+            assert_eq!(d.spec.replicas, typed.spec.replicas);
+        }
     }
 
     #[test]
