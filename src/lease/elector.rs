@@ -277,10 +277,15 @@ impl Elector {
         let renew = async {
             match &self.batcher {
                 Some(batcher) => batcher.renew(&self.config.lease_name, held.epoch).await,
+                // Boxed, as `acquire` below: a statement's future is most of a tick's
+                // size, and every leader of a replica ticks at the same instant.
                 None => {
-                    self.store
-                        .renew(&self.config.lease_name, &self.config.holder, held.epoch)
-                        .await
+                    Box::pin(self.store.renew(
+                        &self.config.lease_name,
+                        &self.config.holder,
+                        held.epoch,
+                    ))
+                    .await
                 }
             }
         };
@@ -321,15 +326,12 @@ impl Elector {
 
     /// A follower's `acquire`.
     async fn acquire(&mut self, sent: Instant) -> Tick {
-        match self
-            .store
-            .acquire(
-                &self.config.lease_name,
-                &self.config.holder,
-                self.config.timings.ttl,
-            )
-            .await
-        {
+        let acquire = self.store.acquire(
+            &self.config.lease_name,
+            &self.config.holder,
+            self.config.timings.ttl,
+        );
+        match Box::pin(acquire).await {
             Ok(Some(lease)) => {
                 self.lead(lease.epoch, sent);
                 Tick::Acquired(lease)

@@ -23,6 +23,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use super::candidates::Candidates;
 use super::reconcile::FIELD_MANAGER;
+use super::watches::QUIET_AFTER_FAILURE;
 use crate::metrics::Metrics;
 
 /// The label that marks a presence Lease (its value is always "replica").
@@ -34,10 +35,6 @@ const CHECK: Duration = Duration::from_millis(250);
 /// Renewals not seen change for this long are forgotten: they vouch for nobody, and a
 /// holder without one counts as unseen since watching began, which is earlier.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
-
-/// After a watch error, how long without another before renewals are taken as
-/// delivered when they happen (longer than the watcher's longest backoff).
-const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 /// The presences of this replica's peers, as this replica has seen them.
 #[derive(Debug)]

@@ -286,9 +286,10 @@ impl Drop for StopsTrust {
     }
 }
 
-/// Longer than the watcher's longest backoff, so a watch that keeps failing is never
-/// taken for a working one.
-const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(60);
+/// After a watch error, how long without another before the watch counts as working
+/// again: longer than the watcher's longest backoff, so a watch that keeps failing is
+/// never taken for a working one.
+pub const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 impl HealthState {
     fn live(&self) -> bool {
