@@ -39,6 +39,11 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// The task that sends a replica's batched lease calls is gone (only a panic, or
+    /// the runtime shutting down, ends it).
+    #[error("the lease batcher has stopped")]
+    BatcherStopped,
+
     /// One failure reported to every caller that shared a call (a batched renew).
     #[error("{0}")]
     Shared(std::sync::Arc<Error>),

@@ -118,11 +118,11 @@ impl LeaseBatcher {
 
     async fn call<T>(&self, request: Request, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         if self.tx.send(request).is_err() {
-            return Err(Error::Config("the lease batcher has stopped".into()));
+            return Err(Error::BatcherStopped);
         }
         match answer.await {
             Ok(result) => result,
-            Err(_) => Err(Error::Config("the lease batcher has stopped".into())),
+            Err(_) => Err(Error::BatcherStopped),
         }
     }
 

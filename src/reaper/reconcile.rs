@@ -46,8 +46,9 @@ const IDLE_RESYNC: Duration = Duration::from_secs(300);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// The finalizer helper refused the object (no name, an invalid finalizer).
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// Another replica changed the finalizers at the same moment; retried shortly.
     #[error("finalizer update conflicted with another replica: {0}")]
     FinalizerConflict(kube::Error),
@@ -227,7 +228,7 @@ async fn reconcile_inner(reaper: Arc<Reaper>, ctx: &Context) -> Result<Action, E
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         kube::runtime::finalizer::Error::AddFinalizer(e)
         | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::FinalizerConflict(e),
-        other => Error::Finalizer(other.to_string()),
+        other => Error::Finalizer(Box::new(other)),
     })
 }
 
