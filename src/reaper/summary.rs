@@ -20,19 +20,19 @@ use serde::{Deserialize, Deserializer};
 
 /// The part of a `v1/Pod` the workload count needs.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct PodSummary {
-    #[serde(default, deserialize_with = "summary_meta")]
+    #[serde(deserialize_with = "summary_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
     pub status: Option<PodSummaryStatus>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct PodSummaryStatus {
-    #[serde(default)]
     pub phase: Option<String>,
     /// A Ready condition of the pod is "True".
-    #[serde(default, rename = "conditions", deserialize_with = "ready_condition")]
+    #[serde(rename = "conditions", deserialize_with = "ready_condition")]
     pub ready: bool,
 }
 
@@ -58,37 +58,32 @@ impl PodSummary {
 /// The part of an `apps/v1/Deployment` the workload count, the handover and the status
 /// need. The field names are the Deployment's.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct DeploymentSummary {
-    #[serde(default, deserialize_with = "summary_meta")]
+    #[serde(deserialize_with = "summary_meta")]
     pub metadata: ObjectMeta,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "null_as_default")]
     pub spec: DeploymentSummarySpec,
-    #[serde(default)]
     pub status: Option<DeploymentSummaryStatus>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct DeploymentSummarySpec {
-    #[serde(default)]
     pub replicas: Option<i32>,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(deserialize_with = "null_as_default")]
     pub selector: LabelSelector,
-    #[serde(default)]
     pub strategy: Option<DeploymentStrategy>,
     /// `template.spec.terminationGracePeriodSeconds`.
-    #[serde(default, rename = "template", deserialize_with = "template_grace")]
+    #[serde(rename = "template", deserialize_with = "template_grace")]
     pub termination_grace_period_seconds: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct DeploymentSummaryStatus {
-    #[serde(default)]
     pub replicas: Option<i32>,
-    #[serde(default)]
     pub terminating_replicas: Option<i32>,
-    #[serde(default)]
     pub observed_generation: Option<i64>,
 }
 
