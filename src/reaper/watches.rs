@@ -22,6 +22,7 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use super::crd::Reaper;
+use super::observe;
 use super::summary::{DeploymentSummary, PodSummary};
 
 /// The read side of the three caches.
@@ -372,8 +373,7 @@ pub fn reapers_of_pod(
             }
             let key = ObjectRef::new(&r.spec.deployment_name).within(ns.as_deref().unwrap_or(""));
             match deployments.get(&key) {
-                Some(d) => Selector::try_from(d.spec.selector.clone())
-                    .is_ok_and(|s| !s.selects_all() && s.matches(pod.labels())),
+                Some(d) => observe::pod_selector(&d).is_ok_and(|s| s.matches(pod.labels())),
                 None => r.status.as_ref().is_some_and(|s| s.pod_selector.is_some()),
             }
         })
