@@ -181,6 +181,19 @@ pub struct RunArgs {
     #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 45)]
     pub shutdown_timeout_seconds: u64,
 
+    /// How long a Kubernetes API call may wait for its response to begin. The client
+    /// keeps connections open between calls; one that went silent (a restarted load
+    /// balancer, a NAT entry dropped) would otherwise hold a call, a fence's scale-down
+    /// included, until TCP gives up minutes later. Watches are not cut by it: their
+    /// response begins at once, and the watcher ends a silent one by itself.
+    #[arg(
+        long,
+        env = "REAPER_KUBE_API_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=300)
+    )]
+    pub kube_api_timeout_seconds: u64,
+
     /// Use `spec.lease.name` as the lease row name as written, so Reapers of different
     /// namespaces can share one lease. Off by default: a Reaper's lease row is then
     /// always `<its namespace>.<name>`, and whoever may create Reapers in one namespace
@@ -266,6 +279,7 @@ impl RunArgs {
             http_addr,
             migrate: !self.no_migrate,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
+            kube_api_timeout: Duration::from_secs(self.kube_api_timeout_seconds),
             namespace: self.watch_namespace.clone().filter(|ns| !ns.is_empty()),
             lease_scope: if self.allow_cross_namespace_leases {
                 crate::reaper::LeaseScope::Shared

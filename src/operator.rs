@@ -32,6 +32,8 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub migrate: bool,
     pub shutdown_timeout: Duration,
+    /// Bound of one Kubernetes API call, until its response begins.
+    pub kube_api_timeout: Duration,
     pub namespace: Option<String>,
     pub lease_scope: crate::reaper::LeaseScope,
 }
@@ -236,9 +238,7 @@ async fn start(
     // Without migrations nothing is awaited here: `reaper-operator migrate` already
     // refused a database it cannot work with, and the first statements tell the rest.
 
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
-    })?;
+    let client = kube_client(settings.kube_api_timeout).await?;
     let reapers: Api<Reaper> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -269,6 +269,21 @@ async fn start(
             return Ok(None);
         }
     }
+}
+
+/// The client of `Client::try_default`, with every call bounded until its response
+/// begins (`tower`'s timeout resolves with the response head; the body streams after
+/// it). kube sets no read timeout, so without this a call sent on a pooled connection
+/// that went silent waits for TCP to give up.
+async fn kube_client(timeout: Duration) -> anyhow::Result<Client> {
+    let config = kube::Config::infer().await.map_err(|e| {
+        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
+    })?;
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))?;
+    Ok(builder
+        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
+        .build())
 }
 
 /// Longest a start-up attempt (migrations, the first list of Reapers) may take.

@@ -8,6 +8,8 @@
 
 #[path = "operator/event_driven.rs"]
 mod event_driven;
+#[path = "operator/silent_api.rs"]
+mod silent_api;
 mod support;
 #[path = "operator/workload_safety.rs"]
 mod workload_safety;
@@ -53,7 +55,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 17] = [
+    let scenarios: [(&str, Scenario); 18] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -77,6 +79,10 @@ fn reaper_controller_scenarios() {
         ("the examples are accepted by the API server", |c| {
             Box::pin(examples_are_accepted(c))
         }),
+        (
+            "API partition leaving its connections dead: the fence gets through on a new one",
+            |c| Box::pin(silent_api::fence_gets_through_a_silent_api_connection(c)),
+        ),
         (
             "database down at start: alive and unready, then leads by itself",
             |c| Box::pin(database_down_at_start(c)),

@@ -273,6 +273,7 @@ impl Candidates {
             lease_name: lease_name.to_owned(),
             holder: self.holder.clone(),
             check_timeout: fence_check_timeout(timings),
+            attempt_timeout: fence_attempt_timeout(timings),
         };
         let task_fence = fence.clone();
         let metrics = self.metrics.clone();
@@ -355,6 +356,9 @@ struct Fence {
     holder: String,
     /// How long to ask the database who holds the lease before fencing anyway.
     check_timeout: Duration,
+    /// How long one scale-down call may take before it is tried again, on a new
+    /// connection if the one it went out on is the silent one.
+    attempt_timeout: Duration,
 }
 
 impl Fence {
@@ -393,16 +397,21 @@ impl Fence {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = &self.deployment;
         let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
+        let params = PatchParams::default();
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=FENCE_ATTEMPTS {
-            match api.patch_scale(name, &PatchParams::default(), &patch).await {
-                Ok(_) => {
+            let call = api.patch_scale(name, &params, &patch);
+            match tokio::time::timeout(self.attempt_timeout, call).await {
+                Ok(Ok(_)) => {
                     tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0");
                     return;
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => return,
-                Err(error) => {
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 => return,
+                Ok(Err(error)) => {
                     tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying")
+                }
+                Err(_) => {
+                    tracing::warn!(deployment = %name, attempt, timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; retrying")
                 }
             }
             tokio::time::sleep(delay).await;
@@ -421,6 +430,14 @@ const FENCE_ATTEMPTS: u32 = 64;
 fn fence_check_timeout(timings: LeaseTimings) -> Duration {
     ((timings.ttl - timings.renew_deadline) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// A scale-down call gets half the margin between the renew deadline and the ttl, so a
+/// call lost on a silent connection leaves time for a second one before the lease
+/// expires.
+fn fence_attempt_timeout(timings: LeaseTimings) -> Duration {
+    ((timings.ttl - timings.renew_deadline) / 2)
+        .clamp(Duration::from_millis(250), Duration::from_secs(5))
 }
 
 /// Keeps the row a tick saw for reconciles, and tells whether what a reconcile decides
@@ -506,6 +523,27 @@ mod tests {
         assert_eq!(
             fence_check_timeout(t(1_000, 990, 500)),
             Duration::from_millis(50)
+        );
+    }
+
+    #[test]
+    fn fence_attempt_leaves_time_for_a_second_one() {
+        let t = LeaseTimings::from_millis;
+        assert_eq!(
+            fence_attempt_timeout(t(15_000, 10_000, 2_000)),
+            Duration::from_millis(2_500)
+        );
+        assert_eq!(
+            fence_attempt_timeout(t(3_000, 2_000, 1_000)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            fence_attempt_timeout(t(1_000, 990, 500)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            fence_attempt_timeout(t(600_000, 10_000, 2_000)),
+            Duration::from_secs(5)
         );
     }
 }

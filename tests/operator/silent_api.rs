@@ -1,0 +1,96 @@
+//! A partition between the operator and its API server that ends with every
+//! connection open during it dead but not reset (a restarted load balancer, a NAT entry
+//! dropped): the calls sent on them get no answer, ever, while new connections work.
+//! With the database cut off too, the leader's fence fires during the partition; once
+//! it heals, the scale-down must get through on a new connection. Fails on an operator
+//! whose API calls have no bound: the fence and the reconcile wait on dead connections
+//! for good, and the workload keeps running.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use super::support::cluster::wait_until;
+use super::support::fixtures::{create_deployment, create_reaper};
+use super::support::operator::{OperatorProcess, OperatorSpec};
+use super::support::proxy::{FaultProxy, Mode};
+use super::{
+    Cluster, DEADLINE, TTL, database_proxy, lease_spec, namespace, replicas, schema, suffix,
+    wait_replicas, with_logs,
+};
+
+pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _store) = schema().await?;
+    let ns = namespace(&c.client, "silent-api").await?;
+    let lease_name = format!("{ns}.silent-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (db_proxy, via_db_proxy) = database_proxy().await?;
+    let (api_proxy, kubeconfig) = api_proxy(c).await?;
+    let op = OperatorProcess::start(OperatorSpec {
+        kubeconfig: &kubeconfig,
+        database_url: &via_db_proxy,
+        listen_database_url: None,
+        schema: schema.as_str(),
+        cluster: c.name,
+        identity: "op-1",
+        migrate: false,
+        namespace: &ns,
+    });
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        api_proxy.set(Mode::Blackhole);
+        db_proxy.set(Mode::Blackhole);
+        // Past the renew deadline: the fence has fired and its call is out.
+        tokio::time::sleep(Duration::from_secs(DEADLINE) + Duration::from_millis(500)).await;
+        let dead = api_proxy.stall_open();
+        api_proxy.set(Mode::Pass);
+        let healed = Instant::now();
+        eprintln!("API partition healed; {dead} connections stay dead");
+        wait_until(
+            "the leader to scale down through a new connection",
+            Duration::from_secs(TTL + 10),
+            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
+        )
+        .await?;
+        eprintln!(
+            "scaled to 0 {:.2?} after the partition healed",
+            healed.elapsed()
+        );
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&kubeconfig);
+    with_logs(result, &[&op])
+}
+
+/// A fault proxy in front of the cluster's API server, and a copy of its kubeconfig
+/// that points at the proxy (the server's certificate names 127.0.0.1).
+async fn api_proxy(c: &Cluster) -> Result<(FaultProxy, PathBuf)> {
+    let path = c.test.kubeconfig();
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let server = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: https://"))
+        .with_context(|| format!("no https server in {}", path.display()))?
+        .trim()
+        .to_owned();
+    let proxy = FaultProxy::start(server.clone()).await;
+    let via_proxy = std::env::temp_dir().join(format!(
+        "reaper-silent-api-{}-{}.kubeconfig",
+        std::process::id(),
+        suffix()
+    ));
+    std::fs::write(
+        &via_proxy,
+        text.replace(
+            &format!("https://{server}"),
+            &format!("https://127.0.0.1:{}", proxy.port),
+        ),
+    )?;
+    Ok((proxy, via_proxy))
+}
