@@ -183,14 +183,17 @@ pub struct RunArgs {
 
     /// How long a Kubernetes API call may wait for its response to begin. The client
     /// keeps connections open between calls; one that went silent (a restarted load
-    /// balancer, a NAT entry dropped) would otherwise hold a call, a fence's scale-down
-    /// included, until TCP gives up minutes later. Watches are not cut by it: their
-    /// response begins at once, and the watcher ends a silent one by itself.
+    /// balancer, a NAT entry dropped) would otherwise hold a call until TCP gives up,
+    /// minutes later. Keep it above the API server's own `--request-timeout` (60 s by
+    /// default): then no call is abandoned that the server could still carry out, and a
+    /// scale-up the operator gave up on cannot land later. Watches are not cut by it
+    /// (their response begins at once). The fence's scale-down has a tighter bound of
+    /// its own.
     #[arg(
         long,
         env = "REAPER_KUBE_API_TIMEOUT_SECONDS",
-        default_value_t = 10,
-        value_parser = clap::value_parser!(u64).range(1..=300)
+        default_value_t = 70,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub kube_api_timeout_seconds: u64,
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod guard;
 pub mod http;
+pub mod kube_client;
 pub mod lease;
 pub mod metrics;
 pub mod operator;

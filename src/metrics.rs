@@ -47,24 +47,36 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("reaper");
-        let leader = Family::<LeaseLabels, Gauge>::default();
-        let acquisitions = Family::<LeaseLabels, Counter>::default();
-        let takeovers = Family::<LeaseLabels, Counter>::default();
-        let losses = Family::<LossLabels, Counter>::default();
-        // 0.5 ms .. ~4 s
-        let renew_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        let database_errors = Counter::default();
-        let reconciliations = Counter::default();
-        let reconcile_errors = Counter::default();
-        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
-        let presence_errors = Counter::default();
+        let mut metrics = Self {
+            registry: Registry::with_prefix("reaper"),
+            leader: Family::default(),
+            acquisitions: Family::default(),
+            takeovers: Family::default(),
+            losses: Family::default(),
+            // 0.5 ms .. ~4 s
+            renew_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            database_errors: Counter::default(),
+            reconciliations: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            presence_errors: Counter::default(),
+        };
+        metrics.register();
+        metrics
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under its exposed name (the registry keeps a handle; the
+    /// fields are the same series).
+    fn register(&mut self) {
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             })
             .set(1);
+        let registry = &mut self.registry;
         registry.register(
             "build_info",
             "Always 1; the version label names the running build",
@@ -73,70 +85,55 @@ impl Default for Metrics {
         registry.register(
             "leader",
             "1 while this replica holds the lease and may act",
-            leader.clone(),
+            self.leader.clone(),
         );
         registry.register(
             "lease_acquisitions",
             "Leases acquired by this replica (free or expired)",
-            acquisitions.clone(),
+            self.acquisitions.clone(),
         );
         registry.register(
             "lease_takeovers",
             "Acquisitions that displaced an expired holder",
-            takeovers.clone(),
+            self.takeovers.clone(),
         );
         registry.register(
             "lease_losses",
             "Times this replica stepped down",
-            losses.clone(),
+            self.losses.clone(),
         );
         registry.register(
             "lease_renew_duration_seconds",
             "Latency of successful renew statements",
-            renew_duration.clone(),
+            self.renew_duration.clone(),
         );
         registry.register(
             "database_errors",
             "Lease database calls that failed or timed out",
-            database_errors.clone(),
+            self.database_errors.clone(),
         );
         registry.register(
             "reconciliations",
             "Reconciles of Reaper objects",
-            reconciliations.clone(),
+            self.reconciliations.clone(),
         );
         registry.register(
             "reconcile_errors",
             "Reconciles that failed",
-            reconcile_errors.clone(),
+            self.reconcile_errors.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
             "Duration of Reaper reconciles",
-            reconcile_duration.clone(),
+            self.reconcile_duration.clone(),
         );
         registry.register(
             "presence_errors",
             "Failed renewals of this replica's presence Lease (peers cut off from the database cannot count on it)",
-            presence_errors.clone(),
+            self.presence_errors.clone(),
         );
-        Self {
-            registry,
-            leader,
-            acquisitions,
-            takeovers,
-            losses,
-            renew_duration,
-            database_errors,
-            reconciliations,
-            reconcile_errors,
-            reconcile_duration,
-            presence_errors,
-        }
     }
-}
 
-impl Metrics {
     /// Records one elector tick. `is_leader` is the elector's state after it.
     pub fn observe_tick(&self, lease: &str, tick: &Tick, took: Duration, is_leader: bool) {
         let labels = || LeaseLabels {

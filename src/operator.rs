@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Schema;
 use crate::http::{self, Health};
+use crate::kube_client;
 use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
@@ -85,8 +86,8 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
     let heartbeat = tokio::spawn(heartbeat(health.clone(), store.clone()));
     let started = start(&settings, &store, &health, stop.clone()).await;
-    let client = match started {
-        Ok(Some(client)) => client,
+    let (client, kube_config) = match started {
+        Ok(Some(started)) => started,
         Ok(None) | Err(_) => {
             // Stopped during start-up, or a configuration that can never work: exit now
             // (with the reason), not when a signal would stop the HTTP server.
@@ -120,7 +121,7 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         holder.clone(),
         trigger_tx,
         events.clone(),
-        client.clone(),
+        kube_client::unpooled(&kube_config, settings.kube_api_timeout)?,
         metrics.clone(),
     );
     let watches = watches::watches(&client, settings.namespace.as_deref());
@@ -206,7 +207,7 @@ async fn start(
     store: &LeaseStore,
     health: &Health,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<Option<Client>> {
+) -> anyhow::Result<Option<(Client, kube::Config)>> {
     if settings.migrate {
         health.set_starting(Some("applying database migrations"));
         let mut retry = Backoff::default();
@@ -238,7 +239,7 @@ async fn start(
     // Without migrations nothing is awaited here: `reaper-operator migrate` already
     // refused a database it cannot work with, and the first statements tell the rest.
 
-    let client = kube_client(settings.kube_api_timeout).await?;
+    let (client, config) = kube_client::infer(settings.kube_api_timeout).await?;
     let reapers: Api<Reaper> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -255,7 +256,7 @@ async fn start(
             _ = stop.wait_for(|s| *s) => return Ok(None),
         };
         match listed {
-            Ok(Ok(_)) => return Ok(Some(client)),
+            Ok(Ok(_)) => return Ok(Some((client, config))),
             Ok(Err(error)) => tracing::error!(
                 %error,
                 "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?); retrying"
@@ -269,21 +270,6 @@ async fn start(
             return Ok(None);
         }
     }
-}
-
-/// The client of `Client::try_default`, with every call bounded until its response
-/// begins (`tower`'s timeout resolves with the response head; the body streams after
-/// it). kube sets no read timeout, so without this a call sent on a pooled connection
-/// that went silent waits for TCP to give up.
-async fn kube_client(timeout: Duration) -> anyhow::Result<Client> {
-    let config = kube::Config::infer().await.map_err(|e| {
-        anyhow::anyhow!("cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}")
-    })?;
-    let builder = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))?;
-    Ok(builder
-        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
-        .build())
 }
 
 /// Longest a start-up attempt (migrations, the first list of Reapers) may take.
@@ -327,9 +313,19 @@ fn return_freed_memory() {
                 std::thread::sleep(TRIM_EVERY);
                 // SAFETY: malloc_trim has no preconditions and takes the allocator's own
                 // locks; it only releases pages that hold no allocation.
-                unsafe {
+                // SAFETY: as above; mallinfo2 only reads the allocator's counters.
+                let heap = unsafe {
                     nix::libc::malloc_trim(0);
-                }
+                    nix::libc::mallinfo2()
+                };
+                // What the heap holds against what it keeps free: the part of the
+                // resident size that trimming cannot return (free space between live
+                // allocations).
+                tracing::debug!(
+                    in_use = heap.uordblks + heap.hblkhd,
+                    free = heap.fordblks,
+                    "heap after trimming"
+                );
             }
         });
 }

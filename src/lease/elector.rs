@@ -231,32 +231,42 @@ impl Elector {
     /// One step of the state machine: acquire as a follower, renew as a leader.
     pub async fn tick(&mut self) -> Tick {
         let sent = self.clock.now();
-        let deadline = self.config.timings.renew_deadline;
         self.soon = None;
-        let Some(held) = self.held else {
-            if let Some(batcher) = &self.batcher {
-                let read = batcher.acquirable(&self.config.lease_name).await;
-                let arrived = tokio::time::Instant::now();
-                match read {
-                    Ok(found) if found.acquirable => {}
-                    Ok(found) => {
-                        self.soon = Some(ExpiryAttempt {
-                            arrived,
-                            acquirable_in: found.acquirable_in,
-                        });
-                        return Tick::Standby(found.lease);
-                    }
-                    Err(error) => {
-                        return Tick::DatabaseError {
-                            error,
-                            still_leader: false,
-                        };
-                    }
+        match self.held {
+            None => self.follow(sent).await,
+            Some(held) => self.renew(held, sent).await,
+        }
+    }
+
+    /// A follower's tick: with a batcher, the batched read tells whether the lease can
+    /// be taken, and only then is `acquire` sent.
+    async fn follow(&mut self, sent: Instant) -> Tick {
+        if let Some(batcher) = &self.batcher {
+            let read = batcher.acquirable(&self.config.lease_name).await;
+            let arrived = tokio::time::Instant::now();
+            match read {
+                Ok(found) if found.acquirable => {}
+                Ok(found) => {
+                    self.soon = Some(ExpiryAttempt {
+                        arrived,
+                        acquirable_in: found.acquirable_in,
+                    });
+                    return Tick::Standby(found.lease);
+                }
+                Err(error) => {
+                    return Tick::DatabaseError {
+                        error,
+                        still_leader: false,
+                    };
                 }
             }
-            return self.acquire(sent).await;
-        };
+        }
+        self.acquire(sent).await
+    }
 
+    /// A leader's tick: renew, bounded by what is left of the renew deadline.
+    async fn renew(&mut self, held: Held, sent: Instant) -> Tick {
+        let deadline = self.config.timings.renew_deadline;
         if sent.saturating_duration_since(held.last_renew_sent) >= deadline {
             // Stop before talking to the database: the row may still say we hold it,
             // but we can no longer prove it. The lease then expires on its own and is

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
@@ -99,7 +101,8 @@ pub struct Candidates {
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
     events: Events,
     clock: Arc<dyn Clock>,
-    client: Client,
+    /// For fences only (`kube_client::unpooled`).
+    fence_client: Client,
     metrics: Arc<Metrics>,
 }
 
@@ -109,7 +112,7 @@ impl Candidates {
         holder: String,
         trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
         events: Events,
-        client: Client,
+        fence_client: Client,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -120,7 +123,7 @@ impl Candidates {
             trigger,
             events,
             clock: Arc::new(MonotonicClock),
-            client,
+            fence_client,
             metrics,
         }
     }
@@ -266,7 +269,7 @@ impl Candidates {
         let db_ok = database_ok.clone();
         let event_reference = reference.clone();
         let fence = Fence {
-            client: self.client.clone(),
+            client: self.fence_client.clone(),
             store: self.store.clone(),
             namespace: key.namespace.clone().unwrap_or_default(),
             deployment: deployment.to_owned(),
@@ -392,38 +395,60 @@ impl Fence {
     }
 
     /// Retried until the API server accepts it: a fence that gave up after one failed
-    /// call would leave the pod running past the lease's expiry.
+    /// call would leave the pod running past the lease's expiry. A call with no answer
+    /// within `attempt_timeout` is left running and another is sent beside it, on a new
+    /// connection (the fence's client keeps none idle): neither a connection that went
+    /// silent nor a slow API server holds the fence, and a slow answer still counts.
     async fn scale_to_zero(&self) {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = &self.deployment;
-        let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
-        let params = PatchParams::default();
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=FENCE_ATTEMPTS {
-            let call = api.patch_scale(name, &params, &patch);
-            match tokio::time::timeout(self.attempt_timeout, call).await {
-                Ok(Ok(_)) => {
+        let mut pending = FuturesUnordered::new();
+        let mut sent = 0;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if sent < FENCE_ATTEMPTS && pending.len() < FENCE_CALLS_IN_FLIGHT {
+                sent += 1;
+                pending.push(scale_call(api.clone(), name.clone(), sent));
+            }
+            match tokio::time::timeout(self.attempt_timeout, pending.next()).await {
+                Ok(Some((_, Ok(_)))) => {
                     tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0");
                     return;
                 }
-                Ok(Err(kube::Error::Api(e))) if e.code == 404 => return,
-                Ok(Err(error)) => {
-                    tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying")
+                Ok(Some((_, Err(kube::Error::Api(e))))) if e.code == 404 => return,
+                Ok(Some((attempt, Err(error)))) => {
+                    tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
+                Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(deployment = %name, attempt, timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; retrying")
+                    tracing::warn!(deployment = %name, in_flight = pending.len(), timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; sending another beside it")
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
         tracing::error!(deployment = %name, "renew deadline missed: gave up scaling the workload to 0");
     }
 }
 
-/// About two minutes of attempts: past that the reconcile loop (and the workload's own
+async fn scale_call(
+    api: Api<Deployment>,
+    name: String,
+    attempt: u32,
+) -> (u32, kube::Result<k8s_openapi::api::autoscaling::v1::Scale>) {
+    let patch = Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } }));
+    let answer = api
+        .patch_scale(&name, &PatchParams::default(), &patch)
+        .await;
+    (attempt, answer)
+}
+
+/// Calls a fence sends in all: past them the reconcile loop (and the workload's own
 /// fencing) must take over.
 const FENCE_ATTEMPTS: u32 = 64;
+
+/// Calls of one fence waiting for an answer at once.
+const FENCE_CALLS_IN_FLIGHT: usize = 3;
 
 /// The fence's database check must leave most of the margin between the renew deadline
 /// and the ttl to the scale-down itself.
@@ -432,9 +457,9 @@ fn fence_check_timeout(timings: LeaseTimings) -> Duration {
         .clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
-/// A scale-down call gets half the margin between the renew deadline and the ttl, so a
-/// call lost on a silent connection leaves time for a second one before the lease
-/// expires.
+/// A scale-down call gets half the margin between the renew deadline and the ttl
+/// before another is sent beside it, so a call lost on a silent connection leaves time
+/// for a second one before the lease expires.
 fn fence_attempt_timeout(timings: LeaseTimings) -> Duration {
     ((timings.ttl - timings.renew_deadline) / 2)
         .clamp(Duration::from_millis(250), Duration::from_secs(5))

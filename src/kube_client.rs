@@ -1,0 +1,50 @@
+//! How the operator talks to the API server: the client every loop shares, and the
+//! fence's, which never reuses a connection.
+//!
+//! kube sets no read timeout, and its client keeps connections open between calls. One
+//! whose path died without a reset (a restarted load balancer, a dropped NAT entry)
+//! swallows whatever is sent on it, and the call waits for TCP to give up, minutes
+//! later. Both clients bound a call until its response begins (`tower`'s timeout
+//! resolves with the response head; a watch's events stream after it).
+
+use std::time::Duration;
+
+use kube::client::ConfigExt;
+use kube::{Client, Config};
+use tower::ServiceBuilder;
+use tower::timeout::TimeoutLayer;
+
+use crate::{Error, Result};
+
+/// The client of `Client::try_default`, each call bounded by `timeout`.
+pub async fn infer(timeout: Duration) -> Result<(Client, Config)> {
+    let config = Config::infer().await.map_err(|e| {
+        Error::Config(format!(
+            "cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
+        ))
+    })?;
+    let client = kube::client::ClientBuilder::try_from(config.clone())
+        .map_err(|e| Error::Config(format!("cannot build the Kubernetes client: {e}")))?
+        .with_layer(&TimeoutLayer::new(timeout))
+        .build();
+    Ok((client, config))
+}
+
+/// A client that opens a new connection for every call and keeps none idle: a fence's
+/// scale-down must not be sent on a pooled connection that went silent, and its
+/// attempts are rare (a missed renew deadline). Same TLS, credentials and headers as
+/// [`infer`]'s.
+pub fn unpooled(config: &Config, timeout: Duration) -> Result<Client> {
+    let fail = |e: kube::Error| Error::Config(format!("cannot build the fence's client: {e}"));
+    let https = config.rustls_https_connector().map_err(fail)?;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().map_err(fail)?)
+        .layer(config.extra_headers_layer().map_err(fail)?)
+        .layer(TimeoutLayer::new(timeout))
+        .service(http);
+    Ok(Client::new(service, config.default_namespace.clone()))
+}
