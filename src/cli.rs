@@ -126,8 +126,13 @@ pub struct GuardArgs {
     #[arg(long, env = "REAPER_LISTEN_DATABASE_URL", hide_env_values = true)]
     pub listen_database_url: Option<String>,
 
-    /// How often the lease row is read.
-    #[arg(long, env = "REAPER_GUARD_POLL_INTERVAL_MS", default_value_t = 1000)]
+    /// How often the lease row is read (50 ms to an hour).
+    #[arg(
+        long,
+        env = "REAPER_GUARD_POLL_INTERVAL_MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(50..=3_600_000)
+    )]
     pub poll_interval_ms: u64,
 
     /// Time between SIGTERM and SIGKILL when the guard stops the command. The command is
@@ -135,8 +140,15 @@ pub struct GuardArgs {
     #[arg(long, env = "REAPER_GUARD_GRACE_SECONDS", default_value_t = 5.0)]
     pub grace_seconds: f64,
 
-    /// Safety margin subtracted from every bound (clock rate differences, kill latency).
-    #[arg(long, env = "REAPER_GUARD_MARGIN_MS", default_value_t = 500)]
+    /// Safety margin subtracted from every bound (clock rate differences, kill latency);
+    /// 50 ms to 10 minutes: the bound needs slack for the kill to land and for clock
+    /// rates to differ.
+    #[arg(
+        long,
+        env = "REAPER_GUARD_MARGIN_MS",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u64).range(50..=600_000)
+    )]
     pub margin_ms: u64,
 
     /// The command and its arguments, after `--`.
@@ -159,7 +171,7 @@ pub struct RunArgs {
 
     /// Address of the HTTP server (`/healthz`, `/readyz`).
     #[arg(long, env = "REAPER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
-    pub http_addr: String,
+    pub http_addr: std::net::SocketAddr,
 
     /// Do not apply migrations at start (e.g. when --database-url is a transaction
     /// pooler; run `reaper-operator migrate` against a direct connection instead).
@@ -178,7 +190,12 @@ pub struct RunArgs {
     /// How long a shutdown waits for the workload's pods to stop before releasing.
     /// Keep it above the workload's stop time (its terminationGracePeriodSeconds), and
     /// the operator pod's terminationGracePeriodSeconds above this.
-    #[arg(long, env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 45)]
+    #[arg(
+        long,
+        env = "REAPER_SHUTDOWN_TIMEOUT_SECONDS",
+        default_value_t = 45,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
     pub shutdown_timeout_seconds: u64,
 
     /// How long a Kubernetes API call may wait for its response to begin. The client
@@ -256,17 +273,6 @@ impl RunArgs {
                 "--identity {identity:?} must not contain '/'"
             )));
         }
-        let http_addr = self.http_addr.parse().map_err(|e| {
-            Error::Config(format!(
-                "--http-addr {:?} is not a socket address: {e}",
-                self.http_addr
-            ))
-        })?;
-        if self.shutdown_timeout_seconds == 0 || self.shutdown_timeout_seconds > 3600 {
-            return Err(Error::Config(
-                "--shutdown-timeout-seconds must be between 1 and 3600".into(),
-            ));
-        }
         let database_url = db.url()?.to_owned();
         // Check the URLs (TLS settings and files included) now, so a typo stops the
         // process at start instead of failing every connection later.
@@ -279,7 +285,7 @@ impl RunArgs {
             schema: db.schema()?,
             cluster,
             identity,
-            http_addr,
+            http_addr: self.http_addr,
             migrate: !self.no_migrate,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
             kube_api_timeout: Duration::from_secs(self.kube_api_timeout_seconds),
@@ -437,13 +443,6 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
     }
     if !(0.0..=600.0).contains(&args.grace_seconds) {
         anyhow::bail!("--grace-seconds must be between 0 and 600");
-    }
-    if args.poll_interval_ms < 50 {
-        anyhow::bail!("--poll-interval-ms must be at least 50");
-    }
-    if args.margin_ms < 50 {
-        // The bound needs slack for the kill to land and for clock rates to differ.
-        anyhow::bail!("--margin-ms must be at least 50");
     }
     let poll = Duration::from_millis(args.poll_interval_ms);
     let url = db.url()?;
