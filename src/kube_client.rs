@@ -16,13 +16,17 @@ use tower::timeout::TimeoutLayer;
 
 use crate::{Error, Result};
 
-/// The client of `Client::try_default`, each call bounded by `timeout`.
+/// The client of `Client::try_default`, each call bounded by `timeout`, without kube's
+/// retries of answers 429, 503 and 504: those would resend a write inside the same
+/// bound, and a resent scale-up cut by it could land after the operator gave up on it.
+/// Every caller retries on its own.
 pub async fn infer(timeout: Duration) -> Result<(Client, Config)> {
-    let config = Config::infer().await.map_err(|e| {
+    let mut config = Config::infer().await.map_err(|e| {
         Error::Config(format!(
             "cannot configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
         ))
     })?;
+    config.default_retry = false;
     let client = kube::client::ClientBuilder::try_from(config.clone())
         .map_err(|e| Error::Config(format!("cannot build the Kubernetes client: {e}")))?
         .with_layer(&TimeoutLayer::new(timeout))
@@ -33,7 +37,9 @@ pub async fn infer(timeout: Duration) -> Result<(Client, Config)> {
 /// A client that opens a new connection for every call and keeps none idle: a fence's
 /// scale-down must not be sent on a pooled connection that went silent, and its
 /// attempts are rare (a missed renew deadline). Same TLS, credentials and headers as
-/// [`infer`]'s.
+/// [`infer`]'s. `timeout` bounds a call with its credentials (an exec plugin's run
+/// included) and may be short: a scale-down given up early is tried again, and one
+/// that lands late does no harm.
 pub fn unpooled(config: &Config, timeout: Duration) -> Result<Client> {
     let fail = |e: kube::Error| Error::Config(format!("cannot build the fence's client: {e}"));
     let https = config.rustls_https_connector().map_err(fail)?;
@@ -41,10 +47,12 @@ pub fn unpooled(config: &Config, timeout: Duration) -> Result<Client> {
         .pool_max_idle_per_host(0)
         .build(https);
     let service = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeout))
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer().map_err(fail)?)
         .layer(config.extra_headers_layer().map_err(fail)?)
-        .layer(TimeoutLayer::new(timeout))
+        // The credentials layer needs the errors of both its paths in one type.
+        .map_err(tower::BoxError::from)
         .service(http);
     Ok(Client::new(service, config.default_namespace.clone()))
 }

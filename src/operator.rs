@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
@@ -17,7 +17,7 @@ use crate::kube_client;
 use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
-use crate::reaper::candidates::Candidates;
+use crate::reaper::candidates::{Candidates, FENCE_CALL_TIMEOUT};
 use crate::reaper::events::Events;
 use crate::reaper::reconcile::{self, Context};
 use crate::reaper::{handover, presence, reports, watches};
@@ -99,13 +99,13 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     health.set_starting(None);
 
     let holder = settings.holder();
-    let events = Events::spawn(Recorder::new(
+    let events = Events::spawn(
         client.clone(),
         Reporter {
             controller: "reaper-operator".into(),
             instance: Some(holder.clone()),
         },
-    ));
+    );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
     // The electors get connections of their own: with many Reapers the reconciles'
     // reads and reports could otherwise queue the batched renew behind them in the pool
@@ -121,7 +121,7 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         holder.clone(),
         trigger_tx,
         events.clone(),
-        kube_client::unpooled(&kube_config, settings.kube_api_timeout)?,
+        kube_client::unpooled(&kube_config, FENCE_CALL_TIMEOUT)?,
         metrics.clone(),
     );
     let watches = watches::watches(&client, settings.namespace.as_deref());

@@ -397,16 +397,18 @@ impl Fence {
     /// Retried until the API server accepts it: a fence that gave up after one failed
     /// call would leave the pod running past the lease's expiry. A call with no answer
     /// within `attempt_timeout` is left running and another is sent beside it, on a new
-    /// connection (the fence's client keeps none idle): neither a connection that went
-    /// silent nor a slow API server holds the fence, and a slow answer still counts.
+    /// connection (the fence's client keeps none idle, and ends a call after
+    /// [`FENCE_CALL_TIMEOUT`]): neither connections that went silent nor a slow API
+    /// server hold the fence, and a slow answer still counts.
     async fn scale_to_zero(&self) {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = &self.deployment;
+        let give_up = tokio::time::Instant::now() + FENCE_GIVE_UP;
         let mut pending = FuturesUnordered::new();
         let mut sent = 0;
         let mut pause = Duration::from_millis(100);
         loop {
-            if sent < FENCE_ATTEMPTS && pending.len() < FENCE_CALLS_IN_FLIGHT {
+            if tokio::time::Instant::now() < give_up {
                 sent += 1;
                 pending.push(scale_call(api.clone(), name.clone(), sent));
             }
@@ -418,6 +420,8 @@ impl Fence {
                 Ok(Some((_, Err(kube::Error::Api(e))))) if e.code == 404 => return,
                 Ok(Some((attempt, Err(error)))) => {
                     tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying");
+                    // The calls still out keep going meanwhile: their connections and
+                    // requests proceed in the client's tasks.
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
@@ -443,12 +447,15 @@ async fn scale_call(
     (attempt, answer)
 }
 
-/// Calls a fence sends in all: past them the reconcile loop (and the workload's own
+/// How long a fence sends calls: past that the reconcile loop (and the workload's own
 /// fencing) must take over.
-const FENCE_ATTEMPTS: u32 = 64;
+const FENCE_GIVE_UP: Duration = Duration::from_secs(120);
 
-/// Calls of one fence waiting for an answer at once.
-const FENCE_CALLS_IN_FLIGHT: usize = 3;
+/// How long the fence's client waits for one call. Twice the longest
+/// [`fence_attempt_timeout`]: a slow answer still counts, and a call sent on a
+/// connection that went silent ends soon, so the calls waiting at once stay few (at
+/// most this over the shortest attempt timeout, 40).
+pub const FENCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fence's database check must leave most of the margin between the renew deadline
 /// and the ttl to the scale-down itself.
@@ -570,5 +577,7 @@ mod tests {
             fence_attempt_timeout(t(600_000, 10_000, 2_000)),
             Duration::from_secs(5)
         );
+        // A call outlives the attempt timeout, so a slow answer still counts.
+        assert!(FENCE_CALL_TIMEOUT >= 2 * fence_attempt_timeout(t(600_000, 10_000, 2_000)));
     }
 }

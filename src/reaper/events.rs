@@ -1,10 +1,12 @@
 //! Kubernetes Events about Reapers, published in the background a few at a time.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, Recorder};
+use kube::Client;
+use kube::runtime::events::{Event, Recorder, Reporter};
 use tokio::sync::mpsc;
 
 /// Events in flight at once. A replica that takes 10 000 leases over publishes 10 000
@@ -12,29 +14,48 @@ use tokio::sync::mpsc;
 /// would cost far more memory than the queue.
 const IN_FLIGHT: usize = 4;
 
-/// How long one Event may take. The client sets no read timeout: four requests whose
-/// connections went silent would otherwise stop every later Event for good.
+/// How long one Event may take: four requests held up by a slow API server would stop
+/// every later Event meanwhile (the client's own bound is above a minute).
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the queue stays empty before the recorder is replaced by a new one. kube's
+/// [`Recorder`] keeps every Event it sent for six minutes, to count repeats as a series,
+/// but drops the old ones only when it sends the next: after a replica took 10 000
+/// leases over, a quiet one kept the 10 000 `LeaseAcquired` Events (about 20 MB) for
+/// good. Past six minutes a new recorder would have dropped them anyway.
+const FORGET_AFTER: Duration = Duration::from_secs(7 * 60);
 
 /// Where the controller's Events go: a queue in front of a [`Recorder`].
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    recorder: Arc<Mutex<Recorder>>,
     queue: mpsc::UnboundedSender<(Event, ObjectReference)>,
 }
 
 impl Events {
     /// Starts the task that publishes what [`Events::publish`] queues; it ends with the
     /// last clone of the returned value.
-    pub fn spawn(recorder: Recorder) -> Self {
+    pub fn spawn(client: Client, reporter: Reporter) -> Self {
+        let new_recorder = move || Recorder::new(client.clone(), reporter.clone());
+        let recorder = Arc::new(Mutex::new(new_recorder()));
         let (queue, rx) = mpsc::unbounded_channel::<(Event, ObjectReference)>();
-        let background = recorder.clone();
-        let queued = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
+        let shared = recorder.clone();
+        let queued = futures::stream::unfold(rx, move |mut rx| {
+            let shared = shared.clone();
+            let new_recorder = new_recorder.clone();
+            async move {
+                loop {
+                    match tokio::time::timeout(FORGET_AFTER, rx.recv()).await {
+                        Ok(item) => return item.map(|item| (item, rx)),
+                        Err(_) => *lock(&shared) = new_recorder(),
+                    }
+                }
+            }
         });
+        let background = recorder.clone();
         tokio::spawn(
             queued.for_each_concurrent(IN_FLIGHT, move |(event, reference)| {
-                let recorder = background.clone();
+                let recorder = lock(&background).clone();
                 async move { send(&recorder, &event, &reference).await }
             }),
         );
@@ -49,8 +70,16 @@ impl Events {
     /// Publishes an Event now, for callers that must not end before it is sent (a
     /// shutdown's last words); a failed Event is only logged.
     pub async fn publish_now(&self, event: &Event, reference: &ObjectReference) {
-        send(&self.recorder, event, reference).await;
+        let recorder = lock(&self.recorder).clone();
+        send(&recorder, event, reference).await;
     }
+}
+
+fn lock(recorder: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
+    // Only ever held to clone or replace the recorder, which cannot panic halfway.
+    recorder
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn send(recorder: &Recorder, event: &Event, reference: &ObjectReference) {
