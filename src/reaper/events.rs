@@ -19,11 +19,12 @@ const IN_FLIGHT: usize = 4;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the queue stays empty before the recorder is replaced by a new one. kube's
-/// [`Recorder`] keeps every Event it sent for six minutes, to count repeats as a series,
-/// but drops the old ones only when it sends the next: after a replica took 10 000
-/// leases over, a quiet one kept the 10 000 `LeaseAcquired` Events (about 20 MB) for
-/// good. Past six minutes a new recorder would have dropped them anyway.
-const FORGET_AFTER: Duration = Duration::from_secs(7 * 60);
+/// [`Recorder`] keeps every Event it sent for six minutes, to count a repeat as a
+/// series of the first, but drops old ones only when it sends the next: after a replica
+/// took 10 000 leases over, a quiet one kept the 10 000 `LeaseAcquired` Events (about
+/// 3 KB each) for good. The price of forgetting sooner: an Event repeated after a quiet
+/// minute is created anew instead of counted on the first.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// Where the controller's Events go: a queue in front of a [`Recorder`].
 #[derive(Clone)]
