@@ -39,7 +39,7 @@ pub struct Candidate {
     pub namespace: String,
     pub deployment: String,
     /// The Reaper, for Events.
-    pub reference: ObjectReference,
+    pub reference: Arc<ObjectReference>,
     pub watch: LeaderWatch,
     /// False while the elector's last database call failed.
     pub database_ok: Arc<AtomicBool>,
@@ -260,14 +260,7 @@ impl Candidates {
             .with_batcher(self.batcher.clone());
         let watch = elector.watch();
         let waker = elector.waker();
-        let database_ok = Arc::new(AtomicBool::new(true));
-        let database_failing_since = Arc::new(Mutex::new(None));
-        let failing_since = database_failing_since.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let trigger = self.trigger.clone();
-        let events = self.events.clone();
-        let db_ok = database_ok.clone();
-        let event_reference = reference.clone();
         let fence = Fence {
             client: self.fence_client.clone(),
             store: self.store.clone(),
@@ -278,56 +271,43 @@ impl Candidates {
             check_timeout: fence_check_timeout(timings),
             attempt_timeout: fence_attempt_timeout(timings),
         };
-        let task_fence = fence.clone();
-        let metrics = self.metrics.clone();
-        let lease = lease_name.to_owned();
-        let leadership = watch.clone();
-        let row = Arc::new(Mutex::new(None));
-        let task_row = row.clone();
+        let reference = Arc::new(reference);
+        let observer = TickObserver {
+            key,
+            reference: reference.clone(),
+            leadership: watch.clone(),
+            database_ok: Arc::new(AtomicBool::new(true)),
+            database_failing_since: Arc::new(Mutex::new(None)),
+            row: Arc::new(Mutex::new(None)),
+            fence,
+            trigger: self.trigger.clone(),
+            events: self.events.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (database_ok, database_failing_since, row) = (
+            observer.database_ok.clone(),
+            observer.database_failing_since.clone(),
+            observer.row.clone(),
+        );
+        let namespace = observer.fence.namespace.clone();
         let task = tokio::spawn(async move {
             elector
                 .run(
                     async {
                         let _ = stop_rx.await;
                     },
-                    |tick, took| {
-                        let reachable = tick.database_reachable();
-                        let database_was_ok = db_ok.swap(reachable, Ordering::Relaxed);
-                        {
-                            let mut since =
-                                failing_since.lock().expect("failing-since mutex poisoned");
-                            match (reachable, *since) {
-                                (true, _) => *since = None,
-                                (false, None) => *since = Some(Instant::now()),
-                                (false, Some(_)) => {}
-                            }
-                        }
-                        let leading = leadership.leader_epoch().is_some();
-                        metrics.observe_tick(&lease, tick, took, leading);
-                        if let Tick::DeadlineMissed { error, .. } = tick {
-                            task_fence.stop_workload(error.is_some() || !database_was_ok);
-                        }
-                        let moved = remember_row(&task_row, tick);
-                        if let Some(event) = transition_event(tick) {
-                            let _ = trigger.send(key.clone());
-                            events.publish(event, &event_reference);
-                        } else if moved || database_was_ok != reachable {
-                            // A database that stops or starts answering changes the
-                            // status (DatabaseReachable) and, after a while, the decision.
-                            let _ = trigger.send(key.clone());
-                        }
-                    },
+                    |tick, took| observer.observe(tick, took),
                 )
                 .await;
-            metrics.forget_lease(&lease);
+            observer.metrics.forget_lease(&observer.fence.lease_name);
             elector
         });
         Candidate {
             lease_name: lease_name.to_owned(),
             timings,
-            namespace: fence.namespace.clone(),
+            namespace,
             deployment: deployment.to_owned(),
-            reference: reference.clone(),
+            reference,
             watch,
             database_ok,
             database_failing_since,
@@ -341,6 +321,56 @@ impl Candidates {
             waker,
             stop: Some(stop_tx),
             task,
+        }
+    }
+}
+
+/// What an elector's task does after each tick: keeps the database's health and the
+/// row for reconciles, counts the tick, fences on a missed deadline, and triggers a
+/// reconcile (with an Event) when what it decides from may have changed.
+struct TickObserver {
+    key: ObjectRef<Reaper>,
+    reference: Arc<ObjectReference>,
+    leadership: LeaderWatch,
+    database_ok: Arc<AtomicBool>,
+    database_failing_since: Arc<Mutex<Option<Instant>>>,
+    row: Arc<Mutex<Option<Lease>>>,
+    fence: Fence,
+    trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
+    events: Events,
+    metrics: Arc<Metrics>,
+}
+
+impl TickObserver {
+    fn observe(&self, tick: &Tick, took: Duration) {
+        let reachable = tick.database_reachable();
+        let database_was_ok = self.database_ok.swap(reachable, Ordering::Relaxed);
+        {
+            let mut since = self
+                .database_failing_since
+                .lock()
+                .expect("failing-since mutex poisoned");
+            match (reachable, *since) {
+                (true, _) => *since = None,
+                (false, None) => *since = Some(Instant::now()),
+                (false, Some(_)) => {}
+            }
+        }
+        let leading = self.leadership.leader_epoch().is_some();
+        self.metrics
+            .observe_tick(&self.fence.lease_name, tick, took, leading);
+        if let Tick::DeadlineMissed { error, .. } = tick {
+            self.fence
+                .stop_workload(error.is_some() || !database_was_ok);
+        }
+        let moved = remember_row(&self.row, tick);
+        if let Some(event) = transition_event(tick) {
+            let _ = self.trigger.send(self.key.clone());
+            self.events.publish(event, &self.reference);
+        } else if moved || database_was_ok != reachable {
+            // A database that stops or starts answering changes the status
+            // (DatabaseReachable) and, after a while, the decision.
+            let _ = self.trigger.send(self.key.clone());
         }
     }
 }
