@@ -507,48 +507,7 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
     // Validate everything before touching the database.
     let schema = db.schema()?;
     let url = db.url()?;
-    match &command {
-        LeaseCommand::Acquire {
-            name,
-            holder,
-            ttl_seconds,
-            ..
-        } => {
-            check_label("lease name", name)?;
-            check_label("holder", holder)?;
-            if *ttl_seconds <= 0 || *ttl_seconds > 86_400 {
-                return Err(Error::Config(format!(
-                    "--ttl-seconds must be between 1 and 86400, got {ttl_seconds}"
-                )));
-            }
-        }
-        LeaseCommand::Renew {
-            name,
-            holder,
-            epoch,
-            ..
-        }
-        | LeaseCommand::Release {
-            name,
-            holder,
-            epoch,
-            ..
-        } => {
-            check_label("lease name", name)?;
-            check_label("holder", holder)?;
-            if *epoch < 1 {
-                return Err(Error::Config(format!(
-                    "--epoch must be at least 1, got {epoch}"
-                )));
-            }
-        }
-        LeaseCommand::Status { name, .. } => {
-            if let Some(name) = name {
-                check_label("lease name", name)?;
-            }
-        }
-    }
-
+    check_lease_command(&command)?;
     let store = LeaseStore::connect(url, &schema, COMMAND_TIMEOUT, 1).await?;
     match command {
         LeaseCommand::Acquire {
@@ -556,49 +515,7 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
             holder,
             ttl_seconds,
             output,
-        } => {
-            let ttl = Duration::from_secs(ttl_seconds as u64);
-            match store.acquire(&name, &holder, ttl).await? {
-                Some(lease) => {
-                    print_lease(&lease, output);
-                    Ok(Outcome::Done)
-                }
-                None => {
-                    let current = store.get(&name).await?;
-                    match &current {
-                        Some(lease) if lease.is_held() => {
-                            eprintln!(
-                                "lease {name:?} is held by {:?} (epoch {}) until {}",
-                                lease.holder,
-                                lease.epoch,
-                                lease.expires_at.to_rfc3339()
-                            );
-                            print_lease(lease, output);
-                        }
-                        Some(lease) if !lease.on_current_timeline => {
-                            eprintln!(
-                                "lease {name:?} cannot be acquired yet: the database failed \
-                                 over recently, and nothing is acquired until a ttl after \
-                                 the new primary first saw an acquire (try again then)"
-                            );
-                            print_lease(lease, output);
-                        }
-                        Some(lease) => {
-                            eprintln!(
-                                "lease {name:?} changed hands while it was being acquired, \
-                                 or the database failed over recently: try again"
-                            );
-                            print_lease(lease, output);
-                        }
-                        None => eprintln!(
-                            "lease {name:?} cannot be acquired yet: the database failed over \
-                             recently (try again in a ttl)"
-                        ),
-                    }
-                    Ok(Outcome::NotDone)
-                }
-            }
-        }
+        } => acquire(&store, &name, &holder, ttl_seconds, output).await,
         LeaseCommand::Renew {
             name,
             holder,
@@ -654,6 +571,103 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
                 Output::Text => print_table(&leases),
             }
             Ok(Outcome::Done)
+        }
+    }
+}
+
+/// The checks of a `lease` subcommand's flags, each refusal one line.
+fn check_lease_command(command: &LeaseCommand) -> Result<()> {
+    match command {
+        LeaseCommand::Acquire {
+            name,
+            holder,
+            ttl_seconds,
+            ..
+        } => {
+            check_label("lease name", name)?;
+            check_label("holder", holder)?;
+            if *ttl_seconds <= 0 || *ttl_seconds > 86_400 {
+                return Err(Error::Config(format!(
+                    "--ttl-seconds must be between 1 and 86400, got {ttl_seconds}"
+                )));
+            }
+        }
+        LeaseCommand::Renew {
+            name,
+            holder,
+            epoch,
+            ..
+        }
+        | LeaseCommand::Release {
+            name,
+            holder,
+            epoch,
+            ..
+        } => {
+            check_label("lease name", name)?;
+            check_label("holder", holder)?;
+            if *epoch < 1 {
+                return Err(Error::Config(format!(
+                    "--epoch must be at least 1, got {epoch}"
+                )));
+            }
+        }
+        LeaseCommand::Status { name, .. } => {
+            if let Some(name) = name {
+                check_label("lease name", name)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `lease acquire`; when refused, says why on stderr.
+async fn acquire(
+    store: &LeaseStore,
+    name: &str,
+    holder: &str,
+    ttl_seconds: i64,
+    output: Output,
+) -> Result<Outcome> {
+    let ttl = Duration::from_secs(ttl_seconds as u64);
+    match store.acquire(name, holder, ttl).await? {
+        Some(lease) => {
+            print_lease(&lease, output);
+            Ok(Outcome::Done)
+        }
+        None => {
+            let current = store.get(name).await?;
+            match &current {
+                Some(lease) if lease.is_held() => {
+                    eprintln!(
+                        "lease {name:?} is held by {:?} (epoch {}) until {}",
+                        lease.holder,
+                        lease.epoch,
+                        lease.expires_at.to_rfc3339()
+                    );
+                    print_lease(lease, output);
+                }
+                Some(lease) if !lease.on_current_timeline => {
+                    eprintln!(
+                        "lease {name:?} cannot be acquired yet: the database failed \
+                         over recently, and nothing is acquired until a ttl after \
+                         the new primary first saw an acquire (try again then)"
+                    );
+                    print_lease(lease, output);
+                }
+                Some(lease) => {
+                    eprintln!(
+                        "lease {name:?} changed hands while it was being acquired, \
+                         or the database failed over recently: try again"
+                    );
+                    print_lease(lease, output);
+                }
+                None => eprintln!(
+                    "lease {name:?} cannot be acquired yet: the database failed over \
+                     recently (try again in a ttl)"
+                ),
+            }
+            Ok(Outcome::NotDone)
         }
     }
 }
