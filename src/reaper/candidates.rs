@@ -574,39 +574,29 @@ mod tests {
     #[test]
     fn fence_check_leaves_most_of_the_margin() {
         let t = LeaseTimings::from_millis;
-        assert_eq!(
-            fence_check_timeout(t(15_000, 10_000, 2_000)),
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            fence_check_timeout(t(3_000, 2_000, 1_000)),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            fence_check_timeout(t(1_000, 990, 500)),
-            Duration::from_millis(50)
-        );
+        for (timings, check) in [
+            (t(15_000, 10_000, 2_000), 1_000),
+            (t(3_000, 2_000, 1_000), 250),
+            (t(1_000, 990, 500), 50),
+        ] {
+            assert_eq!(fence_check_timeout(timings), Duration::from_millis(check));
+        }
     }
 
     #[test]
     fn fence_attempt_leaves_time_for_a_second_one() {
         let t = LeaseTimings::from_millis;
-        assert_eq!(
-            fence_attempt_timeout(t(15_000, 10_000, 2_000)),
-            Duration::from_millis(2_500)
-        );
-        assert_eq!(
-            fence_attempt_timeout(t(3_000, 2_000, 1_000)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            fence_attempt_timeout(t(1_000, 990, 500)),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            fence_attempt_timeout(t(600_000, 10_000, 2_000)),
-            Duration::from_secs(5)
-        );
+        for (timings, attempt) in [
+            (t(15_000, 10_000, 2_000), 2_500),
+            (t(3_000, 2_000, 1_000), 500),
+            (t(1_000, 990, 500), 250),
+            (t(600_000, 10_000, 2_000), 5_000),
+        ] {
+            assert_eq!(
+                fence_attempt_timeout(timings),
+                Duration::from_millis(attempt)
+            );
+        }
         // A call outlives the attempt timeout, so a slow answer still counts.
         assert!(FENCE_CALL_TIMEOUT >= 2 * fence_attempt_timeout(t(600_000, 10_000, 2_000)));
     }
