@@ -82,18 +82,6 @@ const ALERTS: [&str; 5] = [
     "ReaperRenewSlow",
 ];
 
-#[test]
-fn chart_crd_file_is_crds_reaper_yaml() {
-    let committed = std::fs::read(repo_root().join("crds/reaper.yaml")).expect("crds/reaper.yaml");
-    let path = repo_root().join(CHART).join(CRD_FILE);
-    let chart = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(
-        chart == committed,
-        "{CHART}/{CRD_FILE} differs from crds/reaper.yaml: run \
-         `cp crds/reaper.yaml {CHART}/{CRD_FILE}`"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_chart_against_real_apiserver() {
     let started = Instant::now();
