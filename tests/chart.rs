@@ -84,6 +84,8 @@ const ALERTS: [&str; 5] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_chart_against_real_apiserver() {
+    // Before a cluster is started: without a database this stops at once.
+    db::direct_url();
     let started = Instant::now();
     // Always a private cluster (REAPER_TEST_KUBECONFIG is ignored): the release owns
     // cluster-scoped objects (the CRD, which case 4 changes, and a ClusterRole) that a

@@ -49,6 +49,8 @@ type Scenario = for<'a> fn(&'a [Cluster; 2]) -> Pin<Box<dyn Future<Output = Resu
 
 #[test]
 fn reaper_controller_scenarios() {
+    // Before the clusters are started: without a database this stops at once.
+    db::direct_url();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

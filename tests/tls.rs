@@ -149,12 +149,7 @@ async fn stock_pgbouncer_in_session_mode_runs_migrations_and_lease_operations() 
 }
 
 fn session_url() -> String {
-    std::env::var("REAPER_TEST_PGBOUNCER_SESSION_URL").unwrap_or_else(|_| {
-        panic!(
-            "REAPER_TEST_PGBOUNCER_SESSION_URL is not set: run `make test`, or \
-             `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` before `cargo test`"
-        )
-    })
+    db::env_url("REAPER_TEST_PGBOUNCER_SESSION_URL")
 }
 
 struct Ctx<'a> {

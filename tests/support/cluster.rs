@@ -157,6 +157,7 @@ impl TestCluster {
                     out.stderr
                 )
             })?;
+        STARTED_AND_RUNNING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Self {
             name: Some(name),
             kubeconfig,
@@ -270,8 +271,19 @@ impl TestCluster {
     }
 }
 
+/// Clusters this process started and has not stopped: while there are any, a test
+/// that cannot go on must unwind (their `Drop` stops them), not exit.
+static STARTED_AND_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn started_and_running() -> usize {
+    STARTED_AND_RUNNING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if self.name.is_some() {
+            STARTED_AND_RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
         if let Err(e) = self.stop_inner() {
             eprintln!("warning: could not stop the test cluster: {e:#}");
         }

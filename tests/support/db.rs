@@ -18,12 +18,24 @@ pub enum Via {
     PgBouncer,
 }
 
-fn env_url(var: &str) -> String {
+/// A variable of the env file `tests/db/up.sh` writes. Without it the test process
+/// stops at once with one line, instead of every test panicking on its own: a plain
+/// `cargo test` on a fresh machine has no database to run against. (A test that started
+/// a control plane panics with that line instead, so the cluster is stopped.)
+pub fn env_url(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
-        panic!(
-            "{var} is not set. These tests need a real PostgreSQL and PgBouncer: run `make test`, \
-             or `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` before `cargo test`"
-        )
+        let line = format!(
+            "{var} is not set: these tests need a real PostgreSQL and PgBouncer; run `make test` \
+             (or `set -a; . \"$(tests/db/up.sh dev | tail -n 1)\"; set +a` before `cargo test`)"
+        );
+        if super::cluster::started_and_running() > 0 {
+            panic!("{line}");
+        }
+        // Straight to the process's stderr: the test harness captures `eprintln!`, and
+        // would drop the line with the process.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
+        std::process::exit(2)
     })
 }
 
