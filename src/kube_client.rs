@@ -9,17 +9,23 @@
 
 use std::time::Duration;
 
-use kube::client::ConfigExt;
+use http::{Method, Request, Response};
+use kube::client::retry::RetryPolicy;
+use kube::client::{Body, ConfigExt};
 use kube::{Client, Config};
-use tower::ServiceBuilder;
+use tower::buffer::BufferLayer;
+use tower::retry::{Policy, RetryLayer};
 use tower::timeout::TimeoutLayer;
+use tower::{BoxError, ServiceBuilder};
 
 use crate::{Error, Result};
 
-/// The client of `Client::try_default`, each call bounded by `timeout`, without kube's
-/// retries of answers 429, 503 and 504: those would resend a write inside the same
-/// bound, and a resent scale-up cut by it could land after the operator gave up on it.
-/// Every caller retries on its own.
+/// The client of `Client::try_default`, each call bounded by `timeout`. kube's own
+/// retries of answers 429, 503 and 504 are kept for reads only, outside the bound (each
+/// attempt has all of it): a write resent after a 504 and then cut by the bound could
+/// still land after the operator gave up on it, so writes are retried by their callers,
+/// who read again first. Reads keep them: without, one 429 when a watch reopens would
+/// distrust a cache and send every Reaper's reconcile to the API server at once.
 pub async fn infer(timeout: Duration) -> Result<(Client, Config)> {
     let mut config = Config::infer().await.map_err(|e| {
         Error::Config(format!(
@@ -30,8 +36,41 @@ pub async fn infer(timeout: Duration) -> Result<(Client, Config)> {
     let client = kube::client::ClientBuilder::try_from(config.clone())
         .map_err(|e| Error::Config(format!("cannot build the Kubernetes client: {e}")))?
         .with_layer(&TimeoutLayer::new(timeout))
+        // A retry needs a service it can clone; kube's stack is boxed, a buffer is not
+        // (and holds as many waiting calls as the one `Client` puts in front of it).
+        .with_layer(&BufferLayer::new(1024))
+        .with_layer(&RetryLayer::new(RetryReads(RetryPolicy::server_retry())))
         .build();
     Ok((client, config))
+}
+
+/// kube's retry policy, for GET requests (reads, lists and watches) only.
+#[derive(Clone)]
+struct RetryReads(RetryPolicy);
+
+impl<Res> Policy<Request<Body>, Response<Res>, BoxError> for RetryReads {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Request<Body>,
+        result: &mut std::result::Result<Response<Res>, BoxError>,
+    ) -> Option<Self::Future> {
+        if request.method() != Method::GET {
+            return None;
+        }
+        self.0.retry(request, result)
+    }
+
+    fn clone_request(&mut self, request: &Request<Body>) -> Option<Request<Body>> {
+        if request.method() != Method::GET {
+            return None;
+        }
+        <RetryPolicy as Policy<Request<Body>, Response<Res>, BoxError>>::clone_request(
+            &mut self.0,
+            request,
+        )
+    }
 }
 
 /// A client that opens a new connection for every call and keeps none idle: a fence's

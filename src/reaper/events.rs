@@ -26,6 +26,12 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// minute is created anew instead of counted on the first.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
+/// Events a recorder sends before it is replaced, however busy the queue: a replica
+/// taking 10 000 leases over sends them within minutes, and a cache that holds them all
+/// until the queue is quiet costs 30 MB at the peak and leaves the heap full of holes
+/// after it. Repeats further apart than this many Events are created anew.
+const FORGET_EVERY: u32 = 1_000;
+
 /// Where the controller's Events go: a queue in front of a [`Recorder`].
 #[derive(Clone)]
 pub struct Events {
@@ -38,6 +44,7 @@ impl Events {
     /// last clone of the returned value.
     pub fn spawn(client: Client, reporter: Reporter) -> Self {
         let new_recorder = move || Recorder::new(client.clone(), reporter.clone());
+        let fresh_recorder = new_recorder.clone();
         let recorder = Arc::new(Mutex::new(new_recorder()));
         let (queue, rx) = mpsc::unbounded_channel::<(Event, ObjectReference)>();
         let shared = recorder.clone();
@@ -54,8 +61,13 @@ impl Events {
             }
         });
         let background = recorder.clone();
+        let mut sent = 0_u32;
         tokio::spawn(
             queued.for_each_concurrent(IN_FLIGHT, move |(event, reference)| {
+                sent = sent.wrapping_add(1);
+                if sent.is_multiple_of(FORGET_EVERY) {
+                    *lock(&background) = fresh_recorder();
+                }
                 let recorder = lock(&background).clone();
                 async move { send(&recorder, &event, &reference).await }
             }),
