@@ -431,34 +431,49 @@ impl Fence {
     /// [`FENCE_CALL_TIMEOUT`]): neither connections that went silent nor a slow API
     /// server hold the fence, and a slow answer still counts.
     async fn scale_to_zero(&self) {
+        use tokio::time::Instant;
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = &self.deployment;
-        let give_up = tokio::time::Instant::now() + FENCE_GIVE_UP;
+        let give_up = Instant::now() + FENCE_GIVE_UP;
         let mut pending = FuturesUnordered::new();
         let mut sent = 0;
         let mut pause = Duration::from_millis(100);
+        // When the next call goes out: at once; then once the calls out have had the
+        // attempt timeout to answer, or a pause after a refusal, whichever is first.
+        // The calls out are polled all the while, so a late answer still ends the fence.
+        let mut next_call = Instant::now();
         loop {
-            if tokio::time::Instant::now() < give_up {
+            let now = Instant::now();
+            if now >= next_call && now < give_up {
                 sent += 1;
                 pending.push(scale_call(api.clone(), name.clone(), sent));
+                next_call = now + self.attempt_timeout;
             }
-            match tokio::time::timeout(self.attempt_timeout, pending.next()).await {
-                Ok(Some((_, Ok(_)))) => {
+            let answer = if now < give_up {
+                match tokio::time::timeout_at(next_call, pending.next()).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        tracing::warn!(deployment = %name, in_flight = pending.len(), timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; sending another beside it");
+                        continue;
+                    }
+                }
+            } else {
+                pending.next().await
+            };
+            match answer {
+                Some((_, Ok(_))) => {
                     tracing::warn!(deployment = %name, "renew deadline missed: scaled the workload to 0");
                     return;
                 }
-                Ok(Some((_, Err(kube::Error::Api(e))))) if e.code == 404 => return,
-                Ok(Some((attempt, Err(error)))) => {
+                Some((_, Err(kube::Error::Api(e)))) if e.code == 404 => return,
+                Some((attempt, Err(error))) => {
                     tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying");
-                    // The calls still out keep going meanwhile: their connections and
-                    // requests proceed in the client's tasks.
-                    tokio::time::sleep(pause).await;
+                    next_call = next_call.min(Instant::now() + pause);
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(deployment = %name, in_flight = pending.len(), timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; sending another beside it")
-                }
+                // Nothing out: the next call waits for its time.
+                None if Instant::now() < give_up => tokio::time::sleep_until(next_call).await,
+                None => break,
             }
         }
         tracing::error!(deployment = %name, "renew deadline missed: gave up scaling the workload to 0");
