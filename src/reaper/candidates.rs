@@ -453,7 +453,7 @@ impl Fence {
                 match tokio::time::timeout_at(next_call, pending.next()).await {
                     Ok(answer) => answer,
                     Err(_) => {
-                        tracing::warn!(deployment = %name, in_flight = pending.len(), timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down got no answer in time; sending another beside it");
+                        tracing::warn!(deployment = %name, in_flight = pending.len(), timeout = ?self.attempt_timeout, "renew deadline missed: the scale-down has no answer yet; sending another beside it");
                         continue;
                     }
                 }
@@ -468,7 +468,14 @@ impl Fence {
                 Some((_, Err(kube::Error::Api(e)))) if e.code == 404 => return,
                 Some((attempt, Err(error))) => {
                     tracing::warn!(deployment = %name, %error, attempt, "renew deadline missed: cannot scale to 0 yet; retrying");
-                    next_call = next_call.min(Instant::now() + pause);
+                    // With calls still out, the pause may only bring the next call
+                    // sooner; with none, it alone decides.
+                    let after_pause = Instant::now() + pause;
+                    next_call = if pending.is_empty() {
+                        after_pause
+                    } else {
+                        next_call.min(after_pause)
+                    };
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 // Nothing out: the next call waits for its time.
