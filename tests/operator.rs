@@ -57,7 +57,7 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 18] = [
+    let scenarios: [(&str, Scenario); 19] = [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -84,6 +84,10 @@ fn reaper_controller_scenarios() {
         (
             "API partition leaving its connections dead: the fence gets through on a new one",
             |c| Box::pin(silent_api::fence_gets_through_a_silent_api_connection(c)),
+        ),
+        (
+            "watches behind the operator's own writes: the status is written back all the same",
+            |c| Box::pin(silent_api::status_is_written_back_while_watches_lag(c)),
         ),
         (
             "database down at start: alive and unready, then leads by itself",

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use super::crd::Reaper;
 use super::decide::same_cluster;
 use super::events::Events;
+use super::status::LastWrite;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
@@ -63,6 +64,9 @@ pub struct Candidate {
     pub others: Option<Vec<WorkloadReport>>,
     /// Clusters already warned about (stale reports), per epoch.
     pub warned_stale_epoch: Option<i64>,
+    /// This replica's last write of the Reaper's status, which the Reaper cache may not
+    /// show yet (`status::needs_write`).
+    pub status_written: Option<LastWrite>,
     waker: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Elector>,
@@ -318,6 +322,7 @@ impl Candidates {
             others: None,
             external_scale_ups: 0,
             warned_stale_epoch: None,
+            status_written: None,
             waker,
             stop: Some(stop_tx),
             task,

@@ -25,7 +25,7 @@ use super::decide::{self, Gate, Role, Scale, ScaleFacts, ScaleRecord};
 use super::events::Events;
 use super::handover::{cleanup, forget_deleted, hand_over};
 use super::observe::{self, Workload};
-use super::status::{self, Observation};
+use super::status::{self, LastWrite, Observation};
 use super::watches::{self, Caches, Watches};
 use crate::config::{LeaseTimings, validate_label};
 use crate::lease::{LeaseStore, WorkloadCounts, WorkloadUpdate};
@@ -565,13 +565,33 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
             .await,
         ),
     };
+    let key = &key;
+    // Only a leader judges by its own last write too: it alone speaks for the cluster
+    // then. A replica that cannot read the lease may have a peer that took it and wrote
+    // its scale-up record since, which the cache does not show yet; writing what that
+    // cache shows over it would erase the record.
+    let leading = matches!(role, Role::Leader { .. });
     let write = |status: Option<ReaperStatus>| async move {
-        match status {
-            Some(status) if previous.is_none_or(|old| status::differs(old, &status)) => {
-                write_status(ctx, reaper, status).await
-            }
-            _ => Ok(()),
+        let Some(status) = status else {
+            return Ok(());
+        };
+        let last_write = ctx
+            .candidates
+            .update(key, |c| c.status_written)
+            .flatten()
+            .filter(|_| leading);
+        if !status::needs_write(previous, last_write, &status) {
+            return Ok(());
         }
+        let fingerprint = status::Fingerprint::of(&status);
+        let written = write_status(ctx, reaper, status).await;
+        let last_write = match written {
+            Ok(()) => LastWrite::Wrote(fingerprint),
+            Err(_) => LastWrite::Unknown,
+        };
+        ctx.candidates
+            .update(key, |c| c.status_written = Some(last_write));
+        written
     };
     match plan.scale {
         Scale::Up { epoch } => {
@@ -604,7 +624,7 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
                     },
                     ..update
                 };
-                report(ctx, &key, &starting).await?;
+                report(ctx, key, &starting).await?;
                 if watch.leader_epoch() == Some(epoch) {
                     scale(&ctx.client, &ns, deployment_name, 1).await?;
                 }

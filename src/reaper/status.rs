@@ -1,6 +1,8 @@
 //! The status a reconcile reports, built from what it observed and decided. No I/O
 //! here, so all of it is unit tested.
 
+use std::hash::{Hash, Hasher};
+
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -418,14 +420,57 @@ fn k8s_time(t: DateTime<Utc>) -> Time {
 /// database row and in the replicas' presence, see `presence`), so a Reaper whose state
 /// does not change costs no status write.
 pub fn differs(old: &ReaperStatus, new: &ReaperStatus) -> bool {
-    let strip = |s: &ReaperStatus| {
-        let mut s = s.clone();
-        for c in &mut s.conditions {
-            c.last_transition_time = k8s_time(DateTime::<Utc>::UNIX_EPOCH);
+    without_transition_times(old) != without_transition_times(new)
+}
+
+fn without_transition_times(status: &ReaperStatus) -> ReaperStatus {
+    let mut status = status.clone();
+    for c in &mut status.conditions {
+        c.last_transition_time = k8s_time(DateTime::<Utc>::UNIX_EPOCH);
+    }
+    status
+}
+
+/// A status as [`differs`] compares it, in 8 bytes: what a replica keeps per Reaper of
+/// the status it last wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    pub fn of(status: &ReaperStatus) -> Self {
+        let mut hasher = std::hash::DefaultHasher::new();
+        serde_json::to_vec(&without_transition_times(status))
+            .expect("a status serializes")
+            .hash(&mut hasher);
+        Self(hasher.finish())
+    }
+}
+
+/// This replica's last status write to a Reaper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LastWrite {
+    Wrote(Fingerprint),
+    /// It failed, perhaps after the API server applied it.
+    Unknown,
+}
+
+/// True when a reconcile must write `new`. The Reaper cache alone cannot say: a status
+/// change does not trigger a reconcile, the elector's triggers do, and they can outrun
+/// the watch that brings this replica's own last write. Judged on a cache that still
+/// shows the write before, a change back to that status would look like no change and
+/// never be written (the Reaper stuck on the status in between until its next resync).
+/// `last_write` is given by a leader only (see `reconcile::apply`).
+pub fn needs_write(
+    cached: Option<&ReaperStatus>,
+    last_write: Option<LastWrite>,
+    new: &ReaperStatus,
+) -> bool {
+    cached.is_none_or(|old| differs(old, new))
+        || match last_write {
+            None => false,
+            Some(LastWrite::Unknown) => true,
+            Some(LastWrite::Wrote(fingerprint)) => fingerprint != Fingerprint::of(new),
         }
-        s
-    };
-    strip(old) != strip(new)
 }
 
 #[cfg(test)]
@@ -659,6 +704,39 @@ mod tests {
         let mut other = recorded.clone();
         other.epoch = Some(9);
         assert!(differs(&recorded, &other));
+    }
+
+    #[test]
+    fn a_cache_behind_the_last_write_does_not_hide_a_change_back() {
+        let now = Utc::now();
+        let held = lease("east/a", "", false);
+        let leading = build_status(
+            &leading_with_its_pod(&Role::Leader { epoch: 3 }, &held, now),
+            None,
+        );
+        let mut degraded = leading.clone();
+        degraded.phase = Some(Phase::Degraded);
+        degraded.holder = None;
+        let wrote = |s: &ReaperStatus| Some(LastWrite::Wrote(Fingerprint::of(s)));
+
+        // Leading was written and seen; Degraded was written but the cache still shows
+        // Leading when the database answers again: the cache alone says "no change".
+        assert!(!differs(&leading, &leading));
+        assert!(needs_write(Some(&leading), wrote(&degraded), &leading));
+        // Quiet once the write and the cache agree, whichever timestamps the conditions carry.
+        let mut later = leading.clone();
+        later.conditions[0].last_transition_time = k8s_time(now + chrono::Duration::seconds(5));
+        assert!(!needs_write(Some(&leading), wrote(&leading), &later));
+        assert!(!needs_write(Some(&leading), None, &leading));
+        // A failed write may or may not have landed.
+        assert!(needs_write(
+            Some(&leading),
+            Some(LastWrite::Unknown),
+            &leading
+        ));
+        // A cache ahead of this replica's write (a peer wrote since) is judged too.
+        assert!(needs_write(Some(&degraded), wrote(&leading), &leading));
+        assert!(needs_write(None, wrote(&leading), &leading));
     }
 
     #[test]

@@ -1,16 +1,25 @@
-//! A partition between the operator and its API server that ends with every
-//! connection open during it dead but not reset (a restarted load balancer, a NAT entry
-//! dropped): the calls sent on them get no answer, ever, while new connections work.
-//! With the database cut off too, the leader's fence fires during the partition; once
-//! it heals, the scale-down must get through on a new connection within a few seconds.
-//! Fails on an operator whose API calls have no bound (the fence and the reconcile wait
-//! on dead connections for good, and the workload keeps running) and on one whose fence
-//! waits for an unanswered call to end before it sends another.
+//! Faults between the operator and its API server.
+//!
+//! A partition that ends with every connection open during it dead but not reset (a
+//! restarted load balancer, a NAT entry dropped): the calls sent on them get no answer,
+//! ever, while new connections work. With the database cut off too, the leader's fence
+//! fires during the partition; once it heals, the scale-down must get through on a new
+//! connection within a few seconds. Fails on an operator whose API calls have no bound
+//! (the fence and the reconcile wait on dead connections for good, and the workload
+//! keeps running) and on one whose fence waits for an unanswered call to end before it
+//! sends another.
+//!
+//! Watches behind the operator's own writes (a slow watch, a loaded API server): a
+//! database hiccup shorter than the renew deadline turns the status Degraded and back.
+//! The way back must be written although the Reaper cache still shows the status from
+//! before the hiccup. Fails on an operator that takes "the cache shows it" for "it is
+//! written": the status stays Degraded until the next resync, minutes later.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use reaper_operator::reaper::{LeaseSpec, Phase};
 use serde_json::json;
 
 use super::support::cluster::wait_until;
@@ -18,8 +27,8 @@ use super::support::fixtures::{create_deployment, create_reaper};
 use super::support::operator::{OperatorProcess, OperatorSpec};
 use super::support::proxy::{FaultProxy, Mode};
 use super::{
-    Cluster, DEADLINE, database_proxy, lease_spec, namespace, replicas, schema, suffix,
-    wait_replicas, with_logs,
+    Cluster, DEADLINE, condition, database_proxy, lease_spec, namespace, replicas, schema, status,
+    suffix, wait_replicas, with_logs,
 };
 
 pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2]) -> Result<()> {
@@ -66,6 +75,101 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
             "scaled to 0 {:.2?} after the partition healed",
             healed.elapsed()
         );
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&kubeconfig);
+    with_logs(result, &[&op])
+}
+
+pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _store) = schema().await?;
+    let ns = namespace(&c.client, "lagging-watch").await?;
+    let lease_name = format!("{ns}.lagging-{}", suffix());
+    // A renew deadline far beyond the hiccup: the leader keeps its lease and its pod.
+    let lease = LeaseSpec {
+        name: Some(lease_name),
+        ttl_seconds: 15,
+        renew_deadline_seconds: 10,
+        retry_period_seconds: 1,
+        handover_delay_seconds: 0,
+    };
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease).await?;
+    let (db_proxy, via_db_proxy) = database_proxy().await?;
+    let (api_proxy, kubeconfig) = api_proxy(c).await?;
+    let op = OperatorProcess::start(OperatorSpec {
+        kubeconfig: &kubeconfig,
+        database_url: &via_db_proxy,
+        listen_database_url: None,
+        schema: schema.as_str(),
+        cluster: c.name,
+        identity: "op-1",
+        migrate: false,
+        namespace: &ns,
+    });
+    // Read straight from the API server, not through the proxy.
+    let phase_is = |want: Phase| {
+        let (client, ns) = (&c.client, &ns);
+        move || async move {
+            let s = status(client, ns, "reaper").await?;
+            Ok((s.phase == Some(want)).then_some(s))
+        }
+    };
+    let result = async {
+        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
+        // Leading with its pod ready, and that write seen by the operator's watch before
+        // the watches are held: otherwise the status after the hiccup (1/1) differs
+        // from the cache (0/1) and even a cache-only rule writes it.
+        wait_until(
+            "the status to show the lease held and the pod ready",
+            Duration::from_secs(10),
+            || async {
+                let s = status(&c.client, &ns, "reaper").await?;
+                let ready = condition(&s, "Ready").is_some_and(|r| r.status == "True");
+                Ok(
+                    (s.phase == Some(Phase::Leading) && s.ready.as_deref() == Some("1/1") && ready)
+                        .then_some(()),
+                )
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        api_proxy.set(Mode::HoldPushes);
+        db_proxy.set(Mode::Reset);
+        let cut = Instant::now();
+        // Well within the renew deadline (10 s), so the lease is never lost.
+        wait_until(
+            "the status to show the database failing",
+            Duration::from_secs(6),
+            phase_is(Phase::Degraded),
+        )
+        .await?;
+        db_proxy.set(Mode::Pass);
+        let healed = Instant::now();
+        eprintln!("Degraded written {:.2?} after the cut", healed - cut);
+        let back = wait_until(
+            "the status to show the lease held again, its watches still held back",
+            Duration::from_secs(10),
+            phase_is(Phase::Leading),
+        )
+        .await?;
+        eprintln!(
+            "Leading written {:.2?} after the database answered again",
+            healed.elapsed()
+        );
+        ensure!(
+            back.holder.as_deref() == Some(op.holder().as_str()),
+            "the status names {:?} as the holder, not {}",
+            back.holder,
+            op.holder()
+        );
+        ensure!(
+            replicas(&c.client, &ns, "reaper").await?.0 == 1,
+            "the leader stopped its pod over a hiccup shorter than its renew deadline"
+        );
+        api_proxy.set(Mode::Pass);
         Ok(())
     }
     .await;

@@ -3,12 +3,14 @@
 //! but forwards nothing (a partition: calls hang until their timeout). `stall_open`
 //! silences only the connections already open, for good, while new ones pass: a pooled
 //! keep-alive connection whose path died without a reset (a restarted load balancer, a
-//! dropped NAT entry).
+//! dropped NAT entry). `HoldPushes` delays a watch's events but not the calls' answers:
+//! a client whose caches fall behind its own writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -17,7 +19,15 @@ pub enum Mode {
     Pass,
     Reset,
     Blackhole,
+    /// Answers pass, pushes wait: what the server sends more than [`ANSWER_WITHIN`]
+    /// after the client last sent anything (a watch's events, not a call's response) is
+    /// held back until the mode is `Pass` again.
+    HoldPushes,
 }
+
+/// How long after a client's last bytes the server's are still taken for its answer
+/// (generous for a loaded machine; a watch's request is minutes old).
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct State {
@@ -123,36 +133,90 @@ async fn serve(
                     return;
                 }
             }
-            Mode::Pass => break,
+            Mode::Pass | Mode::HoldPushes => break,
         }
     }
     let Ok(mut server) = TcpStream::connect(&upstream).await else {
         return;
     };
-    loop {
-        tokio::select! {
-            _ = copy_bidirectional(&mut client, &mut server) => return,
-            changed = rx.changed() => {
-                if changed.is_err() { return; }
-                let mode = rx.borrow_and_update().mode_of(connection);
-                match mode {
-                    Mode::Pass => continue,
-                    Mode::Reset => return,
-                    Mode::Blackhole => {
-                        // Hold both sockets open and silent until the mode changes again.
-                        loop {
-                            if rx.changed().await.is_err() { return; }
-                            let mode = rx.borrow_and_update().mode_of(connection);
-                            match mode {
-                                Mode::Blackhole => continue,
-                                Mode::Reset => return,
-                                // Bytes were dropped mid-stream: the session is no longer
-                                // usable, so close it as a real partition would end it.
-                                Mode::Pass => return,
-                            }
-                        }
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let opened = Instant::now();
+    // Milliseconds from `opened` to the client's last bytes.
+    let client_spoke = AtomicU64::new(0);
+    // Each direction copies on its own, so neither waits on the other's full buffer;
+    // a cut is seen at once by `cut`, whatever the copies are blocked on.
+    let upstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let Ok(n @ 1..) = client_read.read(&mut buf).await else {
+                return;
+            };
+            client_spoke.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let mut modes = rx.clone();
+    let downstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                read = server_read.read(&mut buf) => {
+                    let Ok(n @ 1..) = read else {
+                        let _ = client_write.write_all(&held).await;
+                        return;
+                    };
+                    let quiet_for = opened.elapsed().saturating_sub(Duration::from_millis(
+                        client_spoke.load(Ordering::Relaxed),
+                    ));
+                    let hold = modes.borrow().mode_of(connection) == Mode::HoldPushes;
+                    if hold && (quiet_for > ANSWER_WITHIN || !held.is_empty()) {
+                        held.extend_from_slice(&buf[..n]);
+                    } else if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
                     }
                 }
+                changed = modes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let mode = modes.borrow_and_update().mode_of(connection);
+                    if mode == Mode::Pass && !held.is_empty() {
+                        if client_write.write_all(&held).await.is_err() {
+                            return;
+                        }
+                        held.clear();
+                    }
+                }
+            }
+        }
+    };
+    let cut = async {
+        loop {
+            if rx.changed().await.is_err() {
+                return None;
+            }
+            match rx.borrow_and_update().mode_of(connection) {
+                Mode::Pass | Mode::HoldPushes => continue,
+                cut => return Some(cut),
+            }
+        }
+    };
+    let cut = tokio::select! {
+        _ = upstream => return,
+        _ = downstream => return,
+        cut = cut => cut,
+    };
+    if cut == Some(Mode::Blackhole) {
+        // Hold both sockets open and silent until the mode changes again; bytes were
+        // dropped mid-stream, so the session is no longer usable: close it then, as a
+        // real partition would end it.
+        while rx.changed().await.is_ok() {
+            if rx.borrow_and_update().mode_of(connection) != Mode::Blackhole {
+                return;
             }
         }
     }
