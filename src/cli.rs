@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::config::Schema;
 use crate::lease::{Lease, LeaseStore};
@@ -566,7 +566,8 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
             let leases = store.list().await?;
             match output {
                 Output::Json => {
-                    println!("{}", Value::Array(leases.iter().map(lease_json).collect()))
+                    let leases: Vec<LeaseJson> = leases.iter().map(LeaseJson::from).collect();
+                    println!("{}", to_json(&leases));
                 }
                 Output::Text => print_table(&leases),
             }
@@ -703,19 +704,40 @@ fn check_label(what: &str, value: &str) -> Result<()> {
 }
 
 /// The JSON shape of a lease, shared by every `-o json` output.
-pub fn lease_json(lease: &Lease) -> Value {
-    json!({
-        "name": lease.name,
-        "holder": lease.holder,
-        "epoch": lease.epoch,
-        "ttlSeconds": lease.ttl.as_secs_f64(),
-        "acquiredAt": lease.acquired_at.to_rfc3339(),
-        "renewedAt": lease.renewed_at.to_rfc3339(),
-        "expiresAt": lease.expires_at.to_rfc3339(),
-        "previousHolder": lease.previous_holder,
-        "state": state(lease),
-        "observedAt": lease.observed_at.to_rfc3339(),
-    })
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseJson<'a> {
+    name: &'a str,
+    holder: &'a str,
+    epoch: i64,
+    ttl_seconds: f64,
+    acquired_at: String,
+    renewed_at: String,
+    expires_at: String,
+    previous_holder: &'a str,
+    state: &'static str,
+    observed_at: String,
+}
+
+impl<'a> From<&'a Lease> for LeaseJson<'a> {
+    fn from(lease: &'a Lease) -> Self {
+        Self {
+            name: &lease.name,
+            holder: &lease.holder,
+            epoch: lease.epoch,
+            ttl_seconds: lease.ttl.as_secs_f64(),
+            acquired_at: lease.acquired_at.to_rfc3339(),
+            renewed_at: lease.renewed_at.to_rfc3339(),
+            expires_at: lease.expires_at.to_rfc3339(),
+            previous_holder: &lease.previous_holder,
+            state: state(lease),
+            observed_at: lease.observed_at.to_rfc3339(),
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
 }
 
 fn state(lease: &Lease) -> &'static str {
@@ -734,7 +756,7 @@ fn state(lease: &Lease) -> &'static str {
 
 fn print_lease(lease: &Lease, output: Output) {
     match output {
-        Output::Json => println!("{}", lease_json(lease)),
+        Output::Json => println!("{}", to_json(&LeaseJson::from(lease))),
         Output::Text => print_table(std::slice::from_ref(lease)),
     }
 }
@@ -780,5 +802,49 @@ fn print_table(leases: &[Lease]) {
     line(header);
     for row in &rows {
         line(row.each_ref().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// clap's own checks of the definition (conflicting names, bad defaults, ranges):
+    /// otherwise they run only when a user reaches the broken subcommand.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_lease_prints_as_the_documented_json() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let lease = Lease {
+            name: "jobs.reaper".into(),
+            holder: "east/op-1".into(),
+            epoch: 7,
+            ttl: Duration::from_secs(15),
+            acquired_at: at,
+            renewed_at: at,
+            expires_at: at + chrono::Duration::seconds(15),
+            previous_holder: "west/op-2".into(),
+            observed_at: at,
+            on_current_timeline: true,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&to_json(&LeaseJson::from(&lease))).unwrap();
+        assert_eq!(json["name"], "jobs.reaper");
+        assert_eq!(json["holder"], "east/op-1");
+        assert_eq!(json["epoch"], 7);
+        assert_eq!(json["ttlSeconds"], 15.0);
+        assert_eq!(json["acquiredAt"], "2026-01-02T03:04:05+00:00");
+        assert_eq!(json["expiresAt"], "2026-01-02T03:04:20+00:00");
+        assert_eq!(json["previousHolder"], "west/op-2");
+        assert_eq!(json["observedAt"], "2026-01-02T03:04:05+00:00");
+        assert_eq!(json.as_object().unwrap().len(), 10);
     }
 }
