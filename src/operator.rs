@@ -65,7 +65,6 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
             }
         }
     };
-    return_freed_memory();
     let health = Arc::new(Health::default());
     health.beat();
     health.set_starting(Some("starting"));
@@ -294,40 +293,6 @@ impl Backoff {
             _ = stop.wait_for(|s| *s) => false,
         }
     }
-}
-
-/// How often the heap's free pages go back to the system.
-const TRIM_EVERY: Duration = Duration::from_secs(30);
-
-/// glibc's malloc gives a free page back to the system only when it lies at the top of
-/// its heap, so a burst (10 000 electors' first ticks at once, a cache's re-list) set
-/// the process's size for good: a replica with 1 000 Reapers stayed at its start-up
-/// peak, about twice what it holds. `malloc_trim` returns every free page; on a thread
-/// of its own, since it holds the allocator's locks while it walks the heap.
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    let _ = std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(TRIM_EVERY);
-                // SAFETY: malloc_trim has no preconditions and takes the allocator's own
-                // locks; it only releases pages that hold no allocation.
-                // SAFETY: as above; mallinfo2 only reads the allocator's counters.
-                let heap = unsafe {
-                    nix::libc::malloc_trim(0);
-                    nix::libc::mallinfo2()
-                };
-                // What the heap holds against what it keeps free: the part of the
-                // resident size that trimming cannot return (free space between live
-                // allocations).
-                tracing::debug!(
-                    in_use = heap.uordblks + heap.hblkhd,
-                    free = heap.fordblks,
-                    "heap after trimming"
-                );
-            }
-        });
 }
 
 async fn heartbeat(health: Arc<Health>, store: LeaseStore) {
