@@ -36,20 +36,11 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
     let (schema, _store) = schema().await?;
     let ns = namespace(&c.client, "silent-api").await?;
     let lease_name = format!("{ns}.silent-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
-    let (db_proxy, via_db_proxy) = database_proxy().await?;
-    let (api_proxy, kubeconfig) = api_proxy(c).await?;
-    let op = OperatorProcess::start(OperatorSpec {
-        kubeconfig: &kubeconfig,
-        database_url: &via_db_proxy,
-        listen_database_url: None,
-        schema: schema.as_str(),
-        cluster: c.name,
-        identity: "op-1",
-        migrate: false,
-        namespace: &ns,
-    });
+    let Proxied {
+        db: db_proxy,
+        api: api_proxy,
+        op,
+    } = behind_proxies(c, &ns, schema.as_str(), lease_spec(&lease_name)).await?;
     let result = async {
         wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -78,7 +69,6 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
         Ok(())
     }
     .await;
-    let _ = std::fs::remove_file(&kubeconfig);
     with_logs(result, &[&op])
 }
 
@@ -95,20 +85,11 @@ pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -
         retry_period_seconds: 1,
         handover_delay_seconds: 0,
     };
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease).await?;
-    let (db_proxy, via_db_proxy) = database_proxy().await?;
-    let (api_proxy, kubeconfig) = api_proxy(c).await?;
-    let op = OperatorProcess::start(OperatorSpec {
-        kubeconfig: &kubeconfig,
-        database_url: &via_db_proxy,
-        listen_database_url: None,
-        schema: schema.as_str(),
-        cluster: c.name,
-        identity: "op-1",
-        migrate: false,
-        namespace: &ns,
-    });
+    let Proxied {
+        db: db_proxy,
+        api: api_proxy,
+        op,
+    } = behind_proxies(c, &ns, schema.as_str(), lease).await?;
     // Read straight from the API server, not through the proxy.
     let phase_is = |want: Phase| {
         let (client, ns) = (&c.client, &ns);
@@ -173,13 +154,59 @@ pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -
         Ok(())
     }
     .await;
-    let _ = std::fs::remove_file(&kubeconfig);
     with_logs(result, &[&op])
+}
+
+/// A Reaper with its Deployment in `ns`, and an operator that reaches the database and
+/// the API server through fault proxies of their own.
+struct Proxied {
+    db: FaultProxy,
+    api: ApiProxy,
+    op: OperatorProcess,
+}
+
+async fn behind_proxies(c: &Cluster, ns: &str, schema: &str, lease: LeaseSpec) -> Result<Proxied> {
+    create_deployment(&c.client, ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, ns, "reaper", "reaper", lease).await?;
+    let (db, via_db_proxy) = database_proxy().await?;
+    let api = api_proxy(c).await?;
+    let op = OperatorProcess::start(OperatorSpec {
+        kubeconfig: &api.kubeconfig,
+        database_url: &via_db_proxy,
+        listen_database_url: None,
+        schema,
+        cluster: c.name,
+        identity: "op-1",
+        migrate: false,
+        namespace: ns,
+    });
+    Ok(Proxied { db, api, op })
+}
+
+/// A fault proxy in front of the API server, and the kubeconfig copy that points at it
+/// (removed with it).
+struct ApiProxy {
+    proxy: FaultProxy,
+    kubeconfig: PathBuf,
+}
+
+impl std::ops::Deref for ApiProxy {
+    type Target = FaultProxy;
+
+    fn deref(&self) -> &FaultProxy {
+        &self.proxy
+    }
+}
+
+impl Drop for ApiProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
 }
 
 /// A fault proxy in front of the cluster's API server, and a copy of its kubeconfig
 /// that points at the proxy (the server's certificate names 127.0.0.1).
-async fn api_proxy(c: &Cluster) -> Result<(FaultProxy, PathBuf)> {
+async fn api_proxy(c: &Cluster) -> Result<ApiProxy> {
     let path = c.test.kubeconfig();
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let server = text
@@ -201,5 +228,8 @@ async fn api_proxy(c: &Cluster) -> Result<(FaultProxy, PathBuf)> {
             &format!("https://127.0.0.1:{}", proxy.port),
         ),
     )?;
-    Ok((proxy, via_proxy))
+    Ok(ApiProxy {
+        proxy,
+        kubeconfig: via_proxy,
+    })
 }
