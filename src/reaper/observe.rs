@@ -10,7 +10,7 @@ use kube::core::Selector;
 use kube::{Client, ResourceExt};
 
 use super::reconcile::{Error, steady_requeue};
-use super::summary::{DeploymentSummary, PodSummary};
+use super::summary::{DeploymentSummary, PodSelector, PodSummary};
 use super::watches::Caches;
 use crate::config::LeaseTimings;
 use crate::lease::{ReportTiming, WorkloadCounts};
@@ -104,7 +104,7 @@ pub fn observe_cached(
         });
     };
     let selector = pod_selector(&deployment)?;
-    let pods = caches.pods_matching(ns, &selector);
+    let pods = caches.pods_matching(ns, selector);
     let (running_pods, ready_pods) = tally(pods.iter().map(|p| &**p));
     Ok(Some(workload(
         Some((*deployment).clone()),
@@ -164,14 +164,15 @@ fn unsettled_pods(d: &DeploymentSummary) -> i32 {
 /// The Deployment's full label selector (`matchLabels` and `matchExpressions`). One that
 /// selects everything, or cannot be parsed, is refused: the pods could not be told apart
 /// from any other pod.
-pub fn pod_selector(deployment: &DeploymentSummary) -> Result<Selector, Error> {
-    let name = deployment.name_any();
-    let selector = Selector::try_from(deployment.spec.selector.clone())
-        .map_err(|e| Error::Selector(name.clone(), e.to_string()))?;
-    if selector.selects_all() {
-        return Err(Error::Selector(name, "it selects every pod".into()));
+pub fn pod_selector(deployment: &DeploymentSummary) -> Result<&Selector, Error> {
+    match &deployment.spec.selector {
+        PodSelector::Invalid(reason) => Err(Error::Selector(deployment.name_any(), reason.clone())),
+        PodSelector::Valid(selector) if selector.selects_all() => Err(Error::Selector(
+            deployment.name_any(),
+            "it selects every pod".into(),
+        )),
+        PodSelector::Valid(selector) => Ok(selector),
     }
-    Ok(selector)
 }
 
 /// Pods matching `selector` that have not finished (terminating ones count: they may
@@ -220,7 +221,7 @@ mod tests {
     fn deployment(selector: LabelSelector) -> DeploymentSummary {
         let mut d = DeploymentSummary::default();
         d.metadata.name = Some("d".into());
-        d.spec.selector = selector;
+        d.spec.selector = selector.into();
         d
     }
 

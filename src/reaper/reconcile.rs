@@ -103,8 +103,9 @@ pub async fn run(
     // Bounded: with 1 000 Reapers an unbounded controller starts every periodic reconcile
     // at once (each lists pods and HPAs), which floods the API server and holds all the
     // responses in memory together.
-    // managedFields are dropped before caching: nothing here reads them, and with the
-    // status writes' entries they are a large part of each cached Reaper. Status-only
+    // managedFields and annotations are dropped before caching: nothing here reads
+    // them, and they are a large part of each cached Reaper (the status writes' entries,
+    // `kubectl apply`'s copy of the whole object). Status-only
     // changes (our own writes, a peer's) trigger nothing: spec changes and deletion
     // marking move the generation, and finalizers are watched for the cleanup.
     let (store, writer) = reflector::store();
@@ -112,7 +113,10 @@ pub async fn run(
         writer,
         watcher(reapers, watcher::Config::default().any_semantic())
             .default_backoff()
-            .modify(|reaper| reaper.managed_fields_mut().clear()),
+            .modify(|reaper| {
+                reaper.metadata.managed_fields = None;
+                reaper.metadata.annotations = None;
+            }),
     )
     .applied_objects()
     .predicate_filter(

@@ -6,8 +6,9 @@
 //! over. A replica with 10 000 Reapers caches 10 000 Deployments.
 //!
 //! - pods: name, namespace, labels, deletion mark, phase and Ready condition;
-//! - Deployments: name, namespace, generation, replicas, selector, strategy, the pod
-//!   template's grace period, and the status counts.
+//! - Deployments: name, namespace, generation, replicas, selector (as the `Selector`
+//!   its pods are matched by), strategy, the pod template's grace period, and the
+//!   status counts. Not their labels: nothing matches Deployments by label.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::DeploymentStrategy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use kube::Resource;
+use kube::core::Selector;
 use serde::{Deserialize, Deserializer};
 
 /// The part of a `v1/Pod` the workload count needs.
@@ -60,7 +62,7 @@ impl PodSummary {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct DeploymentSummary {
-    #[serde(deserialize_with = "summary_meta")]
+    #[serde(deserialize_with = "unlabelled_meta")]
     pub metadata: ObjectMeta,
     #[serde(deserialize_with = "null_as_default")]
     pub spec: DeploymentSummarySpec,
@@ -71,8 +73,8 @@ pub struct DeploymentSummary {
 #[serde(default, rename_all = "camelCase")]
 pub struct DeploymentSummarySpec {
     pub replicas: Option<i32>,
-    #[serde(deserialize_with = "null_as_default")]
-    pub selector: LabelSelector,
+    #[serde(deserialize_with = "pod_selector")]
+    pub selector: PodSelector,
     pub strategy: Option<DeploymentStrategy>,
     /// `template.spec.terminationGracePeriodSeconds`.
     #[serde(rename = "template", deserialize_with = "template_grace")]
@@ -85,6 +87,32 @@ pub struct DeploymentSummaryStatus {
     pub replicas: Option<i32>,
     pub terminating_replicas: Option<i32>,
     pub observed_generation: Option<i64>,
+}
+
+/// A Deployment's `spec.selector`, converted once when the Deployment is read: a
+/// `LabelSelector`'s maps take several times the room of the expressions they hold,
+/// and every pod event of the namespace is matched against it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodSelector {
+    Valid(Selector),
+    /// Why it is no selector (an operator or values the API server should have refused).
+    Invalid(String),
+}
+
+impl Default for PodSelector {
+    /// What a Deployment without a selector has: one that selects everything.
+    fn default() -> Self {
+        Self::Valid(Selector::default())
+    }
+}
+
+impl From<LabelSelector> for PodSelector {
+    fn from(selector: LabelSelector) -> Self {
+        match Selector::try_from(selector) {
+            Ok(selector) => Self::Valid(selector),
+            Err(error) => Self::Invalid(error.to_string()),
+        }
+    }
 }
 
 /// A summary is read and watched as the kind it summarizes.
@@ -145,6 +173,20 @@ fn summary_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error>
         generation: kept.generation,
         ..ObjectMeta::default()
     })
+}
+
+/// [`summary_meta`] without the labels.
+fn unlabelled_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut meta = summary_meta(d)?;
+    meta.labels = None;
+    Ok(meta)
+}
+
+/// `null` or missing: the default, as for a typed Deployment.
+fn pod_selector<'de, D: Deserializer<'de>>(d: D) -> Result<PodSelector, D::Error> {
+    Ok(Option::<LabelSelector>::deserialize(d)?
+        .unwrap_or_default()
+        .into())
 }
 
 /// `null` read as the default, as k8s-openapi reads it (its fields are `Option`s).
@@ -276,8 +318,9 @@ mod tests {
         assert_eq!(d.metadata.generation, Some(4));
         assert_eq!(d.metadata.resource_version.as_deref(), Some("9"));
         assert!(d.metadata.annotations.is_none() && d.metadata.managed_fields.is_none());
+        assert!(d.metadata.labels.is_none());
         assert_eq!(d.spec.replicas, typed.spec.replicas);
-        assert_eq!(d.spec.selector, typed.spec.selector);
+        assert_eq!(d.spec.selector, typed.spec.selector.clone().into());
         assert_eq!(d.spec.strategy, typed.spec.strategy);
         assert_eq!(d.spec.termination_grace_period_seconds, Some(45));
         let status = d.status.unwrap();
@@ -298,7 +341,7 @@ mod tests {
             let typed: k8s_openapi::api::apps::v1::Deployment =
                 serde_json::from_value(odd.clone()).unwrap();
             let d: DeploymentSummary = serde_json::from_value(odd).unwrap();
-            assert_eq!(d.spec.selector, typed.spec.selector);
+            assert_eq!(d.spec.selector, typed.spec.selector.clone().into());
             assert_eq!(d.spec.replicas, typed.spec.replicas);
         }
     }
