@@ -302,7 +302,8 @@ impl RunArgs {
 /// `run`: the first SIGTERM/SIGINT starts a graceful handover, a second one exits at once.
 pub async fn run(db: &DatabaseArgs, args: &RunArgs) -> anyhow::Result<Outcome> {
     let settings = args.settings(db)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first_signal = stop.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
@@ -314,12 +315,12 @@ pub async fn run(db: &DatabaseArgs, args: &RunArgs) -> anyhow::Result<Outcome> {
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("signal received: handing over (a second signal exits at once)");
-        let _ = stop_tx.send(true);
+        first_signal.cancel();
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::warn!("second signal: exiting without handover");
         std::process::exit(130);
     });
-    crate::operator::run(settings, stop_rx).await?;
+    crate::operator::run(settings, stop).await?;
     Ok(Outcome::Done)
 }
 

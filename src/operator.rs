@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Schema;
 use crate::http::{self, Health};
@@ -49,22 +52,13 @@ impl Settings {
 /// period, plus acquires and releases.
 const LEASE_POOL_SIZE: u32 = 3;
 
-/// Runs until `stop` flips to true, then hands over every held lease.
+/// Runs until `stop` is cancelled, then hands over every held lease.
 ///
 /// The probes answer from the first moment: `/healthz` while the process is alive,
 /// `/readyz` only once the database answers and the controller's caches are synced. A
 /// database or API server that is down at start leaves the replica running and unready
 /// (it retries, with a log line per attempt), never crash-looping.
-pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let stopped = {
-        let stop = stop.clone();
-        move || {
-            let mut stop = stop.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        }
-    };
+pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     health.beat();
     health.set_starting(Some("starting"));
@@ -76,15 +70,13 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
         listener,
         health.clone(),
         metrics.clone(),
-        stopped(),
+        stop.clone().cancelled_owned(),
     ));
 
-    // At most the smallest retry period a Reaper may have, so no call outlives a tick.
-    let call_timeout = Duration::from_secs(1);
     let store =
-        LeaseStore::connect_lazy(&settings.database_url, &settings.schema, call_timeout, 8)?;
+        LeaseStore::connect_lazy(&settings.database_url, &settings.schema, CALL_TIMEOUT, 8)?;
     let heartbeat = tokio::spawn(heartbeat(health.clone(), store.clone()));
-    let started = start(&settings, &store, &health, stop.clone()).await;
+    let started = start(&settings, &store, &health, &stop).await;
     let (client, kube_config) = match started {
         Ok(Some(started)) => started,
         Ok(None) | Err(_) => {
@@ -97,87 +89,25 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     };
     health.set_starting(None);
 
-    let holder = settings.holder();
-    let events = Events::spawn(
-        client.clone(),
-        Reporter {
-            controller: "reaper-operator".into(),
-            instance: Some(holder.clone()),
-        },
-    );
-    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
-    // The electors get connections of their own: with many Reapers the reconciles'
-    // reads and reports could otherwise queue the batched renew behind them in the pool
-    // until a leader misses its deadline.
-    let lease_store = LeaseStore::connect_lazy(
-        &settings.database_url,
-        &settings.schema,
-        call_timeout,
-        LEASE_POOL_SIZE,
-    )?;
-    let candidates = Candidates::new(
-        lease_store,
-        holder.clone(),
-        trigger_tx,
-        events.clone(),
-        kube_client::unpooled(&kube_config, FENCE_CALL_TIMEOUT)?,
-        metrics.clone(),
-    );
     let watches = watches::watches(&client, settings.namespace.as_deref());
-    // The replicas of one installation share its namespace (the service account's in a
-    // pod, the kubeconfig context's outside one): that is where they find each other.
-    let presence_namespace = client.default_namespace().to_owned();
-    let presences = Arc::new(presence::Presences::default());
+    let (ctx, trigger_rx) = context(&settings, (client, &kube_config), &watches, store, metrics)?;
+    tracing::info!(holder = %ctx.holder, schema = %settings.schema, "starting");
     let own_presence = presence::Presence::new(
-        client.clone(),
-        &presence_namespace,
+        ctx.client.clone(),
+        ctx.client.default_namespace(),
         &settings.identity,
-        &holder,
+        &ctx.holder,
     );
-    let ctx = Arc::new(Context {
-        presences: presences.clone(),
-        caches: watches.caches.clone(),
-        report_lock: Default::default(),
-        client,
-        store: store.clone(),
-        cluster: settings.cluster.clone(),
-        holder: holder.clone(),
-        candidates: candidates.clone(),
-        events,
-        shutdown_timeout: settings.shutdown_timeout,
-        namespace: settings.namespace.clone(),
-        metrics: metrics.clone(),
-        lease_scope: settings.lease_scope,
-        reapers: Default::default(),
-        reapers_synced: Default::default(),
-    });
-    tracing::info!(%holder, schema = %settings.schema, "starting");
-
-    let background = [
-        heartbeat,
-        tokio::spawn(listen(
-            settings
-                .listen_database_url
-                .clone()
-                .unwrap_or_else(|| settings.database_url.clone()),
-            candidates.clone(),
-        )),
-        tokio::spawn(reports::refresh(ctx.clone())),
-        tokio::spawn(presence::watch(
-            ctx.client.clone(),
-            presence_namespace.clone(),
-            presences,
-        )),
-        tokio::spawn(
-            own_presence
-                .clone()
-                .renew(candidates.clone(), metrics.clone()),
-        ),
-    ];
+    let mut background = background_tasks(&settings, &ctx, &own_presence);
+    background.push(heartbeat);
     let ready_health = health.clone();
-    reconcile::run(ctx.clone(), watches, trigger_rx, stopped(), move || {
-        ready_health.caches_synced.store(true, Ordering::Relaxed)
-    })
+    reconcile::run(
+        ctx.clone(),
+        watches,
+        trigger_rx,
+        stop.cancelled_owned(),
+        move || ready_health.caches_synced.store(true, Ordering::Relaxed),
+    )
     .await;
 
     tracing::info!("shutting down: handing over held leases");
@@ -197,6 +127,95 @@ pub async fn run(settings: Settings, stop: watch::Receiver<bool>) -> anyhow::Res
     Ok(())
 }
 
+/// Bound of one database call: at most the smallest retry period a Reaper may have, so
+/// no call outlives a tick.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The controller's context: its electors (with a pool of their own), Events, and the
+/// presences of the replicas. The receiver gets the Reapers whose electors changed.
+fn context(
+    settings: &Settings,
+    (client, kube_config): (Client, &kube::Config),
+    watches: &watches::Watches,
+    store: LeaseStore,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<Reaper>>)> {
+    let holder = settings.holder();
+    let events = Events::spawn(
+        client.clone(),
+        Reporter {
+            controller: "reaper-operator".into(),
+            instance: Some(holder.clone()),
+        },
+    );
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();
+    // The electors get connections of their own: with many Reapers the reconciles'
+    // reads and reports could otherwise queue the batched renew behind them in the pool
+    // until a leader misses its deadline.
+    let lease_store = LeaseStore::connect_lazy(
+        &settings.database_url,
+        &settings.schema,
+        CALL_TIMEOUT,
+        LEASE_POOL_SIZE,
+    )?;
+    let candidates = Candidates::new(
+        lease_store,
+        holder.clone(),
+        trigger_tx,
+        events.clone(),
+        kube_client::unpooled(kube_config, FENCE_CALL_TIMEOUT)?,
+        metrics.clone(),
+    );
+    let ctx = Context {
+        presences: Arc::default(),
+        caches: watches.caches.clone(),
+        report_lock: Default::default(),
+        client,
+        store,
+        cluster: settings.cluster.clone(),
+        holder,
+        candidates,
+        events,
+        shutdown_timeout: settings.shutdown_timeout,
+        namespace: settings.namespace.clone(),
+        metrics,
+        lease_scope: settings.lease_scope,
+        reapers: Default::default(),
+        reapers_synced: Default::default(),
+    };
+    Ok((Arc::new(ctx), trigger_rx))
+}
+
+/// What runs beside the controller until the handover: the NOTIFY listener, the report
+/// refresher, and this replica's presence and its peers'.
+fn background_tasks(
+    settings: &Settings,
+    ctx: &Arc<Context>,
+    own_presence: &Arc<presence::Presence>,
+) -> Vec<JoinHandle<()>> {
+    // The replicas of one installation share its namespace (the service account's in a
+    // pod, the kubeconfig context's outside one): that is where they find each other.
+    let presence_namespace = ctx.client.default_namespace().to_owned();
+    let listen_url = settings
+        .listen_database_url
+        .clone()
+        .unwrap_or_else(|| settings.database_url.clone());
+    vec![
+        tokio::spawn(listen(listen_url, ctx.candidates.clone())),
+        tokio::spawn(reports::refresh(ctx.clone())),
+        tokio::spawn(presence::watch(
+            ctx.client.clone(),
+            presence_namespace,
+            ctx.presences.clone(),
+        )),
+        tokio::spawn(
+            own_presence
+                .clone()
+                .renew(ctx.candidates.clone(), ctx.metrics.clone()),
+        ),
+    ]
+}
+
 /// What must hold before the controller starts: the migrations applied (with
 /// `--migrate`), a Kubernetes client, and the Reaper CRD listable. Transient failures
 /// are retried until `stop`; `Ok(None)` means stopped while waiting. Only what can never
@@ -205,34 +224,33 @@ async fn start(
     settings: &Settings,
     store: &LeaseStore,
     health: &Health,
-    mut stop: watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Option<(Client, kube::Config)>> {
     if settings.migrate {
         health.set_starting(Some("applying database migrations"));
-        let mut retry = Backoff::default();
-        loop {
-            // Bounded and abandoned on stop: sqlx waits for its migration lock without a
-            // timeout (another migrating process, or a lock leaked by a pooler).
-            let attempt = tokio::select! {
-                result = tokio::time::timeout(START_ATTEMPT_TIMEOUT, store.migrate()) => result,
-                _ = stop.wait_for(|s| *s) => return Ok(None),
-            };
-            match attempt {
-                Ok(Ok(())) => break,
-                Ok(Err(crate::Error::Config(reason))) => anyhow::bail!(reason),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)");
-                }
-                Err(_) => tracing::warn!(
+        // Bounded: sqlx waits for its migration lock without a timeout (another
+        // migrating process, or a lock leaked by a pooler).
+        let migrate = || async {
+            tokio::time::timeout(START_ATTEMPT_TIMEOUT, store.migrate())
+                .await
+                .unwrap_or(Err(crate::Error::Timeout(START_ATTEMPT_TIMEOUT)))
+        };
+        let migrated = migrate
+            .retry(start_backoff())
+            .when(|error| !matches!(error, crate::Error::Config(_)))
+            .notify(|error, _| match error {
+                crate::Error::Timeout(after) if *after == START_ATTEMPT_TIMEOUT => tracing::warn!(
                     "migrations did not finish within {}s: another process may hold the migration lock \
                      (a migrating replica, or a pooled connection through PgBouncer in transaction mode: \
                      migrations need a direct URL); retrying",
                     START_ATTEMPT_TIMEOUT.as_secs()
                 ),
-            }
-            if !retry.wait(&mut stop).await {
-                return Ok(None);
-            }
+                error => tracing::warn!(%error, "cannot apply migrations yet; retrying (use --no-migrate to skip)"),
+            });
+        match stop.run_until_cancelled(migrated).await {
+            None => return Ok(None),
+            Some(Err(crate::Error::Config(reason))) => anyhow::bail!(reason),
+            Some(result) => result?,
         }
     }
     // Without migrations nothing is awaited here: `reaper-operator migrate` already
@@ -244,55 +262,40 @@ async fn start(
         None => Api::all(client.clone()),
     };
     health.set_starting(Some("waiting for the Kubernetes API (reapers.pglease.dev)"));
-    let mut retry = Backoff::default();
     let first = kube::api::ListParams::default().limit(1);
-    loop {
-        let listed = tokio::select! {
-            result = tokio::time::timeout(
-                START_ATTEMPT_TIMEOUT,
-                reapers.list(&first),
-            ) => result,
-            _ = stop.wait_for(|s| *s) => return Ok(None),
-        };
-        match listed {
-            Ok(Ok(_)) => return Ok(Some((client, config))),
-            Ok(Err(error)) => tracing::error!(
+    let list = || async {
+        tokio::time::timeout(START_ATTEMPT_TIMEOUT, reapers.list(&first))
+            .await
+            .map_err(|_| None)?
+            .map_err(Some)
+    };
+    let listed = list
+        .retry(start_backoff())
+        .notify(|error: &Option<kube::Error>, _| match error {
+            Some(error) => tracing::error!(
                 %error,
                 "cannot list reapers.pglease.dev (is the CRD installed and RBAC granted?); retrying"
             ),
-            Err(_) => tracing::error!(
+            None => tracing::error!(
                 "listing reapers.pglease.dev did not answer within {}s; retrying",
                 START_ATTEMPT_TIMEOUT.as_secs()
             ),
-        }
-        if !retry.wait(&mut stop).await {
-            return Ok(None);
-        }
-    }
+        });
+    Ok(stop
+        .run_until_cancelled(listed)
+        .await
+        .map(|_| (client, config)))
 }
 
 /// Longest a start-up attempt (migrations, the first list of Reapers) may take.
 const START_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Doubling delays from 1 s to 30 s between start-up attempts.
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self(Duration::from_secs(1))
-    }
-}
-
-impl Backoff {
-    /// Sleeps the next delay; false when `stop` flipped meanwhile.
-    async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(30));
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => true,
-            _ = stop.wait_for(|s| *s) => false,
-        }
-    }
+/// Start-up attempts: doubling delays from 1 s to 30 s, for as long as it takes.
+fn start_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
 }
 
 async fn heartbeat(health: Arc<Health>, store: LeaseStore) {
@@ -309,8 +312,7 @@ async fn heartbeat(health: Arc<Health>, store: LeaseStore) {
 /// connection (LISTEN does not work through PgBouncer in transaction mode); without
 /// it, standbys still notice on their next tick.
 async fn listen(url: String, candidates: Candidates) {
-    const FIRST_RETRY: Duration = Duration::from_secs(1);
-    let mut delay = FIRST_RETRY;
+    let mut delays = start_backoff().build();
     loop {
         let mut connected = false;
         let result = async {
@@ -332,9 +334,9 @@ async fn listen(url: String, candidates: Candidates) {
         // Back off only while connecting keeps failing; a listener that was up starts
         // over, so each outage costs at most a second of wake-ups after it heals.
         if connected {
-            delay = FIRST_RETRY;
+            delays = start_backoff().build();
         }
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
