@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -28,7 +29,9 @@ use super::observe::{self, Workload};
 use super::status::{self, LastWrite, Observation};
 use super::watches::{self, Caches, Watches};
 use crate::config::{LeaseTimings, validate_label};
-use crate::lease::{LeaseStore, WorkloadCounts, WorkloadUpdate};
+use crate::lease::{
+    LeaderWatch, Lease, LeaseStore, WorkloadCounts, WorkloadReport, WorkloadUpdate,
+};
 
 pub const FINALIZER: &str = "pglease.dev/cleanup";
 pub const FIELD_MANAGER: &str = "reaper-operator";
@@ -138,39 +141,7 @@ pub async fn run(
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
     let _ = ctx.reapers.set(store.clone());
-    let ready_store = store.clone();
-    let gc_ctx = ctx.clone();
-    tokio::spawn(async move {
-        // The store's readiness future wakes only its most recent poller, and the
-        // controller polls it too: poll again each second instead of waiting once.
-        loop {
-            match tokio::time::timeout(Duration::from_secs(1), ready_store.wait_until_ready()).await
-            {
-                Ok(Ok(())) => break,
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "Reaper cache never synced");
-                    return;
-                }
-                Err(_) => {}
-            }
-        }
-        watches::synced(&gc_ctx.caches).await;
-        tracing::info!("Reaper, Deployment, pod and HPA caches synced");
-        gc_ctx.reapers_synced.store(true, Ordering::Relaxed);
-        on_ready();
-        // Electors of Reapers that disappeared without this replica running their
-        // finalizer (a peer did) are handed over here.
-        let mut interval = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            interval.tick().await;
-            let existing: Vec<ObjectRef<Reaper>> = ready_store
-                .state()
-                .iter()
-                .map(|r| ObjectRef::from_obj(&**r))
-                .collect();
-            forget_deleted(&gc_ctx, &existing).await;
-        }
-    });
+    tokio::spawn(sync_then_collect(store.clone(), ctx.clone(), on_ready));
     let trigger_stream = futures::stream::unfold(triggers, |mut rx| async move {
         rx.recv().await.map(|r| (r, rx))
     });
@@ -202,6 +173,38 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Marks the replica ready once every cache has listed its objects; from then on, every
+/// 5 s, hands over the electors of Reapers that disappeared without this replica running
+/// their finalizer (a peer did).
+async fn sync_then_collect(reapers: Store<Reaper>, ctx: Arc<Context>, on_ready: impl FnOnce()) {
+    // The store's readiness future wakes only its most recent poller, and the
+    // controller polls it too: poll again each second instead of waiting once.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), reapers.wait_until_ready()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Reaper cache never synced");
+                return;
+            }
+            Err(_) => {}
+        }
+    }
+    watches::synced(&ctx.caches).await;
+    tracing::info!("Reaper, Deployment, pod and HPA caches synced");
+    ctx.reapers_synced.store(true, Ordering::Relaxed);
+    on_ready();
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        interval.tick().await;
+        let existing: Vec<ObjectRef<Reaper>> = reapers
+            .state()
+            .iter()
+            .map(|r| ObjectRef::from_obj(&**r))
+            .collect();
+        forget_deleted(&ctx, &existing).await;
+    }
 }
 
 async fn reconcile(reaper: Arc<Reaper>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -365,78 +368,173 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         // An older Reaper with the same lease or Deployment may not be cached yet.
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let ns = reaper.namespace().unwrap_or_default();
     let key = ObjectRef::from_obj(reaper);
     let (lease_name, timings) = match refusal(reaper, ctx) {
         Ok(usable) => usable,
         Err(refused) => return refuse(reaper, ctx, &key, refused).await,
     };
+    let target = Target {
+        reaper,
+        key,
+        ns: reaper.namespace().unwrap_or_default(),
+        lease_name,
+        timings,
+        reference: reaper.object_ref(&()),
+    };
+    let elector = elector_of(ctx, &target).await;
+    let recorded = stop_unvouched(ctx, &target, &elector).await?;
+    let (workload, from_cache) = observe_or_report_unknown(ctx, &target).await?;
+    let judged = judge(ctx, &target, &elector, &workload, recorded).await;
+    act(ctx, &target, &elector, (&workload, from_cache), judged).await
+}
 
-    let reference = reaper.object_ref(&());
-    let (watch, database_ok) = loop {
+/// A Reaper that acts, with the lease row and timings `refusal` found usable.
+struct Target<'a> {
+    reaper: &'a Reaper,
+    key: ObjectRef<Reaper>,
+    ns: String,
+    lease_name: String,
+    timings: LeaseTimings,
+    /// The Reaper, for Events.
+    reference: ObjectReference,
+}
+
+impl Target<'_> {
+    fn deployment(&self) -> &str {
+        &self.reaper.spec.deployment_name
+    }
+}
+
+/// What a reconcile reads of the Reaper's elector.
+struct ElectorView {
+    watch: LeaderWatch,
+    database_ok: Arc<AtomicBool>,
+}
+
+impl ElectorView {
+    /// False while the elector's last database call failed; read at each use, since
+    /// the elector's task moves on while a reconcile runs.
+    fn database_ok(&self) -> bool {
+        self.database_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// The Reaper's elector, started if there is none.
+async fn elector_of(ctx: &Context, target: &Target<'_>) -> ElectorView {
+    loop {
         match ctx.candidates.with(
-            &key,
-            &lease_name,
-            timings,
-            &reaper.spec.deployment_name,
-            reference.clone(),
-            |c| (c.watch.clone(), c.database_ok.clone()),
+            &target.key,
+            &target.lease_name,
+            target.timings,
+            target.deployment(),
+            target.reference.clone(),
+            |c| ElectorView {
+                watch: c.watch.clone(),
+                database_ok: c.database_ok.clone(),
+            },
         ) {
-            Ok(handles) => break handles,
+            Ok(elector) => return elector,
             Err(old) => {
                 // The lease name, timings or Deployment changed: hand the old lease over
                 // cleanly (its Deployment to 0, then release).
                 hand_over(ctx, *old).await;
             }
         }
-    };
+    }
+}
 
-    let deployment_name = &reaper.spec.deployment_name;
-    let previous = reaper.status.as_ref();
-    let mut recorded = previous.and_then(|s| s.scaled_up_by.clone());
-    if !reaper.spec.paused
+/// The scale-up record of the Reaper's status; `None` once this replica has stopped the
+/// pod the record is its own for, because it can no longer prove it leads and the
+/// database is failing.
+async fn stop_unvouched(
+    ctx: &Context,
+    target: &Target<'_>,
+    elector: &ElectorView,
+) -> Result<Option<ScaleRecord>, Error> {
+    let recorded = target
+        .reaper
+        .status
+        .as_ref()
+        .and_then(|s| s.scaled_up_by.clone());
+    if !target.reaper.spec.paused
         && recorded.as_ref().is_some_and(|r| r.holder == ctx.holder)
-        && watch.leader_epoch().is_none()
-        && !database_ok.load(Ordering::Relaxed)
+        && elector.watch.leader_epoch().is_none()
+        && !elector.database_ok()
     {
         // This replica started the pod, can no longer prove it leads, and the database
         // is failing: stop the workload first, before any call that could hang until
         // the lease expires.
-        scale(&ctx.client, &ns, deployment_name, 0).await?;
-        recorded = None;
+        scale(&ctx.client, &target.ns, target.deployment(), 0).await?;
+        return Ok(None);
     }
-    let last_report = ctx.candidates.update(&key, |c| c.report.clone()).flatten();
-    let (workload, from_cache) = match observe(
+    Ok(recorded)
+}
+
+/// The workload and whether it came from the caches (see [`observe`]). One that cannot
+/// be observed is reported as such before the error returns.
+async fn observe_or_report_unknown(
+    ctx: &Context,
+    target: &Target<'_>,
+) -> Result<(Workload, bool), Error> {
+    let last_report = ctx
+        .candidates
+        .update(&target.key, |c| c.report.clone())
+        .flatten();
+    let previous = target.reaper.status.as_ref();
+    let error = match observe(
         ctx,
-        &ns,
-        deployment_name,
+        &target.ns,
+        target.deployment(),
         previous,
         last_report.as_ref(),
     )
     .await
     {
-        Ok(workload) => workload,
-        Err(error) => {
-            // Another cluster must not take this cluster's silence for death while a
-            // pod here may run on.
-            let unknown = Workload::unobservable();
-            let update = WorkloadUpdate {
-                name: lease_name.clone(),
-                counts: unknown.counts,
-                timing: unknown.report_timing(timings),
-            };
-            if let Err(report_error) = report(ctx, &key, &update).await {
-                tracing::debug!(%report_error, "cannot report the unobservable workload either");
-            }
-            return Err(error);
-        }
+        Ok(observed) => return Ok(observed),
+        Err(error) => error,
     };
+    // Another cluster must not take this cluster's silence for death while a pod here
+    // may run on.
+    let unknown = Workload::unobservable();
+    let update = WorkloadUpdate {
+        name: target.lease_name.clone(),
+        counts: unknown.counts,
+        timing: unknown.report_timing(target.timings),
+    };
+    if let Err(report_error) = report(ctx, &target.key, &update).await {
+        tracing::debug!(%report_error, "cannot report the unobservable workload either");
+    }
+    Err(error)
+}
+
+/// What a reconcile decides by, and what it decided.
+struct Judgement {
+    /// The lease row, or why it could not be read.
+    lease: Result<Option<Lease>, String>,
+    /// The other clusters' reports, or why they could not be read.
+    reports: Result<Vec<WorkloadReport>, String>,
+    role: Role,
+    gate: Option<Gate>,
+    plan: decide::Plan,
+    /// This replica's report of the workload as observed.
+    update: WorkloadUpdate,
+    /// The Deployment's replicas; `None` without a Deployment.
+    replicas: Option<i32>,
+}
+
+async fn judge(
+    ctx: &Context,
+    target: &Target<'_>,
+    elector: &ElectorView,
+    workload: &Workload,
+    recorded: Option<ScaleRecord>,
+) -> Judgement {
     let recorder_unseen_for = recorded
         .as_ref()
         .map_or(Duration::ZERO, |r| ctx.presences.unseen_for(&r.holder));
     let (database_failing_for, cached) = ctx
         .candidates
-        .update(&key, |c| {
+        .update(&target.key, |c| {
             c.pod_selector.clone_from(&workload.selector);
             (
                 c.database_failing_for(),
@@ -449,69 +547,26 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         })
         .unwrap_or_default();
     let update = WorkloadUpdate {
-        name: lease_name.clone(),
+        name: target.lease_name.clone(),
         counts: workload.counts,
-        timing: workload.report_timing(timings),
+        timing: workload.report_timing(target.timings),
     };
-    // The database is asked only when something may change: a leader that is not
-    // already running its pod (it may scale up, and the gate must judge the row and the
-    // reports as they are now), a report that changed, or nothing remembered. Otherwise
-    // the elector's last answer and the last refresh of the reports stand.
-    let leader_epoch = watch.leader_epoch();
-    let settled_leader = leader_epoch.is_some_and(|epoch| {
-        workload.deployment.is_some()
-            && workload.counts.replicas == 1
-            && recorded
-                .as_ref()
-                .is_some_and(|r| r.holder == ctx.holder && r.epoch == epoch)
-    });
-    let (mut lease, row_from_elector) = match cached.row {
-        Some(row) if leader_epoch.is_none() || settled_leader => (Ok(Some(row)), true),
-        // The elector's calls fail: this one would too, a call timeout later, delaying
-        // the decision of a replica that may have to stop a pod nobody vouches for.
-        _ if !database_ok.load(Ordering::Relaxed) => (
-            Err("the lease elector's last database call failed".to_owned()),
-            false,
-        ),
-        _ => (
-            ctx.store.get(&lease_name).await.map_err(|e| e.to_string()),
-            false,
-        ),
-    };
-    // Every replica reports what it sees of this cluster's workload (the database keeps
-    // a non-holder from overwriting its holder's report with "no pods") and learns what
-    // the other clusters report.
-    let reports = match cached.others {
-        Some(others)
-            if cached.report.as_ref() == Some(&update)
-                && (leader_epoch.is_none() || settled_leader) =>
-        {
-            Ok(others)
-        }
-        // The elector's calls fail: this one would too, after holding the report lock
-        // for its whole timeout, in the way of reconciles that must stop a pod. The
-        // refresher writes the report once the database answers.
-        _ if !database_ok.load(Ordering::Relaxed) => {
-            Err("the lease elector's last database call failed".to_owned())
-        }
-        _ => report(ctx, &key, &update).await.map_err(|e| e.to_string()),
-    };
-    // The same leadership the reads above were chosen by: a leader judged on reports
-    // kept for a follower could miss a report written since.
-    let mut role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    let (lease, reports, role) = read_lease_and_reports(
+        ctx,
+        target,
+        elector,
+        workload,
+        recorded.as_ref(),
+        cached,
+        &update,
+    )
+    .await;
     let replicas = workload
         .deployment
         .as_ref()
         .map(|_| workload.counts.replicas);
-    if row_from_elector && matches!(role, Role::Standby { .. }) && replicas.is_some_and(|r| r > 0) {
-        // Standing by with pods here means scaling them down: not on a row up to a retry
-        // period old, which may predate a peer of this cluster taking the lease and
-        // starting its pod.
-        lease = ctx.store.get(&lease_name).await.map_err(|e| e.to_string());
-        role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
-    }
     let handover_delay =
-        Duration::from_secs(reaper.spec.lease.handover_delay_seconds.max(0) as u64);
+        Duration::from_secs(target.reaper.spec.lease.handover_delay_seconds.max(0) as u64);
     let gate = match role {
         Role::Leader { epoch } => Some(decide::handover_gate(
             &lease,
@@ -523,10 +578,11 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         )),
         _ => None,
     };
+    let timings = target.timings;
     let plan = decide::plan(&ScaleFacts {
         role: &role,
         gate: gate.as_ref(),
-        paused: reaper.spec.paused,
+        paused: target.reaper.spec.paused,
         replicas,
         recorded: recorded.as_ref(),
         me: &ctx.holder,
@@ -538,117 +594,256 @@ async fn apply(reaper: &Reaper, ctx: &Context) -> Result<Action, Error> {
         steady: steady_requeue(timings),
         idle: steady_requeue(timings).max(IDLE_RESYNC),
     });
-    tracing::debug!(reaper = %key, ?role, ?gate, scale = ?plan.scale, requeue = ?plan.requeue, from_cache, "decided");
-    if plan.scaled_externally {
-        ctx.candidates.update(&key, |c| c.external_scale_ups += 1);
+    Judgement {
+        lease,
+        reports,
+        role,
+        gate,
+        plan,
+        update,
+        replicas,
     }
-    if let (Role::Leader { epoch }, Some(Gate::Open { stale })) = (&role, &gate) {
-        warn_stale_reports(ctx, &key, *epoch, stale, &reference);
-    }
+}
 
-    // The status is written by the replica that acts for this cluster; a scale-up is
-    // recorded on it before it happens, a scale-down clears the record after.
+/// The lease row and the other clusters' reports, and the role they give.
+///
+/// The database is asked only when something may change: a leader that is not already
+/// running its pod (it may scale up, and the gate must judge the row and the reports as
+/// they are now), a report that changed, or nothing remembered. Otherwise the
+/// elector's last answer and the last refresh of the reports stand.
+async fn read_lease_and_reports(
+    ctx: &Context,
+    target: &Target<'_>,
+    elector: &ElectorView,
+    workload: &Workload,
+    recorded: Option<&ScaleRecord>,
+    cached: Cached,
+    update: &WorkloadUpdate,
+) -> (
+    Result<Option<Lease>, String>,
+    Result<Vec<WorkloadReport>, String>,
+    Role,
+) {
+    let leader_epoch = elector.watch.leader_epoch();
+    let settled_leader = leader_epoch.is_some_and(|epoch| {
+        workload.deployment.is_some()
+            && workload.counts.replicas == 1
+            && recorded.is_some_and(|r| r.holder == ctx.holder && r.epoch == epoch)
+    });
+    let (mut lease, row_from_elector) = match cached.row {
+        Some(row) if leader_epoch.is_none() || settled_leader => (Ok(Some(row)), true),
+        // The elector's calls fail: this one would too, a call timeout later, delaying
+        // the decision of a replica that may have to stop a pod nobody vouches for.
+        _ if !elector.database_ok() => (
+            Err("the lease elector's last database call failed".to_owned()),
+            false,
+        ),
+        _ => (
+            ctx.store
+                .get(&target.lease_name)
+                .await
+                .map_err(|e| e.to_string()),
+            false,
+        ),
+    };
+    // Every replica reports what it sees of this cluster's workload (the database keeps
+    // a non-holder from overwriting its holder's report with "no pods") and learns what
+    // the other clusters report.
+    let reports = match cached.others {
+        Some(others)
+            if cached.report.as_ref() == Some(update)
+                && (leader_epoch.is_none() || settled_leader) =>
+        {
+            Ok(others)
+        }
+        // The elector's calls fail: this one would too, after holding the report lock
+        // for its whole timeout, in the way of reconciles that must stop a pod. The
+        // refresher writes the report once the database answers.
+        _ if !elector.database_ok() => {
+            Err("the lease elector's last database call failed".to_owned())
+        }
+        _ => report(ctx, &target.key, update)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    // The same leadership the reads above were chosen by: a leader judged on reports
+    // kept for a follower could miss a report written since.
+    let mut role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    let has_pods = workload.deployment.is_some() && workload.counts.replicas > 0;
+    if row_from_elector && matches!(role, Role::Standby { .. }) && has_pods {
+        // Standing by with pods here means scaling them down: not on a row up to a retry
+        // period old, which may predate a peer of this cluster taking the lease and
+        // starting its pod.
+        lease = ctx
+            .store
+            .get(&target.lease_name)
+            .await
+            .map_err(|e| e.to_string());
+        role = decide::role(leader_epoch, &lease, &ctx.holder, &ctx.cluster);
+    }
+    (lease, reports, role)
+}
+
+/// Writes the status and scales as planned. The status is written by the replica that
+/// acts for this cluster; a scale-up is recorded on it before it happens, a scale-down
+/// clears the record after.
+async fn act(
+    ctx: &Context,
+    target: &Target<'_>,
+    elector: &ElectorView,
+    (workload, from_cache): (&Workload, bool),
+    judged: Judgement,
+) -> Result<Action, Error> {
+    let Judgement {
+        role, gate, plan, ..
+    } = &judged;
+    tracing::debug!(reaper = %target.key, ?role, ?gate, scale = ?plan.scale, requeue = ?plan.requeue, from_cache, "decided");
+    if plan.scaled_externally {
+        ctx.candidates
+            .update(&target.key, |c| c.external_scale_ups += 1);
+    }
+    if let (Role::Leader { epoch }, Some(Gate::Open { stale })) = (role, gate) {
+        warn_stale_reports(ctx, &target.key, *epoch, stale, &target.reference);
+    }
     let new_status = match role {
         Role::PeerLeads { .. } => None,
         _ => Some(
             build_status(
-                reaper,
+                target.reaper,
                 ctx,
-                &key,
-                &workload,
+                &target.key,
+                workload,
                 Seen {
-                    role: &role,
+                    role,
                     gate: gate.as_ref(),
-                    lease_name: &lease_name,
-                    lease: &lease,
-                    reports: &reports,
-                    database_ok: database_ok.load(Ordering::Relaxed),
+                    lease_name: &target.lease_name,
+                    lease: &judged.lease,
+                    reports: &judged.reports,
+                    database_ok: elector.database_ok(),
                     recorded: plan.record.as_ref(),
                 },
             )
             .await,
         ),
     };
-    let key = &key;
-    // Only a leader judges by its own last write too: it alone speaks for the cluster
-    // then. A replica that cannot read the lease may have a peer that took it and wrote
-    // its scale-up record since, which the cache does not show yet; writing what that
-    // cache shows over it would erase the record.
     let leading = matches!(role, Role::Leader { .. });
-    let write = |status: Option<ReaperStatus>| async move {
-        let Some(status) = status else {
-            return Ok(());
-        };
-        let last_write = ctx
-            .candidates
-            .update(key, |c| c.status_written)
-            .flatten()
-            .filter(|_| leading);
-        if !status::needs_write(previous, last_write, &status) {
-            return Ok(());
-        }
-        let fingerprint = status::Fingerprint::of(&status);
-        let written = write_status(ctx, reaper, status).await;
-        let last_write = match written {
-            Ok(()) => LastWrite::Wrote(fingerprint),
-            Err(_) => LastWrite::Unknown,
-        };
-        ctx.candidates
-            .update(key, |c| c.status_written = Some(last_write));
-        written
-    };
     match plan.scale {
         Scale::Up { epoch } => {
-            write(new_status).await?;
-            // A cache behind the API server could miss a pod of this cluster still
-            // stopping (a ReplicaSet ignores it and would start a second one): ask the
-            // API server before starting one.
-            if replicas == Some(0) && from_cache {
-                let live = observe::observe_workload(
-                    &ctx.client,
-                    &ns,
-                    deployment_name,
-                    workload.selector.as_deref(),
-                )
-                .await?;
-                if live.counts.running_pods > 0 {
-                    tracing::info!(reaper = %key, running_pods = live.counts.running_pods, "pods of this cluster still stopping; not scaling up yet");
-                    return Ok(Action::requeue(Duration::from_millis(500)));
-                }
-            }
-            // Decide at the moment of acting, not from what was true above.
-            if replicas != Some(1) && watch.leader_epoch() == Some(epoch) {
-                // Report the starting pod first: if that fails, do not start it (no other
-                // cluster may read "no pods" from here while it runs).
-                let starting = WorkloadUpdate {
-                    counts: WorkloadCounts {
-                        replicas: 1,
-                        running_pods: workload.counts.running_pods.max(1),
-                        ready_pods: workload.counts.ready_pods,
-                    },
-                    ..update
-                };
-                report(ctx, key, &starting).await?;
-                if watch.leader_epoch() == Some(epoch) {
-                    scale(&ctx.client, &ns, deployment_name, 1).await?;
-                }
+            write_new_status(ctx, target, leading, new_status).await?;
+            let scaling = ScaleUp {
+                epoch,
+                workload,
+                from_cache,
+            };
+            if let Some(wait) = scale_up(ctx, target, elector, scaling, &judged).await? {
+                return Ok(wait);
             }
         }
         Scale::Down => {
-            scale(&ctx.client, &ns, deployment_name, 0).await?;
-            write(new_status).await?;
+            scale(&ctx.client, &target.ns, target.deployment(), 0).await?;
+            write_new_status(ctx, target, leading, new_status).await?;
         }
-        Scale::Hold => write(new_status).await?,
+        Scale::Hold => write_new_status(ctx, target, leading, new_status).await?,
     }
-
     // Without live caches the reads above went to the API server: look again every
     // steady period, as before the caches, so the report follows the workload.
     let requeue = if ctx.caches.live() {
         plan.requeue
     } else {
-        plan.requeue.min(steady_requeue(timings))
+        plan.requeue.min(steady_requeue(target.timings))
     };
     Ok(Action::requeue(requeue))
+}
+
+/// Writes `status`, unless the Reaper shows it already (`status::needs_write`), and
+/// remembers what was written.
+///
+/// Only a leader judges by its own last write too: it alone speaks for the cluster
+/// then. A replica that cannot read the lease may have a peer that took it and wrote
+/// its scale-up record since, which the cache does not show yet; writing what that
+/// cache shows over it would erase the record.
+async fn write_new_status(
+    ctx: &Context,
+    target: &Target<'_>,
+    leading: bool,
+    status: Option<ReaperStatus>,
+) -> Result<(), Error> {
+    let Some(status) = status else {
+        return Ok(());
+    };
+    let last_write = ctx
+        .candidates
+        .update(&target.key, |c| c.status_written)
+        .flatten()
+        .filter(|_| leading);
+    if !status::needs_write(target.reaper.status.as_ref(), last_write, &status) {
+        return Ok(());
+    }
+    let fingerprint = status::Fingerprint::of(&status);
+    let written = write_status(ctx, target.reaper, status).await;
+    let last_write = match written {
+        Ok(()) => LastWrite::Wrote(fingerprint),
+        Err(_) => LastWrite::Unknown,
+    };
+    ctx.candidates
+        .update(&target.key, |c| c.status_written = Some(last_write));
+    written
+}
+
+/// A planned scale-up and the workload it was planned on.
+struct ScaleUp<'a> {
+    epoch: i64,
+    workload: &'a Workload,
+    from_cache: bool,
+}
+
+/// Starts the pod if this replica still leads with `epoch`, after reporting it. Returns
+/// when to look again instead, while pods of this cluster are still stopping.
+async fn scale_up(
+    ctx: &Context,
+    target: &Target<'_>,
+    elector: &ElectorView,
+    ScaleUp {
+        epoch,
+        workload,
+        from_cache,
+    }: ScaleUp<'_>,
+    judged: &Judgement,
+) -> Result<Option<Action>, Error> {
+    // A cache behind the API server could miss a pod of this cluster still stopping (a
+    // ReplicaSet ignores it and would start a second one): ask the API server before
+    // starting one.
+    if judged.replicas == Some(0) && from_cache {
+        let live = observe::observe_workload(
+            &ctx.client,
+            &target.ns,
+            target.deployment(),
+            workload.selector.as_deref(),
+        )
+        .await?;
+        if live.counts.running_pods > 0 {
+            tracing::info!(reaper = %target.key, running_pods = live.counts.running_pods, "pods of this cluster still stopping; not scaling up yet");
+            return Ok(Some(Action::requeue(Duration::from_millis(500))));
+        }
+    }
+    // Decide at the moment of acting, not from what was true above.
+    if judged.replicas != Some(1) && elector.watch.leader_epoch() == Some(epoch) {
+        // Report the starting pod first: if that fails, do not start it (no other
+        // cluster may read "no pods" from here while it runs).
+        let starting = WorkloadUpdate {
+            counts: WorkloadCounts {
+                replicas: 1,
+                running_pods: workload.counts.running_pods.max(1),
+                ready_pods: workload.counts.ready_pods,
+            },
+            ..judged.update.clone()
+        };
+        report(ctx, &target.key, &starting).await?;
+        if elector.watch.leader_epoch() == Some(epoch) {
+            scale(&ctx.client, &target.ns, target.deployment(), 1).await?;
+        }
+    }
+    Ok(None)
 }
 
 /// What this replica remembers of a Reaper between reconciles.
