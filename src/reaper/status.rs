@@ -132,15 +132,64 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
         )
     };
 
-    let phase = if obs.database_error.is_some() || !obs.deployment_found {
+    let phase = phase_of(obs);
+    let leader = leader_condition(obs, &condition);
+    let workload = workload_condition(obs, &condition);
+    let database = database_condition(obs.database_error, &condition);
+    let singleton = singleton_condition(obs.risks, &condition);
+
+    let ready = ready_condition(
+        phase,
+        obs.paused,
+        obs.running_pods,
+        &[&leader, &workload, &database],
+        prev_conditions,
+        obs.generation,
+        obs.now,
+    );
+
+    let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    ReaperStatus {
+        phase: Some(phase),
+        lease_name: Some(obs.lease_name.to_owned()),
+        holder: obs.lease.map(|l| {
+            if l.is_held() {
+                l.holder.clone()
+            } else {
+                String::new()
+            }
+        }),
+        epoch: obs.lease.map(|l| l.epoch),
+        acquired_at: obs.lease.map(|l| rfc3339(l.acquired_at)),
+        // Nothing here moves with time alone: a write per Reaper per period to show the
+        // renewals would load the API server for nothing (see `differs`).
+        renewed_at: None,
+        expires_at: None,
+        replicas: Some(obs.replicas),
+        ready_replicas: Some(obs.ready_replicas),
+        ready: Some(format!("{}/{}", obs.ready_replicas, obs.replicas)),
+        observed_generation: obs.generation,
+        conditions: vec![ready, leader, workload, database, singleton],
+        pod_selector: obs.pod_selector.map(str::to_owned),
+        scaled_up_by: obs.scaled_up_by.cloned(),
+    }
+}
+
+fn phase_of(obs: &Observation<'_>) -> Phase {
+    if obs.database_error.is_some() || !obs.deployment_found {
         Phase::Degraded
     } else if matches!(obs.role, Role::Leader { .. }) {
         Phase::Leading
     } else {
         Phase::Standby
-    };
+    }
+}
 
-    let leader = match (obs.role, obs.lease) {
+fn leader_condition(
+    obs: &Observation<'_>,
+    condition: &impl Fn(&str, bool, &str, String) -> Condition,
+) -> Condition {
+    match (obs.role, obs.lease) {
         (Role::Leader { epoch }, _) => condition(
             "Leader",
             true,
@@ -183,9 +232,14 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 obs.lease_name
             ),
         ),
-    };
+    }
+}
 
-    let workload = if !obs.deployment_found {
+fn workload_condition(
+    obs: &Observation<'_>,
+    condition: &impl Fn(&str, bool, &str, String) -> Condition,
+) -> Condition {
+    if !obs.deployment_found {
         condition(
             "WorkloadReady",
             false,
@@ -203,81 +257,94 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
             ),
         )
     } else {
-        match (obs.role, obs.gate) {
-            (
-                Role::Leader { .. },
-                Some(Gate::WaitForCluster {
-                    cluster,
-                    running_pods,
-                }),
-            ) => condition(
-                "WorkloadReady",
-                false,
-                "WaitingForHandover",
-                format!(
-                    "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its bound (ttl + grace period + refresh + retry)"
-                ),
-            ),
-            (Role::Leader { .. }, Some(Gate::OwnPodsStopping { running_pods })) => condition(
-                "WorkloadReady",
-                false,
-                "WaitingForOwnPods",
-                format!(
-                    "{running_pods} pod(s) of this cluster are still stopping; scaling up once they are gone"
-                ),
-            ),
-            (Role::Leader { .. }, Some(Gate::Unconfirmed { reason })) => condition(
-                "WorkloadReady",
-                false,
-                "LeaseUnconfirmed",
-                format!("not scaling up until the lease row confirms this holder: {reason}"),
-            ),
-            (Role::Leader { .. }, Some(Gate::ReportsUnknown { .. })) => condition(
-                "WorkloadReady",
-                false,
-                "ReportsUnknown",
-                "not scaling up until the other clusters' workload reports can be read".into(),
-            ),
-            (Role::Leader { .. }, Some(Gate::HandoverDelay { remaining })) => condition(
-                "WorkloadReady",
-                false,
-                "HandoverDelay",
-                format!(
-                    "waiting {:.1}s more before scaling up after a takeover from another cluster",
-                    remaining.as_secs_f64()
-                ),
-            ),
-            (Role::Leader { .. }, _) if obs.ready_replicas >= 1 => condition(
-                "WorkloadReady",
-                true,
-                "Running",
-                "the singleton pod is ready".into(),
-            ),
-            (Role::Leader { .. }, _) => condition(
-                "WorkloadReady",
-                false,
-                "Starting",
-                "scaled to 1; waiting for the pod to become ready".into(),
-            ),
-            (_, _) if obs.replicas == 0 && obs.running_pods == 0 => condition(
-                "WorkloadReady",
-                true,
-                "ScaledDown",
-                "not leading here: the Deployment is at 0 and no pod runs".into(),
-            ),
-            _ => condition(
-                "WorkloadReady",
-                false,
-                "ScalingDown",
-                format!(
-                    "not leading here: waiting for {} pod(s) to stop",
-                    obs.running_pods.max(obs.replicas)
-                ),
-            ),
-        }
-    };
+        managed_workload_condition(obs, condition)
+    }
+}
 
-    let database = match obs.database_error {
+/// `WorkloadReady` of a Deployment the operator manages (found, not paused).
+fn managed_workload_condition(
+    obs: &Observation<'_>,
+    condition: &impl Fn(&str, bool, &str, String) -> Condition,
+) -> Condition {
+    match (obs.role, obs.gate) {
+        (
+            Role::Leader { .. },
+            Some(Gate::WaitForCluster {
+                cluster,
+                running_pods,
+            }),
+        ) => condition(
+            "WorkloadReady",
+            false,
+            "WaitingForHandover",
+            format!(
+                "cluster {cluster} still reports {running_pods} running pod(s); scaling up once it reports 0 or its report is older than its bound (ttl + grace period + refresh + retry)"
+            ),
+        ),
+        (Role::Leader { .. }, Some(Gate::OwnPodsStopping { running_pods })) => condition(
+            "WorkloadReady",
+            false,
+            "WaitingForOwnPods",
+            format!(
+                "{running_pods} pod(s) of this cluster are still stopping; scaling up once they are gone"
+            ),
+        ),
+        (Role::Leader { .. }, Some(Gate::Unconfirmed { reason })) => condition(
+            "WorkloadReady",
+            false,
+            "LeaseUnconfirmed",
+            format!("not scaling up until the lease row confirms this holder: {reason}"),
+        ),
+        (Role::Leader { .. }, Some(Gate::ReportsUnknown { .. })) => condition(
+            "WorkloadReady",
+            false,
+            "ReportsUnknown",
+            "not scaling up until the other clusters' workload reports can be read".into(),
+        ),
+        (Role::Leader { .. }, Some(Gate::HandoverDelay { remaining })) => condition(
+            "WorkloadReady",
+            false,
+            "HandoverDelay",
+            format!(
+                "waiting {:.1}s more before scaling up after a takeover from another cluster",
+                remaining.as_secs_f64()
+            ),
+        ),
+        (Role::Leader { .. }, _) if obs.ready_replicas >= 1 => condition(
+            "WorkloadReady",
+            true,
+            "Running",
+            "the singleton pod is ready".into(),
+        ),
+        (Role::Leader { .. }, _) => condition(
+            "WorkloadReady",
+            false,
+            "Starting",
+            "scaled to 1; waiting for the pod to become ready".into(),
+        ),
+        (_, _) if obs.replicas == 0 && obs.running_pods == 0 => condition(
+            "WorkloadReady",
+            true,
+            "ScaledDown",
+            "not leading here: the Deployment is at 0 and no pod runs".into(),
+        ),
+        _ => condition(
+            "WorkloadReady",
+            false,
+            "ScalingDown",
+            format!(
+                "not leading here: waiting for {} pod(s) to stop",
+                obs.running_pods.max(obs.replicas)
+            ),
+        ),
+    }
+}
+
+fn database_condition(
+    database_error: Option<&str>,
+    condition: &impl Fn(&str, bool, &str, String) -> Condition,
+) -> Condition {
+    match database_error {
         None => condition(
             "DatabaseReachable",
             true,
@@ -290,9 +357,14 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
             "Unreachable",
             DATABASE_UNREACHABLE.into(),
         ),
-    };
+    }
+}
 
-    let singleton = match obs.risks {
+fn singleton_condition(
+    risks: &[(&'static str, String)],
+    condition: &impl Fn(&str, bool, &str, String) -> Condition,
+) -> Condition {
+    match risks {
         [] => condition(
             "SingletonSafe",
             true,
@@ -309,42 +381,6 @@ pub fn build_status(obs: &Observation<'_>, previous: Option<&ReaperStatus>) -> R
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
-    };
-
-    let ready = ready_condition(
-        phase,
-        obs.paused,
-        obs.running_pods,
-        &[&leader, &workload, &database],
-        prev_conditions,
-        obs.generation,
-        obs.now,
-    );
-
-    let rfc3339 = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    ReaperStatus {
-        phase: Some(phase),
-        lease_name: Some(obs.lease_name.to_owned()),
-        holder: obs.lease.map(|l| {
-            if l.is_held() {
-                l.holder.clone()
-            } else {
-                String::new()
-            }
-        }),
-        epoch: obs.lease.map(|l| l.epoch),
-        acquired_at: obs.lease.map(|l| rfc3339(l.acquired_at)),
-        // Nothing here moves with time alone: a write per Reaper per period to show the
-        // renewals would load the API server for nothing (see `differs`).
-        renewed_at: None,
-        expires_at: None,
-        replicas: Some(obs.replicas),
-        ready_replicas: Some(obs.ready_replicas),
-        ready: Some(format!("{}/{}", obs.ready_replicas, obs.replicas)),
-        observed_generation: obs.generation,
-        conditions: vec![ready, leader, workload, database, singleton],
-        pod_selector: obs.pod_selector.map(str::to_owned),
-        scaled_up_by: obs.scaled_up_by.cloned(),
     }
 }
 
@@ -747,6 +783,25 @@ mod tests {
         assert_eq!(
             reasons,
             ["SurgeAllowed", "AutoscalerAttached", "ScaledExternally"]
+        );
+    }
+
+    #[test]
+    fn singleton_safe_takes_the_first_risk_as_reason_and_names_them_all() {
+        let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+            make_condition(&[], type_, ok, reason, message, None, Utc::now())
+        };
+        let risks = singleton_risks(Some("25%".into()), Some("hpa-1".into()), 0);
+        let unsafe_ = singleton_condition(&risks, &condition);
+        assert_eq!(
+            (unsafe_.status.as_str(), unsafe_.reason.as_str()),
+            ("False", "SurgeAllowed")
+        );
+        assert_eq!(unsafe_.message, format!("{}; {}", risks[0].1, risks[1].1));
+        let safe = singleton_condition(&[], &condition);
+        assert_eq!(
+            (safe.status.as_str(), safe.reason.as_str()),
+            ("True", "NoRisk")
         );
     }
 }
