@@ -13,6 +13,7 @@
 //! instant and fires it by itself; the guard moves it forward with each confirming read.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -632,8 +633,53 @@ pub async fn run(
     store: crate::lease::LeaseStore,
     wake: std::sync::Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<u8> {
-    use tokio::signal::unix::{SignalKind, signal};
     check_proc().map_err(|reason| anyhow::anyhow!(reason))?;
+    let mut signals = forwarded_signals()?;
+    // 1. Wait until this cluster holds the lease (a pod started during a handover), with
+    //    time enough left to start the command.
+    let confirmation = match wait_for_lease(&settings, &store, &wake, &mut signals).await? {
+        ControlFlow::Continue(confirmation) => confirmation,
+        ControlFlow::Break(code) => return Ok(code),
+    };
+
+    // 2. Start the child in a process group of its own, behind a gate; then the
+    //    watchdog; then open the gate. The command cannot act before a watchdog holds
+    //    its kill instant, even if this process freezes or dies in between.
+    let epoch = confirmation.epoch.unwrap_or_default();
+    let (mut child, gate_write) = spawn_behind_gate(&settings, &confirmation, epoch)?;
+    let pgid = child.id().expect("a running child has a pid") as i32;
+    let watchdog =
+        match start_watchdog_then_open_gate(&settings, &confirmation, &mut child, pgid, gate_write)
+            .await?
+        {
+            ControlFlow::Continue(watchdog) => watchdog,
+            ControlFlow::Break(code) => return Ok(code),
+        };
+    tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
+
+    // 3. Keep confirming; stop the child when that fails.
+    let mut command = GuardedCommand {
+        child,
+        pgid,
+        watchdog,
+        confirmation,
+    };
+    let stop = match command
+        .keep_confirming(&settings, &store, &wake, &mut signals)
+        .await
+    {
+        Ended::CommandExited(status) => return command.after_exit(status),
+        Ended::MustStop(reason) => reason,
+    };
+
+    // 4. Stop: SIGTERM now, SIGKILL after the grace or at the kill instant, if sooner.
+    Ok(command.stop(stop, &settings).await)
+}
+
+/// Listens to the signals the guard forwards to the command (before the command starts,
+/// each of them ends the guard).
+fn forwarded_signals() -> anyhow::Result<Signals> {
+    use tokio::signal::unix::{SignalKind, signal};
     let kinds = [
         SignalKind::terminate(),
         SignalKind::interrupt(),
@@ -646,10 +692,19 @@ pub async fn run(
     for kind in kinds {
         signals.push((kind, signal(kind)?));
     }
-    // 1. Wait until this cluster holds the lease (a pod started during a handover), with
-    //    time enough left to start the command.
+    Ok(signals)
+}
+
+/// Reads the lease until a read confirms it with time enough left to start the command:
+/// that confirmation, or the exit code when a signal comes first.
+async fn wait_for_lease(
+    settings: &GuardSettings,
+    store: &crate::lease::LeaseStore,
+    wake: &tokio::sync::Notify,
+    signals: &mut Signals,
+) -> anyhow::Result<ControlFlow<u8, Confirmation>> {
     let mut checked_ttl = None;
-    let mut confirmation = loop {
+    let confirmation = loop {
         let sent = clock_now();
         match store.get(&settings.lease).await {
             Ok(lease) => {
@@ -697,17 +752,22 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep(settings.poll) => {}
             _ = wake.notified() => {}
-            kind = next_signal(&mut signals) => {
+            kind = next_signal(signals) => {
                 tracing::info!(signal = kind.as_raw_value(), "signal before the command started; exiting");
-                return Ok((128 + kind.as_raw_value()) as u8);
+                return Ok(ControlFlow::Break((128 + kind.as_raw_value()) as u8));
             }
         }
     };
+    Ok(ControlFlow::Continue(confirmation))
+}
 
-    // 2. Start the child in a process group of its own, behind a gate; then the
-    //    watchdog; then open the gate. The command cannot act before a watchdog holds
-    //    its kill instant, even if this process freezes or dies in between.
-    let epoch = confirmation.epoch.unwrap_or_default();
+/// Starts the command (through `guard-exec`) in a session of its own, held behind a gate
+/// until the guard writes [`GATE_OPEN`]: the child, and the write end of its gate.
+fn spawn_behind_gate(
+    settings: &GuardSettings,
+    confirmation: &Confirmation,
+    epoch: i64,
+) -> anyhow::Result<(tokio::process::Child, std::os::fd::OwnedFd)> {
     let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let gate_fd = std::os::fd::AsRawFd::as_raw_fd(&gate_read);
     // /proc/self/exe: still this binary when a new copy replaced the file.
@@ -736,12 +796,23 @@ pub async fn run(
             .map_err(std::io::Error::from)
         });
     }
-    let mut child = gated
+    let child = gated
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {:?}: {e}", settings.command[0]))?;
     // Only the gate keeps the read end: this process exiting closes the gate for good.
     drop(gate_read);
-    let pgid = child.id().expect("a running child has a pid") as i32;
+    Ok((child, gate_write))
+}
+
+/// Starts the watchdog with the confirmation's kill instant, then opens the gate: the
+/// watchdog, or the exit code when the command must not start (it is then killed).
+async fn start_watchdog_then_open_gate(
+    settings: &GuardSettings,
+    confirmation: &Confirmation,
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    gate_write: std::os::fd::OwnedFd,
+) -> anyhow::Result<ControlFlow<u8, WatchdogLink>> {
     let first_term_at = confirmation.term_at(settings.grace).unwrap_or_default();
     let started = tokio::task::block_in_place(|| {
         WatchdogLink::start(
@@ -751,7 +822,7 @@ pub async fn run(
             first_term_at,
         )
     });
-    let mut watchdog = match started {
+    let watchdog = match started {
         Ok(watchdog) => watchdog,
         Err(e) => {
             signal_command(pgid, Signal::SIGKILL);
@@ -763,7 +834,7 @@ pub async fn run(
                     "reaper-operator guard: did not start the command ({e}): {}",
                     StopReason::Unconfirmed
                 );
-                return Ok(EXIT_LEASE_LOST);
+                return Ok(ControlFlow::Break(EXIT_LEASE_LOST));
             }
             anyhow::bail!("cannot start the guard's watchdog: {e}");
         }
@@ -783,114 +854,172 @@ pub async fn run(
             "reaper-operator guard: did not start the command ({error}): {}",
             StopReason::Unconfirmed
         );
-        return Ok(EXIT_LEASE_LOST);
+        return Ok(ControlFlow::Break(EXIT_LEASE_LOST));
     }
-    tracing::info!(lease = %settings.lease, epoch, holder = %confirmation.holder, pgid, "command started");
+    Ok(ControlFlow::Continue(watchdog))
+}
 
-    // 3. Keep confirming; stop the child when that fails.
-    let mut ticker = tokio::time::interval(settings.poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sent = clock_now();
-    let stop = loop {
-        let term_at = confirmation.term_at(settings.grace).unwrap_or_default();
-        let until_term = term_at.saturating_sub(clock_now());
-        tokio::select! {
-            status = child.wait() => {
-                let status = match status {
-                    Ok(status) => status,
-                    Err(error) => {
-                        signal_command(pgid, Signal::SIGKILL);
-                        watchdog.finish();
-                        return Err(error.into());
+/// The started command, and what the guard holds to stop it in time.
+struct GuardedCommand {
+    child: tokio::process::Child,
+    /// The command's session, which is also its process group.
+    pgid: i32,
+    watchdog: WatchdogLink,
+    confirmation: Confirmation,
+}
+
+/// How [`GuardedCommand::keep_confirming`] ended.
+enum Ended {
+    /// The command exited by itself (or waiting for it failed).
+    CommandExited(std::io::Result<ExitStatus>),
+    /// The lease can no longer be confirmed.
+    MustStop(StopReason),
+}
+
+impl GuardedCommand {
+    /// Reads the lease every poll interval (and on a wake) while the command runs,
+    /// forwarding signals to it, until it exits or must stop.
+    async fn keep_confirming(
+        &mut self,
+        settings: &GuardSettings,
+        store: &crate::lease::LeaseStore,
+        wake: &tokio::sync::Notify,
+        signals: &mut Signals,
+    ) -> Ended {
+        let mut ticker = tokio::time::interval(settings.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sent = clock_now();
+        let stop = loop {
+            let term_at = self
+                .confirmation
+                .term_at(settings.grace)
+                .unwrap_or_default();
+            let until_term = term_at.saturating_sub(clock_now());
+            tokio::select! {
+                status = self.child.wait() => return Ended::CommandExited(status),
+                kind = next_signal(signals) => {
+                    // Forwarded; the lease is still enforced while the child shuts down.
+                    if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
+                        signal_command(self.pgid, signal);
                     }
-                };
-                // Background processes it left in its group must not outlive the guard.
-                signal_command(pgid, Signal::SIGKILL);
-                if watchdog.finish() == Some(EXIT_LEASE_LOST) {
-                    // The watchdog killed it while this process could not run (frozen).
-                    eprintln!("reaper-operator guard: the watchdog stopped the command: {}", StopReason::Unconfirmed);
-                    return Ok(EXIT_LEASE_LOST);
+                    continue;
                 }
-                tracing::info!(?status, "command exited");
-                return Ok(exit_code(status));
-            }
-            kind = next_signal(&mut signals) => {
-                // Forwarded; the lease is still enforced while the child shuts down.
-                if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
-                    signal_command(pgid, signal);
+                _ = tokio::time::sleep(until_term) => {
+                    if clock_now() >= term_at {
+                        break StopReason::Unconfirmed;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            _ = tokio::time::sleep(until_term) => {
-                if clock_now() >= term_at {
-                    break StopReason::Unconfirmed;
+                _ = ticker.tick() => {}
+                _ = wake.notified() => {
+                    // Notifications anybody can send must not turn into back-to-back reads.
+                    let earliest = (last_sent + MIN_WAKE_SPACING).min(term_at);
+                    tokio::time::sleep(earliest.saturating_sub(clock_now())).await;
                 }
-                continue;
             }
-            _ = ticker.tick() => {}
-            _ = wake.notified() => {
-                // Notifications anybody can send must not turn into back-to-back reads.
-                let earliest = (last_sent + MIN_WAKE_SPACING).min(term_at);
-                tokio::time::sleep(earliest.saturating_sub(clock_now())).await;
+            if let Err(error) = self.watchdog.check() {
+                tracing::error!(%error, "the guard's watchdog cannot be relied on");
+                break StopReason::NoWatchdog;
             }
-        }
-        if let Err(error) = watchdog.check() {
-            tracing::error!(%error, "the guard's watchdog cannot be relied on");
-            break StopReason::NoWatchdog;
-        }
-        // A guard that was frozen must not trust a read it sends now to cover the time
-        // it lost: the bound only ever comes from the read's own send instant.
-        let sent = clock_now();
-        if sent >= term_at {
-            break StopReason::Unconfirmed;
-        }
-        last_sent = sent;
+            // A guard that was frozen must not trust a read it sends now to cover the time
+            // it lost: the bound only ever comes from the read's own send instant.
+            let sent = clock_now();
+            if sent >= term_at {
+                break StopReason::Unconfirmed;
+            }
+            last_sent = sent;
+            if let Err(reason) = self.confirm(settings, store, sent, term_at).await {
+                break reason;
+            }
+        };
+        Ended::MustStop(stop)
+    }
+
+    /// Reads the lease (the read sent at `sent`) and applies what it says; a confirming
+    /// read moves the watchdog's kill instant. An error says why the command must stop;
+    /// a read that fails changes nothing.
+    async fn confirm(
+        &mut self,
+        settings: &GuardSettings,
+        store: &crate::lease::LeaseStore,
+        sent: Duration,
+        term_at: Duration,
+    ) -> Result<(), StopReason> {
         // A slow read must not delay the SIGTERM instant (the watchdog holds SIGKILL's).
         let result = tokio::select! {
             result = store.get(&settings.lease) => result,
-            _ = tokio::time::sleep(term_at.saturating_sub(sent)) => break StopReason::Unconfirmed,
+            _ = tokio::time::sleep(term_at.saturating_sub(sent)) => return Err(StopReason::Unconfirmed),
         };
         let reading = match result {
             Ok(lease) => Reading::of(lease.as_ref(), &settings.cluster),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the lease");
-                continue;
+                return Ok(());
             }
         };
-        let previous = confirmation.epoch;
-        if let Err(reason) = confirmation.apply(sent, &reading, settings.margin) {
-            break reason;
+        let previous = self.confirmation.epoch;
+        self.confirmation.apply(sent, &reading, settings.margin)?;
+        if self.confirmation.epoch != previous {
+            tracing::info!(epoch = ?self.confirmation.epoch, holder = %self.confirmation.holder, "a replica of this cluster took the lease over");
         }
-        if confirmation.epoch != previous {
-            tracing::info!(epoch = ?confirmation.epoch, holder = %confirmation.holder, "a replica of this cluster took the lease over");
-        }
-        if let Some(kill_at) = confirmation.kill_at
-            && let Err(error) = watchdog.extend(kill_at)
+        if let Some(kill_at) = self.confirmation.kill_at
+            && let Err(error) = self.watchdog.extend(kill_at)
         {
             tracing::error!(%error, "the guard's watchdog cannot be reached");
-            break StopReason::NoWatchdog;
+            return Err(StopReason::NoWatchdog);
         }
-    };
-
-    // 4. Stop: SIGTERM now, SIGKILL after the grace or at the kill instant, if sooner.
-    tracing::warn!(reason = %stop, pgid, "stopping the command");
-    let kill_at = confirmation
-        .kill_at
-        .unwrap_or_default()
-        .min(clock_now() + settings.grace);
-    // The watchdog keeps this instant too, in case this process freezes while waiting.
-    let _ = watchdog.extend(kill_at);
-    signal_command(pgid, Signal::SIGTERM);
-    let waited = tokio::time::timeout(kill_at.saturating_sub(clock_now()), child.wait()).await;
-    if waited.is_err() {
-        signal_command(pgid, Signal::SIGKILL);
-        let _ = child.wait().await;
+        Ok(())
     }
-    // Whatever else is left in the group.
-    signal_command(pgid, Signal::SIGKILL);
-    watchdog.finish();
-    eprintln!("reaper-operator guard: stopped the command: {stop}");
-    Ok(EXIT_LEASE_LOST)
+
+    /// The command exited by itself: kills what it left in its session and ends the
+    /// watchdog; returns the guard's exit code.
+    fn after_exit(self, status: std::io::Result<ExitStatus>) -> anyhow::Result<u8> {
+        let status = match status {
+            Ok(status) => status,
+            Err(error) => {
+                signal_command(self.pgid, Signal::SIGKILL);
+                self.watchdog.finish();
+                return Err(error.into());
+            }
+        };
+        // Background processes it left in its group must not outlive the guard.
+        signal_command(self.pgid, Signal::SIGKILL);
+        if self.watchdog.finish() == Some(EXIT_LEASE_LOST) {
+            // The watchdog killed it while this process could not run (frozen).
+            eprintln!(
+                "reaper-operator guard: the watchdog stopped the command: {}",
+                StopReason::Unconfirmed
+            );
+            return Ok(EXIT_LEASE_LOST);
+        }
+        tracing::info!(?status, "command exited");
+        Ok(exit_code(status))
+    }
+
+    /// Stops the command for `reason`: SIGTERM now, SIGKILL after the grace or at the kill
+    /// instant, if sooner. Returns [`EXIT_LEASE_LOST`].
+    async fn stop(mut self, reason: StopReason, settings: &GuardSettings) -> u8 {
+        tracing::warn!(reason = %reason, pgid = self.pgid, "stopping the command");
+        let kill_at = self
+            .confirmation
+            .kill_at
+            .unwrap_or_default()
+            .min(clock_now() + settings.grace);
+        // The watchdog keeps this instant too, in case this process freezes while waiting.
+        let _ = self.watchdog.extend(kill_at);
+        signal_command(self.pgid, Signal::SIGTERM);
+        let waited =
+            tokio::time::timeout(kill_at.saturating_sub(clock_now()), self.child.wait()).await;
+        if waited.is_err() {
+            signal_command(self.pgid, Signal::SIGKILL);
+            let _ = self.child.wait().await;
+        }
+        // Whatever else is left in the group.
+        signal_command(self.pgid, Signal::SIGKILL);
+        self.watchdog.finish();
+        eprintln!("reaper-operator guard: stopped the command: {reason}");
+        EXIT_LEASE_LOST
+    }
 }
 
 #[cfg(test)]
