@@ -1,6 +1,9 @@
 //! reaper-operator: runs exactly one instance of a singleton workload, arbitrated by a
 //! lease row in PostgreSQL.
 
+// Not for unit tests: a table of cases reads better whole.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
 pub mod cli;
 pub mod config;
 pub mod guard;

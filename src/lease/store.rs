@@ -714,19 +714,19 @@ impl LeaseStore {
         if updates.is_empty() {
             return Ok(SyncedReports::default());
         }
-        // One row per lease: a second one would make the upsert fail the whole batch.
-        // Two updates of one lease keep the one that shows more pods.
-        let mut by_name: BTreeMap<&str, &WorkloadUpdate> = BTreeMap::new();
-        for update in updates {
-            by_name
-                .entry(update.name.as_str())
-                .and_modify(|kept| {
-                    if update.counts.running_pods > kept.counts.running_pods {
-                        *kept = update;
-                    }
-                })
-                .or_insert(update);
-        }
+        let by_name = one_update_per_lease(updates);
+        let sql = self.sync_workloads_statement(cluster, reported_by, &by_name)?;
+        let rows = self.fetch(sql).await?;
+        synced_reports(by_name.into_keys(), &rows)
+    }
+
+    /// The statement of [`LeaseStore::sync_workloads`], for updates of distinct leases.
+    fn sync_workloads_statement(
+        &self,
+        cluster: &str,
+        reported_by: &str,
+        by_name: &BTreeMap<&str, &WorkloadUpdate>,
+    ) -> Result<String> {
         let numbers = |f: &dyn Fn(&WorkloadUpdate) -> Result<i64>| -> Result<String> {
             let values = by_name
                 .values()
@@ -752,7 +752,7 @@ impl LeaseStore {
         // pods", dated when this timeline was first seen (now if not yet): that cluster's
         // later reports may be lost, and it goes stale by its own bound from there. Its
         // own date is not used: it is on the old primary's clock.
-        let sql = format!(
+        Ok(format!(
             "WITH tl AS MATERIALIZED (SELECT {tl} AS id), \
              input AS ( \
                SELECT * FROM unnest({names}::text[], {replicas}, {running}, {ready}, {stale_after}, {refresh}) \
@@ -789,40 +789,7 @@ impl LeaseStore {
                     j.stale_after_ms, j.refresh_ms, \
                     (extract(epoch FROM clock_timestamp() - j.reported_at) * 1000)::bigint AS age_ms \
              FROM input AS i LEFT JOIN judged AS j ON j.name = i.name ORDER BY i.name, j.cluster"
-        );
-        let rows = self.fetch(sql).await?;
-        let mut synced = SyncedReports {
-            others: by_name
-                .keys()
-                .map(|name| ((*name).to_owned(), Vec::new()))
-                .collect(),
-            written: HashSet::new(),
-        };
-        for row in &rows {
-            let name: String = row.try_get("name")?;
-            if row.try_get("written")? {
-                synced.written.insert(name.clone());
-            }
-            // No other cluster has reported this lease.
-            let Some(cluster) = row.try_get::<Option<String>, _>("cluster")? else {
-                continue;
-            };
-            let age_ms: i64 = row.try_get("age_ms")?;
-            let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
-            let refresh_ms: i64 = row.try_get("refresh_ms")?;
-            synced.others.entry(name).or_default().push(WorkloadReport {
-                cluster,
-                reported_by: row.try_get("reported_by")?,
-                replicas: row.try_get("replicas")?,
-                running_pods: row.try_get("running_pods")?,
-                ready_pods: row.try_get("ready_pods")?,
-                reported_at: row.try_get("reported_at")?,
-                age: Duration::from_millis(age_ms.max(0) as u64),
-                stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
-                refresh: Duration::from_millis(refresh_ms.max(1) as u64),
-            });
-        }
-        Ok(synced)
+        ))
     }
 
     /// One round trip, for readiness probes: a bare `SELECT 1` on a lease connection
@@ -1012,6 +979,61 @@ fn check_encoding(encoding: &str) -> Result<()> {
         "the lease database uses encoding {encoding}; reaper-operator needs UTF8 \
          (create the database with ENCODING 'UTF8')"
     )))
+}
+
+/// One update per lease: a second row of one lease would make the upsert fail the whole
+/// batch. Of two updates of one lease the one that shows more pods is kept.
+fn one_update_per_lease(updates: &[WorkloadUpdate]) -> BTreeMap<&str, &WorkloadUpdate> {
+    let mut by_name: BTreeMap<&str, &WorkloadUpdate> = BTreeMap::new();
+    for update in updates {
+        by_name
+            .entry(update.name.as_str())
+            .and_modify(|kept| {
+                if update.counts.running_pods > kept.counts.running_pods {
+                    *kept = update;
+                }
+            })
+            .or_insert(update);
+    }
+    by_name
+}
+
+/// The answer of the statement of [`LeaseStore::sync_workloads`]: every lease of
+/// `names`, with the reports of the other clusters (none when no other cluster has
+/// reported it).
+fn synced_reports<'a>(
+    names: impl Iterator<Item = &'a str>,
+    rows: &[PgRow],
+) -> Result<SyncedReports> {
+    let mut synced = SyncedReports {
+        others: names.map(|name| (name.to_owned(), Vec::new())).collect(),
+        written: HashSet::new(),
+    };
+    for row in rows {
+        let name: String = row.try_get("name")?;
+        if row.try_get("written")? {
+            synced.written.insert(name.clone());
+        }
+        // No other cluster has reported this lease.
+        let Some(cluster) = row.try_get::<Option<String>, _>("cluster")? else {
+            continue;
+        };
+        let age_ms: i64 = row.try_get("age_ms")?;
+        let stale_after_ms: i64 = row.try_get("stale_after_ms")?;
+        let refresh_ms: i64 = row.try_get("refresh_ms")?;
+        synced.others.entry(name).or_default().push(WorkloadReport {
+            cluster,
+            reported_by: row.try_get("reported_by")?,
+            replicas: row.try_get("replicas")?,
+            running_pods: row.try_get("running_pods")?,
+            ready_pods: row.try_get("ready_pods")?,
+            reported_at: row.try_get("reported_at")?,
+            age: Duration::from_millis(age_ms.max(0) as u64),
+            stale_after: Duration::from_millis(stale_after_ms.max(1) as u64),
+            refresh: Duration::from_millis(refresh_ms.max(1) as u64),
+        });
+    }
+    Ok(synced)
 }
 
 /// Applies the embedded migrations inside `schema` (see [`LeaseStore::migrate`]), after
