@@ -310,7 +310,9 @@ pub async fn run(db: &DatabaseArgs, args: &RunArgs) -> anyhow::Result<Outcome> {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) else {
-            tracing::error!("cannot install signal handlers");
+            // As before any signal: a replica that cannot be stopped gracefully stops now.
+            tracing::error!("cannot install signal handlers; stopping");
+            first_signal.cancel();
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

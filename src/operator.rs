@@ -281,10 +281,14 @@ async fn start(
                 START_ATTEMPT_TIMEOUT.as_secs()
             ),
         });
-    Ok(stop
-        .run_until_cancelled(listed)
-        .await
-        .map(|_| (client, config)))
+    match stop.run_until_cancelled(listed).await {
+        Some(Ok(_)) => Ok(Some((client, config))),
+        Some(Err(error)) => Err(anyhow::anyhow!(
+            "cannot list reapers.pglease.dev: {}",
+            error.map_or_else(|| "no answer".to_owned(), |e| e.to_string())
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Longest a start-up attempt (migrations, the first list of Reapers) may take.
