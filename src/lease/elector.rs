@@ -13,7 +13,7 @@
 //! deadline sees itself as a follower when it wakes, before any tick runs.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -35,28 +35,6 @@ pub struct MonotonicClock;
 impl Clock for MonotonicClock {
     fn now(&self) -> Instant {
         Instant::now()
-    }
-}
-
-/// A clock that only moves when told to.
-#[derive(Clone, Debug)]
-pub struct ManualClock(Arc<Mutex<Instant>>);
-
-impl Default for ManualClock {
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(Instant::now())))
-    }
-}
-
-impl ManualClock {
-    pub fn advance(&self, by: Duration) {
-        *self.0.lock().expect("clock mutex poisoned") += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        *self.0.lock().expect("clock mutex poisoned")
     }
 }
 
@@ -576,18 +554,18 @@ mod tests {
 
     #[test]
     fn leadership_is_judged_at_the_moment_of_asking() {
-        let clock = ManualClock::default();
-        let start = clock.now();
+        let start = Instant::now();
         let state = Leadership::Leader {
             epoch: 7,
             valid_until: start + Duration::from_secs(10),
         };
-        assert_eq!(state.epoch_at(clock.now()), Some(7));
-        clock.advance(Duration::from_millis(9_999));
-        assert_eq!(state.epoch_at(clock.now()), Some(7));
-        clock.advance(Duration::from_millis(1));
+        assert_eq!(state.epoch_at(start), Some(7));
         assert_eq!(
-            state.epoch_at(clock.now()),
+            state.epoch_at(start + Duration::from_millis(9_999)),
+            Some(7)
+        );
+        assert_eq!(
+            state.epoch_at(start + Duration::from_secs(10)),
             None,
             "valid_until is exclusive"
         );

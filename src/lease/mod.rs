@@ -9,9 +9,7 @@ pub mod store;
 
 pub use batch::LeaseBatcher;
 pub use connect::{connect_options, connection_hint};
-pub use elector::{
-    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, ManualClock, MonotonicClock, Tick,
-};
+pub use elector::{Clock, Elector, ElectorConfig, LeaderWatch, Leadership, MonotonicClock, Tick};
 pub use store::{
     Lease, LeaseEvent, LeaseStore, NOTIFY_CHANNEL, PROBE_TABLE, Reference, ReportTiming, Statement,
     SyncedReports, WorkloadCounts, WorkloadReport, WorkloadUpdate,
