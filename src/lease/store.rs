@@ -200,12 +200,19 @@ impl WorkloadReport {
     }
 }
 
+/// When the lease of row `alias` expires, on the database's clock: the one definition
+/// every statement judges expiry by.
+fn expires_at(alias: &str) -> String {
+    format!("{alias}.renewed_at + {alias}.ttl_ms * interval '1 millisecond'")
+}
+
 /// Columns every statement returns, given the lease row alias `l` and the call of the
 /// schema's `lease_server_timeline()`.
 fn lease_columns(timeline: &str) -> String {
+    let expires = expires_at("l");
     format!(
         "l.name, l.holder, l.epoch, l.ttl_ms, l.acquired_at, l.renewed_at, \
-         l.renewed_at + l.ttl_ms * interval '1 millisecond' AS expires_at, l.previous_holder, \
+         {expires} AS expires_at, l.previous_holder, \
          clock_timestamp() AS observed_at, l.timeline = {timeline} AS on_current_timeline"
     )
 }
@@ -439,6 +446,8 @@ impl LeaseStore {
         // the next one takes the lock. The wait is bounded by the lock timeout: a longer
         // fenced write fails this attempt with `Error::LockTimeout` and the candidate
         // tries again on its next tick. Renews never touch the advisory lock.
+        let expires = expires_at("l");
+        let expires_h = expires_at("h");
         let sql = format!(
             "WITH tl AS MATERIALIZED (SELECT {tl} AS id, ({tl} - 1) * 4294967296 AS epoch_floor), \
              seen AS ( \
@@ -448,7 +457,7 @@ impl LeaseStore {
              snap AS MATERIALIZED ( \
                SELECT EXISTS (SELECT 1 FROM {l} AS h WHERE h.name = {name} AND h.holder <> '' \
                  AND h.timeline = tl.id \
-                 AND h.renewed_at + h.ttl_ms * interval '1 millisecond' > clock_timestamp()) \
+                 AND {expires_h} > clock_timestamp()) \
                OR clock_timestamp() < COALESCE( \
                     (SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = tl.id), clock_timestamp()) \
                   + greatest({ttl_ms}, (SELECT h.ttl_ms FROM {l} AS h WHERE h.name = {name})) \
@@ -476,7 +485,7 @@ impl LeaseStore {
                  acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at, \
                  previous_holder = l.holder, timeline = EXCLUDED.timeline \
                WHERE l.holder = '' OR l.timeline <> EXCLUDED.timeline \
-                  OR l.renewed_at + l.ttl_ms * interval '1 millisecond' <= EXCLUDED.renewed_at \
+                  OR {expires} <= EXCLUDED.renewed_at \
                RETURNING l.* \
              ), \
              audit AS ( \
@@ -503,10 +512,11 @@ impl LeaseStore {
         validate_label("holder", holder)?;
         let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
         let (name, holder) = (literal(name), literal(holder));
+        let expires = expires_at("l");
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
              WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
-               AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
+               AND {expires} > clock_timestamp() \
                AND l.timeline = {tl} \
              RETURNING {c}"
         );
@@ -534,11 +544,12 @@ impl LeaseStore {
         epochs.push('}');
         let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
         let (holder, names, epochs) = (literal(holder), literal(&names), literal(&epochs));
+        let expires = expires_at("l");
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
              FROM unnest({names}::text[], {epochs}::bigint[]) AS h(name, epoch) \
              WHERE l.name = h.name AND l.epoch = h.epoch AND l.holder = {holder} \
-               AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
+               AND {expires} > clock_timestamp() \
                AND l.timeline = {tl} \
              RETURNING {c}"
         );
@@ -572,6 +583,7 @@ impl LeaseStore {
         // row's `observed_at`, one reading of the database's clock, so no client's
         // clock takes part. The time left is rounded up: an attempt made that long
         // after the answer arrived is not too early.
+        let expires = expires_at("l");
         let sql = format!(
             "WITH seen AS MATERIALIZED ( \
                SELECT (SELECT s.first_seen_at FROM {t} AS s WHERE s.timeline = {tl}) AS at, {tl} AS tl \
@@ -580,7 +592,7 @@ impl LeaseStore {
                SELECT n.name AS requested, n.ord, l.name IS NOT NULL AS has_row, {c}, \
                       greatest( \
                         CASE WHEN l.holder <> '' AND l.timeline = seen.tl \
-                             THEN l.renewed_at + l.ttl_ms * interval '1 millisecond' END, \
+                             THEN {expires} END, \
                         CASE WHEN l.name IS NOT NULL \
                              THEN seen.at + l.ttl_ms * interval '1 millisecond' END \
                       ) AS acquirable_at \
@@ -752,6 +764,7 @@ impl LeaseStore {
         // pods", dated when this timeline was first seen (now if not yet): that cluster's
         // later reports may be lost, and it goes stale by its own bound from there. Its
         // own date is not used: it is on the old primary's clock.
+        let expires = expires_at("l");
         Ok(format!(
             "WITH tl AS MATERIALIZED (SELECT {tl} AS id), \
              input AS ( \
@@ -765,7 +778,7 @@ impl LeaseStore {
                WHERE i.running_pods > 0 OR NOT EXISTS ( \
                  SELECT 1 FROM {l} AS l WHERE l.name = i.name AND l.holder <> {reported_by} \
                    AND strpos(l.holder, '/') > 1 AND split_part(l.holder, '/', 1) = {cluster} \
-                   AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp()) \
+                   AND {expires} > clock_timestamp()) \
                ON CONFLICT (name, cluster) DO UPDATE SET reported_by = EXCLUDED.reported_by, \
                  replicas = EXCLUDED.replicas, running_pods = EXCLUDED.running_pods, \
                  ready_pods = EXCLUDED.ready_pods, reported_at = EXCLUDED.reported_at, \
