@@ -330,44 +330,69 @@ pub async fn run(db: &DatabaseArgs, args: &RunArgs) -> anyhow::Result<Outcome> {
 pub enum LeaseCommand {
     /// Take the lease if it is free or expired (epoch + 1).
     Acquire {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        holder: String,
-        #[arg(long, default_value_t = 15, allow_negative_numbers = true)]
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(
+            long,
+            default_value_t = 15,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(i64).range(1..=86_400)
+        )]
         ttl_seconds: i64,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Extend the lease held by HOLDER at EPOCH (fails once it expired).
     Renew {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        holder: String,
-        #[arg(long, allow_negative_numbers = true)]
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
         epoch: i64,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Free the lease held by HOLDER at EPOCH.
     Release {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        holder: String,
-        #[arg(long, allow_negative_numbers = true)]
+        #[command(flatten)]
+        target: LeaseTarget,
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
         epoch: i64,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Show one lease, or all of them.
     Status {
-        #[arg(long)]
+        #[arg(long, value_parser = lease_name)]
         name: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
+}
+
+/// The lease a `lease` subcommand changes, and for whom.
+#[derive(Debug, Args)]
+pub struct LeaseTarget {
+    #[arg(long, value_parser = lease_name)]
+    name: String,
+    #[arg(long, value_parser = holder)]
+    holder: String,
+}
+
+fn lease_name(value: &str) -> Result<String, String> {
+    label("lease name", value)
+}
+
+fn holder(value: &str) -> Result<String, String> {
+    label("holder", value)
+}
+
+/// `value` if it can name `what` (`config::validate_label`); else why not.
+fn label(what: &str, value: &str) -> Result<String, String> {
+    match crate::config::validate_label(what, value) {
+        Ok(()) => Ok(value.to_owned()),
+        Err(Error::Config(reason)) => Err(reason),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -385,6 +410,21 @@ pub enum Outcome {
     NotDone,
     /// This exit code (`guard`: the command's own, or 3 when the guard stopped it).
     Exit(u8),
+}
+
+/// Exits for a command line clap refused. A bad value is refused in one line, like every
+/// other bad input; help, the version and unknown flags are clap's own.
+pub fn exit_on_parse_error(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        let rendered = error.render().to_string();
+        eprintln!("{}", rendered.lines().next().unwrap_or_default());
+        std::process::exit(2);
+    }
+    error.exit()
 }
 
 /// Arguments as given, with `guard` inserted when the binary was invoked under that name
@@ -510,18 +550,15 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
     // Validate everything before touching the database.
     let schema = db.schema()?;
     let url = db.url()?;
-    check_lease_command(&command)?;
     let store = LeaseStore::connect(url, &schema, COMMAND_TIMEOUT, 1).await?;
     match command {
         LeaseCommand::Acquire {
-            name,
-            holder,
+            target: LeaseTarget { name, holder },
             ttl_seconds,
             output,
         } => acquire(&store, &name, &holder, ttl_seconds, output).await,
         LeaseCommand::Renew {
-            name,
-            holder,
+            target: LeaseTarget { name, holder },
             epoch,
             output,
         } => match store.renew(&name, &holder, epoch).await? {
@@ -538,8 +575,7 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
             }
         },
         LeaseCommand::Release {
-            name,
-            holder,
+            target: LeaseTarget { name, holder },
             epoch,
             output,
         } => match store.release(&name, &holder, epoch).await? {
@@ -577,52 +613,6 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
             Ok(Outcome::Done)
         }
     }
-}
-
-/// The checks of a `lease` subcommand's flags, each refusal one line.
-fn check_lease_command(command: &LeaseCommand) -> Result<()> {
-    match command {
-        LeaseCommand::Acquire {
-            name,
-            holder,
-            ttl_seconds,
-            ..
-        } => {
-            check_label("lease name", name)?;
-            check_label("holder", holder)?;
-            if *ttl_seconds <= 0 || *ttl_seconds > 86_400 {
-                return Err(Error::Config(format!(
-                    "--ttl-seconds must be between 1 and 86400, got {ttl_seconds}"
-                )));
-            }
-        }
-        LeaseCommand::Renew {
-            name,
-            holder,
-            epoch,
-            ..
-        }
-        | LeaseCommand::Release {
-            name,
-            holder,
-            epoch,
-            ..
-        } => {
-            check_label("lease name", name)?;
-            check_label("holder", holder)?;
-            if *epoch < 1 {
-                return Err(Error::Config(format!(
-                    "--epoch must be at least 1, got {epoch}"
-                )));
-            }
-        }
-        LeaseCommand::Status { name, .. } => {
-            if let Some(name) = name {
-                check_label("lease name", name)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `lease acquire`; when refused, says why on stderr.
@@ -700,10 +690,6 @@ pub fn describe_error(err: &Error) -> String {
         Some(hint) => format!("cannot connect to the database: {hint} ({err})"),
         None => err.to_string(),
     }
-}
-
-fn check_label(what: &str, value: &str) -> Result<()> {
-    crate::config::validate_label(what, value)
 }
 
 /// The JSON shape of a lease, shared by every `-o json` output.

@@ -18,7 +18,8 @@ static MALLOC_CONF: &[u8] =
     b"narenas:1,background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0\0";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(cli::args_with_guard_alias());
+    let cli = Cli::try_parse_from(cli::args_with_guard_alias())
+        .unwrap_or_else(|error| cli::exit_on_parse_error(error));
     telemetry::init(cli.log_format);
     // Before any runtime thread exists: this process becomes the guarded command.
     if let Command::GuardExec { gate_fd, command } = &cli.command {
