@@ -38,6 +38,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use assert_json_diff::{CompareMode, Config, NumericMode, assert_json_matches_no_panic};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -973,40 +974,15 @@ fn check_rendered_crd(rendered: &Value) -> Result<()> {
     let meta = stripped["metadata"].as_object_mut().unwrap();
     meta.remove("annotations");
     meta.remove("labels");
-    if let Some(difference) = first_difference(&stripped, &committed, "") {
-        bail!(
-            "the rendered CRD is not crds/reaper.yaml (fromYaml/toYaml changed something): \
-             {difference}"
-        );
-    }
-    Ok(())
-}
-
-/// Where two JSON values first differ, as `path: left != right`.
-fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter().find_map(|k| {
-                let (l, r) = (
-                    x.get(k).unwrap_or(&Value::Null),
-                    y.get(k).unwrap_or(&Value::Null),
-                );
-                first_difference(l, r, &format!("{path}.{k}"))
-            })
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (l, r))| first_difference(l, r, &format!("{path}[{i}]"))),
-        // crds/reaper.yaml writes `maximum: 3600.0`, toYaml writes 3600: the same JSON number.
-        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
-        _ if a == b => None,
-        _ => Some(format!("{path}: {a} != {b}")),
-    }
+    // Strict: no key more or less on either side. Numbers as floats: crds/reaper.yaml
+    // writes `maximum: 3600.0`, toYaml writes 3600, the same JSON number.
+    let config = Config::new(CompareMode::Strict).numeric_mode(NumericMode::AssumeFloat);
+    assert_json_matches_no_panic(&stripped, &committed, config).map_err(|differences| {
+        anyhow!(
+            "the rendered CRD (lhs) is not crds/reaper.yaml (rhs) (fromYaml/toYaml changed \
+             something):\n{differences}"
+        )
+    })
 }
 
 fn check_rendered_deployment(d: &Value) -> Result<()> {
