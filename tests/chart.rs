@@ -1,9 +1,9 @@
 //! The Helm chart (charts/reaper-operator) with the real `helm` against a real local
 //! control plane (tests/cluster/up.sh) and a real PostgreSQL.
 //!
-//! One #[test] owns one cluster and runs the sub-cases in order, each after the previous
-//! one (the install is used by the RBAC and upgrade cases); a failing sub-case does not
-//! stop the others, and the test fails at the end with all failures:
+//! The cases share one cluster (support::trials) and run in this order, each after the
+//! previous one (the install is used by the RBAC and upgrade cases); a failing case does
+//! not stop the others:
 //!
 //! 1. `helm lint --strict` is clean; bad values are refused by the values schema (or by
 //!    the templates, with a message naming the value); the defaults and every option
@@ -24,7 +24,8 @@
 //! 7. `helm uninstall` keeps the CRD (`helm.sh/resource-policy: keep`) and removes the
 //!    aggregated roles (the `view` user is refused again).
 //!
-//! A second, cluster-free #[test] checks that the chart's CRD file is crds/reaper.yaml.
+//! That the chart's CRD file is crds/reaper.yaml is tests/crd_drift.rs's, without a
+//! cluster.
 //!
 //! Run it alone with `cargo test --test chart` after
 //! `set -a; . "$(tests/db/up.sh dev | tail -n 1)"; set +a`; it takes about 40 seconds
@@ -34,7 +35,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -60,6 +61,7 @@ use serde_json::{Value, json};
 use support::cluster::{TestCluster, repo_root, wait_until};
 use support::db;
 use support::operator::{OperatorProcess, OperatorSpec};
+use support::trials::Suite;
 
 const CHART: &str = "charts/reaper-operator";
 const CRD_FILE: &str = "files/reaper-crd.yaml";
@@ -83,16 +85,38 @@ const ALERTS: [&str; 5] = [
     "ReaperRenewSlow",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn helm_chart_against_real_apiserver() {
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let suite = Suite::new(set_up);
+    let trials = vec![
+        suite.case("1 lint and values schema", lint),
+        suite.case("2 helm install", install),
+        suite.case("3 operator with the chart's RBAC", rbac),
+        suite.case(
+            "4 PrometheusRule alerts use served metrics",
+            prometheus_rule,
+        ),
+        suite.case("5 aggregated view/edit/admin roles", aggregated_roles),
+        suite.case("6 helm upgrade updates the CRD, every option on", upgrade),
+        suite.case("7 helm uninstall keeps the CRD", uninstall),
+    ];
+    suite.run(trials, async move |ctx: Ctx| {
+        ctx.cleanup().await;
+        ctx.cluster.stop().context("tests/cluster/down.sh")?;
+        eprintln!("chart test took {:.1?}", started.elapsed());
+        Ok(())
+    })
+}
+
+async fn set_up() -> Result<Ctx> {
     // Before a cluster is started: without a database this stops at once.
     db::direct_url();
     let started = Instant::now();
     // Always a private cluster (REAPER_TEST_KUBECONFIG is ignored): the release owns
     // cluster-scoped objects (the CRD, which case 4 changes, and a ClusterRole) that a
     // shared cluster already has or that other tests rely on.
-    let cluster = TestCluster::start_new("chart")
-        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
+    let cluster =
+        TestCluster::start_new("chart").context("could not start the local control plane")?;
     eprintln!(
         "cluster ready in {:.1?} (kubeconfig {})",
         started.elapsed(),
@@ -108,75 +132,19 @@ async fn helm_chart_against_real_apiserver() {
             >> 12
     );
     let home = std::env::temp_dir().join(format!("reaper-chart-test-{suffix}"));
-    std::fs::create_dir_all(&home).expect("helm state directory");
-    let ctx = Ctx {
-        cluster: &cluster,
-        client: cluster.client().await.expect("admin client"),
+    std::fs::create_dir_all(&home).context("helm state directory")?;
+    Ok(Ctx {
+        client: cluster.client().await.context("admin client")?,
+        cluster,
         namespace: format!("chart-{suffix}"),
         schema: db::unique_schema("chart"),
         home,
         suffix,
-    };
-
-    let mut failures = Vec::new();
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "1 lint and values schema",
-        lint(&ctx),
-    )
-    .await;
-    support::cases::check(&mut failures, "chart", "2 helm install", install(&ctx)).await;
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "3 operator with the chart's RBAC",
-        rbac(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "4 PrometheusRule alerts use served metrics",
-        prometheus_rule(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "5 aggregated view/edit/admin roles",
-        aggregated_roles(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "6 helm upgrade updates the CRD, every option on",
-        upgrade(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "chart",
-        "7 helm uninstall keeps the CRD",
-        uninstall(&ctx),
-    )
-    .await;
-
-    ctx.cleanup().await;
-    drop(ctx);
-    cluster.stop().expect("tests/cluster/down.sh");
-    eprintln!("chart test took {:.1?}", started.elapsed());
-    assert!(
-        failures.is_empty(),
-        "{} chart case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    })
 }
 
-struct Ctx<'a> {
-    cluster: &'a TestCluster,
+struct Ctx {
+    cluster: TestCluster,
     client: Client,
     /// The release's namespace.
     namespace: String,
@@ -187,7 +155,7 @@ struct Ctx<'a> {
     suffix: String,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     fn chart(&self) -> PathBuf {
         repo_root().join(CHART)
     }
@@ -320,7 +288,7 @@ fn kinds(docs: &[Value]) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // 1. lint, the values schema and what the templates render.
 
-async fn lint(ctx: &Ctx<'_>) -> Result<()> {
+async fn lint(ctx: &Ctx) -> Result<()> {
     let chart = ctx.chart();
     let chart = chart.to_str().unwrap();
     let secret = format!("database.existingSecret={SECRET},clusterName={CLUSTER_NAME}");
@@ -1282,7 +1250,7 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // 2. helm install into a namespace that holds the database Secret.
 
-async fn install(ctx: &Ctx<'_>) -> Result<()> {
+async fn install(ctx: &Ctx) -> Result<()> {
     let ns = &ctx.namespace;
     ctx.create_namespace(ns).await?;
     let secret: Secret = serde_json::from_value(json!({
@@ -1415,7 +1383,7 @@ async fn install(ctx: &Ctx<'_>) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // 3. The operator with the chart's ServiceAccount token: sufficient and minimal.
 
-async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
+async fn rbac(ctx: &Ctx) -> Result<()> {
     let sa_ns = &ctx.namespace;
     let request: TokenRequest = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
@@ -1562,7 +1530,7 @@ fn write_token_kubeconfig(admin: &Path, token: &str, namespace: &str, path: &Pat
 }
 
 /// The operator, with only the chart's RBAC, does its whole job.
-async fn sufficient(ctx: &Ctx<'_>, ns: &str, op: &OperatorProcess) -> Result<()> {
+async fn sufficient(ctx: &Ctx, ns: &str, op: &OperatorProcess) -> Result<()> {
     let client = &ctx.client;
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let reapers = Api::<Reaper>::namespaced(client.clone(), ns);
@@ -1660,7 +1628,7 @@ async fn sufficient(ctx: &Ctx<'_>, ns: &str, op: &OperatorProcess) -> Result<()>
 }
 
 /// The same token is refused what the operator does not need.
-async fn minimal(ctx: &Ctx<'_>, sa: &Client, ns: &str) -> Result<()> {
+async fn minimal(ctx: &Ctx, sa: &Client, ns: &str) -> Result<()> {
     let deployments = Api::<Deployment>::namespaced(sa.clone(), ns);
     let mut refused: Vec<(&str, kube::Result<()>)> = vec![
         (
@@ -1744,7 +1712,7 @@ async fn minimal(ctx: &Ctx<'_>, sa: &Client, ns: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // 4. The PrometheusRule: docs/operations.md's alerts, on metrics the operator serves.
 
-async fn prometheus_rule(ctx: &Ctx<'_>) -> Result<()> {
+async fn prometheus_rule(ctx: &Ctx) -> Result<()> {
     let alerts = rule_alerts(&ctx.template(&["--set", "prometheusRule.enabled=true"])?)?;
     let documented = documented_alerts()?;
     ensure!(
@@ -1777,7 +1745,7 @@ async fn prometheus_rule(ctx: &Ctx<'_>) -> Result<()> {
 
 /// /metrics of an operator that took over an expired lease and renewed it: the families
 /// that appear only after such events (takeovers, the renew histogram) are in it.
-async fn takeover_metrics(ctx: &Ctx<'_>) -> Result<String> {
+async fn takeover_metrics(ctx: &Ctx) -> Result<String> {
     let ns = format!("chart-metrics-{}", ctx.suffix);
     ctx.create_namespace(&ns).await?;
     let lease = format!("{ns}.ghost");
@@ -1931,12 +1899,12 @@ const EDITOR: &str = "chart-editor";
 const NS_ADMIN: &str = "chart-admin";
 
 /// The namespace of case 5's users and Reaper (case 7 checks it again).
-fn users_namespace(ctx: &Ctx<'_>) -> String {
+fn users_namespace(ctx: &Ctx) -> String {
     format!("chart-users-{}", ctx.suffix)
 }
 
 /// An admin client that impersonates `user` (RBAC judges the user, not the admin).
-async fn impersonating(ctx: &Ctx<'_>, user: &str) -> Result<Client> {
+async fn impersonating(ctx: &Ctx, user: &str) -> Result<Client> {
     let mut kubeconfig = Kubeconfig::read_from(ctx.cluster.kubeconfig())?;
     for named in &mut kubeconfig.auth_infos {
         if let Some(info) = named.auth_info.as_mut() {
@@ -1950,7 +1918,7 @@ fn is_forbidden<T>(result: &kube::Result<T>) -> bool {
     matches!(result, Err(kube::Error::Api(s)) if s.code == 403)
 }
 
-async fn aggregated_roles(ctx: &Ctx<'_>) -> Result<()> {
+async fn aggregated_roles(ctx: &Ctx) -> Result<()> {
     let ns = users_namespace(ctx);
     ctx.create_namespace(&ns).await?;
     let reaper = Reaper::new(
@@ -2079,7 +2047,7 @@ async fn aggregated_roles(ctx: &Ctx<'_>) -> Result<()> {
 const NEW_COLUMN: &str =
     "    - jsonPath: .spec.deploymentName\n      name: Deployment\n      type: string\n";
 
-async fn upgrade(ctx: &Ctx<'_>) -> Result<()> {
+async fn upgrade(ctx: &Ctx) -> Result<()> {
     let copy = ctx.home.join("chart-v2");
     copy_dir(&ctx.chart(), &copy)?;
     let crd_file = copy.join(CRD_FILE);
@@ -2235,7 +2203,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // 7. helm uninstall removes the release but keeps the CRD.
 
-async fn uninstall(ctx: &Ctx<'_>) -> Result<()> {
+async fn uninstall(ctx: &Ctx) -> Result<()> {
     let out = ctx
         .helm(&["uninstall", RELEASE, "-n", &ctx.namespace, "--wait"])?
         .ok("helm uninstall")?;

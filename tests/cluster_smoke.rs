@@ -1,11 +1,12 @@
 //! Smoke tests against a real kube-apiserver (tests/cluster/up.sh; docs/local-cluster.md).
 //!
-//! One `#[test]` starts one cluster, runs every sub-case in turn (a failing sub-case does
-//! not stop the others) and stops the cluster when the `TestCluster` guard is dropped, also
-//! on failure. Set `REAPER_TEST_KUBECONFIG` to run against an already running cluster.
+//! The cases share one cluster (support::trials), run in turn (a failing case does not stop
+//! the others), and the cluster is stopped after the last one, also on failure. Set
+//! `REAPER_TEST_KUBECONFIG` to run against an already running cluster.
 
 mod support;
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -22,91 +23,50 @@ use kube::config::Kubeconfig;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
+use support::trials::Suite;
 
 const FIELD_MANAGER: &str = "reaper-smoke";
 const WAIT: Duration = Duration::from_secs(90);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_against_real_apiserver() {
+fn main() -> ExitCode {
+    let suite = Suite::new(set_up);
+    let trials = vec![
+        suite.case("crd_openapi_bounds_and_cel", crd_validation),
+        suite.case("kubectl_printer_columns", printer_columns),
+        suite.case("deployment_scale_subresource", deployment_scale),
+        suite.case("pods_stop_after_grace_period", pod_stops),
+        suite.case("rbac_service_account_token", rbac),
+        suite.case("helm_lint_and_install", helm),
+        suite.case("second_cluster_side_by_side", second_cluster),
+    ];
+    suite.run(trials, async |ctx: Ctx| {
+        ctx.cleanup().await;
+        ctx.cluster.stop().context("tests/cluster/down.sh")
+    })
+}
+
+async fn set_up() -> Result<Ctx> {
     let started = Instant::now();
-    let cluster = TestCluster::start("smoke")
-        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
+    let cluster = TestCluster::start("smoke").context("could not start the local control plane")?;
     eprintln!(
         "cluster ready in {:.1?} (kubeconfig {})",
         started.elapsed(),
         cluster.kubeconfig().display()
     );
-    let client = cluster.client().await.expect("admin client");
-    let suffix = format!("{:x}", std::process::id());
-    let ctx = Ctx {
-        cluster: &cluster,
-        client,
-        suffix,
-    };
-
-    let mut failures = Vec::new();
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "crd_openapi_bounds_and_cel",
-        crd_validation(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "kubectl_printer_columns",
-        printer_columns(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "deployment_scale_subresource",
-        deployment_scale(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "pods_stop_after_grace_period",
-        pod_stops(&ctx),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "rbac_service_account_token",
-        rbac(&ctx),
-    )
-    .await;
-    support::cases::check(&mut failures, "smoke", "helm_lint_and_install", helm(&ctx)).await;
-    support::cases::check(
-        &mut failures,
-        "smoke",
-        "second_cluster_side_by_side",
-        second_cluster(&ctx),
-    )
-    .await;
-
-    ctx.cleanup().await;
-    drop(ctx);
-    cluster.stop().expect("tests/cluster/down.sh");
-    assert!(
-        failures.is_empty(),
-        "{} smoke case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    Ok(Ctx {
+        client: cluster.client().await.context("admin client")?,
+        cluster,
+        suffix: format!("{:x}", std::process::id()),
+    })
 }
 
-struct Ctx<'a> {
-    cluster: &'a TestCluster,
+struct Ctx {
+    cluster: TestCluster,
     client: Client,
     suffix: String,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     /// Creates (or reuses) a namespace for one sub-case.
     async fn namespace(&self, case: &str) -> Result<String> {
         let name = format!("smoke-{case}-{}", self.suffix);
@@ -218,7 +178,7 @@ fn widget(name: &str, replicas: i64, mode: &str) -> DynamicObject {
     }))
 }
 
-async fn crd_validation(ctx: &Ctx<'_>) -> Result<()> {
+async fn crd_validation(ctx: &Ctx) -> Result<()> {
     ensure_widget_crd(&ctx.client).await?;
     let ns = ctx.namespace("crd").await?;
     let widgets =
@@ -305,7 +265,7 @@ async fn crd_validation(ctx: &Ctx<'_>) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // (c) kubectl renders the CRD's additional printer columns.
 
-async fn printer_columns(ctx: &Ctx<'_>) -> Result<()> {
+async fn printer_columns(ctx: &Ctx) -> Result<()> {
     ensure_widget_crd(&ctx.client).await?;
     let ns = ctx.namespace("columns").await?;
     let widgets =
@@ -358,7 +318,7 @@ async fn printer_columns(ctx: &Ctx<'_>) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // (b) Deployment scaled through its scale subresource; kwok makes the Pods Ready.
 
-async fn deployment_scale(ctx: &Ctx<'_>) -> Result<()> {
+async fn deployment_scale(ctx: &Ctx) -> Result<()> {
     let ns = ctx.namespace("scale").await?;
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
     let deployment: Deployment = serde_json::from_value(json!({
@@ -412,7 +372,7 @@ async fn deployment_scale(ctx: &Ctx<'_>) -> Result<()> {
 }
 
 /// Waits until the Deployment `web`, its ReplicaSet and its Pods all show `n` ready replicas.
-async fn wait_ready(ctx: &Ctx<'_>, ns: &str, n: i32) -> Result<()> {
+async fn wait_ready(ctx: &Ctx, ns: &str, n: i32) -> Result<()> {
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), ns);
     let replicasets = Api::<ReplicaSet>::namespaced(ctx.client.clone(), ns);
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns);
@@ -488,7 +448,7 @@ struct Seen {
     phases: Vec<String>,
 }
 
-async fn pod_stops(ctx: &Ctx<'_>) -> Result<()> {
+async fn pod_stops(ctx: &Ctx) -> Result<()> {
     use support::cluster::{KwokStages, POD_DELETE_DELAY, POD_DELETE_JITTER_DELAY};
     let ns = ctx.namespace("stop").await?;
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
@@ -668,7 +628,7 @@ async fn pod_stops(ctx: &Ctx<'_>) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // (d) RBAC: a ServiceAccount token bound to a narrow Role.
 
-async fn rbac(ctx: &Ctx<'_>) -> Result<()> {
+async fn rbac(ctx: &Ctx) -> Result<()> {
     let ns = ctx.namespace("rbac").await?;
     let client = &ctx.client;
     let sa: ServiceAccount = serde_json::from_value(json!({
@@ -784,7 +744,7 @@ fn cm_named(name: &str) -> ConfigMap {
 // ---------------------------------------------------------------------------------------
 // (e) helm lint and helm install of tests/cluster/testdata/smoke-chart.
 
-async fn helm(ctx: &Ctx<'_>) -> Result<()> {
+async fn helm(ctx: &Ctx) -> Result<()> {
     let chart = support::cluster::repo_root().join("tests/cluster/testdata/smoke-chart");
     let home = std::env::temp_dir().join(format!("reaper-smoke-helm-{}", ctx.suffix));
     std::fs::create_dir_all(&home)?;
@@ -806,7 +766,7 @@ fn run(cmd: &mut std::process::Command) -> Result<String> {
     Ok(stdout)
 }
 
-async fn helm_inner(ctx: &Ctx<'_>, chart: &std::path::Path, home: &std::path::Path) -> Result<()> {
+async fn helm_inner(ctx: &Ctx, chart: &std::path::Path, home: &std::path::Path) -> Result<()> {
     let lint = run(ctx.cluster.helm(home)?.arg("lint").arg(chart))?;
     ensure!(
         lint.contains("1 chart(s) linted, 0 chart(s) failed"),
@@ -873,7 +833,7 @@ async fn helm_inner(ctx: &Ctx<'_>, chart: &std::path::Path, home: &std::path::Pa
 // A second cluster runs beside the first (the failover tests need two): own ports,
 // own etcd, own certificates; stopped again by its guard.
 
-async fn second_cluster(ctx: &Ctx<'_>) -> Result<()> {
+async fn second_cluster(ctx: &Ctx) -> Result<()> {
     let second = TestCluster::start_new("smoke-b")?;
     let ready = run(second.kubectl()?.args(["get", "--raw", "/readyz"]))?;
     ensure!(ready.trim() == "ok", "second cluster /readyz: {ready}");

@@ -3,9 +3,13 @@
 //! SIGTERM keeps its pod Terminating for the grace period, and teardown leaves the host
 //! as it was (docs/local-cluster.md, "A real node").
 //!
-//! Runs when `REAPER_REAL_NODE=1` or `CI=true`, and then needs root (it fails, with the
-//! reason, when not root). Otherwise it prints why it did nothing: one real node per
-//! machine means that two checkouts testing at once would take turns (node.sh waits up to
+//! The cases share one control plane and node (support::trials), made by the first case
+//! that runs; the last case takes the node down.
+//!
+//! Runs when `REAPER_REAL_NODE=1` or `CI=true`, and then needs root (its cases fail, with
+//! the reason, when not root). Otherwise it prints why it did nothing and reports its cases
+//! as ignored (`-- --ignored` runs them all the same): one real node per machine means
+//! that two checkouts testing at once would take turns (node.sh waits up to
 //! `REAPER_NODE_WAIT`, 600 s here), so it is opt-in outside CI.
 
 mod support;
@@ -13,7 +17,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -22,6 +27,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use serde_json::json;
 use support::cluster::{TestCluster, repo_root, wait_until};
+use support::trials::Suite;
 
 const NODE_NAME: &str = "reaper-real-node";
 const NAMESPACE: &str = "default";
@@ -65,7 +71,7 @@ fn is_root() -> bool {
 struct RealNode {
     cluster: String,
     env: BTreeMap<String, String>,
-    up: bool,
+    up: AtomicBool,
 }
 
 impl RealNode {
@@ -97,7 +103,7 @@ impl RealNode {
         Ok(Self {
             cluster: cluster.to_string(),
             env,
-            up: true,
+            up: AtomicBool::new(true),
         })
     }
 
@@ -140,8 +146,9 @@ impl RealNode {
         Ok(())
     }
 
-    fn down(&mut self) -> Result<()> {
-        if !std::mem::take(&mut self.up) {
+    /// `node.sh down`, once.
+    fn down(&self) -> Result<()> {
+        if !self.up.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
         let out = Command::new("bash")
@@ -261,87 +268,88 @@ fn run_text(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_node() {
-    if !enabled() {
+fn main() -> ExitCode {
+    let enabled = enabled();
+    if !enabled {
         eprintln!(
             "real_node: not run (set REAPER_REAL_NODE=1, as root, to run it; CI=true runs it)"
         );
-        return;
     }
-    assert!(
+    let suite = Suite::new(set_up);
+    let trials = vec![
+        suite.case("node_ready", async |s: &Shared| {
+            node_ready(&s.client, &s.node).await
+        }),
+        suite.case(
+            "hardened_pod_runs_and_reaches_apiserver_and_host",
+            async |s: &Shared| hardened_pod(&s.client, &s.node).await,
+        ),
+        suite.case(
+            "sigterm_ignored_keeps_pod_terminating_for_grace_period",
+            async |s: &Shared| grace_period(&s.client).await,
+        ),
+        suite.case(
+            "chart_operator_pods_on_real_node_lead_a_slow_workload",
+            async |s: &Shared| match image_archive()? {
+                Some(archive) => chart_on_real_node(&s.cluster, &s.client, &s.node, &archive).await,
+                None => Ok(()),
+            },
+        ),
+        suite.case("teardown_restores_host", teardown_restores_host),
+    ];
+    let trials = trials
+        .into_iter()
+        .map(|trial| trial.with_ignored_flag(!enabled))
+        .collect();
+    suite.run(trials, async |s: Shared| {
+        let Shared { node, cluster, .. } = s;
+        drop(node);
+        cluster.stop().context("tests/cluster/down.sh")
+    })
+}
+
+/// The host as it was before, and the node joined to its control plane. The node goes
+/// (on drop) before the control plane.
+struct Shared {
+    before: HostState,
+    client: Client,
+    node: RealNode,
+    cluster: TestCluster,
+}
+
+async fn set_up() -> Result<Shared> {
+    ensure!(
         is_root(),
         "a real node needs root (network namespace, mounts, cgroups); run as root or unset REAPER_REAL_NODE/CI"
     );
-
-    let before = host_state().expect("host state before the node");
-    let cluster = TestCluster::start_new("realnode")
-        .unwrap_or_else(|e| panic!("could not start the local control plane: {e:#}"));
-    let name = cluster.name().expect("started by this test").to_string();
+    let before = host_state().context("host state before the node")?;
+    let cluster =
+        TestCluster::start_new("realnode").context("could not start the local control plane")?;
+    let name = cluster.name().context("started by this test")?.to_string();
     let started = Instant::now();
-    let mut node = RealNode::up(&name).unwrap_or_else(|e| panic!("{e:#}"));
+    let node = RealNode::up(&name)?;
     eprintln!("real node up in {:.1?}", started.elapsed());
-    let client = cluster.client().await.expect("admin client");
-
-    let mut failures = Vec::new();
-    let kind = "real_node";
-    support::cases::check(
-        &mut failures,
-        kind,
-        "node_ready",
-        node_ready(&client, &node),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        kind,
-        "hardened_pod_runs_and_reaches_apiserver_and_host",
-        hardened_pod(&client, &node),
-    )
-    .await;
-    support::cases::check(
-        &mut failures,
-        kind,
-        "sigterm_ignored_keeps_pod_terminating_for_grace_period",
-        grace_period(&client),
-    )
-    .await;
-
-    support::cases::check(
-        &mut failures,
-        kind,
-        "chart_operator_pods_on_real_node_lead_a_slow_workload",
-        async {
-            match image_archive()? {
-                Some(archive) => chart_on_real_node(&cluster, &client, &node, &archive).await,
-                None => Ok(()),
-            }
-        },
-    )
-    .await;
-
-    let started = Instant::now();
-    let down = node.down();
-    eprintln!("real node down in {:.1?}", started.elapsed());
-    support::cases::check(&mut failures, kind, "teardown_restores_host", async {
-        down?;
-        let after = host_state()?;
-        ensure!(
-            after == before,
-            "host state differs after node.sh down:\nbefore {before:#?}\nafter {after:#?}"
-        );
-        Ok(())
+    Ok(Shared {
+        before,
+        client: cluster.client().await.context("admin client")?,
+        node,
+        cluster,
     })
-    .await;
+}
 
-    drop(node);
-    cluster.stop().expect("tests/cluster/down.sh");
-    assert!(
-        failures.is_empty(),
-        "{} real node case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n\n")
+/// After `node.sh down`, the host is as it was before `node.sh up`.
+async fn teardown_restores_host(s: &Shared) -> Result<()> {
+    let started = Instant::now();
+    let down = s.node.down();
+    eprintln!("real node down in {:.1?}", started.elapsed());
+    down?;
+    let after = host_state()?;
+    ensure!(
+        after == s.before,
+        "host state differs after node.sh down:\nbefore {:#?}\nafter {after:#?}",
+        s.before
     );
+    Ok(())
 }
 
 async fn node_ready(client: &Client, node: &RealNode) -> Result<()> {

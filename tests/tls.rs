@@ -1,15 +1,15 @@
 //! PostgreSQL and PgBouncer over TLS, and PgBouncers with a default configuration, with
 //! real servers and the real binary.
 //!
-//! `tls_only_database_and_pgbouncer` makes a PKI with the `openssl` command at test time
-//! (nothing is committed): a CA, a server certificate for 127.0.0.1 and localhost,
-//! client certificates for the role `reaper_cert` with keys in the three formats rustls
-//! reads, an unrelated second CA with a client certificate of its own, and a CA with the
-//! first one's name but another key. It starts a PostgreSQL and PgBouncers of its own
-//! with `REAPER_DB_TLS_DIR=... tests/db/up.sh`: `ssl=on`, a `hostssl`-only pg_hba.conf
-//! (`hostnossl ... reject`), PgBouncer with `client_tls_sslmode=require` and
-//! `server_tls_sslmode=verify-full`. Then it runs these sub-cases in order (each runs
-//! even when an earlier one failed) and stops the servers:
+//! The numbered cases share a set-up (support::trials), made by the first of them: a PKI
+//! made with the `openssl` command at test time (nothing is committed): a CA, a server
+//! certificate for 127.0.0.1 and localhost, client certificates for the role
+//! `reaper_cert` with keys in the three formats rustls reads, an unrelated second CA with
+//! a client certificate of its own, and a CA with the first one's name but another key;
+//! and a PostgreSQL and PgBouncers of their own, started with `REAPER_DB_TLS_DIR=...
+//! tests/db/up.sh`: `ssl=on`, a `hostssl`-only pg_hba.conf (`hostnossl ... reject`),
+//! PgBouncer with `client_tls_sslmode=require` and `server_tls_sslmode=verify-full`. The
+//! cases run in order (each runs even when an earlier one failed), then the servers stop:
 //!
 //! 1. `sslmode=verify-full` with the right CA: lease operations (acquire, renew, release)
 //!    directly and through PgBouncer, on server connections that really are TLS; no
@@ -35,7 +35,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, ExitCode, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -45,62 +45,57 @@ use reaper_operator::lease::{LeaseStore, NOTIFY_CHANNEL, connect_options, connec
 use serde_json::Value;
 use support::cluster::repo_root;
 use support::db;
+use support::trials::Suite;
 
 const BIN: &str = env!("CARGO_BIN_EXE_reaper-operator");
 const CALL: Duration = Duration::from_secs(10);
 const TTL: Duration = Duration::from_secs(60);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_only_database_and_pgbouncer() {
+fn main() -> ExitCode {
+    let suite = Suite::new(set_up);
+    // The two on the shared database first: without it, the binary stops with one line
+    // before it makes a PKI and starts servers.
+    let trials = vec![
+        suite.test(
+            "default_pgbouncers_refuse_sqlx_defaults_and_serve_the_operator",
+            default_pgbouncers_refuse_sqlx_defaults_and_serve_the_operator,
+        ),
+        suite.test(
+            "stock_pgbouncer_in_session_mode_runs_migrations_and_lease_operations",
+            stock_pgbouncer_in_session_mode_runs_migrations_and_lease_operations,
+        ),
+        suite.case("1 verify-full: lease operations", Ctx::lease_operations),
+        suite.case("2 LISTEN over TLS", Ctx::listen),
+        suite.case("3 the binary", Ctx::binary),
+        suite.case("4 wrong CA", Ctx::wrong_ca),
+        suite.case("5 plaintext", Ctx::plaintext),
+        suite.case("6 host name", Ctx::host_name),
+        suite.case("7 client certificates", Ctx::client_certificates),
+        suite.case("8 cost", Ctx::cost),
+    ];
+    suite.run(trials, async |ctx: Ctx| {
+        let Ctx { s, pki } = ctx;
+        drop(s);
+        drop(pki);
+        Ok(())
+    })
+}
+
+/// The PKI and the TLS-only servers of the numbered cases.
+async fn set_up() -> Result<Ctx> {
     let started = Instant::now();
-    let pki = Pki::generate().unwrap_or_else(|e| panic!("cannot make the test PKI: {e:#}"));
-    let servers = TlsServers::start(&pki)
-        .unwrap_or_else(|e| panic!("cannot start the TLS-only database: {e:#}"));
+    let pki = Pki::generate().context("cannot make the test PKI")?;
+    let servers = TlsServers::start(&pki).context("cannot start the TLS-only database")?;
     eprintln!(
         "PKI and TLS-only servers ready in {:.1?}",
         started.elapsed()
     );
-    let ctx = Ctx {
-        pki: &pki,
-        s: &servers,
-    };
-
-    let mut failures = Vec::new();
-    support::cases::check(
-        &mut failures,
-        "tls",
-        "1 verify-full: lease operations",
-        ctx.lease_operations(),
-    )
-    .await;
-    support::cases::check(&mut failures, "tls", "2 LISTEN over TLS", ctx.listen()).await;
-    support::cases::check(&mut failures, "tls", "3 the binary", ctx.binary()).await;
-    support::cases::check(&mut failures, "tls", "4 wrong CA", ctx.wrong_ca()).await;
-    support::cases::check(&mut failures, "tls", "5 plaintext", ctx.plaintext()).await;
-    support::cases::check(&mut failures, "tls", "6 host name", ctx.host_name()).await;
-    support::cases::check(
-        &mut failures,
-        "tls",
-        "7 client certificates",
-        ctx.client_certificates(),
-    )
-    .await;
-    support::cases::check(&mut failures, "tls", "8 cost", ctx.cost()).await;
-
-    drop(servers);
-    drop(pki);
-    assert!(
-        failures.is_empty(),
-        "{} TLS case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    Ok(Ctx { s: servers, pki })
 }
 
 /// sqlx's own defaults send `extra_float_digits`, which a PgBouncer refuses unless
 /// told to ignore it; the operator's connect options do not. This also shows that the
 /// test PgBouncers really run without `ignore_startup_parameters`.
-#[tokio::test]
 async fn default_pgbouncers_refuse_sqlx_defaults_and_serve_the_operator() {
     use sqlx::Connection as _;
     for (label, url) in [
@@ -133,7 +128,6 @@ async fn default_pgbouncers_refuse_sqlx_defaults_and_serve_the_operator() {
 
 /// A PgBouncer with a stock configuration (session mode) serves the binary end to end:
 /// `migrate` too, which needs a session (sqlx takes a session advisory lock).
-#[tokio::test]
 async fn stock_pgbouncer_in_session_mode_runs_migrations_and_lease_operations() {
     let url = session_url();
     let schema = db::unique_schema("stock").to_string();
@@ -152,12 +146,13 @@ fn session_url() -> String {
     db::env_url("REAPER_TEST_PGBOUNCER_SESSION_URL")
 }
 
-struct Ctx<'a> {
-    pki: &'a Pki,
-    s: &'a TlsServers,
+/// The servers stop (on drop) before the PKI's directory goes.
+struct Ctx {
+    s: TlsServers,
+    pki: Pki,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     fn verify_full(&self) -> String {
         format!(
             "sslmode=verify-full&sslrootcert={}",

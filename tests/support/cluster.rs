@@ -10,7 +10,8 @@
 //!
 //! Rust's test harness has no hook at process exit, and statics are never dropped, so a
 //! cluster shared through a `static` would be leaked. Keep the `TestCluster` in a local of
-//! one `#[test]` (which runs the sub-cases one after the other) so that its `Drop` runs.
+//! one `#[test]`, or share it among the cases of a test binary with
+//! [`super::trials::Suite`], which stops it after the last case, so that its `Drop` runs.
 //!
 //! Set `REAPER_KEEP_CLUSTER=1` to leave a started cluster running for inspection.
 //!

@@ -32,9 +32,10 @@ pub fn env_url(var: &str) -> String {
             panic!("{line}");
         }
         // Straight to the process's stderr: the test harness captures `eprintln!`, and
-        // would drop the line with the process.
+        // would drop the line with the process. On a line of its own: a harness that runs
+        // tests one at a time (support::trials) has printed "test NAME ... " before it.
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "{line}");
+        let _ = writeln!(std::io::stderr(), "\n{line}");
         std::process::exit(2)
     })
 }

@@ -1,10 +1,10 @@
 //! Shared helpers for integration tests. Use from a test file with `mod support;`.
 #![allow(dead_code)]
 
-pub mod cases;
 pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod ha_db;
 pub mod operator;
 pub mod proxy;
+pub mod trials;
