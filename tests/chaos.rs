@@ -54,6 +54,7 @@ use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
 use kube::api::Api;
+use reaper_operator::config::Schema;
 use reaper_operator::lease::{LeaseEvent, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper};
 use serde_json::json;
@@ -61,8 +62,9 @@ use support::cluster::TestCluster;
 use support::fixtures::{PodStop, create_namespace};
 use support::{db, fixtures};
 
-use checker::{Input, cluster_of};
+use checker::{FaultRecord, Input, Time, cluster_of};
 use faults::{FaultLog, Injector, Plan};
+use guard_check::GuardExit;
 use guarded::Guards;
 use infra::{ApiServer, Database, DatabaseGuard, Replica, ReplicaConfig};
 use observer::Observer;
@@ -183,11 +185,119 @@ struct Scene<'a> {
     store: &'a LeaseStore,
 }
 
+/// What the run sets up before the faults. The fields that stop something on drop come
+/// first, in the reverse order of their making: the API servers, the guarded commands,
+/// the replicas, the observer.
+struct Setup {
+    apiservers: [ApiServer; 2],
+    guards: Guards,
+    replicas: Vec<Replica>,
+    replica_names: Vec<String>,
+    replica_cluster: Vec<usize>,
+    observer: Observer,
+    store: LeaseStore,
+    schema: Schema,
+    clients: [Client; 2],
+    namespace: String,
+    /// Where second Reapers of another namespace go.
+    other_namespace: String,
+    leases: Vec<String>,
+    deployments: Vec<String>,
+    stops: Vec<PodStop>,
+}
+
+/// What the injector kept of the faults.
+struct Injected {
+    records: Vec<FaultRecord>,
+    extra_leases: Vec<String>,
+    unexpected_exits: Vec<String>,
+}
+
 async fn run(
     settings: &Settings,
     database: &Database,
     clusters: &[TestCluster; 2],
 ) -> Result<Outcome> {
+    let mut setup = set_up(settings, database, clusters).await?;
+    let scene = Scene {
+        clients: setup.clients.clone(),
+        namespace: setup.namespace.clone(),
+        leases: setup.leases.clone(),
+        deployments: setup.deployments.clone(),
+        store: &setup.store,
+    };
+
+    let mut log = FaultLog::new(settings.seed, &settings.dir.join("faults.log"));
+    log.line(&format!(
+        "seed {} | namespace {} | schema {} | leases {} | ttl {TTL} s, deadline {DEADLINE} s, retry {RETRY} s, handover {HANDOVER} s",
+        settings.seed,
+        setup.namespace,
+        setup.schema.as_str(),
+        setup.leases.join(", ")
+    ));
+    initial_state(&scene, &setup, &mut log).await?;
+
+    let chaos_start = Utc::now();
+    let mut injector = Injector {
+        replicas: &mut setup.replicas,
+        db: database,
+        apiservers: &mut setup.apiservers,
+        clients: setup.clients.clone(),
+        observer: &setup.observer,
+        leases: &setup.leases,
+        deployments: &setup.deployments,
+        stops: &setup.stops,
+        clusters: CLUSTERS,
+        namespace: &setup.namespace,
+        other_namespace: &setup.other_namespace,
+        store: &setup.store,
+        records: Vec::new(),
+        extra_leases: Vec::new(),
+        unexpected_exits: Vec::new(),
+        guards: &setup.guards,
+    };
+    let injected = inject_faults(&mut injector, settings, &mut log).await;
+    let faults = Injected {
+        records: std::mem::take(&mut injector.records),
+        extra_leases: std::mem::take(&mut injector.extra_leases),
+        unexpected_exits: std::mem::take(&mut injector.unexpected_exits),
+    };
+    drop(injector);
+    injected.context("a fault could not be injected or healed")?;
+    let converged = converge_after_last_heal(
+        &scene,
+        &setup.replicas,
+        &faults.records,
+        chaos_start,
+        &mut log,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = Utc::now();
+    setup.observer.stop();
+    let guard_exits = setup.guards.stop().await;
+    for r in setup.replicas.iter_mut() {
+        r.stop_and_archive();
+    }
+    check(
+        settings,
+        &setup,
+        faults,
+        &converged,
+        &guard_exits,
+        chaos_start,
+        end,
+    )
+    .await
+}
+
+/// The objects in both clusters, the lease schema, the observer, the replicas, their
+/// guarded commands, and a handle on each cluster's API server.
+async fn set_up(
+    settings: &Settings,
+    database: &Database,
+    clusters: &[TestCluster; 2],
+) -> Result<Setup> {
     let clients = [clusters[0].client().await?, clusters[1].client().await?];
     let suffix = format!("{:x}", Utc::now().timestamp_subsec_nanos());
     let namespace = format!("chaos-{suffix}");
@@ -228,9 +338,8 @@ async fn run(
         CLUSTERS.map(str::to_owned),
     )?;
 
-    let mut replicas = start_replicas(clusters, schema.as_str(), database, &settings.dir).await?;
-    let mut guards =
-        Guards::start(database, schema.as_str(), CLUSTERS, &leases, &settings.dir).await?;
+    let replicas = start_replicas(clusters, schema.as_str(), database, &settings.dir).await?;
+    let guards = Guards::start(database, schema.as_str(), CLUSTERS, &leases, &settings.dir).await?;
     let replica_names: Vec<String> = replicas.iter().map(Replica::name).collect();
     let replica_cluster: Vec<usize> = replicas
         .iter()
@@ -241,7 +350,7 @@ async fn run(
                 .unwrap()
         })
         .collect();
-    let mut apiservers = [
+    let apiservers = [
         ApiServer::of(
             clusters[0]
                 .name()
@@ -253,23 +362,30 @@ async fn run(
                 .ok_or_else(|| anyhow!("cluster b has no name"))?,
         )?,
     ];
-    let scene = Scene {
-        clients: clients.clone(),
-        namespace: namespace.clone(),
-        leases: leases.clone(),
-        deployments: deployments.clone(),
-        store: &store,
-    };
+    Ok(Setup {
+        apiservers,
+        guards,
+        replicas,
+        replica_names,
+        replica_cluster,
+        observer,
+        store,
+        schema,
+        clients,
+        namespace,
+        other_namespace,
+        leases,
+        deployments,
+        stops,
+    })
+}
 
-    let mut log = FaultLog::new(settings.seed, &settings.dir.join("faults.log"));
-    log.line(&format!(
-        "seed {} | namespace {namespace} | schema {} | leases {} | ttl {TTL} s, deadline {DEADLINE} s, retry {RETRY} s, handover {HANDOVER} s",
-        settings.seed,
-        schema.as_str(),
-        leases.join(", ")
-    ));
-    let setup = converge(&scene, &replicas, Duration::from_secs(90)).await;
-    if let Err(e) = setup {
+/// Before the faults: one leader and one ready replica per lease, and one guarded
+/// command acting per lease.
+async fn initial_state(scene: &Scene<'_>, setup: &Setup, log: &mut FaultLog) -> Result<()> {
+    let replicas = &setup.replicas;
+    let converged = converge(scene, replicas, Duration::from_secs(90)).await;
+    if let Err(e) = converged {
         let logs: Vec<String> = replicas
             .iter()
             .filter_map(|r| {
@@ -283,7 +399,7 @@ async fn run(
             logs.join("\n")
         ));
     }
-    guarded::wait_acting(&guards.tick_files(), LEASES, Duration::from_secs(30))
+    guarded::wait_acting(&setup.guards.tick_files(), LEASES, Duration::from_secs(30))
         .await
         .context("the guarded commands did not start")?;
     log.line(&format!(
@@ -291,52 +407,47 @@ async fn run(
          injecting faults",
         guard_settings()
     ));
+    Ok(())
+}
 
-    let chaos_start = Utc::now();
+/// Faults one after the other for `settings.seconds`, and at least until every kind has
+/// been dealt once; the first one that cannot be injected or healed ends the run.
+async fn inject_faults(
+    injector: &mut Injector<'_>,
+    settings: &Settings,
+    log: &mut FaultLog,
+) -> Result<()> {
     let chaos_started = Instant::now();
-    let report_bounds: Vec<Duration> = stops.iter().map(report_bound).collect();
+    let report_bounds: Vec<Duration> = injector.stops.iter().map(report_bound).collect();
     let mut plan = Plan::new(settings.seed, Duration::from_secs(TTL), report_bounds);
-    let mut injector = Injector {
-        replicas: &mut replicas,
-        db: database,
-        apiservers: &mut apiservers,
-        clients: clients.clone(),
-        observer: &observer,
-        leases: &leases,
-        deployments: &deployments,
-        stops: &stops,
-        clusters: CLUSTERS,
-        namespace: &namespace,
-        other_namespace: &other_namespace,
-        store: &store,
-        records: Vec::new(),
-        extra_leases: Vec::new(),
-        unexpected_exits: Vec::new(),
-        guards: &guards,
-    };
     let mut id = 0;
     let mut failure = None;
     // At least one full round, so that even a short run sees every kind.
     while chaos_started.elapsed() < Duration::from_secs(settings.seconds)
         || !plan.dealt_every_kind()
     {
-        injector.check_exits(&mut log);
+        injector.check_exits(log);
         id += 1;
         let planned = plan.next_fault();
-        if let Err(e) = injector.run(id, &planned, &mut log).await {
+        if let Err(e) = injector.run(id, &planned, log).await {
             failure = Some(e);
             break;
         }
         tokio::time::sleep(planned.gap).await;
     }
-    injector.check_exits(&mut log);
-    let records = std::mem::take(&mut injector.records);
-    let extra_leases = std::mem::take(&mut injector.extra_leases);
-    let unexpected_exits = std::mem::take(&mut injector.unexpected_exits);
-    drop(injector);
-    if let Some(e) = failure {
-        return Err(e.context("a fault could not be injected or healed"));
-    }
+    injector.check_exits(log);
+    failure.map_or(Ok(()), Err)
+}
+
+/// (c) Within the bound after the last heal; keeps looking a while longer to report how
+/// long it actually took if it missed.
+async fn converge_after_last_heal(
+    scene: &Scene<'_>,
+    replicas: &[Replica],
+    records: &[FaultRecord],
+    chaos_start: Time,
+    log: &mut FaultLog,
+) -> Result<f64, String> {
     let last_heal = records
         .iter()
         .filter_map(|r| r.healed)
@@ -347,11 +458,8 @@ async fn run(
         records.len(),
         last_heal.format("%H:%M:%S%.3f")
     ));
-
-    // (c) Within the bound after the last heal; keep looking a while longer to report
-    // how long it actually took if it missed.
     let bound = Duration::from_secs(CONVERGE_BOUND);
-    let converged = match converge(&scene, &replicas, bound + Duration::from_secs(30)).await {
+    let converged = match converge(scene, replicas, bound + Duration::from_secs(30)).await {
         Ok(()) => {
             let after = checker::seconds(Utc::now() - last_heal);
             if after <= bound.as_secs_f64() {
@@ -368,70 +476,64 @@ async fn run(
         )),
     };
     log.line(&format!("convergence: {converged:?}"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let end = Utc::now();
-    observer.stop();
-    let guard_exits = guards.stop().await;
-    for r in replicas.iter_mut() {
-        r.stop_and_archive();
-    }
+    converged
+}
 
+/// Checks what the run recorded (the lease history, the observer's records, the guarded
+/// commands' ticks and exits), writes the timeline and makes the summary; drops the run's
+/// schema when nothing was violated.
+async fn check(
+    settings: &Settings,
+    setup: &Setup,
+    faults: Injected,
+    converged: &Result<f64, String>,
+    guard_exits: &[GuardExit],
+    chaos_start: Time,
+    end: Time,
+) -> Result<Outcome> {
+    let (store, schema) = (&setup.store, &setup.schema);
     let mut events: Vec<Vec<LeaseEvent>> = Vec::new();
-    for lease in &leases {
+    for lease in &setup.leases {
         events.push(store.events(lease).await?);
     }
     let mut extra_events: Vec<(String, Vec<LeaseEvent>)> = Vec::new();
-    for lease in extra_leases {
+    for lease in faults.extra_leases {
         let e = store.events(&lease).await?;
         extra_events.push((lease, e));
     }
-    let recorded = std::mem::take(&mut *observer.records.lock().unwrap());
+    let recorded = std::mem::take(&mut *setup.observer.records.lock().unwrap());
     let input = Input {
         ttl: Duration::from_secs(TTL),
         clusters: CLUSTERS,
-        replica_cluster: &replica_cluster,
-        replica_names: &replica_names,
-        leases: &leases,
-        deployments: &deployments,
+        replica_cluster: &setup.replica_cluster,
+        replica_names: &setup.replica_names,
+        leases: &setup.leases,
+        deployments: &setup.deployments,
         samples: &recorded.samples,
         pods: &recorded.pods,
         other_samples: &recorded.other_samples,
         reports: &recorded.reports,
         blind: &recorded.blind,
-        faults: &records,
+        faults: &faults.records,
         events: &events,
         extra_events: &extra_events,
         chaos_start,
         end,
     };
     let analysis = checker::analyse(&input);
-    let mut summary = checker::summary(&input, &analysis, &converged, CONVERGE_BOUND as f64);
-    let mut guard_runs = Vec::new();
-    for (cluster, lease, path) in guards.tick_files() {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        guard_runs.extend(guard_check::parse_runs(cluster, lease, &text));
-    }
-    let guard_input = guard_check::GuardInput {
-        ttl: Duration::from_secs(TTL),
-        margin: Duration::from_millis(guarded::MARGIN_MS),
-        clusters: CLUSTERS,
-        leases: &leases,
-        runs: &guard_runs,
-        exits: &guard_exits,
-        faults: &records,
-        events: &events,
-        end,
-    };
-    let guard_analysis = guard_check::analyse(&guard_input);
-    summary.push_str(&guard_check::summary(
-        &guard_input,
-        &guard_analysis,
-        &guard_settings(),
-    ));
-    if !unexpected_exits.is_empty() {
+    let mut summary = checker::summary(&input, &analysis, converged, CONVERGE_BOUND as f64);
+    let logs: Vec<(String, Vec<PathBuf>)> = setup
+        .replicas
+        .iter()
+        .map(|r| (r.name(), r.logs()))
+        .collect();
+    write_timeline(&settings.dir.join("timeline.txt"), &input, &analysis);
+    let guard_violations = check_guards(settings, setup, guard_exits, &input, &mut summary);
+    if !faults.unexpected_exits.is_empty() {
         let _ = writeln!(
             summary,
-            "replicas that exited by themselves: {unexpected_exits:?}"
+            "replicas that exited by themselves: {:?}",
+            faults.unexpected_exits
         );
     }
     let _ = writeln!(
@@ -439,18 +541,10 @@ async fn run(
         "database polls that failed (outages): {}",
         recorded.db_poll_errors
     );
-    let logs: Vec<(String, Vec<PathBuf>)> = replicas.iter().map(|r| (r.name(), r.logs())).collect();
-    write_timeline(&settings.dir.join("timeline.txt"), &input, &analysis);
-    write_guard_timeline(
-        &settings.dir.join("timeline.txt"),
-        &guard_input,
-        &guard_analysis,
-    );
-    let violations =
-        analysis.violations() + usize::from(converged.is_err()) + guard_analysis.violations();
+    let violations = analysis.violations() + usize::from(converged.is_err()) + guard_violations;
     let _ = writeln!(summary, "violations: {violations}");
     summary.push_str(&violation_contexts(&input, &analysis, &logs));
-    if let Err(e) = &converged {
+    if let Err(e) = converged {
         let _ = writeln!(summary, "\n--- (c) failed: {e}");
     }
     drop(recorded);
@@ -467,6 +561,45 @@ async fn run(
         summary,
         violations,
     })
+}
+
+/// Checks (f) and (g) on the guarded commands' ticks and exits: their lines of the summary
+/// and of the timeline (after the pods' ones), and their number of violations.
+fn check_guards(
+    settings: &Settings,
+    setup: &Setup,
+    guard_exits: &[GuardExit],
+    input: &Input<'_>,
+    summary: &mut String,
+) -> usize {
+    let mut guard_runs = Vec::new();
+    for (cluster, lease, path) in setup.guards.tick_files() {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        guard_runs.extend(guard_check::parse_runs(cluster, lease, &text));
+    }
+    let guard_input = guard_check::GuardInput {
+        ttl: Duration::from_secs(TTL),
+        margin: Duration::from_millis(guarded::MARGIN_MS),
+        clusters: CLUSTERS,
+        leases: &setup.leases,
+        runs: &guard_runs,
+        exits: guard_exits,
+        faults: input.faults,
+        events: input.events,
+        end: input.end,
+    };
+    let guard_analysis = guard_check::analyse(&guard_input);
+    summary.push_str(&guard_check::summary(
+        &guard_input,
+        &guard_analysis,
+        &guard_settings(),
+    ));
+    write_guard_timeline(
+        &settings.dir.join("timeline.txt"),
+        &guard_input,
+        &guard_analysis,
+    );
+    guard_analysis.violations()
 }
 
 /// The guards' timings, as the summary prints them.

@@ -295,7 +295,20 @@ async fn lint(ctx: &Ctx) -> Result<()> {
     let full_values = ctx.chart().join(FULL_VALUES);
     let full_values = full_values.to_str().unwrap();
 
-    // Clean with the defaults (plus the one required value) and with the optional parts on.
+    lint_is_clean(ctx, chart, &secret, full_values)?;
+    schema_refuses_bad_values(ctx, chart, &secret)?;
+    templates_refuse_what_the_schema_cannot_see(ctx, chart, &secret)?;
+    defaults_render(ctx, chart, &secret)?;
+    watch_namespace_renders(ctx)?;
+    // Every option on.
+    check_full_render(&ctx.template(&["-f", full_values])?)?;
+    security_context_defaults_can_be_removed_or_replaced(ctx)?;
+    listener_renders(ctx)?;
+    prometheus_rule_renders(ctx)
+}
+
+/// Clean with the defaults (plus the one required value) and with the optional parts on.
+fn lint_is_clean(ctx: &Ctx, chart: &str, secret: &str, full_values: &str) -> Result<()> {
     for extra in [
         &[][..],
         &["-f", full_values][..],
@@ -310,7 +323,7 @@ async fn lint(ctx: &Ctx) -> Result<()> {
             "database.migrate=false",
         ][..],
     ] {
-        let mut args = vec!["lint", "--strict", chart, "--set", &secret];
+        let mut args = vec!["lint", "--strict", chart, "--set", secret];
         args.extend_from_slice(extra);
         let out = ctx.helm(&args)?.ok(&format!("helm {}", args.join(" ")))?;
         ensure!(
@@ -321,8 +334,11 @@ async fn lint(ctx: &Ctx) -> Result<()> {
             args.join(" ")
         );
     }
+    Ok(())
+}
 
-    // Bad values: refused by both `helm template` and `helm lint`, naming the value.
+/// Bad values are refused by both `helm template` and `helm lint`, naming the value.
+fn schema_refuses_bad_values(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
     let float_values = ctx.home.join("float-replicas.yaml");
     std::fs::write(&float_values, "replicaCount: 1.5\n")?;
     let float_values = float_values.to_str().unwrap().to_owned();
@@ -331,222 +347,13 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         "database.existingSecret={},clusterName={CLUSTER_NAME}",
         "a".repeat(254)
     );
-    let bad: Vec<(&str, Vec<&str>, &str, &str)> = vec![
-        (
-            "no database Secret",
-            vec![],
-            "/database/existingSecret",
-            "minLength: got 0, want 1",
-        ),
-        (
-            "empty database Secret",
-            vec!["--set", "database.existingSecret="],
-            "/database/existingSecret",
-            "minLength: got 0, want 1",
-        ),
-        (
-            "no clusterName",
-            vec!["--set", &only_secret],
-            "/clusterName",
-            "minLength: got 0, want 1",
-        ),
-        (
-            "replicaCount 0",
-            vec!["--set", &secret, "--set", "replicaCount=0"],
-            "/replicaCount",
-            "minimum: got 0, want 1",
-        ),
-        (
-            "replicaCount 1.5",
-            vec!["--set", &secret, "-f", &float_values],
-            "/replicaCount",
-            "got number, want integer",
-        ),
-        (
-            "replicaCount a string",
-            vec!["--set", &secret, "--set-string", "replicaCount=2"],
-            "/replicaCount",
-            "got string, want integer",
-        ),
-        (
-            "clusterName not a DNS label",
-            vec!["--set", &secret, "--set", "clusterName=East_1"],
-            "/clusterName",
-            "does not match pattern",
-        ),
-        (
-            "logFormat xml",
-            vec!["--set", &secret, "--set", "logFormat=xml"],
-            "/logFormat",
-            "value must be one of 'text', 'json'",
-        ),
-        (
-            "shutdownTimeoutSeconds 0",
-            vec!["--set", &secret, "--set", "shutdownTimeoutSeconds=0"],
-            "/shutdownTimeoutSeconds",
-            "minimum: got 0, want 1",
-        ),
-        (
-            "shutdownTimeoutSeconds 3601",
-            vec!["--set", &secret, "--set", "shutdownTimeoutSeconds=3601"],
-            "/shutdownTimeoutSeconds",
-            "maximum",
-        ),
-        (
-            "a misspelt value",
-            vec!["--set", &secret, "--set", "replicas=3"],
-            "",
-            "additional properties 'replicas' not allowed",
-        ),
-        (
-            "minAvailable 100% (no pod evictable: every drain blocked)",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=100%",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "'100%' does not match pattern",
-        ),
-        (
-            "a probe that would cut the handover's grace period short",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "probes.liveness.terminationGracePeriodSeconds=1",
-            ],
-            "/probes/liveness",
-            "additional properties 'terminationGracePeriodSeconds' not allowed",
-        ),
-        (
-            "minAvailable -1",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=-1",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "minimum: got -1, want 0",
-        ),
-        (
-            "database Secret not a DNS-1123 subdomain",
-            vec![
-                "--set",
-                "database.existingSecret=Reaper_DB",
-                "--set",
-                "clusterName=x",
-            ],
-            "/database/existingSecret",
-            "'Reaper_DB' does not match pattern",
-        ),
-        (
-            "database Secret of 254 characters",
-            vec!["--set", &long_secret],
-            "/database/existingSecret",
-            "maxLength: got 254, want 253",
-        ),
-        (
-            "urlKey not a Secret key",
-            vec!["--set", &secret, "--set", "database.urlKey=db/url"],
-            "/database/urlKey",
-            "'db/url' does not match pattern",
-        ),
-        (
-            "listenUrlKey not a Secret key",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "database.listenUrlKey=listen url",
-            ],
-            "/database/listenUrlKey",
-            "'listen url' does not match pattern",
-        ),
-        (
-            "TLS Secret not a DNS-1123 subdomain",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "database.tls.existingSecret=-tls",
-            ],
-            "/database/tls/existingSecret",
-            "'-tls' does not match pattern",
-        ),
-        (
-            "TLS caKey not a Secret key",
-            vec!["--set", &secret, "--set", "database.tls.caKey=ca crt"],
-            "/database/tls/caKey",
-            "'ca crt' does not match pattern",
-        ),
-        (
-            "client certificate without its key",
-            vec!["--set", &secret, "--set", "database.tls.certKey=tls.crt"],
-            "/database/tls/keyKey",
-            "minLength: got 0, want 1",
-        ),
-        (
-            "image digest not sha256",
-            vec!["--set", &secret, "--set", "image.digest=latest"],
-            "/image/digest",
-            "'latest' does not match pattern",
-        ),
-        (
-            "http.address in brackets",
-            vec!["--set", &secret, "--set", "http.address=[::]"],
-            "/http/address",
-            "'[::]' does not match pattern",
-        ),
-        (
-            "http.address a host name",
-            vec!["--set", &secret, "--set", "http.address=localhost"],
-            "/http/address",
-            "'localhost' does not match pattern",
-        ),
-        (
-            "http.port 0",
-            vec!["--set", &secret, "--set", "http.port=0"],
-            "/http/port",
-            "minimum: got 0, want 1",
-        ),
-        (
-            "an unknown alert to disable",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "prometheusRule.disabledAlerts[0]=NoLeader",
-            ],
-            "/prometheusRule/disabledAlerts/0",
-            "value must be one of",
-        ),
-        (
-            "an API server CIDR without its prefix length",
-            vec![
-                "--set",
-                &secret,
-                "--set",
-                "networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1",
-            ],
-            "/networkPolicy/egress/apiServer/cidrs/0",
-            "'10.0.0.1' does not match pattern",
-        ),
-        (
-            "a misspelt securityContext field",
-            vec!["--set", &secret, "--set", "securityContext.runAsUid=1000"],
-            "/securityContext",
-            "additional properties 'runAsUid' not allowed",
-        ),
-        (
-            "a probe path (the chart's own)",
-            vec!["--set", &secret, "--set", "probes.liveness.path=/x"],
-            "/probes/liveness",
-            "additional properties 'path' not allowed",
-        ),
-    ];
+    let bad = [
+        missing_or_malformed_required_values(secret, &only_secret, &long_secret),
+        malformed_secret_keys(secret),
+        out_of_range_numbers(secret, &float_values),
+        unknown_or_malformed_options(secret),
+    ]
+    .concat();
     for (what, args, path, message) in &bad {
         for command in ["template", "lint"] {
             let mut full = vec![command];
@@ -567,8 +374,248 @@ async fn lint(ctx: &Ctx) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
 
-    // What the schema cannot see, the templates refuse, naming the value.
+/// A value the values schema refuses: what it is, the `helm` arguments that give it, and
+/// where (a JSON pointer) and how the schema's message says so.
+type SchemaRefusal<'a> = (&'a str, Vec<&'a str>, &'a str, &'a str);
+
+/// The database Secret and the cluster name: missing, empty, or not a name.
+fn missing_or_malformed_required_values<'a>(
+    secret: &'a str,
+    only_secret: &'a str,
+    long_secret: &'a str,
+) -> Vec<SchemaRefusal<'a>> {
+    vec![
+        (
+            "no database Secret",
+            vec![],
+            "/database/existingSecret",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "empty database Secret",
+            vec!["--set", "database.existingSecret="],
+            "/database/existingSecret",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "no clusterName",
+            vec!["--set", only_secret],
+            "/clusterName",
+            "minLength: got 0, want 1",
+        ),
+        (
+            "clusterName not a DNS label",
+            vec!["--set", secret, "--set", "clusterName=East_1"],
+            "/clusterName",
+            "does not match pattern",
+        ),
+        (
+            "database Secret not a DNS-1123 subdomain",
+            vec![
+                "--set",
+                "database.existingSecret=Reaper_DB",
+                "--set",
+                "clusterName=x",
+            ],
+            "/database/existingSecret",
+            "'Reaper_DB' does not match pattern",
+        ),
+        (
+            "database Secret of 254 characters",
+            vec!["--set", long_secret],
+            "/database/existingSecret",
+            "maxLength: got 254, want 253",
+        ),
+    ]
+}
+
+/// The keys and the TLS Secret read from the database Secrets: not names.
+fn malformed_secret_keys<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
+    vec![
+        (
+            "urlKey not a Secret key",
+            vec!["--set", secret, "--set", "database.urlKey=db/url"],
+            "/database/urlKey",
+            "'db/url' does not match pattern",
+        ),
+        (
+            "listenUrlKey not a Secret key",
+            vec!["--set", secret, "--set", "database.listenUrlKey=listen url"],
+            "/database/listenUrlKey",
+            "'listen url' does not match pattern",
+        ),
+        (
+            "TLS Secret not a DNS-1123 subdomain",
+            vec!["--set", secret, "--set", "database.tls.existingSecret=-tls"],
+            "/database/tls/existingSecret",
+            "'-tls' does not match pattern",
+        ),
+        (
+            "TLS caKey not a Secret key",
+            vec!["--set", secret, "--set", "database.tls.caKey=ca crt"],
+            "/database/tls/caKey",
+            "'ca crt' does not match pattern",
+        ),
+        (
+            "client certificate without its key",
+            vec!["--set", secret, "--set", "database.tls.certKey=tls.crt"],
+            "/database/tls/keyKey",
+            "minLength: got 0, want 1",
+        ),
+    ]
+}
+
+/// Numbers out of their range, or not integers.
+fn out_of_range_numbers<'a>(secret: &'a str, float_values: &'a str) -> Vec<SchemaRefusal<'a>> {
+    vec![
+        (
+            "replicaCount 0",
+            vec!["--set", secret, "--set", "replicaCount=0"],
+            "/replicaCount",
+            "minimum: got 0, want 1",
+        ),
+        (
+            "replicaCount 1.5",
+            vec!["--set", secret, "-f", float_values],
+            "/replicaCount",
+            "got number, want integer",
+        ),
+        (
+            "replicaCount a string",
+            vec!["--set", secret, "--set-string", "replicaCount=2"],
+            "/replicaCount",
+            "got string, want integer",
+        ),
+        (
+            "shutdownTimeoutSeconds 0",
+            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=0"],
+            "/shutdownTimeoutSeconds",
+            "minimum: got 0, want 1",
+        ),
+        (
+            "shutdownTimeoutSeconds 3601",
+            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=3601"],
+            "/shutdownTimeoutSeconds",
+            "maximum",
+        ),
+        (
+            "minAvailable 100% (no pod evictable: every drain blocked)",
+            vec![
+                "--set",
+                secret,
+                "--set",
+                "podDisruptionBudget.minAvailable=100%",
+            ],
+            "/podDisruptionBudget/minAvailable",
+            "'100%' does not match pattern",
+        ),
+        (
+            "minAvailable -1",
+            vec![
+                "--set",
+                secret,
+                "--set",
+                "podDisruptionBudget.minAvailable=-1",
+            ],
+            "/podDisruptionBudget/minAvailable",
+            "minimum: got -1, want 0",
+        ),
+        (
+            "http.port 0",
+            vec!["--set", secret, "--set", "http.port=0"],
+            "/http/port",
+            "minimum: got 0, want 1",
+        ),
+    ]
+}
+
+/// Values that are no option of the chart, and options in the wrong form.
+fn unknown_or_malformed_options<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
+    vec![
+        (
+            "logFormat xml",
+            vec!["--set", secret, "--set", "logFormat=xml"],
+            "/logFormat",
+            "value must be one of 'text', 'json'",
+        ),
+        (
+            "a misspelt value",
+            vec!["--set", secret, "--set", "replicas=3"],
+            "",
+            "additional properties 'replicas' not allowed",
+        ),
+        (
+            "a probe that would cut the handover's grace period short",
+            vec![
+                "--set",
+                secret,
+                "--set",
+                "probes.liveness.terminationGracePeriodSeconds=1",
+            ],
+            "/probes/liveness",
+            "additional properties 'terminationGracePeriodSeconds' not allowed",
+        ),
+        (
+            "image digest not sha256",
+            vec!["--set", secret, "--set", "image.digest=latest"],
+            "/image/digest",
+            "'latest' does not match pattern",
+        ),
+        (
+            "http.address in brackets",
+            vec!["--set", secret, "--set", "http.address=[::]"],
+            "/http/address",
+            "'[::]' does not match pattern",
+        ),
+        (
+            "http.address a host name",
+            vec!["--set", secret, "--set", "http.address=localhost"],
+            "/http/address",
+            "'localhost' does not match pattern",
+        ),
+        (
+            "an unknown alert to disable",
+            vec![
+                "--set",
+                secret,
+                "--set",
+                "prometheusRule.disabledAlerts[0]=NoLeader",
+            ],
+            "/prometheusRule/disabledAlerts/0",
+            "value must be one of",
+        ),
+        (
+            "an API server CIDR without its prefix length",
+            vec![
+                "--set",
+                secret,
+                "--set",
+                "networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1",
+            ],
+            "/networkPolicy/egress/apiServer/cidrs/0",
+            "'10.0.0.1' does not match pattern",
+        ),
+        (
+            "a misspelt securityContext field",
+            vec!["--set", secret, "--set", "securityContext.runAsUid=1000"],
+            "/securityContext",
+            "additional properties 'runAsUid' not allowed",
+        ),
+        (
+            "a probe path (the chart's own)",
+            vec!["--set", secret, "--set", "probes.liveness.path=/x"],
+            "/probes/liveness",
+            "additional properties 'path' not allowed",
+        ),
+    ]
+}
+
+/// What the schema cannot see, the templates refuse, naming the value.
+fn templates_refuse_what_the_schema_cannot_see(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
+    let only_secret = format!("database.existingSecret={SECRET}");
     let refused: Vec<(&str, Vec<&str>, &str)> = vec![
         (
             "minAvailable 60% of 2 pods",
@@ -612,7 +659,7 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         ),
     ];
     for (what, args, message) in &refused {
-        let mut full = vec!["template", "test", chart, "--set", &secret];
+        let mut full = vec!["template", "test", chart, "--set", secret];
         full.extend(args.iter().copied());
         let out = ctx.helm(&full)?;
         ensure!(
@@ -653,10 +700,14 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         out.stdout,
         out.stderr
     );
+    Ok(())
+}
 
-    // What the defaults render.
+/// What the defaults render: the objects, the CRD, the Deployment, the aggregated roles,
+/// and no database URL in plain text.
+fn defaults_render(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
     let text = ctx
-        .helm(&["template", RELEASE, chart, "-n", "ops", "--set", &secret])?
+        .helm(&["template", RELEASE, chart, "-n", "ops", "--set", secret])?
         .ok("helm template")?;
     let docs = yaml_documents(&text)?;
     ensure!(
@@ -684,9 +735,12 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         !text.contains("postgres://"),
         "a database URL is rendered in plain text"
     );
+    Ok(())
+}
 
-    // watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC for
-    // the operator (the aggregated roles are for users, and can be turned off too).
+/// watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC for
+/// the operator (the aggregated roles are for users, and can be turned off too).
+fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
         "watchNamespace=jobs",
@@ -748,11 +802,11 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         "aggregateToDefaultRoles=false still renders ClusterRoles: {:?}",
         kinds(&docs)
     );
+    Ok(())
+}
 
-    // Every option on.
-    check_full_render(&ctx.template(&["-f", full_values])?)?;
-
-    // OpenShift: null removes a default, the rest of the context stays.
+/// OpenShift: null removes a default, the rest of the context stays.
+fn security_context_defaults_can_be_removed_or_replaced(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
         "securityContext.runAsUser=null",
@@ -794,8 +848,11 @@ async fn lint(ctx: &Ctx) -> Result<()> {
         sc["runAsUser"] == 1000700000_i64,
         "runAsUser override: {sc}"
     );
+    Ok(())
+}
 
-    // The listener: IPv6 in brackets, IPv4 as it is, the port everywhere.
+/// The listener: IPv6 in brackets, IPv4 as it is, the port everywhere.
+fn listener_renders(ctx: &Ctx) -> Result<()> {
     for (address, port, expected) in [
         ("::1", "8080", "[::1]:8080"),
         ("fd00::10", "9443", "[fd00::10]:9443"),
@@ -820,8 +877,12 @@ async fn lint(ctx: &Ctx) -> Result<()> {
             container["ports"]
         );
     }
+    Ok(())
+}
 
-    // PrometheusRule: off by default (above); on, the documented alerts, minus disabled ones.
+/// PrometheusRule: off by default (defaults_render); on, the documented alerts, minus
+/// disabled ones.
+fn prometheus_rule_renders(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
         "prometheusRule.enabled=true",
@@ -1073,6 +1134,14 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
         "kinds with every option: {:?}",
         kinds(docs)
     );
+    check_full_deployment(docs)?;
+    let selector = &find(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"];
+    check_full_network_policy(find(docs, "NetworkPolicy")[0], selector)?;
+    check_full_prometheus_rule(docs)
+}
+
+/// The Deployment, its Service and its PodDisruptionBudget with every option on.
+fn check_full_deployment(docs: &[Value]) -> Result<()> {
     let d = find(docs, "Deployment")[0];
     let pod = &d["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
@@ -1105,7 +1174,40 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
         "startupProbe: {}",
         container["startupProbe"]
     );
-    // The TLS Secret under fixed file names, 0440, readable through fsGroup.
+    check_full_volumes(pod, container)?;
+    ensure!(
+        env_var(container, "OTEL_SERVICE_NAME").map(|v| &v["value"])
+            == Some(&json!("reaper-operator")),
+        "extraEnv not rendered: {}",
+        container["env"]
+    );
+    ensure!(
+        pod["priorityClassName"] == PRIORITY_CLASS,
+        "priorityClassName: {}",
+        pod["priorityClassName"]
+    );
+    let selector = &d["spec"]["selector"]["matchLabels"];
+    ensure!(
+        pod["topologySpreadConstraints"]
+            == json!([{
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector},
+            }]),
+        "topologySpreadConstraints (labelSelector filled in): {}",
+        pod["topologySpreadConstraints"]
+    );
+    ensure!(
+        find(docs, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == "50%",
+        "PDB minAvailable 50%"
+    );
+    Ok(())
+}
+
+/// The TLS Secret under fixed file names, 0440, readable through fsGroup; the extra
+/// volume beside it.
+fn check_full_volumes(pod: &Value, container: &Value) -> Result<()> {
     ensure!(
         pod["volumes"][0]
             == json!({"name": "pg-tls", "secret": {
@@ -1138,36 +1240,11 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
         pod["volumes"],
         container["volumeMounts"]
     );
-    ensure!(
-        env_var(container, "OTEL_SERVICE_NAME").map(|v| &v["value"])
-            == Some(&json!("reaper-operator")),
-        "extraEnv not rendered: {}",
-        container["env"]
-    );
-    ensure!(
-        pod["priorityClassName"] == PRIORITY_CLASS,
-        "priorityClassName: {}",
-        pod["priorityClassName"]
-    );
-    let selector = &d["spec"]["selector"]["matchLabels"];
-    ensure!(
-        pod["topologySpreadConstraints"]
-            == json!([{
-                "maxSkew": 1,
-                "topologyKey": "topology.kubernetes.io/zone",
-                "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": selector},
-            }]),
-        "topologySpreadConstraints (labelSelector filled in): {}",
-        pod["topologySpreadConstraints"]
-    );
-    ensure!(
-        find(docs, "PodDisruptionBudget")[0]["spec"]["minAvailable"] == "50%",
-        "PDB minAvailable 50%"
-    );
+    Ok(())
+}
 
-    // NetworkPolicy: in on the http port only, out to the API server, the database and DNS.
-    let np = find(docs, "NetworkPolicy")[0];
+/// NetworkPolicy: in on the http port only, out to the API server, the database and DNS.
+fn check_full_network_policy(np: &Value, selector: &Value) -> Result<()> {
     let spec = &np["spec"];
     ensure!(
         spec["podSelector"]["matchLabels"] == *selector
@@ -1215,8 +1292,11 @@ fn check_full_render(docs: &[Value]) -> Result<()> {
         "egress to DNS: {}",
         egress[2]
     );
+    Ok(())
+}
 
-    // PrometheusRule: the documented alerts, the extra one, the configured labels.
+/// PrometheusRule: the documented alerts, the extra one, the configured labels.
+fn check_full_prometheus_rule(docs: &[Value]) -> Result<()> {
     let rule = find(docs, "PrometheusRule")[0];
     ensure!(
         rule["metadata"]["labels"]["release"] == "kube-prometheus-stack",
@@ -1270,21 +1350,7 @@ async fn install(ctx: &Ctx) -> Result<()> {
     store.pool().close().await;
 
     let chart = ctx.chart();
-    // Without a Secret: refused before anything is created, with the schema's message.
-    let out = ctx.helm(&["install", RELEASE, chart.to_str().unwrap(), "-n", ns])?;
-    let text = format!("{}{}", out.stdout, out.stderr);
-    ensure!(
-        !out.success
-            && text.contains("INSTALLATION FAILED")
-            && text.contains(SCHEMA_ERROR)
-            && text.contains("at '/database/existingSecret': minLength: got 0, want 1"),
-        "helm install without database.existingSecret:\n{text}"
-    );
-    let releases = ctx.helm(&["list", "-n", ns, "-a", "-q"])?.ok("helm list")?;
-    ensure!(
-        releases.trim().is_empty(),
-        "a refused install left a release: {releases}"
-    );
+    install_without_a_secret_is_refused(ctx, &chart)?;
 
     let mut args = vec!["install", RELEASE, chart.to_str().unwrap(), "-n", ns];
     args.extend(["--wait", "--timeout", "120s"]);
@@ -1302,6 +1368,37 @@ async fn install(ctx: &Ctx) -> Result<()> {
         );
     }
 
+    installed_objects(ctx).await?;
+    let status = ctx
+        .helm(&["status", RELEASE, "-n", ns])?
+        .ok("helm status")?;
+    ensure!(status.contains("STATUS: deployed"), "helm status: {status}");
+    Ok(())
+}
+
+/// Without a Secret: refused before anything is created, with the schema's message.
+fn install_without_a_secret_is_refused(ctx: &Ctx, chart: &Path) -> Result<()> {
+    let ns = &ctx.namespace;
+    let out = ctx.helm(&["install", RELEASE, chart.to_str().unwrap(), "-n", ns])?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    ensure!(
+        !out.success
+            && text.contains("INSTALLATION FAILED")
+            && text.contains(SCHEMA_ERROR)
+            && text.contains("at '/database/existingSecret': minLength: got 0, want 1"),
+        "helm install without database.existingSecret:\n{text}"
+    );
+    let releases = ctx.helm(&["list", "-n", ns, "-a", "-q"])?.ok("helm list")?;
+    ensure!(
+        releases.trim().is_empty(),
+        "a refused install left a release: {releases}"
+    );
+    Ok(())
+}
+
+/// The release's objects exist, as the values say, and the CRD is Established.
+async fn installed_objects(ctx: &Ctx) -> Result<()> {
+    let ns = &ctx.namespace;
     let d = Api::<Deployment>::namespaced(ctx.client.clone(), ns)
         .get(RELEASE)
         .await
@@ -1373,10 +1470,6 @@ async fn install(ctx: &Ctx) -> Result<()> {
         .iter()
         .any(|c| c.type_ == "Established" && c.status == "True");
     ensure!(established, "the CRD is not Established after helm --wait");
-    let status = ctx
-        .helm(&["status", RELEASE, "-n", ns])?
-        .ok("helm status")?;
-    ensure!(status.contains("STATUS: deployed"), "helm status: {status}");
     Ok(())
 }
 
@@ -1404,45 +1497,7 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
     // The workload: a Recreate Deployment at 0 replicas and its Reaper, made by an admin.
     let ns = format!("chart-app-{}", ctx.suffix);
     ctx.create_namespace(&ns).await?;
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "sweeper"},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "sweeper"}},
-            "template": {
-                "metadata": {"labels": {"app": "sweeper"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "sweeper", "image": "example.invalid/sweeper:1"}]
-                }
-            }
-        }
-    }))?;
-    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .context("creating the workload Deployment")?;
-    let lease_name = format!("{ns}.sweeper");
-    let reaper = Reaper::new(
-        "sweeper",
-        ReaperSpec {
-            deployment_name: "sweeper".into(),
-            paused: false,
-            lease: LeaseSpec {
-                name: Some(lease_name.clone()),
-                ttl_seconds: 3,
-                renew_deadline_seconds: 2,
-                retry_period_seconds: 1,
-                handover_delay_seconds: 0,
-            },
-        },
-    );
-    let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), &ns);
-    reapers
-        .create(&PostParams::default(), &reaper)
-        .await
-        .context("creating the Reaper")?;
+    create_workload(ctx, &ns).await?;
 
     // The RBAC authorizer's cache may need a moment for the binding.
     let sa_reapers = Api::<Reaper>::namespaced(sa.clone(), &ns);
@@ -1492,6 +1547,50 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
     }
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     let _ = std::fs::remove_file(&log_path); // kept for inspection when the case fails
+    Ok(())
+}
+
+/// A Recreate Deployment at 0 replicas and its Reaper, made by an admin in `ns`.
+async fn create_workload(ctx: &Ctx, ns: &str) -> Result<()> {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "sweeper"},
+        "spec": {
+            "replicas": 0,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "sweeper"}},
+            "template": {
+                "metadata": {"labels": {"app": "sweeper"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "sweeper", "image": "example.invalid/sweeper:1"}]
+                }
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .context("creating the workload Deployment")?;
+    let lease_name = format!("{ns}.sweeper");
+    let reaper = Reaper::new(
+        "sweeper",
+        ReaperSpec {
+            deployment_name: "sweeper".into(),
+            paused: false,
+            lease: LeaseSpec {
+                name: Some(lease_name.clone()),
+                ttl_seconds: 3,
+                renew_deadline_seconds: 2,
+                retry_period_seconds: 1,
+                handover_delay_seconds: 0,
+            },
+        },
+    );
+    let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), ns);
+    reapers
+        .create(&PostParams::default(), &reaper)
+        .await
+        .context("creating the Reaper")?;
     Ok(())
 }
 
@@ -1921,37 +2020,7 @@ fn is_forbidden<T>(result: &kube::Result<T>) -> bool {
 async fn aggregated_roles(ctx: &Ctx) -> Result<()> {
     let ns = users_namespace(ctx);
     ctx.create_namespace(&ns).await?;
-    let reaper = Reaper::new(
-        "nightly",
-        ReaperSpec {
-            deployment_name: "nightly".into(),
-            paused: true,
-            lease: LeaseSpec {
-                name: None,
-                ttl_seconds: 15,
-                renew_deadline_seconds: 10,
-                retry_period_seconds: 2,
-                handover_delay_seconds: 0,
-            },
-        },
-    );
-    Api::<Reaper>::namespaced(ctx.client.clone(), &ns)
-        .create(&PostParams::default(), &reaper)
-        .await
-        .context("creating a Reaper as admin")?;
-    // Each user gets a built-in role in this namespace only, as a namespace owner would.
-    let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns);
-    for (user, role) in [(VIEWER, "view"), (EDITOR, "edit"), (NS_ADMIN, "admin")] {
-        let binding: RoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": format!("{user}-{role}")},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
-        }))?;
-        bindings
-            .create(&PostParams::default(), &binding)
-            .await
-            .with_context(|| format!("binding {role} to {user}"))?;
-    }
+    let reaper = reaper_and_role_bindings(ctx, &ns).await?;
 
     let dry_post = PostParams {
         dry_run: true,
@@ -2041,6 +2110,42 @@ async fn aggregated_roles(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A Reaper made by an admin in `ns`, and each user bound to a built-in role there.
+async fn reaper_and_role_bindings(ctx: &Ctx, ns: &str) -> Result<Reaper> {
+    let reaper = Reaper::new(
+        "nightly",
+        ReaperSpec {
+            deployment_name: "nightly".into(),
+            paused: true,
+            lease: LeaseSpec {
+                name: None,
+                ttl_seconds: 15,
+                renew_deadline_seconds: 10,
+                retry_period_seconds: 2,
+                handover_delay_seconds: 0,
+            },
+        },
+    );
+    Api::<Reaper>::namespaced(ctx.client.clone(), ns)
+        .create(&PostParams::default(), &reaper)
+        .await
+        .context("creating a Reaper as admin")?;
+    // Each user gets a built-in role in this namespace only, as a namespace owner would.
+    let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), ns);
+    for (user, role) in [(VIEWER, "view"), (EDITOR, "edit"), (NS_ADMIN, "admin")] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("{user}-{role}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        }))?;
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .with_context(|| format!("binding {role} to {user}"))?;
+    }
+    Ok(reaper)
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. helm upgrade with a changed CRD and every option on.
 
@@ -2048,6 +2153,61 @@ const NEW_COLUMN: &str =
     "    - jsonPath: .spec.deploymentName\n      name: Deployment\n      type: string\n";
 
 async fn upgrade(ctx: &Ctx) -> Result<()> {
+    let copy = chart_with_a_new_column(ctx)?;
+    create_what_full_values_names(ctx).await?;
+
+    let full_values = copy.join(FULL_VALUES);
+    let mut args = vec!["upgrade", RELEASE, copy.to_str().unwrap()];
+    args.extend(["-n", &ctx.namespace, "--wait", "--timeout", "120s"]);
+    args.extend(["-f", full_values.to_str().unwrap()]);
+    let values = ctx.release_values();
+    args.extend(values.iter().map(String::as_str));
+    // This cluster has neither the Prometheus Operator's CRDs nor a listen-url key.
+    args.extend([
+        "--set",
+        "serviceMonitor.enabled=false,prometheusRule.enabled=false",
+        "--set",
+        "database.listenUrlKey=",
+    ]);
+    ctx.helm(&args)?.ok("helm upgrade")?;
+
+    the_cluster_took_every_option(ctx).await?;
+
+    let crd = Api::<CustomResourceDefinition>::all(ctx.client.clone())
+        .get(CRD_NAME)
+        .await?;
+    let columns: Vec<String> = crd
+        .spec
+        .versions
+        .iter()
+        .flat_map(|v| v.additional_printer_columns.iter().flatten())
+        .map(|c| format!("{}={}", c.name, c.json_path))
+        .collect();
+    ensure!(
+        columns.first().map(String::as_str) == Some("Deployment=.spec.deploymentName"),
+        "helm upgrade did not update the CRD: printer columns {columns:?}"
+    );
+    ensure!(
+        crd.annotations()
+            .get("helm.sh/resource-policy")
+            .map(String::as_str)
+            == Some("keep"),
+        "the upgraded CRD lost the keep annotation"
+    );
+    let history = ctx
+        .helm(&["history", RELEASE, "-n", &ctx.namespace])?
+        .ok("helm history")?;
+    ensure!(
+        history
+            .lines()
+            .any(|l| l.starts_with('2') && l.contains("deployed")),
+        "helm history:\n{history}"
+    );
+    Ok(())
+}
+
+/// A copy of the chart whose CRD has a new printer column.
+fn chart_with_a_new_column(ctx: &Ctx) -> Result<PathBuf> {
     let copy = ctx.home.join("chart-v2");
     copy_dir(&ctx.chart(), &copy)?;
     let crd_file = copy.join(CRD_FILE);
@@ -2058,9 +2218,12 @@ async fn upgrade(ctx: &Ctx) -> Result<()> {
         &crd_file,
         crd.replacen(anchor, &format!("{anchor}{NEW_COLUMN}"), 1),
     )?;
+    Ok(copy)
+}
 
-    // What ci/full-values.yaml refers to. The TLS files are never read: kwok's pods do
-    // not run the image.
+/// What ci/full-values.yaml refers to. The TLS files are never read: kwok's pods do
+/// not run the image.
+async fn create_what_full_values_names(ctx: &Ctx) -> Result<()> {
     let class: PriorityClass = serde_json::from_value(json!({
         "metadata": {"name": PRIORITY_CLASS},
         "value": 1_000_000,
@@ -2078,23 +2241,11 @@ async fn upgrade(ctx: &Ctx) -> Result<()> {
         .create(&PostParams::default(), &tls)
         .await
         .context("creating the TLS Secret")?;
+    Ok(())
+}
 
-    let full_values = copy.join(FULL_VALUES);
-    let mut args = vec!["upgrade", RELEASE, copy.to_str().unwrap()];
-    args.extend(["-n", &ctx.namespace, "--wait", "--timeout", "120s"]);
-    args.extend(["-f", full_values.to_str().unwrap()]);
-    let values = ctx.release_values();
-    args.extend(values.iter().map(String::as_str));
-    // This cluster has neither the Prometheus Operator's CRDs nor a listen-url key.
-    args.extend([
-        "--set",
-        "serviceMonitor.enabled=false,prometheusRule.enabled=false",
-        "--set",
-        "database.listenUrlKey=",
-    ]);
-    ctx.helm(&args)?.ok("helm upgrade")?;
-
-    // The API server took every option.
+/// The API server took every option.
+async fn the_cluster_took_every_option(ctx: &Ctx) -> Result<()> {
     let np = Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &ctx.namespace)
         .get(RELEASE)
         .await
@@ -2150,37 +2301,6 @@ async fn upgrade(ctx: &Ctx) -> Result<()> {
         pod.priority_class_name.as_deref() == Some(PRIORITY_CLASS),
         "priorityClassName: {:?}",
         pod.priority_class_name
-    );
-
-    let crd = Api::<CustomResourceDefinition>::all(ctx.client.clone())
-        .get(CRD_NAME)
-        .await?;
-    let columns: Vec<String> = crd
-        .spec
-        .versions
-        .iter()
-        .flat_map(|v| v.additional_printer_columns.iter().flatten())
-        .map(|c| format!("{}={}", c.name, c.json_path))
-        .collect();
-    ensure!(
-        columns.first().map(String::as_str) == Some("Deployment=.spec.deploymentName"),
-        "helm upgrade did not update the CRD: printer columns {columns:?}"
-    );
-    ensure!(
-        crd.annotations()
-            .get("helm.sh/resource-policy")
-            .map(String::as_str)
-            == Some("keep"),
-        "the upgraded CRD lost the keep annotation"
-    );
-    let history = ctx
-        .helm(&["history", RELEASE, "-n", &ctx.namespace])?
-        .ok("helm history")?;
-    ensure!(
-        history
-            .lines()
-            .any(|l| l.starts_with('2') && l.contains("deployed")),
-        "helm history:\n{history}"
     );
     Ok(())
 }

@@ -106,7 +106,23 @@ async fn thirty_concurrent_processes_give_exactly_one_winner(via: Via) {
 async fn exit_codes_and_json_follow_the_contract(via: Via) {
     let schema = migrated_schema();
     let url = db::url(via);
-    let cli = |args: &[&str]| run(&url, &schema, args);
+    let lease = acquire_prints_the_lease_as_json(&url, &schema);
+    not_the_holder_is_exit_1(&url, &schema, &lease);
+    bad_input_is_exit_2_and_changes_nothing(&url, &schema);
+
+    // A schema that was never migrated: exit 2 with the fix in the message.
+    let out = run(&url, "never_migrated_schema", &["lease", "status"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        stderr(&out).contains("reaper-operator migrate"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `lease acquire -o json` prints the whole lease.
+fn acquire_prints_the_lease_as_json(url: &str, schema: &str) -> Value {
+    let cli = |args: &[&str]| run(url, schema, args);
 
     let out = cli(&[
         "lease",
@@ -141,8 +157,12 @@ async fn exit_codes_and_json_follow_the_contract(via: Via) {
         (lease["epoch"].as_i64(), lease["ttlSeconds"].as_f64()),
         (Some(1), Some(30.0))
     );
+    lease
+}
 
-    // Someone else holds it / you do not: exit 1 and a reason.
+/// Someone else holds it / you do not: exit 1 and a reason.
+fn not_the_holder_is_exit_1(url: &str, schema: &str, lease: &Value) {
+    let cli = |args: &[&str]| run(url, schema, args);
     let out = cli(&["lease", "acquire", "--name", "n", "--holder", "c/b"]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("held by \"c/a\""), "{}", stderr(&out));
@@ -183,8 +203,11 @@ async fn exit_codes_and_json_follow_the_contract(via: Via) {
         text.starts_with("NAME") && text.contains("c/a") && text.contains("held"),
         "{text}"
     );
+}
 
-    // Bad input: exit 2, one line on stderr, nothing changed.
+/// Bad input: exit 2, one line on stderr, nothing changed.
+fn bad_input_is_exit_2_and_changes_nothing(url: &str, schema: &str) {
+    let cli = |args: &[&str]| run(url, schema, args);
     let before = json(&cli(&["lease", "status", "--name", "n", "-o", "json"]));
     for (args, expect) in [
         (
@@ -239,7 +262,7 @@ async fn exit_codes_and_json_follow_the_contract(via: Via) {
         );
     }
     let out = run(
-        &url,
+        url,
         "Not-An-Identifier",
         &[
             "lease", "release", "--name", "n", "--holder", "c/a", "--epoch", "1",
@@ -255,15 +278,6 @@ async fn exit_codes_and_json_follow_the_contract(via: Via) {
     assert_eq!(
         (&before["holder"], &before["epoch"]),
         (&after["holder"], &after["epoch"])
-    );
-
-    // A schema that was never migrated: exit 2 with the fix in the message.
-    let out = run(&url, "never_migrated_schema", &["lease", "status"]);
-    assert_eq!(code(&out), 2);
-    assert!(
-        stderr(&out).contains("reaper-operator migrate"),
-        "{}",
-        stderr(&out)
     );
 }
 

@@ -449,14 +449,79 @@ struct Seen {
 }
 
 async fn pod_stops(ctx: &Ctx) -> Result<()> {
-    use support::cluster::{KwokStages, POD_DELETE_DELAY, POD_DELETE_JITTER_DELAY};
+    use support::cluster::KwokStages;
     let ns = ctx.namespace("stop").await?;
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
     // Generous upper margins: kwok sees the deletion through a watch, and the machine may
     // be busy; the lower bounds are what the test is about.
     let margin = Duration::from_secs(8);
+    let cases = stop_cases(margin);
+
+    for case in &cases {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": case.name, "labels": {"app": "stopper"}, "annotations": case.annotations},
+            "spec": {
+                "terminationGracePeriodSeconds": case.grace_seconds,
+                "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
+            },
+        }))?;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating Pod {}", case.name))?;
+    }
+    let n = cases.len();
+    wait_until("the stopper Pods to run on kwok-node-0", WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default()).await?;
+            let running = list
+                .iter()
+                .filter(|p| {
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some("kwok-node-0")
+                })
+                .count();
+            Ok((running == n).then_some(()))
+        }
+    })
+    .await?;
+
+    // Delete them all, each with its own clock, then watch them go (10 lists a second).
+    let mut sent = Vec::new();
+    for case in &cases {
+        let dp = DeleteParams {
+            grace_period_seconds: case.delete_grace,
+            ..DeleteParams::default()
+        };
+        sent.push(Instant::now());
+        pods.delete(case.name, &dp)
+            .await
+            .with_context(|| format!("deleting Pod {}", case.name))?;
+    }
+    let seen = watch_them_go(&pods, &cases, &sent, margin).await?;
+    let problems = stop_problems(&cases, &seen);
+    if !problems.is_empty() {
+        let stages = match ctx.cluster.kwok_stages() {
+            Some(stages) => format!("kwok stages: {}", stages.as_str()),
+            None => "kwok stages unknown (no KWOK_STAGES in cluster.env)".into(),
+        };
+        let hint = if ctx.cluster.kwok_stages() == Some(KwokStages::Grace) {
+            String::new()
+        } else {
+            " - this needs a cluster started with REAPER_KWOK_STAGES=grace (up.sh's default)".into()
+        };
+        bail!("{stages}{hint}:\n{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+/// How each Pod stops, and when it must be gone after its delete.
+fn stop_cases(margin: Duration) -> [StopCase; 6] {
+    use support::cluster::{POD_DELETE_DELAY, POD_DELETE_JITTER_DELAY};
     let secs = Duration::from_secs_f64;
-    let cases = [
+    [
         // The deletionTimestamp is the delete time + grace, truncated to the second: gone
         // after (N-1, N] s.
         StopCase {
@@ -512,57 +577,23 @@ async fn pod_stops(ctx: &Ctx) -> Result<()> {
             min_gone: Duration::ZERO,
             max_gone: secs(1.0),
         },
-    ];
+    ]
+}
 
-    for case in &cases {
-        let pod: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": case.name, "labels": {"app": "stopper"}, "annotations": case.annotations},
-            "spec": {
-                "terminationGracePeriodSeconds": case.grace_seconds,
-                "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
-            },
-        }))?;
-        pods.create(&PostParams::default(), &pod)
-            .await
-            .with_context(|| format!("creating Pod {}", case.name))?;
-    }
-    let n = cases.len();
-    wait_until("the stopper Pods to run on kwok-node-0", WAIT, || {
-        let pods = pods.clone();
-        async move {
-            let list = pods.list(&ListParams::default()).await?;
-            let running = list
-                .iter()
-                .filter(|p| {
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                            == Some("kwok-node-0")
-                })
-                .count();
-            Ok((running == n).then_some(()))
-        }
-    })
-    .await?;
-
-    // Delete them all, each with its own clock, then watch them go (10 lists a second).
-    let mut sent = Vec::new();
-    for case in &cases {
-        let dp = DeleteParams {
-            grace_period_seconds: case.delete_grace,
-            ..DeleteParams::default()
-        };
-        sent.push(Instant::now());
-        pods.delete(case.name, &dp)
-            .await
-            .with_context(|| format!("deleting Pod {}", case.name))?;
-    }
+/// Lists the Pods 10 times a second until all are gone (or the longest `max_gone` and
+/// `margin` have passed): when each was last seen Terminating, and when it was gone.
+async fn watch_them_go(
+    pods: &Api<Pod>,
+    cases: &[StopCase],
+    sent: &[Instant],
+    margin: Duration,
+) -> Result<Vec<Seen>> {
     let mut seen: Vec<Seen> = cases.iter().map(|_| Seen::default()).collect();
     let deadline = Instant::now() + cases.iter().map(|c| c.max_gone).max().unwrap() + margin;
     while seen.iter().any(|s| s.gone.is_none()) && Instant::now() < deadline {
         let list = pods.list(&ListParams::default()).await?;
         let now = Instant::now();
-        for ((case, since), seen) in cases.iter().zip(&sent).zip(&mut seen) {
+        for ((case, since), seen) in cases.iter().zip(sent).zip(&mut seen) {
             if seen.gone.is_some() {
                 continue;
             }
@@ -582,8 +613,13 @@ async fn pod_stops(ctx: &Ctx) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    Ok(seen)
+}
+
+/// What each Pod did that its case does not allow.
+fn stop_problems(cases: &[StopCase], seen: &[Seen]) -> Vec<String> {
     let mut problems = Vec::new();
-    for (case, seen) in cases.iter().zip(&seen) {
+    for (case, seen) in cases.iter().zip(seen) {
         eprintln!("pod stop {}: {seen:?}", case.name);
         match seen.gone {
             None => problems.push(format!(
@@ -610,19 +646,7 @@ async fn pod_stops(ctx: &Ctx) -> Result<()> {
             ));
         }
     }
-    if !problems.is_empty() {
-        let stages = match ctx.cluster.kwok_stages() {
-            Some(stages) => format!("kwok stages: {}", stages.as_str()),
-            None => "kwok stages unknown (no KWOK_STAGES in cluster.env)".into(),
-        };
-        let hint = if ctx.cluster.kwok_stages() == Some(KwokStages::Grace) {
-            String::new()
-        } else {
-            " - this needs a cluster started with REAPER_KWOK_STAGES=grace (up.sh's default)".into()
-        };
-        bail!("{stages}{hint}:\n{}", problems.join("\n"));
-    }
-    Ok(())
+    problems
 }
 
 // ---------------------------------------------------------------------------------------
@@ -630,50 +654,7 @@ async fn pod_stops(ctx: &Ctx) -> Result<()> {
 
 async fn rbac(ctx: &Ctx) -> Result<()> {
     let ns = ctx.namespace("rbac").await?;
-    let client = &ctx.client;
-    let sa: ServiceAccount = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"},
-    }))?;
-    let role: Role = serde_json::from_value(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "configmap-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
-    }))?;
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "reader-reads-configmaps"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
-    }))?;
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "visible"}, "data": {"k": "v"},
-    }))?;
-    let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
-    sas.patch("reader", &apply(), &Patch::Apply(&sa)).await?;
-    Api::<Role>::namespaced(client.clone(), &ns)
-        .patch("configmap-reader", &apply(), &Patch::Apply(&role))
-        .await?;
-    Api::<RoleBinding>::namespaced(client.clone(), &ns)
-        .patch("reader-reads-configmaps", &apply(), &Patch::Apply(&binding))
-        .await?;
-    Api::<ConfigMap>::namespaced(client.clone(), &ns)
-        .patch("visible", &apply(), &Patch::Apply(&cm))
-        .await?;
-
-    let request: TokenRequest = serde_json::from_value(json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [], "expirationSeconds": 600},
-    }))?;
-    let token = sas
-        .create_token_request("reader", &PostParams::default(), &request)
-        .await
-        .context("TokenRequest for the ServiceAccount")?
-        .status
-        .and_then(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
-    let reader = ctx.cluster.client_with_token(&token).await?;
+    let reader = reader_with_a_narrow_role(ctx, &ns).await?;
 
     // Allowed by the Role (the RBAC authorizer's cache may need a moment for the binding).
     let reader_cms = Api::<ConfigMap>::namespaced(reader.clone(), &ns);
@@ -733,6 +714,55 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A ServiceAccount bound to a Role for `get/list/watch configmaps` in `ns`, a ConfigMap
+/// there, and a client with a token of that ServiceAccount (TokenRequest API).
+async fn reader_with_a_narrow_role(ctx: &Ctx, ns: &str) -> Result<Client> {
+    let client = &ctx.client;
+    let sa: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"},
+    }))?;
+    let role: Role = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "configmap-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}],
+    }))?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "reader-reads-configmaps"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+    }))?;
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "visible"}, "data": {"k": "v"},
+    }))?;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    sas.patch("reader", &apply(), &Patch::Apply(&sa)).await?;
+    Api::<Role>::namespaced(client.clone(), ns)
+        .patch("configmap-reader", &apply(), &Patch::Apply(&role))
+        .await?;
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .patch("reader-reads-configmaps", &apply(), &Patch::Apply(&binding))
+        .await?;
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .patch("visible", &apply(), &Patch::Apply(&cm))
+        .await?;
+
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 600},
+    }))?;
+    let token = sas
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .context("TokenRequest for the ServiceAccount")?
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    ctx.cluster.client_with_token(&token).await
 }
 
 fn cm_named(name: &str) -> ConfigMap {

@@ -29,7 +29,7 @@ use serde_json::json;
 use support::cluster::{TestCluster, wait_until};
 use support::db::unique_schema;
 use support::fixtures::{create_deployment, create_namespace, create_reaper, live_pods};
-use support::ha_db::{HaDatabase, Replication, first_seen_on_timeline};
+use support::ha_db::{Failover, HaDatabase, Replication, first_seen_on_timeline};
 use support::operator::{OperatorProcess, OperatorSpec};
 use tokio::task::JoinHandle;
 
@@ -458,110 +458,24 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         tokio::time::sleep(Duration::from_secs(3)).await;
         let samples = sampler.finish().await?;
 
-        // The hazard, exactly: the row the failover left is older than what the old
-        // primary acknowledged.
-        // The peer's last renew the old primary acknowledged: the newest the sampler saw
-        // before the kill (a renew is sent before it is read back).
-        let last_renew = samples
-            .iter()
-            .filter(|s| s.at < failover.killed_at)
-            .filter_map(|s| s.row.as_ref())
-            .filter(|r| r.holder == peer.holder && r.epoch == peer.epoch)
-            .map(|r| r.renewed_at)
-            .max()
-            .unwrap_or(last_acknowledged.renewed_at)
-            .max(last_acknowledged.renewed_at);
-        let peer_deadline: DateTime<Utc> = last_renew + chrono::Duration::seconds(DEADLINE as i64);
-        let lost: chrono::Duration = last_renew - stale.renewed_at;
-        let early = (peer_deadline - stale.expires_at)
-            .to_std()
-            .unwrap_or_default();
-        eprintln!(
-            "asynchronous failover: the promoted standby shows {} at epoch {} renewed {:.2} s \
-             before the last renew the old primary acknowledged ({} at epoch {}); going by \
-             the row alone a candidate could take the lease {} before that holder's renew \
-             deadline, at epoch {} (already {}'s)",
-            stale.holder,
-            stale.epoch,
-            lost.as_seconds_f64(),
-            last_acknowledged.holder,
-            last_acknowledged.epoch,
-            secs(early),
-            stale.epoch + 1,
-            peer.holder,
-        );
-        ensure!(
-            stale.epoch < peer.epoch && stale.holder == first.holder,
-            "the takeover at epoch {} reached the standby (row {} at epoch {}): the scenario \
-             did not lose history",
-            peer.epoch,
-            stale.holder,
-            stale.epoch
-        );
-        ensure!(
-            stale.expires_at < peer_deadline,
-            "the promoted standby's row expires at {}, not before the holder's deadline \
-             {peer_deadline}: the scenario shows no hazard",
-            stale.expires_at
-        );
-        // The mitigation: nobody took the lease before a ttl after the failover, no
-        // second pod, and the epoch is above the lost one.
-        at_most_one_pod(&samples, start)?;
-        let killed_wall = failover.killed_wall;
-        let events = world.store.events(&world.lease).await?;
-        // Every renew the old primary acknowledged was sent before the kill.
-        let latest_deadline = killed_wall + chrono::Duration::seconds(DEADLINE as i64);
-        for e in events
-            .iter()
-            .filter(|e| e.at >= killed_wall && e.kind != "release")
-        {
-            ensure!(
-                e.at >= latest_deadline,
-                "{} took the lease at {}, {} before the latest renew deadline of {}, whose \
-                 renews the old primary acknowledged",
-                e.holder,
-                e.at,
-                secs((latest_deadline - e.at).to_std().unwrap_or_default()),
-                last_acknowledged.holder
-            );
-        }
-        for e in &events {
-            ensure!(
-                e.epoch != peer.epoch || e.kind == "release",
-                "epoch {} went to {} on the old primary and is in the new primary's history \
-                 as {} by {} at {} (killed at {killed_wall}): {}",
-                peer.epoch,
-                peer.holder,
-                e.kind,
-                e.holder,
-                e.at,
-                if e.at < killed_wall {
-                    "the takeover was not lost"
-                } else {
-                    "handed out twice"
-                }
-            );
-        }
-        let seen_before = highest_epoch_before(&samples, failover.killed_at);
-        ensure!(
-            after.epoch > seen_before && after.epoch > peer.epoch,
-            "epoch after the failover {} is not above the lost one {} (seen {seen_before})",
-            after.epoch,
-            peer.epoch
-        );
-        // Every acquisition on the new timeline came a ttl or more after the new
-        // primary first saw an acquire (the earliest instant the wait can start from).
-        let first_seen = first_seen_on_timeline(&world.db, world.store.schema(), 2).await?;
-        let events = world.store.events(&world.lease).await?;
-        let early: Vec<_> = events
-            .iter()
-            .filter(|e| e.epoch > TIMELINE_2_EPOCH_FLOOR && e.kind != "release")
-            .filter(|e| e.at < first_seen + chrono::Duration::seconds(TTL as i64))
-            .collect();
-        ensure!(
-            early.is_empty(),
-            "acquired less than a ttl after timeline 2 was first seen ({first_seen}): {early:?}"
-        );
+        the_failover_lost_history(
+            &samples,
+            &failover,
+            &first,
+            &peer,
+            &last_acknowledged,
+            &stale,
+        )?;
+        the_wait_covers_the_lost_history(
+            &world,
+            &samples,
+            start,
+            &failover,
+            &peer,
+            &last_acknowledged,
+            &after,
+        )
+        .await?;
         eprintln!(
             "asynchronous failover: taken again by {} at epoch {} {} after the kill; \
              the reaper running again {} after it",
@@ -585,6 +499,133 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
     let result = world.with_logs(result);
     world.ops.clear();
     result
+}
+
+/// The hazard, exactly: the row the failover left is older than what the old
+/// primary acknowledged.
+fn the_failover_lost_history(
+    samples: &[Sample],
+    failover: &Failover,
+    first: &Lease,
+    peer: &Lease,
+    last_acknowledged: &Lease,
+    stale: &StandbyRow,
+) -> Result<()> {
+    // The peer's last renew the old primary acknowledged: the newest the sampler saw
+    // before the kill (a renew is sent before it is read back).
+    let last_renew = samples
+        .iter()
+        .filter(|s| s.at < failover.killed_at)
+        .filter_map(|s| s.row.as_ref())
+        .filter(|r| r.holder == peer.holder && r.epoch == peer.epoch)
+        .map(|r| r.renewed_at)
+        .max()
+        .unwrap_or(last_acknowledged.renewed_at)
+        .max(last_acknowledged.renewed_at);
+    let peer_deadline: DateTime<Utc> = last_renew + chrono::Duration::seconds(DEADLINE as i64);
+    let lost: chrono::Duration = last_renew - stale.renewed_at;
+    let early = (peer_deadline - stale.expires_at)
+        .to_std()
+        .unwrap_or_default();
+    eprintln!(
+        "asynchronous failover: the promoted standby shows {} at epoch {} renewed {:.2} s \
+         before the last renew the old primary acknowledged ({} at epoch {}); going by \
+         the row alone a candidate could take the lease {} before that holder's renew \
+         deadline, at epoch {} (already {}'s)",
+        stale.holder,
+        stale.epoch,
+        lost.as_seconds_f64(),
+        last_acknowledged.holder,
+        last_acknowledged.epoch,
+        secs(early),
+        stale.epoch + 1,
+        peer.holder,
+    );
+    ensure!(
+        stale.epoch < peer.epoch && stale.holder == first.holder,
+        "the takeover at epoch {} reached the standby (row {} at epoch {}): the scenario \
+         did not lose history",
+        peer.epoch,
+        stale.holder,
+        stale.epoch
+    );
+    ensure!(
+        stale.expires_at < peer_deadline,
+        "the promoted standby's row expires at {}, not before the holder's deadline \
+         {peer_deadline}: the scenario shows no hazard",
+        stale.expires_at
+    );
+    Ok(())
+}
+
+/// The mitigation: nobody took the lease before a ttl after the failover, no
+/// second pod, and the epoch is above the lost one.
+async fn the_wait_covers_the_lost_history(
+    world: &World<'_>,
+    samples: &[Sample],
+    start: Instant,
+    failover: &Failover,
+    peer: &Lease,
+    last_acknowledged: &Lease,
+    after: &Lease,
+) -> Result<()> {
+    at_most_one_pod(samples, start)?;
+    let killed_wall = failover.killed_wall;
+    let events = world.store.events(&world.lease).await?;
+    // Every renew the old primary acknowledged was sent before the kill.
+    let latest_deadline = killed_wall + chrono::Duration::seconds(DEADLINE as i64);
+    for e in events
+        .iter()
+        .filter(|e| e.at >= killed_wall && e.kind != "release")
+    {
+        ensure!(
+            e.at >= latest_deadline,
+            "{} took the lease at {}, {} before the latest renew deadline of {}, whose \
+             renews the old primary acknowledged",
+            e.holder,
+            e.at,
+            secs((latest_deadline - e.at).to_std().unwrap_or_default()),
+            last_acknowledged.holder
+        );
+    }
+    for e in &events {
+        ensure!(
+            e.epoch != peer.epoch || e.kind == "release",
+            "epoch {} went to {} on the old primary and is in the new primary's history \
+             as {} by {} at {} (killed at {killed_wall}): {}",
+            peer.epoch,
+            peer.holder,
+            e.kind,
+            e.holder,
+            e.at,
+            if e.at < killed_wall {
+                "the takeover was not lost"
+            } else {
+                "handed out twice"
+            }
+        );
+    }
+    let seen_before = highest_epoch_before(samples, failover.killed_at);
+    ensure!(
+        after.epoch > seen_before && after.epoch > peer.epoch,
+        "epoch after the failover {} is not above the lost one {} (seen {seen_before})",
+        after.epoch,
+        peer.epoch
+    );
+    // Every acquisition on the new timeline came a ttl or more after the new
+    // primary first saw an acquire (the earliest instant the wait can start from).
+    let first_seen = first_seen_on_timeline(&world.db, world.store.schema(), 2).await?;
+    let events = world.store.events(&world.lease).await?;
+    let early: Vec<_> = events
+        .iter()
+        .filter(|e| e.epoch > TIMELINE_2_EPOCH_FLOOR && e.kind != "release")
+        .filter(|e| e.at < first_seen + chrono::Duration::seconds(TTL as i64))
+        .collect();
+    ensure!(
+        early.is_empty(),
+        "acquired less than a ttl after timeline 2 was first seen ({first_seen}): {early:?}"
+    );
+    Ok(())
 }
 
 /// The lease statements themselves across an asynchronous failover that lost a renew,
@@ -639,6 +680,64 @@ async fn lease_statements_across_a_failover() {
     // Long enough for b's surviving report to be stale by its own date.
     tokio::time::sleep(b_bound).await;
 
+    rows_from_before_the_failover_are_dead(&mut db, &store, &schema, &renewed, &long_held).await;
+    // b's report of no pods survived, its report of a starting pod did not: it now
+    // counts as "may run pods", dated now (no acquire has seen this timeline yet).
+    let b = b_report(&store).await;
+    assert!(
+        b.running_pods >= 1 && !b.is_stale(),
+        "a report from before the failover proves no pods: {b:?}"
+    );
+    let before_wait = store.acquirable(&["l".into()]).await.unwrap();
+    assert!(
+        before_wait[0].acquirable,
+        "a row from before the failover is worth an acquire (it starts the wait): {before_wait:?}"
+    );
+
+    let first_try = nothing_is_acquired_during_the_wait(&db, &store, &schema, ttl, b_bound).await;
+
+    // A schema migrated after a failover waits too: its migration may have been lost.
+    let late = unique_schema("dbf");
+    let migrator = LeaseStore::connect(db.primary_url(), &late, Duration::from_secs(10), 1)
+        .await
+        .unwrap();
+    migrator.migrate().await.unwrap();
+    assert_eq!(
+        migrator.acquire("x", "b/1", ttl).await.unwrap(),
+        None,
+        "acquired at once in a schema migrated on timeline 2"
+    );
+    migrator.close().await;
+    let taken = acquire_after_the_wait(&store, "l", "b/1", ttl, first_try).await;
+    assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
+    assert!(taken.on_current_timeline && taken.is_held());
+    assert!(
+        store
+            .renew("l", "b/1", taken.epoch)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let created = store
+        .acquire("new-lease", "b/1", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
+
+    a_second_failover_costs_the_wait_too(&mut db, &store, ttl).await;
+    store.close().await;
+}
+
+/// A failover that lost the acknowledged renew: a row from before it can be neither renewed
+/// nor released nor used as a fence, even unexpired.
+async fn rows_from_before_the_failover_are_dead(
+    db: &mut HaDatabase,
+    store: &LeaseStore,
+    schema: &Schema,
+    renewed: &Lease,
+    long_held: &Lease,
+) {
     db.fail_over().unwrap();
     // The store's connections to the old primary are dead; statements go on through
     // PgBouncer to the new one.
@@ -701,20 +800,17 @@ async fn lease_statements_across_a_failover() {
         None,
         "released across the failover"
     );
-    // b's report of no pods survived, its report of a starting pod did not: it now
-    // counts as "may run pods", dated now (no acquire has seen this timeline yet).
-    let b = b_report(&store).await;
-    assert!(
-        b.running_pods >= 1 && !b.is_stale(),
-        "a report from before the failover proves no pods: {b:?}"
-    );
-    let before_wait = store.acquirable(&["l".into()]).await.unwrap();
-    assert!(
-        before_wait[0].acquirable,
-        "a row from before the failover is worth an acquire (it starts the wait): {before_wait:?}"
-    );
+}
 
-    // The first acquire on the new timeline starts the wait; none succeeds before it ends.
+/// The first acquire on the new timeline starts the wait; none succeeds before it ends. Returns when the first
+/// acquire was tried.
+async fn nothing_is_acquired_during_the_wait(
+    db: &HaDatabase,
+    store: &LeaseStore,
+    schema: &Schema,
+    ttl: Duration,
+    b_bound: Duration,
+) -> Instant {
     let first_try = Instant::now();
     assert_eq!(store.acquire("l", "b/1", ttl).await.unwrap(), None);
     assert_eq!(
@@ -729,7 +825,7 @@ async fn lease_statements_across_a_failover() {
     );
     // From the first acquire on, b's old report is dated when the timeline was first
     // seen, and goes stale by its own bound from there.
-    let first_seen = first_seen_on_timeline(&db, &schema, 2).await.unwrap();
+    let first_seen = first_seen_on_timeline(db, schema, 2).await.unwrap();
     // Acquirable once the wait is over: a ttl (the row's) after the timeline was seen.
     let seen_row = in_wait.lease.as_ref().unwrap();
     let left_us = (first_seen + chrono::TimeDelta::from_std(ttl).unwrap() - seen_row.observed_at)
@@ -740,49 +836,27 @@ async fn lease_statements_across_a_failover() {
         Duration::from_millis((left_us as u64).div_ceil(1000)),
         "{in_wait:?}"
     );
-    let b = b_report(&store).await;
+    let b = b_report(store).await;
     assert_eq!(b.reported_at, first_seen, "{b:?}");
     tokio::time::sleep(b_bound).await;
-    assert!(b_report(&store).await.is_stale(), "never stale");
+    assert!(b_report(store).await.is_stale(), "never stale");
     // b's own report on the new timeline counts as it is.
     store
         .sync_workload("l", "b", "b/2", WorkloadCounts::default(), b_bound)
         .await
         .unwrap();
-    let b = b_report(&store).await;
+    let b = b_report(store).await;
     assert!(b.running_pods == 0 && !b.is_stale(), "{b:?}");
+    first_try
+}
 
-    // A schema migrated after a failover waits too: its migration may have been lost.
-    let late = unique_schema("dbf");
-    let migrator = LeaseStore::connect(db.primary_url(), &late, Duration::from_secs(10), 1)
-        .await
-        .unwrap();
-    migrator.migrate().await.unwrap();
-    assert_eq!(
-        migrator.acquire("x", "b/1", ttl).await.unwrap(),
-        None,
-        "acquired at once in a schema migrated on timeline 2"
-    );
-    migrator.close().await;
-    let taken = acquire_after_the_wait(&store, "l", "b/1", ttl, first_try).await;
-    assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
-    assert!(taken.on_current_timeline && taken.is_held());
-    assert!(
-        store
-            .renew("l", "b/1", taken.epoch)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    let created = store
-        .acquire("new-lease", "b/1", ttl)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(created.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
-
-    // A second failover (nothing held back this time) still costs the wait, and
-    // epochs move above timeline 3's floor.
+/// A second failover (nothing held back this time) still costs the wait, and
+/// epochs move above timeline 3's floor.
+async fn a_second_failover_costs_the_wait_too(
+    db: &mut HaDatabase,
+    store: &LeaseStore,
+    ttl: Duration,
+) {
     db.add_standby().unwrap();
     db.fail_over().unwrap();
     let first_try = loop {
@@ -793,9 +867,8 @@ async fn lease_statements_across_a_failover() {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let again = acquire_after_the_wait(&store, "l", "c/1", ttl, first_try).await;
+    let again = acquire_after_the_wait(store, "l", "c/1", ttl, first_try).await;
     assert_eq!(again.epoch, 2 * TIMELINE_2_EPOCH_FLOOR + 1);
-    store.close().await;
 }
 
 /// Cluster b's report as cluster a reads it (a reports no pods).

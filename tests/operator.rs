@@ -57,7 +57,40 @@ fn reaper_controller_scenarios() {
         .unwrap();
     let a = TestCluster::start("op-a").expect("start cluster a");
     let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios: [(&str, Scenario); 19] = [
+    let scenarios = scenarios();
+    let failures: Vec<String> = runtime.block_on(async {
+        let clusters = [connect("a", a).await, connect("b", b).await];
+        for c in &clusters {
+            support::cluster::install_reaper_crd(&c.client)
+                .await
+                .expect("install the CRD");
+        }
+        let mut failures = Vec::new();
+        // REAPER_SCENARIO=text runs only the scenarios whose name contains it.
+        let only = std::env::var("REAPER_SCENARIO").unwrap_or_default();
+        for (name, scenario) in scenarios.into_iter().filter(|(n, _)| n.contains(&only)) {
+            let started = Instant::now();
+            eprintln!("=== scenario: {name}");
+            match scenario(&clusters).await {
+                Ok(()) => eprintln!("=== ok ({:.1?}): {name}", started.elapsed()),
+                Err(e) => {
+                    eprintln!("=== FAILED ({:.1?}): {name}: {e:#}", started.elapsed());
+                    failures.push(format!("{name}: {e:#}"));
+                }
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The scenarios, in the order they run, by name.
+fn scenarios() -> [(&'static str, Scenario); 19] {
+    [
         ("one operator leads and records the lease", |c| {
             Box::pin(one_operator_leads(c))
         }),
@@ -133,35 +166,7 @@ fn reaper_controller_scenarios() {
                 )
             },
         ),
-    ];
-    let failures: Vec<String> = runtime.block_on(async {
-        let clusters = [connect("a", a).await, connect("b", b).await];
-        for c in &clusters {
-            support::cluster::install_reaper_crd(&c.client)
-                .await
-                .expect("install the CRD");
-        }
-        let mut failures = Vec::new();
-        // REAPER_SCENARIO=text runs only the scenarios whose name contains it.
-        let only = std::env::var("REAPER_SCENARIO").unwrap_or_default();
-        for (name, scenario) in scenarios.into_iter().filter(|(n, _)| n.contains(&only)) {
-            let started = Instant::now();
-            eprintln!("=== scenario: {name}");
-            match scenario(&clusters).await {
-                Ok(()) => eprintln!("=== ok ({:.1?}): {name}", started.elapsed()),
-                Err(e) => {
-                    eprintln!("=== FAILED ({:.1?}): {name}: {e:#}", started.elapsed());
-                    failures.push(format!("{name}: {e:#}"));
-                }
-            }
-        }
-        failures
-    });
-    assert!(
-        failures.is_empty(),
-        "failed scenarios:\n{}",
-        failures.join("\n")
-    );
+    ]
 }
 
 async fn connect(name: &'static str, test: TestCluster) -> Cluster {
@@ -375,50 +380,7 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
             ensure!(cond.status == "True", "{t}: {cond:?}");
         }
 
-        // The Ready condition and its list-map shape work with the tools users script.
-        let waited = c
-            .test
-            .kubectl()?
-            .args(["wait", "--for=condition=Ready", "reaper/reaper", "-n", &ns])
-            .args(["--timeout=20s"])
-            .output()?;
-        ensure!(
-            waited.status.success(),
-            "kubectl wait --for=condition=Ready: {}",
-            String::from_utf8_lossy(&waited.stderr)
-        );
-        let out = c
-            .test
-            .kubectl()?
-            .args(["get", "reapers", "-n", &ns])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let header: Vec<&str> = text
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        ensure!(
-            header
-                == [
-                    "NAME", "PHASE", "HOLDER", "EPOCH", "READY", "ACQUIRED", "AGE"
-                ],
-            "kubectl get reapers:\n{text}"
-        );
-        ensure!(
-            text.contains("Leading") && text.contains("a/op-1") && text.contains("1/1"),
-            "kubectl get reapers:\n{text}"
-        );
-        let out = c
-            .test
-            .kubectl()?
-            .args(["get", "rpr", "-n", &ns, "-o", "name"])
-            .output()?;
-        ensure!(
-            String::from_utf8_lossy(&out.stdout).trim() == "reaper.pglease.dev/reaper",
-            "short name rpr"
-        );
+        kubectl_shows_the_reaper(c, &ns)?;
 
         let (code, metrics) = op.http("/metrics").ok_or_else(|| anyhow!("no /metrics"))?;
         ensure!(code == 200, "/metrics answered {code}");
@@ -456,6 +418,54 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
     }
     .await;
     with_logs(result, &[&op])
+}
+
+/// The Ready condition and its list-map shape work with the tools users script.
+fn kubectl_shows_the_reaper(c: &Cluster, ns: &str) -> Result<()> {
+    let waited = c
+        .test
+        .kubectl()?
+        .args(["wait", "--for=condition=Ready", "reaper/reaper", "-n", ns])
+        .args(["--timeout=20s"])
+        .output()?;
+    ensure!(
+        waited.status.success(),
+        "kubectl wait --for=condition=Ready: {}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let out = c
+        .test
+        .kubectl()?
+        .args(["get", "reapers", "-n", ns])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header
+            == [
+                "NAME", "PHASE", "HOLDER", "EPOCH", "READY", "ACQUIRED", "AGE"
+            ],
+        "kubectl get reapers:\n{text}"
+    );
+    ensure!(
+        text.contains("Leading") && text.contains("a/op-1") && text.contains("1/1"),
+        "kubectl get reapers:\n{text}"
+    );
+    let out = c
+        .test
+        .kubectl()?
+        .args(["get", "rpr", "-n", ns, "-o", "name"])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "reaper.pglease.dev/reaper",
+        "short name rpr"
+    );
+    Ok(())
 }
 
 async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
@@ -995,64 +1005,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
     let ns = namespace(&c.client, "bad").await?;
     let mut op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
-        // Refused by the API server's CEL rules, with a message a person understands.
-        let mut bad = lease_spec(&format!("{ns}.bad"));
-        bad.ttl_seconds = 5;
-        bad.renew_deadline_seconds = 10;
-        let err = create_reaper(&c.client, &ns, "bad-ttl", "whatever", bad)
-            .await
-            .err()
-            .ok_or_else(|| anyhow!("ttl 5 < deadline 10 accepted"))?;
-        ensure!(
-            format!("{err:#}")
-                .contains("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds"),
-            "{err:#}"
-        );
-        let mut bad = lease_spec(&format!("{ns}.bad"));
-        bad.retry_period_seconds = 2;
-        bad.renew_deadline_seconds = 2;
-        let err = create_reaper(&c.client, &ns, "bad-retry", "whatever", bad)
-            .await
-            .err()
-            .ok_or_else(|| anyhow!("deadline 2 = retry 2 accepted"))?;
-        ensure!(format!("{err:#}").contains("1.2"), "{err:#}");
-        // Lease names are ASCII (a name a non-UTF8 database could not store would fail
-        // every batched statement of a replica).
-        for name in ["ünï", "a b", "-x", "o'brien"] {
-            let err = create_reaper(&c.client, &ns, "bad-name", "whatever", lease_spec(name))
-                .await
-                .err()
-                .ok_or_else(|| anyhow!("lease name {name:?} accepted"))?;
-            ensure!(
-                format!("{err:#}").contains("lease.name may use only ASCII letters"),
-                "{name:?}: {err:#}"
-            );
-        }
-        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
-            c.client.clone(),
-            &ns,
-            &kube::api::ApiResource::erase::<Reaper>(&()),
-        );
-        let no_deployment: kube::api::DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
-            "metadata": {"name": "no-deployment-name"}, "spec": {}
-        }))?;
-        let err = api
-            .create(&PostParams::default(), &no_deployment)
-            .await
-            .err()
-            .ok_or_else(|| anyhow!("a Reaper without deploymentName was accepted"))?;
-        ensure!(err.to_string().contains("deploymentName"), "{err}");
-        for name in ["", "Upper", "a_b", "-x", "x-"] {
-            let err = create_reaper(&c.client, &ns, "bad-deployment", name, lease_spec(&format!("{ns}.bad")))
-                .await
-                .err()
-                .ok_or_else(|| anyhow!("deploymentName {name:?} accepted"))?;
-            ensure!(
-                format!("{err:#}").contains("deploymentName must name a Deployment in this namespace: a DNS-1123 subdomain"),
-                "{name:?}: {err:#}"
-            );
-        }
+        refused_by_the_api_server(c, &ns).await?;
 
         // A missing Deployment is a condition, not an error loop.
         create_reaper(
@@ -1075,70 +1028,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
             "{s:?}"
         );
 
-        // A Deployment that could run two pods during a rollout is flagged.
-        create_deployment(&c.client, &ns, "surge", "RollingUpdate", json!({})).await?;
-        create_reaper(
-            &c.client,
-            &ns,
-            "surge",
-            "surge",
-            lease_spec(&format!("{ns}.surge-{}", suffix())),
-        )
-        .await?;
-        wait_until("SingletonSafe=False", Duration::from_secs(20), || async {
-            let s = status(&c.client, &ns, "surge").await?;
-            Ok(condition(&s, "SingletonSafe")
-                .is_some_and(|c| c.status == "False" && c.reason == "SurgeAllowed")
-                .then_some(()))
-        })
-        .await?;
-
-        // An autoscaler on it is named too.
-        let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
-            Api::namespaced(c.client.clone(), &ns);
-        hpas.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "surge-hpa"},
-                "spec": {
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "surge"},
-                    "minReplicas": 1, "maxReplicas": 3
-                }
-            }))?,
-        )
-        .await?;
-        wait_until("the HPA in SingletonSafe", Duration::from_secs(20), || async {
-            let s = status(&c.client, &ns, "surge").await?;
-            Ok(condition(&s, "SingletonSafe")
-                .is_some_and(|c| c.status == "False" && c.message.contains("HorizontalPodAutoscaler surge-hpa"))
-                .then_some(()))
-        })
-        .await?;
-
-        // Something that keeps scaling a standby's Deployment up is scaled back and named.
-        let held_elsewhere = format!("{ns}.elsewhere-{}", suffix());
-        store
-            .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
-            .await?
-            .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
-        create_deployment(&c.client, &ns, "pushed", "Recreate", json!({})).await?;
-        create_reaper(&c.client, &ns, "pushed", "pushed", lease_spec(&held_elsewhere)).await?;
-        let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &ns);
-        for round in 0..3 {
-            deployments
-                .patch_scale("pushed", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 1}})))
-                .await?;
-            wait_until(&format!("scale-back {round}"), Duration::from_secs(10), || async {
-                Ok((replicas(&c.client, &ns, "pushed").await?.0 == 0).then_some(()))
-            })
-            .await?;
-        }
-        wait_until("ScaledExternally", Duration::from_secs(20), || async {
-            let s = status(&c.client, &ns, "pushed").await?;
-            let flagged = condition(&s, "SingletonSafe").is_some_and(|c| c.status == "False" && c.reason == "ScaledExternally");
-            Ok((flagged && s.phase == Some(reaper_operator::reaper::Phase::Standby) && s.holder.as_deref() == Some("ops/manual")).then_some(()))
-        })
-        .await?;
+        unsafe_deployments_are_flagged(c, &ns, &store).await?;
 
         ensure!(op.exit_code().is_none(), "the operator exited");
         ensure!(op.http_get("/healthz") == Some(200), "healthz");
@@ -1146,4 +1036,168 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
     }
     .await;
     with_logs(result, &[&op])
+}
+
+/// Refused by the API server's CEL rules and schema, with a message a person
+/// understands.
+async fn refused_by_the_api_server(c: &Cluster, ns: &str) -> Result<()> {
+    let mut bad = lease_spec(&format!("{ns}.bad"));
+    bad.ttl_seconds = 5;
+    bad.renew_deadline_seconds = 10;
+    let err = create_reaper(&c.client, ns, "bad-ttl", "whatever", bad)
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("ttl 5 < deadline 10 accepted"))?;
+    ensure!(
+        format!("{err:#}")
+            .contains("lease.ttlSeconds must be greater than lease.renewDeadlineSeconds"),
+        "{err:#}"
+    );
+    let mut bad = lease_spec(&format!("{ns}.bad"));
+    bad.retry_period_seconds = 2;
+    bad.renew_deadline_seconds = 2;
+    let err = create_reaper(&c.client, ns, "bad-retry", "whatever", bad)
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("deadline 2 = retry 2 accepted"))?;
+    ensure!(format!("{err:#}").contains("1.2"), "{err:#}");
+    // Lease names are ASCII (a name a non-UTF8 database could not store would fail
+    // every batched statement of a replica).
+    for name in ["ünï", "a b", "-x", "o'brien"] {
+        let err = create_reaper(&c.client, ns, "bad-name", "whatever", lease_spec(name))
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("lease name {name:?} accepted"))?;
+        ensure!(
+            format!("{err:#}").contains("lease.name may use only ASCII letters"),
+            "{name:?}: {err:#}"
+        );
+    }
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        ns,
+        &kube::api::ApiResource::erase::<Reaper>(&()),
+    );
+    let no_deployment: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
+        "metadata": {"name": "no-deployment-name"}, "spec": {}
+    }))?;
+    let err = api
+        .create(&PostParams::default(), &no_deployment)
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a Reaper without deploymentName was accepted"))?;
+    ensure!(err.to_string().contains("deploymentName"), "{err}");
+    for name in ["", "Upper", "a_b", "-x", "x-"] {
+        let err = create_reaper(
+            &c.client,
+            ns,
+            "bad-deployment",
+            name,
+            lease_spec(&format!("{ns}.bad")),
+        )
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("deploymentName {name:?} accepted"))?;
+        ensure!(
+            format!("{err:#}").contains(
+                "deploymentName must name a Deployment in this namespace: a DNS-1123 subdomain"
+            ),
+            "{name:?}: {err:#}"
+        );
+    }
+    Ok(())
+}
+
+/// Deployments that could run two pods are flagged: a rollout surge, an autoscaler, and
+/// something that keeps scaling a standby's Deployment up (scaled back too).
+async fn unsafe_deployments_are_flagged(c: &Cluster, ns: &str, store: &LeaseStore) -> Result<()> {
+    // A Deployment that could run two pods during a rollout is flagged.
+    create_deployment(&c.client, ns, "surge", "RollingUpdate", json!({})).await?;
+    create_reaper(
+        &c.client,
+        ns,
+        "surge",
+        "surge",
+        lease_spec(&format!("{ns}.surge-{}", suffix())),
+    )
+    .await?;
+    wait_until("SingletonSafe=False", Duration::from_secs(20), || async {
+        let s = status(&c.client, ns, "surge").await?;
+        Ok(condition(&s, "SingletonSafe")
+            .is_some_and(|c| c.status == "False" && c.reason == "SurgeAllowed")
+            .then_some(()))
+    })
+    .await?;
+
+    // An autoscaler on it is named too.
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+        Api::namespaced(c.client.clone(), ns);
+    hpas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "surge-hpa"},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "surge"},
+                "minReplicas": 1, "maxReplicas": 3
+            }
+        }))?,
+    )
+    .await?;
+    wait_until(
+        "the HPA in SingletonSafe",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&c.client, ns, "surge").await?;
+            Ok(condition(&s, "SingletonSafe")
+                .is_some_and(|c| {
+                    c.status == "False" && c.message.contains("HorizontalPodAutoscaler surge-hpa")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // Something that keeps scaling a standby's Deployment up is scaled back and named.
+    let held_elsewhere = format!("{ns}.elsewhere-{}", suffix());
+    store
+        .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
+        .await?
+        .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
+    create_deployment(&c.client, ns, "pushed", "Recreate", json!({})).await?;
+    create_reaper(
+        &c.client,
+        ns,
+        "pushed",
+        "pushed",
+        lease_spec(&held_elsewhere),
+    )
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), ns);
+    for round in 0..3 {
+        deployments
+            .patch_scale(
+                "pushed",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 1}})),
+            )
+            .await?;
+        wait_until(
+            &format!("scale-back {round}"),
+            Duration::from_secs(10),
+            || async { Ok((replicas(&c.client, ns, "pushed").await?.0 == 0).then_some(())) },
+        )
+        .await?;
+    }
+    wait_until("ScaledExternally", Duration::from_secs(20), || async {
+        let s = status(&c.client, ns, "pushed").await?;
+        let flagged = condition(&s, "SingletonSafe")
+            .is_some_and(|c| c.status == "False" && c.reason == "ScaledExternally");
+        Ok((flagged
+            && s.phase == Some(reaper_operator::reaper::Phase::Standby)
+            && s.holder.as_deref() == Some("ops/manual"))
+        .then_some(()))
+    })
+    .await?;
+    Ok(())
 }

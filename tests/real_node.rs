@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::Client;
-use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use reaper_operator::reaper::{Phase, Reaper};
 use serde_json::json;
 use support::cluster::{TestCluster, repo_root, wait_until};
 use support::trials::Suite;
@@ -588,26 +590,25 @@ async fn chart_on_real_node(
     node: &RealNode,
     archive: &Path,
 ) -> Result<()> {
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{Namespace, Secret};
-    use kube::api::ListParams;
-    use reaper_operator::reaper::{Phase, Reaper};
-
     node.import(archive)?;
     let home = std::env::temp_dir().join(format!("real-node-helm-{}", std::process::id()));
     std::fs::create_dir_all(&home)?;
-    let helm = |args: &[&str]| -> Result<String> {
-        let out = cluster.helm(&home)?.args(args).output()?;
-        ensure!(
-            out.status.success(),
-            "helm {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    restricted_namespaces(client).await?;
+    let (db_port, schema) = database_secret(client, node).await?;
+    let release = Release::install(cluster, client, node, home, schema)?;
+    release.database_down().await?;
+    release.database_up(db_port).await?;
+    let first = release.slow_reaper().await?;
+    release.upgrade_hands_over(&first).await?;
+    release.delete_reaper().await?;
+    release.uninstall().await?;
+    let _ = std::fs::remove_dir_all(&release.home);
+    Ok(())
+}
 
+/// The namespaces of the operator and of the workload, enforcing the `restricted` Pod
+/// Security Standard.
+async fn restricted_namespaces(client: &Client) -> Result<()> {
     let namespaces = Api::<Namespace>::all(client.clone());
     for name in [OPS, WORK] {
         let ns: Namespace = serde_json::from_value(json!({
@@ -634,8 +635,12 @@ async fn chart_on_real_node(
         matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("restricted")),
         "a pod allowing privilege escalation was not refused under restricted: {refused:?}"
     );
+    Ok(())
+}
 
-    // The database URL as the pods will see it, before anything forwards that port.
+/// The database Secret of the release: the URL as the pods will see it, before anything
+/// forwards that port. Returns the port to forward and the lease schema.
+async fn database_secret(client: &Client, node: &RealNode) -> Result<(u16, String)> {
     let db_url = url::Url::parse(&support::db::direct_url())?;
     let db_port = db_url.port().context("test database URL has no port")?;
     let mut pod_url = db_url.clone();
@@ -651,340 +656,423 @@ async fn chart_on_real_node(
     Api::<Secret>::namespaced(client.clone(), OPS)
         .create(&PostParams::default(), &secret)
         .await?;
+    Ok((db_port, schema))
+}
 
-    let chart = repo_root().join("charts/reaper-operator");
-    let chart = chart.to_str().context("chart path")?;
-    let image_ref = "localhost/reaper-operator:test";
-    let (repository, tag) = image_ref.rsplit_once(':').context("image ref")?;
-    let values = [
-        "clusterName=east".to_string(),
-        "database.existingSecret=reaper-db".into(),
-        format!("database.schema={schema}"),
-        format!("image.repository={repository}"),
-        format!("image.tag={tag}"),
-        "image.pullPolicy=Never".into(),
-        format!("nodeSelector.kubernetes\\.io/hostname={NODE_NAME}"),
-        "shutdownTimeoutSeconds=30".into(),
-    ];
-    let mut install = vec!["install", "reaper", chart, "-n", OPS];
-    for v in &values {
-        install.extend(["--set", v.as_str()]);
+/// The chart's release on the real node, and what its steps look at.
+struct Release<'a> {
+    cluster: &'a TestCluster,
+    node: &'a RealNode,
+    /// HELM_CACHE_HOME & co.
+    home: PathBuf,
+    chart: String,
+    /// The `--set` values of the install and of the upgrade.
+    values: Vec<String>,
+    schema: String,
+    /// The operator's pods.
+    pods: Api<Pod>,
+    operator_pods: ListParams,
+    /// The workload's pods.
+    work_pods: Api<Pod>,
+    workload_pods: ListParams,
+    reapers: Api<Reaper>,
+    deployments: Api<Deployment>,
+}
+
+impl<'a> Release<'a> {
+    fn install(
+        cluster: &'a TestCluster,
+        client: &Client,
+        node: &'a RealNode,
+        home: PathBuf,
+        schema: String,
+    ) -> Result<Self> {
+        let chart = repo_root().join("charts/reaper-operator");
+        let chart = chart.to_str().context("chart path")?.to_owned();
+        let image_ref = "localhost/reaper-operator:test";
+        let (repository, tag) = image_ref.rsplit_once(':').context("image ref")?;
+        let values = vec![
+            "clusterName=east".to_string(),
+            "database.existingSecret=reaper-db".into(),
+            format!("database.schema={schema}"),
+            format!("image.repository={repository}"),
+            format!("image.tag={tag}"),
+            "image.pullPolicy=Never".into(),
+            format!("nodeSelector.kubernetes\\.io/hostname={NODE_NAME}"),
+            "shutdownTimeoutSeconds=30".into(),
+        ];
+        let release = Self {
+            cluster,
+            node,
+            home,
+            chart,
+            values,
+            schema,
+            pods: Api::<Pod>::namespaced(client.clone(), OPS),
+            operator_pods: ListParams::default().labels("app.kubernetes.io/name=reaper-operator"),
+            work_pods: Api::<Pod>::namespaced(client.clone(), WORK),
+            workload_pods: ListParams::default().labels("app=slow-reaper"),
+            reapers: Api::<Reaper>::namespaced(client.clone(), WORK),
+            deployments: Api::<Deployment>::namespaced(client.clone(), WORK),
+        };
+        let mut install = vec!["install", "reaper", release.chart.as_str(), "-n", OPS];
+        for v in &release.values {
+            install.extend(["--set", v.as_str()]);
+        }
+        release.helm(&install)?;
+        Ok(release)
     }
-    helm(&install)?;
 
-    // 1. Database down at start: the pods run and stay unready, never restarting.
-    let pods = Api::<Pod>::namespaced(client.clone(), OPS);
-    let operator_pods = ListParams::default().labels("app.kubernetes.io/name=reaper-operator");
-    wait_until(
-        "both operator pods to be Running",
-        Duration::from_secs(90),
-        || async {
-            let list = pods.list(&operator_pods).await?;
-            for pod in &list.items {
-                if let Some(w) = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .and_then(|c| c.first())
-                    .and_then(|c| c.state.as_ref())
-                    .and_then(|s| s.waiting.as_ref())
-                    && w.reason.as_deref() != Some("ContainerCreating")
-                {
-                    bail!("operator pod cannot start: {w:?}");
-                }
-            }
-            let running = list
-                .items
-                .iter()
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .count();
-            Ok((running == 2).then_some(()))
-        },
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    let list = pods.list(&operator_pods).await?;
-    for pod in &list.items {
-        let status = pod.status.clone().unwrap_or_default();
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let container = status
-            .container_statuses
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .context("no container status")?;
+    fn helm(&self, args: &[&str]) -> Result<String> {
+        let out = self.cluster.helm(&self.home)?.args(args).output()?;
         ensure!(
-            container.restart_count == 0 && !container.ready,
-            "with the database down, pod {name} should run unready without restarts: {container:?}"
+            out.status.success(),
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
-        ensure!(
-            status.phase.as_deref() == Some("Running"),
-            "pod {name}: {:?}",
-            status.phase
-        );
-        let spec = pod.spec.clone().unwrap_or_default();
-        let env = spec.containers[0].env.clone().unwrap_or_default();
-        ensure!(
-            !env.iter().any(|e| e.name == "KUBECONFIG"),
-            "pod {name} has a KUBECONFIG: it must use its service account"
-        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-    eprintln!("database down: both operator pods Running, unready, 0 restarts for 25 s");
 
-    // 2. The database comes up: the same pods become Ready through their probes.
-    node.forward(db_port)?;
-    let started = Instant::now();
-    wait_until(
-        "the operator pods to become Ready once the database is up",
-        Duration::from_secs(90),
-        || async {
-            let list = pods.list(&operator_pods).await?;
-            let ready = list
-                .items
-                .iter()
-                .filter(|p| {
-                    p.status
+    /// 1. Database down at start: the pods run and stay unready, never restarting.
+    async fn database_down(&self) -> Result<()> {
+        let (pods, operator_pods) = (&self.pods, &self.operator_pods);
+        wait_until(
+            "both operator pods to be Running",
+            Duration::from_secs(90),
+            || async {
+                let list = pods.list(operator_pods).await?;
+                for pod in &list.items {
+                    if let Some(w) = pod
+                        .status
                         .as_ref()
                         .and_then(|s| s.container_statuses.as_ref())
                         .and_then(|c| c.first())
-                        .is_some_and(|c| c.ready && c.restart_count == 0)
-                })
-                .count();
-            Ok((ready == 2).then_some(()))
-        },
-    )
-    .await?;
-    eprintln!(
-        "database up: both operator pods Ready in {:.1?}, no restart",
-        started.elapsed()
-    );
-
-    // 3. A Reaper with a slow workload of our own image.
-    let mut template = pod_spec("unused", false, WORKLOAD_GRACE, &["-ignore-term"])?
-        .spec
-        .context("pod spec")?;
-    template.node_name = None;
-    template.node_selector =
-        Some([("kubernetes.io/hostname".to_string(), NODE_NAME.to_string())].into());
-    let workload: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "slow-reaper", "namespace": WORK},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "slow-reaper"}},
-            "template": {
-                "metadata": {"labels": {"app": "slow-reaper"}},
-                "spec": template,
+                        .and_then(|c| c.state.as_ref())
+                        .and_then(|s| s.waiting.as_ref())
+                        && w.reason.as_deref() != Some("ContainerCreating")
+                    {
+                        bail!("operator pod cannot start: {w:?}");
+                    }
+                }
+                let running = list
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .count();
+                Ok((running == 2).then_some(()))
             },
-        },
-    }))?;
-
-    Api::<Deployment>::namespaced(client.clone(), WORK)
-        .create(&PostParams::default(), &workload)
+        )
         .await?;
-    let reaper: Reaper = serde_json::from_value(json!({
-        "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
-        "metadata": {"name": "slow-reaper", "namespace": WORK},
-        "spec": {
-            "deploymentName": "slow-reaper",
-            "lease": {"ttlSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
-        },
-    }))?;
-    let reapers = Api::<Reaper>::namespaced(client.clone(), WORK);
-    reapers.create(&PostParams::default(), &reaper).await?;
-    let work_pods = Api::<Pod>::namespaced(client.clone(), WORK);
-    let workload_pods = ListParams::default().labels("app=slow-reaper");
-    let started = Instant::now();
-    let first = wait_until(
-        "the workload pod to be Ready on the real node",
-        Duration::from_secs(90),
-        || async {
-            let list = work_pods.list(&workload_pods).await?;
-            Ok(list.items.into_iter().find(pod_ready))
-        },
-    )
-    .await?;
-    let status = reapers.get("slow-reaper").await?.status.unwrap_or_default();
-    ensure!(
-        status.phase == Some(Phase::Leading)
-            && status
-                .holder
-                .as_deref()
-                .is_some_and(|h| h.starts_with("east/reaper-")),
-        "the Reaper is not led by an operator pod: {status:?}"
-    );
-    eprintln!(
-        "Reaper led by {:?}; workload pod {} Ready in {:.1?}",
-        status.holder,
-        first.metadata.name.clone().unwrap_or_default(),
-        started.elapsed()
-    );
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        let list = pods.list(operator_pods).await?;
+        for pod in &list.items {
+            let status = pod.status.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let container = status
+                .container_statuses
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .next()
+                .context("no container status")?;
+            ensure!(
+                container.restart_count == 0 && !container.ready,
+                "with the database down, pod {name} should run unready without restarts: {container:?}"
+            );
+            ensure!(
+                status.phase.as_deref() == Some("Running"),
+                "pod {name}: {:?}",
+                status.phase
+            );
+            let spec = pod.spec.clone().unwrap_or_default();
+            let env = spec.containers[0].env.clone().unwrap_or_default();
+            ensure!(
+                !env.iter().any(|e| e.name == "KUBECONFIG"),
+                "pod {name} has a KUBECONFIG: it must use its service account"
+            );
+        }
+        eprintln!("database down: both operator pods Running, unready, 0 restarts for 25 s");
+        Ok(())
+    }
 
-    // 4. helm upgrade: the operator pods are replaced; the leader hands over (scale to 0,
-    //    wait for its slow pod to be gone, release), a new pod takes over. At no instant
-    //    two workload pods, Terminating ones included.
-    let watch_pods = work_pods.clone();
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher = tokio::spawn(async move {
-        let mut most = 0usize;
-        let mut seen = std::collections::BTreeSet::new();
-        loop {
-            if let Ok(list) = watch_pods
-                .list(&ListParams::default().labels("app=slow-reaper"))
-                .await
-            {
-                most = most.max(acting(&list.items));
-                for p in list.items {
-                    seen.insert(p.metadata.name.unwrap_or_default());
+    /// 2. The database comes up: the same pods become Ready through their probes.
+    async fn database_up(&self, db_port: u16) -> Result<()> {
+        let (pods, operator_pods) = (&self.pods, &self.operator_pods);
+        self.node.forward(db_port)?;
+        let started = Instant::now();
+        wait_until(
+            "the operator pods to become Ready once the database is up",
+            Duration::from_secs(90),
+            || async {
+                let list = pods.list(operator_pods).await?;
+                let ready = list
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.container_statuses.as_ref())
+                            .and_then(|c| c.first())
+                            .is_some_and(|c| c.ready && c.restart_count == 0)
+                    })
+                    .count();
+                Ok((ready == 2).then_some(()))
+            },
+        )
+        .await?;
+        eprintln!(
+            "database up: both operator pods Ready in {:.1?}, no restart",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// 3. A Reaper with a slow workload of our own image. Returns the workload's pod.
+    async fn slow_reaper(&self) -> Result<Pod> {
+        let mut template = pod_spec("unused", false, WORKLOAD_GRACE, &["-ignore-term"])?
+            .spec
+            .context("pod spec")?;
+        template.node_name = None;
+        template.node_selector =
+            Some([("kubernetes.io/hostname".to_string(), NODE_NAME.to_string())].into());
+        let workload: Deployment = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "slow-reaper", "namespace": WORK},
+            "spec": {
+                "replicas": 0,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": {"app": "slow-reaper"}},
+                "template": {
+                    "metadata": {"labels": {"app": "slow-reaper"}},
+                    "spec": template,
+                },
+            },
+        }))?;
+
+        self.deployments
+            .create(&PostParams::default(), &workload)
+            .await?;
+        let reaper: Reaper = serde_json::from_value(json!({
+            "apiVersion": "pglease.dev/v1alpha1", "kind": "Reaper",
+            "metadata": {"name": "slow-reaper", "namespace": WORK},
+            "spec": {
+                "deploymentName": "slow-reaper",
+                "lease": {"ttlSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
+            },
+        }))?;
+        self.reapers.create(&PostParams::default(), &reaper).await?;
+        let (work_pods, workload_pods) = (&self.work_pods, &self.workload_pods);
+        let started = Instant::now();
+        let first = wait_until(
+            "the workload pod to be Ready on the real node",
+            Duration::from_secs(90),
+            || async {
+                let list = work_pods.list(workload_pods).await?;
+                Ok(list.items.into_iter().find(pod_ready))
+            },
+        )
+        .await?;
+        let status = self
+            .reapers
+            .get("slow-reaper")
+            .await?
+            .status
+            .unwrap_or_default();
+        ensure!(
+            status.phase == Some(Phase::Leading)
+                && status
+                    .holder
+                    .as_deref()
+                    .is_some_and(|h| h.starts_with("east/reaper-")),
+            "the Reaper is not led by an operator pod: {status:?}"
+        );
+        eprintln!(
+            "Reaper led by {:?}; workload pod {} Ready in {:.1?}",
+            status.holder,
+            first.metadata.name.clone().unwrap_or_default(),
+            started.elapsed()
+        );
+        Ok(first)
+    }
+
+    /// 4. helm upgrade: the operator pods are replaced; the leader hands over (scale to 0,
+    ///    wait for its slow pod to be gone, release), a new pod takes over. At no instant
+    ///    two workload pods, Terminating ones included.
+    async fn upgrade_hands_over(&self, first: &Pod) -> Result<()> {
+        let (work_pods, workload_pods) = (&self.work_pods, &self.workload_pods);
+        let watch_pods = work_pods.clone();
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(async move {
+            let mut most = 0usize;
+            let mut seen = std::collections::BTreeSet::new();
+            loop {
+                if let Ok(list) = watch_pods
+                    .list(&ListParams::default().labels("app=slow-reaper"))
+                    .await
+                {
+                    most = most.max(acting(&list.items));
+                    for p in list.items {
+                        seen.insert(p.metadata.name.unwrap_or_default());
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stop_rx => return (most, seen),
+                    _ = tokio::time::sleep(Duration::from_millis(150)) => {}
                 }
             }
-            tokio::select! {
-                _ = &mut stop_rx => return (most, seen),
-                _ = tokio::time::sleep(Duration::from_millis(150)) => {}
-            }
+        });
+        let mut upgrade = vec![
+            "upgrade",
+            "reaper",
+            self.chart.as_str(),
+            "-n",
+            OPS,
+            "--wait",
+            "--timeout",
+            "180s",
+        ];
+        for v in &self.values {
+            upgrade.extend(["--set", v.as_str()]);
         }
-    });
-    let mut upgrade = vec![
-        "upgrade",
-        "reaper",
-        chart,
-        "-n",
-        OPS,
-        "--wait",
-        "--timeout",
-        "180s",
-    ];
-    for v in &values {
-        upgrade.extend(["--set", v.as_str()]);
-    }
-    upgrade.extend(["--set", "logLevel=debug"]);
-    let started = Instant::now();
-    helm(&upgrade)?;
-    let first_name = first.metadata.name.clone().unwrap_or_default();
-    let second = wait_until(
-        "a new workload pod after the operator's upgrade",
-        Duration::from_secs(120),
-        || async {
-            let list = work_pods.list(&workload_pods).await?;
-            Ok(list.items.into_iter().find(|p| {
-                p.metadata.name.as_deref() != Some(first_name.as_str())
-                    && p.metadata.deletion_timestamp.is_none()
-                    && pod_ready(p)
-            }))
-        },
-    )
-    .await?;
-    let _ = stop_tx.send(());
-    let (most, seen) = watcher.await?;
-    ensure!(
-        most <= 1,
-        "{most} workload pods existed at once during the upgrade: {seen:?}"
-    );
-    ensure!(
-        seen.len() >= 2,
-        "the upgrade did not hand the workload over: {seen:?}"
-    );
-    ensure!(
-        started.elapsed() >= Duration::from_secs(WORKLOAD_GRACE as u64),
-        "the handover took {:?}, less than the slow pod's {WORKLOAD_GRACE} s grace",
-        started.elapsed()
-    );
-    eprintln!(
-        "helm upgrade: handed over to {} in {:.1?}; at most {most} workload pod at a time",
-        second.metadata.name.clone().unwrap_or_default(),
-        started.elapsed()
-    );
-
-    // 5. Deleting the Reaper: the lease is released only after the slow pod is gone.
-    let store = reaper_operator::lease::LeaseStore::connect(
-        &support::db::direct_url(),
-        &reaper_operator::config::Schema::new(&schema)?,
-        Duration::from_secs(5),
-        1,
-    )
-    .await?;
-    let lease_name = format!("{WORK}.slow-reaper");
-    let started = Instant::now();
-    reapers
-        .delete("slow-reaper", &DeleteParams::default())
+        upgrade.extend(["--set", "logLevel=debug"]);
+        let started = Instant::now();
+        self.helm(&upgrade)?;
+        let first_name = first.metadata.name.clone().unwrap_or_default();
+        let second = wait_until(
+            "a new workload pod after the operator's upgrade",
+            Duration::from_secs(120),
+            || async {
+                let list = work_pods.list(workload_pods).await?;
+                Ok(list.items.into_iter().find(|p| {
+                    p.metadata.name.as_deref() != Some(first_name.as_str())
+                        && p.metadata.deletion_timestamp.is_none()
+                        && pod_ready(p)
+                }))
+            },
+        )
         .await?;
-    let mut pod_gone = None;
-    loop {
+        let _ = stop_tx.send(());
+        let (most, seen) = watcher.await?;
         ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "the Reaper was not deleted in 120 s"
+            most <= 1,
+            "{most} workload pods existed at once during the upgrade: {seen:?}"
         );
-        // The lease first: a pod listed after a release existed at the release too (none
-        // comes back while the Reaper goes).
-        let lease = store.get(&lease_name).await?;
-        let held = lease.as_ref().is_some_and(|l| l.is_held());
-        let pods_left = acting(&work_pods.list(&workload_pods).await?.items);
-        if pods_left > 0 {
+        ensure!(
+            seen.len() >= 2,
+            "the upgrade did not hand the workload over: {seen:?}"
+        );
+        ensure!(
+            started.elapsed() >= Duration::from_secs(WORKLOAD_GRACE as u64),
+            "the handover took {:?}, less than the slow pod's {WORKLOAD_GRACE} s grace",
+            started.elapsed()
+        );
+        eprintln!(
+            "helm upgrade: handed over to {} in {:.1?}; at most {most} workload pod at a time",
+            second.metadata.name.clone().unwrap_or_default(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// 5. Deleting the Reaper: the lease is released only after the slow pod is gone.
+    async fn delete_reaper(&self) -> Result<()> {
+        let (work_pods, workload_pods, reapers) =
+            (&self.work_pods, &self.workload_pods, &self.reapers);
+        let store = reaper_operator::lease::LeaseStore::connect(
+            &support::db::direct_url(),
+            &reaper_operator::config::Schema::new(&self.schema)?,
+            Duration::from_secs(5),
+            1,
+        )
+        .await?;
+        let lease_name = format!("{WORK}.slow-reaper");
+        let started = Instant::now();
+        reapers
+            .delete("slow-reaper", &DeleteParams::default())
+            .await?;
+        let mut pod_gone = None;
+        loop {
             ensure!(
-                held,
-                "the lease was released while a workload pod still existed: {lease:?}"
+                started.elapsed() < Duration::from_secs(120),
+                "the Reaper was not deleted in 120 s"
             );
-        } else if pod_gone.is_none() {
-            pod_gone = Some(started.elapsed());
-        }
-        if reapers.get_opt("slow-reaper").await?.is_none() {
-            // Looked at after the Reaper was gone: its finalizer had finished by then.
+            // The lease first: a pod listed after a release existed at the release too
+            // (none comes back while the Reaper goes).
             let lease = store.get(&lease_name).await?;
-            let pods_left = acting(&work_pods.list(&workload_pods).await?.items);
-            ensure!(
-                pods_left == 0 && !lease.as_ref().is_some_and(|l| l.is_held()),
-                "the Reaper went with pods {pods_left}, lease {lease:?}"
-            );
-            if pod_gone.is_none() {
+            let held = lease.as_ref().is_some_and(|l| l.is_held());
+            let pods_left = acting(&work_pods.list(workload_pods).await?.items);
+            if pods_left > 0 {
+                ensure!(
+                    held,
+                    "the lease was released while a workload pod still existed: {lease:?}"
+                );
+            } else if pod_gone.is_none() {
                 pod_gone = Some(started.elapsed());
             }
-            break;
+            if reapers.get_opt("slow-reaper").await?.is_none() {
+                // Looked at after the Reaper was gone: its finalizer had finished by then.
+                let lease = store.get(&lease_name).await?;
+                let pods_left = acting(&work_pods.list(workload_pods).await?.items);
+                ensure!(
+                    pods_left == 0 && !lease.as_ref().is_some_and(|l| l.is_held()),
+                    "the Reaper went with pods {pods_left}, lease {lease:?}"
+                );
+                if pod_gone.is_none() {
+                    pod_gone = Some(started.elapsed());
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let pod_gone = pod_gone.context("no instant without pods")?;
+        ensure!(
+            pod_gone >= Duration::from_secs(WORKLOAD_GRACE as u64),
+            "the slow pod was gone after {pod_gone:?}, before its {WORKLOAD_GRACE} s grace"
+        );
+        eprintln!(
+            "Reaper deleted: its slow pod gone after {pod_gone:.1?}, the Reaper and the lease after {:.1?}",
+            started.elapsed()
+        );
+        Ok(())
     }
-    let pod_gone = pod_gone.context("no instant without pods")?;
-    ensure!(
-        pod_gone >= Duration::from_secs(WORKLOAD_GRACE as u64),
-        "the slow pod was gone after {pod_gone:?}, before its {WORKLOAD_GRACE} s grace"
-    );
-    eprintln!(
-        "Reaper deleted: its slow pod gone after {pod_gone:.1?}, the Reaper and the lease after {:.1?}",
-        started.elapsed()
-    );
 
-    // 6. helm uninstall removes the operator's pods.
-    helm(&[
-        "uninstall",
-        "reaper",
-        "-n",
-        OPS,
-        "--wait",
-        "--timeout",
-        "120s",
-    ])?;
-    // The pods go through garbage collection and their own grace period.
-    let started = Instant::now();
-    wait_until(
-        "the operator pods to be gone after helm uninstall",
-        Duration::from_secs(90),
-        || async {
-            Ok(pods
-                .list(&operator_pods)
-                .await?
-                .items
-                .is_empty()
-                .then_some(()))
-        },
-    )
-    .await?;
-    eprintln!(
-        "helm uninstall: operator pods gone {:.1?} after it returned",
-        started.elapsed()
-    );
-    let _ = std::fs::remove_dir_all(&home);
-    Ok(())
+    /// 6. helm uninstall removes the operator's pods.
+    async fn uninstall(&self) -> Result<()> {
+        self.helm(&[
+            "uninstall",
+            "reaper",
+            "-n",
+            OPS,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])?;
+        // The pods go through garbage collection and their own grace period.
+        let (pods, operator_pods) = (&self.pods, &self.operator_pods);
+        let started = Instant::now();
+        wait_until(
+            "the operator pods to be gone after helm uninstall",
+            Duration::from_secs(90),
+            || async {
+                Ok(pods
+                    .list(operator_pods)
+                    .await?
+                    .items
+                    .is_empty()
+                    .then_some(()))
+            },
+        )
+        .await?;
+        eprintln!(
+            "helm uninstall: operator pods gone {:.1?} after it returned",
+            started.elapsed()
+        );
+        Ok(())
+    }
 }
 
 /// Pods that may still act: every pod but those whose containers have all ended

@@ -607,30 +607,45 @@ impl Pki {
         let dir = std::env::temp_dir().join(format!("reaper-tls-{}-{nanos:x}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let pki = Self { dir };
-        pki.write(
+        pki.write_configs()?;
+        pki.cas()?;
+        pki.ec_key("server")?;
+        pki.sign("server", "127.0.0.1", "ca", "server.ext")?;
+        pki.client_keys()?;
+        Ok(pki)
+    }
+
+    /// The openssl configuration of the CAs and the extensions of the certificates.
+    fn write_configs(&self) -> Result<()> {
+        self.write(
             "req.cnf",
             "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\n\
              [ca]\nbasicConstraints = critical, CA:TRUE\n\
              keyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n",
         )?;
-        pki.write(
+        self.write(
             "server.ext",
             "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\n\
              extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1, DNS:localhost\n",
         )?;
-        pki.write(
+        self.write(
             "client.ext",
             "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\n\
              extendedKeyUsage = clientAuth\n",
         )?;
+        Ok(())
+    }
+
+    /// The CA, an unrelated one, and an impostor.
+    fn cas(&self) -> Result<()> {
         // The impostor has the CA's name but not its key (a CA made again, say).
         for (ca, common_name) in [
             ("ca", "reaper test CA"),
             ("wrong-ca", "another test CA"),
             ("impostor-ca", "reaper test CA"),
         ] {
-            pki.ec_key(ca)?;
-            pki.openssl(&[
+            self.ec_key(ca)?;
+            self.openssl(&[
                 "req",
                 "-new",
                 "-x509",
@@ -648,13 +663,17 @@ impl Pki {
                 &format!("{ca}.crt"),
             ])?;
         }
-        pki.ec_key("server")?;
-        pki.sign("server", "127.0.0.1", "ca", "server.ext")?;
+        Ok(())
+    }
+
+    /// The role's certificates and keys, and one from the unrelated CA; checks the keys'
+    /// formats.
+    fn client_keys(&self) -> Result<()> {
         // The role's certificate, with its key as PKCS#8 (client.key), SEC1 and PKCS#1
         // (an RSA key of its own), and PKCS#8 encrypted.
-        pki.ec_key("client")?;
-        pki.sign("client", "reaper_cert", "ca", "client.ext")?;
-        pki.openssl(&[
+        self.ec_key("client")?;
+        self.sign("client", "reaper_cert", "ca", "client.ext")?;
+        self.openssl(&[
             "pkey",
             "-in",
             "client.key",
@@ -662,7 +681,7 @@ impl Pki {
             "-out",
             "client-sec1.key",
         ])?;
-        pki.openssl(&[
+        self.openssl(&[
             "genpkey",
             "-algorithm",
             "RSA",
@@ -671,7 +690,7 @@ impl Pki {
             "-out",
             "client-rsa.pkcs8",
         ])?;
-        pki.openssl(&[
+        self.openssl(&[
             "pkey",
             "-in",
             "client-rsa.pkcs8",
@@ -679,8 +698,8 @@ impl Pki {
             "-out",
             "client-rsa.key",
         ])?;
-        pki.sign("client-rsa", "reaper_cert", "ca", "client.ext")?;
-        pki.openssl(&[
+        self.sign("client-rsa", "reaper_cert", "ca", "client.ext")?;
+        self.openssl(&[
             "pkey",
             "-in",
             "client.key",
@@ -690,21 +709,21 @@ impl Pki {
             "-out",
             "client-encrypted.key",
         ])?;
-        pki.ec_key("wrong-client")?;
-        pki.sign("wrong-client", "reaper_cert", "wrong-ca", "client.ext")?;
+        self.ec_key("wrong-client")?;
+        self.sign("wrong-client", "reaper_cert", "wrong-ca", "client.ext")?;
         for (file, label) in [
             ("client.key", "BEGIN PRIVATE KEY"),
             ("client-sec1.key", "BEGIN EC PRIVATE KEY"),
             ("client-rsa.key", "BEGIN RSA PRIVATE KEY"),
             ("client-encrypted.key", "BEGIN ENCRYPTED PRIVATE KEY"),
         ] {
-            let text = std::fs::read_to_string(pki.path(file))?;
+            let text = std::fs::read_to_string(self.path(file))?;
             ensure!(
                 text.contains(label),
                 "{file} is not in the expected format ({label})"
             );
         }
-        Ok(pki)
+        Ok(())
     }
 
     fn path(&self, file: &str) -> PathBuf {

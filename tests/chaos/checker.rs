@@ -996,6 +996,28 @@ pub fn summary(
     bound_c: f64,
 ) -> String {
     let mut s = String::new();
+    summary_faults(&mut s, input, analysis);
+    summary_failover_times(&mut s, input, analysis);
+    let unavailable: Vec<String> = analysis
+        .unavailable
+        .iter()
+        .zip(input.leases)
+        .map(|(u, l)| format!("{l} {u:.1} s"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "no ready replica in either cluster, during chaos: {}",
+        unavailable.join(", ")
+    );
+    summary_overlaps(&mut s, input, analysis);
+    summary_pods(&mut s, input, analysis);
+    summary_audit_and_convergence(&mut s, analysis, converged, bound_c);
+    summary_observer(&mut s, input, analysis);
+    s
+}
+
+/// The faults injected and the failovers seen, by kind and class, for the summary.
+fn summary_faults(s: &mut String, input: &Input<'_>, analysis: &Analysis) {
     let by_kind: BTreeMap<&str, usize> = input.faults.iter().fold(BTreeMap::new(), |mut m, f| {
         *m.entry(f.kind.name()).or_default() += 1;
         m
@@ -1018,6 +1040,11 @@ pub fn summary(
         analysis.failovers.len(),
         classes.join(", ")
     );
+}
+
+/// How long the failovers took, overall and by fault kind, and those not timed, for the
+/// summary.
+fn summary_failover_times(s: &mut String, input: &Input<'_>, analysis: &Analysis) {
     let mut ready: Vec<(f64, &Failover)> = analysis
         .failovers
         .iter()
@@ -1091,19 +1118,15 @@ pub fn summary(
             "  tenures that ended before their workload was ready: {lost}"
         );
     }
-    let unavailable: Vec<String> = analysis
-        .unavailable
-        .iter()
-        .zip(input.leases)
-        .map(|(u, l)| format!("{l} {u:.1} s"))
-        .collect();
-    let _ = writeln!(
-        s,
-        "no ready replica in either cluster, during chaos: {}",
-        unavailable.join(", ")
-    );
-    summary_overlaps(&mut s, input, analysis);
-    summary_pods(&mut s, input, analysis);
+}
+
+/// Check (b) and check (c), for the summary.
+fn summary_audit_and_convergence(
+    s: &mut String,
+    analysis: &Analysis,
+    converged: &Result<f64, String>,
+    bound_c: f64,
+) {
     let _ = writeln!(
         s,
         "(b) audit history: {} events, {} tenures: {} violation(s)",
@@ -1125,6 +1148,10 @@ pub fn summary(
             let _ = writeln!(s, "(c) VIOLATION: {e}");
         }
     }
+}
+
+/// The scale-ups outside the holder and what the observer saw, for the summary.
+fn summary_observer(s: &mut String, input: &Input<'_>, analysis: &Analysis) {
     let _ = writeln!(
         s,
         "scale-ups seen in a cluster that did not hold the lease (informational): {}",
@@ -1161,7 +1188,6 @@ pub fn summary(
         input.reports.len(),
         blind.join(", ")
     );
-    s
 }
 
 /// Check (a) and the ready replicas seen in both clusters, for the summary.

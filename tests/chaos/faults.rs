@@ -263,7 +263,77 @@ impl Injector<'_> {
     pub async fn run(&mut self, id: usize, p: &Planned, log: &mut FaultLog) -> Result<()> {
         let kind = p.kind;
         let hold = p.hold;
-        // The cluster whose guards a cluster fault hits too.
+        let (effect, target, guard_cluster) = self.resolve(id, p);
+        let targets: Vec<usize> = match &effect {
+            Effect::Unable(rs) | Effect::Cut(rs) | Effect::Stopped(rs) => rs.clone(),
+            _ => Vec::new(),
+        };
+        let (cut_mode, detail) = Self::cut_mode(p);
+        log.line(&format!(
+            "fault #{id} {}: {target}{detail}, for {:.1} s",
+            kind.name(),
+            hold.as_secs_f64()
+        ));
+        let start = Utc::now();
+        let mut record = FaultRecord {
+            id,
+            kind,
+            target: format!("{target}{detail}"),
+            effect: effect.clone(),
+            start,
+            healed: None,
+            problems: Vec::new(),
+            frozen_guards: Vec::new(),
+        };
+        let result = match kind {
+            Kind::StopOperators => self
+                .stop_operators(&targets, hold, &mut record.problems, log)
+                .await
+                .map(|()| None),
+            Kind::RecreateReaper
+            | Kind::DeleteDeployment
+            | Kind::SecondReaperSameNamespace
+            | Kind::SecondReaperOtherNamespace => self
+                .object_fault(id, p, &effect, &mut record.problems, log)
+                .await
+                .map(|()| None),
+            _ => {
+                let mut frozen = Vec::new();
+                let result = self
+                    .inject_and_heal(
+                        kind,
+                        &effect,
+                        &targets,
+                        cut_mode,
+                        hold,
+                        p.variant,
+                        (guard_cluster, &mut frozen),
+                    )
+                    .await;
+                record.frozen_guards = frozen.iter().map(|g| (g.cluster, g.lease, g.run)).collect();
+                if kind == Kind::GuardSigstop {
+                    let runs: Vec<String> = frozen
+                        .iter()
+                        .map(|g| format!("{} run {}", self.leases[g.lease], g.run))
+                        .collect();
+                    log.line(&format!("  guards it froze: {}", runs.join(", ")));
+                }
+                result
+            }
+        };
+        for problem in &record.problems {
+            log.line(&format!("fault #{id} {}: PROBLEM: {problem}", kind.name()));
+        }
+        record.healed = Some(Utc::now());
+        let result = Self::log_outcome(log, id, kind, start, result);
+        self.records.push(record);
+        result
+    }
+
+    /// What fault `p` does, to whom (as the log names it), and the cluster whose guards a
+    /// cluster fault hits too.
+    fn resolve(&self, id: usize, p: &Planned) -> (Effect, String, Option<usize>) {
+        let kind = p.kind;
         let mut guard_cluster = None;
         let (effect, target) = match kind {
             Kind::Kill9 | Kind::Pause | Kind::CutReset | Kind::CutBlackhole => {
@@ -338,10 +408,12 @@ impl Injector<'_> {
                 ),
             ),
         };
-        let targets: Vec<usize> = match &effect {
-            Effect::Unable(rs) | Effect::Cut(rs) | Effect::Stopped(rs) => rs.clone(),
-            _ => Vec::new(),
-        };
+        (effect, target, guard_cluster)
+    }
+
+    /// How a cut fault cuts, and what the log adds to its target.
+    fn cut_mode(p: &Planned) -> (Mode, String) {
+        let kind = p.kind;
         let cut_mode = match kind {
             Kind::CutReset => Mode::Reset,
             Kind::CutBlackhole => Mode::Blackhole,
@@ -357,64 +429,19 @@ impl Injector<'_> {
             Kind::CutCluster => format!(" ({mode_name})"),
             _ => String::new(),
         };
-        log.line(&format!(
-            "fault #{id} {}: {target}{detail}, for {:.1} s",
-            kind.name(),
-            hold.as_secs_f64()
-        ));
-        let start = Utc::now();
-        let mut record = FaultRecord {
-            id,
-            kind,
-            target: format!("{target}{detail}"),
-            effect: effect.clone(),
-            start,
-            healed: None,
-            problems: Vec::new(),
-            frozen_guards: Vec::new(),
-        };
-        let result = match kind {
-            Kind::StopOperators => self
-                .stop_operators(&targets, hold, &mut record.problems, log)
-                .await
-                .map(|()| None),
-            Kind::RecreateReaper
-            | Kind::DeleteDeployment
-            | Kind::SecondReaperSameNamespace
-            | Kind::SecondReaperOtherNamespace => self
-                .object_fault(id, p, &effect, &mut record.problems, log)
-                .await
-                .map(|()| None),
-            _ => {
-                let mut frozen = Vec::new();
-                let result = self
-                    .inject_and_heal(
-                        kind,
-                        &effect,
-                        &targets,
-                        cut_mode,
-                        hold,
-                        p.variant,
-                        (guard_cluster, &mut frozen),
-                    )
-                    .await;
-                record.frozen_guards = frozen.iter().map(|g| (g.cluster, g.lease, g.run)).collect();
-                if kind == Kind::GuardSigstop {
-                    let runs: Vec<String> = frozen
-                        .iter()
-                        .map(|g| format!("{} run {}", self.leases[g.lease], g.run))
-                        .collect();
-                    log.line(&format!("  guards it froze: {}", runs.join(", ")));
-                }
-                result
-            }
-        };
-        for problem in &record.problems {
-            log.line(&format!("fault #{id} {}: PROBLEM: {problem}", kind.name()));
-        }
-        record.healed = Some(Utc::now());
+        (cut_mode, detail)
+    }
+
+    /// Logs how the fault ended: healed (and when the database was back), or failed.
+    fn log_outcome(
+        log: &mut FaultLog,
+        id: usize,
+        kind: Kind,
+        start: chrono::DateTime<Utc>,
+        result: Result<Option<chrono::DateTime<Utc>>>,
+    ) -> Result<()> {
         let took = |t: chrono::DateTime<Utc>| (t - start).num_milliseconds() as f64 / 1000.0;
-        let result = match result {
+        match result {
             Ok(restarted) => {
                 let verb = if kind == Kind::FailoverPostgres {
                     "promoted"
@@ -438,9 +465,7 @@ impl Injector<'_> {
                 log.line(&format!("fault #{id} {} FAILED: {e:#}", kind.name()));
                 Err(e)
             }
-        };
-        self.records.push(record);
-        result
+        }
     }
 
     /// `guards`: the cluster whose guards the fault hits too, and where to put the
@@ -457,9 +482,6 @@ impl Injector<'_> {
         guards: (Option<usize>, &mut Vec<FrozenGuard>),
     ) -> Result<Option<chrono::DateTime<Utc>>> {
         let (guard_cluster, frozen) = guards;
-        // A database fault is healed once the operators' path works again, which after
-        // a PostgreSQL restart can be much later than the restart itself.
-        let usable = Duration::from_secs(60);
         match kind {
             Kind::Kill9 => {
                 for &r in targets {
@@ -523,13 +545,34 @@ impl Injector<'_> {
                     self.guards.cut(c, Mode::Pass);
                 }
             }
+            Kind::RestartPgBouncer | Kind::RestartPostgres | Kind::FailoverPostgres => {
+                return self.database_fault(kind, hold, variant).await.map(Some);
+            }
+            Kind::RestartApiserver => self.restart_apiserver(effect, hold).await?,
+        }
+        Ok(None)
+    }
+
+    /// Stops PgBouncer or PostgreSQL, or fails PostgreSQL over, for `hold`; returns when
+    /// the database was back (restarted, or the standby promoted), once the operators'
+    /// path works again.
+    async fn database_fault(
+        &mut self,
+        kind: Kind,
+        hold: Duration,
+        variant: bool,
+    ) -> Result<chrono::DateTime<Utc>> {
+        // A database fault is healed once the operators' path works again, which after
+        // a PostgreSQL restart can be much later than the restart itself.
+        let usable = Duration::from_secs(60);
+        match kind {
             Kind::RestartPgBouncer => {
                 self.db.stop_pgbouncer().await?;
                 tokio::time::sleep(hold).await;
                 self.db.start_pgbouncer().await?;
                 let restarted = Utc::now();
                 self.db.wait_usable(usable).await?;
-                return Ok(Some(restarted));
+                Ok(restarted)
             }
             Kind::RestartPostgres => {
                 let mode = if variant { "immediate" } else { "fast" };
@@ -538,7 +581,7 @@ impl Injector<'_> {
                 self.db.start_postgres().await?;
                 let restarted = Utc::now();
                 self.db.wait_usable(usable).await?;
-                return Ok(Some(restarted));
+                Ok(restarted)
             }
             Kind::FailoverPostgres => {
                 self.db.fail_over().await?;
@@ -546,26 +589,30 @@ impl Injector<'_> {
                 tokio::time::sleep(hold).await;
                 self.db.add_standby().await?;
                 self.db.wait_usable(usable).await?;
-                return Ok(Some(promoted));
+                Ok(promoted)
             }
-            Kind::RestartApiserver => {
-                let Effect::ApiserverDown(c) = *effect else {
-                    return Err(anyhow!("apiserver fault without a cluster"));
-                };
-                self.apiservers[c].stop().await?;
-                tokio::time::sleep(hold).await;
-                self.apiservers[c].start()?;
-                wait_apiserver(&self.clients[c], Duration::from_secs(60))
-                    .await
-                    .with_context(|| format!("apiserver of {} after restart", self.clusters[c]))?;
-                // Healed once the cluster runs a pod again: after an apiserver crash the
-                // controller-manager, scheduler and kwok reconnect with their own back-off.
-                canary(&self.clients[c], self.namespace)
-                    .await
-                    .with_context(|| format!("canary pod in {} after restart", self.clusters[c]))?;
-            }
+            _ => Err(anyhow!("{} is not a database fault", kind.name())),
         }
-        Ok(None)
+    }
+
+    /// Stops the API server of the effect's cluster for `hold`; healed once it answers
+    /// and the cluster runs a pod again.
+    async fn restart_apiserver(&mut self, effect: &Effect, hold: Duration) -> Result<()> {
+        let Effect::ApiserverDown(c) = *effect else {
+            return Err(anyhow!("apiserver fault without a cluster"));
+        };
+        self.apiservers[c].stop().await?;
+        tokio::time::sleep(hold).await;
+        self.apiservers[c].start()?;
+        wait_apiserver(&self.clients[c], Duration::from_secs(60))
+            .await
+            .with_context(|| format!("apiserver of {} after restart", self.clusters[c]))?;
+        // Healed once the cluster runs a pod again: after an apiserver crash the
+        // controller-manager, scheduler and kwok reconnect with their own back-off.
+        canary(&self.clients[c], self.namespace)
+            .await
+            .with_context(|| format!("canary pod in {} after restart", self.clusters[c]))?;
+        Ok(())
     }
 }
 

@@ -383,6 +383,15 @@ fn context(input: &GuardInput<'_>, lease: usize, t: Time) -> String {
 /// Lines for the summary.
 pub fn summary(input: &GuardInput<'_>, analysis: &GuardAnalysis, settings: &str) -> String {
     let mut s = String::new();
+    summary_runs(&mut s, input, settings);
+    summary_overlaps(&mut s, input, analysis);
+    summary_handovers(&mut s, input, analysis);
+    summary_frozen_guards(&mut s, input, analysis);
+    s
+}
+
+/// Check (f)'s first line: the guarded commands' runs, actions and exits.
+fn summary_runs(s: &mut String, input: &GuardInput<'_>, settings: &str) {
     let mut stops: BTreeMap<&str, usize> = BTreeMap::new();
     for e in input.exits {
         let what = match e.code {
@@ -408,7 +417,11 @@ pub fn summary(input: &GuardInput<'_>, analysis: &GuardAnalysis, settings: &str)
         input.exits.len(),
         detail.join(", ")
     );
-    let longest = input.runs.iter().map(|r| r.max_gap).fold(0.0, f64::max);
+}
+
+/// Check (f): the commands of both clusters that acted at once, violations and the
+/// release case.
+fn summary_overlaps(s: &mut String, input: &GuardInput<'_>, analysis: &GuardAnalysis) {
     let longest_overlap = |release: bool| {
         analysis
             .overlaps
@@ -475,6 +488,11 @@ pub fn summary(input: &GuardInput<'_>, analysis: &GuardAnalysis, settings: &str)
             o.context
         );
     }
+}
+
+/// The handovers of the commands between clusters, and the longest pause within one.
+fn summary_handovers(s: &mut String, input: &GuardInput<'_>, analysis: &GuardAnalysis) {
+    let longest = input.runs.iter().map(|r| r.max_gap).fold(0.0, f64::max);
     let gaps = &analysis.handover_gaps;
     let _ = writeln!(
         s,
@@ -484,6 +502,11 @@ pub fn summary(input: &GuardInput<'_>, analysis: &GuardAnalysis, settings: &str)
         gaps.first().copied().unwrap_or(f64::NAN),
         median(gaps)
     );
+}
+
+/// Check (g): frozen guards stopped by their watchdogs, guard problems, and the guards
+/// that refused to start.
+fn summary_frozen_guards(s: &mut String, input: &GuardInput<'_>, analysis: &GuardAnalysis) {
     let stops: Vec<f64> = analysis.watchdog_stops.iter().map(|w| w.3).collect();
     let _ = writeln!(
         s,
@@ -519,7 +542,6 @@ pub fn summary(input: &GuardInput<'_>, analysis: &GuardAnalysis, settings: &str)
             refused.join("; ")
         );
     }
-    s
 }
 
 #[cfg(test)]

@@ -87,6 +87,20 @@ async fn scenario(
     ops: &[OperatorProcess],
 ) -> Result<()> {
     let (leader, standby) = (&clusters[0], &clusters[1]);
+    idle_standby_is_not_reconciled_but_reports(standby, reports, &ops[1]).await?;
+    external_scale_up_is_undone(standby, ns, reports).await?;
+    stray_pod_is_reported(standby, ns, reports).await?;
+    hpa_is_seen(leader, ns).await?;
+    Ok(())
+}
+
+/// The standby reports once it has reconciled its Reaper; idle, its Reaper is not
+/// reconciled, yet its report is refreshed.
+async fn idle_standby_is_not_reconciled_but_reports(
+    standby: &Cluster,
+    reports: &Reports,
+    op: &OperatorProcess,
+) -> Result<()> {
     // The standby has reported once it has reconciled its Reaper.
     wait_until(
         "the standby cluster's first report",
@@ -98,13 +112,13 @@ async fn scenario(
     // Idle: the standby's Reaper is not reconciled, yet its report is refreshed. Its
     // start-up reconciles (the first observation, then the elector's first word on the
     // lease) may still be under way when the first report lands: wait for them to end.
-    let reconciles_before = settled_reconciliations(&ops[1]).await?;
+    let reconciles_before = settled_reconciliations(op).await?;
     let (_, reported_before) = reports
         .of(standby.name)
         .await?
         .ok_or_else(|| anyhow!("no report"))?;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let reconciles_after = reconciliations(&ops[1])?;
+    let reconciles_after = reconciliations(op)?;
     let (_, reported_after) = reports
         .of(standby.name)
         .await?
@@ -118,8 +132,12 @@ async fn scenario(
         reported_after > reported_before,
         "the standby's report was not refreshed in 20 s (refresh period 15 s)"
     );
+    Ok(())
+}
 
-    // A Deployment change: scaled up behind the operator's back on the standby.
+/// A Deployment change: scaled up behind the operator's back on the standby. The pod it started is
+/// reported gone.
+async fn external_scale_up_is_undone(standby: &Cluster, ns: &str, reports: &Reports) -> Result<()> {
     Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(standby.client.clone(), ns)
         .patch_scale(
             "reaper",
@@ -149,9 +167,12 @@ async fn scenario(
         },
     )
     .await?;
+    Ok(())
+}
 
-    // A pod change: a pod of the workload's labels appears on the standby (owned by
-    // something else, so no ReplicaSet adopts and deletes it), then goes.
+/// A pod change: a pod of the workload's labels appears on the standby (owned by
+/// something else, so no ReplicaSet adopts and deletes it), then goes.
+async fn stray_pod_is_reported(standby: &Cluster, ns: &str, reports: &Reports) -> Result<()> {
     let owner = Api::<ConfigMap>::namespaced(standby.client.clone(), ns)
         .create(
             &PostParams::default(),
@@ -185,8 +206,11 @@ async fn scenario(
         "    stray pod's end reported after {:.2?}",
         started.elapsed()
     );
+    Ok(())
+}
 
-    // An HPA change: an autoscaler on the leader's singleton Deployment, then none.
+/// An HPA change: an autoscaler on the leader's singleton Deployment, then none.
+async fn hpa_is_seen(leader: &Cluster, ns: &str) -> Result<()> {
     let hpas = Api::<HorizontalPodAutoscaler>::namespaced(leader.client.clone(), ns);
     let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
         "metadata": {"name": "reaper"},
