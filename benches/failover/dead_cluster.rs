@@ -31,12 +31,16 @@ use reaper_operator::config::Schema;
 use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
+use super::FailoverArgs;
+use super::cluster::start_cluster;
+use super::database::{Urls, lit};
+use super::deployments::Scale;
+use super::machine::Machine;
+use super::operator::{Operator, with_logs};
+use super::report::{Stats, fmt_dur, since, write_stats_table};
+use super::side::{FAILOVER_NS, Side, Stability, WORKLOAD};
 use super::support::cluster::{TestCluster, wait_until};
 use super::support::fixtures::live_pods;
-use super::{
-    FAILOVER_NS, FailoverArgs, Machine, Operator, Scale, Side, Stability, Stats, Urls, WORKLOAD,
-    fmt_dur, lit, since, start_cluster, with_logs, write_stats_table,
-};
 
 const REPLICAS_PER_CLUSTER: usize = 2;
 
@@ -171,7 +175,7 @@ fn kill_all(pids: &[u32]) -> Result<DateTime<Utc>> {
 }
 
 fn holders(ops: &[Operator]) -> Vec<String> {
-    ops.iter().map(Operator::holder).collect()
+    ops.iter().map(|op| op.holder()).collect()
 }
 
 fn all_ops(ops: &[Vec<Operator>; 2]) -> Vec<&Operator> {
@@ -266,7 +270,7 @@ pub async fn run(
                 sides[follower].watch.latest()
             );
 
-            let mut pids: Vec<u32> = ops[leader].iter().map(Operator::pid).collect();
+            let mut pids: Vec<u32> = ops[leader].iter().map(|op| op.pid()).collect();
             pids.push(apiserver.pid);
             let t0 = kill_all(&pids)?;
             for op in &mut ops[leader] {

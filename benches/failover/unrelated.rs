@@ -25,7 +25,7 @@ pub async fn create_unrelated_pods(
     concurrency: usize,
 ) -> Result<Duration> {
     let started = Instant::now();
-    super::add_fake_node(client, UNRELATED_NODE, count + 10).await?;
+    super::cluster::add_fake_node(client, UNRELATED_NODE, count + 10).await?;
     create_namespace(client, UNRELATED_NS).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), UNRELATED_NS);
     eprintln!("creating {count} unrelated pods in namespace {UNRELATED_NS}...");

@@ -1,10 +1,14 @@
 //! `reaper-operator run` as a child process of a test, with the signals the failover
-//! scenarios need (kill -9, SIGTERM, SIGSTOP/SIGCONT).
+//! scenarios need (kill -9, SIGTERM, SIGSTOP/SIGCONT). `benches/failover.rs` runs its
+//! replicas with it too, through [`OperatorProcess::launch`] and the fallible methods.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
 
 pub struct OperatorProcess {
     pub cluster: String,
@@ -28,12 +32,21 @@ pub struct OperatorSpec<'a> {
     pub namespace: &'a str,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// How [`OperatorProcess::launch`] runs the binary, beyond the [`OperatorSpec`]: the
+/// tests' choices ([`OperatorProcess::start`]) or a bench's.
+pub struct Launch {
+    pub bin: PathBuf,
+    /// The replica's stdout and stderr.
+    pub log: PathBuf,
+    pub shutdown_timeout_seconds: u64,
+    /// `RUST_LOG`; `None` leaves it unset (the binary's own default).
+    pub rust_log: Option<OsString>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The `--shutdown-timeout-seconds` of [`OperatorProcess::start`].
@@ -50,34 +63,46 @@ impl OperatorProcess {
         spec: OperatorSpec<'_>,
         shutdown_timeout_seconds: u64,
     ) -> Self {
-        let http_port = free_port();
         let log = std::env::temp_dir().join(format!(
             "reaper-operator-{}-{}-{}.log",
             std::process::id(),
             spec.cluster,
             spec.identity
         ));
-        let out = File::create(&log).unwrap();
         // REAPER_OPERATOR_BIN runs the scenarios against another build (e.g. the previous
         // commit's, to show that a new scenario fails there).
         let bin = std::env::var_os("REAPER_OPERATOR_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_reaper-operator").into());
-        let mut cmd = Command::new(bin);
+        let launch = Launch {
+            bin: bin.into(),
+            log,
+            shutdown_timeout_seconds,
+            rust_log: Some("info,reaper_operator=debug,sqlx=warn".into()),
+        };
+        Self::launch(spec, launch).expect("start reaper-operator run")
+    }
+
+    /// Starts `reaper-operator run` as `launch` says; an error instead of a panic.
+    pub fn launch(spec: OperatorSpec<'_>, launch: Launch) -> anyhow::Result<Self> {
+        let http_port = free_port()?;
+        let out = File::create(&launch.log)
+            .with_context(|| format!("create {}", launch.log.display()))?;
+        let mut cmd = Command::new(&launch.bin);
         cmd.arg("run")
             .args(["--cluster-name", spec.cluster, "--identity", spec.identity])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .args([
                 "--shutdown-timeout-seconds",
-                &shutdown_timeout_seconds.to_string(),
+                &launch.shutdown_timeout_seconds.to_string(),
             ])
             .args(["--watch-namespace", spec.namespace])
             .env("KUBECONFIG", spec.kubeconfig)
             .env("DATABASE_URL", spec.database_url)
             .env("REAPER_DB_SCHEMA", spec.schema)
-            .env("RUST_LOG", "info,reaper_operator=debug,sqlx=warn")
+            .env_remove("RUST_LOG")
             .env_remove("REAPER_LISTEN_DATABASE_URL")
             .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
+            .stdout(out.try_clone()?)
             .stderr(out);
         if !spec.migrate {
             cmd.arg("--no-migrate");
@@ -85,14 +110,19 @@ impl OperatorProcess {
         if let Some(url) = spec.listen_database_url {
             cmd.env("REAPER_LISTEN_DATABASE_URL", url);
         }
-        let child = cmd.spawn().expect("start reaper-operator run");
-        Self {
+        if let Some(filter) = launch.rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {} run", launch.bin.display()))?;
+        Ok(Self {
             cluster: spec.cluster.to_owned(),
             identity: spec.identity.to_owned(),
             http_port,
-            log,
+            log: launch.log,
             child,
-        }
+        })
     }
 
     pub fn holder(&self) -> String {
@@ -104,16 +134,35 @@ impl OperatorProcess {
     }
 
     pub fn signal(&self, signal: &str) {
+        if let Err(e) = self.try_signal(signal) {
+            panic!("{e:#}");
+        }
+    }
+
+    /// [`OperatorProcess::signal`], an error instead of a panic.
+    pub fn try_signal(&self, signal: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")
             .args([format!("-{signal}"), self.pid().to_string()])
             .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {}", self.pid());
+            .with_context(|| format!("run kill -{signal}"))?;
+        anyhow::ensure!(status.success(), "kill -{signal} {} failed", self.pid());
+        Ok(())
+    }
+
+    /// SIGKILL from this process itself, with no `kill` process started in between: for
+    /// a caller that takes the time of the signal.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
     }
 
     /// `None` while running.
     pub fn exit_code(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
+        self.try_exit_code().unwrap()
+    }
+
+    /// [`OperatorProcess::exit_code`], an error instead of a panic.
+    pub fn try_exit_code(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
@@ -133,9 +182,14 @@ impl OperatorProcess {
     }
 
     pub fn log_tail(&self) -> String {
+        self.last_log_lines(40)
+    }
+
+    /// The last `count` lines of the log.
+    pub fn last_log_lines(&self, count: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(count)..].join("\n")
     }
 
     /// The status code of `GET path`, `None` when nothing answers.
@@ -147,16 +201,31 @@ impl OperatorProcess {
     pub fn http(&self, path: &str) -> Option<(u16, String)> {
         super::fixtures::http_get(self.http_port, path, Duration::from_secs(2))
     }
+
+    /// The value of an unlabelled series in `/metrics`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (code, body) = self.http("/metrics")?;
+        if code != 200 {
+            return None;
+        }
+        body.lines().find_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            (name == series).then(|| value.trim().parse().ok())?
+        })
+    }
 }
 
 impl Drop for OperatorProcess {
     fn drop(&mut self) {
-        // SIGCONT first, in case a scenario left it stopped.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.pid().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
+        // Only while it runs: the pid of a child already reaped may be another process's.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SIGCONT first, in case a scenario left it stopped.
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.pid().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
