@@ -24,6 +24,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
+# Cargo reads every target the manifest names, the tests with their own harness too.
+COPY tests ./tests
 # Statically linked (glibc, crt-static; an explicit --target keeps build scripts and
 # proc macros dynamic), so that `reaper-operator install-guard` can copy it into any
 # workload image. The checks fail the build if the binary does not run or is dynamic.
