@@ -368,42 +368,6 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
     assert_eq!((row.holder.as_str(), row.epoch), ("thief", thief.epoch));
 }
 
-/// Electors of one grid wake one after another: 10 000 of them on two cores take longer
-/// than any short linger to ask. Their renews still go together.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renews_that_trickle_in_still_go_in_one_statement() {
-    let t = timings(3_000, 2_000, 500);
-    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-    let batcher = LeaseBatcher::spawn(store.clone(), "a".into(), DEFAULT_LINGER);
-    let clock = ManualClock::default();
-    let mut electors: Vec<Elector> = (0..40)
-        .map(|i| {
-            let clock = Arc::new(clock.clone());
-            batched(&format!("t{i}"), "a", t, &store, &batcher, clock)
-        })
-        .collect();
-    for tick in tick_all(&mut electors).await {
-        assert!(matches!(tick, Tick::Acquired(_)), "{tick:?}");
-    }
-    clock.advance(Duration::from_millis(500));
-    let before = batcher.statements();
-    // 2 ms apart: 78 ms from the first renew to the last, 16 lingers of 5 ms.
-    let ticks =
-        futures::future::join_all(electors.iter_mut().enumerate().map(|(i, e)| async move {
-            tokio::time::sleep(Duration::from_millis(2 * i as u64)).await;
-            e.tick().await
-        }))
-        .await;
-    let statements = batcher.statements() - before;
-    for tick in &ticks {
-        assert!(matches!(tick, Tick::Renewed(_)), "{tick:?}");
-    }
-    assert!(
-        statements <= 3,
-        "40 renews 2 ms apart took {statements} statements"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     let t = timings(3_000, 2_000, 500);

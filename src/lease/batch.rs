@@ -5,10 +5,8 @@
 //! A replica holding 1 000 leases would otherwise send 1 000 `UPDATE`s every retry
 //! period, and a standby 1 000 `acquire`s. Electors with the same retry period tick on a
 //! shared grid (see [`Elector::run`](super::Elector::run)), so their requests arrive
-//! close together; the batcher goes on gathering while they keep coming (no gap longer
-//! than a short linger, for at most [`MAX_GATHER`]) and sends everything that has queued
-//! as one statement per kind. A fixed linger after the first request would not do: with
-//! 10 000 electors on two cores, waking them all takes longer than any short linger.
+//! within a few milliseconds of each other; the batcher waits a short linger after the
+//! first request and sends everything that has queued as one statement per kind.
 //! Followers then `acquire` only the leases the read found free or expired, or that it
 //! found about to expire (at that instant: see [`Elector::run`](super::Elector::run)).
 //!
@@ -29,18 +27,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::store::{Availability, Lease, LeaseStore};
 use crate::{Error, Result};
 
-/// Longest quiet gap a batch waits through for one more request.
+/// Longest wait for more requests after the first one of a batch.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 
-/// How long after the batcher takes a batch's first request it stops waiting for more
-/// (requests already queued still join, up to [`MAX_BATCH`]). The electors count their
-/// leadership from before they queued, so a later statement only shortens it; what it
-/// costs is margin: a renew has its renew deadline minus its retry period (at least 1 s)
-/// for the gather, the wait for a connection and the statement together.
-pub const MAX_GATHER: Duration = Duration::from_millis(100);
-
-/// Largest batch: 10 000 leases renew in one statement in 127 to 134 ms, median
-/// (docs/benchmarks-lease.md).
+/// Largest batch: 10 000 leases renew in one statement in 127 to 134 ms, median, on a
+/// quiet machine (docs/benchmarks-lease.md), but longer than the 1 s call timeout on a
+/// replica busy starting 10 000 pods (docs/benchmarks.md, "Leaner caches").
 const MAX_BATCH: usize = 10_000;
 
 struct Renew {
@@ -152,17 +144,14 @@ async fn batch_loop(
     let holder: Arc<str> = holder.into();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let gather_until = tokio::time::Instant::now() + MAX_GATHER;
+        let linger_until = tokio::time::Instant::now() + linger;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(request) => batch.push(request),
-                Err(_) => {
-                    let quiet_until = (tokio::time::Instant::now() + linger).min(gather_until);
-                    match tokio::time::timeout_at(quiet_until, rx.recv()).await {
-                        Ok(Some(request)) => batch.push(request),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                Err(_) => match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) | Err(_) => break,
+                },
             }
         }
         batch.retain(|request| !request.abandoned());

@@ -92,7 +92,7 @@ impl Candidate {
 }
 
 /// How much later than one retry period after the last renew was sent a presence may
-/// still be written (the batcher's gather, up to 100 ms, and the call itself).
+/// still be written (the batcher's linger and the call itself).
 const FRESH_RENEW_SLACK: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
