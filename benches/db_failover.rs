@@ -133,8 +133,8 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
         let store =
             LeaseStore::connect_lazy(db.pgbouncer_url(), &schema, lease_timings.call_timeout(), 3)?;
         let config = ElectorConfig {
-            lease_name: "bench".into(),
-            holder: (*holder).into(),
+            lease_name: support::id::lease("bench"),
+            holder: support::id::holder(holder),
             timings: lease_timings,
         };
         let mut elector = Elector::new(config, store, Arc::new(MonotonicClock));

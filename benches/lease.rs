@@ -28,6 +28,9 @@
 mod floor;
 #[path = "support/host.rs"]
 mod host;
+#[allow(dead_code)]
+#[path = "../tests/support/id.rs"]
+mod id;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -37,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use nix::sys::resource::UsageWho;
 use reaper_operator::config::Schema;
-use reaper_operator::lease::{LeaseStore, PROBE_TABLE, Reference, Statement};
+use reaper_operator::lease::{LeaseName, LeaseStore, PROBE_TABLE, Reference, Statement};
 use sqlx::{AssertSqlSafe, Row};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
@@ -400,8 +403,8 @@ async fn bench(
         .execute(admin.pool())
         .await
         .context("create the bench leases")?;
-    let held: Vec<(String, i64)> = (0..MAX_BATCH)
-        .map(|i| (format!("bulk-{i:05}"), 1))
+    let held: Vec<(LeaseName, i64)> = (0..MAX_BATCH)
+        .map(|i| (id::lease(format!("bulk-{i:05}")), 1))
         .collect();
 
     let mut stores = Vec::new();
@@ -653,22 +656,22 @@ async fn measure_floor(
             path.label()
         );
         let url = urls.get(*path).to_owned();
-        let held = format!("floor-{}", path.tag());
-        let cycled = format!("floor-cycle-{}", path.tag());
+        let held = id::lease(format!("floor-{}", path.tag()));
+        let cycled = id::lease(format!("floor-cycle-{}", path.tag()));
         // The held lease (renewed by everyone, acquired in vain by OTHER) and a free one.
-        let epoch = match store.get(&held).await? {
+        let epoch = match store.get(&id::lease(&held)).await? {
             Some(lease) => lease.epoch,
             None => {
                 let lease = store
-                    .acquire(&held, HOLDER, TTL)
+                    .acquire(&id::lease(&held), &id::holder(HOLDER), TTL)
                     .await?
                     .context("take floor lease")?;
                 let free = store
-                    .acquire(&cycled, HOLDER, TTL)
+                    .acquire(&id::lease(&cycled), &id::holder(HOLDER), TTL)
                     .await?
                     .context("create cycle lease")?;
                 store
-                    .release(&cycled, HOLDER, free.epoch)
+                    .release(&id::lease(&cycled), &id::holder(HOLDER), free.epoch)
                     .await?
                     .context("free cycle lease")?;
                 lease.epoch
@@ -676,24 +679,24 @@ async fn measure_floor(
         };
         let renew_text = store.statement_text(Statement::Renew {
             name: &held,
-            holder: HOLDER,
+            holder: &id::holder(HOLDER),
             epoch,
         })?;
         let failed_text = store.statement_text(Statement::Acquire {
             name: &held,
-            holder: OTHER,
+            holder: &id::holder(OTHER),
             ttl: TTL,
         })?;
         const SENTINEL: i64 = 918_273_645;
         let acquire_text = store.statement_text(Statement::Acquire {
             name: &cycled,
-            holder: HOLDER,
+            holder: &id::holder(HOLDER),
             ttl: TTL,
         })?;
         let release_text = store
             .statement_text(Statement::Release {
                 name: &cycled,
-                holder: HOLDER,
+                holder: &id::holder(HOLDER),
                 epoch: SENTINEL,
             })?
             .replace(&SENTINEL.to_string(), ":epoch");
@@ -757,7 +760,7 @@ async fn measure_floor(
         );
         let typed = TypedRenew {
             sql: &typed_sql,
-            name: &held,
+            name: held.as_str(),
             epoch,
         };
         for _ in 0..n {
@@ -788,7 +791,10 @@ async fn measure_floor(
         let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
         for _ in 0..CPU_RENEWS {
             ensure!(
-                store.renew(&held, HOLDER, epoch).await?.is_some(),
+                store
+                    .renew(&id::lease(&held), &id::holder(HOLDER), epoch)
+                    .await?
+                    .is_some(),
                 "renew failed"
             );
         }
@@ -809,20 +815,21 @@ async fn measure_floor(
             samples.ours[1].push(t);
         }
         for _ in 0..n {
-            let (r, t) = timed(store.renew(&held, HOLDER, epoch)).await;
+            let (r, t) = timed(store.renew(&id::lease(&held), &id::holder(HOLDER), epoch)).await;
             ensure!(r?.is_some(), "renew of {held} failed");
             samples.ours[2].push(t);
         }
         for _ in 0..n {
-            let (r, t) = timed(store.acquire(&held, OTHER, TTL)).await;
+            let (r, t) = timed(store.acquire(&id::lease(&held), &id::holder(OTHER), TTL)).await;
             ensure!(r?.is_none(), "{OTHER} acquired {held}");
             samples.ours[3].push(t);
         }
         for _ in 0..n {
-            let (r, t) = timed(store.acquire(&cycled, HOLDER, TTL)).await;
+            let (r, t) = timed(store.acquire(&id::lease(&cycled), &id::holder(HOLDER), TTL)).await;
             let lease = r?.with_context(|| format!("acquire of free {cycled} failed"))?;
             samples.ours[4].push(t);
-            let (r, t) = timed(store.release(&cycled, HOLDER, lease.epoch)).await;
+            let (r, t) =
+                timed(store.release(&id::lease(&cycled), &id::holder(HOLDER), lease.epoch)).await;
             ensure!(r?.is_some(), "release of {cycled} failed");
             samples.ours[5].push(t);
         }
@@ -866,18 +873,19 @@ async fn cycle(
     r?;
     let (r, t_update) = timed(update_probe(store)).await;
     r?;
-    let (r, t_acquire) = timed(store.acquire(name, HOLDER, TTL)).await;
+    let (r, t_acquire) = timed(store.acquire(&id::lease(name), &id::holder(HOLDER), TTL)).await;
     let lease = r?.with_context(|| format!("acquire of free lease {name} failed"))?;
     ensure!(
         lease.holder == HOLDER,
         "acquired {name} but holder is {:?}",
         lease.holder
     );
-    let (r, t_renew) = timed(store.renew(name, HOLDER, lease.epoch)).await;
+    let (r, t_renew) = timed(store.renew(&id::lease(name), &id::holder(HOLDER), lease.epoch)).await;
     ensure!(r?.is_some(), "renew of {name} failed");
-    let (r, t_failed) = timed(store.acquire(name, OTHER, TTL)).await;
+    let (r, t_failed) = timed(store.acquire(&id::lease(name), &id::holder(OTHER), TTL)).await;
     ensure!(r?.is_none(), "{OTHER} acquired {name}, held by {HOLDER}");
-    let (r, t_release) = timed(store.release(name, HOLDER, lease.epoch)).await;
+    let (r, t_release) =
+        timed(store.release(&id::lease(name), &id::holder(HOLDER), lease.epoch)).await;
     ensure!(r?.is_some(), "release of {name} failed");
     if let Some(s) = samples {
         s.select1.push(t_select1);
@@ -890,10 +898,12 @@ async fn cycle(
     Ok(())
 }
 
-async fn renew_singly(store: &LeaseStore, held: &[(String, i64)]) -> anyhow::Result<Duration> {
+async fn renew_singly(store: &LeaseStore, held: &[(LeaseName, i64)]) -> anyhow::Result<Duration> {
     let start = Instant::now();
     for (name, epoch) in held {
-        let renewed = store.renew(name, BULK_HOLDER, *epoch).await?;
+        let renewed = store
+            .renew(&id::lease(name), &id::holder(BULK_HOLDER), *epoch)
+            .await?;
         ensure!(renewed.is_some(), "renew of {name} failed");
     }
     Ok(start.elapsed())
@@ -902,10 +912,10 @@ async fn renew_singly(store: &LeaseStore, held: &[(String, i64)]) -> anyhow::Res
 /// Returns the latency and the server-side span of the returned rows' `observed_at`.
 async fn renew_batch(
     store: &LeaseStore,
-    held: &[(String, i64)],
+    held: &[(LeaseName, i64)],
 ) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
-    let renewed = store.renew_many(BULK_HOLDER, held).await?;
+    let renewed = store.renew_many(&id::holder(BULK_HOLDER), held).await?;
     let elapsed = start.elapsed();
     ensure!(
         renewed.len() == held.len(),
@@ -928,7 +938,7 @@ async fn renew_batch(
 async fn bench_paths(
     plan: &Plan,
     stores: &[(DbPath, LeaseStore)],
-    held: &[(String, i64)],
+    held: &[(LeaseName, i64)],
 ) -> anyhow::Result<Vec<PathResult>> {
     let names: Vec<Vec<String>> = stores
         .iter()

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::Schema;
-use crate::lease::{Lease, LeaseStore};
+use crate::lease::{ClusterName, Holder, Lease, LeaseName, LeaseStore};
 use crate::telemetry::LogFormat;
 use crate::{Error, Result};
 
@@ -113,13 +113,13 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct GuardArgs {
     /// The lease row name (a Reaper's `status.leaseName`, e.g. `<namespace>.<reaper>`).
-    #[arg(long, env = "REAPER_LEASE_NAME")]
-    pub lease: String,
+    #[arg(long, env = "REAPER_LEASE_NAME", value_parser = lease_name)]
+    pub lease: LeaseName,
 
     /// This cluster's name (the operator's `--cluster-name`): the command runs only while
     /// a replica of this cluster holds the lease.
-    #[arg(long = "cluster-name", env = "REAPER_CLUSTER_NAME")]
-    pub cluster_name: String,
+    #[arg(long = "cluster-name", env = "REAPER_CLUSTER_NAME", value_parser = cluster_name)]
+    pub cluster_name: ClusterName,
 
     /// Direct PostgreSQL URL used only to LISTEN for lease changes (fast loss detection),
     /// for when --database-url points at PgBouncer in transaction mode.
@@ -162,8 +162,8 @@ pub struct RunArgs {
     /// Give every cluster that shares the database its own name: two clusters with one
     /// name look like one, and then nothing waits for the other's pod to stop. Without
     /// it the name is `default`, with a warning.
-    #[arg(long, env = "REAPER_CLUSTER_NAME")]
-    pub cluster_name: Option<String>,
+    #[arg(long, env = "REAPER_CLUSTER_NAME", value_parser = cluster_name)]
+    pub cluster_name: Option<ClusterName>,
 
     /// This replica's identity (the pod name in a cluster). Default: `<hostname>-<pid>`.
     #[arg(long, env = "POD_NAME")]
@@ -225,22 +225,6 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks every flag before anything starts.
     pub fn settings(&self, db: &DatabaseArgs) -> Result<crate::operator::Settings> {
-        let dns_label = |what: &str, v: &str| -> Result<()> {
-            let ok = !v.is_empty()
-                && v.len() <= 63
-                && v.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !v.starts_with('-')
-                && !v.ends_with('-');
-            if ok {
-                Ok(())
-            } else {
-                Err(Error::Config(format!(
-                    "{what} {v:?} must be a DNS label: 1-63 characters of a-z, 0-9 and -, \
-                     starting and ending with a letter or digit"
-                )))
-            }
-        };
         let cluster = match &self.cluster_name {
             Some(name) => name.clone(),
             None => {
@@ -249,10 +233,9 @@ impl RunArgs {
                      shares the lease database needs a name of its own, or the operator cannot \
                      tell their pods apart and may start a second reaper"
                 );
-                "default".to_owned()
+                ClusterName::new("default")?
             }
         };
-        dns_label("--cluster-name", &cluster)?;
         let identity = match &self.identity {
             Some(id) => id.clone(),
             None => format!(
@@ -267,12 +250,8 @@ impl RunArgs {
                 std::process::id()
             ),
         };
-        crate::config::validate_label("--identity", &identity)?;
-        if identity.contains('/') {
-            return Err(Error::Config(format!(
-                "--identity {identity:?} must not contain '/'"
-            )));
-        }
+        let holder = Holder::of(&cluster, &identity)
+            .map_err(|e| Error::Config(format!("--identity: {}", reason(e))))?;
         let database_url = db.url()?.to_owned();
         // Check the URLs (TLS settings and files included) now, so a typo stops the
         // process at start instead of failing every connection later.
@@ -284,7 +263,7 @@ impl RunArgs {
             listen_database_url: self.listen_database_url.clone(),
             schema: db.schema()?,
             cluster,
-            identity,
+            holder,
             http_addr: self.http_addr,
             migrate: !self.no_migrate,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_seconds),
@@ -363,7 +342,7 @@ pub enum LeaseCommand {
     /// Show one lease, or all of them.
     Status {
         #[arg(long, value_parser = lease_name)]
-        name: Option<String>,
+        name: Option<LeaseName>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -373,25 +352,29 @@ pub enum LeaseCommand {
 #[derive(Debug, Args)]
 pub struct LeaseTarget {
     #[arg(long, value_parser = lease_name)]
-    name: String,
+    name: LeaseName,
     #[arg(long, value_parser = holder)]
-    holder: String,
+    holder: Holder,
 }
 
-fn lease_name(value: &str) -> Result<String, String> {
-    label("lease name", value)
+fn lease_name(value: &str) -> Result<LeaseName, String> {
+    LeaseName::new(value).map_err(reason)
 }
 
-fn holder(value: &str) -> Result<String, String> {
-    label("holder", value)
+fn holder(value: &str) -> Result<Holder, String> {
+    Holder::new(value).map_err(reason)
 }
 
-/// `value` if it can name `what` (`config::validate_label`); else why not.
-fn label(what: &str, value: &str) -> Result<String, String> {
-    match crate::config::validate_label(what, value) {
-        Ok(()) => Ok(value.to_owned()),
-        Err(Error::Config(reason)) => Err(reason),
-        Err(other) => Err(other.to_string()),
+fn cluster_name(value: &str) -> Result<ClusterName, String> {
+    ClusterName::new(value).map_err(reason)
+}
+
+/// Why a value was refused, without the "invalid configuration" its flag's error
+/// already says.
+fn reason(error: Error) -> String {
+    match error {
+        Error::Config(reason) => reason,
+        other => other.to_string(),
     }
 }
 
@@ -469,21 +452,6 @@ pub fn install_guard(path: &std::path::Path) -> anyhow::Result<Outcome> {
 
 /// `guard`: checks its flags, then runs the command under the lease.
 pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome> {
-    crate::config::validate_label("--lease", &args.lease)?;
-    let label_ok = !args.cluster_name.is_empty()
-        && args.cluster_name.len() <= 63
-        && args
-            .cluster_name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !args.cluster_name.starts_with('-')
-        && !args.cluster_name.ends_with('-');
-    if !label_ok {
-        anyhow::bail!(
-            "--cluster-name {:?} must be the operator's --cluster-name in this cluster, a DNS label",
-            args.cluster_name
-        );
-    }
     if !(0.0..=600.0).contains(&args.grace_seconds) {
         anyhow::bail!("--grace-seconds must be between 0 and 600");
     }
@@ -513,7 +481,7 @@ pub async fn guard(db: &DatabaseArgs, args: GuardArgs) -> anyhow::Result<Outcome
                 listener.listen(crate::lease::NOTIFY_CHANNEL).await?;
                 loop {
                     let n = listener.recv().await?;
-                    if n.payload() == lease_name {
+                    if lease_name == n.payload() {
                         wake_tx.notify_one();
                     }
                 }
@@ -618,8 +586,8 @@ pub async fn lease(db: &DatabaseArgs, command: LeaseCommand) -> Result<Outcome> 
 /// `lease acquire`; when refused, says why on stderr.
 async fn acquire(
     store: &LeaseStore,
-    name: &str,
-    holder: &str,
+    name: &LeaseName,
+    holder: &Holder,
     ttl_seconds: i64,
     output: Output,
 ) -> Result<Outcome> {

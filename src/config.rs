@@ -111,26 +111,6 @@ impl LeaseTimings {
     }
 }
 
-/// Holder identities and lease names are stored as text and shown to people; keep them
-/// printable and bounded.
-pub fn validate_label(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(Error::Config(format!("{what} must not be empty")));
-    }
-    if value.len() > 253 {
-        return Err(Error::Config(format!(
-            "{what} is {} bytes long; the limit is 253",
-            value.len()
-        )));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(Error::Config(format!(
-            "{what} {value:?} contains control characters"
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,14 +157,5 @@ mod tests {
         assert!(e.contains("1.2"), "{e}");
         assert!(LeaseTimings::new(s(15), s(13), s(10)).is_ok());
         assert!(LeaseTimings::new(s(15), s(10), s(0)).is_err());
-    }
-
-    #[test]
-    fn labels_are_bounded_and_printable() {
-        assert!(validate_label("holder", "cluster-a/pod-1").is_ok());
-        assert!(validate_label("holder", "").is_err());
-        assert!(validate_label("holder", "a\nb").is_err());
-        assert!(validate_label("holder", "a\0b").is_err());
-        assert!(validate_label("holder", &"x".repeat(254)).is_err());
     }
 }

@@ -21,8 +21,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 
-use crate::lease::Lease;
-use crate::reaper::decide::holder_cluster;
+use crate::lease::{ClusterName, Lease, LeaseName};
 
 /// Exit code of the guard when it stopped the child because the lease could no longer
 /// be confirmed (lost to another cluster, or no confirming read in time).
@@ -76,7 +75,7 @@ impl Reading {
         if !lease.is_held() {
             return Reading::NotHeld;
         }
-        if holder_cluster(&lease.holder) != Some(cluster) {
+        if lease.holder_cluster() != Some(cluster) {
             return Reading::Elsewhere {
                 holder: lease.holder.clone(),
                 epoch: lease.epoch,
@@ -618,8 +617,8 @@ async fn next_signal(signals: &mut Signals) -> tokio::signal::unix::SignalKind {
 /// Settings of `guard`.
 #[derive(Clone, Debug)]
 pub struct GuardSettings {
-    pub lease: String,
-    pub cluster: String,
+    pub lease: LeaseName,
+    pub cluster: ClusterName,
     pub poll: Duration,
     pub grace: Duration,
     pub margin: Duration,
@@ -708,7 +707,7 @@ async fn wait_for_lease(
         let sent = clock_now();
         match store.get(&settings.lease).await {
             Ok(lease) => {
-                let reading = Reading::of(lease.as_ref(), &settings.cluster);
+                let reading = Reading::of(lease.as_ref(), settings.cluster.as_str());
                 match (&reading, lease) {
                     (Reading::Confirmed { .. }, Some(lease)) => {
                         if checked_ttl != Some(lease.ttl) {
@@ -777,7 +776,7 @@ fn spawn_behind_gate(
         .arg("guard-exec")
         .args(["--gate-fd", &gate_fd.to_string(), "--"])
         .args(&settings.command)
-        .env("REAPER_LEASE_NAME", &settings.lease)
+        .env("REAPER_LEASE_NAME", settings.lease.as_str())
         .env("REAPER_LEASE_EPOCH", epoch.to_string())
         .env("REAPER_HOLDER", &confirmation.holder)
         .kill_on_drop(true);
@@ -951,7 +950,7 @@ impl GuardedCommand {
             _ = tokio::time::sleep(term_at.saturating_sub(sent)) => return Err(StopReason::Unconfirmed),
         };
         let reading = match result {
-            Ok(lease) => Reading::of(lease.as_ref(), &settings.cluster),
+            Ok(lease) => Reading::of(lease.as_ref(), settings.cluster.as_str()),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the lease");
                 return Ok(());

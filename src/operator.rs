@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Schema;
 use crate::http::{self, Health};
 use crate::kube_client;
-use crate::lease::{LeaseStore, NOTIFY_CHANNEL};
+use crate::lease::{ClusterName, Holder, LeaseStore, NOTIFY_CHANNEL};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::reaper::candidates::{Candidates, FENCE_CALL_TIMEOUT};
@@ -31,8 +31,9 @@ pub struct Settings {
     pub database_url: String,
     pub listen_database_url: Option<String>,
     pub schema: Schema,
-    pub cluster: String,
-    pub identity: String,
+    pub cluster: ClusterName,
+    /// `<cluster>/<identity>`.
+    pub holder: Holder,
     pub http_addr: SocketAddr,
     pub migrate: bool,
     pub shutdown_timeout: Duration,
@@ -40,12 +41,6 @@ pub struct Settings {
     pub kube_api_timeout: Duration,
     pub namespace: Option<String>,
     pub lease_scope: crate::reaper::LeaseScope,
-}
-
-impl Settings {
-    pub fn holder(&self) -> String {
-        format!("{}/{}", self.cluster, self.identity)
-    }
 }
 
 /// Connections of the electors' pool: one batched renew and one batched read per retry
@@ -95,8 +90,8 @@ pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<
     let own_presence = presence::Presence::new(
         ctx.client.clone(),
         ctx.client.default_namespace(),
-        &settings.identity,
-        &ctx.holder,
+        settings.holder.identity(),
+        ctx.holder.as_str(),
     );
     let mut background = background_tasks(&settings, &ctx, &own_presence);
     background.push(heartbeat);
@@ -140,12 +135,12 @@ fn context(
     store: LeaseStore,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<Reaper>>)> {
-    let holder = settings.holder();
+    let holder = settings.holder.clone();
     let events = Events::spawn(
         client.clone(),
         Reporter {
             controller: "reaper-operator".into(),
-            instance: Some(holder.clone()),
+            instance: Some(holder.to_string()),
         },
     );
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<ObjectRef<Reaper>>();

@@ -48,6 +48,7 @@ mod observer;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
@@ -494,11 +495,11 @@ async fn check(
     let (store, schema) = (&setup.store, &setup.schema);
     let mut events: Vec<Vec<LeaseEvent>> = Vec::new();
     for lease in &setup.leases {
-        events.push(store.events(lease).await?);
+        events.push(store.events(&id::lease(lease)).await?);
     }
     let mut extra_events: Vec<(String, Vec<LeaseEvent>)> = Vec::new();
     for lease in faults.extra_leases {
-        let e = store.events(&lease).await?;
+        let e = store.events(&id::lease(&lease)).await?;
         extra_events.push((lease, e));
     }
     let recorded = std::mem::take(&mut *setup.observer.records.lock().unwrap());
@@ -802,7 +803,7 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
         }
     }
     for (lease, deployment) in scene.leases.iter().zip(&scene.deployments) {
-        let Some(row) = scene.store.get(lease).await? else {
+        let Some(row) = scene.store.get(&id::lease(lease)).await? else {
             return Ok(Some(format!("lease {lease} has no row")));
         };
         if !row.is_held() {

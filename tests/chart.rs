@@ -37,6 +37,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use assert_json_diff::{CompareMode, Config, NumericMode, assert_json_matches_no_panic};
@@ -1853,7 +1854,11 @@ async fn takeover_metrics(ctx: &Ctx) -> Result<String> {
         .context("connecting to the test database")?;
     store.migrate().await?;
     store
-        .acquire(&lease, "elsewhere/op-0", Duration::from_secs(1))
+        .acquire(
+            &id::lease(&lease),
+            &id::holder("elsewhere/op-0"),
+            Duration::from_secs(1),
+        )
         .await?
         .ok_or_else(|| anyhow!("could not plant the expiring lease {lease}"))?;
     store.pool().close().await;

@@ -18,6 +18,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
@@ -146,7 +147,7 @@ impl<'a> World<'a> {
     /// Waits until one cluster runs the reaper and the lease row says so.
     async fn wait_leading(&self, timeout: Duration, newer_than: i64) -> Result<Lease> {
         wait_until("one cluster running the reaper", timeout, || async {
-            let Ok(Some(row)) = self.store.get(&self.lease).await else {
+            let Ok(Some(row)) = self.store.get(&id::lease(&self.lease)).await else {
                 return Ok(None);
             };
             let Some(c) = self
@@ -244,7 +245,7 @@ impl Sampler {
                     // A failed read counts as a pod: it cannot prove there is none.
                     pods[i] = live_pods(client, &ns, "reaper").await.unwrap_or(1);
                 }
-                let row = store.get(&lease).await.ok().flatten();
+                let row = store.get(&id::lease(&lease)).await.ok().flatten();
                 samples.push(Sample { at, pods, row });
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -385,7 +386,7 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
              and the floor of timeline 2",
             after.epoch
         );
-        let events = world.store.events(&world.lease).await?;
+        let events = world.store.events(&id::lease(&world.lease)).await?;
         let mut epochs: Vec<i64> = events.iter().map(|e| e.epoch).collect();
         epochs.sort_unstable();
         epochs.dedup();
@@ -432,7 +433,7 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
             || async {
                 Ok(world
                     .store
-                    .get(&world.lease)
+                    .get(&id::lease(&world.lease))
                     .await
                     .ok()
                     .flatten()
@@ -444,7 +445,7 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         tokio::time::sleep(Duration::from_secs(2)).await;
         let last_acknowledged = world
             .store
-            .get(&world.lease)
+            .get(&id::lease(&world.lease))
             .await?
             .context("the lease row is missing on the old primary")?;
 
@@ -571,7 +572,7 @@ async fn the_wait_covers_the_lost_history(
 ) -> Result<()> {
     at_most_one_pod(samples, start)?;
     let killed_wall = failover.killed_wall;
-    let events = world.store.events(&world.lease).await?;
+    let events = world.store.events(&id::lease(&world.lease)).await?;
     // Every renew the old primary acknowledged was sent before the kill.
     let latest_deadline = killed_wall + chrono::Duration::seconds(DEADLINE as i64);
     for e in events
@@ -615,7 +616,7 @@ async fn the_wait_covers_the_lost_history(
     // Every acquisition on the new timeline came a ttl or more after the new
     // primary first saw an acquire (the earliest instant the wait can start from).
     let first_seen = first_seen_on_timeline(&world.db, world.store.schema(), 2).await?;
-    let events = world.store.events(&world.lease).await?;
+    let events = world.store.events(&id::lease(&world.lease)).await?;
     let early: Vec<_> = events
         .iter()
         .filter(|e| e.epoch > TIMELINE_2_EPOCH_FLOOR && e.kind != "release")
@@ -648,14 +649,28 @@ async fn lease_statements_across_a_failover() {
     let store = LeaseStore::connect(db.pgbouncer_url(), &schema, Duration::from_secs(5), 2)
         .await
         .unwrap();
-    let held = store.acquire("l", "a/1", ttl).await.unwrap().unwrap();
+    let held = store
+        .acquire(&id::lease("l"), &id::holder("a/1"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(held.epoch, 1, "timeline 1 keeps the epochs it always had");
-    let long_held = store.acquire("long", "a/1", long).await.unwrap().unwrap();
+    let long_held = store
+        .acquire(&id::lease("long"), &id::holder("a/1"), long)
+        .await
+        .unwrap()
+        .unwrap();
     // Cluster b reports no pods, with a short bound; its later report of a starting pod
     // will be lost.
     let b_bound = Duration::from_millis(400);
     store
-        .sync_workload("l", "b", "b/1", WorkloadCounts::default(), b_bound)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("b"),
+            &id::holder("b/1"),
+            WorkloadCounts::default(),
+            b_bound,
+        )
         .await
         .unwrap();
     // Replicated: the standby has all of that.
@@ -667,14 +682,24 @@ async fn lease_statements_across_a_failover() {
     .await
     .unwrap();
     db.pause_replication().unwrap();
-    let renewed = store.renew("l", "a/1", 1).await.unwrap().unwrap();
+    let renewed = store
+        .renew(&id::lease("l"), &id::holder("a/1"), 1)
+        .await
+        .unwrap()
+        .unwrap();
     let starting = WorkloadCounts {
         replicas: 1,
         running_pods: 1,
         ready_pods: 0,
     };
     store
-        .sync_workload("l", "b", "b/1", starting, b_bound)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("b"),
+            &id::holder("b/1"),
+            starting,
+            b_bound,
+        )
         .await
         .unwrap();
     // Long enough for b's surviving report to be stale by its own date.
@@ -688,7 +713,7 @@ async fn lease_statements_across_a_failover() {
         b.running_pods >= 1 && !b.is_stale(),
         "a report from before the failover proves no pods: {b:?}"
     );
-    let before_wait = store.acquirable(&["l".into()]).await.unwrap();
+    let before_wait = store.acquirable(&[id::lease("l")]).await.unwrap();
     assert!(
         before_wait[0].acquirable,
         "a row from before the failover is worth an acquire (it starts the wait): {before_wait:?}"
@@ -703,7 +728,10 @@ async fn lease_statements_across_a_failover() {
         .unwrap();
     migrator.migrate().await.unwrap();
     assert_eq!(
-        migrator.acquire("x", "b/1", ttl).await.unwrap(),
+        migrator
+            .acquire(&id::lease("x"), &id::holder("b/1"), ttl)
+            .await
+            .unwrap(),
         None,
         "acquired at once in a schema migrated on timeline 2"
     );
@@ -713,13 +741,13 @@ async fn lease_statements_across_a_failover() {
     assert!(taken.on_current_timeline && taken.is_held());
     assert!(
         store
-            .renew("l", "b/1", taken.epoch)
+            .renew(&id::lease("l"), &id::holder("b/1"), taken.epoch)
             .await
             .unwrap()
             .is_some()
     );
     let created = store
-        .acquire("new-lease", "b/1", ttl)
+        .acquire(&id::lease("new-lease"), &id::holder("b/1"), ttl)
         .await
         .unwrap()
         .unwrap();
@@ -744,7 +772,7 @@ async fn rows_from_before_the_failover_are_dead(
     let row = wait_until(
         "the new primary through PgBouncer",
         Duration::from_secs(20),
-        || async { Ok(store.get("l").await.ok().flatten()) },
+        || async { Ok(store.get(&id::lease("l")).await.ok().flatten()) },
     )
     .await
     .unwrap();
@@ -753,19 +781,22 @@ async fn rows_from_before_the_failover_are_dead(
         "the acknowledged renew survived the failover: {row:?} vs {renewed:?}"
     );
     assert!(!row.on_current_timeline && !row.is_held(), "{row:?}");
-    let long_row = store.get("long").await.unwrap().unwrap();
+    let long_row = store.get(&id::lease("long")).await.unwrap().unwrap();
     assert!(
         !long_row.is_expired() && !long_row.on_current_timeline && !long_row.is_held(),
         "{long_row:?}"
     );
     let e = long_held.epoch;
     assert_eq!(
-        store.renew("long", "a/1", e).await.unwrap(),
+        store
+            .renew(&id::lease("long"), &id::holder("a/1"), e)
+            .await
+            .unwrap(),
         None,
         "renewed across the failover"
     );
     let many = store
-        .renew_many("a/1", &[("long".into(), e)])
+        .renew_many(&id::holder("a/1"), &[(id::lease("long"), e)])
         .await
         .unwrap();
     assert!(
@@ -796,7 +827,10 @@ async fn rows_from_before_the_failover_are_dead(
     .unwrap();
     assert_eq!(fence_cluster, None, "the cluster fence let a write through");
     assert_eq!(
-        store.release("long", "a/1", e).await.unwrap(),
+        store
+            .release(&id::lease("long"), &id::holder("a/1"), e)
+            .await
+            .unwrap(),
         None,
         "released across the failover"
     );
@@ -812,13 +846,22 @@ async fn nothing_is_acquired_during_the_wait(
     b_bound: Duration,
 ) -> Instant {
     let first_try = Instant::now();
-    assert_eq!(store.acquire("l", "b/1", ttl).await.unwrap(), None);
     assert_eq!(
-        store.acquire("new-lease", "b/1", ttl).await.unwrap(),
+        store
+            .acquire(&id::lease("l"), &id::holder("b/1"), ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .acquire(&id::lease("new-lease"), &id::holder("b/1"), ttl)
+            .await
+            .unwrap(),
         None,
         "a lease created in the wait"
     );
-    let in_wait = store.acquirable(&["l".into()]).await.unwrap().remove(0);
+    let in_wait = store.acquirable(&[id::lease("l")]).await.unwrap().remove(0);
     assert!(
         !in_wait.acquirable,
         "acquirable during the wait: {in_wait:?}"
@@ -842,7 +885,13 @@ async fn nothing_is_acquired_during_the_wait(
     assert!(b_report(store).await.is_stale(), "never stale");
     // b's own report on the new timeline counts as it is.
     store
-        .sync_workload("l", "b", "b/2", WorkloadCounts::default(), b_bound)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("b"),
+            &id::holder("b/2"),
+            WorkloadCounts::default(),
+            b_bound,
+        )
         .await
         .unwrap();
     let b = b_report(store).await;
@@ -861,7 +910,10 @@ async fn a_second_failover_costs_the_wait_too(
     db.fail_over().unwrap();
     let first_try = loop {
         let tried = Instant::now();
-        match store.acquire("l", "c/1", ttl).await {
+        match store
+            .acquire(&id::lease("l"), &id::holder("c/1"), ttl)
+            .await
+        {
             Ok(None) => break tried,
             Ok(Some(lease)) => panic!("acquired at once after a failover: {lease:?}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -875,9 +927,9 @@ async fn a_second_failover_costs_the_wait_too(
 async fn b_report(store: &LeaseStore) -> reaper_operator::lease::WorkloadReport {
     let reports = store
         .sync_workload(
-            "l",
-            "a",
-            "a/1",
+            &id::lease("l"),
+            &id::cluster("a"),
+            &id::holder("a/1"),
             WorkloadCounts::default(),
             Duration::from_secs(6),
         )
@@ -898,7 +950,11 @@ async fn acquire_after_the_wait(
     first_try: Instant,
 ) -> Lease {
     let taken = loop {
-        if let Some(lease) = store.acquire(name, holder, ttl).await.unwrap() {
+        if let Some(lease) = store
+            .acquire(&id::lease(name), &id::holder(holder), ttl)
+            .await
+            .unwrap()
+        {
             break lease;
         }
         assert!(

@@ -15,6 +15,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::id;
 
 use chrono::{DateTime, TimeZone, Utc};
 use reaper_operator::config::Schema;
@@ -181,7 +182,9 @@ fn keep_renewing(
                 _ = &mut rx => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let _ = store.renew(&name, holder, epoch).await;
+            let _ = store
+                .renew(&id::lease(&name), &id::holder(holder), epoch)
+                .await;
         }
     });
     tx
@@ -197,12 +200,12 @@ async fn hand_over_to_west(
 ) -> (reaper_operator::lease::Lease, reaper_operator::lease::Lease) {
     drop(renewing);
     let released = store
-        .release(name, "east/op-1", held.epoch)
+        .release(&id::lease(name), &id::holder("east/op-1"), held.epoch)
         .await
         .unwrap()
         .unwrap();
     let west = store
-        .acquire(name, "west/op-1", TTL)
+        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
         .await
         .unwrap()
         .unwrap();
@@ -226,7 +229,7 @@ async fn held_by_east(
 ) {
     let (store, schema) = db::fresh_schema(Via::Direct).await;
     let held = store
-        .acquire(name, "east/op-1", TTL)
+        .acquire(&id::lease(name), &id::holder("east/op-1"), TTL)
         .await
         .unwrap()
         .unwrap();
@@ -287,7 +290,7 @@ async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable(
     guarded.wait_running().await;
 
     // What the guard can have seen at most: the row as of the cut.
-    let at_cut = store.get(name).await.unwrap().unwrap();
+    let at_cut = store.get(&id::lease(name)).await.unwrap().unwrap();
     proxy.set(Mode::Blackhole);
     let code = guarded.wait_exit(TTL + Duration::from_secs(4));
     assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
@@ -314,9 +317,12 @@ async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
     // The whole cluster freezes: its operator stops renewing, the guard is stopped.
     drop(renewing);
     guarded.signal("STOP");
-    let last = store.get(name).await.unwrap().unwrap();
+    let last = store.get(&id::lease(name)).await.unwrap().unwrap();
     tokio::time::sleep(TTL + Duration::from_millis(500)).await;
-    let west = store.acquire(name, "west/op-1", TTL).await.unwrap();
+    let west = store
+        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
+        .await
+        .unwrap();
     let west = west.expect("the lease expired and another cluster took it");
     assert!(
         guarded.last_tick() < last.expires_at,
@@ -338,7 +344,7 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
     let name = "guard.short";
     // Held by another cluster: the command does not start.
     let west = store
-        .acquire(name, "west/op-1", TTL)
+        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
         .await
         .unwrap()
         .unwrap();
@@ -350,9 +356,16 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
     );
     assert!(guarded.child.try_wait().unwrap().is_none());
     // Now this cluster holds it, with a ttl that leaves no room for the grace.
-    store.release(name, "west/op-1", west.epoch).await.unwrap();
     store
-        .acquire(name, "east/op-1", Duration::from_secs(3))
+        .release(&id::lease(name), &id::holder("west/op-1"), west.epoch)
+        .await
+        .unwrap();
+    store
+        .acquire(
+            &id::lease(name),
+            &id::holder("east/op-1"),
+            Duration::from_secs(3),
+        )
         .await
         .unwrap()
         .unwrap();

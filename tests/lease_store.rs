@@ -5,9 +5,10 @@ mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::id;
 
 use reaper_operator::Error;
-use reaper_operator::lease::LeaseStore;
+use reaper_operator::lease::{LeaseName, LeaseStore};
 use support::db::{self, Via};
 use tokio::sync::Barrier;
 
@@ -58,7 +59,11 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .acquire("race", &format!("candidate-{i}"), LONG)
+                    .acquire(
+                        &id::lease("race"),
+                        &id::holder(format!("candidate-{i}")),
+                        LONG,
+                    )
                     .await
                     .unwrap()
             }));
@@ -75,7 +80,11 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
         last_epoch = winner.epoch;
         if round % 2 == 0 {
             candidates[0]
-                .release("race", &winner.holder, winner.epoch)
+                .release(
+                    &id::lease("race"),
+                    &id::holder(&winner.holder),
+                    winner.epoch,
+                )
                 .await
                 .unwrap()
                 .unwrap();
@@ -95,7 +104,11 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
 async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     let a = store
-        .acquire("l", "a", Duration::from_millis(300))
+        .acquire(
+            &id::lease("l"),
+            &id::holder("a"),
+            Duration::from_millis(300),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -109,13 +122,17 @@ async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
         chrono::Duration::milliseconds(300)
     );
     assert!(
-        store.acquire("l", "b", LONG).await.unwrap().is_none(),
+        store
+            .acquire(&id::lease("l"), &id::holder("b"), LONG)
+            .await
+            .unwrap()
+            .is_none(),
         "held lease taken"
     );
 
     tokio::time::sleep(Duration::from_millis(400)).await;
     let b = store
-        .acquire("l", "b", LONG)
+        .acquire(&id::lease("l"), &id::holder("b"), LONG)
         .await
         .unwrap()
         .expect("expired lease not taken");
@@ -125,38 +142,74 @@ async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
     );
     assert_eq!(b.ttl, LONG, "ttl is the new holder's");
     assert!(
-        store.renew("l", "a", 1).await.unwrap().is_none(),
+        store
+            .renew(&id::lease("l"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_none(),
         "old holder renewed"
     );
-    assert!(store.renew("l", "b", 2).await.unwrap().is_some());
+    assert!(
+        store
+            .renew(&id::lease("l"), &id::holder("b"), 2)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 async fn renew_after_expiry_fails_even_when_nobody_took_over(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     // Long enough for the first renew to land in time on a loaded machine.
     let ttl = Duration::from_millis(1000);
-    store.acquire("l", "a", ttl).await.unwrap().unwrap();
-    assert!(store.renew("l", "a", 1).await.unwrap().is_some());
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .renew(&id::lease("l"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_some()
+    );
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert!(
-        store.renew("l", "a", 1).await.unwrap().is_none(),
+        store
+            .renew(&id::lease("l"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_none(),
         "expired lease revived"
     );
-    let row = store.get("l").await.unwrap().unwrap();
+    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("a", 1));
     assert!(row.is_expired() && !row.is_held());
     // Coming back takes a new epoch, even for the same holder.
-    let again = store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    let again = store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.epoch, 2);
 }
 
 async fn release_then_immediate_acquire_by_another(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    store.acquire("l", "a", LONG).await.unwrap().unwrap();
-    let released = store.release("l", "a", 1).await.unwrap().expect("release");
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    let released = store
+        .release(&id::lease("l"), &id::holder("a"), 1)
+        .await
+        .unwrap()
+        .expect("release");
     assert!(released.is_free());
     let b = store
-        .acquire("l", "b", LONG)
+        .acquire(&id::lease("l"), &id::holder("b"), LONG)
         .await
         .unwrap()
         .expect("free lease not taken");
@@ -165,25 +218,55 @@ async fn release_then_immediate_acquire_by_another(via: Via) {
 
 async fn non_holder_renew_and_release_change_nothing(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    let a = store.acquire("l", "a", LONG).await.unwrap().unwrap();
-    assert!(store.renew("l", "b", 1).await.unwrap().is_none());
-    assert!(store.release("l", "b", 1).await.unwrap().is_none());
+    let a = store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
-        store.renew("l", "a", 2).await.unwrap().is_none(),
+        store
+            .renew(&id::lease("l"), &id::holder("b"), 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .release(&id::lease("l"), &id::holder("b"), 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .renew(&id::lease("l"), &id::holder("a"), 2)
+            .await
+            .unwrap()
+            .is_none(),
         "wrong epoch renewed"
     );
     assert!(
-        store.release("l", "a", 7).await.unwrap().is_none(),
+        store
+            .release(&id::lease("l"), &id::holder("a"), 7)
+            .await
+            .unwrap()
+            .is_none(),
         "wrong epoch released"
     );
-    assert!(store.renew("other", "a", 1).await.unwrap().is_none());
-    let row = store.get("l").await.unwrap().unwrap();
+    assert!(
+        store
+            .renew(&id::lease("other"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
     assert_eq!(
         (row.holder.as_str(), row.epoch, row.renewed_at),
         ("a", 1, a.renewed_at)
     );
     assert_eq!(
-        store.events("l").await.unwrap().len(),
+        store.events(&id::lease("l")).await.unwrap().len(),
         1,
         "no-ops were audited"
     );
@@ -197,7 +280,11 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     let store = db::store(via, &schema, 1)
         .await
         .with_lock_timeout(Duration::from_secs(5));
-    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let lease = schema.qualify("lease");
     let mut conn = db::connection(Via::Direct).await;
     let version_sql = format!(
@@ -206,12 +293,18 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     let before: String = db::scalar(&mut conn, &version_sql).await.unwrap();
 
     for _ in 0..3 {
-        assert!(store.acquire("l", "b", LONG).await.unwrap().is_none());
+        assert!(
+            store
+                .acquire(&id::lease("l"), &id::holder("b"), LONG)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
     let after: String = db::scalar(&mut conn, &version_sql).await.unwrap();
     assert_eq!(before, after, "xmin xmax ctid of the lease row changed");
     assert_eq!(
-        store.events("l").await.unwrap().len(),
+        store.events(&id::lease("l")).await.unwrap().len(),
         1,
         "failed acquires audited"
     );
@@ -228,7 +321,13 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     .await
     .unwrap();
     let started = Instant::now();
-    assert!(store.acquire("l", "b", LONG).await.unwrap().is_none());
+    assert!(
+        store
+            .acquire(&id::lease("l"), &id::holder("b"), LONG)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(
         started.elapsed() < Duration::from_millis(2_500),
         "the failed acquire waited {:?} for the row lock",
@@ -240,14 +339,28 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
 async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     store
-        .acquire("l", "a", Duration::from_millis(200))
+        .acquire(
+            &id::lease("l"),
+            &id::holder("a"),
+            Duration::from_millis(200),
+        )
         .await
         .unwrap()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    store.acquire("l", "b", LONG).await.unwrap().unwrap();
-    assert!(store.release("l", "a", 1).await.unwrap().is_none());
-    let row = store.get("l").await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("l"), &id::holder("b"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .release(&id::lease("l"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("b", 2));
     assert!(row.is_held());
 }
@@ -255,17 +368,25 @@ async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
 async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
     for _ in 0..3 {
-        let l = store.acquire("l", "a", LONG).await.unwrap().unwrap();
-        store.release("l", "a", l.epoch).await.unwrap().unwrap();
+        let l = store
+            .acquire(&id::lease("l"), &id::holder("a"), LONG)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .release(&id::lease("l"), &id::holder("a"), l.epoch)
+            .await
+            .unwrap()
+            .unwrap();
     }
     db::exec(&format!(
         "DELETE FROM {} WHERE name = 'l'",
         schema.qualify("lease")
     ))
     .await;
-    assert!(store.get("l").await.unwrap().is_none());
+    assert!(store.get(&id::lease("l")).await.unwrap().is_none());
     let healed = store
-        .acquire("l", "b", LONG)
+        .acquire(&id::lease("l"), &id::holder("b"), LONG)
         .await
         .unwrap()
         .expect("missing row not healed");
@@ -276,7 +397,7 @@ async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
     // A lease that never existed starts at 1.
     assert_eq!(
         store
-            .acquire("fresh", "b", LONG)
+            .acquire(&id::lease("fresh"), &id::holder("b"), LONG)
             .await
             .unwrap()
             .unwrap()
@@ -300,46 +421,62 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
         " NULL ",
         "o'brien",
     ] {
-        let l = store.acquire(name, "me", LONG).await.unwrap().unwrap();
+        let l = store
+            .acquire(&id::lease(name), &id::holder("me"), LONG)
+            .await
+            .unwrap()
+            .unwrap();
         held.push((name.to_owned(), l.epoch));
     }
-    let expired = store.acquire("taken", "me", short).await.unwrap().unwrap();
+    let expired = store
+        .acquire(&id::lease("taken"), &id::holder("me"), short)
+        .await
+        .unwrap()
+        .unwrap();
     let released = store
-        .acquire("released", "me", LONG)
+        .acquire(&id::lease("released"), &id::holder("me"), LONG)
         .await
         .unwrap()
         .unwrap();
     let stale = store
-        .acquire("stale-epoch", "me", LONG)
+        .acquire(&id::lease("stale-epoch"), &id::holder("me"), LONG)
         .await
         .unwrap()
         .unwrap();
     store
-        .acquire("not-mine", "other", LONG)
+        .acquire(&id::lease("not-mine"), &id::holder("other"), LONG)
         .await
         .unwrap()
         .unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
     store
-        .acquire("taken", "thief", LONG)
+        .acquire(&id::lease("taken"), &id::holder("thief"), LONG)
         .await
         .unwrap()
         .unwrap();
     store
-        .release("released", "me", released.epoch)
+        .release(&id::lease("released"), &id::holder("me"), released.epoch)
         .await
         .unwrap()
         .unwrap();
 
-    let mut request = held.clone();
-    request.push(("taken".into(), expired.epoch));
-    request.push(("released".into(), released.epoch));
-    request.push(("stale-epoch".into(), stale.epoch + 1));
-    request.push(("not-mine".into(), 1));
-    request.push(("never-existed".into(), 1));
-    let before = store.get("keep-1").await.unwrap().unwrap().renewed_at;
+    let mut request: Vec<(LeaseName, i64)> = held
+        .iter()
+        .map(|(name, epoch)| (id::lease(name), *epoch))
+        .collect();
+    request.push((id::lease("taken"), expired.epoch));
+    request.push((id::lease("released"), released.epoch));
+    request.push((id::lease("stale-epoch"), stale.epoch + 1));
+    request.push((id::lease("not-mine"), 1));
+    request.push((id::lease("never-existed"), 1));
+    let before = store
+        .get(&id::lease("keep-1"))
+        .await
+        .unwrap()
+        .unwrap()
+        .renewed_at;
     let mut renewed: Vec<(String, i64)> = store
-        .renew_many("me", &request)
+        .renew_many(&id::holder("me"), &request)
         .await
         .unwrap()
         .into_iter()
@@ -348,44 +485,67 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     renewed.sort();
     held.sort();
     assert_eq!(renewed, held);
-    assert!(store.get("keep-1").await.unwrap().unwrap().renewed_at > before);
-    assert!(store.renew_many("me", &[]).await.unwrap().is_empty());
+    assert!(
+        store
+            .get(&id::lease("keep-1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .renewed_at
+            > before
+    );
+    assert!(
+        store
+            .renew_many(&id::holder("me"), &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     let short = Duration::from_millis(200);
-    store.acquire("held", "other", LONG).await.unwrap().unwrap();
-    store.acquire("mine", "me", LONG).await.unwrap().unwrap();
     store
-        .acquire("q\"uote", "other", LONG)
+        .acquire(&id::lease("held"), &id::holder("other"), LONG)
         .await
         .unwrap()
         .unwrap();
     store
-        .acquire("expired", "other", short)
+        .acquire(&id::lease("mine"), &id::holder("me"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire(&id::lease("q\"uote"), &id::holder("other"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire(&id::lease("expired"), &id::holder("other"), short)
         .await
         .unwrap()
         .unwrap();
     let freed = store
-        .acquire("released", "other", LONG)
+        .acquire(&id::lease("released"), &id::holder("other"), LONG)
         .await
         .unwrap()
         .unwrap();
     store
-        .release("released", "other", freed.epoch)
+        .release(&id::lease("released"), &id::holder("other"), freed.epoch)
         .await
         .unwrap()
         .unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
 
-    let names: Vec<String> = [
+    let names: Vec<LeaseName> = [
         "held", "mine", "q\"uote", "expired", "released", "missing", "c,o{m}ma",
     ]
-    .map(String::from)
+    .map(id::lease)
     .to_vec();
     let found = store.acquirable(&names).await.unwrap();
     let asked: Vec<&str> = found.iter().map(|a| a.name.as_str()).collect();
+    let names: Vec<&str> = names.iter().map(LeaseName::as_str).collect();
     assert_eq!(asked, names, "one answer per name, in order");
     let mut free: Vec<&str> = found
         .iter()
@@ -419,7 +579,11 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     }
     // What it finds acquirable, acquire takes; what not, acquire refuses.
     for a in &found {
-        let taken = store.acquire(&a.name, "me", LONG).await.unwrap().is_some();
+        let taken = store
+            .acquire(&id::lease(&a.name), &id::holder("me"), LONG)
+            .await
+            .unwrap()
+            .is_some();
         assert_eq!(taken, a.acquirable, "{a:?}");
     }
     assert!(store.acquirable(&[]).await.unwrap().is_empty());
@@ -427,16 +591,33 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     // A lease about to expire: refused until the time it gave, taken from then on
     // (counted from when its answer arrived, as a standby does).
     let ttl = Duration::from_millis(1_500);
-    store.acquire("soon", "other", ttl).await.unwrap().unwrap();
-    let soon = store.acquirable(&["soon".into()]).await.unwrap().remove(0);
+    store
+        .acquire(&id::lease("soon"), &id::holder("other"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let soon = store
+        .acquirable(&[id::lease("soon")])
+        .await
+        .unwrap()
+        .remove(0);
     let arrived = tokio::time::Instant::now();
     assert!(
         !soon.acquirable && soon.acquirable_in > Duration::ZERO && soon.acquirable_in <= ttl,
         "{soon:?}"
     );
-    assert_eq!(store.acquire("soon", "me", LONG).await.unwrap(), None);
+    assert_eq!(
+        store
+            .acquire(&id::lease("soon"), &id::holder("me"), LONG)
+            .await
+            .unwrap(),
+        None
+    );
     tokio::time::sleep_until(arrived + soon.acquirable_in).await;
-    let taken = store.acquire("soon", "me", LONG).await.unwrap();
+    let taken = store
+        .acquire(&id::lease("soon"), &id::holder("me"), LONG)
+        .await
+        .unwrap();
     assert!(
         taken.is_some(),
         "refused at the instant acquirable gave: {soon:?}"
@@ -447,17 +628,53 @@ async fn audit_table_matches_a_scripted_history(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     // Long enough that the next statement surely finds it held on a loaded machine.
     let short = Duration::from_millis(1500);
-    store.acquire("l", "a", LONG).await.unwrap().unwrap(); // 1 acquire a
-    store.release("l", "a", 1).await.unwrap().unwrap(); // 1 release a
-    store.acquire("l", "b", short).await.unwrap().unwrap(); // 2 acquire b
-    assert!(store.acquire("l", "c", LONG).await.unwrap().is_none()); // no event
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap(); // 1 acquire a
+    store
+        .release(&id::lease("l"), &id::holder("a"), 1)
+        .await
+        .unwrap()
+        .unwrap(); // 1 release a
+    store
+        .acquire(&id::lease("l"), &id::holder("b"), short)
+        .await
+        .unwrap()
+        .unwrap(); // 2 acquire b
+    assert!(
+        store
+            .acquire(&id::lease("l"), &id::holder("c"), LONG)
+            .await
+            .unwrap()
+            .is_none()
+    ); // no event
     tokio::time::sleep(short + Duration::from_millis(100)).await;
-    store.acquire("l", "c", LONG).await.unwrap().unwrap(); // 3 takeover c from b
-    assert!(store.release("l", "b", 2).await.unwrap().is_none()); // late: no event
-    store.renew("l", "c", 3).await.unwrap().unwrap(); // renews are not audited
-    store.release("l", "c", 3).await.unwrap().unwrap(); // 3 release c
+    store
+        .acquire(&id::lease("l"), &id::holder("c"), LONG)
+        .await
+        .unwrap()
+        .unwrap(); // 3 takeover c from b
+    assert!(
+        store
+            .release(&id::lease("l"), &id::holder("b"), 2)
+            .await
+            .unwrap()
+            .is_none()
+    ); // late: no event
+    store
+        .renew(&id::lease("l"), &id::holder("c"), 3)
+        .await
+        .unwrap()
+        .unwrap(); // renews are not audited
+    store
+        .release(&id::lease("l"), &id::holder("c"), 3)
+        .await
+        .unwrap()
+        .unwrap(); // 3 release c
 
-    let events = store.events("l").await.unwrap();
+    let events = store.events(&id::lease("l")).await.unwrap();
     let history: Vec<(i64, &str, &str, &str)> = events
         .iter()
         .map(|e| {
@@ -547,9 +764,24 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     let (_, schema) = db::fresh_schema(via).await;
     let one: LeaseStore = db::store(via, &schema, 1).await;
     let two: LeaseStore = db::store(via, &schema, 1).await;
-    assert!(one.acquire("l", "one", LONG).await.unwrap().is_some());
-    assert!(two.acquire("l", "two", LONG).await.unwrap().is_none());
-    assert!(one.renew("l", "one", 1).await.unwrap().is_some());
+    assert!(
+        one.acquire(&id::lease("l"), &id::holder("one"), LONG)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        two.acquire(&id::lease("l"), &id::holder("two"), LONG)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        one.renew(&id::lease("l"), &id::holder("one"), 1)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 /// Acquire and release notify on a channel that a direct connection can LISTEN to
@@ -564,20 +796,34 @@ async fn acquire_and_release_notify_listeners(via: Via) {
         .await
         .unwrap();
     let name = format!("notify-{}-{via:?}", std::process::id());
-    let lease = store.acquire(&name, "a", LONG).await.unwrap().unwrap();
+    let lease = store
+        .acquire(&id::lease(&name), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let got = recv(&mut listener, &name).await;
     assert_eq!(got.payload(), name);
     store
-        .release(&name, "a", lease.epoch)
+        .release(&id::lease(&name), &id::holder("a"), lease.epoch)
         .await
         .unwrap()
         .unwrap();
     let got = recv(&mut listener, &name).await;
     assert_eq!(got.payload(), name);
     // Failed operations notify nobody.
-    store.acquire(&name, "b", LONG).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease(&name), &id::holder("b"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     recv(&mut listener, &name).await;
-    assert!(store.acquire(&name, "c", LONG).await.unwrap().is_none());
+    assert!(
+        store
+            .acquire(&id::lease(&name), &id::holder("c"), LONG)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let quiet = tokio::time::timeout(Duration::from_millis(300), recv(&mut listener, &name));
     assert!(quiet.await.is_err(), "a failed acquire notified");
 }
@@ -593,13 +839,25 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     let idle = WorkloadCounts::default();
     assert!(
         store
-            .sync_workload("l", "east", "east/a", running, Duration::from_secs(40))
+            .sync_workload(
+                &id::lease("l"),
+                &id::cluster("east"),
+                &id::holder("east/a"),
+                running,
+                Duration::from_secs(40)
+            )
             .await
             .unwrap()
             .is_empty()
     );
     let seen_by_west = store
-        .sync_workload("l", "west", "west/b", idle, Duration::from_secs(3))
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("west"),
+            &id::holder("west/b"),
+            idle,
+            Duration::from_secs(3),
+        )
         .await
         .unwrap();
     assert_eq!(seen_by_west.len(), 1);
@@ -616,11 +874,23 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     assert_eq!(seen_by_west[0].refresh, Duration::from_secs(10));
     assert!(!seen_by_west[0].is_stale());
     store
-        .sync_workload("l", "east", "east/c", idle, Duration::from_secs(3))
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/c"),
+            idle,
+            Duration::from_secs(3),
+        )
         .await
         .unwrap();
     let seen_by_west = store
-        .sync_workload("l", "west", "west/b", idle, Duration::from_secs(3))
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("west"),
+            &id::holder("west/b"),
+            idle,
+            Duration::from_secs(3),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -632,7 +902,13 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     );
     assert!(
         store
-            .sync_workload("other", "west", "west/b", idle, Duration::from_secs(3))
+            .sync_workload(
+                &id::lease("other"),
+                &id::cluster("west"),
+                &id::holder("west/b"),
+                idle,
+                Duration::from_secs(3)
+            )
             .await
             .unwrap()
             .is_empty()
@@ -656,7 +932,13 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
         let store = store.clone();
         async move {
             let reports = store
-                .sync_workload("l", "west", "west/x", none, ttl)
+                .sync_workload(
+                    &id::lease("l"),
+                    &id::cluster("west"),
+                    &id::holder("west/x"),
+                    none,
+                    ttl,
+                )
                 .await
                 .unwrap();
             reports
@@ -665,42 +947,82 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
                 .map(|r| (r.reported_by, r.running_pods))
         }
     };
-    store.acquire("l", "east/a", ttl).await.unwrap().unwrap();
     store
-        .sync_workload("l", "east", "east/a", one, ttl)
+        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/a"),
+            one,
+            ttl,
+        )
         .await
         .unwrap();
     // A peer's stale "nothing runs" is refused...
     store
-        .sync_workload("l", "east", "east/b", none, ttl)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/b"),
+            none,
+            ttl,
+        )
         .await
         .unwrap();
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 1)));
     // ...its report of pods is taken...
     store
-        .sync_workload("l", "east", "east/b", one, ttl)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/b"),
+            one,
+            ttl,
+        )
         .await
         .unwrap();
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 1)));
     // ...and the holder itself may say its pods are gone.
     store
-        .sync_workload("l", "east", "east/a", none, ttl)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/a"),
+            none,
+            ttl,
+        )
         .await
         .unwrap();
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 0)));
     // Once nobody of the cluster holds the lease, any replica reports what it sees.
     store
-        .sync_workload("l", "east", "east/a", one, ttl)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/a"),
+            one,
+            ttl,
+        )
         .await
         .unwrap();
-    let held = store.get("l").await.unwrap().unwrap();
+    let held = store.get(&id::lease("l")).await.unwrap().unwrap();
     store
-        .release("l", "east/a", held.epoch)
+        .release(&id::lease("l"), &id::holder("east/a"), held.epoch)
         .await
         .unwrap()
         .unwrap();
     store
-        .sync_workload("l", "east", "east/b", none, ttl)
+        .sync_workload(
+            &id::lease("l"),
+            &id::cluster("east"),
+            &id::holder("east/b"),
+            none,
+            ttl,
+        )
         .await
         .unwrap();
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 0)));
@@ -720,23 +1042,39 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
         ready_pods: 1,
     };
     let update = |name: &str, counts| WorkloadUpdate {
-        name: name.into(),
+        name: id::lease(name),
         counts,
         timing: ttl.into(),
     };
-    store.acquire("held", "east/a", ttl).await.unwrap().unwrap();
     store
-        .sync_workload("held", "east", "east/a", one, ttl)
+        .acquire(&id::lease("held"), &id::holder("east/a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .sync_workload(
+            &id::lease("held"),
+            &id::cluster("east"),
+            &id::holder("east/a"),
+            one,
+            ttl,
+        )
         .await
         .unwrap();
     store
-        .sync_workload("held", "west", "west/x", one, ttl)
+        .sync_workload(
+            &id::lease("held"),
+            &id::cluster("west"),
+            &id::holder("west/x"),
+            one,
+            ttl,
+        )
         .await
         .unwrap();
     let synced = store
         .sync_workloads(
-            "east",
-            "east/b",
+            &id::cluster("east"),
+            &id::holder("east/b"),
             &[
                 // Refused: east/a of the same cluster holds it.
                 update("held", WorkloadCounts::default()),
@@ -764,8 +1102,8 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
     // What was recorded is what another cluster reads.
     let seen_by_west = store
         .sync_workloads(
-            "west",
-            "west/x",
+            &id::cluster("west"),
+            &id::holder("west/x"),
             &[update("held", one), update("twice", one)],
         )
         .await
@@ -801,7 +1139,11 @@ async fn recv(
 /// without it TRUNCATE lease_event + DELETE of the lease row restarted epochs at 1.
 async fn lease_event_refuses_truncate(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
-    store.acquire("l", "a", LONG).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let error = db::try_exec(via, &format!("TRUNCATE {}", schema.qualify("lease_event")))
         .await
         .expect_err("TRUNCATE lease_event was allowed");
@@ -818,7 +1160,11 @@ async fn lease_event_refuses_truncate(via: Via) {
         "hint: {:?}",
         pg.hint()
     );
-    assert_eq!(store.events("l").await.unwrap().len(), 1, "history lost");
+    assert_eq!(
+        store.events(&id::lease("l")).await.unwrap().len(),
+        1,
+        "history lost"
+    );
 }
 
 /// Deleting a held lease row would let the next acquire in at once (a second holder);
@@ -826,13 +1172,21 @@ async fn lease_event_refuses_truncate(via: Via) {
 async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
     let lease = schema.qualify("lease");
-    store.acquire("l", "east/a", LONG).await.unwrap().unwrap();
     store
-        .acquire("free", "east/a", LONG)
+        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
         .await
         .unwrap()
         .unwrap();
-    store.release("free", "east/a", 1).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("free"), &id::holder("east/a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .release(&id::lease("free"), &id::holder("east/a"), 1)
+        .await
+        .unwrap()
+        .unwrap();
 
     for sql in [
         format!("DELETE FROM {lease} WHERE name = 'l'"),
@@ -873,14 +1227,22 @@ async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
         "{error}"
     );
 
-    let row = store.get("l").await.unwrap().expect("held row deleted");
+    let row = store
+        .get(&id::lease("l"))
+        .await
+        .unwrap()
+        .expect("held row deleted");
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
     assert!(
-        store.get("free").await.unwrap().is_some(),
+        store.get(&id::lease("free")).await.unwrap().is_some(),
         "free row deleted"
     );
     assert!(
-        store.acquire("l", "west/b", LONG).await.unwrap().is_none(),
+        store
+            .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
+            .await
+            .unwrap()
+            .is_none(),
         "a second holder got in"
     );
 }
@@ -893,26 +1255,50 @@ async fn free_or_expired_lease_row_can_be_deleted_and_epochs_continue(via: Via) 
     let short = Duration::from_millis(200);
 
     for _ in 0..2 {
-        let l = store.acquire("free", "a", LONG).await.unwrap().unwrap();
-        store.release("free", "a", l.epoch).await.unwrap().unwrap();
+        let l = store
+            .acquire(&id::lease("free"), &id::holder("a"), LONG)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .release(&id::lease("free"), &id::holder("a"), l.epoch)
+            .await
+            .unwrap()
+            .unwrap();
     }
     db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'free'"))
         .await
         .expect("DELETE of a free lease refused");
-    assert!(store.get("free").await.unwrap().is_none());
-    let l = store.acquire("free", "b", LONG).await.unwrap().unwrap();
+    assert!(store.get(&id::lease("free")).await.unwrap().is_none());
+    let l = store
+        .acquire(&id::lease("free"), &id::holder("b"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l.epoch, l.previous_holder.as_str()), (3, ""));
 
     // Expired, never released: a, then a takeover by b, both left to expire.
-    store.acquire("expired", "a", short).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("expired"), &id::holder("a"), short)
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
-    let b = store.acquire("expired", "b", short).await.unwrap().unwrap();
+    let b = store
+        .acquire(&id::lease("expired"), &id::holder("b"), short)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(b.epoch, 2);
     tokio::time::sleep(short + Duration::from_millis(100)).await;
     db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'expired'"))
         .await
         .expect("DELETE of an expired lease refused");
-    let c = store.acquire("expired", "c", LONG).await.unwrap().unwrap();
+    let c = store
+        .acquire(&id::lease("expired"), &id::holder("c"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.epoch, 3, "epoch must continue after the audit history");
 }
 
@@ -928,8 +1314,16 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
         .await
         .with_lock_timeout(lock_timeout);
     assert_eq!(store.lock_timeout(), lock_timeout);
-    store.acquire("l", "a", LONG).await.unwrap().unwrap();
-    store.acquire("other", "a", LONG).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("l"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .acquire(&id::lease("other"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
 
     let mut blocker = db::connection(Via::Direct).await;
     db::raw(
@@ -942,13 +1336,19 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
     .await
     .unwrap();
 
-    let held = [("l".to_owned(), 1), ("other".to_owned(), 1)];
+    let held = [(id::lease("l"), 1), (id::lease("other"), 1)];
     for what in ["renew", "renew_many", "release"] {
         let started = Instant::now();
         let result = match what {
-            "renew" => store.renew("l", "a", 1).await.map(|_| ()),
-            "renew_many" => store.renew_many("a", &held).await.map(|_| ()),
-            _ => store.release("l", "a", 1).await.map(|_| ()),
+            "renew" => store
+                .renew(&id::lease("l"), &id::holder("a"), 1)
+                .await
+                .map(|_| ()),
+            "renew_many" => store.renew_many(&id::holder("a"), &held).await.map(|_| ()),
+            _ => store
+                .release(&id::lease("l"), &id::holder("a"), 1)
+                .await
+                .map(|_| ()),
         };
         let took = started.elapsed();
         let error = result.expect_err("a statement on a locked row succeeded");
@@ -966,12 +1366,24 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
         );
         // The pool's only connection is free again at once, lock still held.
         let started = Instant::now();
-        assert!(store.renew("other", "a", 1).await.unwrap().is_some());
+        assert!(
+            store
+                .renew(&id::lease("other"), &id::holder("a"), 1)
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     db::raw(&mut blocker, "ROLLBACK").await.unwrap();
-    assert!(store.renew("l", "a", 1).await.unwrap().is_some());
+    assert!(
+        store
+            .renew(&id::lease("l"), &id::holder("a"), 1)
+            .await
+            .unwrap()
+            .is_some()
+    );
     // Nothing of the SET LOCAL stays on the (server) connection.
     let mut conn = db::connection(via).await;
     let setting: String = db::scalar(&mut conn, "SHOW lock_timeout").await.unwrap();
@@ -1054,7 +1466,11 @@ async fn server_encoding_is_checked(via: Via) {
 async fn a_lease_connection_the_server_ended_is_not_reused() {
     let (_, schema) = db::fresh_schema(Via::Direct).await;
     let store = db::store(Via::Direct, &schema, 1).await;
-    let lease = store.acquire("ended", "a", LONG).await.unwrap().unwrap();
+    let lease = store
+        .acquire(&id::lease("ended"), &id::holder("a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let mut admin = db::connection(Via::Direct).await;
     // Only this store's session: its last statement named this test's own schema
     // (other tests run in the same database at the same time).
@@ -1069,12 +1485,16 @@ async fn a_lease_connection_the_server_ended_is_not_reused() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     end_the_stores_session(&mut admin).await;
-    let renewed = store.renew("ended", "a", lease.epoch).await;
+    let renewed = store
+        .renew(&id::lease("ended"), &id::holder("a"), lease.epoch)
+        .await;
     assert!(
         matches!(&renewed, Ok(Some(l)) if l.epoch == lease.epoch),
         "renew after the session ended: {renewed:?}"
     );
-    let released = store.release("ended", "a", lease.epoch).await;
+    let released = store
+        .release(&id::lease("ended"), &id::holder("a"), lease.epoch)
+        .await;
     assert!(
         matches!(&released, Ok(Some(_))),
         "release after it: {released:?}"

@@ -17,6 +17,7 @@ mod workload_safety;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Result, anyhow, ensure};
 use chrono::Utc;
@@ -332,7 +333,7 @@ async fn one_leading_cluster(clusters: &[Cluster; 2], namespaces: &[String]) -> 
 
 async fn lease(store: &LeaseStore, name: &str) -> Result<Lease> {
     store
-        .get(name)
+        .get(&id::lease(name))
         .await?
         .ok_or_else(|| anyhow!("lease {name} does not exist"))
 }
@@ -620,7 +621,7 @@ async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
                 == 0,
             "old cluster not at 0"
         );
-        let events = store.events(&lease_name).await?;
+        let events = store.events(&id::lease(&lease_name)).await?;
         let release = events
             .iter()
             .rev()
@@ -739,7 +740,7 @@ async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
             Duration::from_secs(10),
         )
         .await?;
-        let events = store.events(&lease_name).await?;
+        let events = store.events(&id::lease(&lease_name)).await?;
         ensure!(
             events.windows(2).all(|w| w[0].epoch <= w[1].epoch),
             "epochs went back: {events:?}"
@@ -1161,7 +1162,11 @@ async fn unsafe_deployments_are_flagged(c: &Cluster, ns: &str, store: &LeaseStor
     // Something that keeps scaling a standby's Deployment up is scaled back and named.
     let held_elsewhere = format!("{ns}.elsewhere-{}", suffix());
     store
-        .acquire(&held_elsewhere, "ops/manual", Duration::from_secs(600))
+        .acquire(
+            &id::lease(&held_elsewhere),
+            &id::holder("ops/manual"),
+            Duration::from_secs(600),
+        )
         .await?
         .ok_or_else(|| anyhow!("could not take {held_elsewhere} by hand"))?;
     create_deployment(&c.client, ns, "pushed", "Recreate", json!({})).await?;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -1002,7 +1003,7 @@ impl<'a> Release<'a> {
             );
             // The lease first: a pod listed after a release existed at the release too
             // (none comes back while the Reaper goes).
-            let lease = store.get(&lease_name).await?;
+            let lease = store.get(&id::lease(&lease_name)).await?;
             let held = lease.as_ref().is_some_and(|l| l.is_held());
             let pods_left = acting(&work_pods.list(workload_pods).await?.items);
             if pods_left > 0 {
@@ -1015,7 +1016,7 @@ impl<'a> Release<'a> {
             }
             if reapers.get_opt("slow-reaper").await?.is_none() {
                 // Looked at after the Reaper was gone: its finalizer had finished by then.
-                let lease = store.get(&lease_name).await?;
+                let lease = store.get(&id::lease(&lease_name)).await?;
                 let pods_left = acting(&work_pods.list(workload_pods).await?.items);
                 ensure!(
                     pods_left == 0 && !lease.as_ref().is_some_and(|l| l.is_held()),

@@ -37,6 +37,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output};
 use std::time::{Duration, Instant};
+use support::id;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use reaper_operator::cli::describe_error;
@@ -204,7 +205,7 @@ impl Ctx {
         let store = LeaseStore::connect(&bounced, &schema, CALL, 1).await?;
         let name = format!("listen-{}", std::process::id());
         store
-            .acquire(&name, "c/a", TTL)
+            .acquire(&id::lease(&name), &id::holder("c/a"), TTL)
             .await?
             .ok_or_else(|| anyhow!("acquire of a new lease failed"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -452,21 +453,25 @@ impl Ctx {
             let store = LeaseStore::connect(&url, schema, CALL, 1).await?;
             let name = format!("cost-{}", std::process::id());
             let lease = store
-                .acquire(&name, "c/a", TTL)
+                .acquire(&id::lease(&name), &id::holder("c/a"), TTL)
                 .await?
                 .ok_or_else(|| anyhow!("{label}: acquire failed"))?;
             for _ in 0..20 {
-                store.renew(&name, "c/a", lease.epoch).await?;
+                store
+                    .renew(&id::lease(&name), &id::holder("c/a"), lease.epoch)
+                    .await?;
             }
             let started = Instant::now();
             for _ in 0..RENEWS {
                 store
-                    .renew(&name, "c/a", lease.epoch)
+                    .renew(&id::lease(&name), &id::holder("c/a"), lease.epoch)
                     .await?
                     .ok_or_else(|| anyhow!("{label}: renew lost the lease"))?;
             }
             let renew = started.elapsed() / RENEWS;
-            store.release(&name, "c/a", lease.epoch).await?;
+            store
+                .release(&id::lease(&name), &id::holder("c/a"), lease.epoch)
+                .await?;
             store.pool().close().await;
 
             let options = connect_options(&url)?;
@@ -503,11 +508,11 @@ async fn server_connection_is_tls(store: &LeaseStore) -> Result<bool> {
 async fn store_cycle(store: &LeaseStore, tag: &str) -> Result<()> {
     let name = format!("{tag}-{}", std::process::id());
     let lease = store
-        .acquire(&name, "c/a", TTL)
+        .acquire(&id::lease(&name), &id::holder("c/a"), TTL)
         .await?
         .ok_or_else(|| anyhow!("acquire of a new lease failed"))?;
     let renewed = store
-        .renew(&name, "c/a", lease.epoch)
+        .renew(&id::lease(&name), &id::holder("c/a"), lease.epoch)
         .await?
         .ok_or_else(|| anyhow!("renew failed"))?;
     ensure!(
@@ -515,7 +520,7 @@ async fn store_cycle(store: &LeaseStore, tag: &str) -> Result<()> {
         "renew went back in time"
     );
     let seen = store
-        .get(&name)
+        .get(&id::lease(&name))
         .await?
         .ok_or_else(|| anyhow!("lease missing"))?;
     ensure!(
@@ -523,11 +528,14 @@ async fn store_cycle(store: &LeaseStore, tag: &str) -> Result<()> {
         "{seen:?}"
     );
     store
-        .release(&name, "c/a", lease.epoch)
+        .release(&id::lease(&name), &id::holder("c/a"), lease.epoch)
         .await?
         .ok_or_else(|| anyhow!("release failed"))?;
     ensure!(
-        store.get(&name).await?.is_some_and(|l| l.is_free()),
+        store
+            .get(&id::lease(&name))
+            .await?
+            .is_some_and(|l| l.is_free()),
         "not free after release"
     );
     Ok(())

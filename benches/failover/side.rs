@@ -1,6 +1,7 @@
 //! The two clusters of `failover`: each one's Deployment, Reaper, watches and replicas
 //! ([`Side`]), and waiting until the two are stable again ([`Stability`]).
 
+use crate::support::id;
 use std::path::Path;
 use std::time::Duration;
 
@@ -189,7 +190,7 @@ impl Stability<'_> {
             {
                 return Ok(None);
             }
-            let Some(row) = self.store.get(self.lease_name).await? else {
+            let Some(row) = self.store.get(&id::lease(self.lease_name)).await? else {
                 return Ok(None);
             };
             if !leader_holders.contains(&row.holder) || !row.is_held() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::identity::{Holder, LeaseName};
 use super::store::{Availability, Lease, LeaseStore};
 use crate::{Error, Result};
 
@@ -36,13 +37,13 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 const MAX_BATCH: usize = 10_000;
 
 struct Renew {
-    name: String,
+    name: LeaseName,
     epoch: i64,
     reply: oneshot::Sender<Result<Option<Lease>>>,
 }
 
 struct Probe {
-    name: String,
+    name: LeaseName,
     reply: oneshot::Sender<Result<Availability>>,
 }
 
@@ -63,14 +64,14 @@ impl Request {
 /// A handle on the batching task of one holder. Cloning shares the task.
 #[derive(Clone)]
 pub struct LeaseBatcher {
-    holder: String,
+    holder: Holder,
     tx: mpsc::UnboundedSender<Request>,
     statements: Arc<AtomicU64>,
 }
 
 impl LeaseBatcher {
     /// Starts the batching task for `holder`; it ends when the last handle is dropped.
-    pub fn spawn(store: LeaseStore, holder: String, linger: Duration) -> Self {
+    pub fn spawn(store: LeaseStore, holder: Holder, linger: Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let statements = Arc::new(AtomicU64::new(0));
         tokio::spawn(batch_loop(
@@ -87,17 +88,17 @@ impl LeaseBatcher {
         }
     }
 
-    pub fn holder(&self) -> &str {
+    pub fn holder(&self) -> &Holder {
         &self.holder
     }
 
     /// Renews `name` at `epoch` for this batcher's holder, in the next batch.
     /// `Ok(None)` means "you are not the leader", exactly as [`LeaseStore::renew`].
-    pub async fn renew(&self, name: &str, epoch: i64) -> Result<Option<Lease>> {
+    pub async fn renew(&self, name: &LeaseName, epoch: i64) -> Result<Option<Lease>> {
         let (reply, answer) = oneshot::channel();
         self.call(
             Request::Renew(Renew {
-                name: name.to_owned(),
+                name: name.clone(),
                 epoch,
                 reply,
             }),
@@ -109,10 +110,10 @@ impl LeaseBatcher {
     /// `name`'s row and whether it is missing, free or expired on the database's clock
     /// (if not, an `acquire` would fail), and if not, how long until it could be; in the
     /// next batch (see [`LeaseStore::acquirable`]).
-    pub async fn acquirable(&self, name: &str) -> Result<Availability> {
+    pub async fn acquirable(&self, name: &LeaseName) -> Result<Availability> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Probe(Probe {
-            name: name.to_owned(),
+            name: name.clone(),
             reply,
         });
         self.call(request, answer).await
@@ -136,12 +137,12 @@ impl LeaseBatcher {
 
 async fn batch_loop(
     store: LeaseStore,
-    holder: String,
+    holder: Holder,
     linger: Duration,
     mut rx: mpsc::UnboundedReceiver<Request>,
     statements: Arc<AtomicU64>,
 ) {
-    let holder: Arc<str> = holder.into();
+    let holder = Arc::new(holder);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let linger_until = tokio::time::Instant::now() + linger;
@@ -175,8 +176,8 @@ async fn batch_loop(
     }
 }
 
-async fn send_renews(store: LeaseStore, holder: Arc<str>, batch: Vec<Renew>) {
-    let held: Vec<(String, i64)> = batch.iter().map(|r| (r.name.clone(), r.epoch)).collect();
+async fn send_renews(store: LeaseStore, holder: Arc<Holder>, batch: Vec<Renew>) {
+    let held: Vec<(LeaseName, i64)> = batch.iter().map(|r| (r.name.clone(), r.epoch)).collect();
     match store.renew_many(&holder, &held).await {
         Ok(renewed) => {
             let mut by_key: HashMap<(&str, i64), &Lease> = HashMap::with_capacity(renewed.len());
@@ -200,7 +201,7 @@ async fn send_renews(store: LeaseStore, holder: Arc<str>, batch: Vec<Renew>) {
 }
 
 async fn send_probes(store: LeaseStore, batch: Vec<Probe>) {
-    let mut names: Vec<String> = batch.iter().map(|p| p.name.clone()).collect();
+    let mut names: Vec<LeaseName> = batch.iter().map(|p| p.name.clone()).collect();
     names.sort_unstable();
     names.dedup();
     match store.acquirable(&names).await {

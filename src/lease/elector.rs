@@ -20,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
 
 use super::batch::LeaseBatcher;
+use super::identity::{Holder, LeaseName};
 use super::store::{Lease, LeaseStore};
 use crate::Error;
 use crate::config::LeaseTimings;
@@ -81,9 +82,9 @@ impl LeaderWatch {
 
 #[derive(Clone, Debug)]
 pub struct ElectorConfig {
-    pub lease_name: String,
+    pub lease_name: LeaseName,
     /// `<cluster>/<identity>`.
-    pub holder: String,
+    pub holder: Holder,
     pub timings: LeaseTimings,
 }
 
@@ -175,7 +176,7 @@ impl Elector {
     pub fn with_batcher(mut self, batcher: LeaseBatcher) -> Self {
         assert_eq!(
             batcher.holder(),
-            self.config.holder,
+            &self.config.holder,
             "a renew batcher serves one holder"
         );
         self.batcher = Some(batcher);

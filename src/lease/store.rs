@@ -29,7 +29,8 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::connect::connect_options;
 use super::conns::Connections;
-use crate::config::{Schema, validate_label};
+use super::identity::{ClusterName, Holder, LeaseName, cluster_of};
+use crate::config::Schema;
 use crate::{Error, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -63,6 +64,11 @@ impl Lease {
 
     pub fn is_expired(&self) -> bool {
         self.expires_at <= self.observed_at
+    }
+
+    /// The cluster of its holder, if the holder names one (see [`cluster_of`]).
+    pub fn holder_cluster(&self) -> Option<&str> {
+        cluster_of(&self.holder)
     }
 
     /// Held by someone, not expired as of `observed_at`, and acquired since the last
@@ -169,7 +175,7 @@ pub struct SyncedReports {
 /// One lease's workload as this replica sees it, for [`LeaseStore::sync_workloads`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkloadUpdate {
-    pub name: String,
+    pub name: LeaseName,
     pub counts: WorkloadCounts,
     pub timing: ReportTiming,
 }
@@ -222,18 +228,18 @@ fn lease_columns(timeline: &str) -> String {
 #[derive(Clone, Copy, Debug)]
 pub enum Statement<'a> {
     Acquire {
-        name: &'a str,
-        holder: &'a str,
+        name: &'a LeaseName,
+        holder: &'a Holder,
         ttl: Duration,
     },
     Renew {
-        name: &'a str,
-        holder: &'a str,
+        name: &'a LeaseName,
+        holder: &'a Holder,
         epoch: i64,
     },
     Release {
-        name: &'a str,
-        holder: &'a str,
+        name: &'a LeaseName,
+        holder: &'a Holder,
         epoch: i64,
     },
 }
@@ -408,19 +414,22 @@ impl LeaseStore {
 
     /// Takes the lease if it is free or expired, creating the row if it is missing.
     /// Returns the new row (epoch + 1) or `None` when someone else holds it.
-    pub async fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<Option<Lease>> {
+    pub async fn acquire(
+        &self,
+        name: &LeaseName,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Option<Lease>> {
         let sql = self.acquire_sql(name, holder, ttl)?;
         self.fetch_one_lease_once(sql).await
     }
 
-    fn acquire_sql(&self, name: &str, holder: &str, ttl: Duration) -> Result<String> {
-        validate_label("lease name", name)?;
-        validate_label("holder", holder)?;
+    fn acquire_sql(&self, name: &LeaseName, holder: &Holder, ttl: Duration) -> Result<String> {
         let ttl_ms = ttl_millis(ttl)?;
         let (l, e, t) = (&self.lease_table, &self.event_table, &self.timeline_table);
         let (tl, c) = (&self.timeline, &self.columns);
-        let key = literal(&fence_key_text(&self.schema, name));
-        let (name, holder) = (literal(name), literal(holder));
+        let key = literal(&fence_key_text(&self.schema, name.as_str()));
+        let (name, holder) = (literal(name.as_str()), literal(holder.as_str()));
         // ON CONFLICT DO UPDATE re-checks its WHERE against the latest committed row
         // under a row lock, so among concurrent candidates exactly one can win. A row
         // that went missing is recreated with an epoch above any in the audit history,
@@ -502,37 +511,42 @@ impl LeaseStore {
 
     /// Extends the lease for the holder at `epoch`, only while it has not expired:
     /// an expired lease is never revived. `None` means "you are not the leader".
-    pub async fn renew(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
-        let sql = self.renew_sql(name, holder, epoch)?;
+    pub async fn renew(
+        &self,
+        name: &LeaseName,
+        holder: &Holder,
+        epoch: i64,
+    ) -> Result<Option<Lease>> {
+        let sql = self.renew_sql(name, holder, epoch);
         self.fetch_one_lease(sql).await
     }
 
-    fn renew_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
-        validate_label("lease name", name)?;
-        validate_label("holder", holder)?;
+    fn renew_sql(&self, name: &LeaseName, holder: &Holder, epoch: i64) -> String {
         let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
-        let (name, holder) = (literal(name), literal(holder));
+        let (name, holder) = (literal(name.as_str()), literal(holder.as_str()));
         let expires = expires_at("l");
-        let sql = format!(
+        format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
              WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
                AND {expires} > clock_timestamp() \
                AND l.timeline = {tl} \
              RETURNING {c}"
-        );
-        Ok(sql)
+        )
     }
 
     /// Renews every `(name, epoch)` that `holder` still holds, in one statement.
     /// Returns the leases that were renewed; any lease missing from the result is lost.
-    pub async fn renew_many(&self, holder: &str, held: &[(String, i64)]) -> Result<Vec<Lease>> {
-        validate_label("holder", holder)?;
+    pub async fn renew_many(
+        &self,
+        holder: &Holder,
+        held: &[(LeaseName, i64)],
+    ) -> Result<Vec<Lease>> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
         // Two array literals ('{...}'::text[]) rather than ARRAY[...] of 2 × N literals:
         // the server parses one string per array instead of planning N expressions.
-        let names = text_array(held.iter().map(|(name, _)| name.as_str()))?;
+        let names = text_array(held.iter().map(|(name, _)| name.as_str()));
         let mut epochs = String::with_capacity(held.len() * 8 + 2);
         epochs.push('{');
         for (i, (_, epoch)) in held.iter().enumerate() {
@@ -543,7 +557,7 @@ impl LeaseStore {
         }
         epochs.push('}');
         let (l, tl, c) = (&self.lease_table, &self.timeline, &self.columns);
-        let (holder, names, epochs) = (literal(holder), literal(&names), literal(&epochs));
+        let (holder, names, epochs) = (literal(holder.as_str()), literal(&names), literal(&epochs));
         let expires = expires_at("l");
         let sql = format!(
             "UPDATE {l} AS l SET renewed_at = clock_timestamp() \
@@ -561,11 +575,11 @@ impl LeaseStore {
     /// long until it could unless its holder renews first. One read for any number of
     /// leases, so standbys need not send an `acquire` per lease per retry period;
     /// `acquire` still decides.
-    pub async fn acquirable(&self, names: &[String]) -> Result<Vec<Availability>> {
+    pub async fn acquirable(&self, names: &[LeaseName]) -> Result<Vec<Availability>> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let array = literal(&text_array(names.iter().map(String::as_str))?);
+        let array = literal(&text_array(names.iter().map(LeaseName::as_str)));
         let (l, t, tl, c) = (
             &self.lease_table,
             &self.timeline_table,
@@ -615,24 +629,27 @@ impl LeaseStore {
 
     /// Frees the lease if `holder` holds it at `epoch`; a late release after a takeover
     /// matches nothing and returns `None`.
-    pub async fn release(&self, name: &str, holder: &str, epoch: i64) -> Result<Option<Lease>> {
-        let sql = self.release_sql(name, holder, epoch)?;
+    pub async fn release(
+        &self,
+        name: &LeaseName,
+        holder: &Holder,
+        epoch: i64,
+    ) -> Result<Option<Lease>> {
+        let sql = self.release_sql(name, holder, epoch);
         self.fetch_one_lease_once(sql).await
     }
 
-    fn release_sql(&self, name: &str, holder: &str, epoch: i64) -> Result<String> {
-        validate_label("lease name", name)?;
-        validate_label("holder", holder)?;
+    fn release_sql(&self, name: &LeaseName, holder: &Holder, epoch: i64) -> String {
         let (l, e, tl, c) = (
             &self.lease_table,
             &self.event_table,
             &self.timeline,
             &self.columns,
         );
-        let (name, holder) = (literal(name), literal(holder));
+        let (name, holder) = (literal(name.as_str()), literal(holder.as_str()));
         // A row of an earlier timeline stays as it is: freeing it would let a candidate
         // take it before the ttl after the failover has passed.
-        let sql = format!(
+        format!(
             "WITH released AS ( \
                UPDATE {l} AS l SET holder = '' \
                WHERE l.name = {name} AND l.holder = {holder} AND l.epoch = {epoch} \
@@ -645,8 +662,7 @@ impl LeaseStore {
              ) \
              SELECT {c}, pg_notify({NOTIFY_CHANNEL_LITERAL}, l.name)::text AS notified \
              FROM released AS l"
-        );
-        Ok(sql)
+        )
     }
 
     /// The query message a lease statement sends, `SET LOCAL`s included, so a benchmark
@@ -659,20 +675,19 @@ impl LeaseStore {
                 name,
                 holder,
                 epoch,
-            } => self.renew_sql(name, holder, epoch)?,
+            } => self.renew_sql(name, holder, epoch),
             Statement::Release {
                 name,
                 holder,
                 epoch,
-            } => self.release_sql(name, holder, epoch)?,
+            } => self.release_sql(name, holder, epoch),
         };
         Ok(self.with_settings(&sql))
     }
 
-    pub async fn get(&self, name: &str) -> Result<Option<Lease>> {
-        validate_label("lease name", name)?;
+    pub async fn get(&self, name: &LeaseName) -> Result<Option<Lease>> {
         let (l, c) = (&self.lease_table, &self.columns);
-        let name = literal(name);
+        let name = literal(name.as_str());
         let sql = format!("SELECT {c} FROM {l} AS l WHERE l.name = {name}");
         self.fetch_one_lease(sql).await
     }
@@ -688,9 +703,9 @@ impl LeaseStore {
     /// for one lease.
     pub async fn sync_workload(
         &self,
-        name: &str,
-        cluster: &str,
-        reported_by: &str,
+        name: &LeaseName,
+        cluster: &ClusterName,
+        reported_by: &Holder,
         counts: WorkloadCounts,
         timing: impl Into<ReportTiming>,
     ) -> Result<Vec<WorkloadReport>> {
@@ -699,13 +714,13 @@ impl LeaseStore {
                 cluster,
                 reported_by,
                 &[WorkloadUpdate {
-                    name: name.to_owned(),
+                    name: name.clone(),
                     counts,
                     timing: timing.into(),
                 }],
             )
             .await?;
-        Ok(synced.others.remove(name).unwrap_or_default())
+        Ok(synced.others.remove(name.as_str()).unwrap_or_default())
     }
 
     /// Records this cluster's view of every workload in `updates` and returns, per lease
@@ -717,12 +732,10 @@ impl LeaseStore {
     /// cluster dead, and how often it is refreshed.
     pub async fn sync_workloads(
         &self,
-        cluster: &str,
-        reported_by: &str,
+        cluster: &ClusterName,
+        reported_by: &Holder,
         updates: &[WorkloadUpdate],
     ) -> Result<SyncedReports> {
-        validate_label("cluster", cluster)?;
-        validate_label("reporter", reported_by)?;
         if updates.is_empty() {
             return Ok(SyncedReports::default());
         }
@@ -735,8 +748,8 @@ impl LeaseStore {
     /// The statement of [`LeaseStore::sync_workloads`], for updates of distinct leases.
     fn sync_workloads_statement(
         &self,
-        cluster: &str,
-        reported_by: &str,
+        cluster: &ClusterName,
+        reported_by: &Holder,
         by_name: &BTreeMap<&str, &WorkloadUpdate>,
     ) -> Result<String> {
         let numbers = |f: &dyn Fn(&WorkloadUpdate) -> Result<i64>| -> Result<String> {
@@ -746,14 +759,14 @@ impl LeaseStore {
                 .collect::<Result<Vec<_>>>()?;
             Ok(format!("'{{{}}}'::bigint[]", values.join(",")))
         };
-        let names = literal(&text_array(by_name.keys().copied())?);
+        let names = literal(&text_array(by_name.keys().copied()));
         let replicas = numbers(&|u| Ok(u.counts.replicas.into()))?;
         let running = numbers(&|u| Ok(u.counts.running_pods.into()))?;
         let ready = numbers(&|u| Ok(u.counts.ready_pods.into()))?;
         let stale_after = numbers(&|u| ttl_millis(u.timing.stale_after))?;
         let refresh = numbers(&|u| ttl_millis(u.timing.refresh))?;
         let w = self.schema.qualify("lease_workload");
-        let (cluster, reported_by) = (literal(cluster), literal(reported_by));
+        let (cluster, reported_by) = (literal(cluster.as_str()), literal(reported_by.as_str()));
         let (l, t, tl) = (&self.lease_table, &self.timeline_table, &self.timeline);
         // "No pods" from a replica that does not hold the lease, while another replica of
         // its cluster does, is refused: its observation may predate that holder's
@@ -831,10 +844,9 @@ impl LeaseStore {
     }
 
     /// The audit history of one lease, oldest first.
-    pub async fn events(&self, name: &str) -> Result<Vec<LeaseEvent>> {
-        validate_label("lease name", name)?;
+    pub async fn events(&self, name: &LeaseName) -> Result<Vec<LeaseEvent>> {
         let e = &self.event_table;
-        let name = literal(name);
+        let name = literal(name.as_str());
         let sql = format!(
             "SELECT id, name, epoch, holder, previous_holder, kind, at FROM {e} \
              WHERE name = {name} ORDER BY id"
@@ -1117,15 +1129,11 @@ fn ttl_millis(ttl: Duration) -> Result<i64> {
     Ok(ms as i64)
 }
 
-/// A SQL string literal in the `E'...'` form, which means the same whatever
-/// `standard_conforming_strings` is. Control characters (NUL included) are refused
-/// earlier by [`validate_label`].
-/// A PostgreSQL array literal (`{"a","b"}`) of validated lease names, to be quoted with
+/// A PostgreSQL array literal (`{"a","b"}`) of lease names, to be quoted with
 /// [`literal`] and cast to `text[]`.
-fn text_array<'a>(names: impl Iterator<Item = &'a str>) -> Result<String> {
+fn text_array<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let mut out = String::from("{");
     for (i, name) in names.enumerate() {
-        validate_label("lease name", name)?;
         if i > 0 {
             out.push(',');
         }
@@ -1139,9 +1147,12 @@ fn text_array<'a>(names: impl Iterator<Item = &'a str>) -> Result<String> {
         out.push('"');
     }
     out.push('}');
-    Ok(out)
+    out
 }
 
+/// A SQL string literal in the `E'...'` form, which means the same whatever
+/// `standard_conforming_strings` is. Control characters (NUL included) cannot reach it: the names it quotes are checked
+/// where they come in (`identity`).
 fn literal(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 3);
     out.push_str("E'");

@@ -21,20 +21,19 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::crd::Reaper;
-use super::decide::same_cluster;
 use super::events::Events;
 use super::status::LastWrite;
 use crate::config::LeaseTimings;
 use crate::lease::batch::DEFAULT_LINGER;
 use crate::lease::{
-    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, Lease, LeaseBatcher, LeaseStore,
-    MonotonicClock, Tick, WorkloadReport, WorkloadUpdate,
+    Clock, Elector, ElectorConfig, Holder, LeaderWatch, Leadership, Lease, LeaseBatcher, LeaseName,
+    LeaseStore, MonotonicClock, Tick, WorkloadReport, WorkloadUpdate,
 };
 use crate::metrics::Metrics;
 
 /// A running elector for one Reaper.
 pub struct Candidate {
-    pub lease_name: String,
+    pub lease_name: LeaseName,
     pub timings: LeaseTimings,
     /// The Deployment this elector's leadership scales, in the Reaper's namespace.
     pub namespace: String,
@@ -101,7 +100,7 @@ pub struct Candidates {
     store: LeaseStore,
     /// All electors of this replica renew through it: one statement per retry period.
     batcher: LeaseBatcher,
-    holder: String,
+    holder: Holder,
     trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
     events: Events,
     clock: Arc<dyn Clock>,
@@ -113,7 +112,7 @@ pub struct Candidates {
 impl Candidates {
     pub fn new(
         store: LeaseStore,
-        holder: String,
+        holder: Holder,
         trigger: mpsc::UnboundedSender<ObjectRef<Reaper>>,
         events: Events,
         fence_client: Client,
@@ -138,7 +137,7 @@ impl Candidates {
     pub fn with<R>(
         &self,
         key: &ObjectRef<Reaper>,
-        lease_name: &str,
+        lease_name: &LeaseName,
         timings: LeaseTimings,
         deployment: &str,
         reference: ObjectReference,
@@ -146,7 +145,7 @@ impl Candidates {
     ) -> Result<R, Box<Candidate>> {
         let mut map = self.inner.lock().expect("candidates mutex poisoned");
         if let Some(existing) = map.get(key)
-            && (existing.lease_name != lease_name
+            && (existing.lease_name != *lease_name
                 || existing.timings != timings
                 || existing.deployment != deployment)
         {
@@ -250,13 +249,13 @@ impl Candidates {
     fn spawn(
         &self,
         key: ObjectRef<Reaper>,
-        lease_name: &str,
+        lease_name: &LeaseName,
         timings: LeaseTimings,
         deployment: &str,
         reference: ObjectReference,
     ) -> Candidate {
         let config = ElectorConfig {
-            lease_name: lease_name.to_owned(),
+            lease_name: lease_name.clone(),
             holder: self.holder.clone(),
             timings,
         };
@@ -270,7 +269,7 @@ impl Candidates {
             store: self.store.clone(),
             namespace: key.namespace.clone().unwrap_or_default(),
             deployment: deployment.to_owned(),
-            lease_name: lease_name.to_owned(),
+            lease_name: lease_name.clone(),
             holder: self.holder.clone(),
             check_timeout: fence_check_timeout(timings),
             attempt_timeout: fence_attempt_timeout(timings),
@@ -303,11 +302,13 @@ impl Candidates {
                     |tick, took| observer.observe(tick, took),
                 )
                 .await;
-            observer.metrics.forget_lease(&observer.fence.lease_name);
+            observer
+                .metrics
+                .forget_lease(observer.fence.lease_name.as_str());
             elector
         });
         Candidate {
-            lease_name: lease_name.to_owned(),
+            lease_name: lease_name.clone(),
             timings,
             namespace,
             deployment: deployment.to_owned(),
@@ -363,7 +364,7 @@ impl TickObserver {
         }
         let leading = self.leadership.leader_epoch().is_some();
         self.metrics
-            .observe_tick(&self.fence.lease_name, tick, took, leading);
+            .observe_tick(self.fence.lease_name.as_str(), tick, took, leading);
         if let Tick::DeadlineMissed { error, .. } = tick {
             self.fence
                 .stop_workload(error.is_some() || !database_was_ok);
@@ -390,8 +391,8 @@ struct Fence {
     store: LeaseStore,
     namespace: String,
     deployment: String,
-    lease_name: String,
-    holder: String,
+    lease_name: LeaseName,
+    holder: Holder,
     /// How long to ask the database who holds the lease before fencing anyway.
     check_timeout: Duration,
     /// How long one scale-down call may take before it is tried again, on a new
@@ -426,7 +427,7 @@ impl Fence {
         let Ok(Ok(Some(lease))) = tokio::time::timeout(self.check_timeout, lookup).await else {
             return false;
         };
-        lease.is_held() && lease.holder != self.holder && same_cluster(&lease.holder, &self.holder)
+        lease.is_held() && lease.holder != self.holder && self.holder.same_cluster(&lease.holder)
     }
 
     /// Retried until the API server accepts it: a fence that gave up after one failed

@@ -8,22 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 
 use super::crd::{LeaseScope, Reaper};
-use crate::lease::{Lease, WorkloadCounts, WorkloadReport};
-
-/// The cluster of a holder identity `<cluster>/<identity>`. A holder without `/` (written
-/// by hand, or by something else) belongs to no cluster: it is never "this cluster",
-/// never a peer, always someone else.
-pub fn holder_cluster(holder: &str) -> Option<&str> {
-    holder
-        .split_once('/')
-        .map(|(cluster, _)| cluster)
-        .filter(|c| !c.is_empty())
-}
-
-/// Whether two holders are replicas of one cluster (and so share one Deployment).
-pub fn same_cluster(a: &str, b: &str) -> bool {
-    matches!((holder_cluster(a), holder_cluster(b)), (Some(x), Some(y)) if x == y)
-}
+use crate::lease::{ClusterName, Holder, Lease, WorkloadCounts, WorkloadReport};
 
 /// Who last scaled this cluster's Deployment up, recorded on the Reaper's status before
 /// the scale-up, so that a restarted replica (which has forgotten) still knows the
@@ -57,16 +42,16 @@ pub enum Role {
 pub fn role(
     leader_epoch: Option<i64>,
     row: &Result<Option<Lease>, String>,
-    me: &str,
-    cluster: &str,
+    me: &Holder,
+    cluster: &ClusterName,
 ) -> Role {
     if let Some(epoch) = leader_epoch {
         return Role::Leader { epoch };
     }
     match row {
         Ok(Some(lease)) if !lease.is_free() => {
-            let ours = holder_cluster(&lease.holder) == Some(cluster);
-            if lease.is_held() && lease.holder == me {
+            let ours = lease.holder_cluster() == Some(cluster.as_str());
+            if lease.is_held() && *me == lease.holder {
                 Role::Lapsed
             } else if ours && (lease.is_held() || recently_expired(lease)) {
                 // A peer holds it, or this cluster held it until moments ago (a peer, or
@@ -122,14 +107,14 @@ pub enum Gate {
 
 pub fn handover_gate(
     row: &Result<Option<Lease>, String>,
-    me: &str,
+    me: &Holder,
     epoch: i64,
     reports: &Result<Vec<WorkloadReport>, String>,
     own: WorkloadCounts,
     handover_delay: Duration,
 ) -> Gate {
     let lease = match row {
-        Ok(Some(lease)) if lease.holder == me && lease.epoch == epoch && lease.is_held() => lease,
+        Ok(Some(lease)) if *me == lease.holder && lease.epoch == epoch && lease.is_held() => lease,
         Ok(Some(lease)) => {
             return Gate::Unconfirmed {
                 reason: format!(
@@ -171,9 +156,10 @@ pub fn handover_gate(
         .to_std()
         .unwrap_or_default();
     let mut stale = Vec::new();
-    for report in reports.iter().filter(|r| {
-        Some(r.cluster.as_str()) != holder_cluster(me) && r.running_pods.max(r.replicas) > 0
-    }) {
+    for report in reports
+        .iter()
+        .filter(|r| Some(r.cluster.as_str()) != me.cluster() && r.running_pods.max(r.replicas) > 0)
+    {
         if !report.is_stale() || held_for < report.refresh * 2 {
             return Gate::WaitForCluster {
                 cluster: report.cluster.clone(),
@@ -184,8 +170,8 @@ pub fn handover_gate(
     }
     // A takeover from a holder that names no cluster counts as one from elsewhere.
     let from_elsewhere = !lease.previous_holder.is_empty()
-        && !same_cluster(&lease.previous_holder, me)
-        && lease.previous_holder != me;
+        && !me.same_cluster(&lease.previous_holder)
+        && *me != lease.previous_holder;
     if from_elsewhere && held_for < handover_delay {
         return Gate::HandoverDelay {
             remaining: handover_delay - held_for,
@@ -420,6 +406,10 @@ mod tests {
     use chrono::Utc;
 
     const ME: &str = "east/a";
+
+    fn me() -> Holder {
+        Holder::new(ME).unwrap()
+    }
     const DEADLINE: Duration = Duration::from_secs(10);
     const TTL: Duration = Duration::from_secs(15);
     const IDLE: WorkloadCounts = WorkloadCounts {
@@ -476,22 +466,9 @@ mod tests {
     }
 
     #[test]
-    fn holders_without_a_cluster_belong_to_no_cluster() {
-        assert_eq!(holder_cluster("east/pod-1"), Some("east"));
-        assert_eq!(holder_cluster("east/a/b"), Some("east"));
-        assert_eq!(holder_cluster("plain"), None);
-        assert_eq!(holder_cluster("/x"), None);
-        assert!(same_cluster("east/a", "east/b"));
-        assert!(!same_cluster("east/a", "west/a"));
-        assert!(!same_cluster("east", "east/a"));
-        assert!(!same_cluster("plain", "plain"));
-        assert!(!same_cluster("", ""));
-    }
-
-    #[test]
     fn role_follows_the_reconcile_table() {
         let r = |leader: Option<i64>, row: Result<Option<Lease>, String>| {
-            role(leader, &row, ME, "east")
+            role(leader, &row, &me(), &ClusterName::new("east").unwrap())
         };
         // | it holds the lease (elector, at the moment of asking) | Leader |
         assert_eq!(r(Some(4), Err("down".into())), Role::Leader { epoch: 4 });
@@ -566,7 +543,7 @@ mod tests {
 
     /// The gate with no pods of this cluster and no handover delay.
     fn gate_of(row: Result<Option<Lease>, String>, reports: Vec<WorkloadReport>) -> Gate {
-        handover_gate(&row, ME, 3, &Ok(reports), IDLE, Duration::ZERO)
+        handover_gate(&row, &me(), 3, &Ok(reports), IDLE, Duration::ZERO)
     }
 
     /// A row showing this replica holding epoch 3 since `held_s` seconds.
@@ -593,7 +570,7 @@ mod tests {
         assert!(matches!(
             handover_gate(
                 &held_since(1, ""),
-                ME,
+                &me(),
                 3,
                 &Err("down".into()),
                 IDLE,
@@ -664,7 +641,16 @@ mod tests {
             running_pods: 1,
             ready_pods: 0,
         };
-        let gate = |own| handover_gate(&held_since(1, ""), ME, 3, &Ok(vec![]), own, Duration::ZERO);
+        let gate = |own| {
+            handover_gate(
+                &held_since(1, ""),
+                &me(),
+                3,
+                &Ok(vec![]),
+                own,
+                Duration::ZERO,
+            )
+        };
         assert_eq!(gate(stopping), Gate::OwnPodsStopping { running_pods: 1 });
         // Running at 1 already: nothing to start.
         let running = WorkloadCounts {
@@ -678,7 +664,7 @@ mod tests {
     fn handover_delay_applies_only_after_a_takeover_from_another_cluster() {
         let delay = Duration::from_secs(5);
         let gate = |previous: &str| {
-            handover_gate(&held_since(1, previous), ME, 3, &Ok(vec![]), IDLE, delay)
+            handover_gate(&held_since(1, previous), &me(), 3, &Ok(vec![]), IDLE, delay)
         };
         assert!(
             matches!(gate("west/b"), Gate::HandoverDelay { remaining } if remaining <= Duration::from_secs(4))

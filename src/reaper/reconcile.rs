@@ -28,9 +28,10 @@ use super::handover::{cleanup, forget_deleted, hand_over};
 use super::observe::{self, Workload};
 use super::status::{self, LastWrite, Observation};
 use super::watches::{self, Caches, Watches};
-use crate::config::{LeaseTimings, validate_label};
+use crate::config::LeaseTimings;
 use crate::lease::{
-    LeaderWatch, Lease, LeaseStore, WorkloadCounts, WorkloadReport, WorkloadUpdate,
+    ClusterName, Holder, LeaderWatch, Lease, LeaseName, LeaseStore, WorkloadCounts, WorkloadReport,
+    WorkloadUpdate, cluster_of,
 };
 
 pub const FINALIZER: &str = "pglease.dev/cleanup";
@@ -67,9 +68,9 @@ pub enum Error {
 pub struct Context {
     pub client: Client,
     pub store: LeaseStore,
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// `<cluster>/<identity>`.
-    pub holder: String,
+    pub holder: Holder,
     pub candidates: Candidates,
     pub events: Events,
     /// Bound for scaling down and waiting for pods at handover.
@@ -274,7 +275,10 @@ pub fn timings_of(spec: &LeaseSpec) -> Result<LeaseTimings, String> {
 
 /// Why a Reaper does not act (`InvalidSpec`, `LeaseNameOutsideNamespace`,
 /// `LeaseNameConflict`, `DeploymentConflict`), or the lease row and timings it acts with.
-pub fn refusal(reaper: &Reaper, ctx: &Context) -> Result<(String, LeaseTimings), decide::Conflict> {
+pub fn refusal(
+    reaper: &Reaper,
+    ctx: &Context,
+) -> Result<(LeaseName, LeaseTimings), decide::Conflict> {
     let invalid = |message| decide::Conflict {
         reason: "InvalidSpec",
         message,
@@ -286,7 +290,7 @@ pub fn refusal(reaper: &Reaper, ctx: &Context) -> Result<(String, LeaseTimings),
             reason: "LeaseNameOutsideNamespace",
             message,
         })?;
-    validate_label("lease name", &lease_name).map_err(|e| invalid(e.to_string()))?;
+    let lease_name = LeaseName::new(lease_name).map_err(|e| invalid(e.to_string()))?;
     let all = ctx.reapers.get().map(|s| s.state()).unwrap_or_default();
     let others: Vec<&Reaper> = all.iter().map(|r| &**r).collect();
     match decide::conflict(reaper, &others, ctx.lease_scope) {
@@ -322,7 +326,7 @@ async fn refuse(
     let mut record = previous.and_then(|s| s.scaled_up_by.clone());
     let ours = record
         .as_ref()
-        .is_some_and(|r| decide::holder_cluster(&r.holder) == Some(ctx.cluster.as_str()));
+        .is_some_and(|r| cluster_of(&r.holder) == Some(ctx.cluster.as_str()));
     if !foreign_deployment && ours && !reaper.spec.paused {
         let workload =
             observe::observe_workload(&ctx.client, &ns, &reaper.spec.deployment_name, None).await?;
@@ -393,7 +397,7 @@ struct Target<'a> {
     reaper: &'a Reaper,
     key: ObjectRef<Reaper>,
     ns: String,
-    lease_name: String,
+    lease_name: LeaseName,
     timings: LeaseTimings,
     /// The Reaper, for Events.
     reference: ObjectReference,
@@ -585,7 +589,7 @@ async fn judge(
         paused: target.reaper.spec.paused,
         replicas,
         recorded: recorded.as_ref(),
-        me: &ctx.holder,
+        me: ctx.holder.as_str(),
         database_failing_for,
         recorder_unseen_for,
         renew_deadline: timings.renew_deadline,
@@ -716,7 +720,7 @@ async fn act(
                 Seen {
                     role,
                     gate: gate.as_ref(),
-                    lease_name: &target.lease_name,
+                    lease_name: target.lease_name.as_str(),
                     lease: &judged.lease,
                     reports: &judged.reports,
                     database_ok: elector.database_ok(),
@@ -900,8 +904,11 @@ pub(super) async fn report(
             return Err(error);
         }
     };
-    let others = synced.others.remove(&update.name).unwrap_or_default();
-    let written = synced.written.contains(&update.name);
+    let others = synced
+        .others
+        .remove(update.name.as_str())
+        .unwrap_or_default();
+    let written = synced.written.contains(update.name.as_str());
     ctx.candidates.update(key, |c| {
         (c.report, c.report_written) = if written {
             (Some(update.clone()), Some(sent))

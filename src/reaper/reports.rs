@@ -112,10 +112,10 @@ async fn write(ctx: &Context, due: &[WorkloadUpdate], sent: Instant) -> bool {
             let Some(report) = &candidate.report else {
                 return;
             };
-            let Some(fresh) = synced.others.remove(&report.name) else {
+            let Some(fresh) = synced.others.remove(report.name.as_str()) else {
                 return;
             };
-            if synced.written.contains(&report.name) {
+            if synced.written.contains(report.name.as_str()) {
                 candidate.report_written = Some(sent);
             } else {
                 // Refused (a peer of this cluster holds the lease): not repeated, so it

@@ -330,9 +330,10 @@ impl Analysis {
     }
 }
 
+/// Which of `clusters` `holder` (as a row stores it) is a replica of.
 pub fn cluster_of(holder: &str, clusters: &[&str; 2]) -> Option<usize> {
-    let c = holder.split_once('/').map_or(holder, |(c, _)| c);
-    clusters.iter().position(|n| *n == c)
+    let cluster = reaper_operator::lease::cluster_of(holder)?;
+    clusters.iter().position(|n| *n == cluster)
 }
 
 /// `(spec, ready)` of one Deployment over time.

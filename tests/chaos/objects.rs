@@ -8,6 +8,7 @@
 //! Each records what it finds wrong in the fault's `problems` (violations), besides what
 //! the checker finds in the recorded pods.
 
+use crate::support::id;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -279,7 +280,7 @@ impl Injector<'_> {
                 let status = reaper.status.unwrap_or_default();
                 let leading = status.phase == Some(Phase::Leading)
                     && status.lease_name.as_deref() == Some(row);
-                let held = match self.store.get(row).await {
+                let held = match self.store.get(&id::lease(row)).await {
                     Ok(Some(lease)) => lease.is_held() && lease.holder.starts_with(&prefix),
                     _ => false,
                 };

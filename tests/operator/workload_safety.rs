@@ -4,6 +4,7 @@
 //! restarted without its memory. Each fails on an operator that counts a stopping pod
 //! as gone, stops renewing before its pods are gone, or trusts a lease name blindly.
 
+use crate::support::id;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
@@ -107,7 +108,7 @@ pub async fn graceful_handover_waits_for_a_slow_pod(clusters: &[Cluster; 2]) -> 
         );
         let exit = ops[leader].wait_exit(Duration::from_secs(30));
         ensure!(exit.success(), "graceful exit: {exit:?}");
-        let events = store.events(&lease_name).await?;
+        let events = store.events(&id::lease(&lease_name)).await?;
         ensure!(
             events.iter().any(|e| e.kind == "release"),
             "the lease was not released after the pod stopped: {events:?}"

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod db;
 pub mod fixtures;
 pub mod ha_db;
+pub mod id;
 pub mod operator;
 pub mod proxy;
 pub mod trials;
