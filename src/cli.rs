@@ -250,8 +250,9 @@ impl RunArgs {
                 std::process::id()
             ),
         };
+        // Its errors name the identity first ("identity ... must not ..."): say which flag.
         let holder = Holder::of(&cluster, &identity)
-            .map_err(|e| Error::Config(format!("--identity: {}", reason(e))))?;
+            .map_err(|e| Error::Config(format!("--{}", reason(e))))?;
         let database_url = db.url()?.to_owned();
         // Check the URLs (TLS settings and files included) now, so a typo stops the
         // process at start instead of failing every connection later.

@@ -30,7 +30,12 @@ impl Schema {
 
     /// `"schema"."table"`.
     pub fn qualify(&self, table: &str) -> String {
-        format!("\"{}\".\"{}\"", self.0, table)
+        use postgres_protocol::escape::escape_identifier;
+        format!(
+            "{}.{}",
+            escape_identifier(&self.0),
+            escape_identifier(table)
+        )
     }
 }
 

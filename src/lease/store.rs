@@ -1150,21 +1150,11 @@ fn text_array<'a>(names: impl Iterator<Item = &'a str>) -> String {
     out
 }
 
-/// A SQL string literal in the `E'...'` form, which means the same whatever
-/// `standard_conforming_strings` is. Control characters (NUL included) cannot reach it: the names it quotes are checked
+/// A SQL string literal that means the same whatever `standard_conforming_strings` is.
+/// Control characters (NUL included) cannot reach it: the names it quotes are checked
 /// where they come in (`identity`).
 fn literal(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 3);
-    out.push_str("E'");
-    for c in value.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
+    postgres_protocol::escape::escape_literal(value)
 }
 
 #[cfg(test)]
@@ -1173,10 +1163,10 @@ mod tests {
 
     #[test]
     fn literal_escapes_quotes_and_backslashes() {
-        assert_eq!(literal("plain"), "E'plain'");
-        assert_eq!(literal("o'brien"), "E'o''brien'");
-        assert_eq!(literal(r"a\'b"), r"E'a\\''b'");
-        assert_eq!(literal("ünï"), "E'ünï'");
+        assert_eq!(literal("plain"), "'plain'");
+        assert_eq!(literal("o'brien"), "'o''brien'");
+        assert_eq!(literal(r"a\'b"), r" E'a\\''b'");
+        assert_eq!(literal("ünï"), "'ünï'");
     }
 
     #[test]
