@@ -12,9 +12,14 @@
 //! primary), and shows what the promoted standby's row alone would allow: a takeover
 //! before the last holder's renew deadline, and that holder's epoch handed out again
 //! (docs/operations.md, "A highly available database").
+//!
+//! The lease statements alone across two failovers, then the two scenarios, as trials
+//! (support::trials): the scenarios share two clusters, each with a database pair of its
+//! own, and the clusters are stopped after the last.
 
 mod support;
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,16 +27,17 @@ use support::id;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
-use kube::Client;
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore, WorkloadCounts};
 use reaper_operator::reaper::LeaseSpec;
 use serde_json::json;
-use support::cluster::{TestCluster, wait_until};
+use support::cluster::wait_until;
 use support::db::unique_schema;
 use support::fixtures::{create_deployment, create_namespace, create_reaper, live_pods};
 use support::ha_db::{Failover, HaDatabase, Replication, first_seen_on_timeline};
 use support::operator::{OperatorProcess, OperatorSpec};
+use support::trials::Suite;
+use support::two_clusters::{self, Cluster};
 use tokio::task::JoinHandle;
 
 // A renew deadline well short of the ttl, so that the asynchronous scenario's lost renews
@@ -43,58 +49,24 @@ const RETRY: u64 = 1;
 /// Epochs handed out on WAL timeline 2 (the first promotion) are above this.
 const TIMELINE_2_EPOCH_FLOOR: i64 = 1 << 32;
 
-struct Cluster {
-    name: &'static str,
-    test: TestCluster,
-    client: Client,
-}
-
-#[test]
-fn lease_through_a_database_failover() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let a = TestCluster::start("dbf-a").expect("start cluster a");
-    let b = TestCluster::start_new("dbf-b").expect("start cluster b");
-    let failures: Vec<String> = runtime.block_on(async {
-        let clusters = [connect("a", a).await, connect("b", b).await];
-        for c in &clusters {
-            support::cluster::install_reaper_crd(&c.client)
-                .await
-                .expect("install the CRD");
-        }
-        let mut failures = Vec::new();
-        for (name, result) in [
-            (
-                "synchronous standby: failover under two clusters of two replicas",
-                synchronous_failover(&clusters).await,
-            ),
-            (
-                "asynchronous standby behind: the lost history is not trusted",
-                asynchronous_failover_with_lost_history(&clusters).await,
-            ),
-        ] {
-            match result {
-                Ok(()) => eprintln!("=== ok: {name}"),
-                Err(e) => {
-                    eprintln!("=== FAILED: {name}: {e:#}");
-                    failures.push(format!("{name}: {e:#}"));
-                }
-            }
-        }
-        failures
-    });
-    assert!(
-        failures.is_empty(),
-        "failed scenarios:\n{}",
-        failures.join("\n")
-    );
-}
-
-async fn connect(name: &'static str, test: TestCluster) -> Cluster {
-    let client = test.client().await.expect("cluster client");
-    Cluster { name, test, client }
+fn main() -> ExitCode {
+    let suite = Suite::new(async || two_clusters::start("dbf").await);
+    // The statements first: they need no cluster, so filtering them in starts none.
+    let trials = vec![
+        suite.test(
+            "lease_statements_across_a_failover",
+            lease_statements_across_a_failover,
+        ),
+        suite.case(
+            "synchronous standby: failover under two clusters of two replicas",
+            synchronous_failover,
+        ),
+        suite.case(
+            "asynchronous standby behind: the lost history is not trusted",
+            asynchronous_failover_with_lost_history,
+        ),
+    ];
+    suite.run(trials, async |clusters| two_clusters::stop(clusters))
 }
 
 /// One Reaper on one lease in each cluster, two replicas per cluster, over one HA
@@ -634,7 +606,6 @@ async fn the_wait_covers_the_lost_history(
 /// released nor used as a fence, even unexpired; a workload report from before it counts
 /// as "may run pods"; nothing is acquired until a ttl after the new primary first saw an
 /// acquire; the next epoch is above every epoch of the earlier timelines.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_statements_across_a_failover() {
     let ttl = Duration::from_secs(2);
     // Unexpired through the whole test: its checks cannot pass for expiry alone.

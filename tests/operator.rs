@@ -2,9 +2,11 @@
 //! clusters), a real PostgreSQL (directly and through PgBouncer), and `reaper-operator run`
 //! processes that the scenarios kill, stop, cut off and restart.
 //!
-//! One #[test] runs every scenario in turn on the same two clusters (starting clusters
-//! is the slow part), each scenario in its own namespaces, lease names and schema. A
-//! failing scenario does not stop the others; the test fails at the end with all of them.
+//! Every scenario is a case of its own (support::trials) on the same two clusters
+//! (starting clusters is the slow part), each in its own namespaces, lease names and
+//! schema. The cases run in the order listed below; a failing one does not stop the
+//! others, and the clusters are stopped after the last. A filter runs some of them:
+//! `cargo test --test operator -- 'kill -9'`.
 
 #[path = "operator/event_driven.rs"]
 mod event_driven;
@@ -14,8 +16,7 @@ mod support;
 #[path = "operator/workload_safety.rs"]
 mod workload_safety;
 
-use std::future::Future;
-use std::pin::Pin;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use support::id;
 
@@ -28,151 +29,105 @@ use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus, status};
 use serde_json::json;
-use support::cluster::{TestCluster, wait_until};
+use support::cluster::wait_until;
 use support::db;
 use support::fixtures::{
     PodStop, create_deployment, create_deployment_with_stop, create_namespace, create_reaper,
 };
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::proxy::{FaultProxy, Mode};
+use support::trials::Suite;
+use support::two_clusters::{self, Cluster};
 
 const TTL: u64 = 3;
 const DEADLINE: u64 = 2;
 const RETRY: u64 = 1;
 
-struct Cluster {
-    name: &'static str,
-    test: TestCluster,
-    client: Client,
+fn main() -> ExitCode {
+    let suite = Suite::new(set_up);
+    let trials = vec![
+        suite.case("one operator leads and records the lease", one_operator_leads),
+        suite.case(
+            "kill -9 of the holder: the peer takes over",
+            kill_nine_peer_takes_over,
+        ),
+        suite.case(
+            "two clusters: SIGTERM hands over without overlap",
+            two_clusters_graceful_handover,
+        ),
+        suite.case(
+            "paused holder does not act when it wakes",
+            paused_holder_stands_down,
+        ),
+        suite.case(
+            "paused holder with a peer in its cluster: the running pod is left alone",
+            paused_holder_with_peer_leaves_pod_alone,
+        ),
+        suite.case(
+            "database outage: the leader stops before its lease expires",
+            database_outage,
+        ),
+        suite.case(
+            "the examples are accepted by the API server",
+            examples_are_accepted,
+        ),
+        suite.case(
+            "API partition leaving its connections dead: the fence gets through on a new one",
+            silent_api::fence_gets_through_a_silent_api_connection,
+        ),
+        suite.case(
+            "watches behind the operator's own writes: the status is written back all the same",
+            silent_api::status_is_written_back_while_watches_lag,
+        ),
+        suite.case(
+            "database down at start: alive and unready, then leads by itself",
+            database_down_at_start,
+        ),
+        suite.case(
+            "bad input and unsafe Deployments: refused or reported, never a crash",
+            bad_input,
+        ),
+        suite.case(
+            "workload safety: SIGTERM with a slow-stopping pod: no second pod until it is gone",
+            workload_safety::graceful_handover_waits_for_a_slow_pod,
+        ),
+        suite.case(
+            "workload safety: Deployment deleted before its Reaper: its stopping pod still counts",
+            workload_safety::deployment_deleted_before_its_reaper,
+        ),
+        suite.case(
+            "workload safety: a tenant naming another namespace's lease is refused",
+            workload_safety::tenant_cannot_squat_another_namespace,
+        ),
+        suite.case(
+            "workload safety: a second Reaper on one lease or one Deployment is refused",
+            workload_safety::second_reaper_on_a_lease_is_refused,
+        ),
+        suite.case(
+            "workload safety: a peer waits for its own cluster's stopping pod",
+            workload_safety::peer_waits_for_the_stopping_pod_of_its_own_cluster,
+        ),
+        suite.case(
+            "event-driven: Deployment, pod and HPA changes are acted on at once; an idle Reaper is not reconciled",
+            event_driven::changes_are_acted_on_at_once,
+        ),
+        suite.case(
+            "workload safety: a restarted replica stops a pod nobody can vouch for",
+            workload_safety::restarted_replica_stops_a_pod_nobody_vouches_for,
+        ),
+        suite.case(
+            "workload safety: a quiet leader vouches for its pod through its presence",
+            workload_safety::a_quiet_leader_vouches_for_its_pod_through_its_presence,
+        ),
+    ];
+    suite.run(trials, async |clusters| two_clusters::stop(clusters))
 }
 
-type Scenario = for<'a> fn(&'a [Cluster; 2]) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-
-#[test]
-fn reaper_controller_scenarios() {
+/// The two clusters every scenario runs on.
+async fn set_up() -> Result<[Cluster; 2]> {
     // Before the clusters are started: without a database this stops at once.
     db::direct_url();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let a = TestCluster::start("op-a").expect("start cluster a");
-    let b = TestCluster::start_new("op-b").expect("start cluster b");
-    let scenarios = scenarios();
-    let failures: Vec<String> = runtime.block_on(async {
-        let clusters = [connect("a", a).await, connect("b", b).await];
-        for c in &clusters {
-            support::cluster::install_reaper_crd(&c.client)
-                .await
-                .expect("install the CRD");
-        }
-        let mut failures = Vec::new();
-        // REAPER_SCENARIO=text runs only the scenarios whose name contains it.
-        let only = std::env::var("REAPER_SCENARIO").unwrap_or_default();
-        for (name, scenario) in scenarios.into_iter().filter(|(n, _)| n.contains(&only)) {
-            let started = Instant::now();
-            eprintln!("=== scenario: {name}");
-            match scenario(&clusters).await {
-                Ok(()) => eprintln!("=== ok ({:.1?}): {name}", started.elapsed()),
-                Err(e) => {
-                    eprintln!("=== FAILED ({:.1?}): {name}: {e:#}", started.elapsed());
-                    failures.push(format!("{name}: {e:#}"));
-                }
-            }
-        }
-        failures
-    });
-    assert!(
-        failures.is_empty(),
-        "failed scenarios:\n{}",
-        failures.join("\n")
-    );
-}
-
-/// The scenarios, in the order they run, by name.
-fn scenarios() -> [(&'static str, Scenario); 19] {
-    [
-        ("one operator leads and records the lease", |c| {
-            Box::pin(one_operator_leads(c))
-        }),
-        ("kill -9 of the holder: the peer takes over", |c| {
-            Box::pin(kill_nine_peer_takes_over(c))
-        }),
-        ("two clusters: SIGTERM hands over without overlap", |c| {
-            Box::pin(two_clusters_graceful_handover(c))
-        }),
-        ("paused holder does not act when it wakes", |c| {
-            Box::pin(paused_holder_stands_down(c))
-        }),
-        (
-            "paused holder with a peer in its cluster: the running pod is left alone",
-            |c| Box::pin(paused_holder_with_peer_leaves_pod_alone(c)),
-        ),
-        (
-            "database outage: the leader stops before its lease expires",
-            |c| Box::pin(database_outage(c)),
-        ),
-        ("the examples are accepted by the API server", |c| {
-            Box::pin(examples_are_accepted(c))
-        }),
-        (
-            "API partition leaving its connections dead: the fence gets through on a new one",
-            |c| Box::pin(silent_api::fence_gets_through_a_silent_api_connection(c)),
-        ),
-        (
-            "watches behind the operator's own writes: the status is written back all the same",
-            |c| Box::pin(silent_api::status_is_written_back_while_watches_lag(c)),
-        ),
-        (
-            "database down at start: alive and unready, then leads by itself",
-            |c| Box::pin(database_down_at_start(c)),
-        ),
-        (
-            "bad input and unsafe Deployments: refused or reported, never a crash",
-            |c| Box::pin(bad_input(c)),
-        ),
-        (
-            "workload safety: SIGTERM with a slow-stopping pod: no second pod until it is gone",
-            |c| Box::pin(workload_safety::graceful_handover_waits_for_a_slow_pod(c)),
-        ),
-        (
-            "workload safety: Deployment deleted before its Reaper: its stopping pod still counts",
-            |c| Box::pin(workload_safety::deployment_deleted_before_its_reaper(c)),
-        ),
-        (
-            "workload safety: a tenant naming another namespace's lease is refused",
-            |c| Box::pin(workload_safety::tenant_cannot_squat_another_namespace(c)),
-        ),
-        (
-            "workload safety: a second Reaper on one lease or one Deployment is refused",
-            |c| Box::pin(workload_safety::second_reaper_on_a_lease_is_refused(c)),
-        ),
-        (
-            "workload safety: a peer waits for its own cluster's stopping pod",
-            |c| Box::pin(workload_safety::peer_waits_for_the_stopping_pod_of_its_own_cluster(c)),
-        ),
-        (
-            "event-driven: Deployment, pod and HPA changes are acted on at once; an idle Reaper is not reconciled",
-            |c| Box::pin(event_driven::changes_are_acted_on_at_once(c)),
-        ),
-        (
-            "workload safety: a restarted replica stops a pod nobody can vouch for",
-            |c| Box::pin(workload_safety::restarted_replica_stops_a_pod_nobody_vouches_for(c)),
-        ),
-        (
-            "workload safety: a quiet leader vouches for its pod through its presence",
-            |c| {
-                Box::pin(
-                    workload_safety::a_quiet_leader_vouches_for_its_pod_through_its_presence(c),
-                )
-            },
-        ),
-    ]
-}
-
-async fn connect(name: &'static str, test: TestCluster) -> Cluster {
-    let client = test.client().await.expect("cluster client");
-    Cluster { name, test, client }
+    two_clusters::start("op").await
 }
 
 fn suffix() -> String {

@@ -9,3 +9,4 @@ pub mod id;
 pub mod operator;
 pub mod proxy;
 pub mod trials;
+pub mod two_clusters;
