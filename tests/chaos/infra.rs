@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
+use crate::support::command::run;
 use crate::support::operator::{OperatorProcess, OperatorSpec};
 use crate::support::proxy::{FaultProxy, Mode};
 
@@ -118,21 +119,11 @@ impl Database {
             .with_context(|| format!("running {} {args:?}", program.display()))
     }
 
-    async fn run_async(&self, program: PathBuf, args: Vec<String>) -> Result<()> {
-        let this = self.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            this.run(&program, &args).map(|o| (o, args.join(" ")))
-        })
-        .await??;
-        let (out, args) = out;
-        ensure!(
-            out.status.success(),
-            "{args} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    /// `program args` as the database user, to its end, off the runtime's threads;
+    /// fails when it fails.
+    async fn run_async(&self, program: &Path, args: &[&str]) -> Result<()> {
+        let mut command = self.command(program, args);
+        tokio::task::spawn_blocking(move || run(&mut command)).await??;
         Ok(())
     }
 
@@ -152,22 +143,12 @@ impl Database {
             .ok_or_else(|| anyhow!("{} has no name", self.dir.display()))?
             .to_owned();
         let root = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(&path)
-                .arg(&name)
-                .env("REAPER_DB_DIR", &root)
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("running {}", path.display()))
-        })
-        .await??;
-        ensure!(
-            out.status.success(),
-            "tests/db/{script} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut command = std::process::Command::new(path);
+        command
+            .arg(name)
+            .env("REAPER_DB_DIR", root)
+            .stdin(Stdio::null());
+        tokio::task::spawn_blocking(move || run(&mut command)).await??;
         Ok(())
     }
 
@@ -190,10 +171,8 @@ impl Database {
     /// `pg_ctl stop -m fast|immediate`.
     pub async fn stop_postgres(&self, mode: &str) -> Result<()> {
         self.run_async(
-            self.pg_ctl.clone(),
-            ["-D", &self.pgdata(), "-m", mode, "-w", "-t", "60", "stop"]
-                .map(str::to_owned)
-                .to_vec(),
+            &self.pg_ctl,
+            &["-D", &self.pgdata(), "-m", mode, "-w", "-t", "60", "stop"],
         )
         .await
     }
@@ -201,10 +180,8 @@ impl Database {
     pub async fn start_postgres(&self) -> Result<()> {
         let log = self.dir.join("postgres.log").display().to_string();
         self.run_async(
-            self.pg_ctl.clone(),
-            ["-D", &self.pgdata(), "-l", &log, "-w", "-t", "60", "start"]
-                .map(str::to_owned)
-                .to_vec(),
+            &self.pg_ctl,
+            &["-D", &self.pgdata(), "-l", &log, "-w", "-t", "60", "start"],
         )
         .await
     }
@@ -234,10 +211,7 @@ impl Database {
         let ini = self.bouncer_ini.display().to_string();
         let mut last = None;
         for _ in 0..20 {
-            match self
-                .run_async(PathBuf::from("pgbouncer"), vec!["-d".into(), ini.clone()])
-                .await
-            {
+            match self.run_async(Path::new("pgbouncer"), &["-d", &ini]).await {
                 Ok(()) => {
                     last = None;
                     break;

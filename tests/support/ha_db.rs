@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 
 use super::cluster::repo_root;
+use super::command::run;
 
 /// How the standby confirms commits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,20 +54,6 @@ pub struct Failover {
 
 fn script(name: &str) -> PathBuf {
     repo_root().join("tests/db").join(name)
-}
-
-fn run(command: &mut Command) -> Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// `KEY=value` and `KEY='value'` lines, as tests/db/up.sh writes its env file.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod command;
 pub mod db;
 pub mod fixtures;
 pub mod ha_db;
