@@ -488,17 +488,7 @@ impl Injector<'_> {
                     self.replicas[r].kill9()?;
                 }
                 tokio::time::sleep(hold).await;
-                for &r in targets {
-                    self.replicas[r].start();
-                }
-                // Healed once the new process answers /readyz (database reachable,
-                // caches synced).
-                for &r in targets {
-                    let port = self.replicas[r].http_port().unwrap_or_default();
-                    wait_ready(port, Duration::from_secs(60))
-                        .await
-                        .with_context(|| format!("{} after restart", self.replicas[r].name()))?;
-                }
+                self.start_and_wait_ready(targets).await?;
             }
             Kind::Pause | Kind::FreezeCluster => {
                 for &r in targets {
@@ -553,6 +543,21 @@ impl Injector<'_> {
         Ok(None)
     }
 
+    /// Starts the replicas `targets` again; a restart is healed once each new process
+    /// answers /readyz (database reachable, caches synced).
+    pub(crate) async fn start_and_wait_ready(&mut self, targets: &[usize]) -> Result<()> {
+        for &r in targets {
+            self.replicas[r].start();
+        }
+        for &r in targets {
+            let port = self.replicas[r].http_port().unwrap_or_default();
+            wait_ready(port, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("{} after restart", self.replicas[r].name()))?;
+        }
+        Ok(())
+    }
+
     /// Stops PgBouncer or PostgreSQL, or fails PostgreSQL over, for `hold`; returns when
     /// the database was back (restarted, or the standby promoted), once the operators'
     /// path works again.
@@ -565,34 +570,31 @@ impl Injector<'_> {
         // A database fault is healed once the operators' path works again, which after
         // a PostgreSQL restart can be much later than the restart itself.
         let usable = Duration::from_secs(60);
-        match kind {
+        let back = match kind {
             Kind::RestartPgBouncer => {
                 self.db.stop_pgbouncer().await?;
                 tokio::time::sleep(hold).await;
                 self.db.start_pgbouncer().await?;
-                let restarted = Utc::now();
-                self.db.wait_usable(usable).await?;
-                Ok(restarted)
+                Utc::now()
             }
             Kind::RestartPostgres => {
                 let mode = if variant { "immediate" } else { "fast" };
                 self.db.stop_postgres(mode).await?;
                 tokio::time::sleep(hold).await;
                 self.db.start_postgres().await?;
-                let restarted = Utc::now();
-                self.db.wait_usable(usable).await?;
-                Ok(restarted)
+                Utc::now()
             }
             Kind::FailoverPostgres => {
                 self.db.fail_over().await?;
                 let promoted = Utc::now();
                 tokio::time::sleep(hold).await;
                 self.db.add_standby().await?;
-                self.db.wait_usable(usable).await?;
-                Ok(promoted)
+                promoted
             }
-            _ => Err(anyhow!("{} is not a database fault", kind.name())),
-        }
+            _ => return Err(anyhow!("{} is not a database fault", kind.name())),
+        };
+        self.db.wait_usable(usable).await?;
+        Ok(back)
     }
 
     /// Stops the API server of the effect's cluster for `hold`; healed once it answers
@@ -658,7 +660,7 @@ pub async fn canary(client: &Client, namespace: &str) -> Result<()> {
 }
 
 /// Until `GET /readyz` on the replica's port answers 200.
-pub async fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
+async fn wait_ready(port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         match crate::infra::http_get(port, "/readyz").await {

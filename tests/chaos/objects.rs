@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::checker::{Effect, Kind};
-use crate::faults::{FaultLog, Injector, Planned, wait_ready};
+use crate::faults::{FaultLog, Injector, Planned};
 use crate::support::fixtures::{self, PodStop};
 
 /// How long a deleted Reaper may take to be finalized: its pods' longest stop, a
@@ -131,16 +131,7 @@ impl Injector<'_> {
             }
         }
         tokio::time::sleep(down).await;
-        for &r in replicas {
-            self.replicas[r].start();
-        }
-        for &r in replicas {
-            let port = self.replicas[r].http_port().unwrap_or_default();
-            wait_ready(port, Duration::from_secs(60))
-                .await
-                .with_context(|| format!("{} after restart", self.replicas[r].name()))?;
-        }
-        Ok(())
+        self.start_and_wait_ready(replicas).await
     }
 
     /// The Kubernetes-object faults: delete and create again, or add a second Reaper and
@@ -272,29 +263,24 @@ impl Injector<'_> {
         row: &str,
         cluster: usize,
     ) -> Result<String, String> {
-        let mut last = None;
-        let deadline = Instant::now() + VERDICT_BOUND;
         let prefix = format!("{}/", self.clusters[cluster]);
-        while Instant::now() < deadline {
-            if let Ok(reaper) = api.get(name).await {
-                let status = reaper.status.unwrap_or_default();
-                let leading = status.phase == Some(Phase::Leading)
-                    && status.lease_name.as_deref() == Some(row);
-                let held = match self.store.get(&id::lease(row)).await {
-                    Ok(Some(lease)) => lease.is_held() && lease.holder.starts_with(&prefix),
-                    _ => false,
-                };
-                if leading && held {
-                    return Ok(format!("leads its own row {row}"));
-                }
-                last = Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err(format!(
-            "did not lead a row of its own ({row}) within {VERDICT_BOUND:?}; last status: {}",
-            describe(last.as_ref())
-        ))
+        poll_status(api, name, async |status: &ReaperStatus| {
+            let leading =
+                status.phase == Some(Phase::Leading) && status.lease_name.as_deref() == Some(row);
+            let held = match self.store.get(&id::lease(row)).await {
+                Ok(Some(lease)) => lease.is_held() && lease.holder.starts_with(&prefix),
+                _ => false,
+            };
+            leading && held
+        })
+        .await
+        .map(|()| format!("leads its own row {row}"))
+        .map_err(|last| {
+            format!(
+                "did not lead a row of its own ({row}) within {VERDICT_BOUND:?}; last status: {}",
+                describe(last.as_ref())
+            )
+        })
     }
 }
 
@@ -328,26 +314,43 @@ impl Verdict {
 
 /// Until the Reaper says `Leader=False` with `reason` (phase Invalid).
 async fn wait_refused(api: &Api<Reaper>, name: &str, reason: &str) -> Result<String, String> {
+    poll_status(api, name, async |status: &ReaperStatus| {
+        let refused = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Leader" && c.status == "False" && c.reason == reason);
+        refused && status.phase == Some(Phase::Invalid)
+    })
+    .await
+    .map(|()| format!("refused with {reason}"))
+    .map_err(|last| {
+        format!(
+            "not refused with Leader=False/{reason} (phase Invalid) within {VERDICT_BOUND:?}; last status: {}",
+            describe(last.as_ref())
+        )
+    })
+}
+
+/// Reads the Reaper `name` every 200 ms until `reached` accepts its status, for at most
+/// [`VERDICT_BOUND`]. The error is the last status read (`None`: no read succeeded).
+async fn poll_status(
+    api: &Api<Reaper>,
+    name: &str,
+    mut reached: impl AsyncFnMut(&ReaperStatus) -> bool,
+) -> Result<(), Option<ReaperStatus>> {
     let mut last = None;
     let deadline = Instant::now() + VERDICT_BOUND;
     while Instant::now() < deadline {
         if let Ok(reaper) = api.get(name).await {
             let status = reaper.status.unwrap_or_default();
-            let refused = status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Leader" && c.status == "False" && c.reason == reason);
-            if refused && status.phase == Some(Phase::Invalid) {
-                return Ok(format!("refused with {reason}"));
+            if reached(&status).await {
+                return Ok(());
             }
             last = Some(status);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
-        "not refused with Leader=False/{reason} (phase Invalid) within {VERDICT_BOUND:?}; last status: {}",
-        describe(last.as_ref())
-    ))
+    Err(last)
 }
 
 fn second_name(id: usize) -> String {
