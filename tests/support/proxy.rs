@@ -118,23 +118,31 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Waits while the mode keeps the new `connection` out; false when it is to be reset
+/// (or the proxy is gone).
+async fn admitted(connection: u64, rx: &mut watch::Receiver<State>) -> bool {
+    loop {
+        let mode = rx.borrow_and_update().mode_of(connection);
+        match mode {
+            Mode::Reset => return false,
+            Mode::Blackhole => {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+            Mode::Pass | Mode::HoldPushes => return true,
+        }
+    }
+}
+
 async fn serve(
     mut client: TcpStream,
     upstream: String,
     connection: u64,
     rx: &mut watch::Receiver<State>,
 ) {
-    loop {
-        let mode = rx.borrow_and_update().mode_of(connection);
-        match mode {
-            Mode::Reset => return,
-            Mode::Blackhole => {
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-            Mode::Pass | Mode::HoldPushes => break,
-        }
+    if !admitted(connection, rx).await {
+        return;
     }
     let Ok(mut server) = TcpStream::connect(&upstream).await else {
         return;
