@@ -861,13 +861,7 @@ async fn converged_now(scene: &Scene<'_>, replicas: &[Replica]) -> Result<Option
 
 /// The run's lease timings, for the lease `name`.
 fn lease_spec(name: &str) -> LeaseSpec {
-    LeaseSpec {
-        name: Some(name.to_owned()),
-        ttl_seconds: TTL as i32,
-        renew_deadline_seconds: DEADLINE as i32,
-        retry_period_seconds: RETRY as i32,
-        handover_delay_seconds: HANDOVER as i32,
-    }
+    fixtures::lease_spec(name, TTL, DEADLINE, RETRY, HANDOVER)
 }
 
 /// How long the operator lets other clusters trust a cluster's workload report for a

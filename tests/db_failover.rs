@@ -33,9 +33,9 @@ use reaper_operator::reaper::LeaseSpec;
 use serde_json::json;
 use support::cluster::wait_until;
 use support::db::unique_schema;
-use support::fixtures::{create_deployment, create_namespace, create_reaper, live_pods};
+use support::fixtures::{self, create_deployment, create_namespace, create_reaper, live_pods};
 use support::ha_db::{Failover, HaDatabase, Replication, first_seen_on_timeline};
-use support::operator::{OperatorProcess, OperatorSpec};
+use support::operator::{OperatorProcess, OperatorSpec, with_logs};
 use support::trials::Suite;
 use support::two_clusters::{self, Cluster};
 use tokio::task::JoinHandle;
@@ -143,26 +143,42 @@ impl<'a> World<'a> {
             .ok_or_else(|| anyhow!("no replica {holder}"))
     }
 
-    fn with_logs(&self, result: Result<()>) -> Result<()> {
-        result.map_err(|e| {
-            let logs: Vec<String> = self
-                .ops
-                .iter()
-                .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
-                .collect();
-            anyhow!("{e:#}\n{}", logs.join("\n"))
+    /// Fails the database over, waits until one cluster runs the reaper again at an epoch
+    /// above `newer_than`, and stops `sampler` 3 s after that.
+    async fn fail_over(&mut self, sampler: Sampler, newer_than: i64) -> Result<FailedOver> {
+        let failover = tokio::task::block_in_place(|| self.db.fail_over())?;
+        let after = self
+            .wait_leading(Duration::from_secs(TTL * 4 + 20), newer_than)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let samples = sampler.finish().await?;
+        Ok(FailedOver {
+            failover,
+            after,
+            samples,
         })
+    }
+
+    /// `result`, with the replicas' log tails added to an error. The replicas stop here,
+    /// before the database they use.
+    fn finish(mut self, result: Result<()>) -> Result<()> {
+        let result = with_logs(result, &self.ops);
+        self.ops.clear();
+        result
     }
 }
 
+/// What a database failover left, seen by a [`Sampler`] from before it until the reaper
+/// ran again.
+struct FailedOver {
+    failover: Failover,
+    /// The lease row once one cluster runs the reaper again.
+    after: Lease,
+    samples: Vec<Sample>,
+}
+
 fn lease_spec(name: &str) -> LeaseSpec {
-    LeaseSpec {
-        name: Some(name.to_owned()),
-        ttl_seconds: TTL as i32,
-        renew_deadline_seconds: DEADLINE as i32,
-        retry_period_seconds: RETRY as i32,
-        handover_delay_seconds: 0,
-    }
+    fixtures::lease_spec(name, TTL, DEADLINE, RETRY, 0)
 }
 
 fn operator(
@@ -343,12 +359,11 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
         let sampler = Sampler::start(&world);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        let failover = tokio::task::block_in_place(|| world.db.fail_over())?;
-        let after = world
-            .wait_leading(Duration::from_secs(TTL * 4 + 20), before.epoch)
-            .await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let samples = sampler.finish().await?;
+        let FailedOver {
+            failover,
+            after,
+            samples,
+        } = world.fail_over(sampler, before.epoch).await?;
 
         at_most_one_pod(&samples, start)?;
         let seen_before = highest_epoch_before(&samples, failover.killed_at);
@@ -383,9 +398,7 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    let result = world.with_logs(result);
-    world.ops.clear();
-    result
+    world.finish(result)
 }
 
 async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Result<()> {
@@ -424,12 +437,11 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         // The standby's row, which the promotion will make the primary's: what a
         // candidate going by the row alone would judge by.
         let stale = standby_row(&world).await?;
-        let failover = tokio::task::block_in_place(|| world.db.fail_over())?;
-        let after = world
-            .wait_leading(Duration::from_secs(TTL * 4 + 20), first.epoch)
-            .await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let samples = sampler.finish().await?;
+        let FailedOver {
+            failover,
+            after,
+            samples,
+        } = world.fail_over(sampler, first.epoch).await?;
 
         the_failover_lost_history(
             &samples,
@@ -469,9 +481,7 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         Ok(())
     }
     .await;
-    let result = world.with_logs(result);
-    world.ops.clear();
-    result
+    world.finish(result)
 }
 
 /// The hazard, exactly: the row the failover left is older than what the old

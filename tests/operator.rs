@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use support::id;
 
-use anyhow::{Result, anyhow, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
@@ -30,14 +30,15 @@ use reaper_operator::lease::{Lease, LeaseStore};
 use reaper_operator::reaper::{LeaseSpec, Reaper, ReaperStatus, status};
 use serde_json::json;
 use support::cluster::wait_until;
-use support::db;
+use support::command::run;
 use support::fixtures::{
     PodStop, create_deployment, create_deployment_with_stop, create_namespace, create_reaper,
 };
-use support::operator::{OperatorProcess, OperatorSpec};
+use support::operator::{OperatorProcess, OperatorSpec, with_logs};
 use support::proxy::{FaultProxy, Mode};
 use support::trials::Suite;
 use support::two_clusters::{self, Cluster};
+use support::{db, fixtures};
 
 const TTL: u64 = 3;
 const DEADLINE: u64 = 2;
@@ -169,6 +170,16 @@ fn operator(
     })
 }
 
+/// The reaper Deployment and a Reaper on a lease of its own in a new namespace of `c`;
+/// returns the namespace and the lease row name.
+async fn reaper_in_one_cluster(c: &Cluster, prefix: &str) -> Result<(String, String)> {
+    let ns = namespace(&c.client, prefix).await?;
+    let lease_name = format!("{ns}.{prefix}-{}", suffix());
+    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
+    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    Ok((ns, lease_name))
+}
+
 /// The same Reaper (same lease name) with its Deployment in a new namespace of the same
 /// name in each cluster (a lease is shared across clusters within one namespace);
 /// returns the namespaces in cluster order and the lease row name.
@@ -188,13 +199,7 @@ async fn reaper_in_each_cluster(
 }
 
 fn lease_spec(name: &str) -> LeaseSpec {
-    LeaseSpec {
-        name: Some(name.to_owned()),
-        ttl_seconds: TTL as i32,
-        renew_deadline_seconds: DEADLINE as i32,
-        retry_period_seconds: RETRY as i32,
-        handover_delay_seconds: 0,
-    }
+    fixtures::lease_spec(name, TTL, DEADLINE, RETRY, 0)
 }
 
 /// (spec.replicas, status.readyReplicas)
@@ -255,6 +260,39 @@ async fn wait_leading(
     .await
 }
 
+/// Waits until the Deployment `name` asks for no pod (its spec; its pods may still be
+/// stopping). `what` names the wait in the error when `timeout` runs out.
+async fn wait_scaled_to_zero(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(what, timeout, || async {
+        Ok((replicas(client, ns, name).await?.0 == 0).then_some(()))
+    })
+    .await
+}
+
+/// Waits until the Reaper `name` is gone: its finalizer has run and let it go.
+async fn wait_reaper_gone(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(what, timeout, || async {
+        Ok(Api::<Reaper>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await
+}
+
 /// A fault proxy in front of the test database, and the database URL through it.
 async fn database_proxy() -> Result<(FaultProxy, String)> {
     let direct = db::direct_url();
@@ -293,23 +331,10 @@ async fn lease(store: &LeaseStore, name: &str) -> Result<Lease> {
         .ok_or_else(|| anyhow!("lease {name} does not exist"))
 }
 
-fn with_logs(result: Result<()>, ops: &[&OperatorProcess]) -> Result<()> {
-    result.map_err(|e| {
-        let logs: Vec<String> = ops
-            .iter()
-            .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
-            .collect();
-        anyhow!("{e:#}\n{}", logs.join("\n"))
-    })
-}
-
 async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
-    let ns = namespace(&c.client, "one").await?;
-    let lease_name = format!("{ns}.one-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (ns, lease_name) = reaper_in_one_cluster(c, "one").await?;
     let op = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
     let result = async {
         wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
@@ -356,13 +381,13 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
         Api::<Reaper>::namespaced(c.client.clone(), &ns)
             .delete("reaper", &DeleteParams::default())
             .await?;
-        wait_until("the Reaper to be gone", Duration::from_secs(30), || async {
-            Ok(Api::<Reaper>::namespaced(c.client.clone(), &ns)
-                .get_opt("reaper")
-                .await?
-                .is_none()
-                .then_some(()))
-        })
+        wait_reaper_gone(
+            &c.client,
+            &ns,
+            "reaper",
+            "the Reaper to be gone",
+            Duration::from_secs(30),
+        )
         .await?;
         ensure!(
             replicas(&c.client, &ns, "reaper").await?.0 == 0,
@@ -373,22 +398,17 @@ async fn one_operator_leads(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 /// The Ready condition and its list-map shape work with the tools users script.
 fn kubectl_shows_the_reaper(c: &Cluster, ns: &str) -> Result<()> {
-    let waited = c
+    run(c
         .test
         .kubectl()?
         .args(["wait", "--for=condition=Ready", "reaper/reaper", "-n", ns])
-        .args(["--timeout=20s"])
-        .output()?;
-    ensure!(
-        waited.status.success(),
-        "kubectl wait --for=condition=Ready: {}",
-        String::from_utf8_lossy(&waited.stderr)
-    );
+        .args(["--timeout=20s"]))
+    .context("kubectl wait --for=condition=Ready")?;
     let out = c
         .test
         .kubectl()?
@@ -427,13 +447,10 @@ fn kubectl_shows_the_reaper(c: &Cluster, ns: &str) -> Result<()> {
 async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
-    let ns = namespace(&c.client, "kill").await?;
-    let lease_name = format!("{ns}.kill-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (ns, lease_name) = reaper_in_one_cluster(c, "kill").await?;
     // Statements through PgBouncer (transaction mode); LISTEN on a direct connection.
     let bouncer = db::url(db::Via::PgBouncer);
-    let mut ops = vec![
+    let ops = vec![
         operator(
             c,
             &ns,
@@ -518,10 +535,7 @@ async fn kill_nine_peer_takes_over(clusters: &[Cluster; 2]) -> Result<()> {
             Ok(())
         }
         .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
@@ -601,10 +615,7 @@ async fn two_clusters_graceful_handover(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
@@ -633,7 +644,7 @@ async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    with_logs(result, &[&op_a])?;
+    with_logs(result, [&op_a])?;
     let op_b = operator(
         b,
         &namespaces[1],
@@ -703,7 +714,7 @@ async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    with_logs(result, &[&op_a, &op_b])
+    with_logs(result, [&op_a, &op_b])
 }
 
 /// A holder stalled past its deadline while a peer of the same cluster takes the lease
@@ -713,10 +724,7 @@ async fn paused_holder_stands_down(clusters: &[Cluster; 2]) -> Result<()> {
 async fn paused_holder_with_peer_leaves_pod_alone(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
-    let ns = namespace(&c.client, "peer-pause").await?;
-    let lease_name = format!("{ns}.peer-pause-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (ns, lease_name) = reaper_in_one_cluster(c, "peer-pause").await?;
     let direct = db::direct_url();
     let ops = [
         operator(c, &ns, "op-1", &schema, &direct, None, false),
@@ -767,16 +775,13 @@ async fn paused_holder_with_peer_leaves_pod_alone(clusters: &[Cluster; 2]) -> Re
         Ok(())
     }
     .await;
-    with_logs(result, &[&ops[0], &ops[1]])
+    with_logs(result, &ops)
 }
 
 async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, store) = schema().await?;
-    let ns = namespace(&c.client, "outage").await?;
-    let lease_name = format!("{ns}.outage-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (ns, lease_name) = reaper_in_one_cluster(c, "outage").await?;
     let (proxy, via_proxy) = database_proxy().await?;
     let op = operator(c, &ns, "op-1", &schema, &via_proxy, None, false);
     let result = async {
@@ -806,10 +811,12 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
         let before = lease(&store, &lease_name).await?;
         proxy.set(Mode::Blackhole);
         let cut = lease(&store, &lease_name).await?;
-        wait_until(
+        wait_scaled_to_zero(
+            &c.client,
+            &ns,
+            "reaper",
             "the leader to scale down",
             Duration::from_secs(TTL + 5),
-            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
         )
         .await?;
         let down_at = Utc::now();
@@ -866,7 +873,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 /// Every file in examples/ passes the API server's validation (the Reaper CRD's schema
@@ -882,18 +889,12 @@ async fn examples_are_accepted(clusters: &[Cluster; 2]) -> Result<()> {
     files.sort();
     ensure!(files.len() >= 2, "examples: {files:?}");
     for file in files {
-        let out = c
+        run(c
             .test
             .kubectl()?
             .args(["apply", "--dry-run=server", "-n", &ns, "-f"])
-            .arg(&file)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .arg(&file))
+        .with_context(|| file.display().to_string())?;
     }
     Ok(())
 }
@@ -903,10 +904,7 @@ async fn database_down_at_start(clusters: &[Cluster; 2]) -> Result<()> {
     // A schema nobody migrated: the replica has to apply the migrations itself once the
     // database answers.
     let schema = db::unique_schema("down");
-    let ns = namespace(&c.client, "down").await?;
-    let lease_name = format!("{ns}.down-{}", suffix());
-    create_deployment(&c.client, &ns, "reaper", "Recreate", json!({})).await?;
-    create_reaper(&c.client, &ns, "reaper", "reaper", lease_spec(&lease_name)).await?;
+    let (ns, _) = reaper_in_one_cluster(c, "down").await?;
     let (proxy, via_proxy) = database_proxy().await?;
     proxy.set(Mode::Reset);
     let mut op = operator(c, &ns, "op-1", &schema, &via_proxy, None, true);
@@ -952,7 +950,7 @@ async fn database_down_at_start(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
@@ -991,7 +989,7 @@ async fn bad_input(clusters: &[Cluster; 2]) -> Result<()> {
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 /// Refused by the API server's CEL rules and schema, with a message a person
@@ -1142,10 +1140,12 @@ async fn unsafe_deployments_are_flagged(c: &Cluster, ns: &str, store: &LeaseStor
                 &Patch::Merge(json!({"spec": {"replicas": 1}})),
             )
             .await?;
-        wait_until(
+        wait_scaled_to_zero(
+            &c.client,
+            ns,
+            "pushed",
             &format!("scale-back {round}"),
             Duration::from_secs(10),
-            || async { Ok((replicas(&c.client, ns, "pushed").await?.0 == 0).then_some(())) },
         )
         .await?;
     }

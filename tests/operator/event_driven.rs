@@ -59,7 +59,7 @@ pub async fn changes_are_acted_on_at_once(clusters: &[Cluster; 2]) -> Result<()>
         .await
         .map(|_| ());
     if leading.is_err() {
-        return with_logs(leading, &ops.iter().collect::<Vec<_>>());
+        return with_logs(leading, &ops);
     }
     ops.push(operator(
         &clusters[1],
@@ -77,7 +77,7 @@ pub async fn changes_are_acted_on_at_once(clusters: &[Cluster; 2]) -> Result<()>
     };
     drop(store);
     let result = scenario(clusters, &ns, &reader, &ops).await;
-    with_logs(result, &ops.iter().collect::<Vec<_>>())
+    with_logs(result, &ops)
 }
 
 async fn scenario(

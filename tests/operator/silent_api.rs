@@ -28,7 +28,7 @@ use super::support::operator::{OperatorProcess, OperatorSpec};
 use super::support::proxy::{FaultProxy, Mode};
 use super::{
     Cluster, DEADLINE, condition, database_proxy, lease_spec, namespace, replicas, schema, status,
-    suffix, wait_replicas, with_logs,
+    suffix, wait_replicas, wait_scaled_to_zero, with_logs,
 };
 
 pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2]) -> Result<()> {
@@ -56,10 +56,12 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
         // Generous against the half second a fence needs, and short of the 10 s after
         // which the fence's client ends a call: only a fence that sends another call
         // beside an unanswered one gets through in time.
-        wait_until(
+        wait_scaled_to_zero(
+            &c.client,
+            &ns,
+            "reaper",
             "the leader to scale down through a new connection",
             Duration::from_secs(5),
-            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
         )
         .await?;
         eprintln!(
@@ -69,7 +71,7 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -> Result<()> {
@@ -154,7 +156,7 @@ pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 /// A Reaper with its Deployment in `ns`, and an operator that reaches the database and

@@ -23,7 +23,8 @@ use super::support::operator::OperatorProcess;
 use super::support::proxy::Mode;
 use super::{
     Cluster, condition, database_proxy, lease_spec, namespace, one_leading_cluster, operator,
-    reaper_in_each_cluster, replicas, schema, status, wait_leading, wait_replicas, with_logs,
+    reaper_in_each_cluster, replicas, schema, status, wait_leading, wait_reaper_gone,
+    wait_replicas, wait_scaled_to_zero, with_logs,
 };
 
 /// How long the slow workload's pods stay Terminating: longer than the test ttl (3 s),
@@ -116,10 +117,7 @@ pub async fn graceful_handover_waits_for_a_slow_pod(clusters: &[Cluster; 2]) -> 
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 /// `kubectl delete -f` of a file listing the Deployment first, then its Reaper: the
@@ -127,7 +125,7 @@ pub async fn graceful_handover_waits_for_a_slow_pod(clusters: &[Cluster; 2]) -> 
 pub async fn deployment_deleted_before_its_reaper(clusters: &[Cluster; 2]) -> Result<()> {
     let SlowPair {
         namespaces,
-        mut ops,
+        ops,
         leader,
         ..
     } = two_clusters_with_slow_pods(clusters, "del-order").await?;
@@ -144,21 +142,18 @@ pub async fn deployment_deleted_before_its_reaper(clusters: &[Cluster; 2]) -> Re
             overlaps.is_empty(),
             "the other cluster wanted or ran a pod while the deleted Deployment's pod still stopped, at {overlaps:?}"
         );
-        wait_until("the Reaper's finalizer to finish", Duration::from_secs(20), || async {
-            Ok(Api::<Reaper>::namespaced(client.clone(), ns)
-                .get_opt("reaper")
-                .await?
-                .is_none()
-                .then_some(()))
-        })
+        wait_reaper_gone(
+            client,
+            ns,
+            "reaper",
+            "the Reaper's finalizer to finish",
+            Duration::from_secs(20),
+        )
         .await?;
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 /// A tenant names another namespace's lease: it is refused (and so holds nothing), and
@@ -224,10 +219,7 @@ pub async fn tenant_cannot_squat_another_namespace(clusters: &[Cluster; 2]) -> R
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 /// Two Reapers of one cluster on one lease, or on one Deployment: the older acts, the
@@ -281,7 +273,7 @@ pub async fn second_reaper_on_a_lease_is_refused(clusters: &[Cluster; 2]) -> Res
         Ok(())
     }
     .await;
-    with_logs(result, &[&op])
+    with_logs(result, [&op])
 }
 
 /// The replica that scaled the workload up dies while the database is out of reach; its
@@ -313,10 +305,12 @@ pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
         );
         ops.push(operator(c, &ns, "op-2", &schema, &via_proxy, None, false));
         let started = Instant::now();
-        wait_until(
+        wait_scaled_to_zero(
+            &c.client,
+            &ns,
+            "reaper",
             "the restarted replica to scale the unvouched pod to 0",
             Duration::from_secs(20),
-            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
         )
         .await?;
         eprintln!(
@@ -326,10 +320,7 @@ pub async fn restarted_replica_stops_a_pod_nobody_vouches_for(
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 /// The leader is cut off from the database: its fence scales the Deployment to 0 and the
@@ -387,10 +378,7 @@ pub async fn peer_waits_for_the_stopping_pod_of_its_own_cluster(
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }
 
 /// Three renew deadlines of the scenario below, and eight quarter ttls (the period at
@@ -446,10 +434,12 @@ pub async fn a_quiet_leader_vouches_for_its_pod_through_its_presence(
         ops[0].signal("KILL");
         ops[0].wait_exit(Duration::from_secs(10));
         let killed = Instant::now();
-        wait_until(
+        wait_scaled_to_zero(
+            &c.client,
+            &ns,
+            "reaper",
             "the cut-off peer to scale the pod of the dead leader to 0",
             Duration::from_secs(20),
-            || async { Ok((replicas(&c.client, &ns, "reaper").await?.0 == 0).then_some(())) },
         )
         .await?;
         eprintln!(
@@ -459,8 +449,5 @@ pub async fn a_quiet_leader_vouches_for_its_pod_through_its_presence(
         Ok(())
     }
     .await;
-    let refs: Vec<&OperatorProcess> = ops.iter().collect();
-    let result = with_logs(result, &refs);
-    ops.clear();
-    result
+    with_logs(result, &ops)
 }

@@ -157,6 +157,24 @@ pub async fn live_pods(client: &Client, ns: &str, app: &str) -> Result<usize> {
         .count())
 }
 
+/// The lease `name` with a ttl, renew deadline, retry period and handover delay of these
+/// many seconds.
+pub fn lease_spec(
+    name: &str,
+    ttl: u64,
+    renew_deadline: u64,
+    retry_period: u64,
+    handover_delay: u64,
+) -> LeaseSpec {
+    LeaseSpec {
+        name: Some(name.to_owned()),
+        ttl_seconds: ttl as i32,
+        renew_deadline_seconds: renew_deadline as i32,
+        retry_period_seconds: retry_period as i32,
+        handover_delay_seconds: handover_delay as i32,
+    }
+}
+
 /// Creates a Reaper `name` for the Deployment `deployment`.
 pub async fn create_reaper(
     client: &Client,

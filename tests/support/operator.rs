@@ -229,3 +229,17 @@ impl Drop for OperatorProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `result`, with the log tails of the replicas `ops` added to an error.
+pub fn with_logs<'a>(
+    result: anyhow::Result<()>,
+    ops: impl IntoIterator<Item = &'a OperatorProcess>,
+) -> anyhow::Result<()> {
+    result.map_err(|e| {
+        let logs: Vec<String> = ops
+            .into_iter()
+            .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
+            .collect();
+        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
+    })
+}
