@@ -177,6 +177,29 @@ struct FailedOver {
     samples: Vec<Sample>,
 }
 
+impl FailedOver {
+    /// How long after the kill of the old primary the sampler first saw the lease held at
+    /// the new epoch (or later) and a pod in the holder's cluster, none in the other.
+    fn running_again(&self, clusters: &[Cluster; 2]) -> Result<Duration> {
+        let since = self.failover.killed_at;
+        self.samples
+            .iter()
+            .filter(|s| s.at >= since)
+            .find(|s| {
+                s.row.as_ref().is_some_and(|r| {
+                    let c = clusters
+                        .iter()
+                        .position(|c| r.holder.starts_with(&format!("{}/", c.name)));
+                    r.epoch >= self.after.epoch
+                        && r.is_held()
+                        && c.is_some_and(|c| s.pods[c] == 1 && s.pods[1 - c] == 0)
+                })
+            })
+            .map(|s| s.at - since)
+            .context("the sampler never saw the reaper running again")
+    }
+}
+
 fn lease_spec(name: &str) -> LeaseSpec {
     fixtures::lease_spec(name, TTL, DEADLINE, RETRY, 0)
 }
@@ -263,31 +286,6 @@ fn at_most_one_pod(samples: &[Sample], start: Instant) -> Result<()> {
     Ok(())
 }
 
-/// How long after `since` the sampler first saw the lease held at `epoch` (or later)
-/// and a pod in the holder's cluster, none in the other.
-fn running_again(
-    samples: &[Sample],
-    clusters: &[Cluster; 2],
-    epoch: i64,
-    since: Instant,
-) -> Result<Duration> {
-    samples
-        .iter()
-        .filter(|s| s.at >= since)
-        .find(|s| {
-            s.row.as_ref().is_some_and(|r| {
-                let c = clusters
-                    .iter()
-                    .position(|c| r.holder.starts_with(&format!("{}/", c.name)));
-                r.epoch >= epoch
-                    && r.is_held()
-                    && c.is_some_and(|c| s.pods[c] == 1 && s.pods[1 - c] == 0)
-            })
-        })
-        .map(|s| s.at - since)
-        .context("the sampler never saw the reaper running again")
-}
-
 /// How long after `since` the sampler first read the lease row from the new primary
 /// (through PgBouncer).
 fn first_read_after(samples: &[Sample], since: Instant) -> Result<Duration> {
@@ -359,14 +357,15 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
         let sampler = Sampler::start(&world);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
+        let failed_over = world.fail_over(sampler, before.epoch).await?;
         let FailedOver {
             failover,
             after,
             samples,
-        } = world.fail_over(sampler, before.epoch).await?;
+        } = &failed_over;
 
-        at_most_one_pod(&samples, start)?;
-        let seen_before = highest_epoch_before(&samples, failover.killed_at);
+        at_most_one_pod(samples, start)?;
+        let seen_before = highest_epoch_before(samples, failover.killed_at);
         ensure!(
             after.epoch > seen_before && after.epoch > TIMELINE_2_EPOCH_FLOOR,
             "epoch after the failover {} is not above every earlier one ({seen_before}) \
@@ -384,16 +383,11 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
         eprintln!(
             "synchronous failover: kill -> new primary serving {}, -> the reaper running \
              again in cluster {} (epoch {} -> {}) {}",
-            secs(first_read_after(&samples, failover.killed_at)?),
+            secs(first_read_after(samples, failover.killed_at)?),
             after.holder,
             before.epoch,
             after.epoch,
-            secs(running_again(
-                &samples,
-                clusters,
-                after.epoch,
-                failover.killed_at
-            )?)
+            secs(failed_over.running_again(clusters)?)
         );
         Ok(())
     }
@@ -437,28 +431,22 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         // The standby's row, which the promotion will make the primary's: what a
         // candidate going by the row alone would judge by.
         let stale = standby_row(&world).await?;
+        let failed_over = world.fail_over(sampler, first.epoch).await?;
         let FailedOver {
             failover,
             after,
             samples,
-        } = world.fail_over(sampler, first.epoch).await?;
+        } = &failed_over;
 
-        the_failover_lost_history(
-            &samples,
-            &failover,
-            &first,
-            &peer,
-            &last_acknowledged,
-            &stale,
-        )?;
+        the_failover_lost_history(samples, failover, &first, &peer, &last_acknowledged, &stale)?;
         the_wait_covers_the_lost_history(
             &world,
-            &samples,
+            samples,
             start,
-            &failover,
+            failover,
             &peer,
             &last_acknowledged,
-            &after,
+            after,
         )
         .await?;
         eprintln!(
@@ -471,12 +459,7 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
                     .to_std()
                     .unwrap_or_default()
             ),
-            secs(running_again(
-                &samples,
-                clusters,
-                after.epoch,
-                failover.killed_at
-            )?)
+            secs(failed_over.running_again(clusters)?)
         );
         Ok(())
     }
