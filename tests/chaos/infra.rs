@@ -571,26 +571,17 @@ impl Drop for Replica {
     }
 }
 
-/// `GET path` on 127.0.0.1:port with a 2 s bound; the body on a 200.
+/// `GET path` on 127.0.0.1:`port`: the body of a 200 answer (support::fixtures's
+/// client, off the runtime's workers).
 pub async fn http_get(port: u16, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(2), fetch)
-        .await
-        .map_err(|_| anyhow!("GET {path} timed out"))??;
-    let code = response.split_whitespace().nth(1).unwrap_or_default();
-    if code != "200" {
-        bail!("GET {path} answered {code}");
+    let request = path.to_owned();
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::support::fixtures::http_get(port, &request, Duration::from_secs(2))
+    })
+    .await?;
+    match answer {
+        Some((200, body)) => Ok(body),
+        Some((code, _)) => bail!("GET {path} answered {code}"),
+        None => bail!("GET {path}: no answer within 2 s"),
     }
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
 }
