@@ -41,9 +41,36 @@ fn check_label(what: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A cluster name: a DNS label, so it never contains the `/` that ends it in a holder.
+fn check_dns_label(name: &str) -> Result<()> {
+    let is_dns_label = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !is_dns_label {
+        return Err(Error::Config(format!(
+            "cluster name {name:?} must be a DNS label: 1-63 characters of a-z, 0-9 and -, \
+             starting and ending with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// A string type whose values all passed `$check`, and what it takes to use one as a
+/// string.
 macro_rules! name_type {
-    ($name:ident) => {
+    ($name:ident, $check:expr) => {
         impl $name {
+            /// The value, or why `$check` refuses it.
+            pub fn new(value: impl Into<String>) -> Result<Self> {
+                let value = value.into();
+                $check(&value)?;
+                Ok(Self(value))
+            }
+
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -126,56 +153,23 @@ macro_rules! name_type {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseName(String);
 
-impl LeaseName {
-    pub fn new(name: impl Into<String>) -> Result<Self> {
-        let name = name.into();
-        check_label("lease name", &name)?;
-        Ok(Self(name))
-    }
-}
+name_type!(LeaseName, |name| check_label("lease name", name));
 
-name_type!(LeaseName);
-
-/// The name of a Kubernetes cluster among those that share one lease database: a DNS
-/// label, so it never contains the `/` that ends it in a holder.
+/// The name of a Kubernetes cluster among those that share one lease database (see
+/// [`check_dns_label`]).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClusterName(String);
 
-impl ClusterName {
-    pub fn new(name: impl Into<String>) -> Result<Self> {
-        let name = name.into();
-        let is_dns_label = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !is_dns_label {
-            return Err(Error::Config(format!(
-                "cluster name {name:?} must be a DNS label: 1-63 characters of a-z, 0-9 and -, \
-                 starting and ending with a letter or digit"
-            )));
-        }
-        Ok(Self(name))
-    }
-}
-
-name_type!(ClusterName);
+name_type!(ClusterName, check_dns_label);
 
 /// Who holds a lease: `<cluster>/<identity>` for a replica of the operator, or any
 /// other text a person gives the `lease` commands.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Holder(String);
 
-impl Holder {
-    /// A holder as a person gives it: any text a lease row can carry.
-    pub fn new(holder: impl Into<String>) -> Result<Self> {
-        let holder = holder.into();
-        check_label("holder", &holder)?;
-        Ok(Self(holder))
-    }
+name_type!(Holder, |holder| check_label("holder", holder));
 
+impl Holder {
     /// The holder of replica `identity` of `cluster`.
     pub fn of(cluster: &ClusterName, identity: &str) -> Result<Self> {
         check_label("identity", identity)?;
@@ -207,8 +201,6 @@ impl Holder {
         matches!((self.cluster(), cluster_of(other)), (Some(a), Some(b)) if a == b)
     }
 }
-
-name_type!(Holder);
 
 #[cfg(test)]
 mod tests {

@@ -401,7 +401,7 @@ pub fn conflict(reaper: &Reaper, others: &[&Reaper], scope: LeaseScope) -> Optio
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::Utc;
 
@@ -418,7 +418,9 @@ mod tests {
         ready_pods: 0,
     };
 
-    fn lease(holder: &str, epoch: i64, previous: &str, expired: bool) -> Lease {
+    /// A row observed now: acquired a second ago, and expired a second ago or valid for
+    /// ten more seconds.
+    pub(crate) fn lease(holder: &str, epoch: i64, previous: &str, expired: bool) -> Lease {
         let now = Utc::now();
         let acquired = now - chrono::Duration::seconds(1);
         Lease {

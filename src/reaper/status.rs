@@ -512,27 +512,9 @@ pub fn needs_write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn lease(holder: &str, previous: &str, expired: bool) -> Lease {
-        let now = Utc::now();
-        let acquired = now - chrono::Duration::seconds(1);
-        Lease {
-            name: "l".into(),
-            holder: holder.into(),
-            epoch: 3,
-            ttl: Duration::from_secs(15),
-            acquired_at: acquired,
-            renewed_at: acquired,
-            expires_at: if expired {
-                now - chrono::Duration::seconds(1)
-            } else {
-                now + chrono::Duration::seconds(10)
-            },
-            previous_holder: previous.into(),
-            observed_at: now,
-            on_current_timeline: true,
-        }
+        crate::reaper::decide::tests::lease(holder, 3, previous, expired)
     }
 
     /// A leader of `lease` running its one pod, ready.
