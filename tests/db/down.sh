@@ -30,11 +30,6 @@ for data in "$dir"/*/; do
   # waiting for it.
   for pid in $pids; do kill -CONT "$pid" 2>/dev/null || true; done
   "${as_db_user[@]}" "$pgbin/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1 || true
-  for _ in $(seq 1 100); do
-    pids=$(instance_pids "$data")
-    [ -z "$pids" ] && break
-    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
-    sleep 0.05
-  done
+  kill_instance "$data" 100 0.05
 done
 rm -rf "$dir"

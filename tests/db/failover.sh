@@ -32,8 +32,7 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 . "$(dirname "$0")/lib.sh"
 
 die() { echo "tests/db/failover.sh: $*" >&2; exit 1; }
-[ -d "$dir" ] || die "$dir does not exist: start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
-[ -L "$dir/primary" ] || die "$name is not a pair (no $dir/primary): start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+require_pair
 [ -e "$dir/failed-over" ] \
   && die "$name has failed over and has no standby yet: make one with tests/db/standby.sh $name ($(cat "$dir/failed-over"))"
 [ -L "$dir/standby" ] || die "$name has no standby: make one with tests/db/standby.sh $name"
@@ -75,12 +74,7 @@ for pid in $pids; do
 done
 for pid in "${walsenders[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
-for _ in $(seq 1 500); do
-  pids=$(instance_pids "$dir/$old")
-  [ -z "$pids" ] && break
-  for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
-  sleep 0.01
-done
+kill_instance "$dir/$old" 500 0.01
 pids=$(instance_pids "$dir/$old")
 [ -z "$pids" ] || die "processes of the primary are still alive after SIGKILL: $(echo "$pids" | paste -sd ' ')"
 rm -f "$dir/replication.paused"

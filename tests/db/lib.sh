@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034 # what it sets is for the scripts that source it
 # What the scripts in tests/db share; sourced, not run. The script sets `dir` (the state
-# directory of the database) before it sources this, and defines `die`.
+# directory of the database) and `name` before it sources this, and defines `die`.
 #
 # A pair (REAPER_DB_STANDBY=sync|async tests/db/up.sh) keeps in $dir:
 #   node-a/, node-b/    the data directories of its two servers; each ends its
@@ -14,6 +14,7 @@
 #   failed-over         written by failover.sh, removed by standby.sh
 
 dir=${dir:?tests/db/lib.sh: set dir before sourcing it}
+name=${name:?tests/db/lib.sh: set name before sourcing it}
 pgbin=${PG_BIN:-$(printf "%s\n" /usr/lib/postgresql/*/bin | sort -V | tail -n 1)}
 
 # PostgreSQL and PgBouncer refuse to run as root.
@@ -75,6 +76,27 @@ instance_pids() {
     comm=
     read -r comm 2>/dev/null <"/proc/$pid/comm" || true
     if [ "$comm" = postgres ]; then echo "$pid"; fi
+  done
+  return 0
+}
+
+# require_pair: dies unless $dir holds a pair (the state of
+# REAPER_DB_STANDBY=sync|async tests/db/up.sh $name).
+require_pair() {
+  [ -d "$dir" ] || die "$dir does not exist: start a pair with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+  [ -L "$dir/primary" ] || die "$name is not a pair (no $dir/primary): start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+}
+
+# kill_instance DATA TRIES PAUSE: SIGKILL every process of the instance at DATA (see
+# instance_pids), again and again until none is left, looking at most TRIES times,
+# PAUSE seconds apart. Returns at once if none runs; never fails.
+kill_instance() {
+  local pids pid
+  for _ in $(seq 1 "$2"); do
+    pids=$(instance_pids "$1")
+    [ -z "$pids" ] && break
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+    sleep "$3"
   done
   return 0
 }

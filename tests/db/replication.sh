@@ -31,8 +31,7 @@ case "$action" in
   pause | resume | lag) ;;
   *) die "unknown action '$action'; $usage" ;;
 esac
-[ -d "$dir" ] || die "$dir does not exist: start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
-[ -L "$dir/primary" ] || die "$name is not a pair (no $dir/primary): start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+require_pair
 [ -e "$dir/failed-over" ] \
   && die "$name has failed over (tests/db/failover.sh) and has no standby yet: make one with tests/db/standby.sh $name"
 [ -L "$dir/standby" ] || die "$name has no standby: make one with tests/db/standby.sh $name"

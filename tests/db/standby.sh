@@ -28,8 +28,7 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 . "$(dirname "$0")/lib.sh"
 
 die() { echo "tests/db/standby.sh: $*" >&2; exit 1; }
-[ -d "$dir" ] || die "$dir does not exist: start a pair with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
-[ -L "$dir/primary" ] || die "$name is not a pair (no $dir/primary): start it with REAPER_DB_STANDBY=sync|async tests/db/up.sh $name"
+require_pair
 
 # shellcheck source=/dev/null
 . "$dir/env"
