@@ -5,11 +5,10 @@
 # ${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}/NAME/.
 set -euo pipefail
 
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 name="${1:-}"
-if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; then
-  echo "usage: $0 NAME" >&2
-  exit 2
-fi
+valid_name "$name" || { echo "usage: $0 NAME" >&2; exit 2; }
 root="${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}"
 state="$root/$name"
 
@@ -20,9 +19,7 @@ fi
 
 # ours PID: true if PID is alive and was started for this cluster (its command line
 # names the state directory), so a recycled pid is never killed.
-ours() {
-  [[ -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$state/"
-}
+ours() { ours_cmd "$1" "$state/"; }
 
 # stop COMPONENT...: SIGTERM those components' recorded pids, wait for them to exit
 # (SIGKILL after 10 s).
@@ -33,7 +30,7 @@ stop() {
     pidfile="$state/pids/$component.pid"
     [[ -f "$pidfile" ]] || continue
     pid="$(<"$pidfile")"
-    if [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid"; then
+    if ours "$pid"; then
       kill -TERM "$pid" 2>/dev/null || true
       pids+=("$pid")
     fi

@@ -32,8 +32,11 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$here/lib.sh"
 root="${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}"
 nstate="$root/.real-node"
+components="$nstate"
 timeout="${REAPER_UP_TIMEOUT:-60}"
 
 # Fixed names and addresses: a second node on the same machine is refused, and a
@@ -62,14 +65,6 @@ die() { log "ERROR: $*"; exit 1; }
 usage() {
   echo "usage: $0 up NAME | forward PORT | import ARCHIVE | down [NAME]" >&2
   exit 2
-}
-
-valid_name() { [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; }
-
-# ours_cmd PID TEXT: PID is alive and its command line contains TEXT (a recycled pid is
-# never signalled).
-ours_cmd() {
-  [[ "$1" =~ ^[0-9]+$ && -r "/proc/$1/cmdline" ]] && grep -qF -- "$2" < <(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)
 }
 
 # stop_pid PID TEXT [GROUP]: SIGTERM (the process group too when GROUP is set), wait up to
@@ -105,33 +100,6 @@ start() {
   shift
   setsid "$@" </dev/null >"$nstate/logs/$component.log" 2>&1 9>&- &
   echo "$!" >"$nstate/pids/$component.pid"
-}
-
-# wait_for COMPONENT DESCRIPTION COMMAND...: poll COMMAND until it succeeds; fail if the
-# component's process is gone or the timeout passes.
-wait_for() {
-  local component="$1" what="$2"
-  shift 2
-  local pid deadline=$((SECONDS + timeout))
-  pid="$(<"$nstate/pids/$component.pid")"
-  until "$@" >/dev/null 2>&1; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      show_log "$component"
-      die "$component (pid $pid) exited while waiting for $what"
-    fi
-    if ((SECONDS >= deadline)); then
-      show_log "$component"
-      die "timed out after ${timeout}s waiting for $what"
-    fi
-    sleep 0.2
-  done
-}
-
-show_log() {
-  [[ -f "$nstate/logs/$1.log" ]] || return 0
-  echo "----- last 40 lines of $nstate/logs/$1.log -----" >&2
-  tail -n 40 "$nstate/logs/$1.log" >&2
-  echo "-----" >&2
 }
 
 listening() { # listening IP PORT [in_ns]: a TCP listener on IP:PORT

@@ -4,11 +4,10 @@
 # Exits non-zero if a recorded process is not running.
 set -euo pipefail
 
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 name="${1:-}"
-if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; then
-  echo "usage: $0 NAME" >&2
-  exit 2
-fi
+valid_name "$name" || { echo "usage: $0 NAME" >&2; exit 2; }
 state="${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}/$name"
 [[ -d "$state/pids" ]] || { echo "status.sh: no cluster '$name' at $state" >&2; exit 1; }
 
@@ -21,7 +20,7 @@ for component in etcd kube-apiserver kube-controller-manager kube-scheduler kwok
   pidfile="$state/pids/$component.pid"
   [[ -f "$pidfile" ]] || continue
   pid="$(<"$pidfile")"
-  if [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"; then
+  if ours_cmd "$pid" "$state/"; then
     kb="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status")"
     # Fields 14 and 15 of /proc/PID/stat: user and system time in clock ticks (the command
     # name in field 2 has no spaces for these binaries).

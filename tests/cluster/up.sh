@@ -29,13 +29,16 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+. "$here/lib.sh"
 name="${1:-}"
-if [[ ! "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; then
+if ! valid_name "$name"; then
   echo "usage: $0 NAME   (NAME: letters, digits, '.', '_', '-')" >&2
   exit 2
 fi
 root="${REAPER_CLUSTER_DIR:-/tmp/reaper-clusters}"
 state="$root/$name"
+components="$state"
 timeout="${REAPER_UP_TIMEOUT:-60}"
 start_time=$SECONDS
 
@@ -81,7 +84,7 @@ if [[ -d "$state" ]]; then
   for pidfile in "$state"/pids/*.pid; do
     [[ -f "$pidfile" ]] || continue
     pid="$(<"$pidfile")"
-    if [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"; then
+    if ours_cmd "$pid" "$state/"; then
       log "cluster '$name' is already running (pid $pid); run tests/cluster/down.sh $name first"
       exit 1
     fi
@@ -135,19 +138,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# fail COMPONENT MESSAGE: report and show the tail of that component's log.
-fail() {
-  local component="$1"
-  shift
-  log "ERROR: $*"
-  if [[ -f "$state/logs/$component.log" ]]; then
-    echo "----- last 40 lines of $state/logs/$component.log -----" >&2
-    tail -n 40 "$state/logs/$component.log" >&2
-    echo "-----" >&2
-  fi
-  exit 1
-}
-
 # start COMPONENT ARGS...: run in the background, log to logs/COMPONENT.log, record the pid.
 start() {
   local component="$1"
@@ -156,20 +146,6 @@ start() {
   local pid=$!
   started+=("$pid")
   echo "$pid" >"$state/pids/$component.pid"
-}
-
-# wait_for COMPONENT DESCRIPTION COMMAND...: poll COMMAND until it succeeds; fail if the
-# component's process exits or the timeout passes.
-wait_for() {
-  local component="$1" what="$2"
-  shift 2
-  local pid deadline=$((SECONDS + timeout))
-  pid="$(<"$state/pids/$component.pid")"
-  until "$@" >/dev/null 2>&1; do
-    kill -0 "$pid" 2>/dev/null || fail "$component" "$component (pid $pid) exited while waiting for $what"
-    ((SECONDS < deadline)) || fail "$component" "timed out after ${timeout}s waiting for $what"
-    sleep 0.2
-  done
 }
 
 # --- certificates -------------------------------------------------------------------
