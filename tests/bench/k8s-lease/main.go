@@ -529,30 +529,21 @@ func (w *deployWatch) observe(obj any) {
 // waitFor returns the receive time of the first update of name at or after since that
 // satisfies pred.
 func (w *deployWatch) waitFor(ctx context.Context, name string, since time.Time, timeout time.Duration, pred func(snapshot) bool) (time.Time, error) {
-	deadline := time.Now().Add(timeout)
-	for {
+	var found time.Time
+	seen := func() bool {
 		w.mu.Lock()
-		h := w.history[name]
-		var found *snapshot
-		for i := range h {
-			if !h[i].at.Before(since) && pred(h[i]) {
-				found = &h[i]
-				break
+		defer w.mu.Unlock()
+		for _, s := range w.history[name] {
+			if !s.at.Before(since) && pred(s) {
+				found = s.at
+				return true
 			}
 		}
-		w.mu.Unlock()
-		if found != nil {
-			return found.at, nil
-		}
-		if time.Now().After(deadline) {
-			return time.Time{}, fmt.Errorf("deployment %s: condition not reached within %s", name, timeout)
-		}
-		select {
-		case <-ctx.Done():
-			return time.Time{}, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
+		return false
 	}
+	err := poll(ctx, timeout, 10*time.Millisecond, seen,
+		fmt.Errorf("deployment %s: condition not reached within %s", name, timeout))
+	return found, err
 }
 
 func (w *deployWatch) get(name string) snapshot {
@@ -867,19 +858,29 @@ func waitStable(ctx context.Context, c benchConfig, cs kubernetes.Interface, w *
 
 func waitNoPods(ctx context.Context, cs kubernetes.Interface, ns, deploy string, timeout time.Duration) error {
 	sel := labels.SelectorFromSet(labels.Set{"app": deploy}).String()
+	gone := func() bool {
+		pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
+		return err == nil && len(pods.Items) == 0
+	}
+	return poll(ctx, timeout, 50*time.Millisecond, gone,
+		fmt.Errorf("pods of %s still present after %s", deploy, timeout))
+}
+
+// poll calls done every interval until it reports true. It returns timedOut once
+// timeout has passed, and ctx's error if ctx ends first.
+func poll(ctx context.Context, timeout, interval time.Duration, done func() bool, timedOut error) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		pods, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: sel})
-		if err == nil && len(pods.Items) == 0 {
+		if done() {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("pods of %s still present after %s", deploy, timeout)
+			return timedOut
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
 }
@@ -890,40 +891,25 @@ func freshNamespace(ctx context.Context, cs kubernetes.Interface, ns string) err
 	if err := nsAPI.Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		return err
 	}
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
+	gone := func() bool {
 		_, err := nsAPI.Get(ctx, ns, metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("namespace %s still exists after 2 minutes", ns)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
+		return apierrors.IsNotFound(err)
+	}
+	if err := poll(ctx, 2*time.Minute, 200*time.Millisecond, gone,
+		fmt.Errorf("namespace %s still exists after 2 minutes", ns)); err != nil {
+		return err
 	}
 	_, err := nsAPI.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
 	if err != nil {
 		return err
 	}
 	// Pods need the namespace's default ServiceAccount (created by the controller-manager).
-	deadline = time.Now().Add(time.Minute)
-	for {
-		if _, err := cs.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{}); err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no ServiceAccount %s/default after a minute", ns)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+	hasServiceAccount := func() bool {
+		_, err := cs.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		return err == nil
 	}
+	return poll(ctx, time.Minute, 100*time.Millisecond, hasServiceAccount,
+		fmt.Errorf("no ServiceAccount %s/default after a minute", ns))
 }
 
 func createDeployment(ctx context.Context, cs kubernetes.Interface, ns, name string) error {
