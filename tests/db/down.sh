@@ -9,7 +9,6 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 [ -d "$dir" ] || exit 0
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/lib.sh"
-die() { echo "tests/db/down.sh: $*" >&2; exit 1; }
 
 stop_forwarder
 for pidfile in "$dir"/pgbouncer*.pid; do

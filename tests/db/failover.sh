@@ -31,7 +31,6 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/lib.sh"
 
-die() { echo "tests/db/failover.sh: $*" >&2; exit 1; }
 require_pair
 [ -e "$dir/failed-over" ] \
   && die "$name has failed over and has no standby yet: make one with tests/db/standby.sh $name ($(cat "$dir/failed-over"))"

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034 # what it sets is for the scripts that source it
 # What the scripts in tests/db share; sourced, not run. The script sets `dir` (the state
-# directory of the database) and `name` before it sources this, and defines `die`.
+# directory of the database) and `name` before it sources this.
 #
 # A pair (REAPER_DB_STANDBY=sync|async tests/db/up.sh) keeps in $dir:
 #   node-a/, node-b/    the data directories of its two servers; each ends its
@@ -12,6 +12,9 @@
 #   node-a.log, ...     what each server logged when a script here started it
 #   forwarder.pid       the socat forwarder, in a process group of its own
 #   failed-over         written by failover.sh, removed by standby.sh
+
+# die MESSAGE: the message on stderr, named after the script; exit 1.
+die() { echo "tests/db/${0##*/}: $*" >&2; exit 1; }
 
 dir=${dir:?tests/db/lib.sh: set dir before sourcing it}
 name=${name:?tests/db/lib.sh: set name before sourcing it}

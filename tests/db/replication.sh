@@ -26,7 +26,6 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 . "$(dirname "$0")/lib.sh"
 paused=$dir/replication.paused
 
-die() { echo "tests/db/replication.sh: $*" >&2; exit 1; }
 case "$action" in
   pause | resume | lag) ;;
   *) die "unknown action '$action'; $usage" ;;

@@ -27,7 +27,6 @@ dir=${REAPER_DB_DIR:-/tmp/reaper-db}/$name
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$(dirname "$0")/lib.sh"
 
-die() { echo "tests/db/standby.sh: $*" >&2; exit 1; }
 require_pair
 
 # shellcheck source=/dev/null

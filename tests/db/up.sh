@@ -64,7 +64,6 @@ here=$(dirname "$0")
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$here/lib.sh"
 
-die() { echo "tests/db/up.sh: $*" >&2; exit 1; }
 [ -x "$pgbin/initdb" ] || die "PostgreSQL server binaries not found (set PG_BIN); on Debian: apt-get install postgresql"
 command -v pgbouncer >/dev/null || die "pgbouncer not found; on Debian: apt-get install pgbouncer"
 [ -e "$dir" ] && die "$dir exists: run tests/db/down.sh $name first"
