@@ -7,7 +7,8 @@
 #                     here from bin/pause (no registry is contacted)
 #   images/test.tar   OCI archive of localhost/reaper-node-test:1 (bin/pause as /pause)
 # into a node-<hash> directory inside build.sh's cache directory (so it shares its
-# Kubernetes version), where <hash> covers this script, node/ and the Go version.
+# Kubernetes version), where <hash> covers this script, k8s-ldflags.sh, node/ and the Go
+# version.
 # build.sh's own cache key does not change, so adding a node never rebuilds the control
 # plane. Prints the node-<hash> directory as the last stdout line; progress on stderr.
 #
@@ -16,6 +17,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 log() { printf 'build-node.sh: %s\n' "$*" >&2; }
+# shellcheck source=k8s-ldflags.sh source-path=SCRIPTDIR
+. "$here/k8s-ldflags.sh"
 
 command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
 command -v python3 >/dev/null || { log "python3 is not on PATH (writes the image archives)"; exit 1; }
@@ -34,7 +37,7 @@ inputs_hash="$(
   {
     go version
     cd "$here"
-    for f in build-node.sh node/go.mod node/kubelet.go.sum node/pause/main.go node/oci-image.py; do
+    for f in build-node.sh k8s-ldflags.sh node/go.mod node/kubelet.go.sum node/pause/main.go node/oci-image.py; do
       printf '%s\n' "$f"
       cat "$f"
     done
@@ -65,15 +68,8 @@ tmp="$dir/partial"
 rm -rf "$tmp" "${dir:?}/bin" "${dir:?}/images"
 mkdir -p "$tmp/bin" "$tmp/images"
 
-# The same version stamps as build.sh (without them kubelet reports v0.0.0-master, and
-# the apiserver shows that as the Node's kubeletVersion).
-minor="${k8s_version#v1.}"
-minor="${minor%%.*}"
-k8s_ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-  k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
+# The same version stamps as build.sh.
+k8s_ldflags="$(k8s_ldflags "$k8s_version")"
 export CGO_ENABLED=0
 
 # k8s/go.mod already selects every module kubelet needs (it is in k8s.io/kubernetes's

@@ -6,8 +6,8 @@
 #
 # Binaries go to a cache outside the repository:
 #   ${REAPER_CACHE:-$HOME/.cache/reaper-operator}/k8s-<version>-<hash>/bin/
-# where <hash> covers every build input (go.mod, go.sum, Go sources, this script, the Go
-# version). When that directory is complete the build is skipped. The bin directory is
+# where <hash> covers every build input (go.mod, go.sum, Go sources, this script and
+# k8s-ldflags.sh, the Go version). When that directory is complete the build is skipped. The bin directory is
 # printed as the last line of stdout; progress goes to stderr.
 #
 # Environment: REAPER_CACHE (cache root), GOFLAGS (e.g. -p=1 to use less CPU).
@@ -17,6 +17,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${REAPER_CACHE:-$HOME/.cache/reaper-operator}"
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
+# shellcheck source=k8s-ldflags.sh source-path=SCRIPTDIR
+. "$here/k8s-ldflags.sh"
 
 command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
 
@@ -35,7 +37,7 @@ inputs_hash="$(
   {
     go version
     cd "$here"
-    for f in build.sh k8s/go.mod k8s/go.sum k8s/etcd/main.go kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum; do
+    for f in build.sh k8s-ldflags.sh k8s/go.mod k8s/go.sum k8s/etcd/main.go kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum; do
       printf '%s\n' "$f"
       cat "$f"
     done
@@ -74,13 +76,7 @@ tmp="$dir/bin.partial"
 rm -rf "$tmp" "$bin"
 mkdir -p "$tmp"
 
-minor="${k8s_version#v1.}"
-minor="${minor%%.*}"
-k8s_ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-  k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
+k8s_ldflags="$(k8s_ldflags "$k8s_version")"
 
 export CGO_ENABLED=0
 
