@@ -59,7 +59,7 @@ use reaper_operator::lease::LeaseStore;
 use reaper_operator::reaper::{LeaseSpec, Phase, Reaper, ReaperSpec};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use support::cluster::{TestCluster, repo_root, wait_until};
+use support::cluster::{TestCluster, condition_true, repo_root, wait_until};
 use support::db;
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::trials::Suite;
@@ -1464,13 +1464,10 @@ async fn installed_objects(ctx: &Ctx) -> Result<()> {
         "CRD annotations: {:?}",
         crd.annotations()
     );
-    let established = crd
-        .status
-        .and_then(|s| s.conditions)
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.type_ == "Established" && c.status == "True");
-    ensure!(established, "the CRD is not Established after helm --wait");
+    ensure!(
+        condition_true(&crd, "Established"),
+        "the CRD is not Established after helm --wait"
+    );
     Ok(())
 }
 

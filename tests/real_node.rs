@@ -29,7 +29,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use reaper_operator::reaper::{Phase, Reaper};
 use serde_json::json;
-use support::cluster::{TestCluster, repo_root, wait_until};
+use support::cluster::{TestCluster, condition_true, repo_root, wait_until};
 use support::trials::Suite;
 
 const NODE_NAME: &str = "reaper-real-node";
@@ -357,12 +357,8 @@ async fn teardown_restores_host(s: &Shared) -> Result<()> {
 
 async fn node_ready(client: &Client, node: &RealNode) -> Result<()> {
     let n = Api::<Node>::all(client.clone()).get(NODE_NAME).await?;
+    let ready = condition_true(&n, "Ready");
     let status = n.status.context("Node has no status")?;
-    let ready = status
-        .conditions
-        .unwrap_or_default()
-        .into_iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
     ensure!(ready, "Node {NODE_NAME} is not Ready");
     let info = status.node_info.context("Node has no nodeInfo")?;
     ensure!(
@@ -1091,8 +1087,5 @@ fn acting(pods: &[Pod]) -> usize {
 
 /// The pod's Ready condition is True.
 fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    condition_true(pod, "Ready")
 }

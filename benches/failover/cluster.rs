@@ -8,7 +8,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
-use super::support::cluster::{TestCluster, wait_until};
+use super::support::cluster::{TestCluster, wait_condition};
 
 pub async fn start_cluster(prefix: &'static str) -> Result<TestCluster> {
     tokio::task::spawn_blocking(move || TestCluster::start_new(prefix))
@@ -47,19 +47,12 @@ pub async fn add_fake_node(client: &Client, name: &str, pods: usize) -> Result<(
         .create(&PostParams::default(), &node)
         .await
         .with_context(|| format!("create the fake Node {name}"))?;
-    wait_until(
+    wait_condition(
+        &nodes,
+        name,
+        "Ready",
         &format!("the fake Node {name} to be Ready"),
         Duration::from_secs(60),
-        || async {
-            let node = nodes.get(name).await?;
-            let ready = node
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            Ok(ready.then_some(()))
-        },
     )
     .await
 }

@@ -319,21 +319,48 @@ pub async fn install_reaper_crd(client: &Client) -> Result<()> {
 pub async fn wait_crd_established(client: &Client, name: &str) -> Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
-    wait_until(
+    wait_condition(
+        &crds,
+        name,
+        "Established",
         &format!("CRD {name} to be Established"),
         Duration::from_secs(30),
-        || async {
-            let crd = crds.get(name).await?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
-        },
     )
     .await
+}
+
+/// Waits (`timeout` at most; `what` names the wait in its error) until the object `name`
+/// of `api` has the condition `type_` True (see [`condition_true`]).
+pub async fn wait_condition<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    type_: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    wait_until(what, timeout, || async {
+        let object = api.get(name).await?;
+        Ok(condition_true(&object, type_).then_some(()))
+    })
+    .await
+}
+
+/// Whether `object` (a Node, a CRD, a Pod, ...) has the condition `type_` with status
+/// "True" in its `status.conditions`. Read from its JSON: each kind has a condition type
+/// of its own, but they all serialize alike.
+pub fn condition_true(object: &impl serde::Serialize, type_: &str) -> bool {
+    serde_json::to_value(object).is_ok_and(|v| {
+        v.pointer("/status/conditions")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c["type"] == type_ && c["status"] == "True")
+            })
+    })
 }
 
 /// Polls `check` every 250 ms until it returns `Ok(Some(v))`; fails after `timeout` with
