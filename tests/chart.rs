@@ -1495,7 +1495,7 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
     // The workload: a Recreate Deployment at 0 replicas and its Reaper, made by an admin.
     let ns = format!("chart-app-{}", ctx.suffix);
     ctx.create_namespace(&ns).await?;
-    create_workload(ctx, &ns).await?;
+    create_workload(ctx, &ns, "sweeper").await?;
 
     // The RBAC authorizer's cache may need a moment for the binding.
     let sa_reapers = Api::<Reaper>::namespaced(sa.clone(), &ns);
@@ -1548,19 +1548,20 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-/// A Recreate Deployment at 0 replicas and its Reaper, made by an admin in `ns`.
-async fn create_workload(ctx: &Ctx, ns: &str) -> Result<()> {
+/// A Recreate Deployment `name` at 0 replicas and its Reaper `name` on the lease
+/// `<ns>.<name>` (ttl 3 s), made by an admin in `ns`.
+async fn create_workload(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
     let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "sweeper"},
+        "metadata": {"name": name},
         "spec": {
             "replicas": 0,
             "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "sweeper"}},
+            "selector": {"matchLabels": {"app": name}},
             "template": {
-                "metadata": {"labels": {"app": "sweeper"}},
+                "metadata": {"labels": {"app": name}},
                 "spec": {
                     "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "sweeper", "image": "example.invalid/sweeper:1"}]
+                    "containers": [{"name": name, "image": format!("example.invalid/{name}:1")}]
                 }
             }
         }
@@ -1569,14 +1570,13 @@ async fn create_workload(ctx: &Ctx, ns: &str) -> Result<()> {
         .create(&PostParams::default(), &deployment)
         .await
         .context("creating the workload Deployment")?;
-    let lease_name = format!("{ns}.sweeper");
     let reaper = Reaper::new(
-        "sweeper",
+        name,
         ReaperSpec {
-            deployment_name: "sweeper".into(),
+            deployment_name: name.into(),
             paused: false,
             lease: LeaseSpec {
-                name: Some(lease_name.clone()),
+                name: Some(format!("{ns}.{name}")),
                 ttl_seconds: 3,
                 renew_deadline_seconds: 2,
                 retry_period_seconds: 1,
@@ -1584,8 +1584,7 @@ async fn create_workload(ctx: &Ctx, ns: &str) -> Result<()> {
             },
         },
     );
-    let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), ns);
-    reapers
+    Api::<Reaper>::namespaced(ctx.client.clone(), ns)
         .create(&PostParams::default(), &reaper)
         .await
         .context("creating the Reaper")?;
@@ -1860,40 +1859,8 @@ async fn takeover_metrics(ctx: &Ctx) -> Result<String> {
         .ok_or_else(|| anyhow!("could not plant the expiring lease {lease}"))?;
     store.pool().close().await;
 
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "ghost"},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": "ghost"}},
-            "template": {
-                "metadata": {"labels": {"app": "ghost"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": "ghost", "image": "example.invalid/ghost:1"}]
-                }
-            }
-        }
-    }))?;
-    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-        .create(&PostParams::default(), &deployment)
-        .await?;
+    create_workload(ctx, &ns, "ghost").await?;
     let reapers = Api::<Reaper>::namespaced(ctx.client.clone(), &ns);
-    let reaper = Reaper::new(
-        "ghost",
-        ReaperSpec {
-            deployment_name: "ghost".into(),
-            paused: false,
-            lease: LeaseSpec {
-                name: Some(lease.clone()),
-                ttl_seconds: 3,
-                renew_deadline_seconds: 2,
-                retry_period_seconds: 1,
-                handover_delay_seconds: 0,
-            },
-        },
-    );
-    reapers.create(&PostParams::default(), &reaper).await?;
 
     let op = OperatorProcess::start(OperatorSpec {
         kubeconfig: ctx.cluster.kubeconfig(),
