@@ -18,7 +18,6 @@
 //! the kill), two new replicas join the dead cluster, and once the system is stable (the
 //! returned cluster scaled to 0 and Standby) the next trial kills the other cluster.
 
-use crate::support::id;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
@@ -33,13 +32,12 @@ use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::FailoverArgs;
-use super::cluster::start_cluster;
 use super::database::{Urls, lit};
 use super::deployments::Scale;
 use super::machine::Machine;
 use super::operator::{Operator, with_logs};
-use super::report::{Stats, fmt_dur, since, write_stats_table};
-use super::side::{FAILOVER_NS, Side, Stability, WORKLOAD};
+use super::report::{Stats, fmt_dur, since, write_date_line, write_stats_table};
+use super::side::{FAILOVER_NS, Side, Stability, WORKLOAD, sleep_random_phase};
 use super::support::cluster::{TestCluster, wait_until};
 use super::support::fixtures::live_pods;
 
@@ -192,28 +190,20 @@ pub async fn run(
 ) -> Result<Vec<DeadTrial>> {
     let timing = args.timing;
     let lease_name = format!("{FAILOVER_NS}.dead-{}", std::process::id());
-    let events = schema.qualify("lease_event");
-    let workload = schema.qualify("lease_workload");
-    let ctx = Stability {
-        store,
-        lease_name: &lease_name,
-        workload: workload.clone(),
-        timing,
-    };
+    let ctx = Stability::new(store, schema, &lease_name, timing);
+    let (events, workload) = (&ctx.events, &ctx.workload);
 
-    eprintln!("starting two control planes (tests/cluster/up.sh)...");
-    let (a, b) = tokio::join!(start_cluster("bench-dc-a"), start_cluster("bench-dc-b"));
-    let (a, b) = (a?, b?);
-    let mut sides = [
-        Side::new("a", a, timing.lease_spec(&lease_name), args.grace_seconds).await?,
-        Side::new("b", b, timing.lease_spec(&lease_name), args.grace_seconds).await?,
-    ];
+    let mut sides = Side::start_both(
+        ["bench-dc-a", "bench-dc-b"],
+        timing.lease_spec(&lease_name),
+        args.grace_seconds,
+    )
+    .await?;
     let mut ops: [Vec<Operator>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..REPLICAS_PER_CLUSTER {
         for (i, side) in sides.iter_mut().enumerate() {
             // Random phases, so the electors do not tick in step.
-            let stagger = rand::random_range(0..timing.retry * 1000);
-            tokio::time::sleep(Duration::from_millis(stagger)).await;
+            sleep_random_phase(timing).await;
             ops[i].push(side.start_operator(urls, schema, log_dir)?);
         }
     }
@@ -221,18 +211,10 @@ pub async fn run(
     let mut apiservers: Vec<Child> = Vec::new();
 
     let begun = Utc::now();
-    let mut leader = {
-        let per_side = [holders(&ops[0]), holders(&ops[1])];
-        let found = wait_until("a first leader", Duration::from_secs(120), || async {
-            Ok(store
-                .get(&id::lease(&lease_name))
-                .await?
-                .filter(|row| row.is_held())
-                .and_then(|row| per_side.iter().position(|h| h.contains(&row.holder))))
-        })
+    let found = ctx
+        .wait_first_leader(&[holders(&ops[0]), holders(&ops[1])])
         .await;
-        with_logs(found, &all_ops(&ops))?
-    };
+    let mut leader = with_logs(found, &all_ops(&ops))?;
     let stable = ctx
         .wait_stable_holders(
             &sides,
@@ -256,15 +238,8 @@ pub async fn run(
         let dead_name = sides[leader].name;
         let apiserver = Apiserver::of(&sides[leader].test)?;
         let result = async {
-            let phase = rand::random_range(0..timing.retry * 1000);
-            tokio::time::sleep(Duration::from_millis(phase)).await;
-            let last_id: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
-                "SELECT coalesce(max(id), 0) AS id FROM {events} WHERE name = {}",
-                lit(&lease_name)
-            )))
-            .fetch_one(store.pool())
-            .await?
-            .try_get("id")?;
+            sleep_random_phase(timing).await;
+            let last_id = ctx.last_event_id().await?;
             ensure!(
                 sides[follower].watch.latest() == Some(Scale { replicas: 0, ready: 0 }),
                 "the standby cluster's Deployment is not at 0 before the kill: {:?}",
@@ -280,7 +255,7 @@ pub async fn run(
             // Nobody of the dead cluster writes any more: its lease expiry and its last
             // report are final.
             let row = store
-                .get(&id::lease(&lease_name))
+                .get(&lease_name)
                 .await?
                 .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
             ensure!(
@@ -441,14 +416,7 @@ pub fn render(
         t.flags(),
         args.grace_seconds
     );
-    let _ = writeln!(
-        w,
-        "- **Date:** {} ({} trial{}, {:.0} s in all).",
-        started.format("%Y-%m-%d %H:%M UTC"),
-        trials.len(),
-        if trials.len() == 1 { "" } else { "s" },
-        elapsed.as_secs_f64()
-    );
+    write_date_line(w, started, trials.len(), elapsed);
     m.describe(w);
     let _ = writeln!(
         w,

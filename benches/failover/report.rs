@@ -53,6 +53,19 @@ pub fn write_stats_table(w: &mut String, origin: &str, rows: &[(&str, Option<Sta
     }
 }
 
+/// The `- **Date:**` line of a failover section: when the run started, how many trials
+/// it ran and how long it took.
+pub fn write_date_line(w: &mut String, started: DateTime<Utc>, trials: usize, elapsed: Duration) {
+    let _ = writeln!(
+        w,
+        "- **Date:** {} ({} trial{}, {:.0} s in all).",
+        started.format("%Y-%m-%d %H:%M UTC"),
+        trials,
+        if trials == 1 { "" } else { "s" },
+        elapsed.as_secs_f64()
+    );
+}
+
 pub fn fmt_dur(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1e3;
     if ms < 1_000.0 {

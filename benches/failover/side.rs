@@ -17,6 +17,7 @@ use serde_json::json;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::TimingArgs;
+use super::cluster::start_cluster;
 use super::database::{Urls, lit};
 use super::deployments::{DeploymentWatch, Scale, scale_of};
 use super::operator::Operator;
@@ -85,6 +86,22 @@ impl Side {
         )
     }
 
+    /// Starts the two control planes `clusters` at once and sets up side `a` in the first,
+    /// `b` in the second.
+    pub async fn start_both(
+        clusters: [&'static str; 2],
+        lease: LeaseSpec,
+        grace_seconds: i64,
+    ) -> Result<[Self; 2]> {
+        eprintln!("starting two control planes (tests/cluster/up.sh)...");
+        let (a, b) = tokio::join!(start_cluster(clusters[0]), start_cluster(clusters[1]));
+        let (a, b) = (a?, b?);
+        Ok([
+            Self::new("a", a, lease.clone(), grace_seconds).await?,
+            Self::new("b", b, lease, grace_seconds).await?,
+        ])
+    }
+
     /// New watches (after the apiserver came back: the old ones may sit in a backoff).
     pub fn restart_watches(&mut self) {
         (self.watch, self.pods) = Self::watches(&self.client);
@@ -125,14 +142,67 @@ impl Side {
     }
 }
 
+/// Sleeps a random fraction of a retry period: what follows falls at a random phase of the
+/// electors' renew cycle (stabilising takes about the same time after every trial, which
+/// would otherwise keep the phase fixed).
+pub async fn sleep_random_phase(timing: TimingArgs) {
+    let phase = rand::random_range(0..timing.retry * 1000);
+    tokio::time::sleep(Duration::from_millis(phase)).await;
+}
+
 pub struct Stability<'a> {
     pub store: &'a LeaseStore,
     pub lease_name: &'a str,
+    /// The run's `lease_event` table, qualified with its schema.
+    pub events: String,
     pub workload: String,
     pub timing: TimingArgs,
 }
 
-impl Stability<'_> {
+impl<'a> Stability<'a> {
+    /// The run's view of the lease `lease_name` in `schema`.
+    pub fn new(
+        store: &'a LeaseStore,
+        schema: &Schema,
+        lease_name: &'a str,
+        timing: TimingArgs,
+    ) -> Self {
+        Self {
+            store,
+            lease_name,
+            events: schema.qualify("lease_event"),
+            workload: schema.qualify("lease_workload"),
+            timing,
+        }
+    }
+
+    /// Waits until the lease is held by one of `holders[0]` (cluster a's replicas) or
+    /// `holders[1]`; returns the index of that cluster.
+    pub async fn wait_first_leader(&self, holders: &[Vec<String>; 2]) -> Result<usize> {
+        wait_until("a first leader", Duration::from_secs(120), || async {
+            Ok(self
+                .store
+                .get(self.lease_name)
+                .await?
+                .filter(|row| row.is_held())
+                .and_then(|row| holders.iter().position(|h| h.contains(&row.holder))))
+        })
+        .await
+    }
+
+    /// The id of the lease's last `lease_event` row (0 if it has none): a trial's events
+    /// are the rows after it.
+    pub async fn last_event_id(&self) -> Result<i64> {
+        Ok(sqlx::raw_sql(AssertSqlSafe(format!(
+            "SELECT coalesce(max(id), 0) AS id FROM {} WHERE name = {}",
+            self.events,
+            lit(self.lease_name)
+        )))
+        .fetch_one(self.store.pool())
+        .await?
+        .try_get("id")?)
+    }
+
     /// Waits until `leader`'s cluster runs the pod, is Leading and holds the lease, and
     /// the other cluster is at 0 and Standby, its replica (started at `since`) having
     /// reported its workload.

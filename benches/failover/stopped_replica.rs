@@ -1,7 +1,6 @@
 //! `failover --mode kill9` and `--mode graceful`: the leading replica is stopped (SIGKILL
 //! or SIGTERM), one replica per cluster.
 
-use crate::support::id;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,13 +11,12 @@ use reaper_operator::config::Schema;
 use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
-use super::cluster::start_cluster;
 use super::database::{Urls, lit};
 use super::deployments::Scale;
 use super::machine::Machine;
 use super::operator::{SHUTDOWN_TIMEOUT_S, with_logs};
-use super::report::{Stats, fmt_dur, since, write_stats_table};
-use super::side::{FAILOVER_NS, Side, Stability};
+use super::report::{Stats, fmt_dur, since, write_date_line, write_stats_table};
+use super::side::{FAILOVER_NS, Side, Stability, sleep_random_phase};
 use super::support::cluster::wait_until;
 use super::{FailoverArgs, Mode};
 
@@ -77,41 +75,25 @@ pub async fn run(
 ) -> Result<Vec<Trial>> {
     let timing = args.timing;
     let lease_name = format!("{FAILOVER_NS}.failover-{}", std::process::id());
-    let events = schema.qualify("lease_event");
-    let ctx = Stability {
-        store,
-        lease_name: &lease_name,
-        workload: schema.qualify("lease_workload"),
-        timing,
-    };
+    let ctx = Stability::new(store, schema, &lease_name, timing);
+    let events = &ctx.events;
 
-    eprintln!("starting two control planes (tests/cluster/up.sh)...");
-    let (a, b) = tokio::join!(start_cluster("bench-fo-a"), start_cluster("bench-fo-b"));
-    let (a, b) = (a?, b?);
-    let mut sides = [
-        Side::new("a", a, timing.lease_spec(&lease_name), args.grace_seconds).await?,
-        Side::new("b", b, timing.lease_spec(&lease_name), args.grace_seconds).await?,
-    ];
+    let mut sides = Side::start_both(
+        ["bench-fo-a", "bench-fo-b"],
+        timing.lease_spec(&lease_name),
+        args.grace_seconds,
+    )
+    .await?;
     // The second replica starts a random fraction of a retry period later, so the two
     // electors do not tick in step (a restarted replica has a random phase too).
     let mut ops = vec![sides[0].start_operator(urls, schema, log_dir)?];
-    let stagger = rand::random_range(0..timing.retry * 1000);
-    tokio::time::sleep(Duration::from_millis(stagger)).await;
+    sleep_random_phase(timing).await;
     ops.push(sides[1].start_operator(urls, schema, log_dir)?);
 
     let begun = Utc::now();
-    let mut leader = {
-        let holders: Vec<String> = ops.iter().map(|op| op.holder()).collect();
-        let found = wait_until("a first leader", Duration::from_secs(120), || async {
-            Ok(store
-                .get(&id::lease(&lease_name))
-                .await?
-                .filter(|row| row.is_held())
-                .and_then(|row| holders.iter().position(|h| *h == row.holder)))
-        })
-        .await;
-        with_logs(found, &ops.iter().collect::<Vec<_>>())?
-    };
+    let holders = [vec![ops[0].holder()], vec![ops[1].holder()]];
+    let found = ctx.wait_first_leader(&holders).await;
+    let mut leader = with_logs(found, &ops.iter().collect::<Vec<_>>())?;
     let stable = ctx.wait_stable(&sides, &ops, leader, begun).await;
     with_logs(stable, &ops.iter().collect::<Vec<_>>())?;
     tokio::time::sleep(Duration::from_secs(timing.retry)).await;
@@ -126,17 +108,9 @@ pub async fn run(
     for n in 1..=args.trials {
         let follower = 1 - leader;
         let result = async {
-            // Signal at a random phase of the renew cycle: stabilising takes about the
-            // same time in every trial, which would otherwise keep the phase fixed.
-            let phase = rand::random_range(0..timing.retry * 1000);
-            tokio::time::sleep(Duration::from_millis(phase)).await;
-            let last_id: i64 = sqlx::raw_sql(AssertSqlSafe(format!(
-                "SELECT coalesce(max(id), 0) AS id FROM {events} WHERE name = {}",
-                lit(&lease_name)
-            )))
-            .fetch_one(store.pool())
-            .await?
-            .try_get("id")?;
+            // Signal at a random phase of the renew cycle.
+            sleep_random_phase(timing).await;
+            let last_id = ctx.last_event_id().await?;
             let (from, to) = (ops[leader].holder(), ops[follower].holder());
             ensure!(
                 sides[follower].watch.latest() == Some(Scale { replicas: 0, ready: 0 }),
@@ -153,7 +127,7 @@ pub async fn run(
             let expired = match args.mode {
                 Mode::Kill9 => {
                     let row = store
-                        .get(&id::lease(&lease_name))
+                        .get(&lease_name)
                         .await?
                         .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
                     ensure!(row.holder == from, "holder changed before the kill: {row:?}");
@@ -289,14 +263,7 @@ pub fn render(
         t.flags(),
         grace.map_or_else(String::new, |g| format!(" --grace-seconds {g}"))
     );
-    let _ = writeln!(
-        w,
-        "- **Date:** {} ({} trial{}, {:.0} s in all).",
-        started.format("%Y-%m-%d %H:%M UTC"),
-        trials.len(),
-        if trials.len() == 1 { "" } else { "s" },
-        elapsed.as_secs_f64()
-    );
+    write_date_line(w, started, trials.len(), elapsed);
     m.describe(w);
     let _ = writeln!(w);
 
@@ -316,22 +283,24 @@ pub fn render(
             rows.push(("lease released (`release` row)", col(|t| t.released)));
         }
     }
-    rows.push((
-        "**lease taken** (other replica's acquire row)",
-        col(|t| Some(t.lease)),
-    ));
-    rows.push((
-        "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
-        col(|t| Some(t.scaled)),
-    ));
-    rows.push((
-        "pod Ready (the pod's condition, pod watch)",
-        col(|t| Some(t.pod_ready)),
-    ));
-    rows.push((
-        "**pod ready** (`status.readyReplicas` = 1)",
-        col(|t| Some(t.ready)),
-    ));
+    rows.extend([
+        (
+            "**lease taken** (other replica's acquire row)",
+            col(|t| Some(t.lease)),
+        ),
+        (
+            "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
+            col(|t| Some(t.scaled)),
+        ),
+        (
+            "pod Ready (the pod's condition, pod watch)",
+            col(|t| Some(t.pod_ready)),
+        ),
+        (
+            "**pod ready** (`status.readyReplicas` = 1)",
+            col(|t| Some(t.ready)),
+        ),
+    ]);
     write_stats_table(w, "the signal", &rows);
     let _ = writeln!(w);
     match args.mode {
