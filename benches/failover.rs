@@ -70,6 +70,8 @@ mod machine;
 mod operator;
 #[path = "failover/pods.rs"]
 mod pods;
+#[path = "failover/poll.rs"]
+mod poll;
 #[path = "failover/report.rs"]
 mod report;
 #[path = "failover/resource_usage.rs"]

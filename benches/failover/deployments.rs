@@ -1,12 +1,10 @@
 //! A Deployment's scale, and a watch that times every change of it.
 
-use chrono::Utc;
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 
-use super::pods::Timeline;
+use super::pods::Watched;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scale {
@@ -29,44 +27,18 @@ pub fn scale_of(d: &Deployment) -> Scale {
 
 /// A watch on one Deployment that records every change of its scale with the wall-clock
 /// time the event arrived.
-pub struct DeploymentWatch {
-    timeline: Timeline<Scale>,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type DeploymentWatch = Watched<Scale>;
 
 impl DeploymentWatch {
     pub fn start(api: Api<Deployment>, name: &str) -> Self {
-        let timeline = Timeline::default();
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let stream = watcher(api, config).default_backoff();
-        let record = timeline.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                let now = Utc::now();
-                match event {
-                    Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
-                        record.record(now, scale_of(&d));
-                    }
-                    Ok(_) => {}
-                    Err(error) => eprintln!("deployment watch: {error}"),
-                }
+        Self::spawn(api, config, |event| match event {
+            Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => Some(scale_of(&d)),
+            Ok(_) => None,
+            Err(error) => {
+                eprintln!("deployment watch: {error}");
+                None
             }
-        });
-        Self { timeline, task }
-    }
-}
-
-impl std::ops::Deref for DeploymentWatch {
-    type Target = Timeline<Scale>;
-
-    fn deref(&self) -> &Timeline<Scale> {
-        &self.timeline
-    }
-}
-
-impl Drop for DeploymentWatch {
-    fn drop(&mut self) {
-        self.task.abort();
+        })
     }
 }

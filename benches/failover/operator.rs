@@ -3,11 +3,12 @@
 //! signals that return their time, and a wait that does not block the runtime's threads.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
 
+use super::poll::poll;
 use super::support::operator::{Launch, OperatorProcess, OperatorSpec};
 
 pub const SHUTDOWN_TIMEOUT_S: u64 = 30;
@@ -91,18 +92,14 @@ impl Operator {
     /// [`OperatorProcess::wait_exit`] without blocking a thread of the runtime, which
     /// the watches need to timestamp their events as they arrive.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.process.try_exit_code()? {
-                return Ok(status);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} did not exit within {timeout:?}",
-                self.holder()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let holder = self.holder();
+        poll(
+            Duration::from_millis(50),
+            timeout,
+            || Ok(self.process.try_exit_code()?),
+            || format!("{holder} did not exit within {timeout:?}"),
+        )
+        .await
     }
 
     pub fn running(&mut self) -> bool {

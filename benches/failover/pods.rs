@@ -5,15 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
+
+use super::poll::poll;
 
 /// Pods that exist (Terminating ones included) and pods whose Ready condition is True.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,25 +72,70 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Timeline<T> {
         timeout: Duration,
         what: &str,
     ) -> Result<DateTime<Utc>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(at) = self.first_after(t, &pred) {
-                return Ok(at);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what} (last seen {:?})",
-                self.latest()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(
+            Duration::from_millis(20),
+            timeout,
+            || Ok(self.first_after(t, &pred)),
+            || {
+                format!(
+                    "timed out after {timeout:?} waiting for {what} (last seen {:?})",
+                    self.latest()
+                )
+            },
+        )
+        .await
     }
 }
 
-pub struct PodWatch {
-    timeline: Timeline<PodCount>,
+/// A [`Timeline`] and the watch task that records into it; dropping it stops the task.
+pub struct Watched<T> {
+    timeline: Timeline<T>,
     task: tokio::task::JoinHandle<()>,
 }
+
+impl<T: Copy + PartialEq + std::fmt::Debug + Send + 'static> Watched<T> {
+    /// Watches the objects of `api` that `config` selects, on a task of its own; `seen`
+    /// turns each event into the value to record with the time the event arrived, or
+    /// `None` when there is nothing to record.
+    pub fn spawn<K>(
+        api: Api<K>,
+        config: watcher::Config,
+        mut seen: impl FnMut(watcher::Result<watcher::Event<K>>) -> Option<T> + Send + 'static,
+    ) -> Self
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let timeline = Timeline::default();
+        let stream = watcher(api, config).default_backoff();
+        let record = timeline.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let now = Utc::now();
+                if let Some(value) = seen(event) {
+                    record.record(now, value);
+                }
+            }
+        });
+        Self { timeline, task }
+    }
+}
+
+impl<T> std::ops::Deref for Watched<T> {
+    type Target = Timeline<T>;
+
+    fn deref(&self) -> &Timeline<T> {
+        &self.timeline
+    }
+}
+
+impl<T> Drop for Watched<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub type PodWatch = Watched<PodCount>;
 
 fn is_ready(pod: &Pod) -> bool {
     pod.status
@@ -100,57 +147,34 @@ fn is_ready(pod: &Pod) -> bool {
 impl PodWatch {
     /// Watches the pods labelled `app=<app>` in `api`'s namespace.
     pub fn start(api: Api<Pod>, app: &str) -> Self {
-        let timeline = Timeline::default();
         let config = watcher::Config::default().labels(&format!("app={app}"));
-        let stream = watcher(api, config).default_backoff();
-        let record = timeline.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            let mut pods: BTreeMap<String, bool> = BTreeMap::new();
-            let mut init: BTreeMap<String, bool> = BTreeMap::new();
-            while let Some(event) = stream.next().await {
-                let now = Utc::now();
-                match event {
-                    Ok(watcher::Event::Apply(p)) => {
-                        pods.insert(p.name_any(), is_ready(&p));
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        pods.remove(&p.name_any());
-                    }
-                    Ok(watcher::Event::Init) => {
-                        init.clear();
-                        continue;
-                    }
-                    Ok(watcher::Event::InitApply(p)) => {
-                        init.insert(p.name_any(), is_ready(&p));
-                        continue;
-                    }
-                    Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut init),
-                    // A watch that cannot reach its apiserver (a killed one) retries with
-                    // backoff; the errors say nothing the Deployment watch does not.
-                    Err(_) => continue,
+        let mut pods: BTreeMap<String, bool> = BTreeMap::new();
+        let mut init: BTreeMap<String, bool> = BTreeMap::new();
+        Self::spawn(api, config, move |event| {
+            match event {
+                Ok(watcher::Event::Apply(p)) => {
+                    pods.insert(p.name_any(), is_ready(&p));
                 }
-                let count = PodCount {
-                    live: pods.len(),
-                    ready: pods.values().filter(|r| **r).count(),
-                };
-                record.record(now, count);
+                Ok(watcher::Event::Delete(p)) => {
+                    pods.remove(&p.name_any());
+                }
+                Ok(watcher::Event::Init) => {
+                    init.clear();
+                    return None;
+                }
+                Ok(watcher::Event::InitApply(p)) => {
+                    init.insert(p.name_any(), is_ready(&p));
+                    return None;
+                }
+                Ok(watcher::Event::InitDone) => pods = std::mem::take(&mut init),
+                // A watch that cannot reach its apiserver (a killed one) retries with
+                // backoff; the errors say nothing the Deployment watch does not.
+                Err(_) => return None,
             }
-        });
-        Self { timeline, task }
-    }
-}
-
-impl std::ops::Deref for PodWatch {
-    type Target = Timeline<PodCount>;
-
-    fn deref(&self) -> &Timeline<PodCount> {
-        &self.timeline
-    }
-}
-
-impl Drop for PodWatch {
-    fn drop(&mut self) {
-        self.task.abort();
+            Some(PodCount {
+                live: pods.len(),
+                ready: pods.values().filter(|r| **r).count(),
+            })
+        })
     }
 }
