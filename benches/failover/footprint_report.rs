@@ -231,16 +231,7 @@ pub fn render_footprint(
              (`pg_stat_database`, commits + rollbacks) is a cross-check: idle backends flush \
              those counters lazily, so at a few statements per second it can lag behind.\n"
         );
-        let _ = writeln!(
-            w,
-            "| N | {} | transactions/s | reconciles/s |",
-            kinds
-                .iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        let _ = writeln!(w, "|---:|{}---:|---:|", "---:|".repeat(kinds.len()));
+        write_numbers_head(w, &["N"], &kinds, &["transactions/s", "reconciles/s"]);
         for r in rows {
             let cells: Vec<String> = kinds
                 .iter()
@@ -320,6 +311,22 @@ pub fn render_footprint(
     o
 }
 
+/// The head of a table of numbers (every column right-aligned) with a column for each of
+/// `names` (in backticks: statement kinds, verbs) between the fixed columns `before` and
+/// `after`.
+fn write_numbers_head(w: &mut String, before: &[&str], names: &[&str], after: &[&str]) {
+    let names_s: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    let _ = writeln!(
+        w,
+        "| {} | {} | {} |",
+        before.join(" | "),
+        names_s.join(" | "),
+        after.join(" | ")
+    );
+    let columns = before.len() + names.len() + after.len();
+    let _ = writeln!(w, "|{}", "---:|".repeat(columns));
+}
+
 /// The footprint's tables of API server requests: by verb, and by verb and resource.
 fn render_api(w: &mut String, rows: &[FpRow]) {
     let mut verbs: Vec<&str> = rows
@@ -338,16 +345,12 @@ fn render_api(w: &mut String, rows: &[FpRow]) {
          watcher asks for a 290 s timeout, so each watch is opened again about every 5 \
          minutes (a window shorter than that sees some of them or none). **errors** counts answers of 400 or more (conflicts included).\n"
     );
-    let _ = writeln!(
+    write_numbers_head(
         w,
-        "| N | all (watches apart) | {} | watch opens | errors |",
-        verbs
-            .iter()
-            .map(|v| format!("`{v}`"))
-            .collect::<Vec<_>>()
-            .join(" | ")
+        &["N", "all (watches apart)"],
+        &verbs,
+        &["watch opens", "errors"],
     );
-    let _ = writeln!(w, "|---:|---:|{}---:|---:|", "---:|".repeat(verbs.len()));
     for r in rows {
         let cells: Vec<String> = verbs
             .iter()
