@@ -44,6 +44,13 @@ while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
         Self::start_script(url, schema, lease, cluster, script)
     }
 
+    /// [`Guarded::start`] for east on the test database, once its command acts.
+    async fn running_for_east(schema: &Schema, lease: &str) -> Self {
+        let guarded = Self::start(&db::direct_url(), schema, lease, "east");
+        guarded.wait_running().await;
+        guarded
+    }
+
     /// The guard running `sh -c script`, with `$OUT` the file it writes to.
     fn start_script(url: &str, schema: &Schema, lease: &str, cluster: &str, script: &str) -> Self {
         let dir = std::env::temp_dir().join(format!(
@@ -126,6 +133,28 @@ while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for the guard to exit and checks that it exited 3: it stopped the command.
+    #[track_caller]
+    fn assert_exits_3(&mut self, timeout: Duration) {
+        let code = self.wait_exit(timeout);
+        assert_eq!(code, 3, "exit code; log:\n{}", self.log());
+    }
+
+    /// Waits for the guard to exit and checks that it refused to run the command (exit 2)
+    /// for `reason`, named in its log, and never started it.
+    #[track_caller]
+    fn assert_refuses(&mut self, timeout: Duration, reason: &str) {
+        let code = self.wait_exit(timeout);
+        assert_eq!(code, 2, "log:\n{}", self.log());
+        self.assert_log_names(reason);
+        assert!(self.ticks().is_empty(), "the command ran");
+    }
+
+    #[track_caller]
+    fn assert_log_names(&self, text: &str) {
+        assert!(self.log().contains(text), "log:\n{}", self.log());
     }
 
     fn signal(&self, signal: &str) {
@@ -212,10 +241,27 @@ async fn hand_over_to_west(
     (released, west)
 }
 
-/// By when a command must have stopped after a release: the guard's next read, the
-/// grace, and slack for scheduling.
-fn within_a_poll_and_the_grace(released: &reaper_operator::lease::Lease) -> DateTime<Utc> {
-    released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64)
+/// [`hand_over_to_west`], after which the guard must exit 3 within 10 s, its command
+/// having stopped acting. Returns the release, west's lease, and by when the command
+/// must have stopped: the guard's next read after the release, the grace, and slack for
+/// scheduling.
+async fn hand_over_to_west_and_see_the_guard_stop(
+    guarded: &mut Guarded,
+    store: &LeaseStore,
+    name: &str,
+    held: &reaper_operator::lease::Lease,
+    renewing: tokio::sync::oneshot::Sender<()>,
+) -> (
+    reaper_operator::lease::Lease,
+    reaper_operator::lease::Lease,
+    DateTime<Utc>,
+) {
+    let (released, west) = hand_over_to_west(store, name, held, renewing).await;
+    guarded.assert_exits_3(Duration::from_secs(10));
+    guarded.assert_stopped().await;
+    let bound =
+        released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
+    (released, west, bound)
 }
 
 /// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
@@ -241,20 +287,16 @@ async fn held_by_east(
 async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
     let name = "guard.moves";
     let (store, schema, held, renewing) = held_by_east(name).await;
-    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
-    guarded.wait_running().await;
+    let mut guarded = Guarded::running_for_east(&schema, name).await;
     assert_eq!(
         guarded.env_line().trim(),
         format!("{name} {} east/op-1", held.epoch),
         "the fencing token is exported to the command"
     );
 
-    let (released, west) = hand_over_to_west(&store, name, &held, renewing).await;
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
-    guarded.assert_stopped().await;
     // The release already stops it: its holder handed over on purpose.
-    let bound = within_a_poll_and_the_grace(&released);
+    let (released, west, bound) =
+        hand_over_to_west_and_see_the_guard_stop(&mut guarded, &store, name, &held, renewing).await;
     assert!(
         guarded.last_tick() <= bound,
         "the command acted until {}, more than a poll + the grace after the release ({})",
@@ -292,8 +334,7 @@ async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable(
     // What the guard can have seen at most: the row as of the cut.
     let at_cut = store.get(&id::lease(name)).await.unwrap().unwrap();
     proxy.set(Mode::Blackhole);
-    let code = guarded.wait_exit(TTL + Duration::from_secs(4));
-    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_exits_3(TTL + Duration::from_secs(4));
     guarded.assert_stopped().await;
     assert!(
         guarded.last_tick() < at_cut.expires_at,
@@ -311,8 +352,7 @@ async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable(
 async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
     let name = "guard.frozen";
     let (store, schema, _held, renewing) = held_by_east(name).await;
-    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
-    guarded.wait_running().await;
+    let mut guarded = Guarded::running_for_east(&schema, name).await;
 
     // The whole cluster freezes: its operator stops renewing, the guard is stopped.
     drop(renewing);
@@ -334,8 +374,7 @@ async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
     guarded.assert_stopped().await;
 
     guarded.signal("CONT");
-    let code = guarded.wait_exit(Duration::from_secs(5));
-    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
+    guarded.assert_exits_3(Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,22 +408,14 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
         .await
         .unwrap()
         .unwrap();
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 2, "log:\n{}", guarded.log());
-    assert!(
-        guarded.log().contains("is too short"),
-        "log:\n{}",
-        guarded.log()
-    );
-    assert!(guarded.ticks().is_empty(), "the command ran");
+    guarded.assert_refuses(Duration::from_secs(10), "is too short");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_guard_stops_the_command_through_its_watchdog() {
     let name = "guard.killed";
     let (_store, schema, _held, _renewing) = held_by_east(name).await;
-    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
-    guarded.wait_running().await;
+    let mut guarded = Guarded::running_for_east(&schema, name).await;
 
     guarded.signal("KILL");
     let killed_at = Utc::now();
@@ -457,14 +488,7 @@ async fn a_lease_table_the_guard_cannot_read_stops_it_with_the_reason() {
     // Never migrated: the tables are missing (a wrong schema setting).
     let missing = db::unique_schema("guard_missing");
     let mut guarded = Guarded::start(&db::direct_url(), &missing, "guard.missing", "east");
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 2, "log:\n{}", guarded.log());
-    assert!(
-        guarded.log().contains("reaper-operator migrate"),
-        "log:\n{}",
-        guarded.log()
-    );
-    assert!(guarded.ticks().is_empty(), "the command ran");
+    guarded.assert_refuses(Duration::from_secs(10), "reaper-operator migrate");
 
     // A role that may not read the lease tables.
     let (_store, schema) = db::fresh_schema(Via::Direct).await;
@@ -474,14 +498,7 @@ async fn a_lease_table_the_guard_cannot_read_stops_it_with_the_reason() {
     url.set_username(&role).unwrap();
     url.set_password(Some("no-read")).unwrap();
     let mut guarded = Guarded::start(url.as_str(), &schema, "guard.denied", "east");
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 2, "log:\n{}", guarded.log());
-    assert!(
-        guarded.log().contains("permission denied"),
-        "log:\n{}",
-        guarded.log()
-    );
-    assert!(guarded.ticks().is_empty(), "the command ran");
+    guarded.assert_refuses(Duration::from_secs(10), "permission denied");
 }
 
 #[test]
@@ -523,8 +540,7 @@ fn install_guard_replaces_a_busy_copy_whole() {
 async fn a_stopped_watchdog_stops_the_command() {
     let name = "guard.wdstop";
     let (_store, schema, _held, _renewing) = held_by_east(name).await;
-    let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
-    guarded.wait_running().await;
+    let mut guarded = Guarded::running_for_east(&schema, name).await;
     let watchdog = Command::new("pgrep")
         .args([
             "-P",
@@ -543,13 +559,8 @@ async fn a_stopped_watchdog_stops_the_command() {
         .unwrap();
     assert!(ok.success());
     let stopped_at = Utc::now();
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
-    assert!(
-        guarded.log().contains("has not answered"),
-        "log:\n{}",
-        guarded.log()
-    );
+    guarded.assert_exits_3(Duration::from_secs(10));
+    guarded.assert_log_names("has not answered");
     guarded.assert_stopped().await;
     // The answer limit (2 s), a poll, the grace.
     let bound =
@@ -583,11 +594,8 @@ wait"#;
     let mut guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
     guarded.wait_running().await;
 
-    let (released, _west) = hand_over_to_west(&store, name, &held, renewing).await;
-    let code = guarded.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, 3, "exit code; log:\n{}", guarded.log());
-    guarded.assert_stopped().await;
-    let bound = within_a_poll_and_the_grace(&released);
+    let (released, _west, bound) =
+        hand_over_to_west_and_see_the_guard_stop(&mut guarded, &store, name, &held, renewing).await;
     assert!(
         guarded.last_tick() <= bound,
         "the process outside the command's group acted until {}, release at {}",
