@@ -5,12 +5,11 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::id;
 
 use reaper_operator::config::LeaseTimings;
 use reaper_operator::lease::batch::DEFAULT_LINGER;
 use reaper_operator::lease::{
-    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, LeaseBatcher, LeaseStore,
+    Clock, Elector, ElectorConfig, LeaderWatch, Leadership, Lease, LeaseBatcher, LeaseStore,
     MonotonicClock, Tick,
 };
 use support::db::{self, Via};
@@ -50,8 +49,8 @@ fn timings(ttl_ms: u64, deadline_ms: u64, retry_ms: u64) -> LeaseTimings {
 
 fn config(holder: &str, timings: LeaseTimings) -> ElectorConfig {
     ElectorConfig {
-        lease_name: id::lease("singleton"),
-        holder: id::holder(holder),
+        lease_name: "singleton".into(),
+        holder: holder.into(),
         timings,
     }
 }
@@ -78,6 +77,18 @@ async fn store_behind_proxy(
     }
 }
 
+/// Elector "a" with timings `t` and a manual clock, on a fresh schema, whose store
+/// connects through a fault proxy; also a direct store on that schema, which sees the
+/// database past the proxy.
+async fn elector_behind_proxy(t: LeaseTimings) -> (LeaseStore, FaultProxy, ManualClock, Elector) {
+    let (direct, _) = db::fresh_schema(Via::Direct).await;
+    let proxy = FaultProxy::start(upstream()).await;
+    let store = store_behind_proxy(&proxy, &direct, t.call_timeout()).await;
+    let clock = ManualClock::default();
+    let elector = Elector::new(config("a", t), store, Arc::new(clock.clone()));
+    (direct, proxy, clock, elector)
+}
+
 fn upstream() -> String {
     let url = db::direct_url();
     let host_port = url.rsplit_once('@').unwrap().1.split('/').next().unwrap();
@@ -87,11 +98,7 @@ fn upstream() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_that_cannot_renew_steps_down_before_the_ttl_passes() {
     let t = timings(3_000, 2_000, 500);
-    let (direct, _) = db::fresh_schema(Via::Direct).await;
-    let proxy = FaultProxy::start(upstream()).await;
-    let store = store_behind_proxy(&proxy, &direct, t.call_timeout()).await;
-    let clock = ManualClock::default();
-    let mut elector = Elector::new(config("a", t), store, Arc::new(clock.clone()));
+    let (direct, proxy, clock, mut elector) = elector_behind_proxy(t).await;
     let watch = elector.watch();
 
     let acquired_at = Instant::now();
@@ -119,7 +126,7 @@ async fn leader_that_cannot_renew_steps_down_before_the_ttl_passes() {
     assert_eq!(watch.leader_epoch(), None);
     assert_eq!(watch.published(), Leadership::Follower);
     // The database still says the lease is held: the leader stepped down first.
-    let row = direct.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let row = direct.get("singleton").await.unwrap().unwrap();
     assert!(
         row.is_held(),
         "lease expired before the leader stepped down: {row:?}"
@@ -148,23 +155,19 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
         "watchers must judge by the clock too"
     );
     // The first tick after waking steps down without renewing: the row is not revived.
-    let before = store.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let before = store.get("singleton").await.unwrap().unwrap();
     assert!(
         matches!(elector.tick().await, Tick::DeadlineMissed { epoch, error: None } if epoch == lease.epoch)
     );
     assert_eq!(watch.published(), Leadership::Follower);
-    let after = store.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let after = store.get("singleton").await.unwrap().unwrap();
     assert_eq!(after.renewed_at, before.renewed_at);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_steps_down_and_reacquires_with_a_new_epoch_after_it_heals() {
     let t = timings(1_500, 1_000, 300);
-    let (direct, _) = db::fresh_schema(Via::Direct).await;
-    let proxy = FaultProxy::start(upstream()).await;
-    let store = store_behind_proxy(&proxy, &direct, t.call_timeout()).await;
-    let clock = ManualClock::default();
-    let mut elector = Elector::new(config("a", t), store, Arc::new(clock.clone()));
+    let (_direct, proxy, clock, mut elector) = elector_behind_proxy(t).await;
     let Tick::Acquired(first) = elector.tick().await else {
         panic!("not acquired")
     };
@@ -217,11 +220,7 @@ async fn deposed_leader_steps_down_on_its_next_renew_and_keeps_competing() {
     // its lease expires and someone else takes it.
     tokio::time::sleep(t.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire(
-            &id::lease("singleton"),
-            &id::holder("thief"),
-            Duration::from_millis(500),
-        )
+        .acquire("singleton", "thief", Duration::from_millis(500))
         .await
         .unwrap();
     assert!(thief.is_some());
@@ -289,17 +288,40 @@ fn batched(
     clock: Arc<dyn reaper_operator::lease::Clock>,
 ) -> Elector {
     let config = ElectorConfig {
-        lease_name: id::lease(name),
-        holder: id::holder(holder),
+        lease_name: name.into(),
+        holder: holder.into(),
         timings: t,
     };
     Elector::new(config, store.clone(), clock).with_batcher(batcher.clone())
 }
 
+/// Replica "b"'s elector for "singleton", renewing through a batcher of its own (which
+/// runs as long as the elector holds it).
+fn batched_b(t: LeaseTimings, store: &LeaseStore) -> Elector {
+    let batcher = LeaseBatcher::spawn(store.clone(), "b".into(), DEFAULT_LINGER);
+    batched(
+        "singleton",
+        "b",
+        t,
+        store,
+        &batcher,
+        Arc::new(MonotonicClock),
+    )
+}
+
 /// Runs the elector on its own task until `stop` turns true.
 fn run_until(
+    elector: Elector,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    run_until_with(elector, stop, |_, _| {})
+}
+
+/// [`run_until`], calling `on_tick` after each tick.
+fn run_until_with(
     mut elector: Elector,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    on_tick: impl FnMut(&Tick, Duration) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         elector
@@ -307,7 +329,7 @@ fn run_until(
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },
-                |_, _| {},
+                on_tick,
             )
             .await;
     })
@@ -322,7 +344,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
     let long = timings(3_000, 2_000, 500);
     let short = timings(600, 450, 300);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("a"), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), "a".into(), DEFAULT_LINGER);
     let clock = ManualClock::default();
     // Different timings share the batcher: x3 has a short ttl and will be taken over.
     let mut electors: Vec<Elector> = (0..10)
@@ -344,11 +366,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
 
     tokio::time::sleep(short.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire(
-            &id::lease("x3"),
-            &id::holder("thief"),
-            Duration::from_secs(5),
-        )
+        .acquire("x3", "thief", Duration::from_secs(5))
         .await
         .unwrap()
         .expect("x3 expired on the database's clock");
@@ -373,7 +391,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
         }
     }
     // The lost lease was not extended for its old holder.
-    let row = store.get(&id::lease("x3")).await.unwrap().unwrap();
+    let row = store.get("x3").await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("thief", thief.epoch));
 }
 
@@ -383,7 +401,7 @@ async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     let (direct, _) = db::fresh_schema(Via::Direct).await;
     let proxy = FaultProxy::start(upstream()).await;
     let store = store_behind_proxy(&proxy, &direct, Duration::from_secs(30)).await;
-    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("a"), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), "a".into(), DEFAULT_LINGER);
     let mut electors: Vec<Elector> = (0..10)
         .map(|i| {
             batched(
@@ -422,11 +440,7 @@ async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     );
     proxy.set(Mode::Pass);
     for i in 0..10 {
-        let row = direct
-            .get(&id::lease(format!("h{i}")))
-            .await
-            .unwrap()
-            .unwrap();
+        let row = direct.get(&format!("h{i}")).await.unwrap().unwrap();
         assert!(row.is_held(), "h{i} expired before its leader stepped down");
     }
 }
@@ -441,7 +455,7 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
     // A leading replica and a standby with 200 leases each.
     let mut replicas = Vec::new();
     for holder in ["a", "b"] {
-        let batcher = LeaseBatcher::spawn(store.clone(), id::holder(holder), DEFAULT_LINGER);
+        let batcher = LeaseBatcher::spawn(store.clone(), holder.into(), DEFAULT_LINGER);
         let mut watches = Vec::new();
         for i in 0..200 {
             let elector = batched(
@@ -499,19 +513,18 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
     }
 }
 
-/// A holder that dies without releasing (kill -9: no release, no notification) is
-/// replaced when its lease expires on the database's clock, not at the standby's next
-/// periodic tick after that. Both electors tick on the process's shared grid and the ttl
-/// is 3.5 retry periods, so the expiry falls half a period after a standby tick: waiting
-/// for the next tick would take over 500 ms late.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
-    let t = timings(3_500, 2_500, 1_000);
-    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-
+/// Holder "a"'s elector for "singleton" (no batcher), run on its own task until that is
+/// aborted; each lease it renews is sent on the returned channel.
+fn spawn_renewing_holder(
+    t: LeaseTimings,
+    store: &LeaseStore,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Lease>,
+) {
     let mut holder = Elector::new(config("a", t), store.clone(), Arc::new(MonotonicClock));
-    let (renewed_tx, mut renewed) = tokio::sync::mpsc::unbounded_channel();
-    let holder_task = tokio::spawn(async move {
+    let (renewed_tx, renewed) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
         holder
             .run(std::future::pending::<()>(), |tick, _| {
                 if let Tick::Renewed(lease) = tick {
@@ -520,66 +533,23 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
             })
             .await;
     });
-    // Renewing on the grid: from here on its lease expires 3.5 periods after a grid tick.
-    for _ in 0..2 {
-        tokio::time::timeout(Duration::from_secs(5), renewed.recv())
-            .await
-            .expect("the holder did not renew")
-            .unwrap();
-    }
+    (task, renewed)
+}
 
-    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("b"), DEFAULT_LINGER);
-    let follower = batched(
-        "singleton",
-        "b",
-        t,
-        &store,
-        &batcher,
-        Arc::new(MonotonicClock),
-    );
-    let mut leadership = follower.watch();
-    let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let follower_task = tokio::spawn(async move {
-        let mut follower = follower;
-        follower
-            .run(
-                async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                },
-                |tick, _| {
-                    let seen = match tick {
-                        Tick::Standby(row) => Ok(row.clone()),
-                        Tick::Acquired(lease) => Err(lease.clone()),
-                        _ => return,
-                    };
-                    let _ = ticks_tx.send(seen);
-                },
-            )
-            .await;
-    });
-    tokio::time::sleep(t.retry_period * 2).await;
-
-    // Killed right after a renew (so none is in flight): the task ends where it is, and
-    // the row stays as that renew left it.
-    while renewed.try_recv().is_ok() {}
-    let last_renew = tokio::time::timeout(Duration::from_secs(5), renewed.recv())
+/// The next lease [`spawn_renewing_holder`]'s holder renews (within 5 s).
+async fn next_renew(renewed: &mut tokio::sync::mpsc::UnboundedReceiver<Lease>) -> Lease {
+    tokio::time::timeout(Duration::from_secs(5), renewed.recv())
         .await
         .expect("the holder did not renew")
-        .unwrap();
-    holder_task.abort();
-    let _ = holder_task.await;
-    tokio::time::timeout(t.ttl + Duration::from_secs(3), async {
-        while leadership.leader_epoch().is_none() {
-            leadership.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("the standby did not take over the expired lease");
-    stop_tx.send(true).unwrap();
-    follower_task.await.unwrap();
+        .unwrap()
+}
 
-    // The standby's reads carried the row; the last one is the holder's last renew.
+/// From a standby's ticks so far (`Ok`: the row as a standby tick read it, `Err`: the
+/// lease it acquired), its last read before it acquired (which must show holder "a")
+/// and that acquisition.
+fn last_read_then_acquired(
+    ticks: &mut tokio::sync::mpsc::UnboundedReceiver<Result<Option<Lease>, Lease>>,
+) -> (Lease, Lease) {
     let mut last_read = None;
     let mut acquired = None;
     while let Ok(seen) = ticks.try_recv() {
@@ -595,7 +565,57 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
             }
         }
     }
-    let (last_read, acquired) = (last_read.unwrap(), acquired.unwrap());
+    (last_read.unwrap(), acquired.unwrap())
+}
+
+/// A holder that dies without releasing (kill -9: no release, no notification) is
+/// replaced when its lease expires on the database's clock, not at the standby's next
+/// periodic tick after that. Both electors tick on the process's shared grid and the ttl
+/// is 3.5 retry periods, so the expiry falls half a period after a standby tick: waiting
+/// for the next tick would take over 500 ms late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
+    let t = timings(3_500, 2_500, 1_000);
+    let (store, _) = db::fresh_schema(Via::PgBouncer).await;
+
+    let (holder_task, mut renewed) = spawn_renewing_holder(t, &store);
+    // Renewing on the grid: from here on its lease expires 3.5 periods after a grid tick.
+    for _ in 0..2 {
+        next_renew(&mut renewed).await;
+    }
+
+    let follower = batched_b(t, &store);
+    let mut leadership = follower.watch();
+    let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let follower_task = run_until_with(follower, stop_rx, move |tick, _| {
+        let seen = match tick {
+            Tick::Standby(row) => Ok(row.clone()),
+            Tick::Acquired(lease) => Err(lease.clone()),
+            _ => return,
+        };
+        let _ = ticks_tx.send(seen);
+    });
+    tokio::time::sleep(t.retry_period * 2).await;
+
+    // Killed right after a renew (so none is in flight): the task ends where it is, and
+    // the row stays as that renew left it.
+    while renewed.try_recv().is_ok() {}
+    let last_renew = next_renew(&mut renewed).await;
+    holder_task.abort();
+    let _ = holder_task.await;
+    tokio::time::timeout(t.ttl + Duration::from_secs(3), async {
+        while leadership.leader_epoch().is_none() {
+            leadership.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the standby did not take over the expired lease");
+    stop_tx.send(true).unwrap();
+    follower_task.await.unwrap();
+
+    // The standby's reads carried the row; the last one is the holder's last renew.
+    let (last_read, acquired) = last_read_then_acquired(&mut ticks);
     assert_eq!(
         (last_read.epoch, last_read.expires_at),
         (last_renew.epoch, last_renew.expires_at)
@@ -604,7 +624,7 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
         (acquired.epoch, acquired.previous_holder.as_str()),
         (2, "a")
     );
-    let events = store.events(&id::lease("singleton")).await.unwrap();
+    let events = store.events("singleton").await.unwrap();
     let takeover = events.last().unwrap();
     assert_eq!((takeover.kind.as_str(), takeover.epoch), ("takeover", 2));
     assert_eq!(takeover.at, acquired.acquired_at);
@@ -636,39 +656,20 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     let t = timings(3_500, 2_500, 1_000);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
     let held = store
-        .acquire(&id::lease("singleton"), &id::holder("a"), t.ttl)
+        .acquire("singleton", "a", t.ttl)
         .await
         .unwrap()
         .unwrap();
 
-    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("b"), DEFAULT_LINGER);
-    let follower = batched(
-        "singleton",
-        "b",
-        t,
-        &store,
-        &batcher,
-        Arc::new(MonotonicClock),
-    );
     let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let follower_task = tokio::spawn(async move {
-        let mut follower = follower;
-        follower
-            .run(
-                async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                },
-                |tick, _| {
-                    let acquired = match tick {
-                        Tick::Standby(_) => None,
-                        Tick::Acquired(lease) => Some(lease.clone()),
-                        _ => return,
-                    };
-                    let _ = ticks_tx.send((Instant::now(), acquired));
-                },
-            )
-            .await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let follower_task = run_until_with(batched_b(t, &store), stop_rx, move |tick, _| {
+        let acquired = match tick {
+            Tick::Standby(_) => None,
+            Tick::Acquired(lease) => Some(lease.clone()),
+            _ => return,
+        };
+        let _ = ticks_tx.send((Instant::now(), acquired));
     });
     // The first tick is immediate, the second on the grid: renew right after it, so the
     // expiry falls half a period after a later grid tick.
@@ -678,7 +679,7 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     }
     let first_renew = Instant::now();
     store
-        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
+        .renew("singleton", "a", held.epoch)
         .await
         .unwrap()
         .unwrap();
@@ -686,7 +687,7 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     // before that expiry.
     tokio::time::sleep_until((first_renew + Duration::from_millis(3_200)).into()).await;
     let last_renew = store
-        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
+        .renew("singleton", "a", held.epoch)
         .await
         .unwrap()
         .expect("the lease expired before its holder's last renew");
@@ -732,13 +733,112 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     );
 }
 
+/// One replica of the race: an elector per lease of `names` for `holder`, the even ones
+/// with the first of `timings`, the odd ones with the second, all renewing through one
+/// batcher on a store behind `proxy`.
+fn start_racing_replica(
+    proxy: &FaultProxy,
+    schema: &reaper_operator::config::Schema,
+    holder: &str,
+    names: &[String],
+    (t, slow): (LeaseTimings, LeaseTimings),
+) -> Vec<Elector> {
+    // Connected on first use, as the operator's stores are: a slow first connection
+    // on a loaded machine costs a tick, not the test.
+    let store = LeaseStore::connect_lazy(
+        &proxy.url_for(&db::direct_url()),
+        schema,
+        t.call_timeout(),
+        4,
+    )
+    .unwrap();
+    let batcher = LeaseBatcher::spawn(store.clone(), holder.into(), DEFAULT_LINGER);
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let timings = if i % 2 == 0 { t } else { slow };
+            batched(
+                name,
+                holder,
+                timings,
+                &store,
+                &batcher,
+                Arc::new(MonotonicClock),
+            )
+        })
+        .collect()
+}
+
+/// Samples the two replicas' views of each lease every 3 ms until `stop` turns true;
+/// returns the number of samples and every instant both considered themselves leader
+/// of the same lease.
+fn spawn_two_leaders_sampler(
+    watches: Vec<Vec<LeaderWatch>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut samples, mut both) = (0u64, Vec::new());
+        while !*stop.borrow_and_update() {
+            for (i, (a, b)) in watches[0].iter().zip(&watches[1]).enumerate() {
+                // Judge both states at one instant, and only if neither changed
+                // around it (a stalled sampler must not compare two moments).
+                let (pa, pb) = (a.published(), b.published());
+                let now = Instant::now();
+                if a.published() != pa || b.published() != pb {
+                    continue;
+                }
+                if let (Some(ea), Some(eb)) = (pa.epoch_at(now), pb.epoch_at(now)) {
+                    both.push(format!("race-{i}: east at {ea}, west at {eb}"));
+                }
+            }
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        (samples, both)
+    })
+}
+
+/// Cuts one replica's database connections (reset or blackhole) for 0.2-2 s, then lets
+/// them pass for 0.1-1 s.
+async fn cut_one_replica_for_a_while(
+    rng: &mut impl rand::Rng,
+    proxies: &[FaultProxy],
+    watches: &[Vec<LeaderWatch>],
+) {
+    // Mostly cut the replica that leads more leases: an adversary that only ever
+    // cut the standby would test nothing (one such seed moved no lease at all).
+    let leading = |replica: &[LeaderWatch]| {
+        let now = Instant::now();
+        replica
+            .iter()
+            .filter(|w| w.published().epoch_at(now).is_some())
+            .count()
+    };
+    let busier = usize::from(leading(&watches[1]) > leading(&watches[0]));
+    let victim = if rng.random_bool(0.75) {
+        &proxies[busier]
+    } else {
+        &proxies[rng.random_range(0..2)]
+    };
+    let mode = if rng.random_bool(0.5) {
+        Mode::Reset
+    } else {
+        Mode::Blackhole
+    };
+    victim.set(mode);
+    tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
+    victim.set(Mode::Pass);
+    tokio::time::sleep(Duration::from_millis(rng.random_range(100..1_000))).await;
+}
+
 /// Two replicas with 20 shared leases each, all renewing through their batchers, while
 /// their database connections are cut at random (reset or blackhole, 0.2-2 s). At no
 /// sampled instant may both replicas consider themselves leader of the same lease, and
 /// the audit history must show strictly growing epochs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     // Two timings, so a cut can cost a replica some of its leases and not others: its
     // batches then mix renews that succeed with renews that must report a loss.
     let (t, slow) = (timings(1_200, 800, 250), timings(2_400, 1_800, 500));
@@ -754,58 +854,12 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
     let mut tasks = Vec::new();
     for holder in ["east/a", "west/b"] {
         let proxy = FaultProxy::start(upstream()).await;
-        // Connected on first use, as the operator's stores are: a slow first connection
-        // on a loaded machine costs a tick, not the test.
-        let store = LeaseStore::connect_lazy(
-            &proxy.url_for(&db::direct_url()),
-            &schema,
-            t.call_timeout(),
-            4,
-        )
-        .unwrap();
-        let batcher = LeaseBatcher::spawn(store.clone(), id::holder(holder), DEFAULT_LINGER);
-        let mut replica = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let timings = if i % 2 == 0 { t } else { slow };
-            let elector = batched(
-                name,
-                holder,
-                timings,
-                &store,
-                &batcher,
-                Arc::new(MonotonicClock),
-            );
-            replica.push(elector.watch());
-            tasks.push(run_until(elector, stop_rx.clone()));
-        }
+        let replica = start_racing_replica(&proxy, &schema, holder, &names, (t, slow));
         proxies.push(proxy);
-        watches.push(replica);
+        watches.push(replica.iter().map(Elector::watch).collect());
+        tasks.extend(replica.into_iter().map(|e| run_until(e, stop_rx.clone())));
     }
-
-    let sampler = {
-        let watches = watches.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let (mut samples, mut both) = (0u64, Vec::new());
-            while !*stop.borrow_and_update() {
-                for (i, (a, b)) in watches[0].iter().zip(&watches[1]).enumerate() {
-                    // Judge both states at one instant, and only if neither changed
-                    // around it (a stalled sampler must not compare two moments).
-                    let (pa, pb) = (a.published(), b.published());
-                    let now = Instant::now();
-                    if a.published() != pa || b.published() != pb {
-                        continue;
-                    }
-                    if let (Some(ea), Some(eb)) = (pa.epoch_at(now), pb.epoch_at(now)) {
-                        both.push(format!("race-{i}: east at {ea}, west at {eb}"));
-                    }
-                }
-                samples += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            (samples, both)
-        })
-    };
+    let sampler = spawn_two_leaders_sampler(watches.clone(), stop_rx.clone());
 
     // At least 10 s of cuts, and on until they have moved leases at least 5 times (a
     // loaded machine may start the electors late), for at most 40 s.
@@ -813,30 +867,7 @@ async fn batched_replicas_under_random_cuts_never_lead_the_same_lease_at_once() 
     while started.elapsed() < Duration::from_secs(40)
         && (started.elapsed() < Duration::from_secs(10) || takeovers(&direct, &names).await < 5)
     {
-        // Mostly cut the replica that leads more leases: an adversary that only ever
-        // cut the standby would test nothing (one such seed moved no lease at all).
-        let leading = |replica: &[LeaderWatch]| {
-            let now = Instant::now();
-            replica
-                .iter()
-                .filter(|w| w.published().epoch_at(now).is_some())
-                .count()
-        };
-        let busier = usize::from(leading(&watches[1]) > leading(&watches[0]));
-        let victim = if rng.random_bool(0.75) {
-            &proxies[busier]
-        } else {
-            &proxies[rng.random_range(0..2)]
-        };
-        let mode = if rng.random_bool(0.5) {
-            Mode::Reset
-        } else {
-            Mode::Blackhole
-        };
-        victim.set(mode);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
-        victim.set(Mode::Pass);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1_000))).await;
+        cut_one_replica_for_a_while(&mut rng, &proxies, &watches).await;
     }
     stop_tx.send(true).unwrap();
     let (samples, both) = sampler.await.unwrap();
@@ -878,19 +909,14 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     .await
     .unwrap();
     let lease = store
-        .acquire(
-            &id::lease("pooled"),
-            &id::holder("a"),
-            Duration::from_secs(30),
-        )
+        .acquire("pooled", "a", Duration::from_secs(30))
         .await
         .unwrap()
         .unwrap();
     // Fill the pool: four statements at once hold four connections, unless one ends
     // before the last starts (a loaded machine) and its connection is reused; then again.
     for _ in 0..20 {
-        let pooled = id::lease("pooled");
-        let reads = (0..4).map(|_| store.get(&pooled));
+        let reads = (0..4).map(|_| store.get("pooled"));
         for got in futures::future::join_all(reads).await {
             got.unwrap();
         }
@@ -903,16 +929,14 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.set(Mode::Pass);
     for round in 0..3 {
-        let renewed = store
-            .renew(&id::lease("pooled"), &id::holder("a"), lease.epoch)
-            .await;
+        let renewed = store.renew("pooled", "a", lease.epoch).await;
         assert!(
             matches!(renewed, Ok(Some(_))),
             "renew {round} after the reset: {renewed:?}"
         );
     }
     let batched = store
-        .renew_many(&id::holder("a"), &[(id::lease("pooled"), lease.epoch)])
+        .renew_many("a", &[("pooled".to_owned(), lease.epoch)])
         .await
         .unwrap();
     assert_eq!(batched.len(), 1);
@@ -921,7 +945,7 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
 /// The epochs `name` was acquired at, in order.
 async fn acquired_epochs(store: &LeaseStore, name: &str) -> Vec<i64> {
     store
-        .events(&id::lease(name))
+        .events(name)
         .await
         .unwrap()
         .iter()
