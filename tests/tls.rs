@@ -254,9 +254,7 @@ impl Ctx {
                 error.contains("certificate is not trusted"),
                 "{path}: library error: {error}"
             );
-            let out = cli(&url, "public", &["lease", "status"], []);
-            let err = stderr(&out);
-            ensure!(code(&out) == 2, "{path}: exit {}: {err}", code(&out));
+            let err = refused_lease_status(&url, "public", &path)?;
             ensure!(
                 err.contains("the server's TLS certificate is not trusted")
                     && err.contains("certificate verification failed"),
@@ -279,14 +277,7 @@ impl Ctx {
                 "PgBouncer accepts only TLS connections",
             ),
         ] {
-            let out = cli(
-                &self.s.url(port, "sslmode=disable"),
-                "public",
-                &["lease", "status"],
-                [],
-            );
-            let err = stderr(&out);
-            ensure!(code(&out) == 2, "{path}: exit {}: {err}", code(&out));
+            let err = refused_lease_status(&self.s.url(port, "sslmode=disable"), "public", path)?;
             ensure!(err.contains(says), "{path}: CLI message: {err}");
             let server_said = match path {
                 "direct" => "pg_hba.conf rejects connection",
@@ -308,18 +299,11 @@ impl Ctx {
                 self.s.pg_port
             )
         };
-        let out = cli(
+        let err = refused_lease_status(
             &other_name(&self.verify_full()),
             "public",
-            &["lease", "status"],
-            [],
-        );
-        let err = stderr(&out);
-        ensure!(
-            code(&out) == 2,
-            "verify-full to 127.0.0.2: exit {}: {err}",
-            code(&out)
-        );
+            "verify-full to 127.0.0.2",
+        )?;
         ensure!(
             err.contains("does not name the host"),
             "verify-full to 127.0.0.2: {err}"
@@ -334,13 +318,7 @@ impl Ctx {
             "verify-ca with SSL_CERT_FILE: {}",
             stderr(&out)
         );
-        let out = cli(&verify_ca, &schema, &["lease", "status"], []);
-        let err = stderr(&out);
-        ensure!(
-            code(&out) == 2,
-            "verify-ca without SSL_CERT_FILE: exit {}: {err}",
-            code(&out)
-        );
+        let err = refused_lease_status(&verify_ca, &schema, "verify-ca without SSL_CERT_FILE")?;
         ensure!(
             err.contains("sslmode=verify-ca needs SSL_CERT_FILE"),
             "verify-ca without SSL_CERT_FILE: {err}"
@@ -377,47 +355,29 @@ impl Ctx {
             ensure!(code(&out) == 0, "{format} key: {}", stderr(&out));
         }
 
-        let out = cli(&url("", ""), &schema, &["lease", "status"], []);
-        let err = stderr(&out);
-        ensure!(
-            code(&out) == 2,
-            "no client certificate: exit {}: {err}",
-            code(&out)
-        );
-        ensure!(
-            err.contains("requires a valid client certificate"),
-            "no client certificate: {err}"
-        );
-
-        let out = cli(
-            &url("wrong-client.crt", "wrong-client.key"),
-            &schema,
-            &["lease", "status"],
-            [],
-        );
-        let err = stderr(&out);
-        ensure!(
-            code(&out) == 2,
-            "client certificate of another CA: exit {}: {err}",
-            code(&out)
-        );
-        ensure!(
-            err.contains("the server refused this client's TLS certificate"),
-            "client certificate of another CA: {err}"
-        );
-
-        let out = cli(
-            &url("client.crt", "client-encrypted.key"),
-            &schema,
-            &["lease", "status"],
-            [],
-        );
-        let err = stderr(&out);
-        ensure!(code(&out) == 2, "encrypted key: exit {}: {err}", code(&out));
-        ensure!(
-            err.contains("the key is encrypted, which is not supported"),
-            "encrypted key: {err}"
-        );
+        for (case, cert, key, says) in [
+            (
+                "no client certificate",
+                "",
+                "",
+                "requires a valid client certificate",
+            ),
+            (
+                "client certificate of another CA",
+                "wrong-client.crt",
+                "wrong-client.key",
+                "the server refused this client's TLS certificate",
+            ),
+            (
+                "encrypted key",
+                "client.crt",
+                "client-encrypted.key",
+                "the key is encrypted, which is not supported",
+            ),
+        ] {
+            let err = refused_lease_status(&url(cert, key), &schema, case)?;
+            ensure!(err.contains(says), "{case}: {err}");
+        }
         Ok(())
     }
 
@@ -591,6 +551,15 @@ fn cli<'a>(
         cmd.env_remove(var);
     }
     cmd.envs(env).output().expect("run reaper-operator")
+}
+
+/// `lease status` at `url` as the CLI runs it, which must be refused (exit 2): its
+/// stderr. `case` names the attempt in the error.
+fn refused_lease_status(url: &str, schema: &str, case: &str) -> Result<String> {
+    let out = cli(url, schema, &["lease", "status"], []);
+    let err = stderr(&out);
+    ensure!(code(&out) == 2, "{case}: exit {}: {err}", code(&out));
+    Ok(err)
 }
 
 fn code(out: &Output) -> i32 {
