@@ -84,9 +84,19 @@ async fn elector_behind_proxy(t: LeaseTimings) -> (LeaseStore, FaultProxy, Manua
     let (direct, _) = db::fresh_schema(Via::Direct).await;
     let proxy = FaultProxy::start(upstream()).await;
     let store = store_behind_proxy(&proxy, &direct, t.call_timeout()).await;
-    let clock = ManualClock::default();
-    let elector = Elector::new(config("a", t), store, Arc::new(clock.clone()));
+    let (clock, elector) = elector_with_manual_clock("a", t, store);
     (direct, proxy, clock, elector)
+}
+
+/// `holder`'s elector for "singleton" on `store`, and the manual clock it runs on.
+fn elector_with_manual_clock(
+    holder: &str,
+    t: LeaseTimings,
+    store: LeaseStore,
+) -> (ManualClock, Elector) {
+    let clock = ManualClock::default();
+    let elector = Elector::new(config(holder, t), store, Arc::new(clock.clone()));
+    (clock, elector)
 }
 
 fn upstream() -> String {
@@ -138,8 +148,7 @@ async fn leader_that_cannot_renew_steps_down_before_the_ttl_passes() {
 async fn paused_leader_is_not_leader_when_it_wakes() {
     let t = timings(3_000, 2_000, 500);
     let (store, _) = db::fresh_schema(Via::Direct).await;
-    let clock = ManualClock::default();
-    let mut elector = Elector::new(config("a", t), store.clone(), Arc::new(clock.clone()));
+    let (clock, mut elector) = elector_with_manual_clock("a", t, store.clone());
     let watch = elector.watch();
     let Tick::Acquired(lease) = elector.tick().await else {
         panic!("not acquired")
@@ -211,8 +220,7 @@ async fn database_outage_steps_down_and_reacquires_with_a_new_epoch_after_it_hea
 async fn deposed_leader_steps_down_on_its_next_renew_and_keeps_competing() {
     let t = timings(1_000, 800, 300);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-    let clock = ManualClock::default();
-    let mut old = Elector::new(config("old", t), store.clone(), Arc::new(clock.clone()));
+    let (_clock, mut old) = elector_with_manual_clock("old", t, store.clone());
     let Tick::Acquired(first) = old.tick().await else {
         panic!("not acquired")
     };
