@@ -164,13 +164,15 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
 
     let mut all = Vec::new();
     let mut results = Vec::new();
+    // How long an election may take: four ttls, plus slack for a loaded machine.
+    let election_timeout = Duration::from_secs(ttl * 4 + 30);
     for run in 0..runs {
         // Steady: someone holds the lease on the current timeline.
         let floor = (run as i64) << 32;
         wait_for(
             &mut rx,
             &mut all,
-            Duration::from_secs(ttl * 4 + 30),
+            election_timeout,
             |e| matches!(e.kind, EventKind::Renewed(epoch) if epoch > floor),
         )
         .await
@@ -184,7 +186,7 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
         let held = wait_for(
             &mut rx,
             &mut all,
-            Duration::from_secs(ttl * 4 + 30),
+            election_timeout,
             |e| matches!(e.kind, EventKind::Acquired(epoch) if epoch > next_floor),
         )
         .await
