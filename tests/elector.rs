@@ -5,6 +5,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::id;
 
 use reaper_operator::config::LeaseTimings;
 use reaper_operator::lease::batch::DEFAULT_LINGER;
@@ -49,8 +50,8 @@ fn timings(ttl_ms: u64, deadline_ms: u64, retry_ms: u64) -> LeaseTimings {
 
 fn config(holder: &str, timings: LeaseTimings) -> ElectorConfig {
     ElectorConfig {
-        lease_name: "singleton".into(),
-        holder: holder.into(),
+        lease_name: id::lease("singleton"),
+        holder: id::holder(holder),
         timings,
     }
 }
@@ -136,7 +137,7 @@ async fn leader_that_cannot_renew_steps_down_before_the_ttl_passes() {
     assert_eq!(watch.leader_epoch(), None);
     assert_eq!(watch.published(), Leadership::Follower);
     // The database still says the lease is held: the leader stepped down first.
-    let row = direct.get("singleton").await.unwrap().unwrap();
+    let row = direct.get(&id::lease("singleton")).await.unwrap().unwrap();
     assert!(
         row.is_held(),
         "lease expired before the leader stepped down: {row:?}"
@@ -164,12 +165,12 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
         "watchers must judge by the clock too"
     );
     // The first tick after waking steps down without renewing: the row is not revived.
-    let before = store.get("singleton").await.unwrap().unwrap();
+    let before = store.get(&id::lease("singleton")).await.unwrap().unwrap();
     assert!(
         matches!(elector.tick().await, Tick::DeadlineMissed { epoch, error: None } if epoch == lease.epoch)
     );
     assert_eq!(watch.published(), Leadership::Follower);
-    let after = store.get("singleton").await.unwrap().unwrap();
+    let after = store.get(&id::lease("singleton")).await.unwrap().unwrap();
     assert_eq!(after.renewed_at, before.renewed_at);
 }
 
@@ -228,7 +229,11 @@ async fn deposed_leader_steps_down_on_its_next_renew_and_keeps_competing() {
     // its lease expires and someone else takes it.
     tokio::time::sleep(t.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire("singleton", "thief", Duration::from_millis(500))
+        .acquire(
+            &id::lease("singleton"),
+            &id::holder("thief"),
+            Duration::from_millis(500),
+        )
         .await
         .unwrap();
     assert!(thief.is_some());
@@ -296,8 +301,8 @@ fn batched(
     clock: Arc<dyn reaper_operator::lease::Clock>,
 ) -> Elector {
     let config = ElectorConfig {
-        lease_name: name.into(),
-        holder: holder.into(),
+        lease_name: id::lease(name),
+        holder: id::holder(holder),
         timings: t,
     };
     Elector::new(config, store.clone(), clock).with_batcher(batcher.clone())
@@ -306,7 +311,7 @@ fn batched(
 /// Replica "b"'s elector for "singleton", renewing through a batcher of its own (which
 /// runs as long as the elector holds it).
 fn batched_b(t: LeaseTimings, store: &LeaseStore) -> Elector {
-    let batcher = LeaseBatcher::spawn(store.clone(), "b".into(), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("b"), DEFAULT_LINGER);
     batched(
         "singleton",
         "b",
@@ -352,7 +357,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
     let long = timings(3_000, 2_000, 500);
     let short = timings(600, 450, 300);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-    let batcher = LeaseBatcher::spawn(store.clone(), "a".into(), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("a"), DEFAULT_LINGER);
     let clock = ManualClock::default();
     // Different timings share the batcher: x3 has a short ttl and will be taken over.
     let mut electors: Vec<Elector> = (0..10)
@@ -374,7 +379,11 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
 
     tokio::time::sleep(short.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire("x3", "thief", Duration::from_secs(5))
+        .acquire(
+            &id::lease("x3"),
+            &id::holder("thief"),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap()
         .expect("x3 expired on the database's clock");
@@ -399,7 +408,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
         }
     }
     // The lost lease was not extended for its old holder.
-    let row = store.get("x3").await.unwrap().unwrap();
+    let row = store.get(&id::lease("x3")).await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("thief", thief.epoch));
 }
 
@@ -409,7 +418,7 @@ async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     let (direct, _) = db::fresh_schema(Via::Direct).await;
     let proxy = FaultProxy::start(upstream()).await;
     let store = store_behind_proxy(&proxy, &direct, Duration::from_secs(30)).await;
-    let batcher = LeaseBatcher::spawn(store.clone(), "a".into(), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), id::holder("a"), DEFAULT_LINGER);
     let mut electors: Vec<Elector> = (0..10)
         .map(|i| {
             batched(
@@ -448,7 +457,11 @@ async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     );
     proxy.set(Mode::Pass);
     for i in 0..10 {
-        let row = direct.get(&format!("h{i}")).await.unwrap().unwrap();
+        let row = direct
+            .get(&id::lease(format!("h{i}")))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(row.is_held(), "h{i} expired before its leader stepped down");
     }
 }
@@ -463,7 +476,7 @@ async fn many_batched_electors_use_about_one_statement_per_retry_period() {
     // A leading replica and a standby with 200 leases each.
     let mut replicas = Vec::new();
     for holder in ["a", "b"] {
-        let batcher = LeaseBatcher::spawn(store.clone(), holder.into(), DEFAULT_LINGER);
+        let batcher = LeaseBatcher::spawn(store.clone(), id::holder(holder), DEFAULT_LINGER);
         let mut watches = Vec::new();
         for i in 0..200 {
             let elector = batched(
@@ -632,7 +645,7 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
         (acquired.epoch, acquired.previous_holder.as_str()),
         (2, "a")
     );
-    let events = store.events("singleton").await.unwrap();
+    let events = store.events(&id::lease("singleton")).await.unwrap();
     let takeover = events.last().unwrap();
     assert_eq!((takeover.kind.as_str(), takeover.epoch), ("takeover", 2));
     assert_eq!(takeover.at, acquired.acquired_at);
@@ -664,7 +677,7 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     let t = timings(3_500, 2_500, 1_000);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
     let held = store
-        .acquire("singleton", "a", t.ttl)
+        .acquire(&id::lease("singleton"), &id::holder("a"), t.ttl)
         .await
         .unwrap()
         .unwrap();
@@ -687,7 +700,7 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     }
     let first_renew = Instant::now();
     store
-        .renew("singleton", "a", held.epoch)
+        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
         .await
         .unwrap()
         .unwrap();
@@ -695,7 +708,7 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     // before that expiry.
     tokio::time::sleep_until((first_renew + Duration::from_millis(3_200)).into()).await;
     let last_renew = store
-        .renew("singleton", "a", held.epoch)
+        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
         .await
         .unwrap()
         .expect("the lease expired before its holder's last renew");
@@ -760,7 +773,7 @@ fn start_racing_replica(
         4,
     )
     .unwrap();
-    let batcher = LeaseBatcher::spawn(store.clone(), holder.into(), DEFAULT_LINGER);
+    let batcher = LeaseBatcher::spawn(store.clone(), id::holder(holder), DEFAULT_LINGER);
     names
         .iter()
         .enumerate()
@@ -917,14 +930,19 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     .await
     .unwrap();
     let lease = store
-        .acquire("pooled", "a", Duration::from_secs(30))
+        .acquire(
+            &id::lease("pooled"),
+            &id::holder("a"),
+            Duration::from_secs(30),
+        )
         .await
         .unwrap()
         .unwrap();
     // Fill the pool: four statements at once hold four connections, unless one ends
     // before the last starts (a loaded machine) and its connection is reused; then again.
     for _ in 0..20 {
-        let reads = (0..4).map(|_| store.get("pooled"));
+        let pooled = id::lease("pooled");
+        let reads = (0..4).map(|_| store.get(&pooled));
         for got in futures::future::join_all(reads).await {
             got.unwrap();
         }
@@ -937,14 +955,16 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.set(Mode::Pass);
     for round in 0..3 {
-        let renewed = store.renew("pooled", "a", lease.epoch).await;
+        let renewed = store
+            .renew(&id::lease("pooled"), &id::holder("a"), lease.epoch)
+            .await;
         assert!(
             matches!(renewed, Ok(Some(_))),
             "renew {round} after the reset: {renewed:?}"
         );
     }
     let batched = store
-        .renew_many("a", &[("pooled".to_owned(), lease.epoch)])
+        .renew_many(&id::holder("a"), &[(id::lease("pooled"), lease.epoch)])
         .await
         .unwrap();
     assert_eq!(batched.len(), 1);
@@ -953,7 +973,7 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
 /// The epochs `name` was acquired at, in order.
 async fn acquired_epochs(store: &LeaseStore, name: &str) -> Vec<i64> {
     store
-        .events(name)
+        .events(&id::lease(name))
         .await
         .unwrap()
         .iter()

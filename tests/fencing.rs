@@ -5,6 +5,7 @@
 mod support;
 
 use std::time::{Duration, Instant};
+use support::id;
 
 use reaper_operator::Error;
 use reaper_operator::config::Schema;
@@ -72,9 +73,13 @@ async fn fresh_store_with_lock_timeout(via: Via, lock_timeout: Duration) -> (Lea
 
 /// east/a takes the free leases "l" and "other" (epoch 1 each); returns "l".
 async fn east_holds_l_and_other(store: &LeaseStore) -> Lease {
-    let l = store.acquire("l", "east/a", LONG).await.unwrap().unwrap();
+    let l = store
+        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     store
-        .acquire("other", "east/a", LONG)
+        .acquire(&id::lease("other"), &id::holder("east/a"), LONG)
         .await
         .unwrap()
         .unwrap();
@@ -146,17 +151,36 @@ async fn fenced_work_never_delays_renews(via: Via) {
     assert_eq!(epoch, Some(1));
 
     // Were they blocked, each would fail after the store's lock timeout (2.5 s here).
-    let held = [("l".to_owned(), l.epoch), ("other".to_owned(), 1)];
+    let held = [(id::lease("l"), l.epoch), (id::lease("other"), 1)];
     let mut slowest = Duration::ZERO;
     for round in 0..5 {
         let started = Instant::now();
-        assert!(store.renew("l", "east/a", l.epoch).await.unwrap().is_some());
+        assert!(
+            store
+                .renew(&id::lease("l"), &id::holder("east/a"), l.epoch)
+                .await
+                .unwrap()
+                .is_some()
+        );
         let renew = started.elapsed();
         let started = Instant::now();
-        assert_eq!(store.renew_many("east/a", &held).await.unwrap().len(), 2);
+        assert_eq!(
+            store
+                .renew_many(&id::holder("east/a"), &held)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         let renew_many = started.elapsed();
         let started = Instant::now();
-        assert!(store.acquire("l", "west/b", LONG).await.unwrap().is_none());
+        assert!(
+            store
+                .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
+                .await
+                .unwrap()
+                .is_none()
+        );
         let acquire = started.elapsed();
         for (what, took) in [
             ("renew", renew),
@@ -175,7 +199,7 @@ async fn fenced_work_never_delays_renews(via: Via) {
 
     db::raw(&mut workload, "COMMIT").await.unwrap();
     db::raw(&mut by_cluster, "COMMIT").await.unwrap();
-    let row = store.get("l").await.unwrap().unwrap();
+    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
 }
 
@@ -202,10 +226,10 @@ async fn old_recipe_for_share_blocked_renews(via: Via) {
     .unwrap();
     assert_eq!(epoch, 1);
 
-    let held = [("l".to_owned(), 1), ("other".to_owned(), 1)];
+    let held = [(id::lease("l"), 1), (id::lease("other"), 1)];
     let started = Instant::now();
-    let renew = store.renew("l", "east/a", 1).await;
-    let renew_many = store.renew_many("east/a", &held).await;
+    let renew = store.renew(&id::lease("l"), &id::holder("east/a"), 1).await;
+    let renew_many = store.renew_many(&id::holder("east/a"), &held).await;
     let took = started.elapsed();
     assert!(matches!(renew, Err(Error::LockTimeout(_))), "{renew:?}");
     assert!(
@@ -218,7 +242,14 @@ async fn old_recipe_for_share_blocked_renews(via: Via) {
     );
 
     db::raw(&mut workload, "COMMIT").await.unwrap();
-    assert_eq!(store.renew_many("east/a", &held).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .renew_many(&id::holder("east/a"), &held)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 /// (b) A takeover of an expired lease, started while fenced work of the old epoch is in
@@ -230,17 +261,32 @@ async fn takeover_waits_for_fenced_work_in_flight(via: Via) {
     let work = work_table(&schema).await;
     let s = schema.as_str().to_owned();
     let ttl = Duration::from_millis(300);
-    let old = store.acquire("l", "east/a", ttl).await.unwrap().unwrap();
+    let old = store
+        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
 
     let mut in_flight = db::connection(via).await;
     assert!(begin_fenced(&mut in_flight, &schema, "l", old.epoch).await);
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    assert!(store.get("l").await.unwrap().unwrap().is_expired());
+    assert!(
+        store
+            .get(&id::lease("l"))
+            .await
+            .unwrap()
+            .unwrap()
+            .is_expired()
+    );
 
     let started = Instant::now();
     let takeover = {
         let store = store.clone();
-        tokio::spawn(async move { store.acquire("l", "west/b", LONG).await })
+        tokio::spawn(async move {
+            store
+                .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
+                .await
+        })
     };
     wait_until_waiting_for_fence(&schema, "l", "ExclusiveLock").await;
 
@@ -332,14 +378,20 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
     let lock_timeout = Duration::from_millis(300);
     let (store, schema) = fresh_store_with_lock_timeout(via, lock_timeout).await;
     let ttl = Duration::from_millis(200);
-    let old = store.acquire("l", "east/a", ttl).await.unwrap().unwrap();
+    let old = store
+        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
+        .await
+        .unwrap()
+        .unwrap();
 
     let mut in_flight = db::connection(via).await;
     assert!(begin_fenced(&mut in_flight, &schema, "l", old.epoch).await);
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
 
     let started = Instant::now();
-    let attempt = store.acquire("l", "west/b", LONG).await;
+    let attempt = store
+        .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
+        .await;
     let took = started.elapsed();
     assert!(
         matches!(attempt, Err(Error::LockTimeout(t)) if t == lock_timeout),
@@ -349,16 +401,20 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
         took >= lock_timeout - Duration::from_millis(50) && took < Duration::from_secs(2),
         "{took:?}"
     );
-    let row = store.get("l").await.unwrap().unwrap();
+    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
     assert_eq!(
-        store.events("l").await.unwrap().len(),
+        store.events(&id::lease("l")).await.unwrap().len(),
         1,
         "a failed attempt was audited"
     );
 
     db::raw(&mut in_flight, "COMMIT").await.unwrap();
-    let new = store.acquire("l", "west/b", LONG).await.unwrap().unwrap();
+    let new = store
+        .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(new.epoch, 2);
 }
 
@@ -366,7 +422,11 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
 /// refuses the other isolation levels instead of answering from an older snapshot.
 async fn fence_refuses_other_isolation_levels(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
-    store.acquire("l", "east/a", LONG).await.unwrap().unwrap();
+    store
+        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
+        .await
+        .unwrap()
+        .unwrap();
     let mut conn = db::connection(via).await;
     for level in ["REPEATABLE READ", "SERIALIZABLE"] {
         db::raw(&mut conn, &format!("BEGIN ISOLATION LEVEL {level}"))

@@ -18,6 +18,7 @@
 //! the kill), two new replicas join the dead cluster, and once the system is stable (the
 //! returned cluster scaled to 0 and Standby) the next trial kills the other cluster.
 
+use crate::support::id;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
@@ -255,7 +256,7 @@ pub async fn run(
             // Nobody of the dead cluster writes any more: its lease expiry and its last
             // report are final.
             let row = store
-                .get(&lease_name)
+                .get(&id::lease(&lease_name))
                 .await?
                 .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
             ensure!(

@@ -182,7 +182,7 @@ impl<'a> Stability<'a> {
         wait_until("a first leader", Duration::from_secs(120), || async {
             Ok(self
                 .store
-                .get(self.lease_name)
+                .get(&id::lease(self.lease_name))
                 .await?
                 .filter(|row| row.is_held())
                 .and_then(|row| holders.iter().position(|h| h.contains(&row.holder))))

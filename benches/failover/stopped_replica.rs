@@ -1,6 +1,7 @@
 //! `failover --mode kill9` and `--mode graceful`: the leading replica is stopped (SIGKILL
 //! or SIGTERM), one replica per cluster.
 
+use crate::support::id;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -127,7 +128,7 @@ pub async fn run(
             let expired = match args.mode {
                 Mode::Kill9 => {
                     let row = store
-                        .get(&lease_name)
+                        .get(&id::lease(&lease_name))
                         .await?
                         .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
                     ensure!(row.holder == from, "holder changed before the kill: {row:?}");
