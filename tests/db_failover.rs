@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::{self, SpelledNames};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
@@ -613,17 +613,9 @@ async fn lease_statements_across_a_failover() {
     let store = LeaseStore::connect(db.pgbouncer_url(), &schema, Duration::from_secs(5), 2)
         .await
         .unwrap();
-    let held = store
-        .acquire(&id::lease("l"), &id::holder("a/1"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    let held = store.try_acquire("l", "a/1", ttl).await.unwrap();
     assert_eq!(held.epoch, 1, "timeline 1 keeps the epochs it always had");
-    let long_held = store
-        .acquire(&id::lease("long"), &id::holder("a/1"), long)
-        .await
-        .unwrap()
-        .unwrap();
+    let long_held = store.try_acquire("long", "a/1", long).await.unwrap();
     // Cluster b reports no pods, with a short bound; its later report of a starting pod
     // will be lost.
     let b_bound = Duration::from_millis(400);
@@ -646,11 +638,7 @@ async fn lease_statements_across_a_failover() {
     .await
     .unwrap();
     db.pause_replication().unwrap();
-    let renewed = store
-        .renew(&id::lease("l"), &id::holder("a/1"), 1)
-        .await
-        .unwrap()
-        .unwrap();
+    let renewed = store.try_renew("l", "a/1", 1).await.unwrap();
     let starting = WorkloadCounts {
         replicas: 1,
         running_pods: 1,
@@ -692,10 +680,7 @@ async fn lease_statements_across_a_failover() {
         .unwrap();
     migrator.migrate().await.unwrap();
     assert_eq!(
-        migrator
-            .acquire(&id::lease("x"), &id::holder("b/1"), ttl)
-            .await
-            .unwrap(),
+        migrator.try_acquire("x", "b/1", ttl).await,
         None,
         "acquired at once in a schema migrated on timeline 2"
     );
@@ -703,18 +688,8 @@ async fn lease_statements_across_a_failover() {
     let taken = acquire_after_the_wait(&store, "l", "b/1", ttl, first_try).await;
     assert_eq!(taken.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
     assert!(taken.on_current_timeline && taken.is_held());
-    assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("b/1"), taken.epoch)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    let created = store
-        .acquire(&id::lease("new-lease"), &id::holder("b/1"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(store.try_renew("l", "b/1", taken.epoch).await.is_some());
+    let created = store.try_acquire("new-lease", "b/1", ttl).await.unwrap();
     assert_eq!(created.epoch, TIMELINE_2_EPOCH_FLOOR + 1);
 
     a_second_failover_costs_the_wait_too(&mut db, &store, ttl).await;
@@ -745,17 +720,14 @@ async fn rows_from_before_the_failover_are_dead(
         "the acknowledged renew survived the failover: {row:?} vs {renewed:?}"
     );
     assert!(!row.on_current_timeline && !row.is_held(), "{row:?}");
-    let long_row = store.get(&id::lease("long")).await.unwrap().unwrap();
+    let long_row = store.row("long").await.unwrap();
     assert!(
         !long_row.is_expired() && !long_row.on_current_timeline && !long_row.is_held(),
         "{long_row:?}"
     );
     let e = long_held.epoch;
     assert_eq!(
-        store
-            .renew(&id::lease("long"), &id::holder("a/1"), e)
-            .await
-            .unwrap(),
+        store.try_renew("long", "a/1", e).await,
         None,
         "renewed across the failover"
     );
@@ -791,10 +763,7 @@ async fn rows_from_before_the_failover_are_dead(
     .unwrap();
     assert_eq!(fence_cluster, None, "the cluster fence let a write through");
     assert_eq!(
-        store
-            .release(&id::lease("long"), &id::holder("a/1"), e)
-            .await
-            .unwrap(),
+        store.try_release("long", "a/1", e).await,
         None,
         "released across the failover"
     );
@@ -810,18 +779,9 @@ async fn nothing_is_acquired_during_the_wait(
     b_bound: Duration,
 ) -> Instant {
     let first_try = Instant::now();
+    assert_eq!(store.try_acquire("l", "b/1", ttl).await, None);
     assert_eq!(
-        store
-            .acquire(&id::lease("l"), &id::holder("b/1"), ttl)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .acquire(&id::lease("new-lease"), &id::holder("b/1"), ttl)
-            .await
-            .unwrap(),
+        store.try_acquire("new-lease", "b/1", ttl).await,
         None,
         "a lease created in the wait"
     );
@@ -914,11 +874,7 @@ async fn acquire_after_the_wait(
     first_try: Instant,
 ) -> Lease {
     let taken = loop {
-        if let Some(lease) = store
-            .acquire(&id::lease(name), &id::holder(holder), ttl)
-            .await
-            .unwrap()
-        {
+        if let Some(lease) = store.try_acquire(name, holder, ttl).await {
             break lease;
         }
         assert!(

@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::{self, SpelledNames};
 
 use reaper_operator::config::LeaseTimings;
 use reaper_operator::lease::batch::DEFAULT_LINGER;
@@ -137,7 +137,7 @@ async fn leader_that_cannot_renew_steps_down_before_the_ttl_passes() {
     assert_eq!(watch.leader_epoch(), None);
     assert_eq!(watch.published(), Leadership::Follower);
     // The database still says the lease is held: the leader stepped down first.
-    let row = direct.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let row = direct.row("singleton").await.unwrap();
     assert!(
         row.is_held(),
         "lease expired before the leader stepped down: {row:?}"
@@ -165,12 +165,12 @@ async fn paused_leader_is_not_leader_when_it_wakes() {
         "watchers must judge by the clock too"
     );
     // The first tick after waking steps down without renewing: the row is not revived.
-    let before = store.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let before = store.row("singleton").await.unwrap();
     assert!(
         matches!(elector.tick().await, Tick::DeadlineMissed { epoch, error: None } if epoch == lease.epoch)
     );
     assert_eq!(watch.published(), Leadership::Follower);
-    let after = store.get(&id::lease("singleton")).await.unwrap().unwrap();
+    let after = store.row("singleton").await.unwrap();
     assert_eq!(after.renewed_at, before.renewed_at);
 }
 
@@ -408,7 +408,7 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
         }
     }
     // The lost lease was not extended for its old holder.
-    let row = store.get(&id::lease("x3")).await.unwrap().unwrap();
+    let row = store.row("x3").await.unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("thief", thief.epoch));
 }
 
@@ -457,11 +457,7 @@ async fn batched_leaders_step_down_at_their_deadline_while_the_batch_hangs() {
     );
     proxy.set(Mode::Pass);
     for i in 0..10 {
-        let row = direct
-            .get(&id::lease(format!("h{i}")))
-            .await
-            .unwrap()
-            .unwrap();
+        let row = direct.row(format!("h{i}")).await.unwrap();
         assert!(row.is_held(), "h{i} expired before its leader stepped down");
     }
 }
@@ -645,7 +641,7 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
         (acquired.epoch, acquired.previous_holder.as_str()),
         (2, "a")
     );
-    let events = store.events(&id::lease("singleton")).await.unwrap();
+    let events = store.history("singleton").await;
     let takeover = events.last().unwrap();
     assert_eq!((takeover.kind.as_str(), takeover.epoch), ("takeover", 2));
     assert_eq!(takeover.at, acquired.acquired_at);
@@ -676,11 +672,7 @@ async fn standby_takes_over_a_dead_holders_lease_at_its_expiry() {
 async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
     let t = timings(3_500, 2_500, 1_000);
     let (store, _) = db::fresh_schema(Via::PgBouncer).await;
-    let held = store
-        .acquire(&id::lease("singleton"), &id::holder("a"), t.ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    let held = store.try_acquire("singleton", "a", t.ttl).await.unwrap();
 
     let (ticks_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -699,18 +691,13 @@ async fn standby_attempt_at_expiry_is_refused_when_the_holder_renewed() {
         assert!(acquired.is_none());
     }
     let first_renew = Instant::now();
-    store
-        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_renew("singleton", "a", held.epoch).await.unwrap();
     // After the standby's read three ticks later (which found the expiry 0.5 s away), and
     // before that expiry.
     tokio::time::sleep_until((first_renew + Duration::from_millis(3_200)).into()).await;
     let last_renew = store
-        .renew(&id::lease("singleton"), &id::holder("a"), held.epoch)
+        .try_renew("singleton", "a", held.epoch)
         .await
-        .unwrap()
         .expect("the lease expired before its holder's last renew");
 
     let (mut standby_ticks, mut refused_at_first_expiry) = (Vec::new(), 0);
@@ -973,9 +960,8 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
 /// The epochs `name` was acquired at, in order.
 async fn acquired_epochs(store: &LeaseStore, name: &str) -> Vec<i64> {
     store
-        .events(&id::lease(name))
+        .history(name)
         .await
-        .unwrap()
         .iter()
         .filter(|e| e.kind != "release")
         .map(|e| e.epoch)

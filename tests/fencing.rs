@@ -5,7 +5,7 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::{self, SpelledNames};
 
 use reaper_operator::Error;
 use reaper_operator::config::Schema;
@@ -73,16 +73,8 @@ async fn fresh_store_with_lock_timeout(via: Via, lock_timeout: Duration) -> (Lea
 
 /// east/a takes the free leases "l" and "other" (epoch 1 each); returns "l".
 async fn east_holds_l_and_other(store: &LeaseStore) -> Lease {
-    let l = store
-        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("other"), &id::holder("east/a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let l = store.try_acquire("l", "east/a", LONG).await.unwrap();
+    store.try_acquire("other", "east/a", LONG).await.unwrap();
     l
 }
 
@@ -155,13 +147,7 @@ async fn fenced_work_never_delays_renews(via: Via) {
     let mut slowest = Duration::ZERO;
     for round in 0..5 {
         let started = Instant::now();
-        assert!(
-            store
-                .renew(&id::lease("l"), &id::holder("east/a"), l.epoch)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(store.try_renew("l", "east/a", l.epoch).await.is_some());
         let renew = started.elapsed();
         let started = Instant::now();
         assert_eq!(
@@ -174,13 +160,7 @@ async fn fenced_work_never_delays_renews(via: Via) {
         );
         let renew_many = started.elapsed();
         let started = Instant::now();
-        assert!(
-            store
-                .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(store.try_acquire("l", "west/b", LONG).await.is_none());
         let acquire = started.elapsed();
         for (what, took) in [
             ("renew", renew),
@@ -199,7 +179,7 @@ async fn fenced_work_never_delays_renews(via: Via) {
 
     db::raw(&mut workload, "COMMIT").await.unwrap();
     db::raw(&mut by_cluster, "COMMIT").await.unwrap();
-    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
+    let row = store.row("l").await.unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
 }
 
@@ -261,23 +241,12 @@ async fn takeover_waits_for_fenced_work_in_flight(via: Via) {
     let work = work_table(&schema).await;
     let s = schema.as_str().to_owned();
     let ttl = Duration::from_millis(300);
-    let old = store
-        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = store.try_acquire("l", "east/a", ttl).await.unwrap();
 
     let mut in_flight = db::connection(via).await;
     assert!(begin_fenced(&mut in_flight, &schema, "l", old.epoch).await);
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    assert!(
-        store
-            .get(&id::lease("l"))
-            .await
-            .unwrap()
-            .unwrap()
-            .is_expired()
-    );
+    assert!(store.row("l").await.unwrap().is_expired());
 
     let started = Instant::now();
     let takeover = {
@@ -378,11 +347,7 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
     let lock_timeout = Duration::from_millis(300);
     let (store, schema) = fresh_store_with_lock_timeout(via, lock_timeout).await;
     let ttl = Duration::from_millis(200);
-    let old = store
-        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = store.try_acquire("l", "east/a", ttl).await.unwrap();
 
     let mut in_flight = db::connection(via).await;
     assert!(begin_fenced(&mut in_flight, &schema, "l", old.epoch).await);
@@ -401,20 +366,16 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
         took >= lock_timeout - Duration::from_millis(50) && took < Duration::from_secs(2),
         "{took:?}"
     );
-    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
+    let row = store.row("l").await.unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
     assert_eq!(
-        store.events(&id::lease("l")).await.unwrap().len(),
+        store.history("l").await.len(),
         1,
         "a failed attempt was audited"
     );
 
     db::raw(&mut in_flight, "COMMIT").await.unwrap();
-    let new = store
-        .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let new = store.try_acquire("l", "west/b", LONG).await.unwrap();
     assert_eq!(new.epoch, 2);
 }
 
@@ -422,11 +383,7 @@ async fn takeover_gives_up_after_the_lock_timeout(via: Via) {
 /// refuses the other isolation levels instead of answering from an older snapshot.
 async fn fence_refuses_other_isolation_levels(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
-    store
-        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "east/a", LONG).await.unwrap();
     let mut conn = db::connection(via).await;
     for level in ["REPEATABLE READ", "SERIALIZABLE"] {
         db::raw(&mut conn, &format!("BEGIN ISOLATION LEVEL {level}"))

@@ -15,7 +15,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::{self, SpelledNames};
 
 use chrono::{DateTime, TimeZone, Utc};
 use reaper_operator::config::Schema;
@@ -229,15 +229,10 @@ async fn hand_over_to_west(
 ) -> (reaper_operator::lease::Lease, reaper_operator::lease::Lease) {
     drop(renewing);
     let released = store
-        .release(&id::lease(name), &id::holder("east/op-1"), held.epoch)
+        .try_release(name, "east/op-1", held.epoch)
         .await
-        .unwrap()
         .unwrap();
-    let west = store
-        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let west = store.try_acquire(name, "west/op-1", TTL).await.unwrap();
     (released, west)
 }
 
@@ -274,11 +269,7 @@ async fn held_by_east(
     tokio::sync::oneshot::Sender<()>,
 ) {
     let (store, schema) = db::fresh_schema(Via::Direct).await;
-    let held = store
-        .acquire(&id::lease(name), &id::holder("east/op-1"), TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let held = store.try_acquire(name, "east/op-1", TTL).await.unwrap();
     let renewing = keep_renewing(store.clone(), name.into(), "east/op-1", held.epoch);
     (store, schema, held, renewing)
 }
@@ -332,7 +323,7 @@ async fn guard_stops_the_command_before_expiry_when_the_database_is_unreachable(
     guarded.wait_running().await;
 
     // What the guard can have seen at most: the row as of the cut.
-    let at_cut = store.get(&id::lease(name)).await.unwrap().unwrap();
+    let at_cut = store.row(name).await.unwrap();
     proxy.set(Mode::Blackhole);
     guarded.assert_exits_3(TTL + Duration::from_secs(4));
     guarded.assert_stopped().await;
@@ -357,12 +348,9 @@ async fn a_frozen_guard_still_stops_the_command_before_the_lease_expires() {
     // The whole cluster freezes: its operator stops renewing, the guard is stopped.
     drop(renewing);
     guarded.signal("STOP");
-    let last = store.get(&id::lease(name)).await.unwrap().unwrap();
+    let last = store.row(name).await.unwrap();
     tokio::time::sleep(TTL + Duration::from_millis(500)).await;
-    let west = store
-        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
-        .await
-        .unwrap();
+    let west = store.try_acquire(name, "west/op-1", TTL).await;
     let west = west.expect("the lease expired and another cluster took it");
     assert!(
         guarded.last_tick() < last.expires_at,
@@ -382,11 +370,7 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
     let (store, schema) = db::fresh_schema(Via::Direct).await;
     let name = "guard.short";
     // Held by another cluster: the command does not start.
-    let west = store
-        .acquire(&id::lease(name), &id::holder("west/op-1"), TTL)
-        .await
-        .unwrap()
-        .unwrap();
+    let west = store.try_acquire(name, "west/op-1", TTL).await.unwrap();
     let mut guarded = Guarded::start(&db::direct_url(), &schema, name, "east");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -395,10 +379,7 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
     );
     assert!(guarded.child.try_wait().unwrap().is_none());
     // Now this cluster holds it, with a ttl that leaves no room for the grace.
-    store
-        .release(&id::lease(name), &id::holder("west/op-1"), west.epoch)
-        .await
-        .unwrap();
+    store.try_release(name, "west/op-1", west.epoch).await;
     store
         .acquire(
             &id::lease(name),

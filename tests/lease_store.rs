@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::{self, SpelledNames};
 
 use reaper_operator::Error;
 use reaper_operator::lease::{LeaseName, LeaseStore};
@@ -122,19 +122,14 @@ async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
         chrono::Duration::milliseconds(300)
     );
     assert!(
-        store
-            .acquire(&id::lease("l"), &id::holder("b"), LONG)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_acquire("l", "b", LONG).await.is_none(),
         "held lease taken"
     );
 
     tokio::time::sleep(Duration::from_millis(400)).await;
     let b = store
-        .acquire(&id::lease("l"), &id::holder("b"), LONG)
+        .try_acquire("l", "b", LONG)
         .await
-        .unwrap()
         .expect("expired lease not taken");
     assert_eq!(
         (b.holder.as_str(), b.epoch, b.previous_holder.as_str()),
@@ -142,134 +137,63 @@ async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
     );
     assert_eq!(b.ttl, LONG, "ttl is the new holder's");
     assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_renew("l", "a", 1).await.is_none(),
         "old holder renewed"
     );
-    assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("b"), 2)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(store.try_renew("l", "b", 2).await.is_some());
 }
 
 async fn renew_after_expiry_fails_even_when_nobody_took_over(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     // Long enough for the first renew to land in time on a loaded machine.
     let ttl = Duration::from_millis(1000);
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    store.try_acquire("l", "a", ttl).await.unwrap();
+    assert!(store.try_renew("l", "a", 1).await.is_some());
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
     assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_renew("l", "a", 1).await.is_none(),
         "expired lease revived"
     );
-    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
+    let row = store.row("l").await.unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("a", 1));
     assert!(row.is_expired() && !row.is_held());
     // Coming back takes a new epoch, even for the same holder.
-    let again = store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = store.try_acquire("l", "a", LONG).await.unwrap();
     assert_eq!(again.epoch, 2);
 }
 
 async fn release_then_immediate_acquire_by_another(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    let released = store
-        .release(&id::lease("l"), &id::holder("a"), 1)
-        .await
-        .unwrap()
-        .expect("release");
+    store.try_acquire("l", "a", LONG).await.unwrap();
+    let released = store.try_release("l", "a", 1).await.expect("release");
     assert!(released.is_free());
     let b = store
-        .acquire(&id::lease("l"), &id::holder("b"), LONG)
+        .try_acquire("l", "b", LONG)
         .await
-        .unwrap()
         .expect("free lease not taken");
     assert_eq!((b.epoch, b.previous_holder.as_str()), (2, ""));
 }
 
 async fn non_holder_renew_and_release_change_nothing(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
-    let a = store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let a = store.try_acquire("l", "a", LONG).await.unwrap();
+    assert!(store.try_renew("l", "b", 1).await.is_none());
+    assert!(store.try_release("l", "b", 1).await.is_none());
     assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("b"), 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        store
-            .release(&id::lease("l"), &id::holder("b"), 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("a"), 2)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_renew("l", "a", 2).await.is_none(),
         "wrong epoch renewed"
     );
     assert!(
-        store
-            .release(&id::lease("l"), &id::holder("a"), 7)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_release("l", "a", 7).await.is_none(),
         "wrong epoch released"
     );
-    assert!(
-        store
-            .renew(&id::lease("other"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
+    assert!(store.try_renew("other", "a", 1).await.is_none());
+    let row = store.row("l").await.unwrap();
     assert_eq!(
         (row.holder.as_str(), row.epoch, row.renewed_at),
         ("a", 1, a.renewed_at)
     );
-    assert_eq!(
-        store.events(&id::lease("l")).await.unwrap().len(),
-        1,
-        "no-ops were audited"
-    );
+    assert_eq!(store.history("l").await.len(), 1, "no-ops were audited");
 }
 
 /// An acquire of a lease someone holds is a read: it leaves no new row version and no
@@ -280,11 +204,7 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     let store = db::store(via, &schema, 1)
         .await
         .with_lock_timeout(Duration::from_secs(5));
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "a", LONG).await.unwrap();
     let lease = schema.qualify("lease");
     let mut conn = db::connection(Via::Direct).await;
     let version_sql = format!(
@@ -293,21 +213,11 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     let before: String = db::scalar(&mut conn, &version_sql).await.unwrap();
 
     for _ in 0..3 {
-        assert!(
-            store
-                .acquire(&id::lease("l"), &id::holder("b"), LONG)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(store.try_acquire("l", "b", LONG).await.is_none());
     }
     let after: String = db::scalar(&mut conn, &version_sql).await.unwrap();
     assert_eq!(before, after, "xmin xmax ctid of the lease row changed");
-    assert_eq!(
-        store.events(&id::lease("l")).await.unwrap().len(),
-        1,
-        "failed acquires audited"
-    );
+    assert_eq!(store.history("l").await.len(), 1, "failed acquires audited");
 
     // No row lock taken, so none waited for: the row locked FOR UPDATE by another
     // transaction, the failed acquire still answers at once. One that waited would
@@ -321,13 +231,7 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
     .await
     .unwrap();
     let started = Instant::now();
-    assert!(
-        store
-            .acquire(&id::lease("l"), &id::holder("b"), LONG)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.try_acquire("l", "b", LONG).await.is_none());
     assert!(
         started.elapsed() < Duration::from_millis(2_500),
         "the failed acquire waited {:?} for the row lock",
@@ -348,19 +252,9 @@ async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
         .unwrap()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    store
-        .acquire(&id::lease("l"), &id::holder("b"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        store
-            .release(&id::lease("l"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let row = store.get(&id::lease("l")).await.unwrap().unwrap();
+    store.try_acquire("l", "b", LONG).await.unwrap();
+    assert!(store.try_release("l", "a", 1).await.is_none());
+    let row = store.row("l").await.unwrap();
     assert_eq!((row.holder.as_str(), row.epoch), ("b", 2));
     assert!(row.is_held());
 }
@@ -368,27 +262,18 @@ async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
 async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
     for _ in 0..3 {
-        let l = store
-            .acquire(&id::lease("l"), &id::holder("a"), LONG)
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .release(&id::lease("l"), &id::holder("a"), l.epoch)
-            .await
-            .unwrap()
-            .unwrap();
+        let l = store.try_acquire("l", "a", LONG).await.unwrap();
+        store.try_release("l", "a", l.epoch).await.unwrap();
     }
     db::exec(&format!(
         "DELETE FROM {} WHERE name = 'l'",
         schema.qualify("lease")
     ))
     .await;
-    assert!(store.get(&id::lease("l")).await.unwrap().is_none());
+    assert!(store.row("l").await.is_none());
     let healed = store
-        .acquire(&id::lease("l"), &id::holder("b"), LONG)
+        .try_acquire("l", "b", LONG)
         .await
-        .unwrap()
         .expect("missing row not healed");
     assert_eq!(
         healed.epoch, 4,
@@ -396,12 +281,7 @@ async fn deleted_row_heals_on_next_acquire_without_reusing_an_epoch(via: Via) {
     );
     // A lease that never existed starts at 1.
     assert_eq!(
-        store
-            .acquire(&id::lease("fresh"), &id::holder("b"), LONG)
-            .await
-            .unwrap()
-            .unwrap()
-            .epoch,
+        store.try_acquire("fresh", "b", LONG).await.unwrap().epoch,
         1
     );
 }
@@ -421,43 +301,18 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
         " NULL ",
         "o'brien",
     ] {
-        let l = store
-            .acquire(&id::lease(name), &id::holder("me"), LONG)
-            .await
-            .unwrap()
-            .unwrap();
+        let l = store.try_acquire(name, "me", LONG).await.unwrap();
         held.push((name.to_owned(), l.epoch));
     }
-    let expired = store
-        .acquire(&id::lease("taken"), &id::holder("me"), short)
-        .await
-        .unwrap()
-        .unwrap();
-    let released = store
-        .acquire(&id::lease("released"), &id::holder("me"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    let stale = store
-        .acquire(&id::lease("stale-epoch"), &id::holder("me"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("not-mine"), &id::holder("other"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let expired = store.try_acquire("taken", "me", short).await.unwrap();
+    let released = store.try_acquire("released", "me", LONG).await.unwrap();
+    let stale = store.try_acquire("stale-epoch", "me", LONG).await.unwrap();
+    store.try_acquire("not-mine", "other", LONG).await.unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
+    store.try_acquire("taken", "thief", LONG).await.unwrap();
     store
-        .acquire(&id::lease("taken"), &id::holder("thief"), LONG)
+        .try_release("released", "me", released.epoch)
         .await
-        .unwrap()
-        .unwrap();
-    store
-        .release(&id::lease("released"), &id::holder("me"), released.epoch)
-        .await
-        .unwrap()
         .unwrap();
 
     let mut request: Vec<(LeaseName, i64)> = held
@@ -469,12 +324,7 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     request.push((id::lease("stale-epoch"), stale.epoch + 1));
     request.push((id::lease("not-mine"), 1));
     request.push((id::lease("never-existed"), 1));
-    let before = store
-        .get(&id::lease("keep-1"))
-        .await
-        .unwrap()
-        .unwrap()
-        .renewed_at;
+    let before = store.row("keep-1").await.unwrap().renewed_at;
     let mut renewed: Vec<(String, i64)> = store
         .renew_many(&id::holder("me"), &request)
         .await
@@ -485,15 +335,7 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
     renewed.sort();
     held.sort();
     assert_eq!(renewed, held);
-    assert!(
-        store
-            .get(&id::lease("keep-1"))
-            .await
-            .unwrap()
-            .unwrap()
-            .renewed_at
-            > before
-    );
+    assert!(store.row("keep-1").await.unwrap().renewed_at > before);
     assert!(
         store
             .renew_many(&id::holder("me"), &[])
@@ -506,35 +348,14 @@ async fn renew_many_returns_exactly_the_leases_still_held(via: Via) {
 async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     let short = Duration::from_millis(200);
+    store.try_acquire("held", "other", LONG).await.unwrap();
+    store.try_acquire("mine", "me", LONG).await.unwrap();
+    store.try_acquire("q\"uote", "other", LONG).await.unwrap();
+    store.try_acquire("expired", "other", short).await.unwrap();
+    let freed = store.try_acquire("released", "other", LONG).await.unwrap();
     store
-        .acquire(&id::lease("held"), &id::holder("other"), LONG)
+        .try_release("released", "other", freed.epoch)
         .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("mine"), &id::holder("me"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("q\"uote"), &id::holder("other"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("expired"), &id::holder("other"), short)
-        .await
-        .unwrap()
-        .unwrap();
-    let freed = store
-        .acquire(&id::lease("released"), &id::holder("other"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .release(&id::lease("released"), &id::holder("other"), freed.epoch)
-        .await
-        .unwrap()
         .unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
 
@@ -579,11 +400,7 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     }
     // What it finds acquirable, acquire takes; what not, acquire refuses.
     for a in &found {
-        let taken = store
-            .acquire(&id::lease(&a.name), &id::holder("me"), LONG)
-            .await
-            .unwrap()
-            .is_some();
+        let taken = store.try_acquire(&a.name, "me", LONG).await.is_some();
         assert_eq!(taken, a.acquirable, "{a:?}");
     }
     assert!(store.acquirable(&[]).await.unwrap().is_empty());
@@ -591,11 +408,7 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
     // A lease about to expire: refused until the time it gave, taken from then on
     // (counted from when its answer arrived, as a standby does).
     let ttl = Duration::from_millis(1_500);
-    store
-        .acquire(&id::lease("soon"), &id::holder("other"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("soon", "other", ttl).await.unwrap();
     let soon = store
         .acquirable(&[id::lease("soon")])
         .await
@@ -606,18 +419,9 @@ async fn acquirable_lists_exactly_the_leases_an_acquire_could_take(via: Via) {
         !soon.acquirable && soon.acquirable_in > Duration::ZERO && soon.acquirable_in <= ttl,
         "{soon:?}"
     );
-    assert_eq!(
-        store
-            .acquire(&id::lease("soon"), &id::holder("me"), LONG)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(store.try_acquire("soon", "me", LONG).await, None);
     tokio::time::sleep_until(arrived + soon.acquirable_in).await;
-    let taken = store
-        .acquire(&id::lease("soon"), &id::holder("me"), LONG)
-        .await
-        .unwrap();
+    let taken = store.try_acquire("soon", "me", LONG).await;
     assert!(
         taken.is_some(),
         "refused at the instant acquirable gave: {soon:?}"
@@ -628,53 +432,17 @@ async fn audit_table_matches_a_scripted_history(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     // Long enough that the next statement surely finds it held on a loaded machine.
     let short = Duration::from_millis(1500);
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap(); // 1 acquire a
-    store
-        .release(&id::lease("l"), &id::holder("a"), 1)
-        .await
-        .unwrap()
-        .unwrap(); // 1 release a
-    store
-        .acquire(&id::lease("l"), &id::holder("b"), short)
-        .await
-        .unwrap()
-        .unwrap(); // 2 acquire b
-    assert!(
-        store
-            .acquire(&id::lease("l"), &id::holder("c"), LONG)
-            .await
-            .unwrap()
-            .is_none()
-    ); // no event
+    store.try_acquire("l", "a", LONG).await.unwrap(); // 1 acquire a
+    store.try_release("l", "a", 1).await.unwrap(); // 1 release a
+    store.try_acquire("l", "b", short).await.unwrap(); // 2 acquire b
+    assert!(store.try_acquire("l", "c", LONG).await.is_none()); // no event
     tokio::time::sleep(short + Duration::from_millis(100)).await;
-    store
-        .acquire(&id::lease("l"), &id::holder("c"), LONG)
-        .await
-        .unwrap()
-        .unwrap(); // 3 takeover c from b
-    assert!(
-        store
-            .release(&id::lease("l"), &id::holder("b"), 2)
-            .await
-            .unwrap()
-            .is_none()
-    ); // late: no event
-    store
-        .renew(&id::lease("l"), &id::holder("c"), 3)
-        .await
-        .unwrap()
-        .unwrap(); // renews are not audited
-    store
-        .release(&id::lease("l"), &id::holder("c"), 3)
-        .await
-        .unwrap()
-        .unwrap(); // 3 release c
+    store.try_acquire("l", "c", LONG).await.unwrap(); // 3 takeover c from b
+    assert!(store.try_release("l", "b", 2).await.is_none()); // late: no event
+    store.try_renew("l", "c", 3).await.unwrap(); // renews are not audited
+    store.try_release("l", "c", 3).await.unwrap(); // 3 release c
 
-    let events = store.events(&id::lease("l")).await.unwrap();
+    let events = store.history("l").await;
     let history: Vec<(i64, &str, &str, &str)> = events
         .iter()
         .map(|e| {
@@ -764,24 +532,9 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     let (_, schema) = db::fresh_schema(via).await;
     let one: LeaseStore = db::store(via, &schema, 1).await;
     let two: LeaseStore = db::store(via, &schema, 1).await;
-    assert!(
-        one.acquire(&id::lease("l"), &id::holder("one"), LONG)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        two.acquire(&id::lease("l"), &id::holder("two"), LONG)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        one.renew(&id::lease("l"), &id::holder("one"), 1)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(one.try_acquire("l", "one", LONG).await.is_some());
+    assert!(two.try_acquire("l", "two", LONG).await.is_none());
+    assert!(one.try_renew("l", "one", 1).await.is_some());
 }
 
 /// Acquire and release notify on a channel that a direct connection can LISTEN to
@@ -796,34 +549,16 @@ async fn acquire_and_release_notify_listeners(via: Via) {
         .await
         .unwrap();
     let name = format!("notify-{}-{via:?}", std::process::id());
-    let lease = store
-        .acquire(&id::lease(&name), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = store.try_acquire(&name, "a", LONG).await.unwrap();
     let got = recv(&mut listener, &name).await;
     assert_eq!(got.payload(), name);
-    store
-        .release(&id::lease(&name), &id::holder("a"), lease.epoch)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_release(&name, "a", lease.epoch).await.unwrap();
     let got = recv(&mut listener, &name).await;
     assert_eq!(got.payload(), name);
     // Failed operations notify nobody.
-    store
-        .acquire(&id::lease(&name), &id::holder("b"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire(&name, "b", LONG).await.unwrap();
     recv(&mut listener, &name).await;
-    assert!(
-        store
-            .acquire(&id::lease(&name), &id::holder("c"), LONG)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(store.try_acquire(&name, "c", LONG).await.is_none());
     let quiet = tokio::time::timeout(Duration::from_millis(300), recv(&mut listener, &name));
     assert!(quiet.await.is_err(), "a failed acquire notified");
 }
@@ -947,11 +682,7 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
                 .map(|r| (r.reported_by, r.running_pods))
         }
     };
-    store
-        .acquire(&id::lease("l"), &id::holder("east/a"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "east/a", ttl).await.unwrap();
     store
         .sync_workload(
             &id::lease("l"),
@@ -1009,12 +740,8 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
         )
         .await
         .unwrap();
-    let held = store.get(&id::lease("l")).await.unwrap().unwrap();
-    store
-        .release(&id::lease("l"), &id::holder("east/a"), held.epoch)
-        .await
-        .unwrap()
-        .unwrap();
+    let held = store.row("l").await.unwrap();
+    store.try_release("l", "east/a", held.epoch).await.unwrap();
     store
         .sync_workload(
             &id::lease("l"),
@@ -1046,11 +773,7 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
         counts,
         timing: ttl.into(),
     };
-    store
-        .acquire(&id::lease("held"), &id::holder("east/a"), ttl)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("held", "east/a", ttl).await.unwrap();
     store
         .sync_workload(
             &id::lease("held"),
@@ -1139,11 +862,7 @@ async fn recv(
 /// without it TRUNCATE lease_event + DELETE of the lease row restarted epochs at 1.
 async fn lease_event_refuses_truncate(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "a", LONG).await.unwrap();
     let error = db::try_exec(via, &format!("TRUNCATE {}", schema.qualify("lease_event")))
         .await
         .expect_err("TRUNCATE lease_event was allowed");
@@ -1160,11 +879,7 @@ async fn lease_event_refuses_truncate(via: Via) {
         "hint: {:?}",
         pg.hint()
     );
-    assert_eq!(
-        store.events(&id::lease("l")).await.unwrap().len(),
-        1,
-        "history lost"
-    );
+    assert_eq!(store.history("l").await.len(), 1, "history lost");
 }
 
 /// Deleting a held lease row would let the next acquire in at once (a second holder);
@@ -1172,21 +887,9 @@ async fn lease_event_refuses_truncate(via: Via) {
 async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
     let lease = schema.qualify("lease");
-    store
-        .acquire(&id::lease("l"), &id::holder("east/a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("free"), &id::holder("east/a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .release(&id::lease("free"), &id::holder("east/a"), 1)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "east/a", LONG).await.unwrap();
+    store.try_acquire("free", "east/a", LONG).await.unwrap();
+    store.try_release("free", "east/a", 1).await.unwrap();
 
     for sql in [
         format!("DELETE FROM {lease} WHERE name = 'l'"),
@@ -1227,22 +930,11 @@ async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
         "{error}"
     );
 
-    let row = store
-        .get(&id::lease("l"))
-        .await
-        .unwrap()
-        .expect("held row deleted");
+    let row = store.row("l").await.expect("held row deleted");
     assert_eq!((row.holder.as_str(), row.epoch), ("east/a", 1));
+    assert!(store.row("free").await.is_some(), "free row deleted");
     assert!(
-        store.get(&id::lease("free")).await.unwrap().is_some(),
-        "free row deleted"
-    );
-    assert!(
-        store
-            .acquire(&id::lease("l"), &id::holder("west/b"), LONG)
-            .await
-            .unwrap()
-            .is_none(),
+        store.try_acquire("l", "west/b", LONG).await.is_none(),
         "a second holder got in"
     );
 }
@@ -1255,50 +947,26 @@ async fn free_or_expired_lease_row_can_be_deleted_and_epochs_continue(via: Via) 
     let short = Duration::from_millis(200);
 
     for _ in 0..2 {
-        let l = store
-            .acquire(&id::lease("free"), &id::holder("a"), LONG)
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .release(&id::lease("free"), &id::holder("a"), l.epoch)
-            .await
-            .unwrap()
-            .unwrap();
+        let l = store.try_acquire("free", "a", LONG).await.unwrap();
+        store.try_release("free", "a", l.epoch).await.unwrap();
     }
     db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'free'"))
         .await
         .expect("DELETE of a free lease refused");
-    assert!(store.get(&id::lease("free")).await.unwrap().is_none());
-    let l = store
-        .acquire(&id::lease("free"), &id::holder("b"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(store.row("free").await.is_none());
+    let l = store.try_acquire("free", "b", LONG).await.unwrap();
     assert_eq!((l.epoch, l.previous_holder.as_str()), (3, ""));
 
     // Expired, never released: a, then a takeover by b, both left to expire.
-    store
-        .acquire(&id::lease("expired"), &id::holder("a"), short)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("expired", "a", short).await.unwrap();
     tokio::time::sleep(short + Duration::from_millis(100)).await;
-    let b = store
-        .acquire(&id::lease("expired"), &id::holder("b"), short)
-        .await
-        .unwrap()
-        .unwrap();
+    let b = store.try_acquire("expired", "b", short).await.unwrap();
     assert_eq!(b.epoch, 2);
     tokio::time::sleep(short + Duration::from_millis(100)).await;
     db::try_exec(via, &format!("DELETE FROM {lease} WHERE name = 'expired'"))
         .await
         .expect("DELETE of an expired lease refused");
-    let c = store
-        .acquire(&id::lease("expired"), &id::holder("c"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let c = store.try_acquire("expired", "c", LONG).await.unwrap();
     assert_eq!(c.epoch, 3, "epoch must continue after the audit history");
 }
 
@@ -1314,16 +982,8 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
         .await
         .with_lock_timeout(lock_timeout);
     assert_eq!(store.lock_timeout(), lock_timeout);
-    store
-        .acquire(&id::lease("l"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .acquire(&id::lease("other"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    store.try_acquire("l", "a", LONG).await.unwrap();
+    store.try_acquire("other", "a", LONG).await.unwrap();
 
     let mut blocker = db::connection(Via::Direct).await;
     db::raw(
@@ -1366,24 +1026,12 @@ async fn blocked_lease_statement_fails_after_the_lock_timeout(via: Via) {
         );
         // The pool's only connection is free again at once, lock still held.
         let started = Instant::now();
-        assert!(
-            store
-                .renew(&id::lease("other"), &id::holder("a"), 1)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(store.try_renew("other", "a", 1).await.is_some());
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     db::raw(&mut blocker, "ROLLBACK").await.unwrap();
-    assert!(
-        store
-            .renew(&id::lease("l"), &id::holder("a"), 1)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(store.try_renew("l", "a", 1).await.is_some());
     // Nothing of the SET LOCAL stays on the (server) connection.
     let mut conn = db::connection(via).await;
     let setting: String = db::scalar(&mut conn, "SHOW lock_timeout").await.unwrap();
@@ -1466,11 +1114,7 @@ async fn server_encoding_is_checked(via: Via) {
 async fn a_lease_connection_the_server_ended_is_not_reused() {
     let (_, schema) = db::fresh_schema(Via::Direct).await;
     let store = db::store(Via::Direct, &schema, 1).await;
-    let lease = store
-        .acquire(&id::lease("ended"), &id::holder("a"), LONG)
-        .await
-        .unwrap()
-        .unwrap();
+    let lease = store.try_acquire("ended", "a", LONG).await.unwrap();
     let mut admin = db::connection(Via::Direct).await;
     // Only this store's session: its last statement named this test's own schema
     // (other tests run in the same database at the same time).

@@ -1,7 +1,9 @@
 //! The typed names of the lease store, from the literals tests spell them with
 //! (`id::lease("l")`); a name the store would refuse is a mistake in the test.
 
-use reaper_operator::lease::{ClusterName, Holder, LeaseName};
+use std::time::Duration;
+
+use reaper_operator::lease::{ClusterName, Holder, Lease, LeaseEvent, LeaseName, LeaseStore};
 
 pub fn lease(name: impl AsRef<str>) -> LeaseName {
     LeaseName::new(name.as_ref()).expect("a valid lease name")
@@ -13,4 +15,59 @@ pub fn holder(holder: impl AsRef<str>) -> Holder {
 
 pub fn cluster(name: impl AsRef<str>) -> ClusterName {
     ClusterName::new(name.as_ref()).expect("a valid cluster name")
+}
+
+/// The store's calls with the names spelled as text, as tests write them. A database
+/// error fails the test where it happens; what is left is the store's answer (`None`:
+/// refused, or no such row). Tests that expect an error call the store itself.
+#[allow(
+    async_fn_in_trait,
+    reason = "test helpers; no caller needs a Send bound spelled"
+)]
+pub trait SpelledNames {
+    async fn try_acquire(
+        &self,
+        name: impl AsRef<str>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Option<Lease>;
+    async fn try_renew(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease>;
+    async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease>;
+    async fn row(&self, name: impl AsRef<str>) -> Option<Lease>;
+    async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent>;
+}
+
+impl SpelledNames for LeaseStore {
+    async fn try_acquire(
+        &self,
+        name: impl AsRef<str>,
+        holder: &str,
+        ttl: Duration,
+    ) -> Option<Lease> {
+        self.acquire(&lease(name), &self::holder(holder), ttl)
+            .await
+            .expect("acquire")
+    }
+
+    async fn try_renew(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
+        self.renew(&lease(name), &self::holder(holder), epoch)
+            .await
+            .expect("renew")
+    }
+
+    async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
+        self.release(&lease(name), &self::holder(holder), epoch)
+            .await
+            .expect("release")
+    }
+
+    async fn row(&self, name: impl AsRef<str>) -> Option<Lease> {
+        self.get(&lease(name)).await.expect("read the lease row")
+    }
+
+    async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent> {
+        self.events(&lease(name))
+            .await
+            .expect("read the lease history")
+    }
 }
