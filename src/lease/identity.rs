@@ -178,7 +178,15 @@ impl Holder {
                 "identity {identity:?} must not contain '/'"
             )));
         }
-        Self::new(format!("{cluster}/{identity}"))
+        let holder = format!("{cluster}/{identity}");
+        if holder.len() > 253 {
+            return Err(Error::Config(format!(
+                "identity {identity:?} makes the holder {} bytes long with its cluster name; \
+                 the limit is 253",
+                holder.len()
+            )));
+        }
+        Ok(Self(holder))
     }
 
     /// What follows its cluster: the replica's identity (all of it if it names no
@@ -240,6 +248,12 @@ mod tests {
         assert!(Holder::of(&east, "a/b").is_err());
         assert!(Holder::of(&east, "").is_err());
         assert!(Holder::of(&east, "a\tb").is_err());
+        assert!(Holder::of(&east, &"x".repeat(248)).is_ok());
+        let too_long = Holder::of(&east, &"x".repeat(249)).unwrap_err().to_string();
+        assert!(
+            too_long.contains("makes the holder 254 bytes long"),
+            "{too_long}"
+        );
     }
 
     #[test]
