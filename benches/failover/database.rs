@@ -97,11 +97,6 @@ pub async fn exec(pool: &PgPool, sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// A SQL string literal (the values here are our own, but quote them anyway).
-pub fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 pub fn failover_schema_name() -> String {
     format!("bench_failover_{}", std::process::id())
 }

@@ -33,7 +33,7 @@ use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::FailoverArgs;
-use super::database::{Urls, lit};
+use super::database::Urls;
 use super::deployments::Scale;
 use super::machine::Machine;
 use super::operator::{Operator, with_logs};
@@ -264,13 +264,13 @@ pub async fn run(
                 "holder changed before the kill: {row:?}"
             );
             let expired = since(t0, row.expires_at, "expiry")?;
-            let report = sqlx::raw_sql(AssertSqlSafe(format!(
+            let report = sqlx::query(AssertSqlSafe(format!(
                 "SELECT reported_at + stale_after_ms * interval '1 millisecond' AS stale_at, \
                  stale_after_ms, refresh_ms, running_pods FROM {workload} \
-                 WHERE name = {} AND cluster = {}",
-                lit(&lease_name),
-                lit(dead_name)
+                 WHERE name = $1 AND cluster = $2"
             )))
+            .bind(&lease_name)
+            .bind(dead_name)
             .fetch_optional(store.pool())
             .await?
             .ok_or_else(|| anyhow!("cluster {dead_name} has no workload report"))?;
@@ -287,10 +287,11 @@ pub async fn run(
 
             let timeout = stale_after + refresh * 2 + Duration::from_secs(timing.ttl + 60);
             let taken = wait_until("the takeover row in lease_event", timeout, || async {
-                let rows = sqlx::raw_sql(AssertSqlSafe(format!(
-                    "SELECT kind, holder, at FROM {events} WHERE name = {} AND id > {last_id} ORDER BY id LIMIT 1",
-                    lit(&lease_name)
+                let rows = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT kind, holder, at FROM {events} WHERE name = $1 AND id > $2 ORDER BY id LIMIT 1"
                 )))
+                .bind(&lease_name)
+                .bind(last_id)
                 .fetch_optional(store.pool())
                 .await?;
                 // Nothing but the other cluster's acquire may follow the kill.

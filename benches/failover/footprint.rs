@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::cluster::{DEFAULT_NODE_PODS, add_fake_node, start_cluster};
 use super::database::{
-    CREATED_PG_STAT_STATEMENTS, Urls, admin_pool, exec, footprint_db_name, lit, with_database,
+    CREATED_PG_STAT_STATEMENTS, Urls, admin_pool, exec, footprint_db_name, with_database,
 };
 use super::deployments::{Scale, scale_of};
 use super::footprint_report::{FpRow, render_footprint};
@@ -242,12 +242,12 @@ async fn run_footprint(
         .await;
         with_logs(readyz, &[&op]).with_context(|| format!("N = {n}"))?;
         let held_sql = format!(
-            "SELECT count(*) AS n FROM {lease_table} WHERE holder = {} \
-             AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()",
-            lit(&holder)
+            "SELECT count(*) AS n FROM {lease_table} WHERE holder = $1 \
+             AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()"
         );
         let held = || async {
-            let held: i64 = sqlx::raw_sql(AssertSqlSafe(held_sql.clone()))
+            let held: i64 = sqlx::query(AssertSqlSafe(held_sql.clone()))
+                .bind(&holder)
                 .fetch_one(store.pool())
                 .await?
                 .try_get("n")?;

@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::TimingArgs;
 use super::cluster::start_cluster;
-use super::database::{Urls, lit};
+use super::database::Urls;
 use super::deployments::{DeploymentWatch, Scale, scale_of};
 use super::operator::Operator;
 use super::pods;
@@ -193,11 +193,11 @@ impl<'a> Stability<'a> {
     /// The id of the lease's last `lease_event` row (0 if it has none): a trial's events
     /// are the rows after it.
     pub async fn last_event_id(&self) -> Result<i64> {
-        Ok(sqlx::raw_sql(AssertSqlSafe(format!(
-            "SELECT coalesce(max(id), 0) AS id FROM {} WHERE name = {}",
-            self.events,
-            lit(self.lease_name)
+        Ok(sqlx::query(AssertSqlSafe(format!(
+            "SELECT coalesce(max(id), 0) AS id FROM {} WHERE name = $1",
+            self.events
         )))
+        .bind(self.lease_name)
         .fetch_one(self.store.pool())
         .await?
         .try_get("id")?)
@@ -238,14 +238,8 @@ impl<'a> Stability<'a> {
         let follower = 1 - leader;
         let timeout = Duration::from_secs(2 * self.timing.ttl + 90);
         let report_sql = format!(
-            "SELECT max(reported_at) AS at FROM {} WHERE name = {} AND reported_by IN ({})",
-            self.workload,
-            lit(self.lease_name),
-            follower_holders
-                .iter()
-                .map(|h| lit(h))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "SELECT max(reported_at) AS at FROM {} WHERE name = $1 AND reported_by = ANY($2)",
+            self.workload
         );
         wait_until("the system to be stable", timeout, || async {
             let (l, f) = (sides[leader].scale().await?, sides[follower].scale().await?);
@@ -267,7 +261,9 @@ impl<'a> Stability<'a> {
                 return Ok(None);
             }
             let leader_holder = row.holder;
-            let reported: Option<DateTime<Utc>> = sqlx::raw_sql(AssertSqlSafe(report_sql.clone()))
+            let reported: Option<DateTime<Utc>> = sqlx::query(AssertSqlSafe(report_sql.clone()))
+                .bind(self.lease_name)
+                .bind(follower_holders)
                 .fetch_one(self.store.pool())
                 .await?
                 .try_get("at")?;

@@ -4,10 +4,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
+use sqlx::Row;
 use sqlx::postgres::PgPool;
-use sqlx::{AssertSqlSafe, Row};
-
-use super::database::lit;
 
 /// How the statements of the bench database are counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +57,11 @@ fn classify(query: &str) -> &'static str {
 pub async fn db_counters(admin: &PgPool, db: &str, counting: Counting) -> Result<DbCounters> {
     let mut c = DbCounters::default();
     if matches!(counting, Counting::Statements { .. }) {
-        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+        let rows = sqlx::query(
             "SELECT query, calls, rows FROM pg_stat_statements \
-             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = {})",
-            lit(db)
-        )))
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)",
+        )
+        .bind(db)
         .fetch_all(admin)
         .await
         .context("read pg_stat_statements")?;
@@ -76,10 +74,10 @@ pub async fn db_counters(admin: &PgPool, db: &str, counting: Counting) -> Result
             e.1 += n;
         }
     }
-    c.xacts = sqlx::raw_sql(AssertSqlSafe(format!(
-        "SELECT (xact_commit + xact_rollback)::bigint AS x FROM pg_stat_database WHERE datname = {}",
-        lit(db)
-    )))
+    c.xacts = sqlx::query(
+        "SELECT (xact_commit + xact_rollback)::bigint AS x FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(db)
     .fetch_one(admin)
     .await
     .context("read pg_stat_database")?

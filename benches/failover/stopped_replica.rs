@@ -12,7 +12,7 @@ use reaper_operator::config::Schema;
 use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
-use super::database::{Urls, lit};
+use super::database::Urls;
 use super::deployments::Scale;
 use super::machine::Machine;
 use super::operator::{SHUTDOWN_TIMEOUT_S, with_logs};
@@ -114,7 +114,11 @@ pub async fn run(
             let last_id = ctx.last_event_id().await?;
             let (from, to) = (ops[leader].holder(), ops[follower].holder());
             ensure!(
-                sides[follower].watch.latest() == Some(Scale { replicas: 0, ready: 0 }),
+                sides[follower].watch.latest()
+                    == Some(Scale {
+                        replicas: 0,
+                        ready: 0
+                    }),
                 "the standby's Deployment is not at 0 before the signal: {:?}",
                 sides[follower].watch.latest()
             );
@@ -131,43 +135,67 @@ pub async fn run(
                         .get(&id::lease(&lease_name))
                         .await?
                         .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
-                    ensure!(row.holder == from, "holder changed before the kill: {row:?}");
+                    ensure!(
+                        row.holder == from,
+                        "holder changed before the kill: {row:?}"
+                    );
                     Some(since(t0, row.expires_at, "expiry")?)
                 }
                 Mode::Graceful | Mode::DeadCluster => None,
             };
             let timeout = Duration::from_secs(timing.ttl + timing.retry + SHUTDOWN_TIMEOUT_S + 30);
-            let (taken_at, released_at) = wait_until("the takeover row in lease_event", timeout, || async {
-                let rows = sqlx::raw_sql(AssertSqlSafe(format!(
-                    "SELECT kind, holder, at FROM {events} WHERE name = {} AND id > {last_id} ORDER BY id",
-                    lit(&lease_name)
+            let (taken_at, released_at) =
+                wait_until("the takeover row in lease_event", timeout, || async {
+                    let rows = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT kind, holder, at FROM {events} WHERE name = $1 AND id > $2 ORDER BY id"
                 )))
+                .bind(&lease_name)
+                .bind(last_id)
                 .fetch_all(store.pool())
                 .await?;
-                let mut released = None;
-                for row in rows {
-                    let kind: String = row.try_get("kind")?;
-                    let holder: String = row.try_get("holder")?;
-                    let at: DateTime<Utc> = row.try_get("at")?;
-                    match kind.as_str() {
-                        "release" if holder == from => released = Some(at),
-                        "acquire" | "takeover" if holder == to => return Ok(Some((at, released))),
-                        _ => bail!("unexpected lease_event {kind} by {holder} after the signal"),
+                    let mut released = None;
+                    for row in rows {
+                        let kind: String = row.try_get("kind")?;
+                        let holder: String = row.try_get("holder")?;
+                        let at: DateTime<Utc> = row.try_get("at")?;
+                        match kind.as_str() {
+                            "release" if holder == from => released = Some(at),
+                            "acquire" | "takeover" if holder == to => {
+                                return Ok(Some((at, released)));
+                            }
+                            _ => {
+                                bail!("unexpected lease_event {kind} by {holder} after the signal")
+                            }
+                        }
                     }
-                }
-                Ok(None)
-            })
-            .await?;
+                    Ok(None)
+                })
+                .await?;
             let other = &sides[follower].watch;
             let scaled_at = other
-                .wait_first_after(t0, |s| s.replicas >= 1, timeout, "the other Deployment to scale up")
+                .wait_first_after(
+                    t0,
+                    |s| s.replicas >= 1,
+                    timeout,
+                    "the other Deployment to scale up",
+                )
                 .await?;
             let ready_at = other
-                .wait_first_after(t0, |s| s.ready >= 1, timeout, "the other Deployment's pod to be ready")
+                .wait_first_after(
+                    t0,
+                    |s| s.ready >= 1,
+                    timeout,
+                    "the other Deployment's pod to be ready",
+                )
                 .await?;
             let pod_ready_at = sides[follower]
                 .pods
-                .wait_first_after(t0, |c| c.ready >= 1, timeout, "the other cluster's pod to be Ready")
+                .wait_first_after(
+                    t0,
+                    |c| c.ready >= 1,
+                    timeout,
+                    "the other cluster's pod to be Ready",
+                )
                 .await?;
             let old_down = match args.mode {
                 Mode::Graceful => {
@@ -199,9 +227,7 @@ pub async fn run(
                 from,
                 to,
                 expired,
-                released: released_at
-                    .map(|at| since(t0, at, "release"))
-                    .transpose()?,
+                released: released_at.map(|at| since(t0, at, "release")).transpose()?,
                 old_down,
                 old_gone,
                 lease: since(t0, taken_at, "takeover")?,
