@@ -620,15 +620,8 @@ async fn lease_statements_across_a_failover() {
     // will be lost.
     let b_bound = Duration::from_millis(400);
     store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("b"),
-            &id::holder("b/1"),
-            WorkloadCounts::default(),
-            b_bound,
-        )
-        .await
-        .unwrap();
+        .report("l", "b", "b/1", WorkloadCounts::default(), b_bound)
+        .await;
     // Replicated: the standby has all of that.
     wait_until(
         "the standby to catch up",
@@ -644,16 +637,7 @@ async fn lease_statements_across_a_failover() {
         running_pods: 1,
         ready_pods: 0,
     };
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("b"),
-            &id::holder("b/1"),
-            starting,
-            b_bound,
-        )
-        .await
-        .unwrap();
+    store.report("l", "b", "b/1", starting, b_bound).await;
     // Long enough for b's surviving report to be stale by its own date.
     tokio::time::sleep(b_bound).await;
 
@@ -809,15 +793,8 @@ async fn nothing_is_acquired_during_the_wait(
     assert!(b_report(store).await.is_stale(), "never stale");
     // b's own report on the new timeline counts as it is.
     store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("b"),
-            &id::holder("b/2"),
-            WorkloadCounts::default(),
-            b_bound,
-        )
-        .await
-        .unwrap();
+        .report("l", "b", "b/2", WorkloadCounts::default(), b_bound)
+        .await;
     let b = b_report(store).await;
     assert!(b.running_pods == 0 && !b.is_stale(), "{b:?}");
     first_try
@@ -850,15 +827,14 @@ async fn a_second_failover_costs_the_wait_too(
 /// Cluster b's report as cluster a reads it (a reports no pods).
 async fn b_report(store: &LeaseStore) -> reaper_operator::lease::WorkloadReport {
     let reports = store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("a"),
-            &id::holder("a/1"),
+        .report(
+            "l",
+            "a",
+            "a/1",
             WorkloadCounts::default(),
             Duration::from_secs(6),
         )
-        .await
-        .unwrap();
+        .await;
     reports
         .into_iter()
         .find(|r| r.cluster == "b")

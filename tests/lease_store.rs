@@ -574,27 +574,13 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     let idle = WorkloadCounts::default();
     assert!(
         store
-            .sync_workload(
-                &id::lease("l"),
-                &id::cluster("east"),
-                &id::holder("east/a"),
-                running,
-                Duration::from_secs(40)
-            )
+            .report("l", "east", "east/a", running, Duration::from_secs(40))
             .await
-            .unwrap()
             .is_empty()
     );
     let seen_by_west = store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("west"),
-            &id::holder("west/b"),
-            idle,
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        .report("l", "west", "west/b", idle, Duration::from_secs(3))
+        .await;
     assert_eq!(seen_by_west.len(), 1);
     assert_eq!(
         (
@@ -609,25 +595,11 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     assert_eq!(seen_by_west[0].refresh, Duration::from_secs(10));
     assert!(!seen_by_west[0].is_stale());
     store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/c"),
-            idle,
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        .report("l", "east", "east/c", idle, Duration::from_secs(3))
+        .await;
     let seen_by_west = store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("west"),
-            &id::holder("west/b"),
-            idle,
-            Duration::from_secs(3),
-        )
-        .await
-        .unwrap();
+        .report("l", "west", "west/b", idle, Duration::from_secs(3))
+        .await;
     assert_eq!(
         (
             seen_by_west[0].reported_by.as_str(),
@@ -637,15 +609,8 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
     );
     assert!(
         store
-            .sync_workload(
-                &id::lease("other"),
-                &id::cluster("west"),
-                &id::holder("west/b"),
-                idle,
-                Duration::from_secs(3)
-            )
+            .report("other", "west", "west/b", idle, Duration::from_secs(3))
             .await
-            .unwrap()
             .is_empty()
     );
 }
@@ -666,16 +631,7 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
     let east_seen_by_west = |store: &LeaseStore| {
         let store = store.clone();
         async move {
-            let reports = store
-                .sync_workload(
-                    &id::lease("l"),
-                    &id::cluster("west"),
-                    &id::holder("west/x"),
-                    none,
-                    ttl,
-                )
-                .await
-                .unwrap();
+            let reports = store.report("l", "west", "west/x", none, ttl).await;
             reports
                 .into_iter()
                 .find(|r| r.cluster == "east")
@@ -683,75 +639,21 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
         }
     };
     store.try_acquire("l", "east/a", ttl).await.unwrap();
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/a"),
-            one,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/a", one, ttl).await;
     // A peer's stale "nothing runs" is refused...
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/b"),
-            none,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/b", none, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 1)));
     // ...its report of pods is taken...
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/b"),
-            one,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/b", one, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 1)));
     // ...and the holder itself may say its pods are gone.
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/a"),
-            none,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/a", none, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 0)));
     // Once nobody of the cluster holds the lease, any replica reports what it sees.
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/a"),
-            one,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/a", one, ttl).await;
     let held = store.row("l").await.unwrap();
     store.try_release("l", "east/a", held.epoch).await.unwrap();
-    store
-        .sync_workload(
-            &id::lease("l"),
-            &id::cluster("east"),
-            &id::holder("east/b"),
-            none,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("l", "east", "east/b", none, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 0)));
 }
 
@@ -774,26 +676,8 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
         timing: ttl.into(),
     };
     store.try_acquire("held", "east/a", ttl).await.unwrap();
-    store
-        .sync_workload(
-            &id::lease("held"),
-            &id::cluster("east"),
-            &id::holder("east/a"),
-            one,
-            ttl,
-        )
-        .await
-        .unwrap();
-    store
-        .sync_workload(
-            &id::lease("held"),
-            &id::cluster("west"),
-            &id::holder("west/x"),
-            one,
-            ttl,
-        )
-        .await
-        .unwrap();
+    store.report("held", "east", "east/a", one, ttl).await;
+    store.report("held", "west", "west/x", one, ttl).await;
     let synced = store
         .sync_workloads(
             &id::cluster("east"),

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use reaper_operator::lease::{ClusterName, Holder, Lease, LeaseEvent, LeaseName, LeaseStore};
+use reaper_operator::lease::{
+    ClusterName, Holder, Lease, LeaseEvent, LeaseName, LeaseStore, ReportTiming, WorkloadCounts,
+    WorkloadReport,
+};
 
 pub fn lease(name: impl AsRef<str>) -> LeaseName {
     LeaseName::new(name.as_ref()).expect("a valid lease name")
@@ -35,6 +38,18 @@ pub trait SpelledNames {
     async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease>;
     async fn row(&self, name: impl AsRef<str>) -> Option<Lease>;
     async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent>;
+    /// `holder`'s renews of `(name, epoch)`: the leases it still held.
+    async fn try_renew_many(&self, holder: &str, held: &[(&str, i64)]) -> Vec<Lease>;
+    /// `cluster`'s report of the workload behind `name`, by `holder`: the other
+    /// clusters' reports.
+    async fn report(
+        &self,
+        name: impl AsRef<str>,
+        cluster: &str,
+        holder: &str,
+        counts: WorkloadCounts,
+        timing: impl Into<ReportTiming>,
+    ) -> Vec<WorkloadReport>;
 }
 
 impl SpelledNames for LeaseStore {
@@ -69,5 +84,31 @@ impl SpelledNames for LeaseStore {
         self.events(&lease(name))
             .await
             .expect("read the lease history")
+    }
+
+    async fn try_renew_many(&self, holder: &str, held: &[(&str, i64)]) -> Vec<Lease> {
+        let held: Vec<(LeaseName, i64)> = held.iter().map(|(n, e)| (lease(n), *e)).collect();
+        self.renew_many(&self::holder(holder), &held)
+            .await
+            .expect("renew_many")
+    }
+
+    async fn report(
+        &self,
+        name: impl AsRef<str>,
+        cluster: &str,
+        holder: &str,
+        counts: WorkloadCounts,
+        timing: impl Into<ReportTiming>,
+    ) -> Vec<WorkloadReport> {
+        self.sync_workload(
+            &lease(name),
+            &self::cluster(cluster),
+            &self::holder(holder),
+            counts,
+            timing,
+        )
+        .await
+        .expect("sync_workload")
     }
 }
