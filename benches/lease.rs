@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use nix::sys::resource::UsageWho;
 use reaper_operator::config::Schema;
-use reaper_operator::lease::{LeaseName, LeaseStore, PROBE_TABLE, Reference, Statement};
+use reaper_operator::lease::{Holder, LeaseName, LeaseStore, PROBE_TABLE, Reference, Statement};
 use sqlx::{AssertSqlSafe, Row};
 
 const DIRECT_ENV: &str = "REAPER_TEST_DATABASE_URL";
@@ -656,47 +656,90 @@ async fn measure_floor(
             path.label()
         );
         let url = urls.get(*path).to_owned();
+        let leases = FloorLeases::take(store, *path).await?;
+        let texts = FloorTexts::of(store, probe, &leases)?;
+        measure_libpq(&pgbench, &url, *path, &workdir, &texts, n, samples).await?;
+        measure_tokio_postgres(&url, *path, &lease_table, &leases, &texts, n, samples).await?;
+        measure_store(store, &leases, n, samples).await?;
+    }
+    Ok(())
+}
+
+/// The floor's two leases of one path: `held` (renewed by everyone, acquired in vain by
+/// OTHER) at `epoch`, and `cycled`, free, for acquire-release cycles.
+struct FloorLeases {
+    held: LeaseName,
+    epoch: i64,
+    cycled: LeaseName,
+    holder: Holder,
+    other: Holder,
+}
+
+impl FloorLeases {
+    async fn take(store: &LeaseStore, path: DbPath) -> anyhow::Result<Self> {
         let held = id::lease(format!("floor-{}", path.tag()));
         let cycled = id::lease(format!("floor-cycle-{}", path.tag()));
-        // The held lease (renewed by everyone, acquired in vain by OTHER) and a free one.
-        let epoch = match store.get(&id::lease(&held)).await? {
+        let (holder, other) = (id::holder(HOLDER), id::holder(OTHER));
+        let epoch = match store.get(&held).await? {
             Some(lease) => lease.epoch,
             None => {
                 let lease = store
-                    .acquire(&id::lease(&held), &id::holder(HOLDER), TTL)
+                    .acquire(&held, &holder, TTL)
                     .await?
                     .context("take floor lease")?;
                 let free = store
-                    .acquire(&id::lease(&cycled), &id::holder(HOLDER), TTL)
+                    .acquire(&cycled, &holder, TTL)
                     .await?
                     .context("create cycle lease")?;
                 store
-                    .release(&id::lease(&cycled), &id::holder(HOLDER), free.epoch)
+                    .release(&cycled, &holder, free.epoch)
                     .await?
                     .context("free cycle lease")?;
                 lease.epoch
             }
         };
-        let renew_text = store.statement_text(Statement::Renew {
-            name: &held,
-            holder: &id::holder(HOLDER),
+        Ok(Self {
+            held,
             epoch,
+            cycled,
+            holder,
+            other,
+        })
+    }
+}
+
+/// The store's own statement texts for the floor's leases, as other clients send them.
+struct FloorTexts {
+    /// The reference write: a one-row `UPDATE` of the probe table.
+    update: String,
+    renew: String,
+    failed: String,
+    /// `acquire` then `release` of the cycled lease, as one pgbench script.
+    cycle_script: String,
+}
+
+impl FloorTexts {
+    fn of(store: &LeaseStore, probe: &str, l: &FloorLeases) -> anyhow::Result<Self> {
+        let renew = store.statement_text(Statement::Renew {
+            name: &l.held,
+            holder: &l.holder,
+            epoch: l.epoch,
         })?;
-        let failed_text = store.statement_text(Statement::Acquire {
-            name: &held,
-            holder: &id::holder(OTHER),
+        let failed = store.statement_text(Statement::Acquire {
+            name: &l.held,
+            holder: &l.other,
             ttl: TTL,
         })?;
         const SENTINEL: i64 = 918_273_645;
         let acquire_text = store.statement_text(Statement::Acquire {
-            name: &cycled,
-            holder: &id::holder(HOLDER),
+            name: &l.cycled,
+            holder: &l.holder,
             ttl: TTL,
         })?;
         let release_text = store
             .statement_text(Statement::Release {
-                name: &cycled,
-                holder: &id::holder(HOLDER),
+                name: &l.cycled,
+                holder: &l.holder,
                 epoch: SENTINEL,
             })?
             .replace(&SENTINEL.to_string(), ":epoch");
@@ -707,134 +750,167 @@ async fn measure_floor(
                 .trim_end_matches(';'),
             floor::one_message(&release_text)
         );
-        let scripts = [
-            ("select1", "SELECT 1;\n".to_owned(), n),
-            (
-                "update",
-                format!("UPDATE {probe} SET n = n + 1 WHERE id = 1;\n"),
-                n,
-            ),
-            ("renew", floor::one_message(&renew_text), n),
-            ("failed", floor::one_message(&failed_text), n),
-            ("cycle", cycle_script, n),
-            ("renew-cpu", floor::one_message(&renew_text), CPU_RENEWS),
-        ];
-        for (what, script, count) in scripts {
-            let (bin, url, dir) = (pgbench.clone(), url.clone(), workdir.join(path.tag()));
-            let run = tokio::task::spawn_blocking(move || {
-                floor::run_pgbench(&bin, &url, &script, count, &dir)
-            })
-            .await?
-            .with_context(|| format!("pgbench {what} ({})", path.label()))?;
-            match what {
-                "select1" => samples.libpq_select1.push(run.command_means[0]),
-                "update" => samples.libpq_update.push(run.command_means[0]),
-                "renew" => samples.libpq_renew.push(run.command_means[0]),
-                "failed" => samples.libpq_failed_acquire.push(run.command_means[0]),
-                "cycle" => {
-                    ensure!(
-                        run.command_means.len() == 2,
-                        "pgbench -r gave {} commands",
-                        run.command_means.len()
-                    );
-                    samples.libpq_acquire_means.push(run.command_means[0]);
-                    samples.libpq_release_means.push(run.command_means[1]);
-                }
-                _ => samples.libpq_renew_cpu.push(run.cpu),
-            }
-        }
-        let _ = std::fs::remove_dir_all(&workdir);
+        Ok(Self {
+            update: format!("UPDATE {probe} SET n = n + 1 WHERE id = 1;\n"),
+            renew,
+            failed,
+            cycle_script,
+        })
+    }
+}
 
-        // tokio-postgres: its simple query with the store's text, and `query_typed`
-        // (unnamed statement, bind parameters, one round trip) with the same UPDATE,
-        // which cannot carry the SET LOCALs (each call ends with its own Sync).
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("tokio-postgres connect {}", path.label()))?;
-        let driver = tokio::spawn(connection);
-        let typed_sql = format!(
-            "UPDATE {lease_table} AS l SET renewed_at = clock_timestamp() \
+/// libpq (`pgbench`) sending `SELECT 1`, the probe's `UPDATE` and the store's texts.
+async fn measure_libpq(
+    pgbench: &std::path::Path,
+    url: &str,
+    path: DbPath,
+    workdir: &std::path::Path,
+    texts: &FloorTexts,
+    n: usize,
+    samples: &mut FloorSamples,
+) -> anyhow::Result<()> {
+    let scripts = [
+        ("select1", "SELECT 1;\n".to_owned(), n),
+        ("update", texts.update.clone(), n),
+        ("renew", floor::one_message(&texts.renew), n),
+        ("failed", floor::one_message(&texts.failed), n),
+        ("cycle", texts.cycle_script.clone(), n),
+        ("renew-cpu", floor::one_message(&texts.renew), CPU_RENEWS),
+    ];
+    for (what, script, count) in scripts {
+        let (bin, url, dir) = (pgbench.to_owned(), url.to_owned(), workdir.join(path.tag()));
+        let run = tokio::task::spawn_blocking(move || {
+            floor::run_pgbench(&bin, &url, &script, count, &dir)
+        })
+        .await?
+        .with_context(|| format!("pgbench {what} ({})", path.label()))?;
+        match what {
+            "select1" => samples.libpq_select1.push(run.command_means[0]),
+            "update" => samples.libpq_update.push(run.command_means[0]),
+            "renew" => samples.libpq_renew.push(run.command_means[0]),
+            "failed" => samples.libpq_failed_acquire.push(run.command_means[0]),
+            "cycle" => {
+                ensure!(
+                    run.command_means.len() == 2,
+                    "pgbench -r gave {} commands",
+                    run.command_means.len()
+                );
+                samples.libpq_acquire_means.push(run.command_means[0]);
+                samples.libpq_release_means.push(run.command_means[1]);
+            }
+            _ => samples.libpq_renew_cpu.push(run.cpu),
+        }
+    }
+    let _ = std::fs::remove_dir_all(workdir);
+    Ok(())
+}
+
+/// tokio-postgres: its simple query with the store's text, and `query_typed` (unnamed
+/// statement, bind parameters, one round trip) with the same UPDATE, which cannot carry
+/// the SET LOCALs (each call ends with its own Sync).
+async fn measure_tokio_postgres(
+    url: &str,
+    path: DbPath,
+    lease_table: &str,
+    leases: &FloorLeases,
+    texts: &FloorTexts,
+    n: usize,
+    samples: &mut FloorSamples,
+) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("tokio-postgres connect {}", path.label()))?;
+    let driver = tokio::spawn(connection);
+    let typed_sql = format!(
+        "UPDATE {lease_table} AS l SET renewed_at = clock_timestamp() \
              WHERE l.name = $1 AND l.holder = $2 AND l.epoch = $3 \
                AND l.renewed_at + l.ttl_ms * interval '1 millisecond' > clock_timestamp() \
              RETURNING {LEASE_COLUMNS}"
-        );
-        let typed = TypedRenew {
-            sql: &typed_sql,
-            name: held.as_str(),
-            epoch,
-        };
-        for _ in 0..n {
-            let (r, t) = timed(client.query_typed("SELECT 1", &[])).await;
-            ensure!(r?.len() == 1, "SELECT 1");
-            samples.tp_select1_typed.push(t);
-            let (r, t) = timed(client.simple_query("SELECT 1")).await;
-            r?;
-            samples.tp_select1_simple.push(t);
-            let (r, t) = timed(renew_simple(&client, &renew_text)).await;
-            r?;
-            samples.tp_renew_simple.push(t);
-            let (r, t) = timed(typed.run(&client)).await;
-            r?;
-            samples.tp_renew_typed.push(t);
-        }
-        let cpu = |before: Duration| floor::cpu_time(UsageWho::RUSAGE_SELF).saturating_sub(before);
-        let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
-        for _ in 0..CPU_RENEWS {
-            renew_simple(&client, &renew_text).await?;
-        }
-        samples.tp_renew_simple_cpu.push(cpu(before));
-        let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
-        for _ in 0..CPU_RENEWS {
-            typed.run(&client).await?;
-        }
-        samples.tp_renew_typed_cpu.push(cpu(before));
-        let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
-        for _ in 0..CPU_RENEWS {
-            ensure!(
-                store
-                    .renew(&id::lease(&held), &id::holder(HOLDER), epoch)
-                    .await?
-                    .is_some(),
-                "renew failed"
-            );
-        }
-        samples.ours_renew_cpu.push(cpu(before));
+    );
+    let typed = TypedRenew {
+        sql: &typed_sql,
+        name: leases.held.as_str(),
+        epoch: leases.epoch,
+    };
+    for _ in 0..n {
+        let (r, t) = timed(client.query_typed("SELECT 1", &[])).await;
+        ensure!(r?.len() == 1, "SELECT 1");
+        samples.tp_select1_typed.push(t);
+        let (r, t) = timed(client.simple_query("SELECT 1")).await;
+        r?;
+        samples.tp_select1_simple.push(t);
+        let (r, t) = timed(renew_simple(&client, &texts.renew)).await;
+        r?;
+        samples.tp_renew_simple.push(t);
+        let (r, t) = timed(typed.run(&client)).await;
+        r?;
+        samples.tp_renew_typed.push(t);
+    }
+    let cpu = |before: Duration| floor::cpu_time(UsageWho::RUSAGE_SELF).saturating_sub(before);
+    let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
+    for _ in 0..CPU_RENEWS {
+        renew_simple(&client, &texts.renew).await?;
+    }
+    samples.tp_renew_simple_cpu.push(cpu(before));
+    let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
+    for _ in 0..CPU_RENEWS {
+        typed.run(&client).await?;
+    }
+    samples.tp_renew_typed_cpu.push(cpu(before));
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
 
-        // The store, statement by statement in runs like pgbench's.
-        if samples.ours.is_empty() {
-            samples.ours = vec![Vec::new(); 6];
-        }
-        for _ in 0..n {
-            let (r, t) = timed(select_one(store)).await;
-            r?;
-            samples.ours[0].push(t);
-        }
-        for _ in 0..n {
-            let (r, t) = timed(update_probe(store)).await;
-            r?;
-            samples.ours[1].push(t);
-        }
-        for _ in 0..n {
-            let (r, t) = timed(store.renew(&id::lease(&held), &id::holder(HOLDER), epoch)).await;
-            ensure!(r?.is_some(), "renew of {held} failed");
-            samples.ours[2].push(t);
-        }
-        for _ in 0..n {
-            let (r, t) = timed(store.acquire(&id::lease(&held), &id::holder(OTHER), TTL)).await;
-            ensure!(r?.is_none(), "{OTHER} acquired {held}");
-            samples.ours[3].push(t);
-        }
-        for _ in 0..n {
-            let (r, t) = timed(store.acquire(&id::lease(&cycled), &id::holder(HOLDER), TTL)).await;
-            let lease = r?.with_context(|| format!("acquire of free {cycled} failed"))?;
-            samples.ours[4].push(t);
-            let (r, t) =
-                timed(store.release(&id::lease(&cycled), &id::holder(HOLDER), lease.epoch)).await;
-            ensure!(r?.is_some(), "release of {cycled} failed");
-            samples.ours[5].push(t);
-        }
-        drop(client);
-        let _ = driver.await;
+/// The store sending the same statements, in runs like pgbench's, and its CPU per renew.
+async fn measure_store(
+    store: &LeaseStore,
+    l: &FloorLeases,
+    n: usize,
+    samples: &mut FloorSamples,
+) -> anyhow::Result<()> {
+    let (held, cycled, epoch) = (&l.held, &l.cycled, l.epoch);
+    let cpu = |before: Duration| floor::cpu_time(UsageWho::RUSAGE_SELF).saturating_sub(before);
+    let before = floor::cpu_time(UsageWho::RUSAGE_SELF);
+    for _ in 0..CPU_RENEWS {
+        ensure!(
+            store.renew(held, &l.holder, epoch).await?.is_some(),
+            "renew failed"
+        );
+    }
+    samples.ours_renew_cpu.push(cpu(before));
+
+    // The store, statement by statement in runs like pgbench's.
+    if samples.ours.is_empty() {
+        samples.ours = vec![Vec::new(); 6];
+    }
+    for _ in 0..n {
+        let (r, t) = timed(select_one(store)).await;
+        r?;
+        samples.ours[0].push(t);
+    }
+    for _ in 0..n {
+        let (r, t) = timed(update_probe(store)).await;
+        r?;
+        samples.ours[1].push(t);
+    }
+    for _ in 0..n {
+        let (r, t) = timed(store.renew(held, &l.holder, epoch)).await;
+        ensure!(r?.is_some(), "renew of {held} failed");
+        samples.ours[2].push(t);
+    }
+    for _ in 0..n {
+        let (r, t) = timed(store.acquire(held, &l.other, TTL)).await;
+        ensure!(r?.is_none(), "{OTHER} acquired {held}");
+        samples.ours[3].push(t);
+    }
+    for _ in 0..n {
+        let (r, t) = timed(store.acquire(cycled, &l.holder, TTL)).await;
+        let lease = r?.with_context(|| format!("acquire of free {cycled} failed"))?;
+        samples.ours[4].push(t);
+        let (r, t) = timed(store.release(cycled, &l.holder, lease.epoch)).await;
+        ensure!(r?.is_some(), "release of {cycled} failed");
+        samples.ours[5].push(t);
     }
     Ok(())
 }
@@ -1153,6 +1229,14 @@ fn render(
     render_floor(w, plan, results, floors);
     let _ = writeln!(w, "{BREAKDOWN}");
 
+    render_single_statements(w, plan, results);
+    render_batches(w, results);
+    render_method(w, plan);
+    o
+}
+
+/// Each statement's latency per path, against the references.
+fn render_single_statements(w: &mut String, plan: &Plan, results: &[PathResult]) {
     let _ = writeln!(w, "## Single statements\n");
     let _ = writeln!(
         w,
@@ -1190,7 +1274,10 @@ fn render(
             );
         }
     }
+}
 
+/// N sequential renews against one `renew_many`, for each batch size.
+fn render_batches(w: &mut String, results: &[PathResult]) {
     let _ = writeln!(w, "\n## Renewing N held leases\n");
     let _ = writeln!(
         w,
@@ -1250,7 +1337,10 @@ fn render(
              the N = 1 000 figure × 10 (each `renew` is an independent round trip)."
         );
     }
+}
 
+/// How the figures were taken.
+fn render_method(w: &mut String, plan: &Plan) {
     let _ = writeln!(w, "\n## Method\n");
     let _ = writeln!(
         w,
@@ -1281,7 +1371,6 @@ fn render(
          call, so they include taking a connection, building the SQL text and decoding the \
          returned rows into `Lease` values — what a caller sees."
     );
-    o
 }
 
 fn render_goals(w: &mut String, _m: &Machine, results: &[PathResult], floors: &[Floor]) {

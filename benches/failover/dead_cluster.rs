@@ -430,6 +430,14 @@ pub fn render(
     );
     let _ = writeln!(w);
 
+    write_summary(w, trials);
+    write_expected(w, args, trials);
+    write_every_trial(w, trials);
+    (heading, o)
+}
+
+/// Median, p99 and spread of each signal over the trials.
+fn write_summary(w: &mut String, trials: &[DeadTrial]) {
     let col = |f: fn(&DeadTrial) -> Duration| Stats::of(trials.iter().map(f).collect());
     let rows: Vec<(&str, Option<Stats>)> = vec![
         (
@@ -467,6 +475,11 @@ pub fn render(
     ];
     write_stats_table(w, "the kill", &rows);
     let _ = writeln!(w);
+}
+
+/// The bound the figures should keep, from the timings and the reports' own bounds.
+fn write_expected(w: &mut String, args: &FailoverArgs, trials: &[DeadTrial]) {
+    let t = args.timing;
     // src/reaper/observe.rs (Workload::report_timing) and src/reaper/reconcile.rs
     // (steady_requeue) as of this bench: refresh = max(retry, ttl / 4).
     let refresh = Duration::from_secs(t.retry).max(Duration::from_secs(t.ttl) / 4);
@@ -506,6 +519,10 @@ pub fn render(
         fmt_dur(ttl),
         fmt_dur(refresh * 2)
     );
+}
+
+/// Every trial's times, folded away.
+fn write_every_trial(w: &mut String, trials: &[DeadTrial]) {
     let _ = writeln!(w);
     let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
     let _ = writeln!(
@@ -532,5 +549,4 @@ pub fn render(
         );
     }
     let _ = writeln!(w, "\n</details>");
-    (heading, o)
 }

@@ -84,9 +84,26 @@ pub fn render_footprint(
     counting: Counting,
     rows: &[FpRow],
 ) -> String {
-    let t = args.timing;
     let mut o = String::new();
     let w = &mut o;
+    render_footprint_head(w, args, sizes, m, started, elapsed);
+    render_footprint_summary(w, args, counting, rows);
+    render_by_kind(w, rows);
+    render_api(w, rows);
+    render_steadiness(w, rows);
+    o
+}
+
+/// The title, the command that wrote the file, the machine and the set-up.
+fn render_footprint_head(
+    w: &mut String,
+    args: &FootprintArgs,
+    sizes: &[usize],
+    m: &Machine,
+    started: DateTime<Utc>,
+    elapsed: Duration,
+) {
+    let t = args.timing;
     let _ = writeln!(w, "# Operator footprint benchmark\n");
     let _ = writeln!(
         w,
@@ -138,7 +155,16 @@ pub fn render_footprint(
             String::new()
         }
     );
+}
 
+/// One row per N: memory, CPU, requests, statements, renews; and what each column is.
+fn render_footprint_summary(
+    w: &mut String,
+    args: &FootprintArgs,
+    counting: Counting,
+    rows: &[FpRow],
+) {
+    let t = args.timing;
     let _ = writeln!(
         w,
         "| N | RSS MiB | peak MiB | CPU % | API requests/s | statements/s | renews per retry period |"
@@ -212,7 +238,10 @@ pub fn render_footprint(
             );
         }
     }
+}
 
+/// Statements per second by kind, when `pg_stat_statements` counted them.
+fn render_by_kind(w: &mut String, rows: &[FpRow]) {
     if rows.iter().any(|r| r.by_kind.is_some()) {
         let mut kinds: Vec<&'static str> = rows
             .iter()
@@ -253,9 +282,10 @@ pub fn render_footprint(
             );
         }
     }
+}
 
-    render_api(w, rows);
-
+/// How long each N took to settle, and which ones never did.
+fn render_steadiness(w: &mut String, rows: &[FpRow]) {
     let mut incomplete = Vec::new();
     let _ = writeln!(w, "\n## Start-up and steadiness\n");
     let _ = writeln!(
@@ -308,7 +338,6 @@ pub fn render_footprint(
                 .join(", ")
         );
     }
-    o
 }
 
 /// The head of a table of numbers (every column right-aligned) with a column for each of

@@ -294,9 +294,17 @@ pub fn render(
     m.describe(w);
     let _ = writeln!(w);
 
+    write_summary(w, args.mode, trials);
+    write_expected(w, args);
+    write_every_trial(w, args.mode, trials);
+    (heading, o)
+}
+
+/// Median, p99 and spread of each signal over the trials.
+fn write_summary(w: &mut String, mode: Mode, trials: &[Trial]) {
     let col = |f: fn(&Trial) -> Option<Duration>| Stats::of(trials.iter().filter_map(f).collect());
     let mut rows: Vec<(&str, Option<Stats>)> = Vec::new();
-    match args.mode {
+    match mode {
         Mode::Kill9 => rows.push((
             "lease expired (killed holder's last `renewed_at` + ttl)",
             col(|t| t.expired),
@@ -330,6 +338,11 @@ pub fn render(
     ]);
     write_stats_table(w, "the signal", &rows);
     let _ = writeln!(w);
+}
+
+/// What the figures should be, from the timings: the yardstick under the table.
+fn write_expected(w: &mut String, args: &FailoverArgs) {
+    let t = args.timing;
     match args.mode {
         Mode::Kill9 => {
             let _ = writeln!(
@@ -373,9 +386,13 @@ pub fn render(
          **pod ready** waits for the Deployment controller to copy it to \
          `status.readyReplicas`."
     );
+}
+
+/// Every trial's times, folded away.
+fn write_every_trial(w: &mut String, mode: Mode, trials: &[Trial]) {
     let _ = writeln!(w);
     let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
-    let extra = match args.mode {
+    let extra = match mode {
         Mode::Kill9 => "lease expired",
         Mode::Graceful | Mode::DeadCluster => "old at 0 | old pod gone | released",
     };
@@ -386,7 +403,7 @@ pub fn render(
     let _ = writeln!(
         w,
         "|---:|---|{}---:|---:|---:|---:|",
-        if args.mode == Mode::Kill9 {
+        if mode == Mode::Kill9 {
             "---:|"
         } else {
             "---:|---:|---:|"
@@ -394,7 +411,7 @@ pub fn render(
     );
     let opt = |d: Option<Duration>| d.map_or_else(|| "—".to_owned(), fmt_dur);
     for tr in trials {
-        let extra = match args.mode {
+        let extra = match mode {
             Mode::Kill9 => opt(tr.expired),
             Mode::Graceful | Mode::DeadCluster => format!(
                 "{} | {} | {}",
@@ -416,5 +433,4 @@ pub fn render(
         );
     }
     let _ = writeln!(w, "\n</details>");
-    (heading, o)
 }
