@@ -5,9 +5,7 @@
 //! any text a person wrote by hand, so what is read back stays a `String` and
 //! [`cluster_of`] is the one place that finds the cluster in it.
 
-use std::borrow::Borrow;
 use std::fmt;
-use std::str::FromStr;
 
 use crate::{Error, Result};
 
@@ -95,18 +93,6 @@ macro_rules! name_type {
             }
         }
 
-        impl Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl PartialEq<str> for $name {
-            fn eq(&self, other: &str) -> bool {
-                self.0 == other
-            }
-        }
-
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
                 self.0 == *other
@@ -122,28 +108,6 @@ macro_rules! name_type {
         impl PartialEq<$name> for String {
             fn eq(&self, other: &$name) -> bool {
                 *self == other.0
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = Error;
-
-            fn from_str(value: &str) -> Result<Self> {
-                Self::new(value)
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = Error;
-
-            fn try_from(value: String) -> Result<Self> {
-                Self::new(value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.0
             }
         }
     };
