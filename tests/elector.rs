@@ -229,13 +229,8 @@ async fn deposed_leader_steps_down_on_its_next_renew_and_keeps_competing() {
     // its lease expires and someone else takes it.
     tokio::time::sleep(t.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire(
-            &id::lease("singleton"),
-            &id::holder("thief"),
-            Duration::from_millis(500),
-        )
-        .await
-        .unwrap();
+        .try_acquire("singleton", "thief", Duration::from_millis(500))
+        .await;
     assert!(thief.is_some());
     assert!(matches!(old.tick().await, Tick::Lost { epoch } if epoch == first.epoch));
     assert_eq!(old.leader_epoch(), None);
@@ -379,13 +374,8 @@ async fn batched_renews_map_each_lease_to_its_own_outcome() {
 
     tokio::time::sleep(short.ttl + Duration::from_millis(100)).await;
     let thief = store
-        .acquire(
-            &id::lease("x3"),
-            &id::holder("thief"),
-            Duration::from_secs(5),
-        )
+        .try_acquire("x3", "thief", Duration::from_secs(5))
         .await
-        .unwrap()
         .expect("x3 expired on the database's clock");
     clock.advance(Duration::from_millis(300));
     let before = batcher.statements();
@@ -917,13 +907,8 @@ async fn renew_after_a_reset_is_not_lost_to_dead_pooled_connections() {
     .await
     .unwrap();
     let lease = store
-        .acquire(
-            &id::lease("pooled"),
-            &id::holder("a"),
-            Duration::from_secs(30),
-        )
+        .try_acquire("pooled", "a", Duration::from_secs(30))
         .await
-        .unwrap()
         .unwrap();
     // Fill the pool: four statements at once hold four connections, unless one ends
     // before the last starts (a loaded machine) and its connection is reused; then again.

@@ -381,13 +381,8 @@ async fn guard_waits_for_the_lease_and_refuses_a_ttl_too_short_for_its_grace() {
     // Now this cluster holds it, with a ttl that leaves no room for the grace.
     store.try_release(name, "west/op-1", west.epoch).await;
     store
-        .acquire(
-            &id::lease(name),
-            &id::holder("east/op-1"),
-            Duration::from_secs(3),
-        )
+        .try_acquire(name, "east/op-1", Duration::from_secs(3))
         .await
-        .unwrap()
         .unwrap();
     guarded.assert_refuses(Duration::from_secs(10), "is too short");
 }

@@ -59,13 +59,8 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
                 store
-                    .acquire(
-                        &id::lease("race"),
-                        &id::holder(format!("candidate-{i}")),
-                        LONG,
-                    )
+                    .try_acquire("race", &format!("candidate-{i}"), LONG)
                     .await
-                    .unwrap()
             }));
         }
         let mut winners = Vec::new();
@@ -80,13 +75,8 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
         last_epoch = winner.epoch;
         if round % 2 == 0 {
             candidates[0]
-                .release(
-                    &id::lease("race"),
-                    &id::holder(&winner.holder),
-                    winner.epoch,
-                )
+                .try_release("race", &winner.holder, winner.epoch)
                 .await
-                .unwrap()
                 .unwrap();
         } else {
             // Expire it now (instead of sleeping through a ttl, which a slow round could
@@ -104,13 +94,8 @@ async fn fifty_candidates_race_and_exactly_one_wins(via: Via) {
 async fn expired_lease_is_taken_over_with_a_new_epoch(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     let a = store
-        .acquire(
-            &id::lease("l"),
-            &id::holder("a"),
-            Duration::from_millis(300),
-        )
+        .try_acquire("l", "a", Duration::from_millis(300))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         (a.holder.as_str(), a.epoch, a.previous_holder.as_str()),
@@ -243,13 +228,8 @@ async fn failed_acquire_of_a_held_lease_writes_and_locks_nothing(via: Via) {
 async fn late_release_after_takeover_leaves_the_new_holder(via: Via) {
     let (store, _) = db::fresh_schema(via).await;
     store
-        .acquire(
-            &id::lease("l"),
-            &id::holder("a"),
-            Duration::from_millis(200),
-        )
+        .try_acquire("l", "a", Duration::from_millis(200))
         .await
-        .unwrap()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     store.try_acquire("l", "b", LONG).await.unwrap();
@@ -747,15 +727,9 @@ async fn recv(
 async fn lease_event_refuses_truncate(via: Via) {
     let (store, schema) = db::fresh_schema(via).await;
     store.try_acquire("l", "a", LONG).await.unwrap();
-    let error = db::try_exec(via, &format!("TRUNCATE {}", schema.qualify("lease_event")))
-        .await
-        .expect_err("TRUNCATE lease_event was allowed");
-    let pg = db::pg_error(&error);
-    assert!(
-        pg.message()
-            .starts_with("lease_event is append-only (TRUNCATE refused)"),
-        "{}",
-        pg.message()
+    let pg = db::refused(
+        db::try_exec(via, &format!("TRUNCATE {}", schema.qualify("lease_event"))).await,
+        "lease_event is append-only (TRUNCATE refused)",
     );
     assert!(
         pg.hint()
@@ -780,15 +754,9 @@ async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
         // One held row refuses the whole statement, free rows included.
         format!("DELETE FROM {lease}"),
     ] {
-        let error = db::try_exec(via, &sql)
-            .await
-            .expect_err("DELETE of a held lease was allowed");
-        let pg = db::pg_error(&error);
-        assert!(
-            pg.message()
-                .starts_with("lease l is held by east/a (epoch 1) until "),
-            "{sql}: {}",
-            pg.message()
+        let pg = db::refused(
+            db::try_exec(via, &sql).await,
+            "lease l is held by east/a (epoch 1) until ",
         );
         assert!(
             pg.message()
@@ -804,14 +772,9 @@ async fn held_lease_row_refuses_delete_and_truncate(via: Via) {
         );
     }
 
-    let error = db::try_exec(via, &format!("TRUNCATE {lease}"))
-        .await
-        .expect_err("TRUNCATE lease was allowed");
-    assert!(
-        db::pg_error(&error)
-            .message()
-            .starts_with("TRUNCATE of the lease table refused"),
-        "{error}"
+    db::refused(
+        db::try_exec(via, &format!("TRUNCATE {lease}")).await,
+        "TRUNCATE of the lease table refused",
     );
 
     let row = store.row("l").await.expect("held row deleted");

@@ -163,12 +163,23 @@ where
     row.try_get(0)
 }
 
-/// The PostgreSQL error behind `error`, for checking its message and hint.
-pub fn pg_error(error: &sqlx::Error) -> &sqlx::postgres::PgDatabaseError {
+/// The PostgreSQL error `result` must be, whose message begins with `message`; returned
+/// for checking its code and hint.
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, sqlx::Error>,
+    message: &str,
+) -> Box<sqlx::postgres::PgDatabaseError> {
+    let error = match result {
+        Ok(ok) => panic!("accepted ({ok:?}); wanted the error \"{message}…\""),
+        Err(sqlx::Error::Database(error)) => error.downcast::<sqlx::postgres::PgDatabaseError>(),
+        Err(error) => panic!("not a database error: {error}"),
+    };
+    assert!(
+        error.message().starts_with(message),
+        "wanted \"{message}…\", got: {}",
+        error.message()
+    );
     error
-        .as_database_error()
-        .unwrap_or_else(|| panic!("not a database error: {error}"))
-        .downcast_ref::<sqlx::postgres::PgDatabaseError>()
 }
 
 /// The URL of another database on the same server, `via` the chosen path (PgBouncer
