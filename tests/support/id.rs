@@ -28,18 +28,57 @@ pub fn cluster(name: impl AsRef<str>) -> ClusterName {
     reason = "test helpers; no caller needs a Send bound spelled"
 )]
 pub trait SpelledNames {
+    fn store(&self) -> &LeaseStore;
+
     async fn try_acquire(
         &self,
         name: impl AsRef<str>,
         holder: &str,
         ttl: Duration,
-    ) -> Option<Lease>;
-    async fn try_renew(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease>;
-    async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease>;
-    async fn row(&self, name: impl AsRef<str>) -> Option<Lease>;
-    async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent>;
+    ) -> Option<Lease> {
+        self.store()
+            .acquire(&lease(name), &self::holder(holder), ttl)
+            .await
+            .expect("acquire")
+    }
+
+    async fn try_renew(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
+        self.store()
+            .renew(&lease(name), &self::holder(holder), epoch)
+            .await
+            .expect("renew")
+    }
+
+    async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
+        self.store()
+            .release(&lease(name), &self::holder(holder), epoch)
+            .await
+            .expect("release")
+    }
+
+    async fn row(&self, name: impl AsRef<str>) -> Option<Lease> {
+        self.store()
+            .get(&lease(name))
+            .await
+            .expect("read the lease row")
+    }
+
+    async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent> {
+        self.store()
+            .events(&lease(name))
+            .await
+            .expect("read the lease history")
+    }
+
     /// `holder`'s renews of `(name, epoch)`: the leases it still held.
-    async fn try_renew_many(&self, holder: &str, held: &[(&str, i64)]) -> Vec<Lease>;
+    async fn try_renew_many(&self, holder: &str, held: &[(&str, i64)]) -> Vec<Lease> {
+        let held: Vec<(LeaseName, i64)> = held.iter().map(|(n, e)| (lease(n), *e)).collect();
+        self.store()
+            .renew_many(&self::holder(holder), &held)
+            .await
+            .expect("renew_many")
+    }
+
     /// `cluster`'s report of the workload behind `name`, by `holder`: the other
     /// clusters' reports.
     async fn report(
@@ -49,66 +88,22 @@ pub trait SpelledNames {
         holder: &str,
         counts: WorkloadCounts,
         timing: impl Into<ReportTiming>,
-    ) -> Vec<WorkloadReport>;
+    ) -> Vec<WorkloadReport> {
+        self.store()
+            .sync_workload(
+                &lease(name),
+                &self::cluster(cluster),
+                &self::holder(holder),
+                counts,
+                timing,
+            )
+            .await
+            .expect("sync_workload")
+    }
 }
 
 impl SpelledNames for LeaseStore {
-    async fn try_acquire(
-        &self,
-        name: impl AsRef<str>,
-        holder: &str,
-        ttl: Duration,
-    ) -> Option<Lease> {
-        self.acquire(&lease(name), &self::holder(holder), ttl)
-            .await
-            .expect("acquire")
-    }
-
-    async fn try_renew(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
-        self.renew(&lease(name), &self::holder(holder), epoch)
-            .await
-            .expect("renew")
-    }
-
-    async fn try_release(&self, name: impl AsRef<str>, holder: &str, epoch: i64) -> Option<Lease> {
-        self.release(&lease(name), &self::holder(holder), epoch)
-            .await
-            .expect("release")
-    }
-
-    async fn row(&self, name: impl AsRef<str>) -> Option<Lease> {
-        self.get(&lease(name)).await.expect("read the lease row")
-    }
-
-    async fn history(&self, name: impl AsRef<str>) -> Vec<LeaseEvent> {
-        self.events(&lease(name))
-            .await
-            .expect("read the lease history")
-    }
-
-    async fn try_renew_many(&self, holder: &str, held: &[(&str, i64)]) -> Vec<Lease> {
-        let held: Vec<(LeaseName, i64)> = held.iter().map(|(n, e)| (lease(n), *e)).collect();
-        self.renew_many(&self::holder(holder), &held)
-            .await
-            .expect("renew_many")
-    }
-
-    async fn report(
-        &self,
-        name: impl AsRef<str>,
-        cluster: &str,
-        holder: &str,
-        counts: WorkloadCounts,
-        timing: impl Into<ReportTiming>,
-    ) -> Vec<WorkloadReport> {
-        self.sync_workload(
-            &lease(name),
-            &self::cluster(cluster),
-            &self::holder(holder),
-            counts,
-            timing,
-        )
-        .await
-        .expect("sync_workload")
+    fn store(&self) -> &LeaseStore {
+        self
     }
 }
