@@ -134,6 +134,7 @@ pub fn watches(client: &Client, namespace: Option<&str>) -> Watches {
 }
 
 /// What a cached watch can hold: a kind whose objects kube can list, watch and parse.
+/// The kinds the operator caches are listed, so a new one is a deliberate choice.
 trait Watched:
     Resource<DynamicType = ()>
     + Clone
@@ -145,16 +146,9 @@ trait Watched:
 {
 }
 
-impl<K> Watched for K where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static
-{
-}
+impl Watched for DeploymentSummary {}
+impl Watched for PodSummary {}
+impl Watched for HorizontalPodAutoscaler {}
 
 /// A reflector over `api` whose objects are trimmed by `trim` before they are cached,
 /// a flag that is true while its cache is complete and its watch is working, and the
