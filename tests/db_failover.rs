@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::id::{self, SpelledNames};
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Lease, LeaseStore, WorkloadCounts};
@@ -271,12 +271,16 @@ impl Sampler {
     }
 }
 
-/// Fails when any sample saw pods that can act in both clusters.
-fn at_most_one_pod(samples: &[Sample], start: Instant) -> Result<()> {
+/// Fails when any sample saw pods that can act in both clusters; names them by their
+/// time since the first sample.
+fn at_most_one_pod(samples: &[Sample]) -> Result<()> {
+    let Some(first) = samples.first() else {
+        bail!("no sample was taken");
+    };
     let both: Vec<String> = samples
         .iter()
         .filter(|s| s.pods[0] + s.pods[1] > 1)
-        .map(|s| format!("{:.1?}: {:?}", s.at - start, s.pods))
+        .map(|s| format!("{:.1?}: {:?}", s.at - first.at, s.pods))
         .collect();
     ensure!(
         both.is_empty(),
@@ -353,7 +357,6 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
     let mut world = World::start(clusters, "dbf-sync", Replication::Sync).await?;
     let result = async {
         let before = world.wait_leading(Duration::from_secs(60), 0).await?;
-        let start = Instant::now();
         let sampler = Sampler::start(&world);
         tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -364,7 +367,7 @@ async fn synchronous_failover(clusters: &[Cluster; 2]) -> Result<()> {
             samples,
         } = &failed_over;
 
-        at_most_one_pod(samples, start)?;
+        at_most_one_pod(samples)?;
         let seen_before = highest_epoch_before(samples, failover.killed_at);
         ensure!(
             after.epoch > seen_before && after.epoch > TIMELINE_2_EPOCH_FLOOR,
@@ -399,7 +402,6 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
     let mut world = World::start(clusters, "dbf-async", Replication::Async).await?;
     let result = async {
         let first = world.wait_leading(Duration::from_secs(60), 0).await?;
-        let start = Instant::now();
         let sampler = Sampler::start(&world);
 
         // From here on the old primary acknowledges what the standby never gets.
@@ -442,7 +444,6 @@ async fn asynchronous_failover_with_lost_history(clusters: &[Cluster; 2]) -> Res
         the_wait_covers_the_lost_history(
             &world,
             samples,
-            start,
             failover,
             &peer,
             &last_acknowledged,
@@ -529,13 +530,12 @@ fn the_failover_lost_history(
 async fn the_wait_covers_the_lost_history(
     world: &World<'_>,
     samples: &[Sample],
-    start: Instant,
     failover: &Failover,
     peer: &Lease,
     last_acknowledged: &Lease,
     after: &Lease,
 ) -> Result<()> {
-    at_most_one_pod(samples, start)?;
+    at_most_one_pod(samples)?;
     let killed_wall = failover.killed_wall;
     let events = world.store.events(&id::lease(&world.lease)).await?;
     // Every renew the old primary acknowledged was sent before the kill.

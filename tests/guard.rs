@@ -236,27 +236,28 @@ async fn hand_over_to_west(
     (released, west)
 }
 
-/// [`hand_over_to_west`], after which the guard must exit 3 within 10 s, its command
-/// having stopped acting. Returns the release, west's lease, and by when the command
-/// must have stopped: the guard's next read after the release, the grace, and slack for
-/// scheduling.
+/// [`hand_over_to_west`], after which the guard must exit 3 within 10 s, and `actor`
+/// must have stopped acting by the guard's next read after the release, plus the grace
+/// and slack for scheduling. Returns the release and west's lease.
 async fn hand_over_to_west_and_see_the_guard_stop(
     guarded: &mut Guarded,
     store: &LeaseStore,
-    name: &str,
-    held: &reaper_operator::lease::Lease,
+    (name, held): (&str, &reaper_operator::lease::Lease),
     renewing: tokio::sync::oneshot::Sender<()>,
-) -> (
-    reaper_operator::lease::Lease,
-    reaper_operator::lease::Lease,
-    DateTime<Utc>,
-) {
+    actor: &str,
+) -> (reaper_operator::lease::Lease, reaper_operator::lease::Lease) {
     let (released, west) = hand_over_to_west(store, name, held, renewing).await;
     guarded.assert_exits_3(Duration::from_secs(10));
     guarded.assert_stopped().await;
     let bound =
         released.observed_at + chrono::Duration::milliseconds((POLL_MS + GRACE_MS + 500) as i64);
-    (released, west, bound)
+    assert!(
+        guarded.last_tick() <= bound,
+        "{actor} acted until {}, more than a poll + the grace after the release ({})",
+        guarded.last_tick(),
+        released.observed_at
+    );
+    (released, west)
 }
 
 /// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
@@ -286,14 +287,14 @@ async fn guard_stops_the_command_when_the_lease_moves_to_another_cluster() {
     );
 
     // The release already stops it: its holder handed over on purpose.
-    let (released, west, bound) =
-        hand_over_to_west_and_see_the_guard_stop(&mut guarded, &store, name, &held, renewing).await;
-    assert!(
-        guarded.last_tick() <= bound,
-        "the command acted until {}, more than a poll + the grace after the release ({})",
-        guarded.last_tick(),
-        released.observed_at
-    );
+    let (released, west) = hand_over_to_west_and_see_the_guard_stop(
+        &mut guarded,
+        &store,
+        (name, &held),
+        renewing,
+        "the command",
+    )
+    .await;
     assert!(west.acquired_at >= released.observed_at);
     assert!(
         guarded.signals().contains("TERM"),
@@ -570,12 +571,12 @@ wait"#;
     let mut guarded = Guarded::start_script(&db::direct_url(), &schema, name, "east", script);
     guarded.wait_running().await;
 
-    let (released, _west, bound) =
-        hand_over_to_west_and_see_the_guard_stop(&mut guarded, &store, name, &held, renewing).await;
-    assert!(
-        guarded.last_tick() <= bound,
-        "the process outside the command's group acted until {}, release at {}",
-        guarded.last_tick(),
-        released.observed_at
-    );
+    hand_over_to_west_and_see_the_guard_stop(
+        &mut guarded,
+        &store,
+        (name, &held),
+        renewing,
+        "the process outside the command's group",
+    )
+    .await;
 }

@@ -599,33 +599,22 @@ fn transition_event(tick: &Tick) -> Option<Event> {
 mod tests {
     use super::*;
 
+    /// The check leaves most of the margin between the renew deadline and the ttl; an
+    /// attempt leaves time for a second one.
     #[test]
-    fn fence_check_leaves_most_of_the_margin() {
+    fn fence_timeouts_split_the_margin() {
         let t = LeaseTimings::from_millis;
-        for (timings, check) in [
-            (t(15_000, 10_000, 2_000), 1_000),
-            (t(3_000, 2_000, 1_000), 250),
-            (t(1_000, 990, 500), 50),
+        // (ttl, renew deadline, retry period) -> (check, attempt), all in ms
+        for (timings, check, attempt) in [
+            (t(15_000, 10_000, 2_000), 1_000, 2_500),
+            (t(3_000, 2_000, 1_000), 250, 500),
+            (t(1_000, 990, 500), 50, 250),
+            (t(600_000, 10_000, 2_000), 1_000, 5_000),
         ] {
-            assert_eq!(fence_check_timeout(timings), Duration::from_millis(check));
+            let got = (fence_check_timeout(timings), fence_attempt_timeout(timings));
+            let want = (Duration::from_millis(check), Duration::from_millis(attempt));
+            assert_eq!(got, want, "{timings:?}");
         }
-    }
-
-    #[test]
-    fn fence_attempt_leaves_time_for_a_second_one() {
-        let t = LeaseTimings::from_millis;
-        for (timings, attempt) in [
-            (t(15_000, 10_000, 2_000), 2_500),
-            (t(3_000, 2_000, 1_000), 500),
-            (t(1_000, 990, 500), 250),
-            (t(600_000, 10_000, 2_000), 5_000),
-        ] {
-            assert_eq!(
-                fence_attempt_timeout(timings),
-                Duration::from_millis(attempt)
-            );
-        }
-        // A call outlives the attempt timeout, so a slow answer still counts.
         assert!(FENCE_CALL_TIMEOUT >= 2 * fence_attempt_timeout(t(600_000, 10_000, 2_000)));
     }
 }
