@@ -53,13 +53,7 @@ while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
 
     /// The guard running `sh -c script`, with `$OUT` the file it writes to.
     fn start_script(url: &str, schema: &Schema, lease: &str, cluster: &str, script: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "guard-test-{}-{}",
-            std::process::id(),
-            lease.replace('.', "-")
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_dir(&format!("test-{}", lease.replace('.', "-")));
         let out = dir.join("ticks");
         let log = std::fs::File::create(dir.join("guard.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
@@ -260,6 +254,15 @@ async fn hand_over_to_west_and_see_the_guard_stop(
     (released, west)
 }
 
+/// An empty directory of this test process, named `guard-<name>-<pid>` (what an earlier
+/// run left there is removed).
+fn empty_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("guard-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A fresh schema whose lease `name` is held, and renewed every second, by east/op-1.
 async fn held_by_east(
     name: &str,
@@ -429,9 +432,7 @@ while :; do date +%s%N >> "$OUT"; sleep 0.05; done"#;
 
 #[test]
 fn a_gate_the_guard_never_opened_does_not_start_the_command() {
-    let dir = std::env::temp_dir().join(format!("guard-gate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = empty_dir("gate");
     let marker = dir.join("ran");
     let gate = |stdin: Stdio| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_reaper-operator"))
@@ -481,9 +482,7 @@ async fn a_lease_table_the_guard_cannot_read_stops_it_with_the_reason() {
 #[test]
 fn install_guard_replaces_a_busy_copy_whole() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("guard-install-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = empty_dir("install");
     let target = dir.join("guard");
     // A running program at the destination: writing into it fails (text file busy).
     std::fs::copy("/bin/sleep", &target).unwrap();

@@ -465,25 +465,15 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     let key =
         7_000_000 + i64::from(std::process::id() % 100_000) * 2 + (via == Via::PgBouncer) as i64;
     let first = db::pool(via).await;
-    let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT pg_try_advisory_lock({key})"
-    )))
-    .persistent(false)
-    .fetch_one(&first)
-    .await
-    .unwrap();
-    assert!(got, "first client could not take a free advisory lock");
+    assert!(
+        try_advisory_lock(&first, key).await,
+        "first client could not take a free advisory lock"
+    );
 
     let mut second_client_also_got_it = false;
     for _ in 0..20 {
         let other = db::pool(via).await;
-        let got: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT pg_try_advisory_lock({key})"
-        )))
-        .persistent(false)
-        .fetch_one(&other)
-        .await
-        .unwrap();
+        let got = try_advisory_lock(&other, key).await;
         other.close().await;
         if got {
             second_client_also_got_it = true;
@@ -515,6 +505,16 @@ async fn advisory_lock_does_not_protect_but_the_lease_does(via: Via) {
     assert!(one.try_acquire("l", "one", LONG).await.is_some());
     assert!(two.try_acquire("l", "two", LONG).await.is_none());
     assert!(one.try_renew("l", "one", 1).await.is_some());
+}
+
+async fn try_advisory_lock(pool: &sqlx::PgPool, key: i64) -> bool {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_try_advisory_lock({key})"
+    )))
+    .persistent(false)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Acquire and release notify on a channel that a direct connection can LISTEN to
