@@ -17,7 +17,7 @@ use super::support::cluster::wait_until;
 use super::support::db;
 use super::support::fixtures::{create_deployment, create_namespace, create_reaper};
 use super::support::operator::OperatorProcess;
-use super::{Cluster, condition, operator, replicas, schema, status, suffix, with_logs};
+use super::{Cluster, at, condition, operator, schema, suffix};
 
 /// Far longer than any reaction checked here: a periodic reconcile (every quarter ttl,
 /// 15 s) cannot pass the checks by luck more than rarely.
@@ -55,12 +55,9 @@ pub async fn changes_are_acted_on_at_once(clusters: &[Cluster; 2]) -> Result<()>
         None,
         true,
     ));
-    let leading = super::wait_leading(&clusters[0].client, &ns, "reaper", Duration::from_secs(60))
-        .await
-        .map(|_| ());
-    if leading.is_err() {
-        return with_logs(leading, &ops);
-    }
+    at(&clusters[0].client, &ns, "reaper")
+        .wait_leading(Duration::from_secs(60))
+        .await?;
     ops.push(operator(
         &clusters[1],
         &ns,
@@ -76,8 +73,7 @@ pub async fn changes_are_acted_on_at_once(clusters: &[Cluster; 2]) -> Result<()>
         lease_name,
     };
     drop(store);
-    let result = scenario(clusters, &ns, &reader, &ops).await;
-    with_logs(result, &ops)
+    scenario(clusters, &ns, &reader, &ops).await
 }
 
 async fn scenario(
@@ -147,7 +143,7 @@ async fn external_scale_up_is_undone(standby: &Cluster, ns: &str, reports: &Repo
         .await?;
     let started = Instant::now();
     wait_until("the standby back at 0", REACTION, || async {
-        Ok((replicas(&standby.client, ns, "reaper").await?.0 == 0).then_some(()))
+        Ok((at(&standby.client, ns, "reaper").replicas().await?.0 == 0).then_some(()))
     })
     .await?;
     eprintln!(
@@ -236,7 +232,7 @@ async fn wait_for_singleton_safe(cluster: &Cluster, ns: &str, want: &str) -> Res
         &format!("SingletonSafe={want} in cluster {}", cluster.name),
         REACTION,
         || async {
-            let s = status(&cluster.client, ns, "reaper").await?;
+            let s = at(&cluster.client, ns, "reaper").status().await?;
             Ok(condition(&s, "SingletonSafe")
                 .is_some_and(|c| c.status == want)
                 .then_some(()))

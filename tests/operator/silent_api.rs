@@ -27,8 +27,7 @@ use super::support::fixtures::{create_deployment, create_reaper};
 use super::support::operator::{OperatorProcess, OperatorSpec};
 use super::support::proxy::{FaultProxy, Mode};
 use super::{
-    Cluster, DEADLINE, condition, database_proxy, lease_spec, namespace, replicas, schema, status,
-    suffix, wait_replicas, wait_scaled_to_zero, with_logs,
+    Cluster, DEADLINE, at, condition, database_proxy, lease_spec, namespace, schema, suffix,
 };
 
 pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2]) -> Result<()> {
@@ -36,42 +35,39 @@ pub async fn fence_gets_through_a_silent_api_connection(clusters: &[Cluster; 2])
     let (schema, _store) = schema().await?;
     let ns = namespace(&c.client, "silent-api").await?;
     let lease_name = format!("{ns}.silent-{}", suffix());
+    let reaper = at(&c.client, &ns, "reaper");
     let Proxied {
         db: db_proxy,
         api: api_proxy,
-        op,
+        op: _op,
     } = behind_proxies(c, &ns, schema.as_str(), lease_spec(&lease_name)).await?;
-    let result = async {
-        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        api_proxy.set(Mode::Blackhole);
-        db_proxy.set(Mode::Blackhole);
-        // Past the renew deadline: the fence has fired and its call is out.
-        tokio::time::sleep(Duration::from_secs(DEADLINE) + Duration::from_millis(500)).await;
-        let dead = api_proxy.stall_open();
-        api_proxy.set(Mode::Pass);
-        let healed = Instant::now();
-        eprintln!("API partition healed; {dead} connections stay dead");
-        ensure!(dead > 0, "no connection to the API server was open to kill");
-        // Generous against the half second a fence needs, and short of the 10 s after
-        // which the fence's client ends a call: only a fence that sends another call
-        // beside an unanswered one gets through in time.
-        wait_scaled_to_zero(
-            &c.client,
-            &ns,
-            "reaper",
+    reaper
+        .wait_replicas((1, 1), Duration::from_secs(30))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api_proxy.set(Mode::Blackhole);
+    db_proxy.set(Mode::Blackhole);
+    // Past the renew deadline: the fence has fired and its call is out.
+    tokio::time::sleep(Duration::from_secs(DEADLINE) + Duration::from_millis(500)).await;
+    let dead = api_proxy.stall_open();
+    api_proxy.set(Mode::Pass);
+    let healed = Instant::now();
+    eprintln!("API partition healed; {dead} connections stay dead");
+    ensure!(dead > 0, "no connection to the API server was open to kill");
+    // Generous against the half second a fence needs, and short of the 10 s after
+    // which the fence's client ends a call: only a fence that sends another call
+    // beside an unanswered one gets through in time.
+    reaper
+        .wait_scaled_to_zero(
             "the leader to scale down through a new connection",
             Duration::from_secs(5),
         )
         .await?;
-        eprintln!(
-            "scaled to 0 {:.2?} after the partition healed",
-            healed.elapsed()
-        );
-        Ok(())
-    }
-    .await;
-    with_logs(result, [&op])
+    eprintln!(
+        "scaled to 0 {:.2?} after the partition healed",
+        healed.elapsed()
+    );
+    Ok(())
 }
 
 pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -> Result<()> {
@@ -79,6 +75,7 @@ pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -
     let (schema, _store) = schema().await?;
     let ns = namespace(&c.client, "lagging-watch").await?;
     let lease_name = format!("{ns}.lagging-{}", suffix());
+    let reaper = at(&c.client, &ns, "reaper");
     // A renew deadline far beyond the hiccup: the leader keeps its lease and its pod.
     let lease = LeaseSpec {
         name: Some(lease_name),
@@ -96,67 +93,65 @@ pub async fn status_is_written_back_while_watches_lag(clusters: &[Cluster; 2]) -
     let phase_is = |want: Phase| {
         let (client, ns) = (&c.client, &ns);
         move || async move {
-            let s = status(client, ns, "reaper").await?;
+            let s = at(client, ns, "reaper").status().await?;
             Ok((s.phase == Some(want)).then_some(s))
         }
     };
-    let result = async {
-        wait_replicas(&c.client, &ns, "reaper", (1, 1), Duration::from_secs(30)).await?;
-        // Leading with its pod ready, and that write seen by the operator's watch before
-        // the watches are held: otherwise the status after the hiccup (1/1) differs
-        // from the cache (0/1) and even a cache-only rule writes it.
-        wait_until(
-            "the status to show the lease held and the pod ready",
-            Duration::from_secs(10),
-            || async {
-                let s = status(&c.client, &ns, "reaper").await?;
-                let ready = condition(&s, "Ready").is_some_and(|r| r.status == "True");
-                Ok(
-                    (s.phase == Some(Phase::Leading) && s.ready.as_deref() == Some("1/1") && ready)
-                        .then_some(()),
-                )
-            },
-        )
+    reaper
+        .wait_replicas((1, 1), Duration::from_secs(30))
         .await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        api_proxy.set(Mode::HoldPushes);
-        db_proxy.set(Mode::Reset);
-        let cut = Instant::now();
-        // Well within the renew deadline (10 s), so the lease is never lost.
-        wait_until(
-            "the status to show the database failing",
-            Duration::from_secs(6),
-            phase_is(Phase::Degraded),
-        )
-        .await?;
-        db_proxy.set(Mode::Pass);
-        let healed = Instant::now();
-        eprintln!("Degraded written {:.2?} after the cut", healed - cut);
-        let back = wait_until(
-            "the status to show the lease held again, its watches still held back",
-            Duration::from_secs(10),
-            phase_is(Phase::Leading),
-        )
-        .await?;
-        eprintln!(
-            "Leading written {:.2?} after the database answered again",
-            healed.elapsed()
-        );
-        ensure!(
-            back.holder.as_deref() == Some(op.holder().as_str()),
-            "the status names {:?} as the holder, not {}",
-            back.holder,
-            op.holder()
-        );
-        ensure!(
-            replicas(&c.client, &ns, "reaper").await?.0 == 1,
-            "the leader stopped its pod over a hiccup shorter than its renew deadline"
-        );
-        api_proxy.set(Mode::Pass);
-        Ok(())
-    }
-    .await;
-    with_logs(result, [&op])
+    // Leading with its pod ready, and that write seen by the operator's watch before
+    // the watches are held: otherwise the status after the hiccup (1/1) differs
+    // from the cache (0/1) and even a cache-only rule writes it.
+    wait_until(
+        "the status to show the lease held and the pod ready",
+        Duration::from_secs(10),
+        || async {
+            let s = reaper.status().await?;
+            let ready = condition(&s, "Ready").is_some_and(|r| r.status == "True");
+            Ok(
+                (s.phase == Some(Phase::Leading) && s.ready.as_deref() == Some("1/1") && ready)
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api_proxy.set(Mode::HoldPushes);
+    db_proxy.set(Mode::Reset);
+    let cut = Instant::now();
+    // Well within the renew deadline (10 s), so the lease is never lost.
+    wait_until(
+        "the status to show the database failing",
+        Duration::from_secs(6),
+        phase_is(Phase::Degraded),
+    )
+    .await?;
+    db_proxy.set(Mode::Pass);
+    let healed = Instant::now();
+    eprintln!("Degraded written {:.2?} after the cut", healed - cut);
+    let back = wait_until(
+        "the status to show the lease held again, its watches still held back",
+        Duration::from_secs(10),
+        phase_is(Phase::Leading),
+    )
+    .await?;
+    eprintln!(
+        "Leading written {:.2?} after the database answered again",
+        healed.elapsed()
+    );
+    ensure!(
+        back.holder.as_deref() == Some(op.holder().as_str()),
+        "the status names {:?} as the holder, not {}",
+        back.holder,
+        op.holder()
+    );
+    ensure!(
+        reaper.replicas().await?.0 == 1,
+        "the leader stopped its pod over a hiccup shorter than its renew deadline"
+    );
+    api_proxy.set(Mode::Pass);
+    Ok(())
 }
 
 /// A Reaper with its Deployment in `ns`, and an operator that reaches the database and

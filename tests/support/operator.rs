@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -79,7 +80,12 @@ impl OperatorProcess {
             shutdown_timeout_seconds,
             rust_log: Some("info,reaper_operator=debug,sqlx=warn".into()),
         };
-        Self::launch(spec, launch).expect("start reaper-operator run")
+        let started = Self::launch(spec, launch).expect("start reaper-operator run");
+        STARTED
+            .lock()
+            .unwrap()
+            .push((started.holder(), started.log.clone()));
+        started
     }
 
     /// Starts `reaper-operator run` as `launch` says; an error instead of a panic.
@@ -187,9 +193,7 @@ impl OperatorProcess {
 
     /// The last `count` lines of the log.
     pub fn last_log_lines(&self, count: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(count)..].join("\n")
+        last_lines(&self.log, count)
     }
 
     /// The status code of `GET path`, `None` when nothing answers.
@@ -228,6 +232,32 @@ impl Drop for OperatorProcess {
         }
         let _ = self.child.wait();
     }
+}
+
+/// The replicas [`OperatorProcess::start`] started in this test process, in order: their
+/// holder and log file, for [`with_replica_logs`].
+static STARTED: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Runs `scenario`; an error it returns gets the log tails of every replica
+/// [`OperatorProcess::start`] started while it ran (their log files outlive them).
+pub async fn with_replica_logs(
+    scenario: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let first = STARTED.lock().unwrap().len();
+    scenario.await.map_err(|e| {
+        let logs: Vec<String> = STARTED.lock().unwrap()[first..]
+            .iter()
+            .map(|(holder, log)| format!("--- log of {holder}:\n{}", last_lines(log, 40)))
+            .collect();
+        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
+    })
+}
+
+/// The last `count` lines of the file at `path` (none when it cannot be read).
+fn last_lines(path: &Path, count: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 /// `result`, with the log tails of the replicas `ops` added to an error.
