@@ -474,31 +474,41 @@ pub(crate) mod tests {
         };
         // | it holds the lease (elector, at the moment of asking) | Leader |
         assert_eq!(r(Some(4), Err("down".into())), Role::Leader { epoch: 4 });
-        // | someone in this cluster holds it | the peer acts |
-        assert_eq!(
-            r(None, row(lease("east/b", 3, "", false))),
-            Role::PeerLeads {
-                holder: "east/b".into()
-            }
-        );
-        // | another cluster holds it | 0 here |
-        assert_eq!(
-            r(None, row(lease("west/b", 3, "", false))),
-            Role::Standby {
-                holder: Some("west/b".into())
-            }
-        );
-        // A holder without a cluster is never a peer.
-        assert_eq!(
-            r(None, row(lease("east", 3, "", false))),
-            Role::Standby {
-                holder: Some("east".into())
-            }
-        );
-        // A row naming me while my elector says no (deadline passed, or restarted
-        // under the same name): the elector's fence decides with a fresh read; a
-        // reconcile acting on a row read before a stall would restart a peer's pod.
-        assert_eq!(r(None, row(lease(ME, 3, "", false))), Role::Lapsed);
+
+        // The elector says it does not hold the lease; the row read now decides.
+        let peer = |holder: &str| Role::PeerLeads {
+            holder: holder.into(),
+        };
+        let standby = |holder: Option<&str>| Role::Standby {
+            holder: holder.map(Into::into),
+        };
+        // (the row's holder, expired moments ago, the role)
+        for (holder, expired, want) in [
+            // | someone in this cluster holds it | the peer acts |
+            ("east/b", false, peer("east/b")),
+            // | another cluster holds it | 0 here |
+            ("west/b", false, standby(Some("west/b"))),
+            // A holder without a cluster is never a peer.
+            ("east", false, standby(Some("east"))),
+            // A row naming me while my elector says no (deadline passed, or restarted
+            // under the same name): the elector's fence decides with a fresh read; a
+            // reconcile acting on a row read before a stall would restart a peer's pod.
+            (ME, false, Role::Lapsed),
+            // A peer's lease that expired moments ago: this cluster takes it back.
+            ("east/b", true, peer("east/b")),
+            // | free or expired (elsewhere) | 0 here |
+            ("west/b", true, standby(None)),
+            // This replica's own row, expired moments ago (a restart under the same
+            // name): it takes the lease back on its next tick; the running pod is left
+            // alone.
+            (ME, true, peer(ME)),
+            // Released.
+            ("", false, standby(None)),
+        ] {
+            let got = r(None, row(lease(holder, 3, "", expired)));
+            assert_eq!(got, want, "held by {holder:?}, expired: {expired}");
+        }
+
         // A row acquired before a failover of the database, whoever it names: its holder
         // may have lost the lease in history the failover dropped and nobody can renew
         // it, so nothing vouches for this cluster's pod.
@@ -507,38 +517,12 @@ pub(crate) mod tests {
                 on_current_timeline: false,
                 ..lease(holder, 3, "", false)
             };
-            assert_eq!(
-                r(None, row(before_failover)),
-                Role::Standby { holder: None },
-                "{holder}"
-            );
+            assert_eq!(r(None, row(before_failover)), standby(None), "{holder}");
         }
-        // A peer's lease that expired moments ago: this cluster takes it back.
-        assert_eq!(
-            r(None, row(lease("east/b", 3, "", true))),
-            Role::PeerLeads {
-                holder: "east/b".into()
-            }
-        );
-        // | free or expired (elsewhere) | 0 here |
-        assert_eq!(
-            r(None, row(lease("west/b", 3, "", true))),
-            Role::Standby { holder: None }
-        );
-        // This replica's own row, expired moments ago (a restart under the same name):
-        // it takes the lease back on its next tick; the running pod is left alone.
-        assert_eq!(
-            r(None, row(lease(ME, 3, "", true))),
-            Role::PeerLeads { holder: ME.into() }
-        );
         let mut long_expired = lease("east/b", 3, "", true);
         long_expired.expires_at -= chrono::Duration::seconds(60);
-        assert_eq!(r(None, row(long_expired)), Role::Standby { holder: None });
-        assert_eq!(
-            r(None, row(lease("", 3, "", false))),
-            Role::Standby { holder: None }
-        );
-        assert_eq!(r(None, Ok(None)), Role::Standby { holder: None });
+        assert_eq!(r(None, row(long_expired)), standby(None));
+        assert_eq!(r(None, Ok(None)), standby(None));
         // | the database cannot be read | Unknown |
         assert_eq!(r(None, Err("down".into())), Role::Unknown);
     }
