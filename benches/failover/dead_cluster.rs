@@ -31,10 +31,9 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::FailoverArgs;
 use super::deployments::Scale;
-use super::machine::Machine;
 use super::markdown::Table;
 use super::operator::with_logs;
-use super::report::{Stats, fmt_dur, section_head, since, write_stats_table};
+use super::report::{RunInfo, Stats, fmt_dur, section_head, since, write_stats_table};
 use super::side::{Bench, Clusters, FAILOVER_NS, ScaleUp, WORKLOAD, sleep_random_phase};
 use super::support::cluster::{TestCluster, wait_until};
 use super::support::fixtures::live_pods;
@@ -367,15 +366,10 @@ impl DeadRun<'_> {
     }
 }
 
-pub fn render(
-    args: &FailoverArgs,
-    m: &Machine,
-    started: DateTime<Utc>,
-    elapsed: Duration,
-    trials: &[DeadTrial],
-) -> (String, String) {
+pub fn render(run: &RunInfo, trials: &[DeadTrial]) -> (String, String) {
+    let args = run.args;
     let grace = Some(args.grace_seconds);
-    let (heading, mut o) = section_head(args, grace, m, started, trials.len(), elapsed);
+    let (heading, mut o) = section_head(run, grace, trials.len());
     let w = &mut o;
     let _ = writeln!(
         w,

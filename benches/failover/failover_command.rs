@@ -11,7 +11,7 @@ use reaper_operator::lease::LeaseStore;
 use super::database::{DIRECT_ENV, Urls, exec, failover_schema_name};
 use super::machine::Machine;
 use super::operator::LogDir;
-use super::report::write_section;
+use super::report::{RunInfo, write_section};
 use super::side::Bench;
 use super::{FailoverArgs, Mode, dead_cluster, host, stopped_replica, support};
 
@@ -66,13 +66,15 @@ pub async fn failover(args: &FailoverArgs) -> Result<()> {
     logs.succeeded();
     machine.load_end = host::load_average();
 
+    let run = RunInfo {
+        args,
+        machine: &machine,
+        started,
+        elapsed: wall.elapsed(),
+    };
     let (heading, section) = match &trials {
-        Trials::Process(trials) => {
-            stopped_replica::render(args, &machine, started, wall.elapsed(), trials)
-        }
-        Trials::Dead(trials) => {
-            dead_cluster::render(args, &machine, started, wall.elapsed(), trials)
-        }
+        Trials::Process(trials) => stopped_replica::render(&run, trials),
+        Trials::Dead(trials) => dead_cluster::render(&run, trials),
     };
     println!("\n{heading}\n\n{section}");
     if args.write {

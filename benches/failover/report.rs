@@ -51,16 +51,20 @@ pub fn write_stats_table(w: &mut String, origin: &str, rows: &[(&str, Option<Sta
     }
 }
 
+/// A failover run as its section describes it, besides its trials.
+pub struct RunInfo<'a> {
+    pub args: &'a FailoverArgs,
+    pub machine: &'a Machine,
+    /// When it started, and how long it took.
+    pub started: DateTime<Utc>,
+    pub elapsed: Duration,
+}
+
 /// The heading of a failover section and its first lines: the command that wrote it (with
-/// `--grace-seconds` where `grace` is given), when it ran, and the machine.
-pub fn section_head(
-    args: &FailoverArgs,
-    grace: Option<i64>,
-    m: &Machine,
-    started: DateTime<Utc>,
-    trials: usize,
-    elapsed: Duration,
-) -> (String, String) {
+/// `--grace-seconds` where `grace` is given), when it ran and how many trials, and the
+/// machine.
+pub fn section_head(run: &RunInfo, grace: Option<i64>, trials: usize) -> (String, String) {
+    let (args, started) = (run.args, run.started);
     let (mode, t) = (args.mode.flag(), args.timing);
     let heading = format!(
         "## `--mode {mode}`, {}{}",
@@ -81,9 +85,9 @@ pub fn section_head(
         started.format("%Y-%m-%d %H:%M UTC"),
         trials,
         if trials == 1 { "" } else { "s" },
-        elapsed.as_secs_f64()
+        run.elapsed.as_secs_f64()
     );
-    m.describe(&mut w);
+    run.machine.describe(&mut w);
     (heading, w)
 }
 

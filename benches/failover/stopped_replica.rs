@@ -9,10 +9,9 @@ use anyhow::{Context, Result, bail, ensure};
 use chrono::{DateTime, Utc};
 
 use super::deployments::Scale;
-use super::machine::Machine;
 use super::markdown::Table;
 use super::operator::{SHUTDOWN_TIMEOUT_S, with_logs};
-use super::report::{Stats, fmt_dur, section_head, since, write_stats_table};
+use super::report::{RunInfo, Stats, fmt_dur, section_head, since, write_stats_table};
 use super::side::{Bench, Clusters, FAILOVER_NS, ScaleUp, Stability, sleep_random_phase};
 use super::support::cluster::wait_until;
 use super::{FailoverArgs, Mode};
@@ -211,16 +210,11 @@ async fn restart_stopped(c: &mut Clusters<'_>, n: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn render(
-    args: &FailoverArgs,
-    m: &Machine,
-    started: DateTime<Utc>,
-    elapsed: Duration,
-    trials: &[Trial],
-) -> (String, String) {
+pub fn render(run: &RunInfo, trials: &[Trial]) -> (String, String) {
+    let args = run.args;
     // The pods' grace period is part of the configuration when it is not the default.
     let grace = (args.grace_seconds != 1).then_some(args.grace_seconds);
-    let (heading, mut o) = section_head(args, grace, m, started, trials.len(), elapsed);
+    let (heading, mut o) = section_head(run, grace, trials.len());
     let w = &mut o;
     let _ = writeln!(w);
 
