@@ -18,6 +18,8 @@
 //! still led by its own clock (its last successful renew sent less than a renew
 //! deadline before) is counted as an overlap; there must be none.
 
+#[path = "support/markdown.rs"]
+mod markdown;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -27,11 +29,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use reaper_operator::config::LeaseTimings;
+use markdown::Table;
+use reaper_operator::config::{LeaseTimings, Schema};
 use reaper_operator::lease::{Elector, ElectorConfig, LeaseStore, MonotonicClock, Tick};
 use support::db::unique_schema;
 use support::ha_db::{HaDatabase, Replication, first_seen_on_timeline};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 const DOC_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -126,19 +130,64 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
     let admin = LeaseStore::connect(db.primary_url(), &schema, Duration::from_secs(10), 1).await?;
     admin.migrate().await?;
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks = start_electors(&db, &schema, lease_timings, &tx, &stop_rx)?;
+    let mut ticks = Ticks {
+        rx,
+        all: Vec::new(),
+        // How long an election may take: four ttls, plus slack for a loaded machine.
+        timeout: Duration::from_secs(ttl * 4 + 30),
+    };
+    let mut results = Vec::new();
+    for run in 0..runs {
+        let r = fail_over(&mut db, &schema, &mut ticks, run).await?;
+        eprintln!(
+            "{ttl}/{deadline}/{retry} run {}: first acquire on the new primary {:.2} s, \
+             holder stepped down {}, held again {:.2} s after the kill (epoch {})",
+            run + 1,
+            r.first_acquire_after.as_secs_f64(),
+            r.stepped_down_after
+                .map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
+            r.held_again_after.as_secs_f64(),
+            r.epoch,
+        );
+        results.push(r);
+        tokio::task::block_in_place(|| db.add_standby())?;
+    }
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    ticks.drain();
+    admin.close().await;
+    Ok(Series {
+        timings,
+        runs: results,
+        overlaps: overlaps(&ticks.all, Duration::from_secs(deadline)),
+    })
+}
+
+/// Starts an elector for each of [`HOLDERS`] through PgBouncer; each sends its ticks on
+/// `tx` until `stop` turns true.
+fn start_electors(
+    db: &HaDatabase,
+    schema: &Schema,
+    timings: LeaseTimings,
+    tx: &mpsc::UnboundedSender<Event>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for (i, holder) in HOLDERS.iter().enumerate() {
         let store =
-            LeaseStore::connect_lazy(db.pgbouncer_url(), &schema, lease_timings.call_timeout(), 3)?;
+            LeaseStore::connect_lazy(db.pgbouncer_url(), schema, timings.call_timeout(), 3)?;
         let config = ElectorConfig {
             lease_name: support::id::lease("bench"),
             holder: support::id::holder(holder),
-            timings: lease_timings,
+            timings,
         };
         let mut elector = Elector::new(config, store, Arc::new(MonotonicClock));
-        let (tx, mut stop) = (tx.clone(), stop_rx.clone());
+        let (tx, mut stop) = (tx.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -161,101 +210,82 @@ async fn measure(timings: (u64, u64, u64), runs: usize) -> Result<Series> {
                 .await;
         }));
     }
+    Ok(tasks)
+}
 
-    let mut all = Vec::new();
-    let mut results = Vec::new();
-    // How long an election may take: four ttls, plus slack for a loaded machine.
-    let election_timeout = Duration::from_secs(ttl * 4 + 30);
-    for run in 0..runs {
-        // Steady: someone holds the lease on the current timeline.
-        let floor = (run as i64) << 32;
-        wait_for(
-            &mut rx,
-            &mut all,
-            election_timeout,
-            |e| matches!(e.kind, EventKind::Renewed(epoch) if epoch > floor),
-        )
+/// Run `run` (from 0): once someone holds the lease on the current timeline, kills the
+/// primary and promotes the standby, and measures until a candidate holds it again.
+async fn fail_over(
+    db: &mut HaDatabase,
+    schema: &Schema,
+    ticks: &mut Ticks,
+    run: usize,
+) -> Result<Run> {
+    // Steady: someone holds the lease on the current timeline.
+    let floor = (run as i64) << 32;
+    ticks
+        .wait_for(|e| matches!(e.kind, EventKind::Renewed(epoch) if epoch > floor))
         .await
         .context("no holder before the failover")?;
-        let leader = all.last().map(|e| e.holder);
-        tokio::time::sleep(Duration::from_millis(500 + 137 * run as u64 % 900)).await;
-        drain(&mut rx, &mut all);
+    let leader = ticks.all.last().map(|e| e.holder);
+    tokio::time::sleep(Duration::from_millis(500 + 137 * run as u64 % 900)).await;
+    ticks.drain();
 
-        let failover = tokio::task::block_in_place(|| db.fail_over())?;
-        let next_floor = ((run as i64) + 1) << 32;
-        let held = wait_for(
-            &mut rx,
-            &mut all,
-            election_timeout,
-            |e| matches!(e.kind, EventKind::Acquired(epoch) if epoch > next_floor),
-        )
+    let failover = tokio::task::block_in_place(|| db.fail_over())?;
+    let next_floor = ((run as i64) + 1) << 32;
+    let held = ticks
+        .wait_for(|e| matches!(e.kind, EventKind::Acquired(epoch) if epoch > next_floor))
         .await
         .context("nobody acquired after the failover")?;
-        let stepped_down = all
-            .iter()
-            .filter(|e| e.started >= failover.killed_at)
-            .find(|e| Some(e.holder) == leader && e.kind == EventKind::SteppedDown)
-            .map(|e| e.started - failover.killed_at);
-        let first_seen = first_seen_on_timeline(&db, &schema, run as i64 + 2).await?;
-        let EventKind::Acquired(epoch) = held.kind else {
-            unreachable!()
-        };
-        let r = Run {
-            first_acquire_after: (first_seen - failover.killed_wall)
-                .to_std()
-                .unwrap_or_default(),
-            stepped_down_after: stepped_down,
-            held_again_after: held.started - failover.killed_at,
-            epoch,
-        };
-        eprintln!(
-            "{ttl}/{deadline}/{retry} run {}: first acquire on the new primary {:.2} s, \
-             holder stepped down {}, held again {:.2} s after the kill (epoch {epoch})",
-            run + 1,
-            r.first_acquire_after.as_secs_f64(),
-            r.stepped_down_after
-                .map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
-            r.held_again_after.as_secs_f64(),
-        );
-        results.push(r);
-        tokio::task::block_in_place(|| db.add_standby())?;
-    }
-    let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
-    drain(&mut rx, &mut all);
-    admin.close().await;
-    Ok(Series {
-        timings,
-        runs: results,
-        overlaps: overlaps(&all, Duration::from_secs(deadline)),
+    let stepped_down = ticks
+        .all
+        .iter()
+        .filter(|e| e.started >= failover.killed_at)
+        .find(|e| Some(e.holder) == leader && e.kind == EventKind::SteppedDown)
+        .map(|e| e.started - failover.killed_at);
+    let first_seen = first_seen_on_timeline(db, schema, run as i64 + 2).await?;
+    let EventKind::Acquired(epoch) = held.kind else {
+        unreachable!()
+    };
+    Ok(Run {
+        first_acquire_after: (first_seen - failover.killed_wall)
+            .to_std()
+            .unwrap_or_default(),
+        stepped_down_after: stepped_down,
+        held_again_after: held.started - failover.killed_at,
+        epoch,
     })
 }
 
-fn drain(rx: &mut mpsc::UnboundedReceiver<Event>, all: &mut Vec<Event>) {
-    while let Ok(e) = rx.try_recv() {
-        all.push(e);
-    }
+/// The electors' ticks: the channel they arrive on, and every one received so far.
+struct Ticks {
+    rx: mpsc::UnboundedReceiver<Event>,
+    all: Vec<Event>,
+    /// How long an election may take.
+    timeout: Duration,
 }
 
-/// Collects events until one matches, and returns it.
-async fn wait_for(
-    rx: &mut mpsc::UnboundedReceiver<Event>,
-    all: &mut Vec<Event>,
-    timeout: Duration,
-    matches: impl Fn(&Event) -> bool,
-) -> Result<Event> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let event = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .context("timed out")?
-            .context("every elector stopped")?;
-        let found = matches(&event).then_some(event);
-        all.push(event);
-        if let Some(found) = found {
-            return Ok(found);
+impl Ticks {
+    /// Takes the ticks that have arrived.
+    fn drain(&mut self) {
+        while let Ok(e) = self.rx.try_recv() {
+            self.all.push(e);
+        }
+    }
+
+    /// Collects ticks until one matches (within the election timeout), and returns it.
+    async fn wait_for(&mut self, matches: impl Fn(&Event) -> bool) -> Result<Event> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .context("timed out")?
+                .context("every elector stopped")?;
+            let found = matches(&event).then_some(event);
+            self.all.push(event);
+            if let Some(found) = found {
+                return Ok(found);
+            }
         }
     }
 }
@@ -317,40 +347,32 @@ fn report(series: &[Series], runs: usize) -> String {
         chrono::Utc::now().format("%Y-%m-%d"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    let _ = writeln!(
-        out,
-        "| ttl / renew deadline / retry | first acquire reaches the new primary | holder steps down | lease held again | acquisitions while another elector led |\n\
-         | --- | --- | --- | --- | --- |"
+    let mut table = Table::new(
+        &mut out,
+        "lllll",
+        "ttl / renew deadline / retry | first acquire reaches the new primary | holder steps down | lease held again | acquisitions while another elector led",
     );
     for s in series {
         let (ttl, deadline, retry) = s.timings;
-        let stepped: Vec<f64> = s
-            .runs
-            .iter()
-            .filter_map(|r| r.stepped_down_after.map(|d| d.as_secs_f64()))
-            .collect();
-        let _ = writeln!(
-            out,
-            "| {ttl} s / {deadline} s / {retry} s | {} | {} | {} | {} |",
-            spread(
-                s.runs
-                    .iter()
-                    .map(|r| r.first_acquire_after.as_secs_f64())
-                    .collect()
-            ),
+        let seconds = |of: fn(&Run) -> Option<Duration>| -> Vec<f64> {
+            s.runs
+                .iter()
+                .filter_map(of)
+                .map(|d| d.as_secs_f64())
+                .collect()
+        };
+        let stepped = seconds(|r| r.stepped_down_after);
+        table.row(&[
+            format!("{ttl} s / {deadline} s / {retry} s"),
+            spread(seconds(|r| Some(r.first_acquire_after))),
             if stepped.is_empty() {
                 "-".to_owned()
             } else {
                 spread(stepped)
             },
-            spread(
-                s.runs
-                    .iter()
-                    .map(|r| r.held_again_after.as_secs_f64())
-                    .collect()
-            ),
-            s.overlaps
-        );
+            spread(seconds(|r| Some(r.held_again_after))),
+            s.overlaps.to_string(),
+        ]);
     }
     let epochs: Vec<String> = series
         .iter()

@@ -66,6 +66,8 @@ mod footprint_report;
 mod host;
 #[path = "failover/machine.rs"]
 mod machine;
+#[path = "support/markdown.rs"]
+mod markdown;
 #[path = "failover/operator.rs"]
 mod operator;
 #[path = "failover/pods.rs"]

@@ -31,6 +31,8 @@ mod host;
 #[allow(dead_code)]
 #[path = "../tests/support/id.rs"]
 mod id;
+#[path = "support/markdown.rs"]
+mod markdown;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -38,6 +40,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use markdown::Table;
 use nix::sys::resource::UsageWho;
 use reaper_operator::config::Schema;
 use reaper_operator::lease::{Holder, LeaseName, LeaseStore, PROBE_TABLE, Reference, Statement};
@@ -1016,6 +1019,33 @@ async fn bench_paths(
     stores: &[(DbPath, LeaseStore)],
     held: &[(LeaseName, i64)],
 ) -> anyhow::Result<Vec<PathResult>> {
+    let cycles = measure_cycles(plan, stores).await?;
+    let mut batches: Vec<Vec<BatchResult>> = stores.iter().map(|_| Vec::new()).collect();
+    for n in BATCH_SIZES {
+        measure_batch(plan, stores, &held[..n], &mut batches).await?;
+    }
+    Ok(stores
+        .iter()
+        .zip(cycles)
+        .zip(batches)
+        .map(|(((path, _), s), batches)| PathResult {
+            path: *path,
+            select1: Stats::of(s.select1),
+            update: Stats::of(s.update),
+            acquire: Stats::of(s.acquire),
+            renew: Stats::of(s.renew),
+            failed_acquire: Stats::of(s.failed_acquire),
+            release: Stats::of(s.release),
+            batches,
+        })
+        .collect())
+}
+
+/// The single statements: `plan.op_cycles` cycles per path, the paths taking turns.
+async fn measure_cycles(
+    plan: &Plan,
+    stores: &[(DbPath, LeaseStore)],
+) -> anyhow::Result<Vec<CycleSamples>> {
     let names: Vec<Vec<String>> = stores
         .iter()
         .map(|(path, _)| {
@@ -1045,84 +1075,76 @@ async fn bench_paths(
                 .with_context(|| path.label())?;
         }
     }
+    Ok(cycles)
+}
 
-    let mut batches: Vec<Vec<BatchResult>> = stores.iter().map(|_| Vec::new()).collect();
-    for n in BATCH_SIZES {
-        let held = &held[..n];
-        let single_runs = plan.single_runs(n);
-        let many_runs = plan.many_runs(n);
-        eprintln!(
-            "N = {n}: N renews × {}, renew_many × {many_runs} per path",
-            single_runs.map_or_else(|| "extrapolated".to_owned(), |r| r.to_string()),
-        );
-        // Warm-up (plans, buffers) of both methods.
-        for (path, store) in stores {
-            renew_batch(store, held)
-                .await
-                .with_context(|| path.label())?;
-            renew_singly(store, &held[..n.min(100)])
-                .await
-                .with_context(|| path.label())?;
-        }
-        // Interleave methods and paths so all see the same background load.
-        let runs = single_runs.unwrap_or(0).max(many_runs);
-        let mut single = vec![Vec::new(); stores.len()];
-        let mut many = vec![Vec::new(); stores.len()];
-        let mut spans = vec![Vec::new(); stores.len()];
-        for i in 0..runs {
-            for (k, (path, store)) in stores.iter().enumerate() {
-                if i < many_runs {
-                    let (elapsed, span) = renew_batch(store, held)
+/// Renews the `held` leases (N of them) on every path with N `renew` statements and with
+/// one `renew_many`, and adds each path's figures to its `batches`.
+async fn measure_batch(
+    plan: &Plan,
+    stores: &[(DbPath, LeaseStore)],
+    held: &[(LeaseName, i64)],
+    batches: &mut [Vec<BatchResult>],
+) -> anyhow::Result<()> {
+    let n = held.len();
+    let single_runs = plan.single_runs(n);
+    let many_runs = plan.many_runs(n);
+    eprintln!(
+        "N = {n}: N renews × {}, renew_many × {many_runs} per path",
+        single_runs.map_or_else(|| "extrapolated".to_owned(), |r| r.to_string()),
+    );
+    // Warm-up (plans, buffers) of both methods.
+    for (path, store) in stores {
+        renew_batch(store, held)
+            .await
+            .with_context(|| path.label())?;
+        renew_singly(store, &held[..n.min(100)])
+            .await
+            .with_context(|| path.label())?;
+    }
+    // Interleave methods and paths so all see the same background load.
+    let runs = single_runs.unwrap_or(0).max(many_runs);
+    let mut single = vec![Vec::new(); stores.len()];
+    let mut many = vec![Vec::new(); stores.len()];
+    let mut spans = vec![Vec::new(); stores.len()];
+    for i in 0..runs {
+        for (k, (path, store)) in stores.iter().enumerate() {
+            if i < many_runs {
+                let (elapsed, span) = renew_batch(store, held)
+                    .await
+                    .with_context(|| path.label())?;
+                many[k].push(elapsed);
+                spans[k].push(span);
+            }
+            if single_runs.is_some_and(|r| i < r) {
+                single[k].push(
+                    renew_singly(store, held)
                         .await
-                        .with_context(|| path.label())?;
-                    many[k].push(elapsed);
-                    spans[k].push(span);
-                }
-                if single_runs.is_some_and(|r| i < r) {
-                    single[k].push(
-                        renew_singly(store, held)
-                            .await
-                            .with_context(|| path.label())?,
-                    );
-                }
+                        .with_context(|| path.label())?,
+                );
             }
         }
-        for (k, done) in batches.iter_mut().enumerate() {
-            let singles = std::mem::take(&mut single[k]);
-            let (single, single_extrapolated) = if singles.is_empty() {
-                let base = done
-                    .iter()
-                    .rfind(|b| !b.single_extrapolated)
-                    .context("nothing to extrapolate from")?;
-                (base.single.scaled((n / base.n) as u32), true)
-            } else {
-                (Stats::of(singles), false)
-            };
-            done.push(BatchResult {
-                n,
-                single,
-                single_extrapolated,
-                many: Stats::of(std::mem::take(&mut many[k])),
-                many_server_span: Stats::of(std::mem::take(&mut spans[k])),
-            });
-        }
     }
-
-    Ok(stores
-        .iter()
-        .zip(cycles)
-        .zip(batches)
-        .map(|(((path, _), s), batches)| PathResult {
-            path: *path,
-            select1: Stats::of(s.select1),
-            update: Stats::of(s.update),
-            acquire: Stats::of(s.acquire),
-            renew: Stats::of(s.renew),
-            failed_acquire: Stats::of(s.failed_acquire),
-            release: Stats::of(s.release),
-            batches,
-        })
-        .collect())
+    for (k, done) in batches.iter_mut().enumerate() {
+        let singles = std::mem::take(&mut single[k]);
+        let (single, single_extrapolated) = if singles.is_empty() {
+            let base = done
+                .iter()
+                .rfind(|b| !b.single_extrapolated)
+                .context("nothing to extrapolate from")?;
+            (base.single.scaled((n / base.n) as u32), true)
+        } else {
+            (Stats::of(singles), false)
+        };
+        done.push(BatchResult {
+            n,
+            single,
+            single_extrapolated,
+            many: Stats::of(std::mem::take(&mut many[k])),
+            many_server_span: Stats::of(std::mem::take(&mut spans[k])),
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1245,11 +1267,11 @@ fn render_single_statements(w: &mut String, plan: &Plan, results: &[PathResult])
          ops/s = 1 / mean latency on one connection.\n",
         fmt_n(plan.op_cycles)
     );
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| Statement | Path | Samples | p50 | p99 | ops/s | p50 ÷ `SELECT 1` p50 |"
+        "llrrrrr",
+        "Statement | Path | Samples | p50 | p99 | ops/s | p50 ÷ `SELECT 1` p50",
     );
-    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|");
     type Pick = fn(&PathResult) -> Stats;
     let rows: [(&str, Pick); 6] = [
         ("`SELECT 1` (baseline)", |r| r.select1),
@@ -1262,16 +1284,15 @@ fn render_single_statements(w: &mut String, plan: &Plan, results: &[PathResult])
     for (label, pick) in rows {
         for r in results {
             let s = pick(r);
-            let _ = writeln!(
-                w,
-                "| {label} | {} | {} | {} | {} | {} | {:.2}× |",
-                r.path.label(),
+            table.row(&[
+                label.to_owned(),
+                r.path.label().to_owned(),
                 fmt_n(s.runs),
                 fmt_dur(s.p50),
                 fmt_dur(s.p99),
                 fmt_rate(s.per_sec(1)),
-                ms(s.p50) / ms(r.select1.p50),
-            );
+                format!("{:.2}×", ms(s.p50) / ms(r.select1.p50)),
+            ]);
         }
     }
 }
@@ -1285,49 +1306,48 @@ fn render_batches(w: &mut String, results: &[PathResult]) {
          versus one `renew_many` statement. Latency is for the whole batch; the runs of \
          both methods and both paths are interleaved. With fewer than 100 runs the p99 is the maximum.\n"
     );
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| N | Path | Method | Runs | p50 | p99 | leases/s | `renew_many` speed-up (p50) |"
+        "rllrrrrr",
+        "N | Path | Method | Runs | p50 | p99 | leases/s | `renew_many` speed-up (p50)",
     );
-    let _ = writeln!(w, "|---:|---|---|---:|---:|---:|---:|---:|");
     let mut extrapolated = false;
     for n in BATCH_SIZES {
         for r in results {
             let Some(b) = r.batches.iter().find(|b| b.n == n) else {
                 continue;
             };
-            let (runs, mark) = if b.single_extrapolated {
+            let (runs, mark, note) = if b.single_extrapolated {
                 extrapolated = true;
-                ("—".to_owned(), "≈ ")
+                ("—".to_owned(), "≈ ", " (extrapolated)")
             } else {
-                (fmt_n(b.single.runs), "")
+                (fmt_n(b.single.runs), "", "")
             };
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} × `renew`{} | {runs} | {mark}{} | {mark}{} | {mark}{} | |",
-                fmt_n(n),
-                r.path.label(),
-                fmt_n(n),
-                if b.single_extrapolated {
-                    " (extrapolated)"
-                } else {
-                    ""
-                },
+            let (n_s, path) = (fmt_n(n), r.path.label().to_owned());
+            let single = [
                 fmt_dur(b.single.p50),
                 fmt_dur(b.single.p99),
                 fmt_rate(b.single.per_sec(n)),
-            );
-            let _ = writeln!(
-                w,
-                "| {} | {} | 1 × `renew_many` | {} | {} | {} | {} | {:.1}× |",
-                fmt_n(n),
-                r.path.label(),
+            ];
+            let mut cells = vec![
+                n_s.clone(),
+                path.clone(),
+                format!("{n_s} × `renew`{note}"),
+                runs,
+            ];
+            cells.extend(single.map(|v| format!("{mark}{v}")));
+            cells.push(String::new());
+            table.row(&cells);
+            table.row(&[
+                n_s,
+                path,
+                "1 × `renew_many`".to_owned(),
                 fmt_n(b.many.runs),
                 fmt_dur(b.many.p50),
                 fmt_dur(b.many.p99),
                 fmt_rate(b.many.per_sec(n)),
-                ms(b.single.p50) / ms(b.many.p50),
-            );
+                format!("{:.1}×", ms(b.single.p50) / ms(b.many.p50)),
+            ]);
         }
     }
     if extrapolated {
@@ -1599,11 +1619,11 @@ fn render_floor(w: &mut String, plan: &Plan, results: &[PathResult], floors: &[F
          no usable p50); the goals compare means with means.\n",
         fmt_n((plan.op_cycles / 2).max(10) * 2)
     );
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| Statement | Path | reaper-operator mean (p50) | libpq mean | ratio of means | tokio-postgres mean |"
+        "llrrrr",
+        "Statement | Path | reaper-operator mean (p50) | libpq mean | ratio of means | tokio-postgres mean",
     );
-    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
     for (r, f) in results.iter().zip(floors) {
         let tp_select1 = format!(
             "{} (`query_typed`), {} (simple)",
@@ -1644,15 +1664,14 @@ fn render_floor(w: &mut String, plan: &Plan, results: &[PathResult], floors: &[F
             ),
         ];
         for (label, ours, libpq, tp) in rows {
-            let _ = writeln!(
-                w,
-                "| {label} | {} | {} ({}) | {} | {:.2}× | {tp} |",
-                r.path.label(),
-                fmt_dur(ours.mean()),
-                fmt_dur(ours.p50),
+            table.row(&[
+                label.to_owned(),
+                r.path.label().to_owned(),
+                format!("{} ({})", fmt_dur(ours.mean()), fmt_dur(ours.p50)),
                 fmt_dur(libpq),
-                ms(ours.mean()) / ms(libpq),
-            );
+                format!("{:.2}×", ms(ours.mean()) / ms(libpq)),
+                tp,
+            ]);
         }
     }
     let _ = writeln!(w, "\n### Client CPU per 1 000 renews\n");
@@ -1663,21 +1682,21 @@ fn render_floor(w: &mut String, plan: &Plan, results: &[PathResult], floors: &[F
          is this times its renew rate.\n",
         fmt_n(CPU_RENEWS)
     );
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| Path | reaper-operator | tokio-postgres (same text, simple) | tokio-postgres (`query_typed`) | libpq (pgbench) |"
+        "lrrrr",
+        "Path | reaper-operator | tokio-postgres (same text, simple) | tokio-postgres (`query_typed`) | libpq (pgbench)",
     );
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
     for (r, f) in results.iter().zip(floors) {
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} |",
-            r.path.label(),
-            fmt_dur(f.ours_renew_cpu),
-            fmt_dur(f.tp_renew_simple_cpu),
-            fmt_dur(f.tp_renew_typed_cpu),
-            fmt_dur(f.libpq_renew_cpu),
-        );
+        let cpu = [
+            f.ours_renew_cpu,
+            f.tp_renew_simple_cpu,
+            f.tp_renew_typed_cpu,
+            f.libpq_renew_cpu,
+        ];
+        let mut cells = vec![r.path.label().to_owned()];
+        cells.extend(cpu.map(fmt_dur));
+        table.row(&cells);
     }
     let _ = writeln!(w);
 }

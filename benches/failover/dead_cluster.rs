@@ -18,27 +18,23 @@
 //! the kill), two new replicas join the dead cluster, and once the system is stable (the
 //! returned cluster scaled to 0 and Standby) the next trial kills the other cluster.
 
-use crate::support::id;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
-use reaper_operator::config::Schema;
-use reaper_operator::lease::LeaseStore;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::FailoverArgs;
-use super::database::Urls;
 use super::deployments::Scale;
-use super::machine::Machine;
-use super::operator::{Operator, with_logs};
-use super::report::{Stats, fmt_dur, since, write_date_line, write_stats_table};
-use super::side::{FAILOVER_NS, Side, Stability, WORKLOAD, sleep_random_phase};
+use super::markdown::Table;
+use super::operator::with_logs;
+use super::report::{RunInfo, Stats, fmt_dur, section_head, since, write_stats_table};
+use super::side::{Bench, Clusters, FAILOVER_NS, ScaleUp, WORKLOAD, sleep_random_phase};
 use super::support::cluster::{TestCluster, wait_until};
 use super::support::fixtures::live_pods;
 
@@ -50,16 +46,10 @@ pub struct DeadTrial {
     to: String,
     /// The dead holder's lease expiry (its last renewed_at + ttl).
     expired: Duration,
-    /// The dead cluster's last report (pods running) becomes stale: reported_at +
-    /// stale_after, both from its row.
-    stale: Duration,
-    /// That report's own bound and refresh period.
-    stale_after: Duration,
-    refresh: Duration,
+    /// The dead cluster's last report (pods running).
+    report: LastReport,
     lease: Duration,
-    scaled: Duration,
-    pod_ready: Duration,
-    ready: Duration,
+    up: ScaleUp,
     /// From starting the apiserver again to its answering.
     apiserver_back: Duration,
     /// Pods of the dead cluster's Deployment when its apiserver answered again (nobody
@@ -67,29 +57,37 @@ pub struct DeadTrial {
     pods_on_return: usize,
 }
 
+/// The dead cluster's last workload report, read after the kill.
+#[derive(Clone, Copy)]
+struct LastReport {
+    /// When it becomes stale: reported_at + stale_after, both from its row.
+    stale: Duration,
+    /// Its own bound and refresh period.
+    stale_after: Duration,
+    refresh: Duration,
+}
+
 impl DeadTrial {
     /// When the other cluster may scale up at the earliest: the report is stale and the
     /// lease has been held for two of the report's refresh periods.
     fn gate(&self) -> Duration {
-        self.stale.max(self.lease + self.refresh * 2)
+        self.report.stale.max(self.lease + self.report.refresh * 2)
     }
 
     fn line(&self) -> String {
         format!(
             "trial {:>3}: cluster {} dead -> {}: lease expired {}, report stale {} \
-             (stale_after {}), gate open {}, lease taken {}, Deployment scaled {}, pod Ready {}, \
-             readyReplicas 1 {}; apiserver back in {} with {} pod(s) of the Deployment",
+             (stale_after {}), gate open {}, lease taken {}, {}; apiserver back in {} with {} \
+             pod(s) of the Deployment",
             self.n,
             self.from,
             self.to,
             fmt_dur(self.expired),
-            fmt_dur(self.stale),
-            fmt_dur(self.stale_after),
+            fmt_dur(self.report.stale),
+            fmt_dur(self.report.stale_after),
             fmt_dur(self.gate()),
             fmt_dur(self.lease),
-            fmt_dur(self.scaled),
-            fmt_dur(self.pod_ready),
-            fmt_dur(self.ready),
+            self.up.line(),
             fmt_dur(self.apiserver_back),
             self.pods_on_return
         )
@@ -174,252 +172,205 @@ fn kill_all(pids: &[u32]) -> Result<DateTime<Utc>> {
     Ok(at)
 }
 
-fn holders(ops: &[Operator]) -> Vec<String> {
-    ops.iter().map(|op| op.holder()).collect()
-}
-
-fn all_ops(ops: &[Vec<Operator>; 2]) -> Vec<&Operator> {
-    ops.iter().flatten().collect()
-}
-
-pub async fn run(
-    args: &FailoverArgs,
-    urls: &Urls,
-    schema: &Schema,
-    store: &LeaseStore,
-    log_dir: &Path,
-) -> Result<Vec<DeadTrial>> {
-    let timing = args.timing;
+pub async fn run(bench: Bench<'_>) -> Result<Vec<DeadTrial>> {
     let lease_name = format!("{FAILOVER_NS}.dead-{}", std::process::id());
-    let ctx = Stability::new(store, schema, &lease_name, timing);
-    let (events, workload) = (&ctx.events, &ctx.workload);
-
-    let mut sides = Side::start_both(
-        ["bench-dc-a", "bench-dc-b"],
-        timing.lease_spec(&lease_name),
-        args.grace_seconds,
-    )
-    .await?;
-    let mut ops: [Vec<Operator>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..REPLICAS_PER_CLUSTER {
-        for (i, side) in sides.iter_mut().enumerate() {
-            // Random phases, so the electors do not tick in step.
-            sleep_random_phase(timing).await;
-            ops[i].push(side.start_operator(urls, schema, log_dir)?);
-        }
-    }
-    // Started again after a trial; down.sh stops them (their pids are in the pid files).
-    let mut apiservers: Vec<Child> = Vec::new();
-
-    let begun = Utc::now();
-    let found = ctx
-        .wait_first_leader(&[holders(&ops[0]), holders(&ops[1])])
-        .await;
-    let mut leader = with_logs(found, &all_ops(&ops))?;
-    let stable = ctx
-        .wait_stable_holders(
-            &sides,
-            &holders(&ops[leader]),
-            &holders(&ops[1 - leader]),
-            leader,
-            begun,
-        )
-        .await;
-    with_logs(stable, &all_ops(&ops))?;
-    tokio::time::sleep(Duration::from_secs(timing.retry)).await;
+    let clusters = ["bench-dc-a", "bench-dc-b"];
+    let c = Clusters::start(bench, &lease_name, clusters, REPLICAS_PER_CLUSTER).await?;
     eprintln!(
         "stable: cluster {} leads ({} replicas per cluster); {} trials of --mode dead-cluster",
-        sides[leader].name, REPLICAS_PER_CLUSTER, args.trials
+        c.sides[c.leader].name, REPLICAS_PER_CLUSTER, bench.args.trials
     );
-
+    let mut run = DeadRun {
+        c,
+        apiservers: Vec::new(),
+    };
     let mut trials = Vec::new();
-    for n in 1..=args.trials {
-        let follower = 1 - leader;
-        let (dead_holders, live_holders) = (holders(&ops[leader]), holders(&ops[follower]));
-        let dead_name = sides[leader].name;
-        let apiserver = Apiserver::of(&sides[leader].test)?;
-        let result = async {
-            sleep_random_phase(timing).await;
-            let last_id = ctx.last_event_id().await?;
-            ensure!(
-                sides[follower].watch.latest() == Some(Scale { replicas: 0, ready: 0 }),
-                "the standby cluster's Deployment is not at 0 before the kill: {:?}",
-                sides[follower].watch.latest()
-            );
-
-            let mut pids: Vec<u32> = ops[leader].iter().map(|op| op.pid()).collect();
-            pids.push(apiserver.pid);
-            let t0 = kill_all(&pids)?;
-            for op in &mut ops[leader] {
-                op.wait_exit(Duration::from_secs(10)).await?;
-            }
-            // Nobody of the dead cluster writes any more: its lease expiry and its last
-            // report are final.
-            let row = store
-                .get(&id::lease(&lease_name))
-                .await?
-                .ok_or_else(|| anyhow!("lease {lease_name} vanished"))?;
-            ensure!(
-                dead_holders.contains(&row.holder),
-                "holder changed before the kill: {row:?}"
-            );
-            let expired = since(t0, row.expires_at, "expiry")?;
-            let report = sqlx::query(AssertSqlSafe(format!(
-                "SELECT reported_at + stale_after_ms * interval '1 millisecond' AS stale_at, \
-                 stale_after_ms, refresh_ms, running_pods FROM {workload} \
-                 WHERE name = $1 AND cluster = $2"
-            )))
-            .bind(&lease_name)
-            .bind(dead_name)
-            .fetch_optional(store.pool())
-            .await?
-            .ok_or_else(|| anyhow!("cluster {dead_name} has no workload report"))?;
-            let running: i32 = report.try_get("running_pods")?;
-            ensure!(
-                running >= 1,
-                "the dead cluster's last report shows {running} running pods, not its pod"
-            );
-            let stale_at: DateTime<Utc> = report.try_get("stale_at")?;
-            let ms = |col: &str| -> Result<Duration> {
-                Ok(Duration::from_millis(report.try_get::<i64, _>(col)?.max(0) as u64))
-            };
-            let (stale_after, refresh) = (ms("stale_after_ms")?, ms("refresh_ms")?);
-
-            let timeout = stale_after + refresh * 2 + Duration::from_secs(timing.ttl + 60);
-            let taken = wait_until("the takeover row in lease_event", timeout, || async {
-                let rows = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT kind, holder, at FROM {events} WHERE name = $1 AND id > $2 ORDER BY id LIMIT 1"
-                )))
-                .bind(&lease_name)
-                .bind(last_id)
-                .fetch_optional(store.pool())
-                .await?;
-                // Nothing but the other cluster's acquire may follow the kill.
-                let Some(row) = rows else { return Ok(None) };
-                let kind: String = row.try_get("kind")?;
-                let holder: String = row.try_get("holder")?;
-                let at: DateTime<Utc> = row.try_get("at")?;
-                match kind.as_str() {
-                    "acquire" | "takeover" if live_holders.contains(&holder) => {
-                        Ok(Some((at, holder)))
-                    }
-                    _ => bail!("unexpected lease_event {kind} by {holder} after the kill"),
-                }
-            })
-            .await?;
-            let (taken_at, taken_by) = taken;
-            let other = &sides[follower];
-            let scaled_at = other
-                .watch
-                .wait_first_after(t0, |s| s.replicas >= 1, timeout, "the other Deployment to scale up")
-                .await?;
-            let pod_ready_at = other
-                .pods
-                .wait_first_after(t0, |c| c.ready >= 1, timeout, "the other cluster's pod to be Ready")
-                .await?;
-            let ready_at = other
-                .watch
-                .wait_first_after(t0, |s| s.ready >= 1, timeout, "the other Deployment's readyReplicas")
-                .await?;
-            anyhow::Ok(DeadTrial {
-                n,
-                from: dead_name,
-                to: taken_by,
-                expired,
-                stale: since(t0, stale_at, "report stale")?,
-                stale_after,
-                refresh,
-                lease: since(t0, taken_at, "takeover")?,
-                scaled: since(t0, scaled_at, "scale-up")?,
-                pod_ready: since(t0, pod_ready_at, "pod readiness")?,
-                ready: since(t0, ready_at, "readiness")?,
-                apiserver_back: Duration::ZERO,
-                pods_on_return: 0,
-            })
-        }
-        .await;
-        let mut trial = with_logs(result, &all_ops(&ops)).with_context(|| format!("trial {n}"))?;
-
-        // The dead cluster comes back: the same apiserver, two new replicas (standbys).
-        let restarting = Instant::now();
-        apiservers.push(apiserver.restart()?);
-        let client = sides[leader].client.clone();
-        wait_until(
-            "the restarted kube-apiserver to answer",
-            Duration::from_secs(120),
-            || async {
-                let up = client.apiserver_version().await.is_ok()
-                    && sides[leader].scale().await.is_ok()
-                    && sides[leader].phase().await.is_ok();
-                Ok(up.then_some(()))
-            },
-        )
-        .await
-        .with_context(|| format!("restart the kube-apiserver of cluster {dead_name}"))?;
-        trial.apiserver_back = restarting.elapsed();
-        trial.pods_on_return = live_pods(&client, FAILOVER_NS, WORKLOAD).await?;
+    for n in 1..=bench.args.trials {
+        let apiserver = Apiserver::of(&run.c.sides[run.c.leader].test)?;
+        let result = run.kill_leading(n, &apiserver).await;
+        let mut trial =
+            with_logs(result, &run.c.all_ops()).with_context(|| format!("trial {n}"))?;
+        let restarting = run.bring_back(&apiserver, &mut trial).await?;
         println!("{}", trial.line());
         trials.push(trial);
-        sides[leader].restart_watches();
-        let restarted = Utc::now();
-        let mut fresh = Vec::new();
-        for _ in 0..REPLICAS_PER_CLUSTER {
-            fresh.push(sides[leader].start_operator(urls, schema, log_dir)?);
-        }
-        ops[leader] = fresh;
-        leader = follower;
-        let stable = ctx
-            .wait_stable_holders(
-                &sides,
-                &holders(&ops[leader]),
-                &holders(&ops[1 - leader]),
-                leader,
-                restarted,
-            )
-            .await;
-        with_logs(stable, &all_ops(&ops)).with_context(|| format!("after trial {n}"))?;
-        eprintln!(
-            "  cluster {dead_name} back (apiserver and {REPLICAS_PER_CLUSTER} new replicas) as the \
-             standby; stable again after {:.1?}",
-            restarting.elapsed()
-        );
-        tokio::time::sleep(Duration::from_secs(timing.retry)).await;
+        run.rejoin(n, restarting).await?;
     }
-    for op in ops.iter_mut().flatten() {
-        ensure!(op.running(), "{} exited during the run", op.holder());
-    }
-    for mut child in apiservers {
+    run.c.check_running()?;
+    for mut child in run.apiservers {
         // Still running: down.sh stops it; reaped here if it already exited.
         let _ = child.try_wait();
     }
     Ok(trials)
 }
 
-pub fn render(
-    args: &FailoverArgs,
-    m: &Machine,
-    started: DateTime<Utc>,
-    elapsed: Duration,
-    trials: &[DeadTrial],
-) -> (String, String) {
-    let t = args.timing;
-    let heading = format!(
-        "## `--mode dead-cluster`, {}, grace {} s",
-        t.label(),
-        args.grace_seconds
-    );
-    let mut o = String::new();
+/// A run's clusters, and the apiservers it started again.
+struct DeadRun<'a> {
+    c: Clusters<'a>,
+    /// Started again after a trial; down.sh stops them (their pids are in the pid files).
+    apiservers: Vec<Child>,
+}
+
+impl DeadRun<'_> {
+    /// Trial `n`: kills the leading cluster's replicas and `apiserver`, and measures the
+    /// other cluster's takeover.
+    async fn kill_leading(&mut self, n: usize, apiserver: &Apiserver) -> Result<DeadTrial> {
+        let (leader, follower) = (self.c.leader, self.c.follower());
+        let dead_holders = self.c.holders(leader);
+        sleep_random_phase(self.c.bench.args.timing).await;
+        let last_id = self.c.ctx.last_event_id().await?;
+        ensure!(
+            self.c.sides[follower].watch.latest()
+                == Some(Scale {
+                    replicas: 0,
+                    ready: 0
+                }),
+            "the standby cluster's Deployment is not at 0 before the kill: {:?}",
+            self.c.sides[follower].watch.latest()
+        );
+
+        let mut pids: Vec<u32> = self.c.ops[leader].iter().map(|op| op.pid()).collect();
+        pids.push(apiserver.pid);
+        let t0 = kill_all(&pids)?;
+        for op in &mut self.c.ops[leader] {
+            op.wait_exit(Duration::from_secs(10)).await?;
+        }
+        // Nobody of the dead cluster writes any more: its lease expiry and its last
+        // report are final.
+        let expired = self.c.ctx.expiry_after(t0, &dead_holders).await?;
+        let report = self.last_report(t0).await?;
+        let timeout = report.stale_after
+            + report.refresh * 2
+            + Duration::from_secs(self.c.bench.args.timing.ttl + 60);
+        let (taken_at, to) = self.wait_takeover(last_id, timeout).await?;
+        let up = self.c.sides[follower].wait_scale_up(t0, timeout).await?;
+        Ok(DeadTrial {
+            n,
+            from: self.c.sides[leader].name,
+            to,
+            expired,
+            report,
+            lease: since(t0, taken_at, "takeover")?,
+            up,
+            apiserver_back: Duration::ZERO,
+            pods_on_return: 0,
+        })
+    }
+
+    /// The dead (leading) cluster's last workload report, which must show its pod running.
+    async fn last_report(&self, t0: DateTime<Utc>) -> Result<LastReport> {
+        let dead_name = self.c.sides[self.c.leader].name;
+        let report = sqlx::query(AssertSqlSafe(format!(
+            "SELECT reported_at + stale_after_ms * interval '1 millisecond' AS stale_at, \
+             stale_after_ms, refresh_ms, running_pods FROM {} \
+             WHERE name = $1 AND cluster = $2",
+            self.c.ctx.workload
+        )))
+        .bind(self.c.ctx.lease_name)
+        .bind(dead_name)
+        .fetch_optional(self.c.ctx.store.pool())
+        .await?
+        .ok_or_else(|| anyhow!("cluster {dead_name} has no workload report"))?;
+        let running: i32 = report.try_get("running_pods")?;
+        ensure!(
+            running >= 1,
+            "the dead cluster's last report shows {running} running pods, not its pod"
+        );
+        let stale_at: DateTime<Utc> = report.try_get("stale_at")?;
+        let ms = |col: &str| -> Result<Duration> {
+            Ok(Duration::from_millis(
+                report.try_get::<i64, _>(col)?.max(0) as u64
+            ))
+        };
+        Ok(LastReport {
+            stale: since(t0, stale_at, "report stale")?,
+            stale_after: ms("stale_after_ms")?,
+            refresh: ms("refresh_ms")?,
+        })
+    }
+
+    /// Waits for the other cluster's acquire row after `last_id`: when, and by whom.
+    async fn wait_takeover(
+        &self,
+        last_id: i64,
+        timeout: Duration,
+    ) -> Result<(DateTime<Utc>, String)> {
+        let live_holders = self.c.holders(self.c.follower());
+        wait_until("the takeover row in lease_event", timeout, || async {
+            // Nothing but the other cluster's acquire may follow the kill.
+            let Some(e) = self.c.ctx.events_after(last_id).await?.into_iter().next() else {
+                return Ok(None);
+            };
+            match e.kind.as_str() {
+                "acquire" | "takeover" if live_holders.contains(&e.holder) => {
+                    Ok(Some((e.at, e.holder)))
+                }
+                _ => bail!(
+                    "unexpected lease_event {} by {} after the kill",
+                    e.kind,
+                    e.holder
+                ),
+            }
+        })
+        .await
+    }
+
+    /// The dead cluster comes back: its apiserver starts again with the same command line;
+    /// records in `trial` how long it took to answer and the pods of its Deployment then.
+    /// Returns when the restart began.
+    async fn bring_back(
+        &mut self,
+        apiserver: &Apiserver,
+        trial: &mut DeadTrial,
+    ) -> Result<Instant> {
+        let restarting = Instant::now();
+        self.apiservers.push(apiserver.restart()?);
+        let side = &self.c.sides[self.c.leader];
+        let client = side.client.clone();
+        wait_until(
+            "the restarted kube-apiserver to answer",
+            Duration::from_secs(120),
+            || async {
+                let up = client.apiserver_version().await.is_ok()
+                    && side.scale().await.is_ok()
+                    && side.phase().await.is_ok();
+                Ok(up.then_some(()))
+            },
+        )
+        .await
+        .with_context(|| format!("restart the kube-apiserver of cluster {}", side.name))?;
+        trial.apiserver_back = restarting.elapsed();
+        trial.pods_on_return = live_pods(&client, FAILOVER_NS, WORKLOAD).await?;
+        Ok(restarting)
+    }
+
+    /// Two new replicas join the returned cluster, which becomes the standby: the roles
+    /// swap. Waits until the system is stable again.
+    async fn rejoin(&mut self, n: usize, restarting: Instant) -> Result<()> {
+        let dead = self.c.leader;
+        self.c.sides[dead].restart_watches();
+        let restarted = Utc::now();
+        self.c.restart_replicas(dead, REPLICAS_PER_CLUSTER)?;
+        self.c.leader = 1 - dead;
+        self.c
+            .wait_stable(restarted)
+            .await
+            .with_context(|| format!("after trial {n}"))?;
+        eprintln!(
+            "  cluster {} back (apiserver and {REPLICAS_PER_CLUSTER} new replicas) as the \
+             standby; stable again after {:.1?}",
+            self.c.sides[dead].name,
+            restarting.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(self.c.bench.args.timing.retry)).await;
+        Ok(())
+    }
+}
+
+pub fn render(run: &RunInfo, trials: &[DeadTrial]) -> (String, String) {
+    let args = run.args;
+    let grace = Some(args.grace_seconds);
+    let (heading, mut o) = section_head(run, grace, trials.len());
     let w = &mut o;
-    let _ = writeln!(
-        w,
-        "- **Command:** `cargo bench --bench failover -- failover --mode dead-cluster --trials {} {} \
-         --grace-seconds {} --write`",
-        args.trials,
-        t.flags(),
-        args.grace_seconds
-    );
-    write_date_line(w, started, trials.len(), elapsed);
-    m.describe(w);
     let _ = writeln!(
         w,
         "- **Set-up:** {REPLICAS_PER_CLUSTER} replicas per cluster; a trial kills both replicas \
@@ -439,7 +390,7 @@ pub fn render(
 /// Median, p99 and spread of each signal over the trials.
 fn write_summary(w: &mut String, trials: &[DeadTrial]) {
     let col = |f: fn(&DeadTrial) -> Duration| Stats::of(trials.iter().map(f).collect());
-    let rows: Vec<(&str, Option<Stats>)> = vec![
+    let mut rows: Vec<(&str, Option<Stats>)> = vec![
         (
             "lease expired (dead holder's last `renewed_at` + ttl)",
             col(|t| t.expired),
@@ -450,29 +401,19 @@ fn write_summary(w: &mut String, trials: &[DeadTrial]) {
         ),
         (
             "dead cluster's report stale (its last `reported_at` + `stale_after`)",
-            col(|t| t.stale),
+            col(|t| t.report.stale),
         ),
         (
             "gate open: max(report stale, lease taken + 2 × refresh)",
             col(DeadTrial::gate),
         ),
-        (
-            "**Deployment scaled** (other cluster, `spec.replicas` = 1)",
-            col(|t| t.scaled),
-        ),
-        (
-            "pod Ready (the pod's condition, pod watch)",
-            col(|t| t.pod_ready),
-        ),
-        (
-            "**pod ready** (`status.readyReplicas` = 1)",
-            col(|t| t.ready),
-        ),
-        (
-            "(dead cluster's apiserver answering again, from its restart)",
-            col(|t| t.apiserver_back),
-        ),
     ];
+    let ups: Vec<ScaleUp> = trials.iter().map(|t| t.up).collect();
+    rows.extend(ScaleUp::summary_rows(&ups));
+    rows.push((
+        "(dead cluster's apiserver answering again, from its restart)",
+        col(|t| t.apiserver_back),
+    ));
     write_stats_table(w, "the kill", &rows);
     let _ = writeln!(w);
 }
@@ -486,7 +427,7 @@ fn write_expected(w: &mut String, args: &FailoverArgs, trials: &[DeadTrial]) {
     let (ttl, retry) = (Duration::from_secs(t.ttl), Duration::from_secs(t.retry));
     let grace = Duration::from_secs(args.grace_seconds.max(0) as u64);
     let stale_after = refresh + ttl + retry + grace;
-    let recorded: Vec<Duration> = trials.iter().map(|t| t.stale_after).collect();
+    let recorded: Vec<Duration> = trials.iter().map(|t| t.report.stale_after).collect();
     let _ = writeln!(
         w,
         "Bound: a report stays credible for refresh + ttl + retry + grace = {} + {} + {} + {} \
@@ -525,28 +466,26 @@ fn write_expected(w: &mut String, args: &FailoverArgs, trials: &[DeadTrial]) {
 fn write_every_trial(w: &mut String, trials: &[DeadTrial]) {
     let _ = writeln!(w);
     let _ = writeln!(w, "<details><summary>Every trial</summary>\n");
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| # | dead → taken by | lease expired | lease taken | report stale | gate open | scaled | pod Ready | ready | apiserver back | its pods then |"
+        "rlrrrrrrrrr",
+        "# | dead → taken by | lease expired | lease taken | report stale | gate open | scaled | pod Ready | ready | apiserver back | its pods then",
     );
-    let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for tr in trials {
-        let _ = writeln!(
-            w,
-            "| {} | {} → {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            tr.n,
-            tr.from,
-            tr.to,
-            fmt_dur(tr.expired),
-            fmt_dur(tr.lease),
-            fmt_dur(tr.stale),
-            fmt_dur(tr.gate()),
-            fmt_dur(tr.scaled),
-            fmt_dur(tr.pod_ready),
-            fmt_dur(tr.ready),
-            fmt_dur(tr.apiserver_back),
-            tr.pods_on_return
-        );
+        let mut cells = vec![tr.n.to_string(), format!("{} → {}", tr.from, tr.to)];
+        let (stale, up) = (tr.report.stale, tr.up);
+        let times = [
+            tr.expired,
+            tr.lease,
+            stale,
+            tr.gate(),
+            up.scaled,
+            up.pod_ready,
+            up.ready,
+        ];
+        cells.extend(times.map(fmt_dur));
+        cells.extend([fmt_dur(tr.apiserver_back), tr.pods_on_return.to_string()]);
+        table.row(&cells);
     }
     let _ = writeln!(w, "\n</details>");
 }

@@ -11,7 +11,8 @@ use reaper_operator::lease::LeaseStore;
 use super::database::{DIRECT_ENV, Urls, exec, failover_schema_name};
 use super::machine::Machine;
 use super::operator::LogDir;
-use super::report::write_section;
+use super::report::{RunInfo, write_section};
+use super::side::Bench;
 use super::{FailoverArgs, Mode, dead_cluster, host, stopped_replica, support};
 
 const FAILOVER_DOC: &str = "docs/benchmarks-failover.md";
@@ -40,15 +41,18 @@ pub async fn failover(args: &FailoverArgs) -> Result<()> {
         machine.load_start
     );
     let mut logs = LogDir::new("failover")?;
+    let bench = Bench {
+        args,
+        urls: &urls,
+        schema: &schema,
+        store: &admin,
+        log_dir: &logs.path,
+    };
     let outcome = match admin.migrate().await {
         Ok(()) if args.mode == Mode::DeadCluster => {
-            dead_cluster::run(args, &urls, &schema, &admin, &logs.path)
-                .await
-                .map(Trials::Dead)
+            dead_cluster::run(bench).await.map(Trials::Dead)
         }
-        Ok(()) => stopped_replica::run(args, &urls, &schema, &admin, &logs.path)
-            .await
-            .map(Trials::Process),
+        Ok(()) => stopped_replica::run(bench).await.map(Trials::Process),
         Err(e) => Err(anyhow!(e).context("migrate the bench schema")),
     };
     let dropped = exec(
@@ -62,13 +66,15 @@ pub async fn failover(args: &FailoverArgs) -> Result<()> {
     logs.succeeded();
     machine.load_end = host::load_average();
 
+    let run = RunInfo {
+        args,
+        machine: &machine,
+        started,
+        elapsed: wall.elapsed(),
+    };
     let (heading, section) = match &trials {
-        Trials::Process(trials) => {
-            stopped_replica::render(args, &machine, started, wall.elapsed(), trials)
-        }
-        Trials::Dead(trials) => {
-            dead_cluster::render(args, &machine, started, wall.elapsed(), trials)
-        }
+        Trials::Process(trials) => stopped_replica::render(&run, trials),
+        Trials::Dead(trials) => dead_cluster::render(&run, trials),
     };
     println!("\n{heading}\n\n{section}");
     if args.write {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, ensure};
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::Client;
 use kube::api::{Api, ListParams};
 use reaper_operator::config::Schema;
 use reaper_operator::lease::LeaseStore;
@@ -27,7 +28,7 @@ use super::machine::Machine;
 use super::operator::{LogDir, Operator, with_logs};
 use super::resource_usage::{clock_ticks_per_second, cpu_ticks, memory_kib};
 use super::statements::{Counting, db_counters};
-use super::support::cluster::{install_reaper_crd, wait_until};
+use super::support::cluster::{TestCluster, install_reaper_crd, wait_until};
 use super::support::fixtures::{create_deployment, create_namespace, create_reaper};
 use super::support::operator::OperatorSpec;
 use super::{FootprintArgs, audit, host, support, unrelated};
@@ -138,35 +139,8 @@ async fn run_footprint(
     counting: Counting,
     log_dir: &Path,
 ) -> Result<Vec<FpRow>> {
-    let timing = args.timing;
-    let direct = with_database(&urls.direct, db)?;
-    let bouncer = with_database(&urls.pgbouncer, db)?;
-    let schema = Schema::new("reaper")?;
-    let store = LeaseStore::connect(&direct, &schema, Duration::from_secs(10), 2)
-        .await
-        .context("connect to the bench database")?;
-    store
-        .migrate()
-        .await
-        .context("migrate the bench database")?;
-    let lease_table = schema.qualify("lease");
-
-    eprintln!("starting a control plane (tests/cluster/up.sh)...");
-    let cluster = start_cluster("bench-fp").await?;
-    let client = cluster.client().await?;
-    install_reaper_crd(&client).await?;
     let max_n = *sizes.last().unwrap_or(&0);
-    if max_n + 10 > DEFAULT_NODE_PODS {
-        add_fake_node(&client, "bench-kwok-node-1", max_n + 20).await?;
-    }
-    let audit = audit::AuditLog::of(cluster.kubeconfig())?;
-    if args.unrelated_pods > 0 {
-        unrelated::create_unrelated_pods(&client, args.unrelated_pods, args.concurrency).await?;
-    }
-
-    let ticks_per_s = clock_ticks_per_second();
-    let mut created = 0usize;
-    let mut namespaces = 0usize;
+    let mut fp = Footprint::start(args, max_n, urls, (admin, db, counting), log_dir).await?;
     let mut previous: Option<Operator> = None;
     let mut rows = Vec::new();
     for &n in sizes {
@@ -176,64 +150,206 @@ async fn run_footprint(
             old.kill9()?;
             old.wait_exit(Duration::from_secs(10)).await?;
         }
-        if n > created {
-            eprintln!("creating Reapers {}..{n}", created + 1);
-            let creating = Instant::now();
-            while namespaces * PER_NAMESPACE < n {
-                create_namespace(&client, &fp_namespace(namespaces)).await?;
-                namespaces += 1;
-            }
-            futures::stream::iter(created..n)
-                .map(|i| {
-                    let client = client.clone();
-                    async move {
-                        let ns = fp_namespace(i / PER_NAMESPACE);
-                        let name = format!("r-{i:05}");
-                        create_deployment(
-                            &client,
-                            &ns,
-                            &name,
-                            "Recreate",
-                            json!({"reaper-bench": "footprint"}),
-                        )
-                        .await?;
-                        create_reaper(
-                            &client,
-                            &ns,
-                            &name,
-                            &name,
-                            timing.lease_spec(&format!("{ns}.fp-{i:05}")),
-                        )
-                        .await
-                    }
-                })
-                .buffer_unordered(args.concurrency)
-                .try_collect::<Vec<()>>()
-                .await?;
-            created = n;
-            eprintln!("  created in {:.1?}", creating.elapsed());
-        }
+        fp.create_reapers(n).await?;
+        let (row, op) = fp.measure_size(n).await?;
+        println!("{}", row.line());
+        rows.push(row);
+        previous = Some(op);
+    }
+    drop(previous);
+    fp.store.close().await;
+    Ok(rows)
+}
 
-        let op_mark = audit.mark()?;
+/// The footprint's control plane and bench database, and the Reapers created so far.
+/// Fields drop in order: the control plane stops last.
+struct Footprint<'a> {
+    args: &'a FootprintArgs,
+    /// The bench database, its name, and how its statements are counted.
+    admin: (&'a PgPool, &'a str, Counting),
+    log_dir: &'a Path,
+    /// The bench database, direct and through PgBouncer.
+    direct: String,
+    bouncer: String,
+    schema: Schema,
+    store: LeaseStore,
+    /// Counts the leases a holder holds.
+    held_sql: String,
+    client: Client,
+    audit: audit::AuditLog,
+    ticks_per_s: f64,
+    /// Reapers created so far, and the namespaces they are in.
+    created: usize,
+    namespaces: usize,
+    /// The control plane: stopped when this is dropped.
+    _cluster: TestCluster,
+}
+
+impl<'a> Footprint<'a> {
+    /// Migrates the bench database and starts the control plane, with room for `max_n`
+    /// pods and the `--unrelated-pods`.
+    async fn start(
+        args: &'a FootprintArgs,
+        max_n: usize,
+        urls: &Urls,
+        admin: (&'a PgPool, &'a str, Counting),
+        log_dir: &'a Path,
+    ) -> Result<Self> {
+        let db = admin.1;
+        let direct = with_database(&urls.direct, db)?;
+        let bouncer = with_database(&urls.pgbouncer, db)?;
+        let schema = Schema::new("reaper")?;
+        let store = LeaseStore::connect(&direct, &schema, Duration::from_secs(10), 2)
+            .await
+            .context("connect to the bench database")?;
+        store
+            .migrate()
+            .await
+            .context("migrate the bench database")?;
+        let lease_table = schema.qualify("lease");
+
+        eprintln!("starting a control plane (tests/cluster/up.sh)...");
+        let cluster = start_cluster("bench-fp").await?;
+        let client = cluster.client().await?;
+        install_reaper_crd(&client).await?;
+        if max_n + 10 > DEFAULT_NODE_PODS {
+            add_fake_node(&client, "bench-kwok-node-1", max_n + 20).await?;
+        }
+        let audit = audit::AuditLog::of(cluster.kubeconfig())?;
+        if args.unrelated_pods > 0 {
+            unrelated::create_unrelated_pods(&client, args.unrelated_pods, args.concurrency)
+                .await?;
+        }
+        Ok(Self {
+            args,
+            admin,
+            log_dir,
+            direct,
+            bouncer,
+            schema,
+            store,
+            held_sql: format!(
+                "SELECT count(*) AS n FROM {lease_table} WHERE holder = $1 \
+                 AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()"
+            ),
+            client,
+            audit,
+            ticks_per_s: clock_ticks_per_second(),
+            created: 0,
+            namespaces: 0,
+            _cluster: cluster,
+        })
+    }
+
+    /// Creates Reapers (each with its Deployment) up to `n`.
+    async fn create_reapers(&mut self, n: usize) -> Result<()> {
+        if n <= self.created {
+            return Ok(());
+        }
+        let (client, timing) = (&self.client, self.args.timing);
+        eprintln!("creating Reapers {}..{n}", self.created + 1);
+        let creating = Instant::now();
+        while self.namespaces * PER_NAMESPACE < n {
+            create_namespace(client, &fp_namespace(self.namespaces)).await?;
+            self.namespaces += 1;
+        }
+        futures::stream::iter(self.created..n)
+            .map(|i| {
+                let client = client.clone();
+                async move {
+                    let ns = fp_namespace(i / PER_NAMESPACE);
+                    let name = format!("r-{i:05}");
+                    create_deployment(
+                        &client,
+                        &ns,
+                        &name,
+                        "Recreate",
+                        json!({"reaper-bench": "footprint"}),
+                    )
+                    .await?;
+                    create_reaper(
+                        &client,
+                        &ns,
+                        &name,
+                        &name,
+                        timing.lease_spec(&format!("{ns}.fp-{i:05}")),
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(self.args.concurrency)
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.created = n;
+        eprintln!("  created in {:.1?}", creating.elapsed());
+        Ok(())
+    }
+
+    /// Starts a replica for size `n` with its own identity, and measures it: it settles
+    /// (holds all N leases, every Deployment ready), then the window. Returns the row and
+    /// the replica, which still runs.
+    async fn measure_size(&self, n: usize) -> Result<(FpRow, Operator)> {
+        let op_mark = self.audit.mark()?;
+        let (op, up) = self.start_replica(n).await?;
+        let holder = op.holder();
+        // A replica that cannot keep all N leases (or a control plane that cannot start
+        // all pods) is measured anyway; the report shows how many it held.
+        let settled = self.wait_settled(&holder, n).await;
+        let ready_after = up.elapsed();
+        let settled_ok = settled.is_ok();
+        match settled {
+            Ok(()) => eprintln!(
+                "N = {n}: {holder} holds every lease, Deployments ready after {ready_after:.1?}; \
+                 settling {} s, measuring {} s",
+                self.args.settle, self.args.window
+            ),
+            Err(e) => eprintln!("warning: N = {n}: {e:#}; measuring anyway"),
+        }
+        tokio::time::sleep(Duration::from_secs(self.args.settle)).await;
+
+        let held_before = self.held(&holder).await?;
+        let measured = measure(
+            &op,
+            n,
+            self.args,
+            self.admin,
+            (&self.audit, &op_mark),
+            self.ticks_per_s,
+            ready_after,
+        )
+        .await;
+        let mut row = with_logs(measured, &[&op]).with_context(|| format!("N = {n}"))?;
+        // After the window's last snapshot, so these reads are not counted.
+        row.settled = settled_ok;
+        row.held = (held_before, self.held(&holder).await?);
+        row.deployments_ready = self.deployments_ready().await?;
+        ensure!(
+            row.n == 0 || row.held.1 > 0,
+            "the replica holds none of the {n} leases after the window"
+        );
+        Ok((row, op))
+    }
+
+    /// Starts the replica of size `n` and waits until it is ready; returns it and when it
+    /// started.
+    async fn start_replica(&self, n: usize) -> Result<(Operator, Instant)> {
         let identity = format!("op-{n}");
         let op = Operator::start(
             OperatorSpec {
                 // Its own identity, whose requests the apiserver's audit log holds.
-                kubeconfig: audit.kubeconfig(),
-                database_url: &bouncer,
-                listen_database_url: Some(&direct),
-                schema: schema.as_str(),
+                kubeconfig: self.audit.kubeconfig(),
+                database_url: &self.bouncer,
+                listen_database_url: Some(&self.direct),
+                schema: self.schema.as_str(),
                 cluster: "fp",
                 identity: &identity,
                 migrate: false,
                 // Every namespace (the operator reads an empty value as none given).
                 namespace: "",
             },
-            log_dir,
+            self.log_dir,
         )?;
-        let holder = op.holder();
         let up = Instant::now();
-        let timeout = Duration::from_secs(timing.ttl + 180) + Duration::from_millis(500) * n as u32;
         let readyz = wait_until(
             "the replica to be ready (/readyz)",
             Duration::from_secs(60),
@@ -241,90 +357,54 @@ async fn run_footprint(
         )
         .await;
         with_logs(readyz, &[&op]).with_context(|| format!("N = {n}"))?;
-        let held_sql = format!(
-            "SELECT count(*) AS n FROM {lease_table} WHERE holder = $1 \
-             AND renewed_at + ttl_ms * interval '1 millisecond' > clock_timestamp()"
-        );
-        let held = || async {
-            let held: i64 = sqlx::query(AssertSqlSafe(held_sql.clone()))
-                .bind(&holder)
-                .fetch_one(store.pool())
-                .await?
-                .try_get("n")?;
-            anyhow::Ok(held as usize)
-        };
-        let deployments_ready = || async {
-            let list = Api::<Deployment>::all(client.clone())
-                .list(&ListParams::default().labels("reaper-bench=footprint"))
-                .await?;
-            let one = Scale {
-                replicas: 1,
-                ready: 1,
-            };
-            anyhow::Ok(list.items.iter().filter(|d| scale_of(d) == one).count())
-        };
-        // A replica that cannot keep all N leases (or a control plane that cannot start
-        // all pods) is measured anyway; the report shows how many it held.
-        let settled = async {
-            wait_until(&format!("{holder} to hold {n} leases"), timeout, || async {
-                Ok((held().await? == n).then_some(()))
-            })
-            .await?;
-            let last_report = std::cell::Cell::new(Instant::now());
-            wait_until(
-                &format!("{n} Deployments at 1 ready replica"),
-                timeout,
-                || async {
-                    let ready = deployments_ready().await?;
-                    if last_report.get().elapsed() > Duration::from_secs(15) {
-                        eprintln!("  {ready} of {n} Deployments ready");
-                        last_report.set(Instant::now());
-                    }
-                    Ok((ready == n).then_some(()))
-                },
-            )
-            .await
-        }
-        .await;
-        let ready_after = up.elapsed();
-        let settled_ok = settled.is_ok();
-        match settled {
-            Ok(()) => eprintln!(
-                "N = {n}: {holder} holds every lease, Deployments ready after {ready_after:.1?}; \
-                 settling {} s, measuring {} s",
-                args.settle, args.window
-            ),
-            Err(e) => eprintln!("warning: N = {n}: {e:#}; measuring anyway"),
-        }
-        tokio::time::sleep(Duration::from_secs(args.settle)).await;
-
-        let held_before = held().await?;
-        let measured = measure(
-            &op,
-            n,
-            args,
-            (admin, db, counting),
-            (&audit, &op_mark),
-            ticks_per_s,
-            ready_after,
-        )
-        .await;
-        let mut row = with_logs(measured, &[&op]).with_context(|| format!("N = {n}"))?;
-        // After the window's last snapshot, so these reads are not counted.
-        row.settled = settled_ok;
-        row.held = (held_before, held().await?);
-        row.deployments_ready = deployments_ready().await?;
-        ensure!(
-            row.n == 0 || row.held.1 > 0,
-            "the replica holds none of the {n} leases after the window"
-        );
-        println!("{}", row.line());
-        rows.push(row);
-        previous = Some(op);
+        Ok((op, up))
     }
-    drop(previous);
-    store.close().await;
-    Ok(rows)
+
+    /// Waits until `holder` holds all `n` leases, then until every Deployment is ready.
+    async fn wait_settled(&self, holder: &str, n: usize) -> Result<()> {
+        let timeout =
+            Duration::from_secs(self.args.timing.ttl + 180) + Duration::from_millis(500) * n as u32;
+        wait_until(&format!("{holder} to hold {n} leases"), timeout, || async {
+            Ok((self.held(holder).await? == n).then_some(()))
+        })
+        .await?;
+        let last_report = std::cell::Cell::new(Instant::now());
+        wait_until(
+            &format!("{n} Deployments at 1 ready replica"),
+            timeout,
+            || async {
+                let ready = self.deployments_ready().await?;
+                if last_report.get().elapsed() > Duration::from_secs(15) {
+                    eprintln!("  {ready} of {n} Deployments ready");
+                    last_report.set(Instant::now());
+                }
+                Ok((ready == n).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// The leases `holder` holds (unexpired).
+    async fn held(&self, holder: &str) -> Result<usize> {
+        let held: i64 = sqlx::query(AssertSqlSafe(self.held_sql.clone()))
+            .bind(holder)
+            .fetch_one(self.store.pool())
+            .await?
+            .try_get("n")?;
+        Ok(held as usize)
+    }
+
+    /// The bench's Deployments with one ready replica.
+    async fn deployments_ready(&self) -> Result<usize> {
+        let list = Api::<Deployment>::all(self.client.clone())
+            .list(&ListParams::default().labels("reaper-bench=footprint"))
+            .await?;
+        let one = Scale {
+            replicas: 1,
+            ready: 1,
+        };
+        Ok(list.items.iter().filter(|d| scale_of(d) == one).count())
+    }
 }
 
 fn fp_namespace(k: usize) -> String {

@@ -1,13 +1,14 @@
 //! What `footprint` reports: a row per N, and the text of docs/benchmarks-footprint.md.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::footprint::PER_NAMESPACE;
 use super::machine::Machine;
+use super::markdown::Table;
 use super::report::{fmt_dur, fmt_rate};
 use super::statements::Counting;
 use super::{FootprintArgs, audit};
@@ -165,29 +166,27 @@ fn render_footprint_summary(
     rows: &[FpRow],
 ) {
     let t = args.timing;
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| N | RSS MiB | peak MiB | CPU % | API requests/s | statements/s | renews per retry period |"
+        "rrrrrrr",
+        "N | RSS MiB | peak MiB | CPU % | API requests/s | statements/s | renews per retry period",
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        let _ = writeln!(
-            w,
-            "| {} | {:.1} | {:.1} | {:.2} | {} | {} | {} |",
-            r.n,
-            r.rss_mib,
-            r.hwm_mib,
-            r.cpu_pct,
+        table.row(&[
+            r.n.to_string(),
+            format!("{:.1}", r.rss_mib),
+            format!("{:.1}", r.hwm_mib),
+            format!("{:.2}", r.cpu_pct),
             fmt_rate(r.api.requests_per_s()),
             r.statements_per_s().map_or_else(
                 || format!("≈ {} (transactions)", fmt_rate(r.xacts_per_s)),
-                fmt_rate
+                fmt_rate,
             ),
             r.renews_per_period.map_or_else(
                 || "n/a".to_owned(),
-                |(s, rows)| format!("{} ({} leases)", fmt_rate(s), fmt_rate(rows))
+                |(s, rows)| format!("{} ({} leases)", fmt_rate(s), fmt_rate(rows)),
             ),
-        );
+        ]);
     }
     let _ = writeln!(w);
     let _ = writeln!(
@@ -260,26 +259,21 @@ fn render_by_kind(w: &mut String, rows: &[FpRow]) {
              (`pg_stat_database`, commits + rollbacks) is a cross-check: idle backends flush \
              those counters lazily, so at a few statements per second it can lag behind.\n"
         );
-        write_numbers_head(w, &["N"], &kinds, &["transactions/s", "reconciles/s"]);
+        let mut table = numbers_table(w, &["N"], &kinds, &["transactions/s", "reconciles/s"]);
         for r in rows {
-            let cells: Vec<String> = kinds
-                .iter()
-                .map(|k| {
-                    r.by_kind.as_ref().and_then(|m| m.get(k)).map_or_else(
-                        || "0".to_owned(),
-                        |(c, rows)| format!("{} ({})", fmt_rate(*c), fmt_rate(*rows)),
-                    )
-                })
-                .collect();
-            let _ = writeln!(
-                w,
-                "| {} | {} | {} | {} |",
-                r.n,
-                cells.join(" | "),
-                fmt_rate(r.xacts_per_s),
+            let mut cells = vec![r.n.to_string()];
+            cells.extend(kinds.iter().map(|k| {
+                r.by_kind.as_ref().and_then(|m| m.get(k)).map_or_else(
+                    || "0".to_owned(),
+                    |(c, rows)| format!("{} ({})", fmt_rate(*c), fmt_rate(*rows)),
+                )
+            }));
+            cells.push(fmt_rate(r.xacts_per_s));
+            cells.push(
                 r.reconciles_per_s
-                    .map_or_else(|| "n/a".to_owned(), fmt_rate)
+                    .map_or_else(|| "n/a".to_owned(), fmt_rate),
             );
+            table.row(&cells);
         }
     }
 }
@@ -298,29 +292,29 @@ fn render_steadiness(w: &mut String, rows: &[FpRow]) {
          before the window**: the replica's requests from its start to the window (start-up, \
          taking the leases over, scaling up, settling), watch opens apart.\n"
     );
-    let _ = writeln!(
+    let mut table = Table::new(
         w,
-        "| N | ready after | held before / after | Deployments ready | window | API requests before the window |"
+        "rrrrrr",
+        "N | ready after | held before / after | Deployments ready | window | API requests before the window",
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let complete = r.held.0 == r.n && r.held.1 == r.n && r.deployments_ready == r.n;
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} / {} | {} | {} | {} + {} watch opens |",
-            r.n,
+        table.row(&[
+            r.n.to_string(),
             if r.settled {
                 fmt_dur(r.ready_after)
             } else {
                 "—".to_owned()
             },
-            r.held.0,
-            r.held.1,
-            r.deployments_ready,
+            format!("{} / {}", r.held.0, r.held.1),
+            r.deployments_ready.to_string(),
             fmt_dur(r.window),
-            r.startup_api.requests(),
-            r.startup_api.watch_opens
-        );
+            format!(
+                "{} + {} watch opens",
+                r.startup_api.requests(),
+                r.startup_api.watch_opens
+            ),
+        ]);
         if !complete {
             incomplete.push(r.n);
         }
@@ -340,20 +334,22 @@ fn render_steadiness(w: &mut String, rows: &[FpRow]) {
     }
 }
 
-/// The head of a table of numbers (every column right-aligned) with a column for each of
-/// `names` (in backticks: statement kinds, verbs) between the fixed columns `before` and
-/// `after`.
-fn write_numbers_head(w: &mut String, before: &[&str], names: &[&str], after: &[&str]) {
-    let names_s: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-    let _ = writeln!(
-        w,
-        "| {} | {} | {} |",
-        before.join(" | "),
-        names_s.join(" | "),
-        after.join(" | ")
-    );
-    let columns = before.len() + names.len() + after.len();
-    let _ = writeln!(w, "|{}", "---:|".repeat(columns));
+/// A table of numbers (every column right-aligned) with a column for each of `names` (in
+/// backticks: statement kinds, verbs) between the fixed columns `before` and `after`.
+fn numbers_table<'w>(
+    w: &'w mut String,
+    before: &[&str],
+    names: &[&str],
+    after: &[&str],
+) -> Table<'w> {
+    let names = names.iter().map(|n| format!("`{n}`"));
+    let titles: Vec<String> = before
+        .iter()
+        .map(|t| (*t).to_owned())
+        .chain(names)
+        .chain(after.iter().map(|t| (*t).to_owned()))
+        .collect();
+    Table::new(w, &"r".repeat(titles.len()), &titles.join(" | "))
 }
 
 /// The footprint's tables of API server requests: by verb, and by verb and resource.
@@ -374,41 +370,31 @@ fn render_api(w: &mut String, rows: &[FpRow]) {
          watcher asks for a 290 s timeout, so each watch is opened again about every 5 \
          minutes (a window shorter than that sees some of them or none). **errors** counts answers of 400 or more (conflicts included).\n"
     );
-    write_numbers_head(
+    let mut table = numbers_table(
         w,
         &["N", "all (watches apart)"],
         &verbs,
         &["watch opens", "errors"],
     );
     for r in rows {
-        let cells: Vec<String> = verbs
-            .iter()
-            .map(|v| fmt_rate(r.api.rate(r.api.by_verb.get(*v).copied().unwrap_or(0))))
-            .collect();
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} |",
-            r.n,
-            fmt_rate(r.api.requests_per_s()),
-            cells.join(" | "),
-            r.api.watch_opens,
-            r.api.errors
+        let mut cells = vec![r.n.to_string(), fmt_rate(r.api.requests_per_s())];
+        cells.extend(
+            verbs
+                .iter()
+                .map(|v| fmt_rate(r.api.rate(r.api.by_verb.get(*v).copied().unwrap_or(0)))),
         );
+        cells.extend([r.api.watch_opens.to_string(), r.api.errors.to_string()]);
+        table.row(&cells);
     }
     let _ = writeln!(
         w,
         "\n<details><summary>By verb and resource (requests in the window)</summary>\n"
     );
-    let _ = writeln!(w, "| N | verb resource | requests | per second |");
-    let _ = writeln!(w, "|---:|---|---:|---:|");
+    let mut table = Table::new(w, "rlrr", "N | verb resource | requests | per second");
     for r in rows {
         for (target, count) in &r.api.by_target {
-            let _ = writeln!(
-                w,
-                "| {} | `{target}` | {count} | {} |",
-                r.n,
-                fmt_rate(r.api.rate(*count))
-            );
+            let rate = fmt_rate(r.api.rate(*count));
+            table.row(&[&r.n as &dyn Display, &format!("`{target}`"), count, &rate]);
         }
     }
     let _ = writeln!(w, "\n</details>");

@@ -1,11 +1,15 @@
 //! Statistics of the measured times, and the formatting of the benchmark documents.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use chrono::{DateTime, Utc};
+
+use super::FailoverArgs;
+use super::machine::Machine;
+use super::markdown::Table;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Stats {
@@ -37,33 +41,54 @@ impl Stats {
 
 /// A table of timing statistics, one row per measured step, from `origin` on.
 pub fn write_stats_table(w: &mut String, origin: &str, rows: &[(&str, Option<Stats>)]) {
-    let _ = writeln!(w, "| from {origin} to | median | p99 | min | max |");
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+    let titles = format!("from {origin} to | median | p99 | min | max");
+    let mut table = Table::new(w, "lrrrr", &titles);
     for (label, stats) in rows {
         if let Some(s) = stats {
-            let _ = writeln!(
-                w,
-                "| {label} | {} | {} | {} | {} |",
-                fmt_dur(s.median),
-                fmt_dur(s.p99),
-                fmt_dur(s.min),
-                fmt_dur(s.max)
-            );
+            let [median, p99, min, max] = [s.median, s.p99, s.min, s.max].map(fmt_dur);
+            table.row(&[label as &dyn Display, &median, &p99, &min, &max]);
         }
     }
 }
 
-/// The `- **Date:**` line of a failover section: when the run started, how many trials
-/// it ran and how long it took.
-pub fn write_date_line(w: &mut String, started: DateTime<Utc>, trials: usize, elapsed: Duration) {
+/// A failover run as its section describes it, besides its trials.
+pub struct RunInfo<'a> {
+    pub args: &'a FailoverArgs,
+    pub machine: &'a Machine,
+    /// When it started, and how long it took.
+    pub started: DateTime<Utc>,
+    pub elapsed: Duration,
+}
+
+/// The heading of a failover section and its first lines: the command that wrote it (with
+/// `--grace-seconds` where `grace` is given), when it ran and how many trials, and the
+/// machine.
+pub fn section_head(run: &RunInfo, grace: Option<i64>, trials: usize) -> (String, String) {
+    let (args, started) = (run.args, run.started);
+    let (mode, t) = (args.mode.flag(), args.timing);
+    let heading = format!(
+        "## `--mode {mode}`, {}{}",
+        t.label(),
+        grace.map_or_else(String::new, |g| format!(", grace {g} s"))
+    );
+    let mut w = String::new();
+    let _ = writeln!(
+        w,
+        "- **Command:** `cargo bench --bench failover -- failover --mode {mode} --trials {} {}{} --write`",
+        args.trials,
+        t.flags(),
+        grace.map_or_else(String::new, |g| format!(" --grace-seconds {g}"))
+    );
     let _ = writeln!(
         w,
         "- **Date:** {} ({} trial{}, {:.0} s in all).",
         started.format("%Y-%m-%d %H:%M UTC"),
         trials,
         if trials == 1 { "" } else { "s" },
-        elapsed.as_secs_f64()
+        run.elapsed.as_secs_f64()
     );
+    run.machine.describe(&mut w);
+    (heading, w)
 }
 
 pub fn fmt_dur(d: Duration) -> String {
