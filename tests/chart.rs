@@ -382,13 +382,30 @@ fn schema_refuses_bad_values(ctx: &Ctx, chart: &str, secret: &str) -> Result<()>
 /// where (a JSON pointer) and how the schema's message says so.
 type SchemaRefusal<'a> = (&'a str, Vec<&'a str>, &'a str, &'a str);
 
+/// Values set on top of the required values (`secret`) that the schema refuses, from a
+/// table of a case a line: `what it is | the --set value | path | message`.
+fn refused_values<'a>(secret: &'a str, table: &'a str) -> Vec<SchemaRefusal<'a>> {
+    table
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+            let [what, set, path, message] = fields[..] else {
+                panic!("not a case of four fields: {line}");
+            };
+            (what, vec!["--set", secret, "--set", set], path, message)
+        })
+        .collect()
+}
+
 /// The database Secret and the cluster name: missing, empty, or not a name.
 fn missing_or_malformed_required_values<'a>(
     secret: &'a str,
     only_secret: &'a str,
     long_secret: &'a str,
 ) -> Vec<SchemaRefusal<'a>> {
-    vec![
+    let mut cases = vec![
         (
             "no database Secret",
             vec![],
@@ -408,12 +425,6 @@ fn missing_or_malformed_required_values<'a>(
             "minLength: got 0, want 1",
         ),
         (
-            "clusterName not a DNS label",
-            vec!["--set", secret, "--set", "clusterName=East_1"],
-            "/clusterName",
-            "does not match pattern",
-        ),
-        (
             "database Secret not a DNS-1123 subdomain",
             vec![
                 "--set",
@@ -430,54 +441,31 @@ fn missing_or_malformed_required_values<'a>(
             "/database/existingSecret",
             "maxLength: got 254, want 253",
         ),
-    ]
+    ];
+    cases.extend(refused_values(
+        secret,
+        "clusterName not a DNS label | clusterName=East_1 | /clusterName | does not match pattern",
+    ));
+    cases
 }
 
 /// The keys and the TLS Secret read from the database Secrets: not names.
-fn malformed_secret_keys<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "urlKey not a Secret key",
-            vec!["--set", secret, "--set", "database.urlKey=db/url"],
-            "/database/urlKey",
-            "'db/url' does not match pattern",
-        ),
-        (
-            "listenUrlKey not a Secret key",
-            vec!["--set", secret, "--set", "database.listenUrlKey=listen url"],
-            "/database/listenUrlKey",
-            "'listen url' does not match pattern",
-        ),
-        (
-            "TLS Secret not a DNS-1123 subdomain",
-            vec!["--set", secret, "--set", "database.tls.existingSecret=-tls"],
-            "/database/tls/existingSecret",
-            "'-tls' does not match pattern",
-        ),
-        (
-            "TLS caKey not a Secret key",
-            vec!["--set", secret, "--set", "database.tls.caKey=ca crt"],
-            "/database/tls/caKey",
-            "'ca crt' does not match pattern",
-        ),
-        (
-            "client certificate without its key",
-            vec!["--set", secret, "--set", "database.tls.certKey=tls.crt"],
-            "/database/tls/keyKey",
-            "minLength: got 0, want 1",
-        ),
-    ]
+fn malformed_secret_keys(secret: &str) -> Vec<SchemaRefusal<'_>> {
+    refused_values(
+        secret,
+        "
+        urlKey not a Secret key | database.urlKey=db/url | /database/urlKey | 'db/url' does not match pattern
+        listenUrlKey not a Secret key | database.listenUrlKey=listen url | /database/listenUrlKey | 'listen url' does not match pattern
+        TLS Secret not a DNS-1123 subdomain | database.tls.existingSecret=-tls | /database/tls/existingSecret | '-tls' does not match pattern
+        TLS caKey not a Secret key | database.tls.caKey=ca crt | /database/tls/caKey | 'ca crt' does not match pattern
+        client certificate without its key | database.tls.certKey=tls.crt | /database/tls/keyKey | minLength: got 0, want 1
+        ",
+    )
 }
 
 /// Numbers out of their range, or not integers.
 fn out_of_range_numbers<'a>(secret: &'a str, float_values: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "replicaCount 0",
-            vec!["--set", secret, "--set", "replicaCount=0"],
-            "/replicaCount",
-            "minimum: got 0, want 1",
-        ),
+    let mut cases = vec![
         (
             "replicaCount 1.5",
             vec!["--set", secret, "-f", float_values],
@@ -490,128 +478,39 @@ fn out_of_range_numbers<'a>(secret: &'a str, float_values: &'a str) -> Vec<Schem
             "/replicaCount",
             "got string, want integer",
         ),
-        (
-            "shutdownTimeoutSeconds 0",
-            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=0"],
-            "/shutdownTimeoutSeconds",
-            "minimum: got 0, want 1",
-        ),
-        (
-            "shutdownTimeoutSeconds 3601",
-            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=3601"],
-            "/shutdownTimeoutSeconds",
-            "maximum",
-        ),
-        (
-            "minAvailable 100% (no pod evictable: every drain blocked)",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=100%",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "'100%' does not match pattern",
-        ),
-        (
-            "minAvailable -1",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=-1",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "minimum: got -1, want 0",
-        ),
-        (
-            "http.port 0",
-            vec!["--set", secret, "--set", "http.port=0"],
-            "/http/port",
-            "minimum: got 0, want 1",
-        ),
-    ]
+    ];
+    cases.extend(refused_values(
+        secret,
+        "
+        replicaCount 0 | replicaCount=0 | /replicaCount | minimum: got 0, want 1
+        shutdownTimeoutSeconds 0 | shutdownTimeoutSeconds=0 | /shutdownTimeoutSeconds | minimum: got 0, want 1
+        shutdownTimeoutSeconds 3601 | shutdownTimeoutSeconds=3601 | /shutdownTimeoutSeconds | maximum
+        minAvailable 100% (no pod evictable: every drain blocked) | podDisruptionBudget.minAvailable=100% | /podDisruptionBudget/minAvailable | '100%' does not match pattern
+        minAvailable -1 | podDisruptionBudget.minAvailable=-1 | /podDisruptionBudget/minAvailable | minimum: got -1, want 0
+        http.port 0 | http.port=0 | /http/port | minimum: got 0, want 1
+        ",
+    ));
+    cases
 }
 
-/// Values that are no option of the chart, and options in the wrong form.
-fn unknown_or_malformed_options<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "logFormat xml",
-            vec!["--set", secret, "--set", "logFormat=xml"],
-            "/logFormat",
-            "value must be one of 'text', 'json'",
-        ),
-        (
-            "a misspelt value",
-            vec!["--set", secret, "--set", "replicas=3"],
-            "",
-            "additional properties 'replicas' not allowed",
-        ),
-        (
-            "a probe that would cut the handover's grace period short",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "probes.liveness.terminationGracePeriodSeconds=1",
-            ],
-            "/probes/liveness",
-            "additional properties 'terminationGracePeriodSeconds' not allowed",
-        ),
-        (
-            "image digest not sha256",
-            vec!["--set", secret, "--set", "image.digest=latest"],
-            "/image/digest",
-            "'latest' does not match pattern",
-        ),
-        (
-            "http.address in brackets",
-            vec!["--set", secret, "--set", "http.address=[::]"],
-            "/http/address",
-            "'[::]' does not match pattern",
-        ),
-        (
-            "http.address a host name",
-            vec!["--set", secret, "--set", "http.address=localhost"],
-            "/http/address",
-            "'localhost' does not match pattern",
-        ),
-        (
-            "an unknown alert to disable",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "prometheusRule.disabledAlerts[0]=NoLeader",
-            ],
-            "/prometheusRule/disabledAlerts/0",
-            "value must be one of",
-        ),
-        (
-            "an API server CIDR without its prefix length",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1",
-            ],
-            "/networkPolicy/egress/apiServer/cidrs/0",
-            "'10.0.0.1' does not match pattern",
-        ),
-        (
-            "a misspelt securityContext field",
-            vec!["--set", secret, "--set", "securityContext.runAsUid=1000"],
-            "/securityContext",
-            "additional properties 'runAsUid' not allowed",
-        ),
-        (
-            "a probe path (the chart's own)",
-            vec!["--set", secret, "--set", "probes.liveness.path=/x"],
-            "/probes/liveness",
-            "additional properties 'path' not allowed",
-        ),
-    ]
+/// Values that are no option of the chart, and options in the wrong form (the empty path
+/// is the top level).
+fn unknown_or_malformed_options(secret: &str) -> Vec<SchemaRefusal<'_>> {
+    refused_values(
+        secret,
+        "
+        logFormat xml | logFormat=xml | /logFormat | value must be one of 'text', 'json'
+        a misspelt value | replicas=3 | | additional properties 'replicas' not allowed
+        a probe that would cut the handover's grace period short | probes.liveness.terminationGracePeriodSeconds=1 | /probes/liveness | additional properties 'terminationGracePeriodSeconds' not allowed
+        image digest not sha256 | image.digest=latest | /image/digest | 'latest' does not match pattern
+        http.address in brackets | http.address=[::] | /http/address | '[::]' does not match pattern
+        http.address a host name | http.address=localhost | /http/address | 'localhost' does not match pattern
+        an unknown alert to disable | prometheusRule.disabledAlerts[0]=NoLeader | /prometheusRule/disabledAlerts/0 | value must be one of
+        an API server CIDR without its prefix length | networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1 | /networkPolicy/egress/apiServer/cidrs/0 | '10.0.0.1' does not match pattern
+        a misspelt securityContext field | securityContext.runAsUid=1000 | /securityContext | additional properties 'runAsUid' not allowed
+        a probe path (the chart's own) | probes.liveness.path=/x | /probes/liveness | additional properties 'path' not allowed
+        ",
+    )
 }
 
 /// What the schema cannot see, the templates refuse, naming the value.
