@@ -572,34 +572,30 @@ fn templates_refuse_what_the_schema_cannot_see(ctx: &Ctx, chart: &str, secret: &
 
     // Without schema validation the template still refuses a missing cluster name, and a
     // missing Secret, clearly.
-    let out = ctx.helm(&[
-        "template",
-        "test",
-        chart,
-        "--skip-schema-validation",
-        "--set",
-        &only_secret,
-    ])?;
-    ensure!(
-        !out.success && out.stderr.contains("clusterName is required"),
-        "template without clusterName and without the schema:\n{}{}",
-        out.stdout,
-        out.stderr
-    );
-    let out = ctx.helm(&[
-        "template",
-        "test",
-        chart,
-        "--skip-schema-validation",
-        "--set",
-        &format!("clusterName={CLUSTER_NAME}"),
-    ])?;
-    ensure!(
-        !out.success && out.stderr.contains("database.existingSecret is required"),
-        "template without a Secret and without the schema:\n{}{}",
-        out.stdout,
-        out.stderr
-    );
+    let only_cluster = format!("clusterName={CLUSTER_NAME}");
+    for (what, set, message) in [
+        ("clusterName", &only_secret, "clusterName is required"),
+        (
+            "a Secret",
+            &only_cluster,
+            "database.existingSecret is required",
+        ),
+    ] {
+        let out = ctx.helm(&[
+            "template",
+            "test",
+            chart,
+            "--skip-schema-validation",
+            "--set",
+            set,
+        ])?;
+        ensure!(
+            !out.success && out.stderr.contains(message),
+            "template without {what} and without the schema:\n{}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
     Ok(())
 }
 
