@@ -315,13 +315,8 @@ fn lint_is_clean(ctx: &Ctx, chart: &str, secret: &str, full_values: &str) -> Res
         &["-f", full_values][..],
         &[
             "--set",
-            "watchNamespace=jobs",
-            "--set",
-            "serviceMonitor.enabled=true",
-            "--set",
-            "database.listenUrlKey=listen-url",
-            "--set",
-            "database.migrate=false",
+            "watchNamespace=jobs,serviceMonitor.enabled=true,\
+             database.listenUrlKey=listen-url,database.migrate=false",
         ][..],
     ] {
         let mut args = vec!["lint", "--strict", chart, "--set", secret];
@@ -637,12 +632,7 @@ fn defaults_render(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
 /// watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC for
 /// the operator (the aggregated roles are for users, and can be turned off too).
 fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
-    let docs = ctx.template(&[
-        "--set",
-        "watchNamespace=jobs",
-        "--set",
-        "crds.install=false",
-    ])?;
+    let docs = ctx.template(&["--set", "watchNamespace=jobs,crds.install=false"])?;
     ensure!(
         kinds(&docs)
             == [
@@ -687,11 +677,7 @@ fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
     );
     let docs = ctx.template(&[
         "--set",
-        "watchNamespace=jobs",
-        "--set",
-        "crds.install=false",
-        "--set",
-        "rbac.aggregateToDefaultRoles=false",
+        "watchNamespace=jobs,crds.install=false,rbac.aggregateToDefaultRoles=false",
     ])?;
     ensure!(
         find(&docs, "ClusterRole").is_empty(),
@@ -705,15 +691,10 @@ fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
 fn security_context_defaults_can_be_removed_or_replaced(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
-        "securityContext.runAsUser=null",
+        "securityContext.runAsUser=null,securityContext.runAsGroup=null",
         "--set",
-        "securityContext.runAsGroup=null",
-        "--set",
-        "podSecurityContext.runAsUser=null",
-        "--set",
-        "podSecurityContext.runAsGroup=null",
-        "--set",
-        "podSecurityContext.fsGroup=null",
+        "podSecurityContext.runAsUser=null,podSecurityContext.runAsGroup=null,\
+         podSecurityContext.fsGroup=null",
     ])?;
     let pod = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"];
     let (psc, sc) = (
@@ -781,9 +762,7 @@ fn listener_renders(ctx: &Ctx) -> Result<()> {
 fn prometheus_rule_renders(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        "prometheusRule.disabledAlerts[0]=ReaperRenewSlow",
+        "prometheusRule.enabled=true,prometheusRule.disabledAlerts[0]=ReaperRenewSlow",
     ])?;
     let names: Vec<String> = rule_alerts(&docs)?.into_iter().map(|(n, _)| n).collect();
     ensure!(
