@@ -61,6 +61,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use support::cluster::{TestCluster, condition_true, repo_root, wait_until};
 use support::db;
+use support::fixtures::{create_deployment, create_reaper, lease_spec};
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::trials::Suite;
 
@@ -1425,44 +1426,9 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
 /// A Recreate Deployment `name` at 0 replicas and its Reaper `name` on the lease
 /// `<ns>.<name>` (ttl 3 s), made by an admin in `ns`.
 async fn create_workload(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": name, "image": format!("example.invalid/{name}:1")}]
-                }
-            }
-        }
-    }))?;
-    Api::<Deployment>::namespaced(ctx.client.clone(), ns)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .context("creating the workload Deployment")?;
-    let reaper = Reaper::new(
-        name,
-        ReaperSpec {
-            deployment_name: name.into(),
-            paused: false,
-            lease: LeaseSpec {
-                name: Some(format!("{ns}.{name}")),
-                ttl_seconds: 3,
-                renew_deadline_seconds: 2,
-                retry_period_seconds: 1,
-                handover_delay_seconds: 0,
-            },
-        },
-    );
-    Api::<Reaper>::namespaced(ctx.client.clone(), ns)
-        .create(&PostParams::default(), &reaper)
-        .await
-        .context("creating the Reaper")?;
-    Ok(())
+    create_deployment(&ctx.client, ns, name, "Recreate", json!({})).await?;
+    let lease = lease_spec(&format!("{ns}.{name}"), 3, 2, 1, 0);
+    create_reaper(&ctx.client, ns, name, name, lease).await
 }
 
 /// Writes a kubeconfig with the admin kubeconfig's server and CA and `token` as the user.
@@ -1960,13 +1926,7 @@ async fn reaper_and_role_bindings(ctx: &Ctx, ns: &str) -> Result<Reaper> {
         ReaperSpec {
             deployment_name: "nightly".into(),
             paused: true,
-            lease: LeaseSpec {
-                name: None,
-                ttl_seconds: 15,
-                renew_deadline_seconds: 10,
-                retry_period_seconds: 2,
-                handover_delay_seconds: 0,
-            },
+            lease: LeaseSpec::default(),
         },
     );
     Api::<Reaper>::namespaced(ctx.client.clone(), ns)
