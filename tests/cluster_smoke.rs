@@ -203,49 +203,37 @@ async fn crd_validation(ctx: &Ctx) -> Result<()> {
         .await
         .context("a singleton with one replica is valid")?;
 
-    let (code, message) = api_status(
-        widgets
-            .create(&pp, &widget("bad-cel", 2, "singleton"))
-            .await,
-    )?;
-    ensure!(
-        code == 422,
-        "CEL violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains(CEL_MESSAGE),
-        "CEL violation: message does not contain {CEL_MESSAGE:?}: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-max", 9, "active")).await)?;
-    ensure!(
-        code == 422,
-        "maximum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("spec.replicas") && message.contains("less than or equal to 5"),
-        "maximum violation: unexpected message: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-min", 0, "active")).await)?;
-    ensure!(
-        code == 422,
-        "minimum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("greater than or equal to 1"),
-        "minimum violation: unexpected message: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-enum", 1, "primary")).await)?;
-    ensure!(
-        code == 422,
-        "enum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("spec.mode") && message.contains("supported values"),
-        "enum violation: unexpected message: {message}"
-    );
+    // Refused with 422 and a message that says why: what, the Widget, the message's parts.
+    let refused: [(&str, DynamicObject, &[&str]); 4] = [
+        (
+            "CEL violation",
+            widget("bad-cel", 2, "singleton"),
+            &[CEL_MESSAGE],
+        ),
+        (
+            "maximum violation",
+            widget("bad-max", 9, "active"),
+            &["spec.replicas", "less than or equal to 5"],
+        ),
+        (
+            "minimum violation",
+            widget("bad-min", 0, "active"),
+            &["greater than or equal to 1"],
+        ),
+        (
+            "enum violation",
+            widget("bad-enum", 1, "primary"),
+            &["spec.mode", "supported values"],
+        ),
+    ];
+    for (what, bad, parts) in refused {
+        let (code, message) = api_status(widgets.create(&pp, &bad).await)?;
+        ensure!(code == 422, "{what}: expected 422, got {code}: {message}");
+        ensure!(
+            parts.iter().all(|part| message.contains(part)),
+            "{what}: the message does not contain {parts:?}: {message}"
+        );
+    }
 
     let names: Vec<String> = widgets
         .list(&ListParams::default())
