@@ -37,7 +37,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::SpelledNames;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use assert_json_diff::{CompareMode, Config, NumericMode, assert_json_matches_no_panic};
@@ -1672,12 +1672,8 @@ async fn takeover_metrics(ctx: &Ctx) -> Result<String> {
         .context("connecting to the test database")?;
     store.migrate().await?;
     store
-        .acquire(
-            &id::lease(&lease),
-            &id::holder("elsewhere/op-0"),
-            Duration::from_secs(1),
-        )
-        .await?
+        .try_acquire(&lease, "elsewhere/op-0", Duration::from_secs(1))
+        .await
         .ok_or_else(|| anyhow!("could not plant the expiring lease {lease}"))?;
     store.pool().close().await;
 
