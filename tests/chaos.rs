@@ -934,44 +934,32 @@ fn context(
             }
         }
     }
+    let within = |at: checker::Time| from <= at && at <= to;
     for s in input
         .samples
         .iter()
-        .filter(|s| s.lease == lease && s.at >= from && s.at <= to)
+        .filter(|s| s.lease == lease && within(s.at))
     {
-        lines.push((
-            s.at,
-            format!(
-                "observed {}: replicas {} ready {}",
-                input.clusters[s.cluster], s.spec, s.ready
-            ),
-        ));
+        let cluster = &input.clusters[s.cluster];
+        let line = format!("observed {cluster}: replicas {} ready {}", s.spec, s.ready);
+        lines.push((s.at, line));
     }
     lines.extend(pod_lines(input, deployment, from, to));
     for r in input
         .reports
         .iter()
-        .filter(|r| r.lease == lease && r.reported_at >= from && r.reported_at <= to)
+        .filter(|r| r.lease == lease && within(r.reported_at))
     {
-        lines.push((
-            r.reported_at,
-            format!(
-                "report of {}: {} running pod(s)",
-                input.clusters[r.cluster], r.running_pods
-            ),
-        ));
+        let cluster = &input.clusters[r.cluster];
+        let line = format!("report of {cluster}: {} running pod(s)", r.running_pods);
+        lines.push((r.reported_at, line));
     }
-    for e in input.events[lease]
-        .iter()
-        .filter(|e| e.at >= from && e.at <= to)
-    {
-        lines.push((
-            e.at,
-            format!(
-                "lease_event {} epoch {} holder {} previous {:?}",
-                e.kind, e.epoch, e.holder, e.previous_holder
-            ),
-        ));
+    for e in input.events[lease].iter().filter(|e| within(e.at)) {
+        let line = format!(
+            "lease_event {} epoch {} holder {} previous {:?}",
+            e.kind, e.epoch, e.holder, e.previous_holder
+        );
+        lines.push((e.at, line));
     }
     let lease_name = &input.leases[lease];
     for (replica, paths) in logs {

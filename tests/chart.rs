@@ -37,7 +37,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
-use support::id;
+use support::id::SpelledNames;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use assert_json_diff::{CompareMode, Config, NumericMode, assert_json_matches_no_panic};
@@ -61,6 +61,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use support::cluster::{TestCluster, condition_true, repo_root, wait_until};
 use support::db;
+use support::fixtures::{create_deployment, create_reaper, lease_spec};
 use support::operator::{OperatorProcess, OperatorSpec};
 use support::trials::Suite;
 
@@ -277,6 +278,15 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+/// Whether the objects of `docs` are of the kinds `expected` names, in alphabetical
+/// order and separated by white space.
+fn has_kinds(docs: &[Value], expected: &str) -> bool {
+    kinds(docs)
+        .iter()
+        .map(String::as_str)
+        .eq(expected.split_whitespace())
+}
+
 fn kinds(docs: &[Value]) -> Vec<String> {
     let mut kinds: Vec<String> = docs
         .iter()
@@ -315,13 +325,8 @@ fn lint_is_clean(ctx: &Ctx, chart: &str, secret: &str, full_values: &str) -> Res
         &["-f", full_values][..],
         &[
             "--set",
-            "watchNamespace=jobs",
-            "--set",
-            "serviceMonitor.enabled=true",
-            "--set",
-            "database.listenUrlKey=listen-url",
-            "--set",
-            "database.migrate=false",
+            "watchNamespace=jobs,serviceMonitor.enabled=true,\
+             database.listenUrlKey=listen-url,database.migrate=false",
         ][..],
     ] {
         let mut args = vec!["lint", "--strict", chart, "--set", secret];
@@ -382,13 +387,30 @@ fn schema_refuses_bad_values(ctx: &Ctx, chart: &str, secret: &str) -> Result<()>
 /// where (a JSON pointer) and how the schema's message says so.
 type SchemaRefusal<'a> = (&'a str, Vec<&'a str>, &'a str, &'a str);
 
+/// Values set on top of the required values (`secret`) that the schema refuses, from a
+/// table of a case a line: `what it is | the --set value | path | message`.
+fn refused_values<'a>(secret: &'a str, table: &'a str) -> Vec<SchemaRefusal<'a>> {
+    table
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+            let [what, set, path, message] = fields[..] else {
+                panic!("not a case of four fields: {line}");
+            };
+            (what, vec!["--set", secret, "--set", set], path, message)
+        })
+        .collect()
+}
+
 /// The database Secret and the cluster name: missing, empty, or not a name.
 fn missing_or_malformed_required_values<'a>(
     secret: &'a str,
     only_secret: &'a str,
     long_secret: &'a str,
 ) -> Vec<SchemaRefusal<'a>> {
-    vec![
+    let mut cases = vec![
         (
             "no database Secret",
             vec![],
@@ -408,12 +430,6 @@ fn missing_or_malformed_required_values<'a>(
             "minLength: got 0, want 1",
         ),
         (
-            "clusterName not a DNS label",
-            vec!["--set", secret, "--set", "clusterName=East_1"],
-            "/clusterName",
-            "does not match pattern",
-        ),
-        (
             "database Secret not a DNS-1123 subdomain",
             vec![
                 "--set",
@@ -430,54 +446,31 @@ fn missing_or_malformed_required_values<'a>(
             "/database/existingSecret",
             "maxLength: got 254, want 253",
         ),
-    ]
+    ];
+    cases.extend(refused_values(
+        secret,
+        "clusterName not a DNS label | clusterName=East_1 | /clusterName | does not match pattern",
+    ));
+    cases
 }
 
 /// The keys and the TLS Secret read from the database Secrets: not names.
-fn malformed_secret_keys<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "urlKey not a Secret key",
-            vec!["--set", secret, "--set", "database.urlKey=db/url"],
-            "/database/urlKey",
-            "'db/url' does not match pattern",
-        ),
-        (
-            "listenUrlKey not a Secret key",
-            vec!["--set", secret, "--set", "database.listenUrlKey=listen url"],
-            "/database/listenUrlKey",
-            "'listen url' does not match pattern",
-        ),
-        (
-            "TLS Secret not a DNS-1123 subdomain",
-            vec!["--set", secret, "--set", "database.tls.existingSecret=-tls"],
-            "/database/tls/existingSecret",
-            "'-tls' does not match pattern",
-        ),
-        (
-            "TLS caKey not a Secret key",
-            vec!["--set", secret, "--set", "database.tls.caKey=ca crt"],
-            "/database/tls/caKey",
-            "'ca crt' does not match pattern",
-        ),
-        (
-            "client certificate without its key",
-            vec!["--set", secret, "--set", "database.tls.certKey=tls.crt"],
-            "/database/tls/keyKey",
-            "minLength: got 0, want 1",
-        ),
-    ]
+fn malformed_secret_keys(secret: &str) -> Vec<SchemaRefusal<'_>> {
+    refused_values(
+        secret,
+        "
+        urlKey not a Secret key | database.urlKey=db/url | /database/urlKey | 'db/url' does not match pattern
+        listenUrlKey not a Secret key | database.listenUrlKey=listen url | /database/listenUrlKey | 'listen url' does not match pattern
+        TLS Secret not a DNS-1123 subdomain | database.tls.existingSecret=-tls | /database/tls/existingSecret | '-tls' does not match pattern
+        TLS caKey not a Secret key | database.tls.caKey=ca crt | /database/tls/caKey | 'ca crt' does not match pattern
+        client certificate without its key | database.tls.certKey=tls.crt | /database/tls/keyKey | minLength: got 0, want 1
+        ",
+    )
 }
 
 /// Numbers out of their range, or not integers.
 fn out_of_range_numbers<'a>(secret: &'a str, float_values: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "replicaCount 0",
-            vec!["--set", secret, "--set", "replicaCount=0"],
-            "/replicaCount",
-            "minimum: got 0, want 1",
-        ),
+    let mut cases = vec![
         (
             "replicaCount 1.5",
             vec!["--set", secret, "-f", float_values],
@@ -490,128 +483,39 @@ fn out_of_range_numbers<'a>(secret: &'a str, float_values: &'a str) -> Vec<Schem
             "/replicaCount",
             "got string, want integer",
         ),
-        (
-            "shutdownTimeoutSeconds 0",
-            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=0"],
-            "/shutdownTimeoutSeconds",
-            "minimum: got 0, want 1",
-        ),
-        (
-            "shutdownTimeoutSeconds 3601",
-            vec!["--set", secret, "--set", "shutdownTimeoutSeconds=3601"],
-            "/shutdownTimeoutSeconds",
-            "maximum",
-        ),
-        (
-            "minAvailable 100% (no pod evictable: every drain blocked)",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=100%",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "'100%' does not match pattern",
-        ),
-        (
-            "minAvailable -1",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "podDisruptionBudget.minAvailable=-1",
-            ],
-            "/podDisruptionBudget/minAvailable",
-            "minimum: got -1, want 0",
-        ),
-        (
-            "http.port 0",
-            vec!["--set", secret, "--set", "http.port=0"],
-            "/http/port",
-            "minimum: got 0, want 1",
-        ),
-    ]
+    ];
+    cases.extend(refused_values(
+        secret,
+        "
+        replicaCount 0 | replicaCount=0 | /replicaCount | minimum: got 0, want 1
+        shutdownTimeoutSeconds 0 | shutdownTimeoutSeconds=0 | /shutdownTimeoutSeconds | minimum: got 0, want 1
+        shutdownTimeoutSeconds 3601 | shutdownTimeoutSeconds=3601 | /shutdownTimeoutSeconds | maximum
+        minAvailable 100% (no pod evictable: every drain blocked) | podDisruptionBudget.minAvailable=100% | /podDisruptionBudget/minAvailable | '100%' does not match pattern
+        minAvailable -1 | podDisruptionBudget.minAvailable=-1 | /podDisruptionBudget/minAvailable | minimum: got -1, want 0
+        http.port 0 | http.port=0 | /http/port | minimum: got 0, want 1
+        ",
+    ));
+    cases
 }
 
-/// Values that are no option of the chart, and options in the wrong form.
-fn unknown_or_malformed_options<'a>(secret: &'a str) -> Vec<SchemaRefusal<'a>> {
-    vec![
-        (
-            "logFormat xml",
-            vec!["--set", secret, "--set", "logFormat=xml"],
-            "/logFormat",
-            "value must be one of 'text', 'json'",
-        ),
-        (
-            "a misspelt value",
-            vec!["--set", secret, "--set", "replicas=3"],
-            "",
-            "additional properties 'replicas' not allowed",
-        ),
-        (
-            "a probe that would cut the handover's grace period short",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "probes.liveness.terminationGracePeriodSeconds=1",
-            ],
-            "/probes/liveness",
-            "additional properties 'terminationGracePeriodSeconds' not allowed",
-        ),
-        (
-            "image digest not sha256",
-            vec!["--set", secret, "--set", "image.digest=latest"],
-            "/image/digest",
-            "'latest' does not match pattern",
-        ),
-        (
-            "http.address in brackets",
-            vec!["--set", secret, "--set", "http.address=[::]"],
-            "/http/address",
-            "'[::]' does not match pattern",
-        ),
-        (
-            "http.address a host name",
-            vec!["--set", secret, "--set", "http.address=localhost"],
-            "/http/address",
-            "'localhost' does not match pattern",
-        ),
-        (
-            "an unknown alert to disable",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "prometheusRule.disabledAlerts[0]=NoLeader",
-            ],
-            "/prometheusRule/disabledAlerts/0",
-            "value must be one of",
-        ),
-        (
-            "an API server CIDR without its prefix length",
-            vec![
-                "--set",
-                secret,
-                "--set",
-                "networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1",
-            ],
-            "/networkPolicy/egress/apiServer/cidrs/0",
-            "'10.0.0.1' does not match pattern",
-        ),
-        (
-            "a misspelt securityContext field",
-            vec!["--set", secret, "--set", "securityContext.runAsUid=1000"],
-            "/securityContext",
-            "additional properties 'runAsUid' not allowed",
-        ),
-        (
-            "a probe path (the chart's own)",
-            vec!["--set", secret, "--set", "probes.liveness.path=/x"],
-            "/probes/liveness",
-            "additional properties 'path' not allowed",
-        ),
-    ]
+/// Values that are no option of the chart, and options in the wrong form (the empty path
+/// is the top level).
+fn unknown_or_malformed_options(secret: &str) -> Vec<SchemaRefusal<'_>> {
+    refused_values(
+        secret,
+        "
+        logFormat xml | logFormat=xml | /logFormat | value must be one of 'text', 'json'
+        a misspelt value | replicas=3 | | additional properties 'replicas' not allowed
+        a probe that would cut the handover's grace period short | probes.liveness.terminationGracePeriodSeconds=1 | /probes/liveness | additional properties 'terminationGracePeriodSeconds' not allowed
+        image digest not sha256 | image.digest=latest | /image/digest | 'latest' does not match pattern
+        http.address in brackets | http.address=[::] | /http/address | '[::]' does not match pattern
+        http.address a host name | http.address=localhost | /http/address | 'localhost' does not match pattern
+        an unknown alert to disable | prometheusRule.disabledAlerts[0]=NoLeader | /prometheusRule/disabledAlerts/0 | value must be one of
+        an API server CIDR without its prefix length | networkPolicy.egress.apiServer.cidrs[0]=10.0.0.1 | /networkPolicy/egress/apiServer/cidrs/0 | '10.0.0.1' does not match pattern
+        a misspelt securityContext field | securityContext.runAsUid=1000 | /securityContext | additional properties 'runAsUid' not allowed
+        a probe path (the chart's own) | probes.liveness.path=/x | /probes/liveness | additional properties 'path' not allowed
+        ",
+    )
 }
 
 /// What the schema cannot see, the templates refuse, naming the value.
@@ -673,34 +577,30 @@ fn templates_refuse_what_the_schema_cannot_see(ctx: &Ctx, chart: &str, secret: &
 
     // Without schema validation the template still refuses a missing cluster name, and a
     // missing Secret, clearly.
-    let out = ctx.helm(&[
-        "template",
-        "test",
-        chart,
-        "--skip-schema-validation",
-        "--set",
-        &only_secret,
-    ])?;
-    ensure!(
-        !out.success && out.stderr.contains("clusterName is required"),
-        "template without clusterName and without the schema:\n{}{}",
-        out.stdout,
-        out.stderr
-    );
-    let out = ctx.helm(&[
-        "template",
-        "test",
-        chart,
-        "--skip-schema-validation",
-        "--set",
-        &format!("clusterName={CLUSTER_NAME}"),
-    ])?;
-    ensure!(
-        !out.success && out.stderr.contains("database.existingSecret is required"),
-        "template without a Secret and without the schema:\n{}{}",
-        out.stdout,
-        out.stderr
-    );
+    let only_cluster = format!("clusterName={CLUSTER_NAME}");
+    for (what, set, message) in [
+        ("clusterName", &only_secret, "clusterName is required"),
+        (
+            "a Secret",
+            &only_cluster,
+            "database.existingSecret is required",
+        ),
+    ] {
+        let out = ctx.helm(&[
+            "template",
+            "test",
+            chart,
+            "--skip-schema-validation",
+            "--set",
+            set,
+        ])?;
+        ensure!(
+            !out.success && out.stderr.contains(message),
+            "template without {what} and without the schema:\n{}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
     Ok(())
 }
 
@@ -712,20 +612,12 @@ fn defaults_render(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
         .ok("helm template")?;
     let docs = yaml_documents(&text)?;
     ensure!(
-        kinds(&docs)
-            == [
-                "ClusterRole",
-                "ClusterRole",
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "CustomResourceDefinition",
-                "Deployment",
-                "PodDisruptionBudget",
-                "Role",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount",
-            ],
+        has_kinds(
+            &docs,
+            "ClusterRole ClusterRole ClusterRole ClusterRoleBinding \
+             CustomResourceDefinition Deployment PodDisruptionBudget Role RoleBinding \
+             Service ServiceAccount",
+        ),
         "rendered kinds: {:?}",
         kinds(&docs)
     );
@@ -742,26 +634,13 @@ fn defaults_render(ctx: &Ctx, chart: &str, secret: &str) -> Result<()> {
 /// watchNamespace: a Role and RoleBinding in that namespace, no cluster-wide RBAC for
 /// the operator (the aggregated roles are for users, and can be turned off too).
 fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
-    let docs = ctx.template(&[
-        "--set",
-        "watchNamespace=jobs",
-        "--set",
-        "crds.install=false",
-    ])?;
+    let docs = ctx.template(&["--set", "watchNamespace=jobs,crds.install=false"])?;
     ensure!(
-        kinds(&docs)
-            == [
-                "ClusterRole",
-                "ClusterRole",
-                "Deployment",
-                "PodDisruptionBudget",
-                "Role",
-                "Role",
-                "RoleBinding",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount"
-            ],
+        has_kinds(
+            &docs,
+            "ClusterRole ClusterRole Deployment PodDisruptionBudget Role Role \
+             RoleBinding RoleBinding Service ServiceAccount",
+        ),
         "rendered kinds with watchNamespace and without the CRD: {:?}",
         kinds(&docs)
     );
@@ -792,11 +671,7 @@ fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
     );
     let docs = ctx.template(&[
         "--set",
-        "watchNamespace=jobs",
-        "--set",
-        "crds.install=false",
-        "--set",
-        "rbac.aggregateToDefaultRoles=false",
+        "watchNamespace=jobs,crds.install=false,rbac.aggregateToDefaultRoles=false",
     ])?;
     ensure!(
         find(&docs, "ClusterRole").is_empty(),
@@ -810,15 +685,10 @@ fn watch_namespace_renders(ctx: &Ctx) -> Result<()> {
 fn security_context_defaults_can_be_removed_or_replaced(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
-        "securityContext.runAsUser=null",
+        "securityContext.runAsUser=null,securityContext.runAsGroup=null",
         "--set",
-        "securityContext.runAsGroup=null",
-        "--set",
-        "podSecurityContext.runAsUser=null",
-        "--set",
-        "podSecurityContext.runAsGroup=null",
-        "--set",
-        "podSecurityContext.fsGroup=null",
+        "podSecurityContext.runAsUser=null,podSecurityContext.runAsGroup=null,\
+         podSecurityContext.fsGroup=null",
     ])?;
     let pod = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"];
     let (psc, sc) = (
@@ -886,9 +756,7 @@ fn listener_renders(ctx: &Ctx) -> Result<()> {
 fn prometheus_rule_renders(ctx: &Ctx) -> Result<()> {
     let docs = ctx.template(&[
         "--set",
-        "prometheusRule.enabled=true",
-        "--set",
-        "prometheusRule.disabledAlerts[0]=ReaperRenewSlow",
+        "prometheusRule.enabled=true,prometheusRule.disabledAlerts[0]=ReaperRenewSlow",
     ])?;
     let names: Vec<String> = rule_alerts(&docs)?.into_iter().map(|(n, _)| n).collect();
     ensure!(
@@ -1115,23 +983,12 @@ fn check_rendered_deployment(d: &Value) -> Result<()> {
 /// ci/full-values.yaml: every option rendered as its values say.
 fn check_full_render(docs: &[Value]) -> Result<()> {
     ensure!(
-        kinds(docs)
-            == [
-                "ClusterRole",
-                "ClusterRole",
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "CustomResourceDefinition",
-                "Deployment",
-                "NetworkPolicy",
-                "PodDisruptionBudget",
-                "PrometheusRule",
-                "Role",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount",
-                "ServiceMonitor",
-            ],
+        has_kinds(
+            docs,
+            "ClusterRole ClusterRole ClusterRole ClusterRoleBinding \
+             CustomResourceDefinition Deployment NetworkPolicy PodDisruptionBudget \
+             PrometheusRule Role RoleBinding Service ServiceAccount ServiceMonitor",
+        ),
         "kinds with every option: {:?}",
         kinds(docs)
     );
@@ -1551,44 +1408,9 @@ async fn rbac(ctx: &Ctx) -> Result<()> {
 /// A Recreate Deployment `name` at 0 replicas and its Reaper `name` on the lease
 /// `<ns>.<name>` (ttl 3 s), made by an admin in `ns`.
 async fn create_workload(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 0,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{"name": name, "image": format!("example.invalid/{name}:1")}]
-                }
-            }
-        }
-    }))?;
-    Api::<Deployment>::namespaced(ctx.client.clone(), ns)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .context("creating the workload Deployment")?;
-    let reaper = Reaper::new(
-        name,
-        ReaperSpec {
-            deployment_name: name.into(),
-            paused: false,
-            lease: LeaseSpec {
-                name: Some(format!("{ns}.{name}")),
-                ttl_seconds: 3,
-                renew_deadline_seconds: 2,
-                retry_period_seconds: 1,
-                handover_delay_seconds: 0,
-            },
-        },
-    );
-    Api::<Reaper>::namespaced(ctx.client.clone(), ns)
-        .create(&PostParams::default(), &reaper)
-        .await
-        .context("creating the Reaper")?;
-    Ok(())
+    create_deployment(&ctx.client, ns, name, "Recreate", json!({})).await?;
+    let lease = lease_spec(&format!("{ns}.{name}"), 3, 2, 1, 0);
+    create_reaper(&ctx.client, ns, name, name, lease).await
 }
 
 /// Writes a kubeconfig with the admin kubeconfig's server and CA and `token` as the user.
@@ -1850,12 +1672,8 @@ async fn takeover_metrics(ctx: &Ctx) -> Result<String> {
         .context("connecting to the test database")?;
     store.migrate().await?;
     store
-        .acquire(
-            &id::lease(&lease),
-            &id::holder("elsewhere/op-0"),
-            Duration::from_secs(1),
-        )
-        .await?
+        .try_acquire(&lease, "elsewhere/op-0", Duration::from_secs(1))
+        .await
         .ok_or_else(|| anyhow!("could not plant the expiring lease {lease}"))?;
     store.pool().close().await;
 
@@ -2086,13 +1904,7 @@ async fn reaper_and_role_bindings(ctx: &Ctx, ns: &str) -> Result<Reaper> {
         ReaperSpec {
             deployment_name: "nightly".into(),
             paused: true,
-            lease: LeaseSpec {
-                name: None,
-                ttl_seconds: 15,
-                renew_deadline_seconds: 10,
-                retry_period_seconds: 2,
-                handover_delay_seconds: 0,
-            },
+            lease: LeaseSpec::default(),
         },
     );
     Api::<Reaper>::namespaced(ctx.client.clone(), ns)

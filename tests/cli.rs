@@ -20,6 +20,13 @@ fn run(url: &str, schema: &str, args: &[&str]) -> Output {
         .expect("run reaper-operator")
 }
 
+/// The arguments of a command line: its words, `''` standing for an empty one.
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace()
+        .map(|w| if w == "''" { "" } else { w })
+        .collect()
+}
+
 fn code(out: &Output) -> i32 {
     out.status.code().expect("exited by signal")
 }
@@ -122,20 +129,9 @@ async fn exit_codes_and_json_follow_the_contract(via: Via) {
 
 /// `lease acquire -o json` prints the whole lease.
 fn acquire_prints_the_lease_as_json(url: &str, schema: &str) -> Value {
-    let cli = |args: &[&str]| run(url, schema, args);
+    let cli = |line: &str| run(url, schema, &words(line));
 
-    let out = cli(&[
-        "lease",
-        "acquire",
-        "--name",
-        "n",
-        "--holder",
-        "c/a",
-        "--ttl-seconds",
-        "30",
-        "-o",
-        "json",
-    ]);
+    let out = cli("lease acquire --name n --holder c/a --ttl-seconds 30 -o json");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let lease = json(&out);
     for field in [
@@ -162,32 +158,23 @@ fn acquire_prints_the_lease_as_json(url: &str, schema: &str) -> Value {
 
 /// Someone else holds it / you do not: exit 1 and a reason.
 fn not_the_holder_is_exit_1(url: &str, schema: &str, lease: &Value) {
-    let cli = |args: &[&str]| run(url, schema, args);
-    let out = cli(&["lease", "acquire", "--name", "n", "--holder", "c/b"]);
+    let cli = |line: &str| run(url, schema, &words(line));
+    let out = cli("lease acquire --name n --holder c/b");
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("held by \"c/a\""), "{}", stderr(&out));
+    assert_eq!(code(&cli("lease renew --name n --holder c/b --epoch 1")), 1);
     assert_eq!(
-        code(&cli(&[
-            "lease", "renew", "--name", "n", "--holder", "c/b", "--epoch", "1"
-        ])),
+        code(&cli("lease release --name n --holder c/a --epoch 2")),
         1
     );
-    assert_eq!(
-        code(&cli(&[
-            "lease", "release", "--name", "n", "--holder", "c/a", "--epoch", "2"
-        ])),
-        1
-    );
-    assert_eq!(code(&cli(&["lease", "status", "--name", "absent"])), 1);
+    assert_eq!(code(&cli("lease status --name absent")), 1);
 
-    let out = cli(&[
-        "lease", "renew", "--name", "n", "--holder", "c/a", "--epoch", "1", "-o", "json",
-    ]);
+    let out = cli("lease renew --name n --holder c/a --epoch 1 -o json");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(json(&out)["renewedAt"].as_str() >= lease["renewedAt"].as_str());
 
-    cli(&["lease", "acquire", "--name", "m", "--holder", "c/a"]);
-    let out = cli(&["lease", "status", "-o", "json"]);
+    cli("lease acquire --name m --holder c/a");
+    let out = cli("lease status -o json");
     assert_eq!(code(&out), 0);
     let list = json(&out);
     let names: Vec<&str> = list
@@ -197,7 +184,7 @@ fn not_the_holder_is_exit_1(url: &str, schema: &str, lease: &Value) {
         .map(|l| l["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["m", "n"]);
-    let out = cli(&["lease", "status"]);
+    let out = cli("lease status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.starts_with("NAME") && text.contains("c/a") && text.contains("held"),
@@ -207,66 +194,41 @@ fn not_the_holder_is_exit_1(url: &str, schema: &str, lease: &Value) {
 
 /// Bad input: exit 2, one line on stderr, nothing changed.
 fn bad_input_is_exit_2_and_changes_nothing(url: &str, schema: &str) {
-    let cli = |args: &[&str]| run(url, schema, args);
-    let before = json(&cli(&["lease", "status", "--name", "n", "-o", "json"]));
-    for (args, expect) in [
+    let cli = |line: &str| run(url, schema, &words(line));
+    let before = json(&cli("lease status --name n -o json"));
+    for (line, expect) in [
         (
-            vec!["lease", "acquire", "--name", "n", "--holder", ""],
+            "lease acquire --name n --holder ''",
             "holder must not be empty",
         ),
         (
-            vec![
-                "lease",
-                "acquire",
-                "--name",
-                "n",
-                "--holder",
-                "x",
-                "--ttl-seconds",
-                "0",
-            ],
+            "lease acquire --name n --holder x --ttl-seconds 0",
             "--ttl-seconds",
         ),
         (
-            vec![
-                "lease",
-                "acquire",
-                "--name",
-                "n",
-                "--holder",
-                "x",
-                "--ttl-seconds",
-                "-5",
-            ],
+            "lease acquire --name n --holder x --ttl-seconds -5",
             "--ttl-seconds",
         ),
+        ("lease release --name n --holder c/a --epoch 0", "--epoch"),
         (
-            vec![
-                "lease", "release", "--name", "n", "--holder", "c/a", "--epoch", "0",
-            ],
-            "--epoch",
-        ),
-        (
-            vec!["lease", "acquire", "--name", "", "--holder", "x"],
+            "lease acquire --name '' --holder x",
             "lease name must not be empty",
         ),
     ] {
-        let out = cli(&args);
-        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+        let out = cli(line);
+        assert_eq!(code(&out), 2, "{line}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{line}: {}", stderr(&out));
         assert_eq!(
             stderr(&out).trim_end().lines().count(),
             1,
-            "{args:?}: {}",
+            "{line}: {}",
             stderr(&out)
         );
     }
     let out = run(
         url,
         "Not-An-Identifier",
-        &[
-            "lease", "release", "--name", "n", "--holder", "c/a", "--epoch", "1",
-        ],
+        &words("lease release --name n --holder c/a --epoch 1"),
     );
     assert_eq!(code(&out), 2);
     assert!(
@@ -274,7 +236,7 @@ fn bad_input_is_exit_2_and_changes_nothing(url: &str, schema: &str) {
         "{}",
         stderr(&out)
     );
-    let after = json(&cli(&["lease", "status", "--name", "n", "-o", "json"]));
+    let after = json(&cli("lease status --name n -o json"));
     assert_eq!(
         (&before["holder"], &before["epoch"]),
         (&after["holder"], &after["epoch"])

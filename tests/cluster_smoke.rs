@@ -203,49 +203,37 @@ async fn crd_validation(ctx: &Ctx) -> Result<()> {
         .await
         .context("a singleton with one replica is valid")?;
 
-    let (code, message) = api_status(
-        widgets
-            .create(&pp, &widget("bad-cel", 2, "singleton"))
-            .await,
-    )?;
-    ensure!(
-        code == 422,
-        "CEL violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains(CEL_MESSAGE),
-        "CEL violation: message does not contain {CEL_MESSAGE:?}: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-max", 9, "active")).await)?;
-    ensure!(
-        code == 422,
-        "maximum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("spec.replicas") && message.contains("less than or equal to 5"),
-        "maximum violation: unexpected message: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-min", 0, "active")).await)?;
-    ensure!(
-        code == 422,
-        "minimum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("greater than or equal to 1"),
-        "minimum violation: unexpected message: {message}"
-    );
-
-    let (code, message) = api_status(widgets.create(&pp, &widget("bad-enum", 1, "primary")).await)?;
-    ensure!(
-        code == 422,
-        "enum violation: expected 422, got {code}: {message}"
-    );
-    ensure!(
-        message.contains("spec.mode") && message.contains("supported values"),
-        "enum violation: unexpected message: {message}"
-    );
+    // Refused with 422 and a message that says why: what, the Widget, the message's parts.
+    let refused: [(&str, DynamicObject, &[&str]); 4] = [
+        (
+            "CEL violation",
+            widget("bad-cel", 2, "singleton"),
+            &[CEL_MESSAGE],
+        ),
+        (
+            "maximum violation",
+            widget("bad-max", 9, "active"),
+            &["spec.replicas", "less than or equal to 5"],
+        ),
+        (
+            "minimum violation",
+            widget("bad-min", 0, "active"),
+            &["greater than or equal to 1"],
+        ),
+        (
+            "enum violation",
+            widget("bad-enum", 1, "primary"),
+            &["spec.mode", "supported values"],
+        ),
+    ];
+    for (what, bad, parts) in refused {
+        let (code, message) = api_status(widgets.create(&pp, &bad).await)?;
+        ensure!(code == 422, "{what}: expected 422, got {code}: {message}");
+        ensure!(
+            parts.iter().all(|part| message.contains(part)),
+            "{what}: the message does not contain {parts:?}: {message}"
+        );
+    }
 
     let names: Vec<String> = widgets
         .list(&ListParams::default())
@@ -437,6 +425,37 @@ struct StopCase {
     max_gone: Duration,
 }
 
+impl StopCase {
+    /// The Pod `name` with a grace period of `grace_seconds`, no annotations, deleted with
+    /// its own grace period, and gone between `min_gone` and `max_gone` after its delete.
+    fn new(name: &'static str, grace_seconds: i64, min_gone: Duration, max_gone: Duration) -> Self {
+        Self {
+            name,
+            grace_seconds,
+            annotations: json!({}),
+            delete_grace: None,
+            min_gone,
+            max_gone,
+        }
+    }
+
+    /// With these Pod annotations.
+    fn annotations(self, annotations: serde_json::Value) -> Self {
+        Self {
+            annotations,
+            ..self
+        }
+    }
+
+    /// Deleted with `DeleteOptions.gracePeriodSeconds` `seconds`.
+    fn delete_grace(self, seconds: u32) -> Self {
+        Self {
+            delete_grace: Some(seconds),
+            ..self
+        }
+    }
+}
+
 /// What was seen of one Pod after its delete was sent.
 #[derive(Default, Debug)]
 struct Seen {
@@ -524,59 +543,21 @@ fn stop_cases(margin: Duration) -> [StopCase; 6] {
     [
         // The deletionTimestamp is the delete time + grace, truncated to the second: gone
         // after (N-1, N] s.
-        StopCase {
-            name: "grace-4s",
-            grace_seconds: 4,
-            annotations: json!({}),
-            delete_grace: None,
-            min_gone: secs(2.8),
-            max_gone: secs(4.0) + margin,
-        },
+        StopCase::new("grace-4s", 4, secs(2.8), secs(4.0) + margin),
         // DeleteOptions.gracePeriodSeconds wins over the Pod's own.
-        StopCase {
-            name: "delete-grace-3s",
-            grace_seconds: 30,
-            annotations: json!({}),
-            delete_grace: Some(3),
-            min_gone: secs(1.8),
-            max_gone: secs(3.0) + margin,
-        },
+        StopCase::new("delete-grace-3s", 30, secs(1.8), secs(3.0) + margin).delete_grace(3),
         // The annotation wins over the grace period, shorter...
-        StopCase {
-            name: "annotated-2s",
-            grace_seconds: 30,
-            annotations: json!({ POD_DELETE_DELAY: "2s" }),
-            delete_grace: None,
-            min_gone: secs(1.8),
-            max_gone: secs(2.0) + margin,
-        },
+        StopCase::new("annotated-2s", 30, secs(1.8), secs(2.0) + margin)
+            .annotations(json!({ POD_DELETE_DELAY: "2s" })),
         // ...or longer, and with a random part: between 3 and 5 s.
-        StopCase {
-            name: "annotated-3-5s",
-            grace_seconds: 1,
-            annotations: json!({ POD_DELETE_DELAY: "3s", POD_DELETE_JITTER_DELAY: "5s" }),
-            delete_grace: None,
-            min_gone: secs(2.8),
-            max_gone: secs(5.0) + margin,
-        },
+        StopCase::new("annotated-3-5s", 1, secs(2.8), secs(5.0) + margin)
+            .annotations(json!({ POD_DELETE_DELAY: "3s", POD_DELETE_JITTER_DELAY: "5s" })),
         // No grace period at all: the apiserver removes the Pod itself.
-        StopCase {
-            name: "spec-grace-0s",
-            grace_seconds: 0,
-            annotations: json!({}),
-            delete_grace: None,
-            min_gone: Duration::ZERO,
-            max_gone: secs(1.0),
-        },
+        StopCase::new("spec-grace-0s", 0, Duration::ZERO, secs(1.0)),
         // A forced delete never leaves a Terminating Pod behind.
-        StopCase {
-            name: "force-0s",
-            grace_seconds: 30,
-            annotations: json!({ POD_DELETE_DELAY: "20s" }),
-            delete_grace: Some(0),
-            min_gone: Duration::ZERO,
-            max_gone: secs(1.0),
-        },
+        StopCase::new("force-0s", 30, Duration::ZERO, secs(1.0))
+            .annotations(json!({ POD_DELETE_DELAY: "20s" }))
+            .delete_grace(0),
     ]
 }
 

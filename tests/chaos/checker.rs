@@ -1721,20 +1721,12 @@ mod tests {
             samples: vec![
                 sample(1.0, 0, 1),
                 sample(12.0, 0, 0),
+                // Scaled up at 14.0, ready at 14.5.
                 Sample {
-                    at: t(14.0),
-                    cluster: 1,
-                    lease: 0,
-                    spec: 1,
                     ready: 0,
+                    ..sample(14.0, 1, 1)
                 },
-                Sample {
-                    at: t(14.5),
-                    cluster: 1,
-                    lease: 0,
-                    spec: 1,
-                    ready: 1,
-                },
+                sample(14.5, 1, 1),
             ],
             events: vec![
                 event(1, "acquire", 1, "a/op-1", "", 0.5),

@@ -264,7 +264,9 @@ impl Injector<'_> {
         cluster: usize,
     ) -> Result<String, String> {
         let prefix = format!("{}/", self.clusters[cluster]);
-        poll_status(api, name, async |status: &ReaperStatus| {
+        let verdict = format!("leads its own row {row}");
+        let missed = format!("did not lead a row of its own ({row})");
+        poll_status(api, name, verdict, missed, async |status: &ReaperStatus| {
             let leading =
                 status.phase == Some(Phase::Leading) && status.lease_name.as_deref() == Some(row);
             let held = match self.store.get(&id::lease(row)).await {
@@ -274,13 +276,6 @@ impl Injector<'_> {
             leading && held
         })
         .await
-        .map(|()| format!("leads its own row {row}"))
-        .map_err(|last| {
-            format!(
-                "did not lead a row of its own ({row}) within {VERDICT_BOUND:?}; last status: {}",
-                describe(last.as_ref())
-            )
-        })
     }
 }
 
@@ -314,7 +309,9 @@ impl Verdict {
 
 /// Until the Reaper says `Leader=False` with `reason` (phase Invalid).
 async fn wait_refused(api: &Api<Reaper>, name: &str, reason: &str) -> Result<String, String> {
-    poll_status(api, name, async |status: &ReaperStatus| {
+    let verdict = format!("refused with {reason}");
+    let missed = format!("not refused with Leader=False/{reason} (phase Invalid)");
+    poll_status(api, name, verdict, missed, async |status: &ReaperStatus| {
         let refused = status
             .conditions
             .iter()
@@ -322,35 +319,34 @@ async fn wait_refused(api: &Api<Reaper>, name: &str, reason: &str) -> Result<Str
         refused && status.phase == Some(Phase::Invalid)
     })
     .await
-    .map(|()| format!("refused with {reason}"))
-    .map_err(|last| {
-        format!(
-            "not refused with Leader=False/{reason} (phase Invalid) within {VERDICT_BOUND:?}; last status: {}",
-            describe(last.as_ref())
-        )
-    })
 }
 
 /// Reads the Reaper `name` every 200 ms until `reached` accepts its status, for at most
-/// [`VERDICT_BOUND`]. The error is the last status read (`None`: no read succeeded).
+/// [`VERDICT_BOUND`]: then `verdict`, else the error that it `missed` in time, with the
+/// last status read.
 async fn poll_status(
     api: &Api<Reaper>,
     name: &str,
+    verdict: String,
+    missed: String,
     mut reached: impl AsyncFnMut(&ReaperStatus) -> bool,
-) -> Result<(), Option<ReaperStatus>> {
+) -> Result<String, String> {
     let mut last = None;
     let deadline = Instant::now() + VERDICT_BOUND;
     while Instant::now() < deadline {
         if let Ok(reaper) = api.get(name).await {
             let status = reaper.status.unwrap_or_default();
             if reached(&status).await {
-                return Ok(());
+                return Ok(verdict);
             }
             last = Some(status);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(last)
+    Err(format!(
+        "{missed} within {VERDICT_BOUND:?}; last status: {}",
+        describe(last.as_ref())
+    ))
 }
 
 fn second_name(id: usize) -> String {
