@@ -81,6 +81,11 @@ fn main() -> ExitCode {
         ),
         case(
             &suite,
+            "a replica cut off from the database leaves its leading peer's status alone",
+            cut_off_peer_leaves_the_leaders_status_alone,
+        ),
+        case(
+            &suite,
             "the examples are accepted by the API server",
             examples_are_accepted,
         ),
@@ -869,6 +874,56 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
         reachable.as_deref() == Some("True"),
         "DatabaseReachable {reachable:?}"
     );
+    Ok(())
+}
+
+/// A replica cut off from the database while a peer of its cluster leads: the cluster
+/// is fine (the peer reads the lease and runs the pod), so the Reaper's status stays
+/// the leader's. The cut-off replica used to write "Degraded, no holder" over it, and
+/// nothing woke the leader to write its status back until its next resync, minutes
+/// later.
+async fn cut_off_peer_leaves_the_leaders_status_alone(clusters: &[Cluster; 2]) -> Result<()> {
+    let c = &clusters[0];
+    let (schema, _store) = schema().await?;
+    let (ns, _) = reaper_in_one_cluster(c, "peer-cut").await?;
+    let mut leader = operator(c, &ns, "op-1", &schema, &db::direct_url(), None, true);
+    let reaper = at(&c.client, &ns, "reaper");
+    reaper
+        .wait_replicas((1, 1), Duration::from_secs(30))
+        .await?;
+    reaper.wait_leading(Duration::from_secs(10)).await?;
+    let (proxy, via_proxy) = database_proxy().await?;
+    let peer = operator(c, &ns, "op-2", &schema, &via_proxy, None, false);
+    wait_until(
+        "the peer to be ready (it reads the lease)",
+        Duration::from_secs(20),
+        || async { Ok((peer.http_get("/readyz") == Some(200)).then_some(())) },
+    )
+    .await?;
+
+    proxy.set(Mode::Blackhole);
+    wait_until(
+        "the cut-off peer to be unready",
+        Duration::from_secs(10),
+        || async { Ok((peer.http_get("/readyz") == Some(503)).then_some(())) },
+    )
+    .await?;
+    // Past the ttl and several of the peer's retries, each a reconcile of the Reaper.
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(2 * TTL) {
+        let s = reaper.status().await?;
+        ensure!(
+            s.phase == Some(reaper_operator::reaper::Phase::Leading)
+                && s.holder.as_deref() == Some(leader.holder().as_str()),
+            "{:.1?} into the peer's cut the status is {:?}, holder {:?}",
+            cut.elapsed(),
+            s.phase,
+            s.holder
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.set(Mode::Pass);
+    ensure!(leader.exit_code().is_none(), "the leader exited");
     Ok(())
 }
 

@@ -711,6 +711,13 @@ async fn act(
     }
     let new_status = match role {
         Role::PeerLeads { .. } => None,
+        // Cut off from the database, with a peer of this cluster as the holder the status
+        // shows: the peer's word stands (`status::peer_speaks_for_the_cluster`).
+        Role::Unknown
+            if status::peer_speaks_for_the_cluster(target.reaper.status.as_ref(), &ctx.holder) =>
+        {
+            None
+        }
         _ => Some(
             build_status(
                 target.reaper,

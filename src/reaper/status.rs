@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::crd::{Phase, ReaperStatus};
 use super::decide::{Gate, Role, ScaleRecord};
-use crate::lease::Lease;
+use crate::lease::{Holder, Lease};
 
 /// Reasons the Deployment could briefly run two pods, or is scaled by someone else.
 pub fn singleton_risks(
@@ -490,6 +490,16 @@ pub enum LastWrite {
     Unknown,
 }
 
+/// True when `current` names another replica of `me`'s cluster as the holder. That
+/// replica speaks for the cluster; one that cannot read the lease has nothing to set
+/// against it (it may lead still, and read the database), and a status written over it
+/// would stand until the leader's next resync: a status change wakes no reconcile.
+pub fn peer_speaks_for_the_cluster(current: Option<&ReaperStatus>, me: &Holder) -> bool {
+    current
+        .and_then(|s| s.holder.as_deref())
+        .is_some_and(|holder| holder != me.as_str() && me.same_cluster(holder))
+}
+
 /// True when a reconcile must write `new`. The Reaper cache alone cannot say: a status
 /// change does not trigger a reconcile, the elector's triggers do, and they can outrun
 /// the watch that brings this replica's own last write. Judged on a cache that still
@@ -512,6 +522,30 @@ pub fn needs_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_peer_of_this_cluster_speaks_for_it() {
+        let me = Holder::new("east/a").unwrap();
+        let naming = |holder: Option<&str>| ReaperStatus {
+            holder: holder.map(Into::into),
+            ..ReaperStatus::default()
+        };
+        for (holder, peer) in [
+            (Some("east/b"), true),
+            (Some("east/a"), false),
+            (Some("west/b"), false),
+            (Some("east"), false),
+            (None, false),
+        ] {
+            let status = naming(holder);
+            assert_eq!(
+                peer_speaks_for_the_cluster(Some(&status), &me),
+                peer,
+                "{holder:?}"
+            );
+        }
+        assert!(!peer_speaks_for_the_cluster(None, &me));
+    }
 
     fn lease(holder: &str, previous: &str, expired: bool) -> Lease {
         crate::reaper::decide::tests::lease(holder, 3, previous, expired)
