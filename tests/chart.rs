@@ -42,7 +42,6 @@ use support::id::SpelledNames;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use assert_json_diff::{CompareMode, Config, NumericMode, assert_json_matches_no_panic};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
@@ -1314,10 +1313,7 @@ async fn installed_objects(ctx: &Ctx) -> Result<()> {
         .await
         .context("the CRD")?;
     ensure!(
-        crd.annotations()
-            .get("helm.sh/resource-policy")
-            .map(String::as_str)
-            == Some("keep"),
+        kept_by_helm(&crd),
         "CRD annotations: {:?}",
         crd.annotations()
     );
@@ -1328,23 +1324,20 @@ async fn installed_objects(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The CRD carries `helm.sh/resource-policy: keep`: `helm uninstall` leaves it, and with
+/// it every Reaper.
+fn kept_by_helm(crd: &CustomResourceDefinition) -> bool {
+    crd.annotations()
+        .get("helm.sh/resource-policy")
+        .is_some_and(|policy| policy == "keep")
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. The operator with the chart's ServiceAccount token: sufficient and minimal.
 
 async fn rbac(ctx: &Ctx) -> Result<()> {
     let sa_ns = &ctx.namespace;
-    let request: TokenRequest = serde_json::from_value(json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [], "expirationSeconds": 3600},
-    }))?;
-    let token = Api::<ServiceAccount>::namespaced(ctx.client.clone(), sa_ns)
-        .create_token_request(RELEASE, &PostParams::default(), &request)
-        .await
-        .context("TokenRequest for the chart's ServiceAccount")?
-        .status
-        .and_then(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    let token = support::cluster::service_account_token(&ctx.client, sa_ns, RELEASE, 3600).await?;
     let kubeconfig = ctx.home.join("operator.kubeconfig");
     write_token_kubeconfig(ctx.cluster.kubeconfig(), &token, sa_ns, &kubeconfig)?;
     let sa = support::cluster::client_from(Kubeconfig::read_from(&kubeconfig)?).await?;
@@ -1969,10 +1962,7 @@ async fn upgrade(ctx: &Ctx) -> Result<()> {
         "helm upgrade did not update the CRD: printer columns {columns:?}"
     );
     ensure!(
-        crd.annotations()
-            .get("helm.sh/resource-policy")
-            .map(String::as_str)
-            == Some("keep"),
+        kept_by_helm(&crd),
         "the upgraded CRD lost the keep annotation"
     );
     let history = ctx

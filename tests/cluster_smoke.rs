@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -731,18 +730,7 @@ async fn reader_with_a_narrow_role(ctx: &Ctx, ns: &str) -> Result<Client> {
         .patch("visible", &apply(), &Patch::Apply(&cm))
         .await?;
 
-    let request: TokenRequest = serde_json::from_value(json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [], "expirationSeconds": 600},
-    }))?;
-    let token = sas
-        .create_token_request("reader", &PostParams::default(), &request)
-        .await
-        .context("TokenRequest for the ServiceAccount")?
-        .status
-        .and_then(|s| s.token)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| anyhow!("TokenRequest returned no token"))?;
+    let token = support::cluster::service_account_token(client, ns, "reader", 600).await?;
     ctx.cluster.client_with_token(&token).await
 }
 

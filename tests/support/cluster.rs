@@ -297,6 +297,33 @@ pub async fn client_from(kubeconfig: Kubeconfig) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// A token of the ServiceAccount `namespace/name` (TokenRequest API), valid for
+/// `expiration_seconds`.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    expiration_seconds: i64,
+) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(expiration_seconds),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    kube::Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(name, &Default::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for the ServiceAccount {namespace}/{name}"))?
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("TokenRequest returned no token"))
+}
+
 /// Server-side applies the committed `crds/reaper.yaml` and waits until it is served.
 pub async fn install_reaper_crd(client: &Client) -> Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
