@@ -711,10 +711,16 @@ async fn act(
     }
     let new_status = match role {
         Role::PeerLeads { .. } => None,
-        // Cut off from the database, with a peer of this cluster as the holder the status
-        // shows: the peer's word stands (`status::peer_speaks_for_the_cluster`).
+        // Cut off from the database, changing nothing, with a peer of this cluster as the
+        // holder the status shows: the peer's word stands
+        // (`status::peer_speaks_for_the_cluster`). A scale-down is written as always: it
+        // clears the scale-up record it acted on.
         Role::Unknown
-            if status::peer_speaks_for_the_cluster(target.reaper.status.as_ref(), &ctx.holder) =>
+            if plan.scale == Scale::Hold
+                && status::peer_speaks_for_the_cluster(
+                    target.reaper.status.as_ref(),
+                    &ctx.holder,
+                ) =>
         {
             None
         }
