@@ -8,11 +8,24 @@ use std::time::{Duration, Instant};
 use support::id::{self, SpelledNames};
 
 use reaper_operator::Error;
-use reaper_operator::lease::{LeaseName, LeaseStore};
+use reaper_operator::lease::{LeaseName, LeaseStore, WorkloadCounts, WorkloadUpdate};
 use support::db::{self, Via};
 use tokio::sync::Barrier;
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// A cluster's report of its one pod, running and ready.
+const ONE_READY_POD: WorkloadCounts = WorkloadCounts {
+    replicas: 1,
+    running_pods: 1,
+    ready_pods: 1,
+};
+
+/// A cluster's report of its one pod, started and not ready yet.
+const ONE_STARTING_POD: WorkloadCounts = WorkloadCounts {
+    ready_pods: 0,
+    ..ONE_READY_POD
+};
 
 both_paths!(
     fifty_candidates_race_and_exactly_one_wins,
@@ -544,17 +557,17 @@ async fn acquire_and_release_notify_listeners(via: Via) {
 }
 
 async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
-    use reaper_operator::lease::WorkloadCounts;
     let (store, _) = db::fresh_schema(via).await;
-    let running = WorkloadCounts {
-        replicas: 1,
-        running_pods: 1,
-        ready_pods: 1,
-    };
     let idle = WorkloadCounts::default();
     assert!(
         store
-            .report("l", "east", "east/a", running, Duration::from_secs(40))
+            .report(
+                "l",
+                "east",
+                "east/a",
+                ONE_READY_POD,
+                Duration::from_secs(40)
+            )
             .await
             .is_empty()
     );
@@ -599,14 +612,8 @@ async fn workload_reports_are_per_cluster_and_exclude_the_caller(via: Via) {
 /// peer's report of the starting pod with "no pods": while a replica of the cluster
 /// holds the lease, only that holder may report zero; reports of pods always count.
 async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
-    use reaper_operator::lease::WorkloadCounts;
     let (store, _) = db::fresh_schema(via).await;
     let ttl = Duration::from_secs(30);
-    let one = WorkloadCounts {
-        replicas: 1,
-        running_pods: 1,
-        ready_pods: 0,
-    };
     let none = WorkloadCounts::default();
     let east_seen_by_west = |store: &LeaseStore| {
         let store = store.clone();
@@ -619,18 +626,24 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
         }
     };
     store.try_acquire("l", "east/a", ttl).await.unwrap();
-    store.report("l", "east", "east/a", one, ttl).await;
+    store
+        .report("l", "east", "east/a", ONE_STARTING_POD, ttl)
+        .await;
     // A peer's stale "nothing runs" is refused...
     store.report("l", "east", "east/b", none, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 1)));
     // ...its report of pods is taken...
-    store.report("l", "east", "east/b", one, ttl).await;
+    store
+        .report("l", "east", "east/b", ONE_STARTING_POD, ttl)
+        .await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/b".into(), 1)));
     // ...and the holder itself may say its pods are gone.
     store.report("l", "east", "east/a", none, ttl).await;
     assert_eq!(east_seen_by_west(&store).await, Some(("east/a".into(), 0)));
     // Once nobody of the cluster holds the lease, any replica reports what it sees.
-    store.report("l", "east", "east/a", one, ttl).await;
+    store
+        .report("l", "east", "east/a", ONE_STARTING_POD, ttl)
+        .await;
     let held = store.row("l").await.unwrap();
     store.try_release("l", "east/a", held.epoch).await.unwrap();
     store.report("l", "east", "east/b", none, ttl).await;
@@ -642,22 +655,20 @@ async fn only_the_holder_may_report_that_its_cluster_runs_nothing(via: Via) {
 /// reports come back per lease (an empty list for a lease nobody else reported), and
 /// the caller learns which reports were recorded.
 async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via) {
-    use reaper_operator::lease::{WorkloadCounts, WorkloadUpdate};
     let (store, _) = db::fresh_schema(via).await;
     let ttl = Duration::from_secs(30);
-    let one = WorkloadCounts {
-        replicas: 1,
-        running_pods: 1,
-        ready_pods: 1,
-    };
     let update = |name: &str, counts| WorkloadUpdate {
         name: id::lease(name),
         counts,
         timing: ttl.into(),
     };
     store.try_acquire("held", "east/a", ttl).await.unwrap();
-    store.report("held", "east", "east/a", one, ttl).await;
-    store.report("held", "west", "west/x", one, ttl).await;
+    store
+        .report("held", "east", "east/a", ONE_READY_POD, ttl)
+        .await;
+    store
+        .report("held", "west", "west/x", ONE_READY_POD, ttl)
+        .await;
     let synced = store
         .sync_workloads(
             &id::cluster("east"),
@@ -666,10 +677,10 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
                 // Refused: east/a of the same cluster holds it.
                 update("held", WorkloadCounts::default()),
                 update("free", WorkloadCounts::default()),
-                update("running", one),
+                update("running", ONE_READY_POD),
                 // The same lease twice: the report with more pods is the one kept.
                 update("twice", WorkloadCounts::default()),
-                update("twice", one),
+                update("twice", ONE_READY_POD),
             ],
         )
         .await
@@ -691,7 +702,10 @@ async fn one_statement_reports_many_leases_and_names_those_it_recorded(via: Via)
         .sync_workloads(
             &id::cluster("west"),
             &id::holder("west/x"),
-            &[update("held", one), update("twice", one)],
+            &[
+                update("held", ONE_READY_POD),
+                update("twice", ONE_READY_POD),
+            ],
         )
         .await
         .unwrap();
