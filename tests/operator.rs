@@ -881,7 +881,7 @@ async fn database_outage(clusters: &[Cluster; 2]) -> Result<()> {
 /// is fine (the peer reads the lease and runs the pod), so the Reaper's status stays
 /// the leader's. The cut-off replica used to write "Degraded, no holder" over it, and
 /// nothing woke the leader to write its status back until its next resync, minutes
-/// later.
+/// later. Once the leader dies (its presence goes quiet), the status says Degraded.
 async fn cut_off_peer_leaves_the_leaders_status_alone(clusters: &[Cluster; 2]) -> Result<()> {
     let c = &clusters[0];
     let (schema, _store) = schema().await?;
@@ -922,8 +922,27 @@ async fn cut_off_peer_leaves_the_leaders_status_alone(clusters: &[Cluster; 2]) -
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    proxy.set(Mode::Pass);
     ensure!(leader.exit_code().is_none(), "the leader exited");
+    // Not vacuous: the peer did reconcile the Reaper without the database meanwhile.
+    let log = std::fs::read_to_string(&peer.log)?;
+    ensure!(
+        log.contains("decided") && log.contains("role=Unknown"),
+        "the cut-off peer never reconciled the Reaper"
+    );
+
+    // The leader dies: its presence goes quiet, and the peer, still cut off, no longer
+    // leaves a status naming it as it is.
+    leader.signal("KILL");
+    wait_until(
+        "the status to stop naming the dead leader",
+        Duration::from_secs(DEADLINE + 10),
+        || async {
+            let s = reaper.status().await?;
+            Ok((s.phase == Some(reaper_operator::reaper::Phase::Degraded)).then_some(()))
+        },
+    )
+    .await?;
+    proxy.set(Mode::Pass);
     Ok(())
 }
 

@@ -711,19 +711,7 @@ async fn act(
     }
     let new_status = match role {
         Role::PeerLeads { .. } => None,
-        // Cut off from the database, changing nothing, with a peer of this cluster as the
-        // holder the status shows: the peer's word stands
-        // (`status::peer_speaks_for_the_cluster`). A scale-down is written as always: it
-        // clears the scale-up record it acted on.
-        Role::Unknown
-            if plan.scale == Scale::Hold
-                && status::peer_speaks_for_the_cluster(
-                    target.reaper.status.as_ref(),
-                    &ctx.holder,
-                ) =>
-        {
-            None
-        }
+        Role::Unknown if peer_speaks_for_the_cluster(ctx, target, plan) => None,
         _ => Some(
             build_status(
                 target.reaper,
@@ -770,6 +758,21 @@ async fn act(
         plan.requeue.min(steady_requeue(target.timings))
     };
     Ok(Action::requeue(requeue))
+}
+
+/// True when a replica that cannot read the lease should leave the status as it is: it
+/// changes nothing (no scale, the same scale-up record), and the status names a peer of
+/// its cluster as the holder whose presence is fresh. That peer may lead still, reading
+/// the database; a "Degraded" written over its status would stand until its resync, as a
+/// status change wakes no reconcile. A peer unseen for the renew deadline cannot be
+/// leading, and the status says so again.
+fn peer_speaks_for_the_cluster(ctx: &Context, target: &Target<'_>, plan: &decide::Plan) -> bool {
+    let current = target.reaper.status.as_ref();
+    let same_record = plan.record.as_ref() == current.and_then(|s| s.scaled_up_by.as_ref());
+    plan.scale == Scale::Hold
+        && same_record
+        && status::peer_holder(current, &ctx.holder)
+            .is_some_and(|peer| ctx.presences.unseen_for(peer) < target.timings.renew_deadline)
 }
 
 /// Writes `status`, unless the Reaper shows it already (`status::needs_write`), and

@@ -490,14 +490,12 @@ pub enum LastWrite {
     Unknown,
 }
 
-/// True when `current` names another replica of `me`'s cluster as the holder. That
-/// replica speaks for the cluster; one that cannot read the lease has nothing to set
-/// against it (it may lead still, and read the database), and a status written over it
-/// would stand until the leader's next resync: a status change wakes no reconcile.
-pub fn peer_speaks_for_the_cluster(current: Option<&ReaperStatus>, me: &Holder) -> bool {
+/// The holder `current` names when that is another replica of `me`'s cluster: while it
+/// leads, it speaks for the cluster.
+pub fn peer_holder<'a>(current: Option<&'a ReaperStatus>, me: &Holder) -> Option<&'a str> {
     current
         .and_then(|s| s.holder.as_deref())
-        .is_some_and(|holder| holder != me.as_str() && me.same_cluster(holder))
+        .filter(|holder| *holder != me.as_str() && me.same_cluster(holder))
 }
 
 /// True when a reconcile must write `new`. The Reaper cache alone cannot say: a status
@@ -524,27 +522,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_peer_of_this_cluster_speaks_for_it() {
+    fn only_a_peer_of_this_cluster_is_a_peer_holder() {
         let me = Holder::new("east/a").unwrap();
         let naming = |holder: Option<&str>| ReaperStatus {
             holder: holder.map(Into::into),
             ..ReaperStatus::default()
         };
         for (holder, peer) in [
-            (Some("east/b"), true),
-            (Some("east/a"), false),
-            (Some("west/b"), false),
-            (Some("east"), false),
-            (None, false),
+            (Some("east/b"), Some("east/b")),
+            (Some("east/a"), None),
+            (Some("west/b"), None),
+            (Some("east"), None),
+            (None, None),
         ] {
             let status = naming(holder);
-            assert_eq!(
-                peer_speaks_for_the_cluster(Some(&status), &me),
-                peer,
-                "{holder:?}"
-            );
+            assert_eq!(peer_holder(Some(&status), &me), peer, "{holder:?}");
         }
-        assert!(!peer_speaks_for_the_cluster(None, &me));
+        assert_eq!(peer_holder(None, &me), None);
     }
 
     fn lease(holder: &str, previous: &str, expired: bool) -> Lease {
