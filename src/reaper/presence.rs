@@ -33,7 +33,8 @@ pub const LABEL: &str = "pglease.dev/presence";
 const CHECK: Duration = Duration::from_millis(250);
 
 /// Renewals not seen change for this long are forgotten: they vouch for nobody, and a
-/// holder without one counts as unseen since this replica made its presences, which is earlier.
+/// holder without one counts as unseen since this replica made its presences (at its
+/// start), which is earlier.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// The presences of this replica's peers, as this replica has seen them.
@@ -68,7 +69,8 @@ impl Default for Presences {
 
 impl Presences {
     /// How long, on this replica's clock, `holder`'s presence has not been renewed: since
-    /// its last renewal was first seen, or since this replica made its presences (at start) if it has none.
+    /// its last renewal was first seen, or, if it has none, since this replica made its
+    /// presences (at its start).
     pub fn unseen_for(&self, holder: &str) -> Duration {
         let state = self.state.lock().expect("presence mutex poisoned");
         state
