@@ -244,13 +244,12 @@ pub async fn with_replica_logs(
     scenario: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let first = STARTED.lock().unwrap().len();
-    scenario.await.map_err(|e| {
-        let logs: Vec<String> = STARTED.lock().unwrap()[first..]
-            .iter()
-            .map(|(holder, log)| format!("--- log of {holder}:\n{}", last_lines(log, 40)))
-            .collect();
-        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
-    })
+    let result = scenario.await;
+    let started = STARTED.lock().unwrap()[first..].to_vec();
+    with_log_tails(
+        result,
+        started.iter().map(|(h, log)| (h.clone(), log.as_path())),
+    )
 }
 
 /// The last `count` lines of the file at `path` (none when it cannot be read).
@@ -265,11 +264,21 @@ pub fn with_logs<'a>(
     result: anyhow::Result<()>,
     ops: impl IntoIterator<Item = &'a OperatorProcess>,
 ) -> anyhow::Result<()> {
+    with_log_tails(
+        result,
+        ops.into_iter().map(|o| (o.holder(), o.log.as_path())),
+    )
+}
+
+/// `result`, with the last 40 lines of each `(holder, log file)` added to an error.
+fn with_log_tails<'a>(
+    result: anyhow::Result<()>,
+    logs: impl Iterator<Item = (String, &'a Path)>,
+) -> anyhow::Result<()> {
     result.map_err(|e| {
-        let logs: Vec<String> = ops
-            .into_iter()
-            .map(|o| format!("--- log of {}:\n{}", o.holder(), o.log_tail()))
+        let tails: Vec<String> = logs
+            .map(|(holder, log)| format!("--- log of {holder}:\n{}", last_lines(log, 40)))
             .collect();
-        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
+        anyhow::anyhow!("{e:#}\n{}", tails.join("\n"))
     })
 }
